@@ -1,0 +1,1 @@
+"""LumbarSegment training: datasets of exported cases -> trained model packages. Knows nothing of Slicer."""
