@@ -1,0 +1,240 @@
+"""``lumbarseg``: the command line, a thin layer over the engine.
+
+    lumbarseg segment INPUT [INPUT ...] -o OUTPUT [--model NAME[,NAME]] [--device auto|cpu|cuda]
+                      [--mode fast|tta|ensemble] [--report R.json] [--seg-nrrd S.seg.nrrd] [--preview P.png]
+    lumbarseg models
+
+INPUT is a volume file, a DICOM series folder, or a folder of volumes (a cohort).
+For one input OUTPUT is the label-map file; for several it is a folder. Every
+output of a case is written under a temporary name and renamed only when the
+whole case succeeded: a failed or cancelled run leaves nothing behind.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lumbarseg", description="Lumbar-spine MRI segmentation (LumbarSegment).")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("segment", help="segment one or more sagittal lumbar MR volumes")
+    s.add_argument("inputs", nargs="+", help="volume file (.nii[.gz], .nrrd, .mha), DICOM folder, or folder of volumes")
+    s.add_argument("-o", "--output", required=True,
+                   help="label map file for one input (.nii.gz/.nrrd/.mha); a folder for several")
+    s.add_argument("--model", default=None, help="model NAME[@VERSION] or package folder; comma-separated for "
+                   "an ensemble (default: the registry's default model / default ensemble)")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    s.add_argument("--mode", default="fast", choices=["fast", "tta", "ensemble"])
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--tile", default="auto", help="window: 'auto', 'patch' (model's patch size), 'whole', "
+                   "or pixels")
+    s.add_argument("--overlap", type=float, default=0.25)
+    s.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
+    s.add_argument("--reslice", action="store_true", help="accept axial/coronal stacks (cut sagittal slices)")
+    s.add_argument("--series", default=None, help="SeriesInstanceUID to read from a DICOM folder with several")
+    s.add_argument("--report", default=None, help="write a JSON run report (one input) ")
+    s.add_argument("--seg-nrrd", default=None, help="also write a Slicer segmentation (.seg.nrrd)")
+    s.add_argument("--preview", default=None, help="also write a PNG of central sagittal slices with the overlay")
+    s.add_argument("--confidence", default=None, help="also write the per-voxel confidence map (max probability)")
+    s.add_argument("--format", default=".nii.gz", choices=[".nii.gz", ".nrrd", ".mha"],
+                   help="label-map type for folder outputs")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m = sub.add_parser("models", help="list the installed models")
+    m.add_argument("--json", action="store_true")
+    return p
+
+
+def _expand_inputs(inputs: list[str]) -> list[Path]:
+    from .io import volume_suffix
+
+    out = []
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            vols = sorted(f for f in p.iterdir() if f.is_file() and volume_suffix(f) and not f.name.startswith("."))
+            vols = [f for f in vols if "_label" not in f.name]
+            out.extend(vols if vols else [p])  # no volume files: treat as a DICOM series folder
+        else:
+            out.append(p)
+    return out
+
+
+def _resolve_models(arg: str | None, mode: str):
+    from .packages import resolve_ensemble, resolve_model
+
+    if arg:
+        pkgs = [resolve_model(r.strip()) for r in arg.split(",") if r.strip()]
+    elif mode == "ensemble":
+        pkgs = resolve_ensemble()
+    else:
+        pkgs = [resolve_model(None)]
+    return pkgs
+
+
+def _stem(path: Path) -> str:
+    from .io import volume_suffix
+
+    suf = volume_suffix(path)
+    return path.name[: -len(suf)] if suf else path.name
+
+
+def _segment_one(src: Path, label_out: Path, args, packages, report_out=None, seg_out=None, preview_out=None,
+                 conf_out=None) -> dict:
+    import time
+
+    from .engine import SegmentOptions, segment_volume
+    from .io import atomic_path, read_volume, write_volume
+
+    t0 = time.perf_counter()
+    volume = read_volume(src, series_uid=args.series)
+    t_read = time.perf_counter() - t0
+    tile = args.tile if args.tile in ("auto", "patch", "whole") else int(args.tile)
+    opts = SegmentOptions(device=args.device, mode=args.mode, batch_size=args.batch_size, tile=tile,
+                          overlap=args.overlap, allow_reslice=args.reslice, confidence=bool(conf_out),
+                          precision=args.precision, threads=args.threads)
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, desc=src.name, unit="batch", leave=False, file=sys.stderr)
+
+    def progress(done, total):
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    try:
+        result = segment_volume(volume, packages, opts, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    report = dict(result.report)
+    report["input_path"] = str(src)
+    report["timings_s"] = {"read": round(t_read, 4), **report["timings_s"]}
+    # Write every output under a temporary name first, then rename them all.
+    with contextlib.ExitStack() as stack:
+        pending = []
+        tmp = stack.enter_context(atomic_path(label_out))
+        write_volume(result.labels, tmp)
+        pending.append(label_out)
+        if seg_out:
+            from .segfile import write_seg_nrrd
+
+            tmp_seg = stack.enter_context(atomic_path(seg_out))
+            write_seg_nrrd(result.labels, result.schema, tmp_seg)
+            pending.append(seg_out)
+        if preview_out:
+            from .preview import render_preview
+
+            tmp_png = stack.enter_context(atomic_path(preview_out))
+            render_preview(volume, result.labels, result.schema, tmp_png, allow_reslice=args.reslice,
+                           title=f"{src.name} — {', '.join(m['ref'] for m in report['models'])} ({args.mode})")
+            pending.append(preview_out)
+        if conf_out:
+            tmp_conf = stack.enter_context(atomic_path(conf_out))
+            write_volume(result.confidence, tmp_conf)
+            pending.append(conf_out)
+        report["outputs"] = [str(p) for p in pending]
+        if report_out:
+            tmp_rep = stack.enter_context(atomic_path(report_out))
+            tmp_rep.write_text(json.dumps(report, indent=1))
+    return report
+
+
+def cmd_segment(args) -> int:
+    from .io import volume_suffix
+
+    inputs = _expand_inputs(args.inputs)
+    packages = _resolve_models(args.model, args.mode)
+    if args.mode == "fast" and len(packages) > 1:
+        raise ValueError("several models were given: use --mode ensemble")
+    out = Path(args.output)
+    if len(inputs) == 1 and not out.is_dir():
+        if not volume_suffix(out):
+            raise ValueError(f"output {out}: use a .nii.gz, .nrrd or .mha file name (or an existing folder)")
+        rep = _segment_one(inputs[0], out, args, packages, args.report, args.seg_nrrd, args.preview, args.confidence)
+        _summary(rep)
+        return EXIT_OK
+    if not out.exists():
+        out.mkdir(parents=True)
+    if not out.is_dir():
+        raise ValueError(f"output {out} must be a folder when segmenting {len(inputs)} inputs")
+    failures = []
+    for src in inputs:
+        stem = _stem(src)
+        try:
+            rep = _segment_one(
+                src, out / f"{stem}_seg{args.format}", args, packages, out / f"{stem}_report.json",
+                (out / f"{stem}.seg.nrrd") if args.seg_nrrd is not None else None,
+                (out / f"{stem}_preview.png") if args.preview is not None else None,
+                (out / f"{stem}_confidence.nii.gz") if args.confidence is not None else None)
+            _summary(rep)
+        except Exception as exc:  # one bad case must not stop a cohort
+            failures.append((src, exc))
+            print(f"lumbarseg: error: {src}: {exc}", file=sys.stderr)
+    if failures:
+        print(f"lumbarseg: {len(failures)} of {len(inputs)} inputs failed", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+def _summary(rep: dict) -> None:
+    counts = ", ".join(f"{k}={v}" for k, v in rep["voxels_per_class"].items() if k != "background")
+    print(f"{rep['input_path']}: {rep['slices']} slices, {rep['device']}/{rep['precision']}, "
+          f"{rep['timings_s']['total']:.2f} s; voxels {counts}; outputs: {', '.join(rep['outputs'])}")
+    for w in rep["warnings"]:
+        print(f"  warning: {w}")
+
+
+def cmd_models(args) -> int:
+    from .packages import PackageError, default_registries
+
+    rows = []
+    for reg in default_registries():
+        try:
+            default = reg.default_ref()
+            ensemble = reg.ensemble_refs()
+            pkgs = reg.packages()
+        except PackageError as exc:
+            print(f"lumbarseg: warning: {exc}", file=sys.stderr)
+            continue
+        for p in pkgs:
+            rows.append({"ref": p.ref, "variant": p.manifest["architecture"].get("variant"),
+                         "schema": p.schema.name, "spacing_mm": list(p.spacing), "registry": str(reg.root),
+                         "default": p.ref == default, "ensemble": p.ref in ensemble,
+                         "metrics": p.manifest.get("metrics", {}).get("summary", {})})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return EXIT_OK
+    if not rows:
+        print("no models installed")
+        return EXIT_OK
+    for r in rows:
+        flags = ("default " if r["default"] else "") + ("ensemble" if r["ensemble"] else "")
+        print(f"{r['ref']:<22} {r['variant'] or '?':<6} schema={r['schema']:<9} spacing={r['spacing_mm']} "
+              f"{flags:<17} {r['registry']}")
+    return EXIT_OK
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"segment": cmd_segment, "models": cmd_models}[args.command](args)
+    except KeyboardInterrupt:
+        print("lumbarseg: interrupted; nothing was written for the unfinished input", file=sys.stderr)
+        return EXIT_FAIL
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"lumbarseg: error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""The inference engine: a Volume and model package(s) in, a label map on the exact input grid out.
+
+Knows nothing of Slicer. The steps, per chunk of sagittal slices (memory stays
+bounded whatever the volume size):
+
+1. ``preprocess.model_slices``: canonical slices, normalised, at each model's spacing;
+2. sliding window (the model's patch size, Gaussian-weighted blending where windows
+   overlap), windows of several slices batched together; optional flip TTA;
+3. softmax probabilities, resampled (bilinear) back to the input's in-plane grid and
+   averaged over models (ensemble), channels matched **by class id**;
+4. argmax → schema values, optional confidence (max probability), back to the
+   stored array order with ``layout.from_canonical``.
+
+Devices: ``auto`` picks CUDA, then MPS, then CPU. On CUDA the model runs in
+channels_last with fp16/bf16 autocast; a CUDA out-of-memory error halves the
+batch and, at batch 1, moves the run to the CPU (reported in ``warnings``).
+``progress(done, total)`` is called after every batch and ``cancel()`` checked
+before each; cancelling raises :class:`Cancelled` and the engine writes nothing
+(it never writes files at all: the caller does, after success).
+"""
+from __future__ import annotations
+
+import math
+import platform
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .geometry import resize_planes
+from .packages import ModelPackage, PackageError
+from .preprocess import model_slices
+from .schema import LabelSchema, SchemaError
+from .volume import Volume
+
+MODES = ("fast", "tta", "ensemble")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class Cancelled(Exception):
+    """The user cancelled the run; nothing was produced."""
+
+
+class EngineError(RuntimeError):
+    """The run cannot proceed as configured (device, models, options)."""
+
+
+@dataclass
+class SegmentOptions:
+    device: str = "auto"
+    mode: str = "fast"  # fast: one model; tta: + horizontal flip; ensemble: several models (+ flip)
+    batch_size: int | None = None  # windows per forward pass; None = 8 on CPU, 32 on GPU
+    overlap: float = 0.25  # fraction of the window shared by neighbours
+    # "auto": the whole slice in one window when no side exceeds twice the model's patch (the nets
+    # are fully convolutional), else sliding windows of the patch size; "patch", "whole", or pixels.
+    tile: str | int = "auto"
+    allow_reslice: bool = False  # accept axial/coronal stacks (cut sagittal slices anyway)
+    confidence: bool = False  # also return the per-voxel max probability
+    precision: str = "auto"  # auto: fp16/bf16 autocast on CUDA, bf16 on CPUs that have it, else fp32
+    chunk_slices: int = 16  # slices processed together (bounds memory for huge volumes)
+    threads: int | None = None  # CPU threads for torch (None: leave torch's default)
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise EngineError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
+            raise EngineError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            raise EngineError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if not 0 <= self.overlap < 0.95:
+            raise EngineError(f"overlap must be in [0, 0.95), got {self.overlap}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise EngineError("batch_size must be at least 1")
+        if self.chunk_slices < 1:
+            raise EngineError("chunk_slices must be at least 1")
+
+
+@dataclass
+class SegmentationResult:
+    labels: Volume  # uint8, values of ``schema``, on the input grid
+    schema: LabelSchema
+    confidence: Volume | None
+    report: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- devices
+def pick_device(name: str = "auto"):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EngineError("device 'cuda' was requested but no CUDA GPU is available to PyTorch "
+                          f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); use --device cpu "
+                          "or install a CUDA build of PyTorch")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise EngineError("device 'mps' was requested but Apple MPS is not available")
+    return torch.device(name)
+
+
+def cpu_has_bf16() -> bool:
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # pragma: no cover - older torch
+        return False
+
+
+def autocast_dtype(device, precision: str):
+    """The autocast dtype for ``device`` (None = plain fp32)."""
+    import torch
+
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
+            return torch.bfloat16
+        return torch.float16
+    if device.type == "cpu":
+        if precision in ("bf16", "auto") and cpu_has_bf16():
+            return torch.bfloat16
+        if precision == "bf16":
+            raise EngineError("bf16 was requested but this CPU has no bf16 support; use --precision fp32")
+        return None
+    return torch.float16 if precision in ("fp16", "auto") else None
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+# ----------------------------------------------------------------------------- windows
+def window_starts(length: int, window: int, overlap: float) -> list[int]:
+    """Start offsets of windows of ``window`` px covering ``length`` px (length >= window)."""
+    if length <= window:
+        return [0]
+    step = max(1, int(window * (1 - overlap)))
+    n = math.ceil((length - window) / step) + 1
+    return [int(round(i * (length - window) / (n - 1))) for i in range(n)]
+
+
+def gaussian_weight(h: int, w: int, sigma_frac: float = 0.125):
+    import torch
+
+    def g(n):
+        x = torch.arange(n, dtype=torch.float32) - (n - 1) / 2
+        return torch.exp(-0.5 * (x / max(1.0, n * sigma_frac)) ** 2)
+
+    wmap = g(h)[:, None] * g(w)[None, :]
+    return (wmap / wmap.max()).clamp_min(1e-3)
+
+
+class _Runner:
+    """One model on one device, with the batching / OOM policy."""
+
+    def __init__(self, package: ModelPackage, device, options: SegmentOptions, warnings: list):
+        import torch
+
+        self.package = package
+        self.options = options
+        self.warnings = warnings
+        self.device = device
+        self.model = package.load_model("cpu")
+        self.batch = options.batch_size or (32 if device.type == "cuda" else 8)
+        self.group = self.batch  # windows per progress step; fixed, while ``batch`` may shrink on OOM
+        self._place(device)
+        self.torch = torch
+
+    def _place(self, device):
+        import torch
+
+        self.device = device
+        self.model = self.model.to(device)
+        self.dtype = autocast_dtype(device, self.options.precision)
+        if device.type in ("cuda", "cpu"):
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def forward(self, x):
+        """Softmax probabilities [B, K, H, W] (float32, on CPU) for windows ``x`` [B, 1, H, W]."""
+        torch = self.torch
+        outs, i = [], 0
+        while i < x.shape[0]:
+            chunk = x[i:i + self.batch]
+            try:
+                outs.append(self._run(chunk))
+                i += chunk.shape[0]
+            except RuntimeError as exc:
+                if self.device.type != "cuda" or not is_oom(exc):
+                    raise
+                torch.cuda.empty_cache()
+                if self.batch > 1:
+                    self.batch = max(1, self.batch // 2)
+                    self.warnings.append(f"CUDA out of memory: batch size reduced to {self.batch}")
+                else:
+                    self.warnings.append("CUDA out of memory even at batch size 1: continuing on the CPU")
+                    self._place(torch.device("cpu"))
+        return torch.cat(outs)
+
+    def _run(self, x):
+        torch = self.torch
+        x = x.to(self.device, non_blocking=True)
+        if self.device.type in ("cuda", "cpu"):
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            if self.dtype is not None:
+                with torch.autocast(self.device.type, dtype=self.dtype):
+                    logits = self.model(x)
+            else:
+                logits = self.model(x)
+            return torch.softmax(logits.float(), dim=1).cpu()
+
+
+def _tile_size(options: SegmentOptions, package: ModelPackage, plane: tuple[int, int]) -> tuple[int, int]:
+    if options.tile == "auto":
+        options_tile = "whole" if max(plane) <= 2 * max(package.patch_size) else "patch"
+        return _tile_size(SegmentOptions(tile=options_tile), package, plane)
+    if options.tile == "patch":
+        return package.patch_size
+    if options.tile == "whole":
+        return tuple(max(32, -(-n // 32) * 32) for n in plane)
+    n = int(options.tile)
+    return (n, n)
+
+
+def _predict_chunk(runner: _Runner, stack, flips: Sequence[bool], options: SegmentOptions,
+                   tick: Callable[[], None]):
+    """Probabilities [n, K, H, W] for a chunk of model-space slices [n, H, W]."""
+    import torch
+    import torch.nn.functional as F
+
+    n, H, W = stack.shape
+    th, tw = _tile_size(options, runner.package, (H, W))
+    ph, pw = max(H, th), max(W, tw)
+    x = F.pad(stack, (0, pw - W, 0, ph - H)) if (ph, pw) != (H, W) else stack
+    ys, xs = window_starts(ph, th, options.overlap), window_starts(pw, tw, options.overlap)
+    single = len(ys) == 1 and len(xs) == 1
+    weight = torch.ones(th, tw) if single else gaussian_weight(th, tw)
+    K = runner.package.schema.num_classes
+    acc = torch.zeros(n, K, ph, pw)
+    wsum = torch.zeros(ph, pw)
+    for y in ys:
+        for x0 in xs:
+            wsum[y:y + th, x0:x0 + tw] += weight
+    windows = [(s, y, x0) for s in range(n) for y in ys for x0 in xs]
+    bs = runner.group
+    for b in range(0, len(windows), bs):
+        group = windows[b:b + bs]
+        batch = torch.stack([x[s, y:y + th, x0:x0 + tw] for s, y, x0 in group])[:, None]
+        probs = 0
+        for flip in flips:
+            inp = torch.flip(batch, dims=[3]) if flip else batch
+            out = runner.forward(inp)
+            probs = probs + (torch.flip(out, dims=[3]) if flip else out)
+            tick()
+        probs = probs / len(flips)
+        for (s, y, x0), p in zip(group, probs):
+            acc[s, :, y:y + th, x0:x0 + tw] += p * weight
+    acc /= wsum
+    return acc[:, :, :H, :W]
+
+
+def _count_batches(n_slices, plane, runner, flips, options):
+    th, tw = _tile_size(options, runner.package, plane)
+    ph, pw = max(plane[0], th), max(plane[1], tw)
+    per_slice = len(window_starts(ph, th, options.overlap)) * len(window_starts(pw, tw, options.overlap))
+    bs = runner.group
+    total = 0
+    for c0 in range(0, n_slices, options.chunk_slices):
+        n = min(options.chunk_slices, n_slices - c0)
+        total += math.ceil(n * per_slice / bs) * len(flips)
+    return total
+
+
+def _check_ensemble(packages: Sequence[ModelPackage]) -> LabelSchema:
+    schema = packages[0].schema
+    for p in packages[1:]:
+        if set(p.schema.ids) != set(schema.ids):
+            raise SchemaError(
+                f"models in an ensemble must label the same structures: {packages[0].ref} has {schema.ids}, "
+                f"{p.ref} has {p.schema.ids}"
+            )
+    return schema
+
+
+def segment_volume(volume: Volume, packages: Sequence[ModelPackage], options: SegmentOptions | None = None,
+                   progress: Callable[[int, int], None] | None = None,
+                   cancel: Callable[[], bool] | threading.Event | None = None) -> SegmentationResult:
+    """Segment ``volume`` with one model (fast/tta) or several (ensemble); see the module doc."""
+    import torch
+
+    options = options or SegmentOptions()
+    options.validate()
+    packages = list(packages)
+    if not packages:
+        raise EngineError("no model given")
+    if options.mode in ("fast", "tta") and len(packages) > 1:
+        raise EngineError(f"mode {options.mode!r} uses one model, got {len(packages)}; use mode 'ensemble'")
+    if options.mode == "ensemble" and len(packages) < 2:
+        raise EngineError("mode 'ensemble' needs at least two models")
+    for p in packages:
+        if p.manifest["input"].get("channels", 1) != 1:
+            raise PackageError(f"{p.ref} expects {p.manifest['input']['channels']} input channels; only "
+                               f"single-channel models are supported")
+    schema = _check_ensemble(packages)
+    is_cancelled = (cancel.is_set if isinstance(cancel, threading.Event) else cancel) or (lambda: False)
+    if options.threads:
+        torch.set_num_threads(int(options.threads))
+
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    warnings: list[str] = []
+    device = pick_device(options.device)
+    runners = [_Runner(p, device, options, warnings) for p in packages]
+    timings["load_models"] = time.perf_counter() - t0
+    flips = (False, True) if options.mode in ("tta", "ensemble") else (False,)
+
+    # Preprocess once per distinct (spacing, normalisation) among the models.
+    t = time.perf_counter()
+    prepared = {}
+    for r in runners:
+        key = (r.package.spacing, r.package.input.get("normalisation", {}).get("method", "zscore_nonzero"))
+        if key not in prepared:
+            prepared[key] = model_slices(volume, key[0], allow_reslice=options.allow_reslice,
+                                         normalisation=key[1])
+    layout, info = next(iter(prepared.values()))[1:]
+    if info["nonfinite_voxels_zeroed"]:
+        warnings.append(f"{info['nonfinite_voxels_zeroed']} NaN/infinite voxels were treated as 0")
+    if layout.resliced:
+        warnings.append("the input is not a sagittal stack; it was resliced sagittally on request (coarse)")
+    timings["preprocess"] = time.perf_counter() - t
+
+    n_slices = next(iter(prepared.values()))[0].shape[0]
+    plane_in = tuple(layout.to_canonical(volume.array).shape[1:])
+    total = sum(_count_batches(n_slices, tuple(prepared[(r.package.spacing, k[1])][0].shape[1:]), r, flips, options)
+                for r in runners for k in [next(k for k in prepared if k[0] == r.package.spacing)])
+    done = [0]
+
+    def tick():
+        done[0] += 1
+        if progress:
+            progress(done[0], total)
+
+    out_values = torch.tensor([c.value for c in schema.classes], dtype=torch.uint8)
+    labels_c = np.zeros((n_slices,) + plane_in, dtype=np.uint8)
+    conf_c = np.zeros((n_slices,) + plane_in, dtype=np.float32) if options.confidence else None
+    entropy_sum, fg_voxels = 0.0, 0
+    t_inf = time.perf_counter()
+    for c0 in range(0, n_slices, options.chunk_slices):
+        c1 = min(n_slices, c0 + options.chunk_slices)
+        mean = torch.zeros((c1 - c0, schema.num_classes) + plane_in)
+        for r in runners:
+            if is_cancelled():
+                raise Cancelled("segmentation cancelled")
+            key = next(k for k in prepared if k[0] == r.package.spacing)
+            stack = prepared[key][0][c0:c1]
+
+            def tick_checked():
+                tick()
+                if is_cancelled():
+                    raise Cancelled("segmentation cancelled")
+
+            probs = _predict_chunk(r, stack, flips, options, tick_checked)
+            probs = resize_planes(probs, plane_in, mode="bilinear")
+            order = [r.package.schema.channel_of()[cid] for cid in schema.ids]  # match channels by id
+            mean += probs[:, order]
+        mean /= len(runners)
+        pmax, arg = mean.max(dim=1)
+        labels_c[c0:c1] = out_values[arg].numpy()
+        ent = -(mean.clamp_min(1e-8) * mean.clamp_min(1e-8).log()).sum(dim=1)
+        fg = arg != 0
+        entropy_sum += float(ent[fg].sum())
+        fg_voxels += int(fg.sum())
+        if conf_c is not None:
+            conf_c[c0:c1] = pmax.numpy()
+    timings["inference"] = time.perf_counter() - t_inf
+
+    t = time.perf_counter()
+    labels = volume.with_array(np.ascontiguousarray(layout.from_canonical(labels_c)))
+    confidence = (volume.with_array(np.ascontiguousarray(layout.from_canonical(conf_c)))
+                  if conf_c is not None else None)
+    timings["postprocess"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+
+    counts = np.bincount(labels.array.ravel(), minlength=256)
+    report = {
+        "labels": {str(c.value): c.id for c in schema.classes},
+        "schema": schema.name,
+        "models": [{"ref": r.package.ref, "variant": r.package.manifest["architecture"].get("variant"),
+                    "sha256": r.package.sha256, "path": str(r.package.path)} for r in runners],
+        "mode": options.mode,
+        "device": str(runners[0].device),
+        "precision": str(runners[0].dtype).replace("torch.", "") if runners[0].dtype else "float32",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if runners[0].device.type == "cuda" else None,
+        "python": platform.python_version(),
+        "input": {**volume.geometry_dict(), "layout": layout.to_dict(), "normalisation": {
+            k: v for k, v in info.items() if k not in ("layout",)}},
+        "slices": n_slices,
+        "voxels_per_class": {c.id: int(counts[c.value]) for c in schema.classes},
+        "uncertainty": {"mean_entropy_foreground": entropy_sum / fg_voxels if fg_voxels else 0.0,
+                        "foreground_voxels": fg_voxels},
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "warnings": warnings,
+    }
+    return SegmentationResult(labels=labels.with_array(labels.array, kind="labels"), schema=schema,
+                              confidence=confidence, report=report)

@@ -1,0 +1,22 @@
+"""Neural network models for lumbar-spine MR segmentation (pure PyTorch).
+
+See ``docs/models.md`` for a description of the variants and blocks.
+"""
+
+from .variants import (
+    VARIANTS,
+    SegmentationNet,
+    VariantSpec,
+    build_model,
+    count_parameters,
+    replace_heads,
+)
+
+__all__ = [
+    "VARIANTS",
+    "VariantSpec",
+    "SegmentationNet",
+    "build_model",
+    "replace_heads",
+    "count_parameters",
+]
