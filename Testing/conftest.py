@@ -1,0 +1,64 @@
+"""Shared pytest fixtures.
+
+The real data lives outside the repository, in ``<workspace>/shared/data`` (see its
+README.md); tests that need it ask for the ``shared_data`` fixture and are skipped,
+with the reason, when it is absent (e.g. on a CI runner without the data).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The folder holding ``lumbar-mr/`` and ``spider-masks/``; skips the test when it is missing."""
+    if not (SHARED_DATA / "lumbar-mr").is_dir() or not (SHARED_DATA / "spider-masks").is_dir():
+        pytest.skip(f"real test data not found at {SHARED_DATA} (needs lumbar-mr/ and spider-masks/); "
+                    f"these tests only run in a checkout next to the shared data folder")
+    return SHARED_DATA
+
+
+# --- small model packages for plumbing tests (random weights, tiny widths) -------------------
+def make_package(folder, variant="UVD", *, schema="starter", init_filters=4, seed=0, name=None, spacing=(1.0, 1.0)):
+    """A freshly initialised model package (random weights): enough to test the plumbing."""
+    import torch
+
+    from LumbarSegmentLib.models import build_model
+    from LumbarSegmentLib.packages import default_input_contract, write_package
+    from LumbarSegmentLib.schema import LabelSchema, load_schema
+
+    schema = schema if isinstance(schema, LabelSchema) else load_schema(schema)
+    torch.manual_seed(seed)
+    model = build_model(variant, num_classes=schema.num_classes, init_filters=init_filters)
+    model.eval()
+    return write_package(folder, model, name=name or f"{variant.lower()}-tiny", schema=schema,
+                         input_contract=default_input_contract(spacing_mm=spacing))
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory):
+    return make_package(tmp_path_factory.mktemp("pkg") / "uvd-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_umd_package(tmp_path_factory):
+    return make_package(tmp_path_factory.mktemp("pkg") / "umd-tiny", "UMD", seed=1)
+
+
+@pytest.fixture(scope="session")
+def small_real_volume(shared_data):
+    """A real 1 mm sagittal case cropped to a few central slices (fast to segment)."""
+    from LumbarSegmentLib.io import read_volume
+    from LumbarSegmentLib.volume import Volume
+
+    v = read_volume(shared_data / "lumbar-mr" / "VB3_01_image.mha")
+    import numpy as np
+
+    k, j, i = v.array.shape
+    i0 = i // 2 - 3
+    origin = np.asarray(v.origin) + v.direction[:, 0] * v.spacing[0] * i0  # keep physical positions
+    return Volume(v.array[:, :, i0:i0 + 6].copy(), spacing=v.spacing, origin=origin, direction=v.direction)
