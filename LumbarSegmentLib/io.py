@@ -54,7 +54,36 @@ def read_volume(path: str | os.PathLike, *, series_uid: str | None = None) -> Vo
         first = str(exc).strip().splitlines()
         detail = next((ln.strip() for ln in first if "rror" in ln or "xception" in ln), first[-1] if first else "")
         raise VolumeReadError(f"{p}: cannot read the image (corrupt or truncated file?): {detail}") from None
+    if volume_suffix(p) == ".nii.gz":
+        _check_nifti_gz_complete(p, array.nbytes)
     return _volume_from_sitk(image, array, source=str(p))
+
+
+def _check_nifti_gz_complete(path: Path, data_bytes: int) -> None:
+    """Refuse a truncated .nii.gz: ITK's NIfTI reader fills the missing voxels silently."""
+    import gzip
+    import struct
+    import zlib
+
+    total, head = 0, b""
+    try:
+        with gzip.open(path, "rb") as f:
+            head = f.read(544)
+            total = len(head)
+            while chunk := f.read(1 << 22):
+                total += len(chunk)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise VolumeReadError(f"{path}: cannot read the image (corrupt or truncated file?): "
+                              f"the compressed data is incomplete ({exc})") from None
+    header_bytes = 348
+    for order in ("<", ">"):
+        if len(head) >= 4 and struct.unpack(order + "i", head[:4])[0] == 348 and len(head) >= 112:
+            header_bytes = max(348, int(struct.unpack(order + "f", head[108:112])[0]))
+        elif len(head) >= 176 and struct.unpack(order + "i", head[:4])[0] == 540:
+            header_bytes = max(540, int(struct.unpack(order + "q", head[168:176])[0]))
+    if total < header_bytes + data_bytes:
+        raise VolumeReadError(f"{path}: cannot read the image (corrupt or truncated file?): it holds "
+                              f"{total} bytes of data where the header promises {header_bytes + data_bytes}")
 
 
 def _volume_from_sitk(image, array: np.ndarray, source: str) -> Volume:
@@ -100,12 +129,19 @@ def atomic_path(target: str | os.PathLike):
     suffix = volume_suffix(target) or "".join(target.suffixes) or ".tmp"
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial" + suffix, dir=folder)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_volume(volume: Volume, path: str | os.PathLike, *, compress: bool = True) -> Path:
