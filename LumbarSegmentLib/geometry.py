@@ -141,11 +141,11 @@ def resize_planes(stack, size: tuple[int, int], *, mode: str):
         return stack
     lead = stack.shape[:-2]
     x = stack.reshape((-1, 1) + tuple(stack.shape[-2:]))
-    if mode == "nearest":
+    if mode == "nearest":  # labels keep their dtype
         y = F.interpolate(x.float(), size=size, mode="nearest-exact").to(stack.dtype)
-    else:
-        y = F.interpolate(x if x.is_floating_point() else x.float(), size=size, mode=mode,
-                          align_corners=False, antialias=False)
+        return y.reshape(tuple(lead) + tuple(size))
+    y = F.interpolate(x if x.is_floating_point() else x.float(), size=size, mode=mode,
+                      align_corners=False, antialias=False)
     return y.reshape(tuple(lead) + tuple(size)).to(stack.dtype if stack.is_floating_point() else torch.float32)
 
 

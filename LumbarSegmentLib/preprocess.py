@@ -38,8 +38,14 @@ def normalise(array: np.ndarray, method: str = "zscore_nonzero") -> tuple[np.nda
     std = float(nz.std(dtype=np.float64))
     if not np.isfinite(std) or std <= 1e-8 * max(1.0, abs(mean)):
         raise VolumeError(f"the image is constant (every non-zero voxel is {mean:g}): nothing to segment")
-    nonzero = x != 0
-    x[nonzero] = (x[nonzero] - mean) / std
+    # Subtract and divide in float64, a slab at a time: float32 could overflow for extreme inputs,
+    # and a whole-volume float64 copy would double the memory.
+    flat = x.reshape(-1)
+    step = 1 << 22
+    for a in range(0, flat.size, step):
+        part = flat[a:a + step]
+        nz = part != 0
+        part[nz] = np.clip((part[nz].astype(np.float64) - mean) / std, -1e6, 1e6)
     return x, {"method": method, "mean": mean, "std": std, "nonfinite_voxels_zeroed": n_bad}
 
 
