@@ -1,0 +1,213 @@
+"""LumbarSegment: lumbar-spine MRI segmentation in 3D Slicer. A thin shell over LumbarSegmentLib."""
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import qt
+import slicer
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+_HERE = Path(__file__).resolve().parent  # installed: LumbarSegmentLib and Resources sit beside this file
+_ROOT = _HERE if (_HERE / "LumbarSegmentLib").is_dir() else _HERE.parent  # source tree: one level up
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+RESOURCES = _ROOT / "Resources"
+
+from LumbarSegmentLib.slicer_logic import DONE, FAILED, ModuleLogic, SegmentRequest, self_test_loop  # noqa: E402
+
+
+class LumbarSegment(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "LumbarSegment"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["LumbarSegment developers"]
+        self.parent.helpText = (
+            "Segments sagittal lumbar-spine MR volumes (vertebrae, discs, spinal canal, ...) with U-Net models, "
+            "lets you correct the result in the Segment Editor, exports corrected cases and retrains on them. "
+            "See docs/user_guide.md in the LumbarSegment repository.")
+        self.parent.acknowledgementText = (
+            "Models follow J. J. Sáenz-Gamboa, M. de la Iglesia-Vayá, J. A. Gómez, \"Automatic semantic "
+            "segmentation of structural elements related to the spinal cord in the lumbar region by using "
+            "convolutional neural networks\", ICPR 2020.")
+        icon = RESOURCES / "Icons" / "LumbarSegment.png"
+        if icon.exists():
+            self.parent.icon = qt.QIcon(str(icon))
+
+
+@parameterNodeWrapper
+class LumbarSegmentParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    segmentation: vtkMRMLSegmentationNode
+    device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
+    mode: Annotated[str, Choice(["fast", "tta", "ensemble"])] = "fast"
+    confidence: bool = False
+    allowReslice: bool = False
+    updateUnedited: bool = False
+    exportFolder: Path = Path.home() / "LumbarSegment" / "dataset"
+    caseId: str = ""
+    datasetFolder: Path = Path.home() / "LumbarSegment" / "dataset"
+
+
+class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self._parameterNode, self._guiConnection = None, None
+        self._segmenting = self._training = False
+        self._lastMetrics = ""
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(str(RESOURCES / "UI" / "LumbarSegment.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = LumbarSegmentLogic()
+        self.refreshModels()
+        self.timer = qt.QTimer()
+        self.timer.setInterval(250)
+        self.timer.connect("timeout()", self.onTimer)
+        for button, slot in ((self.ui.segmentButton, self.onSegment), (self.ui.cancelButton, self.onCancel),
+                             (self.ui.segmentEditorButton, self.onSegmentEditor), (self.ui.exportButton, self.onExport),
+                             (self.ui.retrainStartButton, self.onRetrainStart),
+                             (self.ui.retrainStopButton, self.logic.core.stop_retrain)):
+            button.connect("clicked(bool)", lambda _=False, s=slot: s())
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, lambda *a: self.onCancel())
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, lambda *a: self.initializeParameterNode())
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        self.removeObservers()
+        self.timer.stop()
+        self.logic.core.cancel_segmentation()
+        self.logic.core.stop_retrain()  # resumable with --resume
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        if self._guiConnection:
+            self._parameterNode.disconnectGui(self._guiConnection)
+        self._parameterNode = self.logic.getParameterNode()
+        if not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        self._guiConnection = self._parameterNode.connectGui(self.ui)
+
+    def status(self, text):
+        self.ui.statusLabel.text = text
+
+    def refreshModels(self):
+        self.ui.modelComboBox.clear()
+        for label, ref in self.logic.core.model_choices():
+            self.ui.modelComboBox.addItem(label, ref)
+
+    def onSegment(self):
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
+            installed = self.logic.core.ensure_dependencies(slicer.util.confirmOkCancelDisplay)
+            if installed.restart_required:
+                if slicer.util.confirmYesNoDisplay(installed.message + "\n\nRestart Slicer now?"):
+                    slicer.util.restart()
+                return
+            ref = self.ui.modelComboBox.currentData
+            request = SegmentRequest(models=[ref] if ref and p.mode != "ensemble" else None, device=p.device,
+                                     mode=p.mode, confidence=p.confidence, allow_reslice=p.allowReslice)
+            notes = self.logic.core.start_segmentation(p.inputVolume, request,
+                                                       p.segmentation if p.updateUnedited else None)
+            self.status("Segmenting..." + "".join(f"\nNote: {n}" for n in notes))
+            self.ui.cancelButton.enabled, self.ui.segmentButton.enabled = True, False
+            self._segmenting = True
+            self.timer.start()
+
+    def onCancel(self):
+        if self._segmenting:
+            self.logic.core.cancel_segmentation()
+            self._segmenting = False
+            self.ui.cancelButton.enabled, self.ui.segmentButton.enabled = False, True
+            self.status("Segmentation cancelled")
+
+    def onTimer(self):
+        core = self.logic.core
+        if self._segmenting:
+            st = core.poll_segmentation()
+            self.ui.progressBar.value = int(100 * (st.fraction or 0))
+            self.status(st.message + "".join(f"\nWarning: {w}" for w in st.warnings))
+            if st.finished:
+                self._segmenting = False
+                self.ui.cancelButton.enabled, self.ui.segmentButton.enabled = False, True
+                if st.state == DONE:
+                    with slicer.util.tryWithErrorDisplay("Could not add the segmentation to the scene."):
+                        self._parameterNode.segmentation, info = core.finish_segmentation()
+                        self.status(info["summary"])
+                elif st.state == FAILED:
+                    slicer.util.errorDisplay(f"Segmentation failed: {st.message}")
+        if self._training:
+            st = core.poll_retrain()
+            self.ui.retrainProgressBar.value = int(100 * (st.fraction or 0))
+            if st.message != self._lastMetrics:
+                self._lastMetrics = st.message
+                self.ui.metricsTextEdit.appendPlainText(st.message)
+            if st.finished:
+                self._training = False
+                self.ui.retrainStartButton.enabled, self.ui.retrainStopButton.enabled = True, False
+                self.status(st.message)
+                self.refreshModels()
+        if not (self._segmenting or self._training):
+            self.timer.stop()
+
+    def onSegmentEditor(self):
+        seg, vol = self._parameterNode.segmentation, self._parameterNode.inputVolume
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        if seg:
+            editor.setSegmentationNode(seg)
+            getattr(editor, "setSourceVolumeNode", getattr(editor, "setMasterVolumeNode", None))(vol)
+
+    def onExport(self):
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
+            case = self.logic.core.export(p.inputVolume, p.segmentation, p.exportFolder, p.caseId.strip())
+            edited = case.extra.get("edited_structures") or ["none"]
+            self.status(f"Exported {case.case_id} version {case.version} to {case.json_path.parent} "
+                        f"(edited: {', '.join(edited)})")
+
+    def onRetrainStart(self):
+        with slicer.util.tryWithErrorDisplay("Could not start training.", waitCursor=True):
+            out = self.logic.core.start_retrain(self._parameterNode.datasetFolder,
+                                                base_model=self.ui.modelComboBox.currentData or None)
+            self.ui.metricsTextEdit.setPlainText(f"Training into {out}")
+            self.ui.retrainStartButton.enabled, self.ui.retrainStopButton.enabled = False, True
+            self._training = True
+            self.timer.start()
+
+
+class LumbarSegmentLogic(ScriptedLoadableModuleLogic):
+    """Hands the application's scene and Segmentations logic to LumbarSegmentLib; nothing else."""
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.core = ModuleLogic(slicer.mrmlScene, slicer.modules.segmentations.logic())
+
+    def getParameterNode(self):
+        return LumbarSegmentParameterNode(super().getParameterNode())
+
+
+class LumbarSegmentTest(ScriptedLoadableModuleTest):
+    """The loop in the running application: segment (or a synthetic draft), edit, export, read back."""
+
+    def runTest(self):
+        slicer.mrmlScene.Clear()
+        self.test_loop()
+
+    def test_loop(self):
+        with tempfile.TemporaryDirectory() as folder:
+            case = self_test_loop(LumbarSegmentLogic().core, folder)
+        self.assertEqual(len(case.extra["edited_structures"]), 1)
+        self.delayDisplay("LumbarSegment loop passed")

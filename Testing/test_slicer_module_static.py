@@ -1,0 +1,262 @@
+"""The Slicer module outside Slicer: .ui consistency, imports with stand-ins, delegation, CMake lists.
+
+Only ``qt``, ``slicer.ScriptedLoadableModule`` and ``slicer.parameterNodeWrapper`` are
+replaced by small stand-ins (and only when desktop Slicer is not the interpreter); the
+MRML scene and Segmentations logic handed to the module's Logic are real (slicer-core).
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import re
+import sys
+import types
+import unittest
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_FILE = ROOT / "LumbarSegment" / "LumbarSegment.py"
+UI_FILE = ROOT / "Resources" / "UI" / "LumbarSegment.ui"
+ICON_FILE = ROOT / "Resources" / "Icons" / "LumbarSegment.png"
+MODULE_CMAKE = ROOT / "LumbarSegment" / "CMakeLists.txt"
+TOP_CMAKE = ROOT / "CMakeLists.txt"
+
+
+def ui_widgets() -> dict[str, str]:
+    tree = ET.parse(UI_FILE)
+    return {w.get("name"): w.get("class") for w in tree.iter("widget")}
+
+
+def ui_parameter_names() -> dict[str, str]:
+    out = {}
+    for w in ET.parse(UI_FILE).iter("widget"):
+        for prop in w.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                out[w.get("name")] = prop.find("string").text
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ .ui
+def test_ui_parses_and_declares_its_custom_widgets():
+    root = ET.parse(UI_FILE).getroot()
+    assert root.tag == "ui" and root.find("widget").get("class") == "qMRMLWidget"
+    declared = {c.findtext("class") for c in root.iter("customwidget")}
+    used = set(ui_widgets().values())
+    qt_builtin = {c for c in used if c.startswith("Q")}
+    assert used - qt_builtin <= declared, f"undeclared custom widgets: {used - qt_builtin - declared}"
+    names = list(ui_widgets())
+    assert len(names) == len(set(names)), "widget names must be unique"
+
+
+def test_every_widget_the_module_uses_exists_in_the_ui():
+    source = MODULE_FILE.read_text()
+    used = set(re.findall(r"self\.ui\.(\w+)", source))
+    assert used, "the module should use widgets from the .ui"
+    missing = used - set(ui_widgets())
+    assert not missing, f"LumbarSegment.py uses widgets missing from the .ui: {sorted(missing)}"
+    for required in ("inputVolumeSelector", "modelComboBox", "deviceComboBox", "modeComboBox", "confidenceCheckBox",
+                     "segmentButton", "cancelButton", "progressBar", "segmentEditorButton", "updateUneditedCheckBox",
+                     "exportFolderPathLineEdit", "caseIdLineEdit", "exportButton", "datasetPathLineEdit",
+                     "retrainStartButton", "retrainStopButton", "retrainProgressBar", "metricsTextEdit",
+                     "statusLabel"):
+        assert required in ui_widgets(), required
+    assert ui_widgets()["exportFolderPathLineEdit"] == "ctkPathLineEdit"
+    assert ui_widgets()["inputVolumeSelector"] == "qMRMLNodeComboBox"
+
+
+def test_ui_parameter_names_match_the_parameter_node():
+    tree = ast.parse(MODULE_FILE.read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "LumbarSegmentParameterNode")
+    fields = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
+    bound = set(ui_parameter_names().values())
+    assert bound <= fields, f"SlicerParameterName without a parameter: {bound - fields}"
+    assert {"inputVolume", "segmentation", "device", "mode", "confidence", "updateUnedited", "exportFolder",
+            "caseId", "datasetFolder"} <= bound
+
+
+def test_icon_is_a_128px_png():
+    from PIL import Image
+
+    with Image.open(ICON_FILE) as im:
+        assert im.format == "PNG" and im.size == (128, 128)
+
+
+# ------------------------------------------------------------------------------------------------ CMake
+def test_cmake_lists_every_library_file():
+    text = MODULE_CMAKE.read_text()
+    listed = set(re.findall(r"^\s*((?:LumbarSegmentLib|training|Resources)/[\w./${}-]+)\s*$", text, re.M))
+    listed = {p.replace("${MODULE_NAME}", "LumbarSegment") for p in listed}
+    files = sorted(str(p.relative_to(ROOT)).replace("\\", "/")
+                   for d in ("LumbarSegmentLib", "training") for p in (ROOT / d).rglob("*.py")
+                   if "__pycache__" not in p.parts)
+    files += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "LumbarSegmentLib" / "schemas").glob("*.json"))
+    files += ["Resources/UI/LumbarSegment.ui", "Resources/Icons/LumbarSegment.png"]
+    missing = [f for f in files if f not in listed]
+    assert not missing, f"add these to LumbarSegment/CMakeLists.txt or the installed extension lacks them: {missing}"
+    stale = [f for f in listed if not (ROOT / f).exists()]
+    assert not stale, f"LumbarSegment/CMakeLists.txt lists files that do not exist: {stale}"
+    assert "slicerMacroBuildScriptedModule" in text and "Resources/Models" in text
+    assert "SOURCE_DIR ${PROJECT_SOURCE_DIR}" in text
+
+
+def test_top_level_cmake_describes_the_extension():
+    text = TOP_CMAKE.read_text()
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
+                "EXTENSION_SCREENSHOTURLS"):
+        assert re.search(rf'set\({key} "[^"]+"\)', text), key
+    assert 'set(EXTENSION_CATEGORY "Segmentation")' in text
+    assert 'set(EXTENSION_DEPENDS "PyTorch")' in text
+    assert "add_subdirectory(LumbarSegment)" in text
+
+
+def test_install_layout_matches_how_the_lib_finds_resources():
+    """Installed, Resources/ sits beside LumbarSegmentLib/ exactly as in the source tree."""
+    from LumbarSegmentLib.packages import SHIPPED_MODELS
+
+    assert SHIPPED_MODELS == ROOT / "Resources" / "Models"
+    source = MODULE_FILE.read_text()
+    assert '_HERE / "LumbarSegmentLib"' in source and 'RESOURCES = _ROOT / "Resources"' in source
+
+
+# ------------------------------------------------------------------------------------------------ import with stand-ins
+def _standins():
+    """Minimal qt / ScriptedLoadableModule / parameterNodeWrapper for importing the module file."""
+    mods = {}
+    qt = types.ModuleType("qt")
+
+    class QIcon:
+        def __init__(self, path=""):
+            self.path = path
+
+    class QTimer:
+        def setInterval(self, ms):
+            self.interval = ms
+
+        def connect(self, *a):
+            pass
+
+        def start(self):
+            pass
+
+        def stop(self):
+            pass
+
+    qt.QIcon, qt.QTimer = QIcon, QTimer
+    mods["qt"] = qt
+
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent):
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            pass
+
+        def getParameterNode(self):
+            raise NotImplementedError("not needed outside Slicer")
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        def delayDisplay(self, message, msec=0):
+            self.displayed = message
+
+    for c in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
+              ScriptedLoadableModuleTest):
+        setattr(slm, c.__name__, c)
+    mods["slicer.ScriptedLoadableModule"] = slm
+
+    pnw = types.ModuleType("slicer.parameterNodeWrapper")
+
+    class Choice:
+        def __init__(self, choices):
+            self.choices = list(choices)
+
+    def parameterNodeWrapper(cls):
+        def __init__(self, node=None):
+            self.parameterNode = node
+        cls.__init__ = __init__
+        return cls
+
+    pnw.Choice, pnw.parameterNodeWrapper = Choice, parameterNodeWrapper
+    mods["slicer.parameterNodeWrapper"] = pnw
+    return mods
+
+
+@pytest.fixture
+def module(monkeypatch):
+    slicer = pytest.importorskip("slicer", reason="slicer-core is needed for the real MRML scene")
+    from LumbarSegmentLib.mrml import MRMLContext
+
+    in_slicer = hasattr(slicer, "app")
+    if not in_slicer:
+        for name, mod in _standins().items():
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                monkeypatch.setitem(sys.modules, name, mod)
+                if name.startswith("slicer."):
+                    monkeypatch.setattr(slicer, name.split(".", 1)[1], mod, raising=False)
+        ctx = MRMLContext.standalone()
+        monkeypatch.setattr(slicer, "mrmlScene", ctx.scene, raising=False)
+        monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(
+            segmentations=types.SimpleNamespace(logic=lambda: ctx.seg_logic)), raising=False)
+    spec = importlib.util.spec_from_file_location("LumbarSegment_under_test", MODULE_FILE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_module_metadata(module):
+    parent = types.SimpleNamespace()
+    module.LumbarSegment(parent)
+    assert parent.title == "LumbarSegment" and parent.categories == ["Segmentation"]
+    assert parent.contributors and "Segment Editor" in parent.helpText
+    for needle in ("Sáenz-Gamboa", "de la Iglesia-Vayá", "Gómez", "ICPR 2020", "lumbar region"):
+        assert needle in parent.acknowledgementText
+    assert str(ICON_FILE) == parent.icon.path
+
+
+def test_parameter_node_defaults(module):
+    choices = module.LumbarSegmentParameterNode.__annotations__
+    assert set(choices) >= {"inputVolume", "segmentation", "device", "mode", "exportFolder", "datasetFolder"}
+    assert module.LumbarSegmentParameterNode.mode == "fast"
+
+
+def test_logic_hands_scene_and_segmentations_logic_to_the_lib(module, tmp_path):
+    import slicer
+
+    from LumbarSegmentLib.cases import read_case
+    from LumbarSegmentLib.slicer_logic import ModuleLogic, self_test_loop
+
+    logic = module.LumbarSegmentLogic()
+    assert isinstance(logic.core, ModuleLogic)
+    assert logic.core.scene is slicer.mrmlScene
+    assert logic.core.seg_logic is slicer.modules.segmentations.logic()
+    case = self_test_loop(logic.core, tmp_path, use_model=False)
+    assert read_case(case.json_path).case_id == "selftest"
+    assert logic.core.scene.GetFirstNodeByName("synthetic sagittal segmentation") is not None
+
+
+def test_module_self_test_runs_the_loop(module, monkeypatch):
+    from LumbarSegmentLib import slicer_logic
+
+    monkeypatch.setattr(slicer_logic.ModuleLogic, "model_choices", lambda self: [])  # no model: synthetic draft
+    test = module.LumbarSegmentTest("test_loop")
+    test.test_loop()
+    assert test.displayed == "LumbarSegment loop passed"
+
+
+def test_lib_modules_import_without_qt():
+    code = ("import sys, LumbarSegmentLib.slicer_logic, LumbarSegmentLib.slicer_deps, LumbarSegmentLib.segfile; "
+            "assert 'qt' not in sys.modules, 'qt imported'")
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
