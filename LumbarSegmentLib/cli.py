@@ -129,7 +129,10 @@ def _segment_one(src: Path, label_out: Path, args, packages, report_out=None, se
             from .segfile import write_seg_nrrd
 
             tmp_seg = stack.enter_context(atomic_path(seg_out))
-            write_seg_nrrd(result.labels, result.schema, tmp_seg)
+            first = report["models"][0]  # lets Slicer show (and edit-track) which model drafted it
+            write_seg_nrrd(result.labels, result.schema, tmp_seg,
+                           model_ref=",".join(m["ref"] for m in report["models"]),
+                           model_sha256=first["sha256"] if len(report["models"]) == 1 else None)
             pending.append(seg_out)
         if preview_out:
             from .preview import render_preview
