@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,26 +165,99 @@ def list_cases(folder: str | os.PathLike, *, latest_only: bool = True) -> list[C
 
 @contextlib.contextmanager
 def _claim_version(folder: Path, case_id: str):
-    """Reserve the next free export number for ``case_id`` (safe against concurrent exports)."""
+    """Reserve the next free export number for ``case_id`` (safe against concurrent exports).
+
+    The claim is an exclusive lock file ``.<case>__v<N>.lock`` holding the claimer's pid and
+    host. A claim left by an export that was killed (its process is gone; same host only) is
+    taken over: the volumes it had written are removed and ``N`` is used again.
+    """
     n = 1
     while True:
         stem = f"{case_id}__v{n}"
-        taken = (folder / f"{stem}.json").exists() or (n == 1 and (folder / f"{case_id}.json").exists())
-        if not taken:
-            lock = folder / f".{stem}.lock"
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
+        lock = folder / f".{stem}.lock"
+        if (folder / f"{stem}.json").exists() or (n == 1 and (folder / f"{case_id}.json").exists()):
+            n += 1  # a finished export
+            continue
+        if any((folder / f"{stem}{part}").exists() for part in _VOLUME_PARTS):
+            # volumes without their JSON: an export in progress, or one that was killed
+            if not (lock.exists() and _reclaim_if_stale(folder, stem, lock)):
                 n += 1
-                continue
-            os.close(fd)
-            try:
-                yield n, stem
-            finally:
+            continue
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if not _reclaim_if_stale(folder, stem, lock):
+                n += 1
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        try:
+            yield n, stem
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+        return
+
+
+_VOLUME_PARTS = ("_image.mha", "_label.mha")
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would terminate the process there: never judge
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, ValueError, IndexError):  # a zombie has finished
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] != "Z"
+    return True
+
+
+def _reclaim_if_stale(folder: Path, stem: str, lock: Path) -> bool:
+    """Remove what a killed export of ``stem`` left behind; True when the claim was stale (retry ``stem``)."""
+    try:
+        owner = lock.read_text().split()
+    except OSError:
+        return False
+    if len(owner) < 2 or not owner[0].isdigit() or owner[1] != socket.gethostname() or _pid_alive(int(owner[0])):
+        return False  # alive, on another host, or not yet written: not ours to judge
+    token = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
+    try:
+        os.rename(lock, token)  # exactly one process wins the take-over
+    except OSError:
+        return True  # another process took it over first: look again
+    try:
+        # temporary files first, the volumes last: while a volume exists nobody claims the stem
+        for pattern in (f".{stem}_image.mha.*", f".{stem}_label.mha.*", f".{stem}.json.*"):
+            for leftover in folder.glob(pattern):
                 with contextlib.suppress(FileNotFoundError):
-                    lock.unlink()
-            return
-        n += 1
+                    leftover.unlink()
+        for part in _VOLUME_PARTS:
+            with contextlib.suppress(FileNotFoundError):
+                (folder / f"{stem}{part}").unlink()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            token.unlink()
+    return True
+
+
+def _export_error(exc: OSError, case_id: str, folder: Path) -> OSError:
+    """The OS error of a failed export, saying what happened and what to do."""
+    kept = "Nothing of this export was kept; earlier exports are untouched"
+    if exc.errno is None:  # raised by LumbarSegment itself: the message already says what to do
+        return type(exc)(f"could not export case {case_id}: {exc}. {kept}")
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        todo = "free some disk space or choose another dataset folder"
+    elif isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
+        todo = "choose a writable dataset folder or fix its permissions"
+    else:
+        todo = "check the dataset folder and try again"
+    reason = exc.strerror or str(exc)
+    return OSError(exc.errno, f"could not export case {case_id} to {folder}: {reason}; {todo}. {kept}")
 
 
 def write_case(folder: str | os.PathLike, case_id: str, image: Volume, label: Volume, *,
@@ -191,9 +266,10 @@ def write_case(folder: str | os.PathLike, case_id: str, image: Volume, label: Vo
     """Write a new version of a case into ``folder``; never overwrites an earlier export."""
     validate_case_id(case_id)
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     if not image.same_geometry(label):
-        raise CaseError(f"case {case_id}: the label map's geometry differs from the image's")
+        raise CaseError(f"case {case_id}: the label map's geometry ({label.describe_geometry()}, origin "
+                        f"{label.origin}) differs from the image's ({image.describe_geometry()}, origin "
+                        f"{image.origin}); resample the label map onto the image grid")
     if label.array.dtype.kind not in "ui" or label.array.min() < 0 or label.array.max() > 255:
         raise CaseError(f"case {case_id}: label map must hold integers 0..255")
     present = {int(v) for v in np.unique(label.array)} - {0}
@@ -201,6 +277,15 @@ def write_case(folder: str | os.PathLike, case_id: str, image: Volume, label: Vo
         raise CaseError(f"case {case_id}: label values {sorted(present - set(labels))} are not described")
     if set(labels.values()) - set(annotated_structures):
         raise CaseError(f"case {case_id}: every labelled structure must be listed in annotated_structures")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return _write_version(folder, case_id, image, label, labels, annotated_structures, patient, extra)
+    except OSError as exc:
+        raise _export_error(exc, case_id, folder) from exc
+
+
+def _write_version(folder: Path, case_id: str, image: Volume, label: Volume, labels, annotated_structures,
+                   patient, extra) -> Case:
     with _claim_version(folder, case_id) as (version, stem):
         img_path, lab_path = folder / f"{stem}_image.mha", folder / f"{stem}_label.mha"
         case = Case(case_id=case_id, image_path=img_path, label_path=lab_path, labels=dict(labels),

@@ -200,31 +200,33 @@ def _summary(rep: dict) -> None:
 def cmd_models(args) -> int:
     from .packages import PackageError, default_registries
 
-    rows = []
+    rows, failed = [], False
     for reg in default_registries():
         try:
             default = reg.default_ref()
             ensemble = reg.ensemble_refs()
             pkgs = reg.packages()
-        except PackageError as exc:
-            print(f"lumbarseg: warning: {exc}", file=sys.stderr)
+        except PackageError as exc:  # list the other registries, then fail
+            print(f"lumbarseg: error: {exc}", file=sys.stderr)
+            failed = True
             continue
         for p in pkgs:
             rows.append({"ref": p.ref, "variant": p.manifest["architecture"].get("variant"),
                          "schema": p.schema.name, "spacing_mm": list(p.spacing), "registry": str(reg.root),
                          "default": p.ref == default, "ensemble": p.ref in ensemble,
                          "metrics": p.manifest.get("metrics", {}).get("summary", {})})
+    status = EXIT_FAIL if failed else EXIT_OK
     if args.json:
         print(json.dumps(rows, indent=1))
-        return EXIT_OK
+        return status
     if not rows:
-        print("no models installed")
-        return EXIT_OK
+        print("no models installed" + (" that could be read" if failed else ""))
+        return status
     for r in rows:
         flags = ("default " if r["default"] else "") + ("ensemble" if r["ensemble"] else "")
         print(f"{r['ref']:<22} {r['variant'] or '?':<6} schema={r['schema']:<9} spacing={r['spacing_mm']} "
               f"{flags:<17} {r['registry']}")
-    return EXIT_OK
+    return status
 
 
 def main(argv=None) -> int:

@@ -89,7 +89,8 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
     slices, skipped = _scan_headers(folder)
     series = _group(slices)
     if not series:
-        raise DicomError(f"{folder}: no DICOM image series found ({_describe_skipped(skipped)})")
+        raise DicomError(f"{folder}: no DICOM image series found ({_describe_skipped(skipped)}); choose the "
+                         f"folder that holds the series' image files, or open a .nii.gz/.nrrd/.mha volume")
 
     if series_uid is not None:
         if series_uid not in series:

@@ -105,8 +105,9 @@ def sagittal_layout(volume: Volume, *, allow_reslice: bool = False) -> SagittalL
     if anisotropic and thick != lr:
         plane = {"S": "axial", "I": "axial", "A": "coronal", "P": "coronal"}[axis_codes(d)[thick]]
         if not allow_reslice:
+            article = "an" if plane == "axial" else "a"
             raise OrientationError(
-                f"this is an {plane} stack (thick slices of {sp[thick]:.2f} mm along "
+                f"this is {article} {plane} stack (thick slices of {sp[thick]:.2f} mm along "
                 f"{axis_codes(d)[thick]}, orientation {axis_codes(d)}), not sagittal. The models were "
                 f"trained on sagittal slices; segmenting it slice-wise would be wrong. Use a sagittal "
                 f"series, or pass reslice=True (--reslice) to cut sagittal slices from it anyway "

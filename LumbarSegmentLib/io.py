@@ -44,46 +44,68 @@ def read_volume(path: str | os.PathLike, *, series_uid: str | None = None) -> Vo
             f"{p}: unsupported file type; expected one of {', '.join(VOLUME_SUFFIXES)} or a DICOM folder"
         )
     if p.stat().st_size == 0:
-        raise VolumeReadError(f"{p}: the file is empty")
+        raise VolumeReadError(f"{p}: the file is empty (an interrupted copy or export?); copy or export it again")
     import SimpleITK as sitk
 
     try:
         image = sitk.ReadImage(str(p))
         array = sitk.GetArrayFromImage(image)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((ln.strip() for ln in first if "rror" in ln or "xception" in ln), first[-1] if first else "")
-        raise VolumeReadError(f"{p}: cannot read the image (corrupt or truncated file?): {detail}") from None
-    if volume_suffix(p) == ".nii.gz":
-        _check_nifti_gz_complete(p, array.nbytes)
+    except (RuntimeError, MemoryError, OverflowError, ValueError) as exc:
+        detail = _itk_detail(exc).rstrip(".")
+        raise VolumeReadError(f"{p}: cannot read the image (corrupt or truncated file?): {detail}. "
+                              f"Copy or export the file again") from None
+    if volume_suffix(p) in (".nii.gz", ".nii"):
+        _check_nifti_complete(p, array.nbytes)
     return _volume_from_sitk(image, array, source=str(p))
 
 
-def _check_nifti_gz_complete(path: Path, data_bytes: int) -> None:
-    """Refuse a truncated .nii.gz: ITK's NIfTI reader fills the missing voxels silently."""
+def _itk_detail(exc: BaseException) -> str:
+    """The informative line of an ITK/SimpleITK error (not the C++ source location)."""
+    import re
+
+    if isinstance(exc, MemoryError):
+        return "its header asks for more memory than there is (a damaged header?)"
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    nrrd = [ln for ln in lines if ln.startswith("[nrrd]") and not ln.endswith((":", "trouble"))]
+    if nrrd:
+        return nrrd[-1].split(":", 1)[-1].strip()
+    for ln in lines:
+        m = re.match(r"(?:ITK ERROR|itk::ERROR): \w+\(0x[0-9a-fA-F]+\): (.*)", ln)
+        if m:
+            return m.group(1)
+    plain = [ln for ln in lines if not ln.startswith("Exception thrown in SimpleITK")]
+    return plain[-1] if plain else (lines[-1] if lines else type(exc).__name__)
+
+
+def _check_nifti_complete(path: Path, data_bytes: int) -> None:
+    """Refuse a truncated .nii or .nii.gz: ITK's NIfTI reader fills the missing voxels silently."""
     import gzip
+    import math
     import struct
     import zlib
 
     total, head = 0, b""
+    compressed = path.name.lower().endswith(".gz")
     try:
-        with gzip.open(path, "rb") as f:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
             head = f.read(544)
-            total = len(head)
-            while chunk := f.read(1 << 22):
+            total = len(head) if compressed else path.stat().st_size
+            while compressed and (chunk := f.read(1 << 22)):
                 total += len(chunk)
     except (EOFError, OSError, zlib.error) as exc:
         raise VolumeReadError(f"{path}: cannot read the image (corrupt or truncated file?): "
-                              f"the compressed data is incomplete ({exc})") from None
+                              f"the compressed data is incomplete ({exc}). Copy or export the file again") from None
     header_bytes = 348
     for order in ("<", ">"):
         if len(head) >= 4 and struct.unpack(order + "i", head[:4])[0] == 348 and len(head) >= 112:
-            header_bytes = max(348, int(struct.unpack(order + "f", head[108:112])[0]))
+            offset = struct.unpack(order + "f", head[108:112])[0]
+            header_bytes = max(348, int(offset) if math.isfinite(offset) and offset < 2**62 else 0)
         elif len(head) >= 176 and struct.unpack(order + "i", head[:4])[0] == 540:
             header_bytes = max(540, int(struct.unpack(order + "q", head[168:176])[0]))
     if total < header_bytes + data_bytes:
         raise VolumeReadError(f"{path}: cannot read the image (corrupt or truncated file?): it holds "
-                              f"{total} bytes of data where the header promises {header_bytes + data_bytes}")
+                              f"{total} bytes of data where the header promises {header_bytes + data_bytes}. "
+                              f"Copy or export the file again")
 
 
 def _volume_from_sitk(image, array: np.ndarray, source: str) -> Volume:
@@ -91,11 +113,16 @@ def _volume_from_sitk(image, array: np.ndarray, source: str) -> Volume:
     if image.GetNumberOfComponentsPerPixel() > 1:
         raise VolumeReadError(
             f"{source}: has {image.GetNumberOfComponentsPerPixel()} components per voxel (colour/vector "
-            f"image); LumbarSegment needs a single-channel MR volume"
+            f"image); LumbarSegment needs a single-channel MR volume: open the grey-scale MR series instead"
         )
     if dim != 3:
-        what = "a 2D image" if dim == 2 else f"a {dim}D image (e.g. a time series)"
-        raise VolumeReadError(f"{source}: is {what} with size {image.GetSize()}; expected one 3D volume")
+        if dim == 2:
+            what, todo = "a 2D image (one slice)", "open the whole 3D series (a 3D file or the DICOM folder)"
+        else:
+            what, todo = f"a {dim}D image (e.g. a time series or several echoes)", \
+                "extract one 3D volume from it first (one time point or echo)"
+        raise VolumeReadError(f"{source}: is {what} with size {image.GetSize()}; LumbarSegment needs one 3D "
+                              f"volume: {todo}")
     direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
     try:
         return Volume(array, spacing=image.GetSpacing(), origin=image.GetOrigin(), direction=direction,
@@ -110,6 +137,8 @@ def to_sitk(volume: Volume, array: np.ndarray | None = None):
     arr = volume.array if array is None else array
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8)
+    elif arr.dtype == np.float16:  # no half-float voxel type in ITK files: widen (lossless)
+        arr = arr.astype(np.float32)
     image = sitk.GetImageFromArray(np.ascontiguousarray(arr))
     image.SetSpacing(volume.spacing)
     image.SetOrigin(volume.origin)
@@ -125,7 +154,7 @@ def atomic_path(target: str | os.PathLike):
     if not folder.is_dir():
         raise OSError(f"output folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
-        raise PermissionError(f"output folder {folder} is not writable")
+        raise PermissionError(f"output folder {folder} is not writable; choose another folder or make it writable")
     suffix = volume_suffix(target) or "".join(target.suffixes) or ".tmp"
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial" + suffix, dir=folder)
     os.close(fd)

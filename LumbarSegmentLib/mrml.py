@@ -799,12 +799,26 @@ def save_seg_nrrd(scene, seg_node, path) -> Path:
     return path
 
 
+def _check_readable_nrrd(path: Path) -> None:
+    """Read the file with SimpleITK first: a damaged header makes Slicer's storage node abort the process."""
+    import SimpleITK as sitk
+
+    from .io import _itk_detail
+
+    try:
+        sitk.ReadImage(str(path))
+    except (RuntimeError, MemoryError) as exc:
+        raise OSError(f"{path}: could not read this segmentation file (damaged or truncated: "
+                      f"{_itk_detail(exc).rstrip('.')}); copy or save it again. Nothing was loaded") from None
+
+
 def load_seg_nrrd(scene, path, name: str | None = None):
     """Read a ``.seg.nrrd`` into a new segmentation node (kept attached to its storage node)."""
     slicer = _slicer()
     path = Path(path)
     if not path.is_file():
         raise OSError(f"{path}: no such file")
+    _check_readable_nrrd(path)
     stem = path.name[:-9] if path.name.lower().endswith(".seg.nrrd") else path.stem
     seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", _unique_name(scene, name or stem))
     storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")

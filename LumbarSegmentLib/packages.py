@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ from .schema import LabelSchema
 MODEL_FORMAT = "lumbarsegment.model"
 MODEL_FORMAT_VERSION = 1
 REGISTRY_FORMAT = "lumbarsegment.registry"
+REGISTRY_FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
 SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "Resources" / "Models"
 
@@ -146,15 +148,25 @@ class ModelPackage:
 
 
 def _refuse_pickle(path: Path) -> None:
+    """Refuse a pickle / ``torch.save`` zip; a file that starts like a safetensors file passes.
+
+    A safetensors file starts with its header length (8 bytes, little-endian) and then the
+    JSON header's ``{``; that length can itself begin with the byte 0x80 or the letters
+    "PK", so the safetensors shape is recognised first.
+    """
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = f.read(9)
+    size = path.stat().st_size
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
+        return
+    if head[:2] == b"PK" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         raise PackageError(
             f"{path}: this is a PyTorch pickle/zip checkpoint, not safetensors. Pickles can run code when "
-            f"loaded, so LumbarSegment refuses them; convert it with `lumbarseg-train export` from trusted code."
+            f"loaded, so LumbarSegment refuses them. Ask for a safetensors model package; only if you fully "
+            f"trust where the file came from, convert it with `lumbarseg-train export`."
         )
-    if len(head) < 8:
-        raise PackageError(f"{path}: weights file is truncated")
+    if len(head) < 9:
+        raise PackageError(f"{path}: weights file is truncated; reinstall or re-publish this model")
 
 
 def read_package(path: str | os.PathLike) -> ModelPackage:
@@ -238,12 +250,23 @@ class Registry:
     def index(self) -> dict:
         if not self.index_path.exists():
             return {"format": REGISTRY_FORMAT, "format_version": 1, "default": None, "ensemble": [], "models": {}}
+        fix = (f"repair it, or move it aside to start an empty index (the model folders in {self.root} "
+               f"are kept and can be published again)")
         try:
             data = json.loads(self.index_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise PackageError(f"{self.index_path}: registry index is unreadable: {exc}") from None
-        if data.get("format") != REGISTRY_FORMAT:
-            raise PackageError(f"{self.index_path}: not a LumbarSegment registry index")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PackageError(f"{self.index_path}: registry index is unreadable ({exc}); {fix}") from None
+        if not isinstance(data, dict) or data.get("format") != REGISTRY_FORMAT:
+            raise PackageError(f"{self.index_path}: not a LumbarSegment registry index; {fix}")
+        try:
+            version = int(data.get("format_version", 1))
+        except (TypeError, ValueError):
+            raise PackageError(f"{self.index_path}: malformed format_version; {fix}") from None
+        if version > REGISTRY_FORMAT_VERSION:
+            raise PackageError(f"{self.index_path}: registry format version {version} is newer than this "
+                               f"LumbarSegment supports ({REGISTRY_FORMAT_VERSION}); update LumbarSegment")
+        if not isinstance(data.get("models", {}), dict):
+            raise PackageError(f"{self.index_path}: 'models' must be an object; {fix}")
         return data
 
     def _write_index(self, data: dict) -> None:
@@ -303,7 +326,9 @@ class Registry:
         self.root.mkdir(parents=True, exist_ok=True)
         version = self.next_version(package.name)
         final = self.root / package.name / str(version)
-        tmp = Path(tempfile.mkdtemp(prefix=f".publish-{package.name}-", dir=self.root))
+        self._remove_abandoned_publishes()
+        tmp = Path(tempfile.mkdtemp(prefix=f".publish+{os.getpid()}+{socket.gethostname()}+{package.name}+",
+                                    dir=self.root))
         try:
             shutil.copy2(package.path / package.manifest["weights"]["file"], tmp / WEIGHTS_FILE)
             manifest = json.loads(json.dumps(package.manifest))
@@ -326,6 +351,16 @@ class Registry:
             idx["ensemble"] = list(ensemble)
         self._write_index(idx)
         return read_package(final)
+
+    def _remove_abandoned_publishes(self) -> None:
+        """Delete the temporary folders of publishes whose process is gone (killed mid-copy; same host only)."""
+        from .cases import _pid_alive
+
+        for old in self.root.glob(".publish+*"):
+            parts = old.name.split("+")
+            if (len(parts) > 3 and parts[1].isdigit() and parts[2] == socket.gethostname()
+                    and not _pid_alive(int(parts[1]))):
+                shutil.rmtree(old, ignore_errors=True)
 
     def set_default(self, ref: str) -> None:
         self.get(ref)
@@ -350,6 +385,7 @@ def resolve_model(ref: str | None, registries: list[Registry] | None = None) -> 
     registries = default_registries() if registries is None else registries
     errors = []
     for reg in registries:
+        reg.index()  # a damaged index is an error to fix, not a reason to fall back on another registry
         try:
             r = ref or reg.default_ref()
             if r:

@@ -472,8 +472,8 @@ class SegmentController:
         for line in lines:
             self._progress_from(line)
             m = _ERROR.search(line)
-            if m:
-                self._error = m.group(1).strip()
+            if m:  # the child's input is our temporary copy of the volume: its path means nothing to the user
+                self._error = m.group(1).strip().replace(f"{self._paths.get('input')}: ", "")
                 continue
             w = _WARNING.search(line)
             if w:
