@@ -1,0 +1,47 @@
+"""The benchmark script must keep working: import it and run its smallest configuration.
+
+``--smoke`` segments a synthetic 4-slice stack with a tiny random-weight model in one worker
+process (no shared data, no nnU-Net) and writes the JSON and Markdown reports; a few seconds.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "run_benchmarks.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("lumbarseg_run_benchmarks", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_smoke_run(tmp_path):
+    bench = _load()
+    out = tmp_path / "smoke.json"
+    assert bench.main(["--smoke", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+    res = json.loads(out.read_text())
+    (row,) = res["rows"]
+    assert row["kind"] == "ours" and row["n_runs"] == 1 and not row["errors"]
+    assert row["slices"] == 4 and row["cold_s"] > 0 and row["warm_s"] > 0
+    assert row["gflop"] > 0 and row["forwards"] >= 1 and row["peak_rss_mb"] > 50
+    assert res["peaks"]["cpu"]["matmul"]["fp32"]["best_gflops"] > 0
+    assert res["peaks"]["cpu"]["theoretical"]["fp32_gflops"] > 0
+    md = out.with_suffix(".md").read_text()
+    assert "| synthetic4 | uvd-starter | fast | cpu |" in md and "Targets" in md
+
+
+def test_flop_count_matches_the_model_table():
+    """The per-forward FLOP count is the one ``python -m LumbarSegmentLib.models --table`` prints."""
+    bench = _load()
+    from LumbarSegmentLib.models.__main__ import measure
+
+    arch = {"variant": "UVD", "num_classes": 3, "init_filters": 16}
+    one = bench.model_forward_flops(arch, (1, 1, 256, 256))
+    assert abs(one / 1e9 - measure(arch, 256)["gflops"]) < 1e-6
+    assert abs(bench.model_forward_flops(arch, (3, 1, 256, 256)) - 3 * one) < 1e-3 * one

@@ -1,0 +1,269 @@
+"""``lumbarseg-train``: train, cross-validate, fine-tune, evaluate, publish and export models.
+
+Examples (docs/training.md has more)::
+
+    lumbarseg-train train --data DATA --variant UVD --val-cases IVD_25,VB1_08 --out runs/uvd
+    lumbarseg-train cv --data DATA --variant UMD --folds 5 --out runs/umd-cv
+    lumbarseg-train finetune --from uvd-starter --data DATA --schema my_schema.json --out runs/ft
+    lumbarseg-train evaluate --model runs/uvd/package --data DATA --cases IVD_25,VB1_08
+    lumbarseg-train publish runs/uvd/package --registry Resources/Models --data DATA
+    lumbarseg-train export runs/uvd/best.pt --out pkg/ --name uvd-starter
+
+Under ``torchrun --nproc_per_node N lumbarseg-train train ...`` training runs data-parallel.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from LumbarSegmentLib.models import VARIANTS
+
+from .config import AMP_MODES, METRICS, OPTIMIZERS, SCHEDULES, TrainConfig
+
+log = logging.getLogger("lumbarseg.train")
+
+
+def _ids(s: str | None) -> list[str]:
+    return [x.strip() for x in (s or "").split(",") if x.strip()]
+
+
+def _floats(s: str) -> tuple:
+    return tuple(float(x) for x in str(s).replace("x", ",").split(",") if x)
+
+
+def _add_data_args(p: argparse.ArgumentParser, val: bool = True) -> None:
+    p.add_argument("--data", required=True, help="dataset folder of exported cases (<case>.json + image + label)")
+    p.add_argument("--cases", help="only these case ids (comma-separated); default: all")
+    p.add_argument("--exclude", help="case ids never used (e.g. a demo case), comma-separated")
+    if val:
+        p.add_argument("--val-cases", help="fixed split: these case ids validate (their patients never train)")
+
+
+def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
+    g = p.add_argument_group("model")
+    if not finetune:
+        g.add_argument("--variant", default="UVD", type=str.upper, choices=list(VARIANTS),
+                       help="model variant (default UVD); defaults for optimiser, lr, activation, filters "
+                            "come from the variant table")
+        g.add_argument("--init-filters", type=int, help="width of the first level (variant default otherwise)")
+        g.add_argument("--activation", choices=("relu", "prelu"))
+        g.add_argument("--deep-supervision", dest="deep_supervision", action="store_true", default=None)
+        g.add_argument("--no-deep-supervision", dest="deep_supervision", action="store_false")
+    g.add_argument("--schema", default=None if finetune else "starter",
+                   help="label schema name or JSON path (default starter%s)" %
+                        ("; fine-tune: the source model's" if finetune else ""))
+    g.add_argument("--name", help="package name (default <variant>-<schema>)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", choices=OPTIMIZERS)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--epochs", type=int, default=15 if finetune else 40)
+    g.add_argument("--steps-per-epoch", type=int, help="default: foreground training slices / batch size")
+    g.add_argument("--batch-size", type=int, default=8, help="per process (default 8)")
+    g.add_argument("--schedule", choices=SCHEDULES, default="cosine")
+    g.add_argument("--warmup-steps", type=int, default=50)
+    g.add_argument("--grad-clip", type=float, default=0.0)
+    g.add_argument("--patience", type=int, default=10, help="validations without improvement before stopping "
+                                                              "(0: never stop early)")
+    g.add_argument("--metric", choices=METRICS, default="mean_dice_fg", help="validation metric for best/early stop")
+    g.add_argument("--max-minutes", type=float, help="time budget: shorten the schedule to fit it")
+    g.add_argument("--budget-clock", choices=("wall", "cpu"), default="wall",
+                   help="what --max-minutes counts: elapsed time or this process's CPU time")
+    g = p.add_argument_group("data and augmentation")
+    g.add_argument("--patch", type=int, default=256)
+    g.add_argument("--spacing", type=_floats, default=(1.0, 1.0), help="model in-plane spacing in mm (e.g. 1.0 "
+                                                                       "or 0.8,0.8)")
+    g.add_argument("--fg-fraction", type=float, default=0.67, help="share of patches centred on foreground")
+    g.add_argument("--balance", choices=("structures", "cases", "slices"), default="structures")
+    g.add_argument("--no-augment", dest="augment", action="store_false")
+    g.add_argument("--intensity-aug", nargs="?", const="light", default="off", choices=("off", "light", "strong"),
+                   help="intensity augmentation (not in the seed): light = contrast/brightness/noise jitter; "
+                        "strong = + gamma, wider ranges (domain randomisation for partially labelled data sets)")
+    g.add_argument("--unannotated-bg-weight", type=float, default=0.0,
+                   help="weight of a small cross-entropy pull of unannotated classes towards background "
+                        "(tie-breaker where the marginal loss leaves them free; 0 = pure marginal)")
+    g.add_argument("--plain-ce", dest="marginal", action="store_false",
+                   help="treat unannotated structures as background (wrong for partial labels; for comparison)")
+    g.add_argument("--dice-weight", type=float, default=1.0)
+    g.add_argument("--val-every", type=int, default=1)
+    g.add_argument("--val-stride", type=int, default=1, help="validate on every n-th slice during training")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", required=True, help="run folder (checkpoints, progress.jsonl, package/, reports)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--amp", choices=AMP_MODES, default="auto", help="autocast: auto = bf16/fp16 on CUDA, off on "
+                                                                     "CPU; bf16 helps on CPUs with AVX-512 BF16")
+    g.add_argument("--threads", type=int, help="CPU threads for this process")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--resume", action="store_true", help="continue from <out>/last.pt if present")
+    g.add_argument("--fp32-weights", dest="half_weights", action="store_false",
+                   help="store the package weights in float32 (default float16)")
+    g.add_argument("--progress", dest="progress_bar", action="store_true", default=None, help="force tqdm bars")
+
+
+def _config_from_args(a, **overrides) -> TrainConfig:
+    keys = ["variant", "schema", "init_filters", "activation", "deep_supervision", "optimizer", "lr",
+            "weight_decay", "epochs", "steps_per_epoch", "batch_size", "patch", "spacing", "fg_fraction",
+            "balance", "augment", "intensity_aug", "unannotated_bg_weight", "marginal", "dice_weight", "schedule", "warmup_steps",
+            "grad_clip", "patience", "metric", "val_every", "val_stride", "device", "amp", "threads", "seed",
+            "name", "half_weights", "resume", "progress_bar", "max_minutes", "budget_clock"]
+    kw = {k: getattr(a, k) for k in keys if hasattr(a, k) and getattr(a, k) is not None}
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**kw)
+
+
+def _select(a):
+    from .data import select_cases
+
+    return select_cases(a.data, _ids(a.cases) or None, _ids(a.exclude))
+
+
+def _split(a, cases):
+    from .splits import fixed_split
+
+    if a.val_cases:
+        train, val, dropped = fixed_split(cases, _ids(a.val_cases))
+        if dropped:
+            log.warning("not training on %s: same patient as a validation case", ", ".join(dropped))
+        return train, val
+    return list(cases), []
+
+
+# --------------------------------------------------------------------------------------
+def cmd_train(a) -> int:
+    from .trainer import train
+
+    cfg = _config_from_args(a)
+    cases = _select(a)
+    tr, va = _split(a, cases)
+    r = train(cfg, tr, va, out_dir=a.out)
+    if r.package is not None:
+        print(f"package: {r.package.path}")
+        if r.val_metrics:
+            print(f"validation mean Dice (fg) {r.val_metrics['mean_dice_fg']:.4f}, "
+                  f"mean IoU (fg) {r.val_metrics['mean_iou_fg']:.4f}")
+    return 0
+
+
+def cmd_cv(a) -> int:
+    from .crossval import cross_validate
+
+    cfg = _config_from_args(a)
+    summary = cross_validate(cfg, _select(a), k=a.folds, out_dir=a.out, only_folds=_ids(a.fold) or None)
+    print(summary["markdown"])
+    return 0
+
+
+def cmd_finetune(a) -> int:
+    from .finetune import finetune
+
+    cases = _select(a)
+    tr, va = _split(a, cases)
+    r = finetune(a.source, tr, va, out_dir=a.out, schema=a.schema, args=a,
+                 registry=a.registry)
+    print(f"package: {r.package.path}" if r.package else "no package written")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from .evaluate import evaluate_cli
+
+    return evaluate_cli(a)
+
+
+def cmd_publish(a) -> int:
+    from .publish import publish_cli
+
+    return publish_cli(a)
+
+
+def cmd_export(a) -> int:
+    from .finetune import export_checkpoint
+
+    pkg = export_checkpoint(a.checkpoint, a.out, name=a.name, half=not a.fp32_weights)
+    print(f"package: {pkg.path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lumbarseg-train", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one model (fixed split with --val-cases, or no validation)")
+    _add_data_args(t)
+    _add_train_args(t)
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("cv", help="k-fold cross-validation by patient")
+    _add_data_args(c, val=False)
+    _add_train_args(c)
+    c.add_argument("--folds", type=int, default=5)
+    c.add_argument("--fold", help="run only these fold numbers (1-based, comma-separated)")
+    c.set_defaults(func=cmd_cv)
+
+    f = sub.add_parser("finetune", help="continue training a model package (a schema may add classes)")
+    f.add_argument("--from", dest="source", required=True, help="package folder or registry name[@version]")
+    f.add_argument("--registry", help="registry folder to resolve --from in (default: user, then shipped)")
+    _add_data_args(f)
+    _add_train_args(f, finetune=True)
+    f.set_defaults(func=cmd_finetune)
+
+    e = sub.add_parser("evaluate", help="per-class Dice/IoU of models on cases (tables + charts)")
+    e.add_argument("--model", required=True, help="comma-separated package folders or registry refs; "
+                                                  "'A+B' is the ensemble of A and B")
+    e.add_argument("--registry", help="registry folder for refs (default: user, then shipped)")
+    e.add_argument("--data", required=True)
+    e.add_argument("--cases", help="case ids (default: the first model's validation cases, else all)")
+    e.add_argument("--exclude")
+    e.add_argument("--out", help="write metrics.md/.csv/.json and charts here")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--amp", choices=AMP_MODES, default="off")
+    e.add_argument("--threads", type=int)
+    e.set_defaults(func=cmd_evaluate)
+
+    u = sub.add_parser("publish", help="add a package to a registry; default only if at least as good")
+    u.add_argument("package", help="package folder")
+    u.add_argument("--registry", help="registry folder (default: the user registry)")
+    u.add_argument("--data", help="dataset folder to evaluate candidate and default on the frozen val cases")
+    u.add_argument("--cases", help="frozen validation case ids (default: the candidate's validation cases)")
+    u.add_argument("--metric", choices=("mean_dice_fg", "mean_iou_fg"), default="mean_dice_fg")
+    u.add_argument("--force", action="store_true", help="make it the default even if worse")
+    u.add_argument("--no-default", action="store_true", help="never make it the default")
+    u.add_argument("--ensemble", help="set the registry's default ensemble (refs, comma-separated; "
+                                      "'@new' = the version being published)")
+    u.add_argument("--device", default="auto")
+    u.add_argument("--amp", choices=AMP_MODES, default="off")
+    u.set_defaults(func=cmd_publish)
+
+    x = sub.add_parser("export", help="checkpoint (last.pt/best.pt of a run) -> model package (safetensors)")
+    x.add_argument("checkpoint")
+    x.add_argument("--out", required=True)
+    x.add_argument("--name")
+    x.add_argument("--fp32-weights", action="store_true")
+    x.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.DEBUG if a.verbose else (logging.INFO if rank == 0 else logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(a.func(a) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; continue with the same command plus --resume", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as exc:
+        if a.verbose:
+            raise
+        print(f"lumbarseg-train {a.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Training configuration: one dataclass, defaults per variant from ``LumbarSegmentLib.models.VARIANTS``."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from LumbarSegmentLib.models import VARIANTS
+
+OPTIMIZERS = ("adam", "rmsprop", "adadelta")
+SCHEDULES = ("cosine", "poly", "constant")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+METRICS = ("mean_dice_fg", "mean_iou_fg", "mean_dice", "mean_iou")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run (stored in checkpoints and package manifests).
+
+    ``None`` means "the variant's default" for ``init_filters``, ``activation``,
+    ``deep_supervision``, ``optimizer`` and ``lr``.
+    """
+
+    variant: str = "UVD"
+    schema: str = "starter"
+    init_filters: Optional[int] = None
+    activation: Optional[str] = None
+    deep_supervision: Optional[bool] = None
+    optimizer: Optional[str] = None
+    lr: Optional[float] = None
+    weight_decay: float = 0.0
+    epochs: int = 40
+    steps_per_epoch: Optional[int] = None  # None: (foreground training slices) / batch size
+    batch_size: int = 8  # per process
+    patch: int = 256
+    spacing: tuple = (1.0, 1.0)
+    fg_fraction: float = 0.67
+    balance: str = "structures"
+    augment: bool = True
+    rotation_deg: float = 20.0
+    zoom: tuple = (0.5, 1.5)
+    flip_p: float = 0.5
+    shift: float = 0.10
+    intensity_aug: str = "off"  # "off" | "light" | "strong" (see training.augment)
+    unannotated_bg_weight: float = 0.0  # small pull of unannotated classes towards background (see losses)
+    marginal: bool = True
+    dice_weight: float = 1.0
+    ds_weights: tuple = (0.5, 0.25, 0.125)
+    schedule: str = "cosine"
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 0.0
+    patience: int = 10  # validations without improvement before stopping (0: never stop early)
+    min_delta: float = 1e-4
+    metric: str = "mean_dice_fg"
+    val_every: int = 1
+    val_stride: int = 1  # use every n-th slice for the per-epoch validation (final one uses all)
+    val_batch: int = 8
+    device: str = "auto"
+    amp: str = "auto"
+    threads: Optional[int] = None
+    seed: int = 0
+    log_every: int = 10
+    name: Optional[str] = None
+    half_weights: bool = True
+    resume: bool = False
+    max_minutes: Optional[float] = None  # time budget: shortens the schedule (only downwards) to fit
+    budget_clock: str = "wall"  # "wall" (elapsed time) or "cpu" (this process's CPU time, all its threads)
+    progress_bar: Optional[bool] = None  # None: only when stderr is a terminal
+
+    def __post_init__(self):
+        self.variant = str(self.variant).upper()
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; valid: {', '.join(VARIANTS)}")
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.budget_clock not in ("wall", "cpu"):
+            raise ValueError(f"budget_clock must be wall or cpu, got {self.budget_clock!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if self.patch < 32 or self.patch % 2:
+            raise ValueError("patch must be an even number >= 32")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch size must be >= 1")
+        self.intensity_aug = {True: "light", False: "off", None: "off"}.get(self.intensity_aug, self.intensity_aug)
+        if self.intensity_aug not in ("off", "light", "strong"):
+            raise ValueError(f"intensity_aug must be off|light|strong, got {self.intensity_aug!r}")
+        self.spacing = tuple(float(s) for s in self.spacing)
+        if len(self.spacing) == 1:
+            self.spacing = self.spacing * 2
+        self.zoom = tuple(float(z) for z in self.zoom)
+        self.ds_weights = tuple(float(w) for w in self.ds_weights)
+
+    # --- variant defaults ---------------------------------------------------------
+    @property
+    def spec(self):
+        return VARIANTS[self.variant]
+
+    @property
+    def resolved_optimizer(self) -> str:
+        return self.optimizer or self.spec.optimizer
+
+    @property
+    def resolved_lr(self) -> float:
+        return float(self.lr if self.lr is not None else self.spec.lr)
+
+    @property
+    def package_name(self) -> str:
+        return self.name or f"{self.variant.lower()}-{self.schema_name}"
+
+    @property
+    def schema_name(self) -> str:
+        from pathlib import Path
+
+        return Path(str(self.schema)).stem
+
+    def builder_kwargs(self, num_classes: int) -> dict:
+        return {"variant": self.variant, "in_channels": 1, "num_classes": num_classes,
+                "init_filters": self.init_filters, "activation": self.activation,
+                "deep_supervision": self.deep_supervision}
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        d["resolved"] = {"optimizer": self.resolved_optimizer, "lr": self.resolved_lr}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
+
+    def replace(self, **kw) -> "TrainConfig":
+        return dataclasses.replace(self, **kw)
+
+
+__all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "AMP_MODES", "METRICS"]
