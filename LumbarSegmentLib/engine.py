@@ -11,6 +11,10 @@ bounded whatever the volume size):
 4. argmax → schema values, optional confidence (max probability), back to the
    stored array order with ``layout.from_canonical``.
 
+Before the first batch each loaded model is turned into an equivalent, cheaper inference
+graph (:func:`inference_graph`): BatchNorm folded into the preceding convolution and PReLU
+evaluated as ``max(x, a*x)`` (see docs/benchmarks.md for what that buys on a CPU).
+
 Devices: ``auto`` picks CUDA, then MPS, then CPU. On CUDA the model runs in
 channels_last with fp16/bf16 autocast; a CUDA out-of-memory error halves the
 batch and, at batch 1, moves the run to the CPU (reported in ``warnings``).
@@ -21,7 +25,9 @@ before each; cancelling raises :class:`Cancelled` and the engine writes nothing
 from __future__ import annotations
 
 import math
+import os
 import platform
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +40,15 @@ from .packages import ModelPackage, PackageError
 from .preprocess import model_slices
 from .schema import LabelSchema, SchemaError
 from .volume import Volume
+
+# OpenMP threads that busy-wait between operations (libgomp's default) are badly hurt when other
+# processes share the cores (a clinical VM, a CI runner, a training job next door): each
+# operation then waits for a preempted sibling thread. Sleeping instead cost nothing measurable
+# here and made a 15-slice CPU run 2.6x faster on 2 busy cores (docs/benchmarks.md). libgomp
+# reads the policy once, when torch is first imported, so it can only be chosen here when this
+# module is imported before torch (the CLI does so); a policy set by the user is kept.
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 MODES = ("fast", "tta", "ensemble")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -160,6 +175,72 @@ def gaussian_weight(h: int, w: int, sigma_frac: float = 0.125):
     return (wmap / wmap.max()).clamp_min(1e-3)
 
 
+_PRELU_AS_MAX = None
+
+
+def _prelu_as_max_class():
+    """``nn.Module`` computing PReLU as ``max(x, a*x)``: the same values when every slope ``a`` is in [0, 1].
+
+    PyTorch's own bf16 PReLU kernel on the CPU is several times slower than a multiply and a
+    maximum (it dominated the non-convolution time of the VGG-encoder models); in float32 the
+    native kernel is kept.
+    """
+    global _PRELU_AS_MAX
+    if _PRELU_AS_MAX is None:
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+
+        class PReLUAsMax(nn.Module):
+            def __init__(self, prelu):
+                super().__init__()
+                self.weight = nn.Parameter(prelu.weight.detach().clone(), requires_grad=False)
+
+            def forward(self, x):
+                if x.dtype == torch.float32 or x.dim() < 2:
+                    return F.prelu(x, self.weight)
+                a = self.weight.to(x.dtype).view((1, -1) + (1,) * (x.dim() - 2))
+                y = x * a
+                return torch.maximum(x, y, out=y) if not y.requires_grad else torch.maximum(x, y)
+
+        _PRELU_AS_MAX = PReLUAsMax
+    return _PRELU_AS_MAX
+
+
+def inference_graph(model):
+    """Rewrite an eval-mode model in place into an equivalent one that is cheaper to run.
+
+    * ``Conv2d`` immediately followed by ``BatchNorm2d`` inside a plain ``nn.Sequential`` (the
+      ``ConvBNAct`` blocks): the BN's running statistics and affine parameters are folded into
+      the convolution's weights and bias, and the BN becomes ``Identity`` (exact up to float
+      rounding: the output changes by ~1e-5 relative);
+    * ``PReLU`` whose slopes all lie in [0, 1]: computed as ``max(x, a*x)`` outside float32.
+
+    A model in training mode is returned unchanged. Returns ``model``.
+    """
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if model.training:
+        return model
+    for parent in list(model.modules()):
+        names = list(parent._modules)
+        if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
+            for a, b in zip(names, names[1:]):
+                conv, bn = parent._modules[a], parent._modules[b]
+                if (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.track_running_stats
+                        and bn.running_mean is not None and conv.out_channels == bn.num_features):
+                    parent._modules[a] = fuse_conv_bn_eval(conv, bn)
+                    parent._modules[b] = nn.Identity()
+        for name in names:
+            child = parent._modules[name]
+            if type(child) is nn.PReLU:
+                w = child.weight.detach()
+                if bool(((w >= 0) & (w <= 1)).all()):
+                    parent._modules[name] = _prelu_as_max_class()(child)
+    return model
+
+
 class _Runner:
     """One model on one device, with the batching / OOM policy."""
 
@@ -170,7 +251,7 @@ class _Runner:
         self.options = options
         self.warnings = warnings
         self.device = device
-        self.model = package.load_model("cpu")
+        self.model = inference_graph(package.load_model("cpu"))
         self.batch = options.batch_size or (32 if device.type == "cuda" else 8)
         self.group = self.batch  # windows per progress step; fixed, while ``batch`` may shrink on OOM
         self._place(device)
@@ -264,8 +345,12 @@ def _predict_chunk(runner: _Runner, stack, flips: Sequence[bool], options: Segme
             tick()
         probs = probs / len(flips)
         for (s, y, x0), p in zip(group, probs):
-            acc[s, :, y:y + th, x0:x0 + tw] += p * weight
-    acc /= wsum
+            if single:  # weight and wsum are all ones: p * 1 / 1 == p
+                acc[s] = p
+            else:
+                acc[s, :, y:y + th, x0:x0 + tw] += p * weight
+    if not single:
+        acc /= wsum
     return acc[:, :, :H, :W]
 
 
@@ -350,14 +435,15 @@ def segment_volume(volume: Volume, packages: Sequence[ModelPackage], options: Se
         if progress:
             progress(done[0], total)
 
-    out_values = torch.tensor([c.value for c in schema.classes], dtype=torch.uint8)
+    lut = np.array([c.value for c in schema.classes], dtype=np.uint8)  # channel -> label value
     labels_c = np.zeros((n_slices,) + plane_in, dtype=np.uint8)
     conf_c = np.zeros((n_slices,) + plane_in, dtype=np.float32) if options.confidence else None
     entropy_sum, fg_voxels = 0.0, 0
+    counts = np.zeros(256, dtype=np.int64)
     t_inf = time.perf_counter()
     for c0 in range(0, n_slices, options.chunk_slices):
         c1 = min(n_slices, c0 + options.chunk_slices)
-        mean = torch.zeros((c1 - c0, schema.num_classes) + plane_in)
+        mean = None
         for r in runners:
             if is_cancelled():
                 raise Cancelled("segmentation cancelled")
@@ -372,14 +458,22 @@ def segment_volume(volume: Volume, packages: Sequence[ModelPackage], options: Se
             probs = _predict_chunk(r, stack, flips, options, tick_checked)
             probs = resize_planes(probs, plane_in, mode="bilinear")
             order = [r.package.schema.channel_of()[cid] for cid in schema.ids]  # match channels by id
-            mean += probs[:, order]
-        mean /= len(runners)
+            if order != list(range(len(order))):
+                probs = probs[:, order]
+            mean = probs if mean is None else mean.add_(probs)  # (probs is a fresh tensor: safe to reuse)
+        if len(runners) > 1:
+            mean /= len(runners)
         pmax, arg = mean.max(dim=1)
-        labels_c[c0:c1] = out_values[arg].numpy()
-        ent = -(mean.clamp_min(1e-8) * mean.clamp_min(1e-8).log()).sum(dim=1)
-        fg = arg != 0
-        entropy_sum += float(ent[fg].sum())
-        fg_voxels += int(fg.sum())
+        chunk_labels = lut[arg.numpy()]
+        labels_c[c0:c1] = chunk_labels
+        counts += np.bincount(chunk_labels.ravel(), minlength=256)  # per chunk: bounded memory
+        fg = torch.from_numpy(chunk_labels != 0)  # background by value, wherever its channel is
+        n_fg = int(fg.sum())
+        if n_fg:  # mean entropy over the foreground voxels (masked sum: no boolean gather)
+            p_safe = mean.clamp_min_(1e-8)  # ``mean`` is not used after this
+            ent = (p_safe * p_safe.log()).sum(dim=1).neg_()
+            entropy_sum += float(ent.mul_(fg).sum())
+        fg_voxels += n_fg
         if conf_c is not None:
             conf_c[c0:c1] = pmax.numpy()
     timings["inference"] = time.perf_counter() - t_inf
@@ -391,7 +485,6 @@ def segment_volume(volume: Volume, packages: Sequence[ModelPackage], options: Se
     timings["postprocess"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
-    counts = np.bincount(labels.array.ravel(), minlength=256)
     report = {
         "labels": {str(c.value): c.id for c in schema.classes},
         "schema": schema.name,

@@ -343,9 +343,6 @@ except (MemoryError, RuntimeError) as exc:  # an allocation beyond the budget
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "engine.segment_volume ends with np.bincount(labels.array.ravel(), minlength=256), which first copies "
-    "the whole label map to int64 (8 bytes per voxel, 600 MiB here): count per chunk on labels_c instead."))
 def test_huge_volume_is_segmented_in_bounded_memory(pkg):
     """300 sagittal slices of 512 x 512 (78.6 M voxels) in a fresh process whose memory is capped
     (RLIMIT_DATA) at what the class probabilities of every voxel would take alone (900 MiB): chunked
