@@ -139,7 +139,7 @@ def _segment_one(src: Path, label_out: Path, args, packages, report_out=None, se
 
             tmp_png = stack.enter_context(atomic_path(preview_out))
             render_preview(volume, result.labels, result.schema, tmp_png, allow_reslice=args.reslice,
-                           title=f"{src.name} — {', '.join(m['ref'] for m in report['models'])} ({args.mode})")
+                           title=f"{src.name} - {', '.join(m['ref'] for m in report['models'])} ({args.mode})")
             pending.append(preview_out)
         if conf_out:
             tmp_conf = stack.enter_context(atomic_path(conf_out))
@@ -160,7 +160,13 @@ def cmd_segment(args) -> int:
     if args.mode == "fast" and len(packages) > 1:
         raise ValueError("several models were given: use --mode ensemble")
     out = Path(args.output)
+    for extra in (args.report, args.seg_nrrd, args.preview, args.confidence):
+        folder = Path(extra).parent if extra else None
+        if folder is not None and not folder.is_dir() and len(inputs) == 1:
+            raise ValueError(f"output folder {folder} does not exist (for {extra}); create it first")
     if len(inputs) == 1 and not out.is_dir():
+        if not out.parent.is_dir():
+            raise ValueError(f"output folder {out.parent} does not exist; create it first")
         if not volume_suffix(out):
             raise ValueError(f"output {out}: use a .nii.gz, .nrrd or .mha file name (or an existing folder)")
         rep = _segment_one(inputs[0], out, args, packages, args.report, args.seg_nrrd, args.preview, args.confidence)
