@@ -592,11 +592,6 @@ def test_schema_check_names_structures_the_model_lacks():
         check_compatible(load_schema("starter"), ["vertebral_body", "spinal_cavity"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "training.finetune.finetune (and training.data.schema_labels) silently map structures the model's schema "
-    "lacks to background (log.info only), so annotators' work on them is dropped. It should call "
-    "LumbarSegmentLib.schema.check_compatible(target_schema, <annotated structures of all cases>) before "
-    "training when no --schema was given, and refuse with its message."))
 def test_finetune_refuses_a_dataset_with_structures_the_model_cannot_learn(tmp_path):
     from training.finetune import finetune
 

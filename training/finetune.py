@@ -72,6 +72,11 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
     pkg = source if isinstance(source, ModelPackage) else resolve_model(
         str(source), [Registry(registry, read_only=True)] if registry else None)
     target = schema if isinstance(schema, LabelSchema) else (load_schema(schema) if schema else pkg.schema)
+    # Structures the annotators labelled but the target schema lacks would silently become
+    # background: refuse, naming them (a schema with more classes keeps the body, new heads).
+    from LumbarSegmentLib.schema import check_compatible
+
+    check_compatible(target, sorted({s for c in [*train_cases, *val_cases] for s in c.annotated_structures}))
     model, target, info = prepare_finetune_model(pkg, target)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
