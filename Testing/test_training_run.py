@@ -156,6 +156,15 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
 
 
+def test_time_budget_shortens_the_schedule(tmp_path):
+    cfg = TrainConfig(**{**TINY, "epochs": 5, "max_minutes": 1e-6})
+    r = train(cfg, [], [], out_dir=tmp_path, train_data=synth_slices(), val_data=synth_slices(2, seed=1),
+              write_pkg=False)
+    assert r.epochs_run == 1 and len(r.history) == 1
+    ck = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert ck["planned_epochs"] == 1 and ck["train_cpu_s"] > 0
+
+
 def test_progress_log_is_json_lines_with_the_documented_events(tmp_path):
     cfg = TrainConfig(**{**TINY, "epochs": 2})
     train(cfg, [], [], out_dir=tmp_path, train_data=synth_slices(), val_data=synth_slices(2, seed=1))

@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps-per-epoch", type=int, default=20)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ft-lr", type=float, default=5e-4)
+    p.add_argument("--intensity-aug", default="off", choices=("off", "light", "strong"))
+    p.add_argument("--unannotated-bg-weight", type=float, default=0.0)
     p.add_argument("--amp", default="off")
     p.add_argument("--threads", type=int)
     p.add_argument("--seed", type=int, default=0)
@@ -105,7 +107,8 @@ def main(argv=None) -> int:
     dataset = work / "dataset"
     base = TrainConfig(variant=a.variant, init_filters=a.init_filters, spacing=(a.spacing, a.spacing), patch=a.patch,
                        batch_size=a.batch_size, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch, lr=a.lr,
-                       amp=a.amp, seed=a.seed, patience=0, progress_bar=False, val_stride=1, warmup_steps=20)
+                       amp=a.amp, seed=a.seed, patience=0, progress_bar=False, val_stride=1, warmup_steps=20,
+                       intensity_aug=a.intensity_aug, unannotated_bg_weight=a.unannotated_bg_weight)
     schema = as_schema(base.schema)
     val_cases = select_cases(a.data, ids(a.val))
 

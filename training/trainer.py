@@ -383,6 +383,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
         val_time = 0.0
         stopped_early = False
         epoch = start_epoch - 1
+        epochs_done = start_epoch
         clock = time.process_time if cfg.budget_clock == "cpu" else time.time
         t_loop, t_loop_cpu, t_loop_wall = clock(), time.process_time(), time.time()
         epoch_times: list[float] = []
@@ -509,6 +510,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
                                                       if v["dice"][k] == v["dice"][k])
                             + f" mean_fg={v['mean_dice_fg']:.4f} (best {best['metric']:.4f} @ {best['epoch']})")
                 log.info(msg)
+            epochs_done = epoch + 1
             if dist_info.enabled:
                 torch.distributed.barrier()
             for cb in callbacks:
@@ -522,7 +524,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
                              train_time_s=wall_before + (time.time() - t_loop_wall),
                              train_cpu_s=cpu_before + (time.process_time() - t_loop_cpu),
                              best_epoch=best["epoch"], best_metric=best["metric"] if best["epoch"] else None,
-                             epochs_run=epoch + 1, stopped_early=stopped_early)
+                             epochs_run=epochs_done, stopped_early=stopped_early)
         if dist_info.is_main:
             if best["state"] is not None:
                 model.load_state_dict(best["state"])
