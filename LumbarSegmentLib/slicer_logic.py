@@ -550,10 +550,15 @@ def train_command(python: str, dataset: Path, output: Path, extra: Sequence[str]
     return [python, "-m", "training.cli", *head, "--data", str(dataset), "--out", str(output), *extra]
 
 
-def publish_command(python: str, package: Path) -> list[str]:
+def publish_command(python: str, package: Path, dataset: Path | None = None,
+                    cases: Sequence[str] = ()) -> list[str]:
     """``lumbarseg-train publish PACKAGE``: into the user's registry; it becomes the default only
     when it is shown to be at least as good (the training package's rule, see training/publish.py)."""
-    return [python, "-m", "training.cli", "publish", str(package)]
+    # With the dataset, publishing can evaluate the new model and the current default on the same
+    # cases when their recorded validation metrics are not comparable.
+    # A run without validation cases (a small export folder) compares on the exported cases.
+    return [python, "-m", "training.cli", "publish", str(package), *(["--data", str(dataset)] if dataset else []),
+            *(["--cases", ",".join(cases)] if dataset and cases else [])]
 
 
 class RetrainController:
@@ -601,6 +606,7 @@ class RetrainController:
         output = Path(output_folder)
         output.mkdir(parents=True, exist_ok=True)
         self.output = output
+        self.dataset, self.case_ids = dataset, [c.case_id for c in cases]
         self.records, self.latest, self._error, self.published = [], {}, "", None
         self._phase = "train"
         log = output / self.log_name
@@ -634,7 +640,8 @@ class RetrainController:
         if rc == 0 and last.get("event") != "error":
             summary = "training finished" + (": " + format_metrics(last) if last else "")
             if self.auto_publish and self.package_path is not None:
-                argv = self.publish_command(self.python, self.package_path)
+                argv = self.publish_command(self.python, self.package_path, getattr(self, "dataset", None),
+                                            getattr(self, "case_ids", ()))
                 try:
                     self._process = BackgroundProcess(argv, runner=self.runner, env=self.env if self.env is not None
                                                       else child_environment())

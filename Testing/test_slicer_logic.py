@@ -330,7 +330,7 @@ def test_retrain_follows_the_progress_log_and_publishes(fake_trainer, dataset, t
 
 def test_retrain_publishing_failure_keeps_the_run_done(fake_trainer, dataset, tmp_path):
     ctl = sl.RetrainController(command=trainer_command(fake_trainer, "ok", tmp_path / "no-such-package"),
-                               publish=lambda python, pkg: [sys.executable, "-c",
+                               publish=lambda python, pkg, *data: [sys.executable, "-c",
                                                             "import sys; sys.exit('lumbarseg-train: error: no package')"])
     ctl.start(dataset, tmp_path / "run")
     assert wait_for(lambda: ctl.poll().finished, timeout=60)
