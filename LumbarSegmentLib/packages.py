@@ -54,6 +54,12 @@ class PackageError(ValueError):
     """A model package or registry is missing, malformed, tampered with or unsafe."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -276,6 +282,7 @@ class Registry:
             json.dump(data, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, self.index_path)
 
     # --- queries -----------------------------------------------------------------
@@ -329,6 +336,7 @@ class Registry:
         self._remove_abandoned_publishes()
         tmp = Path(tempfile.mkdtemp(prefix=f".publish+{os.getpid()}+{socket.gethostname()}+{package.name}+",
                                     dir=self.root))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: a shared registry must stay readable
         try:
             shutil.copy2(package.path / package.manifest["weights"]["file"], tmp / WEIGHTS_FILE)
             manifest = json.loads(json.dumps(package.manifest))
