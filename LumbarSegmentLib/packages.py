@@ -40,6 +40,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .io import _umask  # one helper for "the permissions a new file would get"
 from .schema import LabelSchema
 
 MODEL_FORMAT = "lumbarsegment.model"
@@ -52,12 +53,6 @@ SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "Resources" / "Models"
 
 class PackageError(ValueError):
     """A model package or registry is missing, malformed, tampered with or unsafe."""
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
