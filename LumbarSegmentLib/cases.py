@@ -22,7 +22,7 @@ and ``<stem>.json`` holds (format version 1)::
 **Partial labels.** ``annotated_structures`` lists the structures the label map
 is complete for. Voxels of any other structure are *unknown*, not background:
 training must not learn "not annotated" as "background" (see
-``training.losses``). Background is known wherever the case annotates at least
+``LumbarSegmentLib.training.losses``). Background is known wherever the case annotates at least
 one structure and no annotated structure is present.
 
 The public cases in ``shared/data/lumbar-mr`` use exactly this shape (they carry

@@ -1,6 +1,6 @@
 """What a model sees: canonical sagittal slices, normalised, at the model's in-plane spacing.
 
-Inference (``engine``) and training (``training.data``) both call these functions,
+Inference (``engine``) and training (``LumbarSegmentLib.training.data``) both call these functions,
 so a model is always fed exactly the way it was trained.
 """
 from __future__ import annotations

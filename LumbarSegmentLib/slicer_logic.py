@@ -543,11 +543,11 @@ def train_command(python: str, dataset: Path, output: Path, extra: Sequence[str]
                   base_model: str | None = None) -> list[str]:
     """``lumbarseg-train finetune --from MODEL`` (or ``train`` from scratch) ``--data DATASET --out OUTPUT``.
 
-    Run with the same interpreter as ``python -m training.cli``. ``--resume`` lets a
+    Run with the same interpreter as ``python -m LumbarSegmentLib.training.cli``. ``--resume`` lets a
     stopped run continue from its last checkpoint in the same output folder.
     """
     head = ["finetune", "--from", base_model] if base_model else ["train"]
-    return [python, "-m", "training.cli", *head, "--data", str(dataset), "--out", str(output), *extra]
+    return [python, "-m", "LumbarSegmentLib.training.cli", *head, "--data", str(dataset), "--out", str(output), *extra]
 
 
 def publish_command(python: str, package: Path, dataset: Path | None = None,
@@ -557,7 +557,7 @@ def publish_command(python: str, package: Path, dataset: Path | None = None,
     # With the dataset, publishing can evaluate the new model and the current default on the same
     # cases when their recorded validation metrics are not comparable.
     # A run without validation cases (a small export folder) compares on the exported cases.
-    return [python, "-m", "training.cli", "publish", str(package), *(["--data", str(dataset)] if dataset else []),
+    return [python, "-m", "LumbarSegmentLib.training.cli", "publish", str(package), *(["--data", str(dataset)] if dataset else []),
             *(["--cases", ",".join(cases)] if dataset and cases else [])]
 
 

@@ -570,7 +570,7 @@ def _training_dataset(folder: Path, structure="vertebral_body", n=2) -> list:
 
 
 def _tiny_config(**kw):
-    from training.config import TrainConfig
+    from LumbarSegmentLib.training.config import TrainConfig
 
     base = dict(variant="UD", init_filters=2, epochs=1, steps_per_epoch=1, batch_size=2, patch=32, augment=False,
                 device="cpu", amp="off", threads=2, warmup_steps=0, progress_bar=False, half_weights=False)
@@ -578,8 +578,8 @@ def _tiny_config(**kw):
 
 
 def test_training_refuses_a_dataset_that_annotates_none_of_the_schema(tmp_path):
-    pytest.importorskip("training.trainer")
-    from training.trainer import train
+    pytest.importorskip("LumbarSegmentLib.training.trainer")
+    from LumbarSegmentLib.training.trainer import train
 
     cases = _training_dataset(tmp_path / "ds", structure="spinal_cavity")
     with pytest.raises(ValueError, match=r"annotates none of the classes of schema 'starter'.*spinal_cavity"):
@@ -593,7 +593,7 @@ def test_schema_check_names_structures_the_model_lacks():
 
 
 def test_finetune_refuses_a_dataset_with_structures_the_model_cannot_learn(tmp_path):
-    from training.finetune import finetune
+    from LumbarSegmentLib.training.finetune import finetune
 
     ds = tmp_path / "ds"
     _training_dataset(ds)  # vertebral_body: in the model's schema ...
@@ -612,7 +612,7 @@ def test_finetune_refuses_a_dataset_with_structures_the_model_cannot_learn(tmp_p
 KILL_TRAINING = r'''
 import os, sys
 from LumbarSegmentLib.cases import list_cases
-from training.trainer import train
+from LumbarSegmentLib.training.trainer import train
 from test_reliability import _tiny_config
 
 def killed_after_epoch_2(rec):
@@ -624,8 +624,8 @@ train(_tiny_config(epochs=3), list_cases(sys.argv[1]), [], out_dir=sys.argv[2], 
 
 
 def test_training_killed_mid_run_resumes_where_it_stopped(tmp_path):
-    pytest.importorskip("training.trainer")
-    from training.trainer import train
+    pytest.importorskip("LumbarSegmentLib.training.trainer")
+    from LumbarSegmentLib.training.trainer import train
 
     cases = _training_dataset(tmp_path / "ds")
     run = tmp_path / "run"

@@ -364,7 +364,7 @@ def test_retrain_refuses_a_folder_without_cases(tmp_path):
 
 def test_train_command():
     assert sl.train_command("py", Path("d"), Path("o"), ["--epochs", "3"]) == \
-        ["py", "-m", "training.cli", "train", "--data", "d", "--out", "o", "--epochs", "3"]
+        ["py", "-m", "LumbarSegmentLib.training.cli", "train", "--data", "d", "--out", "o", "--epochs", "3"]
     assert sl.train_command("py", Path("d"), Path("o"), base_model="uvd-starter@1")[3:6] == \
         ["finetune", "--from", "uvd-starter@1"]
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from LumbarSegmentLib.cases import Case
-from training import augment as aug
-from training.data import PatchSampler, CaseSlices, annotated_mask, epoch_generator
-from training.losses import (deep_supervision_loss, marginal_cross_entropy, partial_label_loss,
+from LumbarSegmentLib.training import augment as aug
+from LumbarSegmentLib.training.data import PatchSampler, CaseSlices, annotated_mask, epoch_generator
+from LumbarSegmentLib.training.losses import (deep_supervision_loss, marginal_cross_entropy, partial_label_loss,
                              soft_dice_loss)
-from training.metrics import MetricAccumulator, confusion_matrix, iou_dice_from_cm
-from training.splits import SplitError, fixed_split, kfold_by_patient
-from training.trainer import lr_factor
+from LumbarSegmentLib.training.metrics import MetricAccumulator, confusion_matrix, iou_dice_from_cm
+from LumbarSegmentLib.training.splits import SplitError, fixed_split, kfold_by_patient
+from LumbarSegmentLib.training.trainer import lr_factor
 
 torch.set_num_threads(1)  # tiny tensors; avoids oversubscribing a shared machine
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lumbar-mr"

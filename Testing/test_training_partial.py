@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from LumbarSegmentLib.models import build_model
-from training.losses import partial_label_loss
+from LumbarSegmentLib.training.losses import partial_label_loss
 
 torch.set_num_threads(1)  # tiny tensors; avoids oversubscribing a shared machine
 

@@ -21,13 +21,13 @@ from LumbarSegmentLib.models import build_model
 from LumbarSegmentLib.packages import Registry, read_package, write_package
 from LumbarSegmentLib.schema import LabelSchema, load_schema
 from LumbarSegmentLib.volume import Volume
-from training.config import TrainConfig
-from training.data import CaseSlices, annotated_mask, load_case_slices
-from training.finetune import finetune, prepare_finetune_model
-from training.losses import deep_supervision_loss
-from training.metrics import MetricAccumulator
-from training.publish import publish_if_better
-from training.trainer import train
+from LumbarSegmentLib.training.config import TrainConfig
+from LumbarSegmentLib.training.data import CaseSlices, annotated_mask, load_case_slices
+from LumbarSegmentLib.training.finetune import finetune, prepare_finetune_model
+from LumbarSegmentLib.training.losses import deep_supervision_loss
+from LumbarSegmentLib.training.metrics import MetricAccumulator
+from LumbarSegmentLib.training.publish import publish_if_better
+from LumbarSegmentLib.training.trainer import train
 
 torch.set_num_threads(1)  # tiny tensors; avoids oversubscribing a shared machine
 REPO = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def test_two_process_gloo_ddp_run_completes(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "training.cli", "train", "--data", str(data),
+           "--master_port", str(_free_port()), "-m", "LumbarSegmentLib.training.cli", "train", "--data", str(data),
            "--val-cases", ids[-1], "--variant", "UD", "--init-filters", "4", "--epochs", "2",
            "--steps-per-epoch", "2", "--batch-size", "2", "--patch", "32", "--threads", "1", "--out", str(out)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -281,7 +281,7 @@ def test_publish_only_if_at_least_as_good(tmp_path):
 
 
 def test_cli_train_evaluate_publish_export_cv(tmp_path, capsys):
-    from training.cli import main
+    from LumbarSegmentLib.training.cli import main
 
     data = tmp_path / "data"
     ids = write_synthetic_dataset(data, n_cases=4)

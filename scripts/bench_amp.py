@@ -23,10 +23,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from LumbarSegmentLib.models import build_model  # noqa: E402
-from training import augment as aug  # noqa: E402
-from training.data import PatchSampler, epoch_generator, load_dataset, select_cases  # noqa: E402
-from training.inference import autocast_context  # noqa: E402
-from training.losses import deep_supervision_loss  # noqa: E402
+from LumbarSegmentLib.training import augment as aug  # noqa: E402
+from LumbarSegmentLib.training.data import PatchSampler, epoch_generator, load_dataset, select_cases  # noqa: E402
+from LumbarSegmentLib.training.inference import autocast_context  # noqa: E402
+from LumbarSegmentLib.training.losses import deep_supervision_loss  # noqa: E402
 
 
 def run(variant, filters, data, steps, batch, patch, amp, lr, seed=0):

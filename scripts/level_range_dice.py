@@ -24,8 +24,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from LumbarSegmentLib.packages import Registry, resolve_model  # noqa: E402
-from training.data import load_dataset, select_cases  # noqa: E402
-from training.inference import predict_labels  # noqa: E402
+from LumbarSegmentLib.training.data import load_dataset, select_cases  # noqa: E402
+from LumbarSegmentLib.training.inference import predict_labels  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -38,13 +38,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from LumbarSegmentLib.cases import list_cases, write_case  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
-from training.data import annotated_mask, as_schema, schema_labels, select_cases  # noqa: E402
-from training.finetune import finetune  # noqa: E402
-from training.inference import predict_volume  # noqa: E402
-from training.metrics import MetricAccumulator  # noqa: E402
-from training.report import markdown_table  # noqa: E402
-from training.trainer import train  # noqa: E402
+from LumbarSegmentLib.training.config import TrainConfig  # noqa: E402
+from LumbarSegmentLib.training.data import annotated_mask, as_schema, schema_labels, select_cases  # noqa: E402
+from LumbarSegmentLib.training.finetune import finetune  # noqa: E402
+from LumbarSegmentLib.training.inference import predict_volume  # noqa: E402
+from LumbarSegmentLib.training.metrics import MetricAccumulator  # noqa: E402
+from LumbarSegmentLib.training.report import markdown_table  # noqa: E402
+from LumbarSegmentLib.training.trainer import train  # noqa: E402
 
 log = logging.getLogger("annotation_loop")
 

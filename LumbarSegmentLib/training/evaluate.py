@@ -3,7 +3,7 @@
 Predictions are made exactly as at inference (``preprocess.model_slices`` at the
 model's spacing, softmax, resampled back to the case's own grid, arg-max) and
 compared with the case's label map mapped onto the model's schema by class id.
-Partial labels are scored as in ``training.metrics``.
+Partial labels are scored as in ``LumbarSegmentLib.training.metrics``.
 
     lumbarseg-train evaluate --model uvd-starter,umd-starter,uvd-starter+umd-starter \\
         --registry Resources/Models --data DATA --cases IVD_25,VB1_08,VB2_05,VB3_04 --out reports/val

@@ -5,14 +5,14 @@ inference engine uses (``preprocess.model_slices`` / ``preprocess.label_slices``
 so training and inference preprocessing cannot drift apart. The slices are kept in
 memory (float32 image, uint8 label) together with the case's *annotated* mask: a
 bool vector over the schema's classes saying which structures the case's label
-map is complete for (background is always marked; see ``training.losses``).
+map is complete for (background is always marked; see ``LumbarSegmentLib.training.losses``).
 
 Patches are drawn by :class:`PatchSampler`: a case is picked (by default so that
 every group of cases with the same annotated structures gets the same share of
 patches, so three disc cases are not drowned by ten vertebra cases), then a slice
 and a centre - with probability ``fg_fraction`` on a random foreground pixel, else
 anywhere. The sampler returns a *context crop* twice the patch size around that
-centre; :mod:`training.augment` cuts the final patch out of it with one batched
+centre; :mod:`LumbarSegmentLib.training.augment` cuts the final patch out of it with one batched
 ``affine_grid``/``grid_sample`` on the training device, so rotation and zoom-out
 see real image content instead of zero padding.
 """

@@ -16,7 +16,7 @@ The marginal loss leaves the split between background and an unannotated class
 free. When the data sets are easy to tell apart (each annotates one structure), a
 model may then paint the unannotated class over whole regions of "the other" data
 set's images. ``unannotated_bg_weight`` (default 0) adds a weak preference for
-background there; strong intensity augmentation (``training.augment``) attacks the
+background there; strong intensity augmentation (``LumbarSegmentLib.training.augment``) attacks the
 same problem by making the data sets harder to tell apart.
 
 The soft Dice term is computed per foreground class over the samples of the batch

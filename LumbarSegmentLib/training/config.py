@@ -41,7 +41,7 @@ class TrainConfig:
     zoom: tuple = (0.5, 1.5)
     flip_p: float = 0.5
     shift: float = 0.10
-    intensity_aug: str = "off"  # "off" | "light" | "strong" (see training.augment)
+    intensity_aug: str = "off"  # "off" | "light" | "strong" (see LumbarSegmentLib.training.augment)
     unannotated_bg_weight: float = 0.0  # small pull of unannotated classes towards background (see losses)
     marginal: bool = True
     dice_weight: float = 1.0

@@ -3,13 +3,13 @@
 ``train(config, train_cases, val_cases, out_dir)`` is the Python API behind
 ``lumbarseg-train train``. One call:
 
-1. caches the cases' model-plane slices in memory (``training.data``);
+1. caches the cases' model-plane slices in memory (``LumbarSegmentLib.training.data``);
 2. builds the variant (or takes ``init_model``, e.g. a fine-tuning start) with the
    variant's optimiser / learning rate unless overridden, a warm-up + cosine (or
    poly) schedule stepped per iteration;
 3. per epoch draws ``steps_per_epoch`` batches of foreground-aware patches,
-   augments them on the device (``training.augment``), optimises the marginal
-   CE + soft Dice loss (``training.losses``), optionally under autocast;
+   augments them on the device (``LumbarSegmentLib.training.augment``), optimises the marginal
+   CE + soft Dice loss (``LumbarSegmentLib.training.losses``), optionally under autocast;
 4. validates on whole slices, keeps the best weights by ``config.metric``, stops
    early after ``patience`` validations without improvement;
 5. writes ``last.pt`` (model, optimiser, scheduler, scaler, RNG states, epoch,
@@ -230,7 +230,7 @@ def _mean_across(value: float, dist_info: DistInfo, device) -> float:
 # --------------------------------------------------------------------------------------
 def validate(model, data: Sequence[CaseSlices], class_ids: Sequence[str], *, stride: int = 1, batch: int = 8,
              device="cpu", amp: str = "off") -> tuple[dict, dict]:
-    """Whole-slice validation: ``(aggregate metrics, per-case metrics)`` (see ``training.metrics``)."""
+    """Whole-slice validation: ``(aggregate metrics, per-case metrics)`` (see ``LumbarSegmentLib.training.metrics``)."""
     acc = validate_accumulate(model, data, class_ids, stride=stride, batch=batch, device=device, amp=amp)
     return acc.compute(), acc.per_case()
 
