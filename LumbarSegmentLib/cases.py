@@ -44,7 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_path, read_volume, write_volume
+from .files import atomic_path, pid_alive
+from .io import read_volume, write_volume
 from .volume import Volume, VolumeError
 
 CASE_FORMAT = "lumbarsegment.case"
@@ -202,28 +203,13 @@ def _claim_version(folder: Path, case_id: str):
 _VOLUME_PARTS = ("_image.mha", "_label.mha")
 
 
-def _pid_alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill would terminate the process there: never judge
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError, ValueError, IndexError):  # a zombie has finished
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rindex(")") + 2] != "Z"
-    return True
-
-
 def _reclaim_if_stale(folder: Path, stem: str, lock: Path) -> bool:
     """Remove what a killed export of ``stem`` left behind; True when the claim was stale (retry ``stem``)."""
     try:
         owner = lock.read_text().split()
     except OSError:
         return False
-    if len(owner) < 2 or not owner[0].isdigit() or owner[1] != socket.gethostname() or _pid_alive(int(owner[0])):
+    if len(owner) < 2 or not owner[0].isdigit() or owner[1] != socket.gethostname() or pid_alive(int(owner[0])):
         return False  # alive, on another host, or not yet written: not ours to judge
     token = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
     try:

@@ -33,8 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import VolumeReadError
-from .volume import Volume, VolumeError
+from .volume import Volume, VolumeError, VolumeReadError
 
 # A step between neighbouring slices more than this fraction off the median step is a gap.
 GAP_TOLERANCE = 0.10

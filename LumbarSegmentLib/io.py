@@ -6,20 +6,17 @@ so a crash or a full disk never leaves a half-written label map behind.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .volume import Volume, VolumeError
+from .files import atomic_path
+from .volume import Volume, VolumeError, VolumeReadError
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-
-class VolumeReadError(VolumeError):
-    """A file or folder could not be read as a volume."""
+__all__ = ["VOLUME_SUFFIXES", "VolumeReadError", "atomic_path", "read_volume", "write_volume", "volume_suffix",
+           "to_sitk"]
 
 
 def volume_suffix(path: str | os.PathLike) -> str:
@@ -144,33 +141,6 @@ def to_sitk(volume: Volume, array: np.ndarray | None = None):
     image.SetOrigin(volume.origin)
     image.SetDirection(tuple(np.asarray(volume.direction).ravel()))
     return image
-
-
-@contextlib.contextmanager
-def atomic_path(target: str | os.PathLike):
-    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds."""
-    target = Path(target)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise OSError(f"output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise PermissionError(f"output folder {folder} is not writable; choose another folder or make it writable")
-    suffix = volume_suffix(target) or "".join(target.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial" + suffix, dir=folder)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
-    try:
-        yield Path(tmp)
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_volume(volume: Volume, path: str | os.PathLike, *, compress: bool = True) -> Path:

@@ -40,7 +40,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .io import _umask  # one helper for "the permissions a new file would get"
+from .files import pid_alive, sha256_file, umask  # sha256_file stays importable from here
 from .schema import LabelSchema
 
 MODEL_FORMAT = "lumbarsegment.model"
@@ -53,17 +53,6 @@ SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "Resources" / "Models"
 
 class PackageError(ValueError):
     """A model package or registry is missing, malformed, tampered with or unsafe."""
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def code_version() -> str:
@@ -277,7 +266,7 @@ class Registry:
             json.dump(data, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, self.index_path)
 
     # --- queries -----------------------------------------------------------------
@@ -331,7 +320,7 @@ class Registry:
         self._remove_abandoned_publishes()
         tmp = Path(tempfile.mkdtemp(prefix=f".publish+{os.getpid()}+{socket.gethostname()}+{package.name}+",
                                     dir=self.root))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: a shared registry must stay readable
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700: a shared registry must stay readable
         try:
             shutil.copy2(package.path / package.manifest["weights"]["file"], tmp / WEIGHTS_FILE)
             manifest = json.loads(json.dumps(package.manifest))
@@ -357,12 +346,10 @@ class Registry:
 
     def _remove_abandoned_publishes(self) -> None:
         """Delete the temporary folders of publishes whose process is gone (killed mid-copy; same host only)."""
-        from .cases import _pid_alive
-
         for old in self.root.glob(".publish+*"):
             parts = old.name.split("+")
             if (len(parts) > 3 and parts[1].isdigit() and parts[2] == socket.gethostname()
-                    and not _pid_alive(int(parts[1]))):
+                    and not pid_alive(int(parts[1]))):
                 shutil.rmtree(old, ignore_errors=True)
 
     def set_default(self, ref: str) -> None:

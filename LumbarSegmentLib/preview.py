@@ -24,7 +24,7 @@ def render_preview(image: Volume, labels: Volume, schema: LabelSchema, path, *, 
     """
     from PIL import Image, ImageDraw
 
-    from .io import atomic_path
+    from .files import atomic_path
 
     layout = sagittal_layout(image, allow_reslice=allow_reslice)
     img = layout.to_canonical(image.array.astype(np.float32))

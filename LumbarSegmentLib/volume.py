@@ -21,6 +21,10 @@ class VolumeError(ValueError):
     """An image cannot be used as given (shape, dtype, values or geometry)."""
 
 
+class VolumeReadError(VolumeError):
+    """A file or folder could not be read as a volume (lives here so io and dicom share it without a cycle)."""
+
+
 SUPPORTED_DTYPES = (
     np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.uint64, np.int64,
     np.float16, np.float32, np.float64, np.bool_,

@@ -1,0 +1,137 @@
+"""Small file-system helpers every writer shares, so that each is done one way only.
+
+* :func:`atomic_path` - write under a hidden temporary name, rename into place on success;
+* :func:`sweep_stale_partials` - remove the temporaries of writers that were killed;
+* :func:`umask` - the permission bits a new file would get;
+* :func:`pid_alive` - whether a process that left a lock or temporary is still running;
+* :func:`sha256_file` - the checksum of a file, read in chunks.
+
+This module sits at the bottom of the import graph (standard library only), so io, cases,
+packages and the command line can all use it without cycles.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import socket
+import tempfile
+from pathlib import Path
+
+# The hidden temporary of a target ``name`` is ``.<name>.<pid>@<host>.<random>.partial<suffix>``:
+# the pid and host let a later run tell an abandoned temporary from one still being written.
+PARTIAL_MARK = ".partial"
+
+
+def umask() -> int:
+    """The process's umask (read without changing it for longer than the call)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def normal_file_mode() -> int:
+    """What ``open(..., "w")`` would give a new file: 0666 less the umask."""
+    return 0o666 & ~umask()
+
+
+def pid_alive(pid: int) -> bool:
+    """True when process ``pid`` on this host is running (a zombie counts as finished).
+
+    On Windows ``os.kill`` would terminate the process, so there every process is
+    assumed alive: a claim is then never taken over, which is safe, only untidy.
+    """
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] != "Z"
+    return True
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+
+
+def _owner_tag() -> str:
+    return f"{os.getpid()}@{_host()}"
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, *, suffix: str | None = None):
+    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds.
+
+    The temporary keeps ``target``'s suffix (``suffix`` overrides it) because writers such as
+    SimpleITK choose the format from it. On any failure the temporary is deleted, so an
+    older file at ``target`` survives untouched.
+    """
+    target = Path(target)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise OSError(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"output folder {folder} is not writable; choose another folder or make it writable")
+    tmp = make_partial(target, suffix=suffix)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def make_partial(target: Path, *, suffix: str | None = None) -> Path:
+    """Create an empty hidden temporary for ``target`` (normal permissions) and return its path."""
+    target = Path(target)
+    folder = target.parent if str(target.parent) else Path(".")
+    if suffix is None:
+        suffix = "".join(target.suffixes[-2:]) if target.name.lower().endswith((".nii.gz", ".seg.nrrd")) \
+            else (target.suffix or ".tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{_owner_tag()}.", suffix=PARTIAL_MARK + suffix, dir=folder)
+    os.close(fd)
+    os.chmod(tmp, normal_file_mode())  # mkstemp makes 0600 files; outputs get the usual permissions
+    return Path(tmp)
+
+
+_PARTIAL = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9_-]+)\.[^.]+\.partial")
+
+
+def sweep_stale_partials(folder: str | os.PathLike, names: list[str] | None = None) -> list[Path]:
+    """Delete hidden temporaries in ``folder`` left by writers that were killed (same host, dead pid).
+
+    ``names`` limits the sweep to the temporaries of those target names. Temporaries of
+    live processes, or written on another host, are left alone. Returns what was removed.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    with contextlib.suppress(OSError):
+        for p in folder.iterdir():
+            m = _PARTIAL.match(p.name)
+            if not m or (names is not None and m.group("name") not in names):
+                continue
+            if m.group("host") != _host() or pid_alive(int(m.group("pid"))):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
