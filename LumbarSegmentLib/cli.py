@@ -20,6 +20,40 @@ from pathlib import Path
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
+def _positive_int(value: str) -> int:
+    """argparse type: turns 'abc' or '0' into a usage message instead of a traceback."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: must be at least 1")
+    return n
+
+
+def _tile(value: str):
+    if value in ("auto", "patch", "whole"):
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: use auto, patch, whole or a window size in pixels "
+                                         f"(e.g. 256)") from None
+    if n < 32:
+        raise argparse.ArgumentTypeError(f"{value!r}: a window must be at least 32 pixels")
+    return n
+
+
+def _overlap(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0 <= f < 0.95:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 0 and below 0.95")
+    return f
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lumbarseg", description="Lumbar-spine MRI segmentation (LumbarSegment).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -29,41 +63,53 @@ def _parser() -> argparse.ArgumentParser:
                    help="label map file for one input (.nii.gz/.nrrd/.mha); a folder for several")
     s.add_argument("--model", default=None, help="model NAME[@VERSION] or package folder; comma-separated for "
                    "an ensemble (default: the registry's default model / default ensemble)")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    s.add_argument("--mode", default="fast", choices=["fast", "tta", "ensemble"])
-    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    s.add_argument("--batch-size", type=int, default=None)
-    s.add_argument("--tile", default="auto", help="window: 'auto', 'patch' (model's patch size), 'whole', "
-                   "or pixels")
-    s.add_argument("--overlap", type=float, default=0.25)
-    s.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where to run: auto = CUDA GPU, else Apple MPS, else CPU (default: auto; under "
+                   "torchrun each rank takes cuda:LOCAL_RANK)")
+    s.add_argument("--mode", default="fast", choices=["fast", "tta", "ensemble"],
+                   help="fast: one model, one pass; tta: also the anterior-posterior flip (2 forwards per "
+                   "window); ensemble: each model x 2 flips (the default ensemble: 2 x 2 = 4 forwards per window); "
+                   "default: fast")
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="arithmetic: auto = fp16/bf16 on CUDA, bf16 on CPUs with native bf16, else fp32")
+    s.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                   help="windows per forward pass (default: 8 on CPU, 32 on CUDA; halved on out-of-memory)")
+    s.add_argument("--tile", type=_tile, default="auto", metavar="auto|patch|whole|PIXELS",
+                   help="inference window: auto = whole slice when it fits in twice the model's patch, else "
+                   "sliding patches; patch; whole; or a square window of PIXELS (>= 32)")
+    s.add_argument("--overlap", type=_overlap, default=0.25, metavar="F",
+                   help="fraction of a sliding window shared with its neighbour, 0 <= F < 0.95 (default: 0.25)")
+    s.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads for PyTorch (default: PyTorch's; under torchrun the node's cores split "
+                   "between its ranks)")
     s.add_argument("--reslice", action="store_true", help="accept axial/coronal stacks (cut sagittal slices)")
     s.add_argument("--series", default=None, help="SeriesInstanceUID to read from a DICOM folder with several")
-    s.add_argument("--report", default=None, help="write a JSON run report (one input) ")
-    s.add_argument("--seg-nrrd", default=None, help="also write a Slicer segmentation (.seg.nrrd)")
-    s.add_argument("--preview", default=None, help="also write a PNG of central sagittal slices with the overlay")
-    s.add_argument("--confidence", default=None, help="also write the per-voxel confidence map (max probability)")
+    # One input: each of these names a file. A cohort: each takes an optional folder (none, or "": the
+    # output folder) and --report names the cohort summary; see LumbarSegmentLib/cohort.py and docs/cli.md.
+    s.add_argument("--report", nargs="?", const="", default=None, metavar="PATH",
+                   help="one input: write the JSON run report to PATH; a cohort: write the cohort summary "
+                   "(default OUTPUT/summary.json; per-case reports are always written)")
+    s.add_argument("--seg-nrrd", nargs="?", const="", default=None, metavar="PATH",
+                   help="also write a Slicer segmentation (.seg.nrrd); a cohort: into folder PATH (default OUTPUT)")
+    s.add_argument("--preview", nargs="?", const="", default=None, metavar="PATH",
+                   help="also write a PNG of central sagittal slices with the overlay; a cohort: into folder PATH")
+    s.add_argument("--confidence", nargs="?", const="", default=None, metavar="PATH",
+                   help="also write the per-voxel confidence map (max probability); a cohort: into folder PATH")
+    s.add_argument("--dicom-seg", nargs="?", const="", default=None, metavar="PATH",
+                   help="also write a DICOM SEG referencing the source series (DICOM inputs only); a cohort: "
+                   "into folder PATH")
     s.add_argument("--format", default=".nii.gz", choices=[".nii.gz", ".nrrd", ".mha"],
-                   help="label-map type for folder outputs")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help="label-map file type in cohort mode (default: .nii.gz)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     m = sub.add_parser("models", help="list the installed models")
     m.add_argument("--json", action="store_true")
     return p
 
 
-def _expand_inputs(inputs: list[str]) -> list[Path]:
-    from .io import volume_suffix
+def _expand_inputs(inputs: list[str], series_folders: bool = True) -> list[Path]:
+    from .cohort import expand_inputs  # volume files, DICOM series folders, folders of either
 
-    out = []
-    for raw in inputs:
-        p = Path(raw)
-        if p.is_dir():
-            vols = sorted(f for f in p.iterdir() if f.is_file() and volume_suffix(f) and not f.name.startswith("."))
-            vols = [f for f in vols if "_label" not in f.name]
-            out.extend(vols if vols else [p])  # no volume files: treat as a DICOM series folder
-        else:
-            out.append(p)
-    return out
+    return expand_inputs(inputs, series_folders=series_folders)
 
 
 def _resolve_models(arg: str | None, mode: str):
@@ -78,15 +124,8 @@ def _resolve_models(arg: str | None, mode: str):
     return pkgs
 
 
-def _stem(path: Path) -> str:
-    from .io import volume_suffix
-
-    suf = volume_suffix(path)
-    return path.name[: -len(suf)] if suf else path.name
-
-
 def _segment_one(src: Path, label_out: Path, args, packages, report_out=None, seg_out=None, preview_out=None,
-                 conf_out=None) -> dict:
+                 conf_out=None, dicom_seg_out=None) -> dict:
     import time
 
     from .engine import SegmentOptions, segment_volume
@@ -94,18 +133,23 @@ def _segment_one(src: Path, label_out: Path, args, packages, report_out=None, se
 
     t0 = time.perf_counter()
     volume = read_volume(src, series_uid=args.series)
+    if dicom_seg_out:
+        from .dicom_seg import require_dicom_source
+
+        require_dicom_source(volume, str(src))  # before inference: a SEG needs source instances to reference
     t_read = time.perf_counter() - t0
     tile = args.tile if args.tile in ("auto", "patch", "whole") else int(args.tile)
     opts = SegmentOptions(device=args.device, mode=args.mode, batch_size=args.batch_size, tile=tile,
                           overlap=args.overlap, allow_reslice=args.reslice, confidence=bool(conf_out),
                           precision=args.precision, threads=args.threads)
     bar = None
-    if not args.no_progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=0, desc=src.name, unit="batch", leave=False, file=sys.stderr)
 
     def progress(done, total):
+        nonlocal bar
+        if bar is None and not args.no_progress:  # made at the first report: its first frame knows the total
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc=src.name, unit=" batches", leave=False, file=sys.stderr)
         if bar is not None:
             bar.total = total
             bar.n = done
@@ -145,6 +189,14 @@ def _segment_one(src: Path, label_out: Path, args, packages, report_out=None, se
             tmp_conf = stack.enter_context(atomic_path(conf_out))
             write_volume(result.confidence, tmp_conf)
             pending.append(conf_out)
+        if dicom_seg_out:
+            from .dicom_seg import write_dicom_seg
+
+            tmp_dcm = stack.enter_context(atomic_path(dicom_seg_out))
+            write_dicom_seg(result.labels, volume, result.schema, tmp_dcm,
+                            model_name=",".join(m["ref"] for m in report["models"]),
+                            model_version=",".join(str(m.get("sha256", ""))[:12] for m in report["models"]))
+            pending.append(dicom_seg_out)
         report["outputs"] = [str(p) for p in pending]
         if report_out:
             tmp_rep = stack.enter_context(atomic_path(report_out))
@@ -155,44 +207,38 @@ def _segment_one(src: Path, label_out: Path, args, packages, report_out=None, se
 def cmd_segment(args) -> int:
     from .io import volume_suffix
 
-    inputs = _expand_inputs(args.inputs)
+    # --series or a label-file output: a folder of series folders is one study to pick a series from
+    inputs = _expand_inputs(args.inputs, series_folders=not (args.series or volume_suffix(Path(args.output))))
     packages = _resolve_models(args.model, args.mode)
     if args.mode == "fast" and len(packages) > 1:
         raise ValueError("several models were given: use --mode ensemble")
     out = Path(args.output)
-    for extra in (args.report, args.seg_nrrd, args.preview, args.confidence):
+    from .distributed import current_rank
+
+    single = len(inputs) == 1 and not out.is_dir() and not current_rank().distributed
+    for name in ("report", "seg_nrrd", "preview", "confidence", "dicom_seg"):
+        extra = getattr(args, name)
+        if single and extra == "":
+            raise ValueError(f"--{name.replace('_', '-')} needs a file name when segmenting one input")
         folder = Path(extra).parent if extra else None
-        if folder is not None and not folder.is_dir() and len(inputs) == 1:
+        if folder is not None and not folder.is_dir() and single:
             raise ValueError(f"output folder {folder} does not exist (for {extra}); create it first")
-    if len(inputs) == 1 and not out.is_dir():
+    if single:
         if not out.parent.is_dir():
             raise ValueError(f"output folder {out.parent} does not exist; create it first")
         if not volume_suffix(out):
             raise ValueError(f"output {out}: use a .nii.gz, .nrrd or .mha file name (or an existing folder)")
-        rep = _segment_one(inputs[0], out, args, packages, args.report, args.seg_nrrd, args.preview, args.confidence)
+        rep = _segment_one(inputs[0], out, args, packages, args.report, args.seg_nrrd, args.preview, args.confidence,
+                           args.dicom_seg)
         _summary(rep)
         return EXIT_OK
     if not out.exists():
         out.mkdir(parents=True)
     if not out.is_dir():
         raise ValueError(f"output {out} must be a folder when segmenting {len(inputs)} inputs")
-    failures = []
-    for src in inputs:
-        stem = _stem(src)
-        try:
-            rep = _segment_one(
-                src, out / f"{stem}_seg{args.format}", args, packages, out / f"{stem}_report.json",
-                (out / f"{stem}.seg.nrrd") if args.seg_nrrd is not None else None,
-                (out / f"{stem}_preview.png") if args.preview is not None else None,
-                (out / f"{stem}_confidence.nii.gz") if args.confidence is not None else None)
-            _summary(rep)
-        except Exception as exc:  # one bad case must not stop a cohort
-            failures.append((src, exc))
-            print(f"lumbarseg: error: {src}: {exc}", file=sys.stderr)
-    if failures:
-        print(f"lumbarseg: {len(failures)} of {len(inputs)} inputs failed", file=sys.stderr)
-        return EXIT_FAIL
-    return EXIT_OK
+    from .cohort import run_cohort  # one process or a torchrun shard; see cohort.py / distributed.py
+
+    return EXIT_FAIL if run_cohort(inputs, out, args, packages, _segment_one, _summary) else EXIT_OK
 
 
 def _summary(rep: dict) -> None:

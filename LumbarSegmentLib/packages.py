@@ -48,7 +48,21 @@ MODEL_FORMAT_VERSION = 1
 REGISTRY_FORMAT = "lumbarsegment.registry"
 REGISTRY_FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
-SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "Resources" / "Models"
+
+
+def shipped_registry_root() -> Path:
+    """The read-only registry of models that ship with LumbarSegment (the one place to look it up).
+
+    A wheel carries it as the data-only package ``LumbarSegmentLib/shipped_models`` (pyproject maps
+    ``Resources/Models`` there); a source checkout and the installed Slicer extension keep it in
+    ``Resources/Models`` beside ``LumbarSegmentLib/``. The in-package copy wins when it has an index,
+    so an unrelated ``Resources/`` folder next to an installed package is never mistaken for it.
+    """
+    here = Path(__file__).resolve().parent
+    packaged = here / "shipped_models"
+    if (packaged / "index.json").is_file():
+        return packaged
+    return here.parent / "Resources" / "Models"
 
 
 class PackageError(ValueError):
@@ -365,7 +379,7 @@ def user_registry_root() -> Path:
 
 def default_registries() -> list[Registry]:
     """The user's registry (retrained models) first, then the read-only shipped one."""
-    return [Registry(user_registry_root()), Registry(SHIPPED_MODELS, read_only=True)]
+    return [Registry(user_registry_root()), Registry(shipped_registry_root(), read_only=True)]
 
 
 def resolve_model(ref: str | None, registries: list[Registry] | None = None) -> ModelPackage:

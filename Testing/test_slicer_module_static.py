@@ -114,9 +114,9 @@ def test_top_level_cmake_describes_the_extension():
 
 def test_install_layout_matches_how_the_lib_finds_resources():
     """Installed, Resources/ sits beside LumbarSegmentLib/ exactly as in the source tree."""
-    from LumbarSegmentLib.packages import SHIPPED_MODELS
+    from LumbarSegmentLib.packages import shipped_registry_root
 
-    assert SHIPPED_MODELS == ROOT / "Resources" / "Models"
+    assert shipped_registry_root() == ROOT / "Resources" / "Models"
     source = MODULE_FILE.read_text()
     assert '_HERE / "LumbarSegmentLib"' in source and 'RESOURCES = _ROOT / "Resources"' in source
 

@@ -292,9 +292,9 @@ def build_packages(work: Path, names, init_filters_override: int | None = None) 
 
 def trained_packages() -> tuple[dict[str, str], list[str]]:
     """Packages shipped in Resources/Models (index.json), and its default ensemble."""
-    from LumbarSegmentLib.packages import SHIPPED_MODELS, PackageError, Registry
+    from LumbarSegmentLib.packages import PackageError, Registry, shipped_registry_root
 
-    reg = Registry(SHIPPED_MODELS, read_only=True)
+    reg = Registry(shipped_registry_root(), read_only=True)
     if not reg.index_path.exists():
         return {}, []
     try:
