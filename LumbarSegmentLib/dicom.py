@@ -85,7 +85,7 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
     folder = Path(folder)
     if not folder.is_dir():
         raise DicomError(f"{folder}: not a folder")
-    slices, skipped = _scan_headers(folder)
+    slices, skipped, incomplete = _scan_headers(folder)
     series = _group(slices)
     if not series:
         raise DicomError(f"{folder}: no DICOM image series found ({_describe_skipped(skipped)}); choose the "
@@ -106,6 +106,14 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
     else:
         chosen = next(iter(series.values()))
 
+    broken = incomplete.get(chosen[0].series_uid, [])
+    if broken:
+        names = ", ".join(str(b) for b in broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+        raise DicomError(
+            f"{folder}: series {chosen[0].series_uid}: {len(broken)} of its {len(broken) + len(chosen)} images lack "
+            f"their position or pixel spacing (ImagePositionPatient, ImageOrientationPatient, PixelSpacing): "
+            f"{names}. Reading the rest would leave a hole in the stack; re-export the complete series"
+        )
     ordered, step = _check_and_sort(chosen, folder)
     array = _read_pixels(ordered, folder)
     first = ordered[0]
@@ -134,11 +142,12 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
         raise DicomError(f"{folder}: series {first.series_uid}: {exc}") from None
 
 
-def _scan_headers(folder: Path) -> tuple[list[_Slice], dict]:
+def _scan_headers(folder: Path) -> tuple[list[_Slice], dict, dict]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     slices: list[_Slice] = []
+    incomplete: dict[str, list[Path]] = {}
     skipped = {"not_dicom": 0, "dicomdir": 0, "unreadable": 0, "without_image_geometry": 0}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         if path.name.upper() == "DICOMDIR":
@@ -175,13 +184,22 @@ def _scan_headers(folder: Path) -> tuple[list[_Slice], dict]:
         except (AttributeError, KeyError, TypeError, ValueError):
             # reports, presentation states, screenshots, enhanced multi-frame objects without
             # per-slice geometry at the top level, ...
+            _note_incomplete(ds, path, incomplete)
             skipped["without_image_geometry"] += 1
             continue
         if record.iop.shape != (6,) or record.ipp.shape != (3,) or len(record.pixel_spacing) != 2:
+            _note_incomplete(ds, path, incomplete)
             skipped["without_image_geometry"] += 1
             continue
         slices.append(record)
-    return slices, skipped
+    return slices, skipped, incomplete
+
+
+def _note_incomplete(ds, path: Path, incomplete: dict) -> None:
+    """Remember an image of a series that lacks its geometry: dropping it would leave a hole in the stack."""
+    uid = ds.get("SeriesInstanceUID")
+    if uid and ("Rows" in ds or "PixelData" in ds or "NumberOfFrames" in ds):
+        incomplete.setdefault(str(uid), []).append(path)
 
 
 def _describe_skipped(skipped: dict) -> str:
@@ -352,16 +370,15 @@ def _read_pixels(ordered: list[_Slice], folder: Path) -> np.ndarray:
             raise DicomError(f"{_where(s, folder)}: pixel data has shape {plane.shape}, expected "
                              f"{s.rows}x{s.cols} (rows x columns)")
         planes.append(plane)
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        scales.append((slope, intercept))
+        scales.append(_rescale(ds, s, folder))
 
     stored = np.stack(planes)
     if all(sc == (1.0, 0.0) for sc in scales):
         return stored
     slopes = np.array([sc[0] for sc in scales])[:, None, None]
     intercepts = np.array([sc[1] for sc in scales])[:, None, None]
-    integral = np.all(slopes == np.round(slopes)) and np.all(intercepts == np.round(intercepts))
+    integral = (np.all(slopes == np.round(slopes)) and np.all(intercepts == np.round(intercepts))
+                and np.all(np.abs(slopes) < 2**16) and np.all(np.abs(intercepts) < 2**31))
     if integral:
         values = stored.astype(np.int64) * slopes.astype(np.int64) + intercepts.astype(np.int64)
         for dtype in (np.int16, np.int32):
@@ -369,7 +386,36 @@ def _read_pixels(ordered: list[_Slice], folder: Path) -> np.ndarray:
             if values.min() >= info.min and values.max() <= info.max:
                 return values.astype(dtype)
         return values
-    return (stored.astype(np.float64) * slopes + intercepts).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = stored.astype(np.float64) * slopes + intercepts
+    big = float(np.max(np.abs(values))) if values.size else 0.0
+    if not np.isfinite(big) or big > np.finfo(np.float32).max:
+        worst = int(np.argmax(np.abs(slopes.ravel()) + np.abs(intercepts.ravel())))
+        raise DicomError(f"{_where(ordered[worst], folder)}: RescaleSlope {slopes.ravel()[worst]:g} / "
+                         f"RescaleIntercept {intercepts.ravel()[worst]:g} turn the pixels into values too large "
+                         f"to store (the header is damaged); fix or remove the rescale tags, or re-export the series")
+    return values.astype(np.float32)
+
+
+def _rescale(ds, s: _Slice, folder: Path) -> tuple[float, float]:
+    """``(RescaleSlope, RescaleIntercept)`` as finite numbers, or an error naming the file."""
+    out = []
+    for key, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        raw = None
+        try:
+            raw = ds.get(key, default)
+            value = float(raw if raw not in (None, "") else default)
+        except (TypeError, ValueError, OverflowError):
+            raw = raw if raw is not None else ds.get_item(key).value if key in ds else "?"
+            raise DicomError(f"{_where(s, folder)}: {key} {str(raw)!r} is not a number; fix the tag or "
+                             f"re-export the series") from None
+        if not np.isfinite(value):
+            raise DicomError(f"{_where(s, folder)}: {key} {value} is not a finite number; fix the tag or "
+                             f"re-export the series")
+        out.append(value)
+    if out[0] == 0:
+        out[0] = 1.0  # a zero slope is a common way of writing "no rescale"
+    return out[0], out[1]
 
 
 # ----------------------------------------------------------------------------------------

@@ -98,14 +98,18 @@ def atomic_path(target: str | os.PathLike, *, suffix: str | None = None):
             os.unlink(tmp)
 
 
-def make_partial(target: Path, *, suffix: str | None = None) -> Path:
-    """Create an empty hidden temporary for ``target`` (normal permissions) and return its path."""
+def make_partial(target: Path, *, suffix: str | None = None, mark: str = PARTIAL_MARK) -> Path:
+    """Create an empty hidden temporary for ``target`` (normal permissions) and return its path.
+
+    ``mark`` ``".backup"`` names a copy of an earlier file kept while several outputs are
+    renamed into place; the sweep never deletes those (they may be the only copy left).
+    """
     target = Path(target)
     folder = target.parent if str(target.parent) else Path(".")
     if suffix is None:
         suffix = "".join(target.suffixes[-2:]) if target.name.lower().endswith((".nii.gz", ".seg.nrrd")) \
             else (target.suffix or ".tmp")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{_owner_tag()}.", suffix=PARTIAL_MARK + suffix, dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{_owner_tag()}.", suffix=mark + suffix, dir=folder)
     os.close(fd)
     os.chmod(tmp, normal_file_mode())  # mkstemp makes 0600 files; outputs get the usual permissions
     return Path(tmp)

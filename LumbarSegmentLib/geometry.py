@@ -99,10 +99,9 @@ def sagittal_layout(volume: Volume, *, allow_reslice: bool = False) -> SagittalL
     si = max(rest, key=lambda a: abs(d[2, a]))  # closest to superior-inferior
     ap = rest[0] if rest[1] == si else rest[1]
 
-    anisotropic = max(sp) / min(sp) > THICK_SLICE_RATIO
     thick = int(np.argmax(sp))
     resliced = False
-    if anisotropic and thick != lr:
+    if thick != lr and _is_slice_axis(sp, thick):
         plane = {"S": "axial", "I": "axial", "A": "coronal", "P": "coronal"}[axis_codes(d)[thick]]
         if not allow_reslice:
             article = "an" if plane == "axial" else "a"
@@ -126,6 +125,17 @@ def sagittal_layout(volume: Volume, *, allow_reslice: bool = False) -> SagittalL
         resliced=resliced,
         obliquity_deg=tilt,
     )
+
+
+def _is_slice_axis(sp, axis: int) -> bool:
+    """Whether index axis ``axis`` is the slice axis of a 2D multi-slice stack.
+
+    It is when it is clearly thicker than both other axes *and* those two form a plausible
+    image plane (near-square pixels). The largest spacing alone is not enough: a sagittal
+    stack with 1 mm slices and 0.5 x 2 mm pixels has its largest spacing in-plane.
+    """
+    a, b = (sp[i] for i in range(3) if i != axis)
+    return sp[axis] > THICK_SLICE_RATIO * max(a, b) and max(a, b) / min(a, b) <= THICK_SLICE_RATIO
 
 
 def resize_planes(stack, size: tuple[int, int], *, mode: str):

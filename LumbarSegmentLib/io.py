@@ -40,9 +40,15 @@ def read_volume(path: str | os.PathLike, *, series_uid: str | None = None) -> Vo
         raise VolumeReadError(
             f"{p}: unsupported file type; expected one of {', '.join(VOLUME_SUFFIXES)} or a DICOM folder"
         )
+    if not p.is_file():
+        raise VolumeReadError(f"{p}: not a regular file (a pipe or device?); open the image file itself")
     if p.stat().st_size == 0:
         raise VolumeReadError(f"{p}: the file is empty (an interrupted copy or export?); copy or export it again")
     import SimpleITK as sitk
+
+    from .headers import check_volume_header
+
+    check_volume_header(p, volume_suffix(p))  # before ITK follows the header anywhere
 
     try:
         image = sitk.ReadImage(str(p))
@@ -82,7 +88,9 @@ def _check_nifti_complete(path: Path, data_bytes: int) -> None:
     import zlib
 
     total, head = 0, b""
-    compressed = path.name.lower().endswith(".gz")
+    from .headers import is_gzip
+
+    compressed = is_gzip(path)  # by content: an uncompressed file named .nii.gz is read as what it is
     try:
         with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
             head = f.read(544)
