@@ -1,0 +1,38 @@
+"""LumbarSegmentWeb: the browser front end (``lumbarseg web``), a thin shell over LumbarSegmentLib.
+
+Why a package of its own: the Lib must never import trame (see docs/architecture.md);
+this package imports the Lib, never the other way round, and is installed with the
+``[web]`` extra (``pip install lumbarsegment[web]``).
+
+* :mod:`.session` — one annotator's work without any web server: the MRML scene of
+  trame-slicer, the Lib's background segmentation/retraining controllers, effects,
+  undo, export. The API-level tests drive this directly.
+* :mod:`.worklist` — the cases of ``--data`` with their state (new, drafted,
+  corrected, exported), and "next case".
+* :mod:`.app` — the trame page bound to a session; :mod:`.serve` — command line
+  options, the access token for non-local hosts, and the server start.
+
+One process serves one annotator: the scene, the undo history and the running jobs
+live in that process. Run one ``lumbarseg web`` per person (each on its own port).
+"""
+from __future__ import annotations
+
+import os
+
+# Offscreen rendering without X: VTK picks EGL (Mesa's llvmpipe when there is no GPU).
+# Set before VTK creates its first render window, i.e. before trame_slicer is imported.
+os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+
+INSTALL_HINT = ("the browser front end needs the [web] extra: pip install 'lumbarsegment[web]' "
+                "(from a source checkout: pip install -e '.[web]')")
+
+
+def missing_dependency() -> str | None:
+    """Why ``lumbarseg web`` cannot start here (a missing package), or ``None`` when it can."""
+    import importlib.util
+
+    for module, package in (("trame_slicer", "trame-slicer"), ("trame", "trame"), ("slicer", "slicer-core"),
+                            ("LayerDMLib", "slicer-layer-dm")):
+        if importlib.util.find_spec(module) is None:
+            return f"{package} is not installed; {INSTALL_HINT}"
+    return None
