@@ -10,9 +10,19 @@ fi
 PY="$VENV/bin/python"
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q --upgrade pip
-  # Install the PyTorch build for your platform first; the CPU build is used here. A plain `torch`
-  # requirement would pull a multi-GB CUDA build. For a GPU: https://pytorch.org/get-started/locally/
-  "$PY" -m pip install -q "torch==${LUMBARSEG_TORCH:-2.13.0}"
+  # PyTorch first, the build for this platform. On Linux the default index serves a multi-GB CUDA
+  # build, so the CPU index is named there unless LUMBARSEG_TORCH_INDEX says otherwise (a CUDA index
+  # such as https://download.pytorch.org/whl/cu128, or "default"); macOS wheels are CPU/MPS builds.
+  # Wheels of torch 2.13 exist for Python 3.10+ (pyproject's requires-python; checked by the tests).
+  TORCH_INDEX="${LUMBARSEG_TORCH_INDEX:-}"
+  if [ -z "$TORCH_INDEX" ] && [ "$(uname -s)" = "Linux" ]; then
+    TORCH_INDEX="https://download.pytorch.org/whl/cpu"
+  fi
+  if [ -n "$TORCH_INDEX" ] && [ "$TORCH_INDEX" != "default" ]; then
+    "$PY" -m pip install -q "torch==${LUMBARSEG_TORCH:-2.13.0}" --index-url "$TORCH_INDEX"
+  else
+    "$PY" -m pip install -q "torch==${LUMBARSEG_TORCH:-2.13.0}"
+  fi
 fi
 if ! "$PY" -c "import LumbarSegmentLib, slicer, pytest" 2>/dev/null; then
   "$PY" -m pip install -q -e "$ROOT[test]"
