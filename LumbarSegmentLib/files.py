@@ -139,3 +139,59 @@ def sweep_stale_partials(folder: str | os.PathLike, names: list[str] | None = No
                 p.unlink()
                 removed.append(p)
     return removed
+
+
+@contextlib.contextmanager
+def locked(lock_file: str | os.PathLike, timeout_s: float = 600.0):
+    """Hold an exclusive lock on ``lock_file`` for the block; other holders wait.
+
+    ``lock_file`` may be a folder (nothing is created in it) or a file (created if missing).
+    POSIX: ``flock``, which the kernel releases when a holder dies, so a killed process never
+    leaves the lock held. Elsewhere: an exclusive lock file (``<folder>/.lock``) holding the
+    owner's pid, taken over when that process is gone.
+    """
+    import time
+
+    path = Path(lock_file)
+    deadline = time.monotonic() + timeout_s
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        fcntl = None
+    if fcntl is not None:
+        fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT,
+                                                                         normal_file_mode())
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{path}: still locked by another process after {timeout_s:.0f} s; "
+                                           f"wait for it to finish and try again") from None
+                    time.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+        return
+    path = path / ".lock" if path.is_dir() else path
+    while True:  # pragma: no cover - Windows
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            break
+        except FileExistsError:
+            with contextlib.suppress(OSError, ValueError):
+                if not pid_alive(int(path.read_text().strip() or "0")):
+                    path.unlink()
+                    continue
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{path}: still locked by another process; try again later") from None
+            time.sleep(0.05)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
