@@ -131,6 +131,67 @@ def test_segmentation_follows_the_volume_transform(ctx, tmp_path):
         mrml.segmentation_to_labels(ctx.scene, ctx.seg_logic, seg, node, schema)
 
 
+def _rotate_and_shift(ctx, node, deg=30.0, shift=(50.0, -20.0, 10.0)):
+    """Put ``node`` under a rotation about S plus a translation (mm, RAS)."""
+    t = np.radians(deg)
+    tnode = ctx.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    m = vtk.vtkMatrix4x4()
+    for r, row in enumerate([[np.cos(t), -np.sin(t), 0, shift[0]], [np.sin(t), np.cos(t), 0, shift[1]],
+                             [0, 0, 1, shift[2]]]):
+        for c, v in enumerate(row):
+            m.SetElement(r, c, v)
+    tnode.SetMatrixTransformToParent(m)
+    node.SetAndObserveTransformNodeID(tnode.GetID())
+    return tnode
+
+
+def test_rotated_and_shifted_volume_draft_edit_export_land_on_the_right_voxels(ctx, tmp_path):
+    """Issue 10: the reference geometry was taken before the transform was set, so it was applied twice."""
+    from LumbarSegmentLib.mrml_bridge import _reference_image, _vtk_to_np_image_matrix
+
+    schema = load_schema("starter")
+    vol = mr_volume()
+    node = mrml.volume_to_node(ctx.scene, vol, "MR")
+    tnode = _rotate_and_shift(ctx, node)
+    lab = starter_labels(vol, schema)
+    seg = mrml.labels_to_segmentation(ctx.scene, ctx.seg_logic, lab, schema, node)
+    assert seg.GetParentTransformNode() is tnode
+    # the stored reference geometry is the volume's own frame (the transform applies once, on screen)
+    assert np.allclose(_vtk_to_np_image_matrix(_reference_image(seg)), mrml.ijk_to_ras(vol), atol=1e-6)
+    assert mrml.edited_segments(seg) == [], "an untouched draft must not report as edited"
+    assert np.array_equal(mrml.segment_mask(seg, "vertebral_body"), lab.array == 1)
+    # Slicer's own export (it resolves the transforms itself) puts the draft on the volume's voxels
+    out = ctx.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "check")
+    ids = vtk.vtkStringArray()
+    for sid in mrml.segment_ids(seg):
+        ids.InsertNextValue(sid)
+    assert ctx.seg_logic.ExportSegmentsToLabelmapNode(seg, ids, out, node)
+    exported = slicer.util.arrayFromVolume(out)
+    assert exported.shape == lab.shape and np.array_equal(exported > 0, lab.array > 0)
+    # an edit through the API, then an export: the corrected voxels, on the volume as loaded
+    mask = mrml.segment_mask(seg, "vertebral_body", node)
+    mask[0, 0, 0] = True
+    mrml.set_segment_mask(ctx.seg_logic, seg, "vertebral_body", mask, node)
+    assert mrml.edited_segments(seg) == ["vertebral_body"]
+    case = mrml.export_case(ctx.scene, ctx.seg_logic, node, seg, schema, tmp_path, "moved")
+    image, label = read_case(case.json_path).load()
+    expected = lab.array.copy()
+    expected[0, 0, 0] = schema["vertebral_body"].value
+    assert image.same_geometry(vol, tol=1e-6) and np.array_equal(label.array, expected)
+    assert case.extra["edited_structures"] == ["vertebral_body"]
+
+
+def test_a_confidence_map_follows_the_volume_transform(ctx):
+    vol = mr_volume()
+    node = mrml.volume_to_node(ctx.scene, vol, "MR")
+    tnode = _rotate_and_shift(ctx, node)
+    conf = mrml.volume_to_node(ctx.scene, vol.with_array(np.ones(vol.shape, np.float32)), "MR confidence")
+    mrml.follow_transform(conf, node)
+    assert conf.GetParentTransformNode() is tnode
+    assert np.allclose(mrml.node_to_volume(conf).origin, mrml.node_to_volume(node).origin)
+    assert np.allclose(mrml.node_to_volume(conf).direction, mrml.node_to_volume(node).direction)
+
+
 def test_node_geometry_does_not_copy_voxels(ctx):
     vol = mr_volume()
     node = mrml.volume_to_node(ctx.scene, vol, "MR")
