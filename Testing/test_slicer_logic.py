@@ -36,8 +36,8 @@ def wait_for(predicate, timeout=10.0, interval=0.05):
 
 
 def small_volume():
-    rng = np.random.default_rng(3)
-    a = (rng.random((6, 40, 32)) * 100).astype(np.int16)
+    k, j, i = np.meshgrid(np.arange(6), np.arange(40), np.arange(32), indexing="ij")  # smooth: not "noise"
+    a = (50 + 45 * np.sin(j / 5.0) * np.cos(i / 7.0) + k).astype(np.int16)
     return Volume(a, spacing=(1.0, 1.0, 3.0), origin=(5.0, -2.0, 40.0), direction=SAGITTAL)
 
 
@@ -54,21 +54,23 @@ def fake_package(tmp_path):
 
 
 FAKE_CLI = textwrap.dedent(r'''
-    import json, subprocess, sys, time
+    import json, os, subprocess, sys, time
     behaviour, inp, out, report, package = sys.argv[1:6]
+    def batch(done, total):  # the progress contract: JSON-lines events in $LUMBARSEG_PROGRESS
+        with open(os.environ["LUMBARSEG_PROGRESS"], "a") as f:
+            f.write(json.dumps({"event": "batch", "done": done, "total": total}) + "\n")
     if behaviour == "fail":
         print("lumbarseg: error: cannot find model 'nope' in registries", file=sys.stderr)
         sys.exit(1)
     if behaviour == "hang":
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         print(f"child {child.pid}", flush=True)
-        sys.stderr.write("\rinput.nrrd:   0%|          | 0/10 [00:00<?, ?batch/s]"); sys.stderr.flush()
+        batch(0, 10)
         time.sleep(60)
     from LumbarSegmentLib.io import read_volume, write_volume
     v = read_volume(inp)
     for i in range(1, 5):
-        sys.stderr.write(f"\rinput.nrrd:  {25 * i}%|##        | {i}/4 [00:00<00:00, 9.00batch/s]")
-        sys.stderr.flush()
+        batch(i, 4)
         time.sleep(0.05)
     write_volume(v.with_array((v.array > 50).astype("uint8")), out)
     with open(report, "w") as f:
@@ -92,10 +94,17 @@ def fake_command(script, behaviour, package):
 
 
 # ------------------------------------------------------------------------------------------------ parsing
-def test_parse_progress_reads_tqdm_lines():
-    assert sl.parse_progress("input.nrrd:  45%|####5     | 9/20 [00:01<00:02,  4.50batch/s]") == (9, 20)
-    assert sl.parse_progress("case_12.nii.gz:   0%|          | 0/0 [00:00<?, ?batch/s]") is None
-    assert sl.parse_progress("VB2_06: 12 slices, cpu/float32") is None
+def test_progress_events_round_trip_through_the_schema_module(tmp_path):
+    from LumbarSegmentLib import progress
+
+    log = progress.ProgressLog(tmp_path / progress.PROGRESS_FILE)
+    log.write(progress.BATCH, done=9, total=20, input="x.nrrd")
+    log.write(progress.STEP, epoch=1, step=5, total_steps=20, loss=float("nan"))
+    with pytest.raises(ValueError, match="unknown progress event"):
+        log.write("tqdm")
+    recs = sl.JsonLinesTail(tmp_path / progress.PROGRESS_FILE).read_new()
+    assert [progress.fraction(r) for r in recs] == [0.45, 0.25]
+    assert recs[1]["loss"] is None  # strict JSON: NaN becomes null
 
 
 def test_json_lines_tail_handles_partial_and_bad_lines(tmp_path):
@@ -121,44 +130,46 @@ def test_json_lines_tail_handles_partial_and_bad_lines(tmp_path):
 
 
 def test_format_metrics():
-    line = sl.format_metrics({"event": "epoch", "epoch": 3, "total_epochs": 15, "step": 120, "loss": 0.43219,
+    line = sl.describe({"event": "epoch", "epoch": 3, "total_epochs": 15, "step": 120, "loss": 0.43219,
                               "val": {"mean_dice_fg": 0.8123}, "eta_s": 3725})
     assert line == "epoch 3/15, step 120, loss 0.4322, mean_dice_fg 0.812, eta 1 h 02 min"
     assert sl.format_duration(42) == "42 s" and sl.format_duration(75) == "1 min 15 s"
 
 
 # ------------------------------------------------------------------------------------------------ processes
-def test_kill_process_tree_kills_child_and_grandchild():
+def test_kill_process_tree_kills_child_and_grandchild(tmp_path):
     code = ('import time,subprocess,sys; subprocess.Popen([sys.executable,"-c","import time; time.sleep(60)"]); '
             'time.sleep(60)')
-    proc = sl.BackgroundProcess([sys.executable, "-c", code])
-    assert wait_for(lambda: sl._descendants(proc.proc.pid)), "the grandchild never started"
-    grandchildren = sl._descendants(proc.proc.pid)
+    proc = sl.BackgroundProcess([sys.executable, "-c", code], output=tmp_path / "out.log")
+    assert wait_for(lambda: sl.descendants(proc.proc.pid)), "the grandchild never started"
+    grandchildren = sl.descendants(proc.proc.pid)
     t0 = time.monotonic()
     proc.kill(grace=2.0)
     assert time.monotonic() - t0 < 10
     assert proc.returncode is not None
-    assert wait_for(lambda: not any(sl._alive(p) for p in grandchildren), timeout=5), "grandchild survived"
+    assert wait_for(lambda: not any(sl.alive(p) for p in grandchildren), timeout=5), "grandchild survived"
 
 
-def test_kill_reaches_a_grandchild_that_left_the_process_group():
+def test_kill_reaches_a_grandchild_that_left_the_process_group(tmp_path):
     code = ('import time,subprocess,sys; subprocess.Popen([sys.executable,"-c","import time; time.sleep(60)"], '
             'start_new_session=True); time.sleep(60)')
-    proc = sl.BackgroundProcess([sys.executable, "-c", code])
-    assert wait_for(lambda: sl._descendants(proc.proc.pid))
-    escaped = sl._descendants(proc.proc.pid)
+    proc = sl.BackgroundProcess([sys.executable, "-c", code], output=tmp_path / "out.log")
+    assert wait_for(lambda: sl.descendants(proc.proc.pid))
+    escaped = sl.descendants(proc.proc.pid)
     proc.kill(grace=1.0)
-    assert wait_for(lambda: not any(sl._alive(p) for p in escaped), timeout=5)
+    assert wait_for(lambda: not any(sl.alive(p) for p in escaped), timeout=5)
 
 
 # ------------------------------------------------------------------------------------------------ segmentation
 def test_segment_controller_blocking_run(fake_cli, fake_package, tmp_path):
     seen_argv = []
 
-    def runner(argv, env):  # an injected runner: records, then starts the real process
+    def runner(argv, env, output):  # an injected runner: records, then starts the real process
         seen_argv.append(list(argv))
-        assert str(sl.LIB_PARENT) in env["PYTHONPATH"].split(os.pathsep)
-        return sl.popen_runner(argv, env)
+        from LumbarSegmentLib.jobs import LIB_PARENT
+
+        assert str(LIB_PARENT) in env["PYTHONPATH"].split(os.pathsep) and env["LUMBARSEG_PROGRESS"]
+        return sl.popen_runner(argv, env, output)
 
     ctl = sl.SegmentController(runner=runner, command=fake_command(fake_cli, "ok", fake_package),
                                workdir_parent=str(tmp_path))
@@ -190,12 +201,12 @@ def test_segment_controller_cancel_kills_the_process_tree(fake_cli, fake_package
     with pytest.raises(sl.ControllerError):
         ctl.start(small_volume())  # one run at a time
     proc = ctl._process.proc
-    assert wait_for(lambda: sl._descendants(proc.pid))
-    family = [proc.pid] + sl._descendants(proc.pid)
+    assert wait_for(lambda: sl.descendants(proc.pid))
+    family = [proc.pid] + sl.descendants(proc.pid)
     assert wait_for(lambda: "batch 0 of 10" in ctl.poll().message, timeout=10)
     ctl.cancel()
     assert ctl.status.state == sl.CANCELLED
-    assert wait_for(lambda: not any(sl._alive(p) for p in family), timeout=5)
+    assert wait_for(lambda: not any(sl.alive(p) for p in family), timeout=5)
     assert list(tmp_path.glob("lumbarseg-run-*")) == []
     with pytest.raises(sl.ControllerError):
         ctl.result()
@@ -208,9 +219,15 @@ def test_segment_command_options():
     assert argv[:4] == ["py", "-m", "LumbarSegmentLib.cli", "segment"]
     joined = " ".join(argv)
     for part in ("--model a@1,b@2", "--device cuda", "--mode ensemble", "--confidence c.nrrd", "--reslice",
-                 "--batch-size 4", "--report r.json", "-o out.nrrd"):
+                 "--batch-size 4", "--report r.json", "--output out.nrrd"):
         assert part in joined
     assert "--model" not in sl.segment_command("py", Path("i"), Path("o"), Path("r"), sl.SegmentRequest())
+    # the CLI's own parser reads what the job builds
+    from LumbarSegmentLib.cli import _parser
+
+    a = _parser().parse_args(argv[3:])
+    assert (a.model, a.device, a.mode, a.confidence, a.reslice, a.batch_size, a.output, a.report) == \
+        ("a@1,b@2", "cuda", "ensemble", "c.nrrd", True, 4, "out.nrrd", "r.json")
 
 
 @pytest.mark.slow
@@ -315,11 +332,12 @@ def test_retrain_follows_the_progress_log_and_publishes(fake_trainer, dataset, t
     fractions = []
     assert wait_for(lambda: fractions.append(core.poll_retrain().fraction) or ctl.status.finished, timeout=60)
     assert ctl.status.state == sl.DONE, ctl.status.message
-    assert [r["event"] for r in ctl.records] == ["step"] * 4 + ["epoch", "done"]  # old run's line skipped
+    assert [r["event"] for r in ctl.records] == ["step"] * 4 + ["epoch", "done", "publish"]  # old line skipped
     assert ctl.latest["val"] == {"mean_dice_fg": 0.75} and ctl.latest["best_metric"] == 0.75
     assert ctl.package_path == tiny_package.path
     # the real `lumbarseg-train publish` ran as the second phase, into the user's registry
-    assert ctl.published and ctl.published.startswith("published uvd-tiny@1 to"), ctl.status.message
+    assert ctl.published and ctl.published.startswith("published uvd-tiny@1"), ctl.status.message
+    assert ctl.publish_event["ref"] == "uvd-tiny@1"
     assert "epoch 2" in ctl.status.message and ctl.published in ctl.status.message
     from LumbarSegmentLib.packages import Registry, user_registry_root
 
@@ -353,7 +371,46 @@ def test_retrain_stop_kills_the_trainer(fake_trainer, dataset, tmp_path):
     pid = ctl._process.proc.pid
     ctl.stop(grace=1.0)
     assert ctl.status.state == sl.CANCELLED and "--resume" in ctl.status.message
-    assert wait_for(lambda: not sl._alive(pid), timeout=5)
+    assert wait_for(lambda: not sl.alive(pid), timeout=5)
+
+
+def test_a_new_panel_reattaches_to_a_running_training_and_can_resume_it(fake_trainer, dataset, tmp_path):
+    """A module reload loses the controller, not the run: the run folder says what is going on."""
+    first = sl.RetrainController(command=trainer_command(fake_trainer, "hang"))
+    first.start(dataset, tmp_path / "run")
+    assert wait_for(lambda: first.poll().fraction == 0.01, timeout=30)
+    pid = first._process.proc.pid
+    del first  # the panel is gone; the child runs on in its own session
+    panel = sl.ModuleLogic(None, None, trainer=sl.RetrainController(command=trainer_command(fake_trainer, "hang")))
+    st = panel.reattach_retrain(tmp_path / "run")
+    assert st.state == sl.RUNNING and st.fraction == 0.01, st
+    panel.stop_retrain()
+    assert wait_for(lambda: not sl.alive(pid), timeout=10)
+    gone = sl.ModuleLogic(None, None, trainer=sl.RetrainController()).reattach_retrain(tmp_path / "run")
+    assert gone.state == sl.CANCELLED and "Resume" in gone.message
+    panel.resume_retrain()
+    assert panel.trainer.running and panel.trainer._argv[-1] == "--resume"
+    panel.stop_retrain(), wait_for(lambda: not panel.trainer.running, timeout=10)
+
+
+def test_the_held_out_cases_never_reach_training(dataset, tmp_path):
+    from LumbarSegmentLib.cases import write_case
+
+    vol = small_volume()
+    lab = np.zeros(vol.shape, np.uint8)
+    lab[1:3, 5:9, 5:9] = 1
+    for i in range(2, 9):
+        write_case(dataset, f"c{i}", vol, vol.with_array(lab), labels={1: "vertebral_body"},
+                   annotated_structures=["vertebral_body"])
+    seen = []
+    ctl = sl.RetrainController(runner=lambda argv, env, out: seen.append(argv) or sl.popen_runner(["true"], env, out))
+    ctl.start(dataset, tmp_path / "run", base_model="uvd-starter@1", epochs=2)
+    assert ctl.holdout == ["c4", "c8"]  # every 4th patient (sorted: c1 c2 c3 c4 c5 c6 c7 c8)
+    from LumbarSegmentLib.training.cli import build_parser
+
+    a = build_parser().parse_args(seen[0][3:])
+    assert a.exclude == "c4,c8" and a.epochs == 2 and a.source == "uvd-starter@1"
+    assert sl.publish_command("py", Path("p"), dataset, ctl.holdout)[-2:] == ["--cases", "c4,c8"]
 
 
 def test_retrain_refuses_a_folder_without_cases(tmp_path):
@@ -362,11 +419,21 @@ def test_retrain_refuses_a_folder_without_cases(tmp_path):
         sl.RetrainController(command=lambda *a: ["true"]).start(tmp_path / "empty", tmp_path / "run")
 
 
-def test_train_command():
-    assert sl.train_command("py", Path("d"), Path("o"), ["--epochs", "3"]) == \
-        ["py", "-m", "LumbarSegmentLib.training.cli", "train", "--data", "d", "--out", "o", "--epochs", "3"]
-    assert sl.train_command("py", Path("d"), Path("o"), base_model="uvd-starter@1")[3:6] == \
-        ["finetune", "--from", "uvd-starter@1"]
+def test_train_and_publish_commands_parse_with_the_training_cli():
+    from LumbarSegmentLib.training.cli import build_parser
+
+    parser = build_parser()
+    argv = sl.train_command("py", Path("d"), Path("o"), ["--threads", "1"], "uvd-starter@1", epochs=3,
+                            max_minutes=7.5, exclude=["c03", "c07"], resume=True)
+    assert argv[:3] == ["py", "-m", "LumbarSegmentLib.training.cli"]
+    a = parser.parse_args(argv[3:])
+    assert (a.command, a.source, a.data, a.out, a.epochs, a.max_minutes, a.exclude, a.resume, a.threads) == \
+        ("finetune", "uvd-starter@1", "d", "o", 3, 7.5, "c03,c07", True, 1)
+    a = parser.parse_args(sl.train_command("py", Path("d"), Path("o"))[3:])
+    assert a.command == "train" and a.epochs == 40 and a.exclude is None
+    a = parser.parse_args(sl.publish_command("py", Path("pkg"), Path("d"), ["c03"])[3:])
+    assert (a.command, a.package, a.data, a.cases) == ("publish", "pkg", "d", "c03")
+    assert parser.parse_args(sl.publish_command("py", Path("pkg"))[3:]).data is None
 
 
 # ------------------------------------------------------------------------------------------------ dependencies

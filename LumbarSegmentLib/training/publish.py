@@ -1,22 +1,31 @@
-"""Publish a package into a registry; it becomes the default only if it is at least as good.
+"""Publish a package into a registry; it becomes the default only if it is at least as good
+as the model **in use**, on cases it never trained on.
 
-"As good" is decided on the same frozen validation cases for both models: the
-candidate and the registry's current default are evaluated on those cases (mean Dice,
-or IoU, over the foreground classes both schemas have) and the candidate becomes the
-default if its score is >= the default's. Without a dataset, the metrics recorded in
-the two manifests are compared only if they were computed on the same validation cases
-(same ids and file checksums); otherwise publishing as default needs the data or
-``--force``. Earlier versions are never removed.
+The model in use is the catalogue's default (``packages.Catalog``: the user registry's
+default if it names one, else the shipped one), whichever registry holds it, not the
+default of the registry being published into. Both models are run through
+``evaluate.evaluate_packages`` (the engine's prediction path) on held-out cases: the
+dataset's frozen validation split (``LumbarSegmentLib.holdout``) unless ``--cases`` names
+others. Cases the candidate's manifest lists among its training cases are dropped. The
+result is a per-class table (Dice of each, and the difference) plus the mean over the
+foreground classes both schemas have; the candidate becomes the default if its mean is
+>= the current one's. With fewer than ``holdout.MIN_HOLDOUT_CASES`` held-out cases the
+gate says so and does not promote unless ``--force``. Without a dataset, the metrics
+recorded in the two manifests are compared only if they were computed on the same
+validation cases (same ids and file checksums). Earlier versions are never removed.
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
 from LumbarSegmentLib.cases import Case
-from LumbarSegmentLib.packages import ModelPackage, PackageError, Registry, read_package, user_registry_root
+from LumbarSegmentLib.holdout import MIN_HOLDOUT_CASES, frozen_split
+from LumbarSegmentLib.packages import (Catalog, ModelPackage, PackageError, Registry, read_package,
+                                       user_registry_root)
 
 log = logging.getLogger("lumbarseg.train")
 
@@ -37,64 +46,131 @@ def _recorded_val(pkg: ModelPackage) -> tuple[dict | None, tuple]:
     return val, key
 
 
+def _per_class(cand: dict, cur: dict, class_ids: Sequence[str], kind: str = "dice") -> dict:
+    out = {}
+    for c in class_ids:
+        a, b = cand[kind].get(c), cur[kind].get(c)
+        a = None if a is None or (isinstance(a, float) and math.isnan(a)) else float(a)
+        b = None if b is None or (isinstance(b, float) and math.isnan(b)) else float(b)
+        out[c] = {"candidate": a, "current": b, "delta": None if a is None or b is None else a - b}
+    return out
+
+
 def compare(candidate: ModelPackage, current: ModelPackage, case_list: Sequence[Case] | None, *,
             metric: str = "mean_dice_fg", device="cpu", amp: str = "off") -> dict:
-    """Scores of both on the same cases: ``{"candidate", "current", "classes", "cases", "source"}``."""
+    """Both models scored on the same cases.
+
+    Returns ``{"candidate", "current" (means), "current_ref", "classes", "per_class": {id: {"candidate",
+    "current", "delta"}}, "cases", "source": "evaluated" | "recorded"}``.
+    """
     common = [c for c in candidate.schema.ids if c != "background" and c in current.schema.ids]
     if not common:
         raise PackageError(f"{candidate.ref} and {current.ref} share no foreground class; cannot compare")
+    kind = "dice" if "dice" in metric else "iou"
     if case_list:
         from .evaluate import evaluate_packages
 
         res = evaluate_packages({"candidate": [candidate], "current": [current]}, case_list, device=device, amp=amp)
-        return {"candidate": _score(res["candidate"]["metrics"], common, metric),
-                "current": _score(res["current"]["metrics"], common, metric), "classes": common,
-                "cases": [c.case_id for c in case_list], "source": "evaluated"}
-    cv, ck = _recorded_val(candidate)
-    dv, dk = _recorded_val(current)
-    if cv is None or dv is None or not ck or ck != dk or any(f is None for _, f in ck):
-        raise PackageError(
-            "cannot compare with the current default without evaluating: their recorded validation metrics are "
-            "missing or come from different validation cases. Pass --data (and --cases) to evaluate both, or "
-            "--force to make it the default anyway.")
-    return {"candidate": _score(cv, common, metric), "current": _score(dv, common, metric), "classes": common,
-            "cases": [c for c, _ in ck], "source": "recorded"}
+        cm, dm = res["candidate"]["metrics"], res["current"]["metrics"]
+        cases, source = [c.case_id for c in case_list], "evaluated"
+    else:
+        cm, ck = _recorded_val(candidate)
+        dm, dk = _recorded_val(current)
+        if cm is None or dm is None or not ck or ck != dk or any(f is None for _, f in ck):
+            raise PackageError(
+                f"cannot compare with the model in use ({current.ref}) without evaluating: their recorded validation "
+                f"metrics are missing or come from different validation cases. Pass --data (its held-out cases "
+                f"are used) or --cases to evaluate both, or --force to make it the default anyway.")
+        cases, source = [c for c, _ in ck], "recorded"
+    return {"candidate": _score(cm, common, metric), "current": _score(dm, common, metric),
+            "current_ref": current.ref, "classes": common, "per_class": _per_class(cm, dm, common, kind),
+            "metric": metric, "cases": cases, "source": source}
+
+
+def format_comparison(comparison: dict, schema=None) -> str:
+    """The per-class table a person reads before trusting the gate (plain text, one class a line)."""
+    kind = "Dice" if "dice" in comparison.get("metric", "dice") else "IoU"
+    rows = [f"{'class':<28} {'in use':>8} {'candidate':>9} {'change':>8}"]
+    for cid, r in comparison["per_class"].items():
+        name = schema[cid].name if schema is not None and cid in schema.ids else cid
+
+        def f(v, sign=""):
+            return f"{v:{sign}.3f}" if v is not None else "-"
+        rows.append(f"{name:<28} {f(r['current']):>8} {f(r['candidate']):>9} {f(r['delta'], '+'):>8}")
+    rows.append(f"{'mean ' + kind + ' (foreground)':<28} {comparison['current']:>8.3f} {comparison['candidate']:>9.3f} "
+                f"{comparison['candidate'] - comparison['current']:>+8.3f}")
+    rows.append(f"in use: {comparison['current_ref']}; cases ({comparison['source']}): {', '.join(comparison['cases'])}")
+    return "\n".join(rows)
+
+
+def _unseen(candidate: ModelPackage, case_list: Sequence[Case]) -> tuple[list[Case], list[str]]:
+    """The cases the candidate's manifest does not list among its training cases, and the ids dropped."""
+    trained = set(candidate.manifest.get("training", {}).get("train_cases") or [])
+    keep = [c for c in case_list if c.case_id not in trained]
+    return keep, [c.case_id for c in case_list if c.case_id in trained]
+
+
+def _decide(pkg: ModelPackage, catalog: Catalog, case_list, *, metric, force, never_default, min_cases,
+            device, amp) -> tuple[bool, str, dict | None]:
+    """(make it the default?, why, comparison or None): the gate itself."""
+    current_ref = catalog.default_ref()
+    if never_default:
+        return False, "--no-default", None
+    if not current_ref:
+        return True, "no registry has a default model", None
+    if force:
+        return True, "forced", None
+    current = catalog.default()
+    short = ""
+    if case_list is not None:
+        case_list, seen = _unseen(pkg, case_list)
+        if seen:
+            log.warning("not grading on %s: the candidate trained on them", ", ".join(seen))
+        if len(case_list) < min_cases:
+            short = (f"only {len(case_list)} held-out case(s) the candidate never trained on (at least {min_cases} "
+                     f"needed to replace {current_ref}); export more cases, or --force")
+            if not case_list:
+                return False, short, None
+    comparison = compare(pkg, current, case_list, metric=metric, device=device, amp=amp)
+    c, d = comparison["candidate"], comparison["current"]
+    better = (not math.isnan(c)) and (math.isnan(d) or c >= d)
+    why = (f"{metric} {c:.4f} {'>=' if better else '<'} {d:.4f} of {current_ref} (in use) on "
+           f"{', '.join(comparison['cases'])} ({comparison['source']})")
+    if short:
+        return False, f"{short}; {why}", comparison
+    return better, why, comparison
 
 
 def publish_if_better(candidate: ModelPackage | str | Path, registry: Registry, *,
                       case_list: Sequence[Case] | None = None, metric: str = "mean_dice_fg", force: bool = False,
                       never_default: bool = False, ensemble: Sequence[str] | None = None, device="cpu",
-                      amp: str = "off") -> dict:
-    """Publish; returns ``{"ref", "default": bool, "reason", "comparison"}``."""
+                      amp: str = "off", registries: list[Registry] | None = None,
+                      min_cases: int = MIN_HOLDOUT_CASES) -> dict:
+    """Publish; returns ``{"ref", "default": bool, "reason", "comparison", "table", "registry"}``.
+
+    ``registries`` is the catalogue the model in use and the version number come from
+    (default: ``registry.catalog()``, the user's and the shipped registries).
+    """
     pkg = candidate if isinstance(candidate, ModelPackage) else read_package(candidate)
     pkg.verify()
-    current_ref = registry.default_ref()
-    comparison = None
-    if never_default:
-        make_default, reason = False, "--no-default"
-        if not current_ref:
-            log.warning("the registry has no default; the first package published becomes it anyway")
-    elif not current_ref:
-        make_default, reason = True, "the registry had no default model"
-    elif force:
-        make_default, reason = True, "forced"
-    else:
-        current = registry.get(current_ref)
-        comparison = compare(pkg, current, case_list, metric=metric, device=device, amp=amp)
-        c, d = comparison["candidate"], comparison["current"]
-        make_default = (not math.isnan(c)) and (math.isnan(d) or c >= d)
-        reason = (f"{metric} {c:.4f} {'>=' if make_default else '<'} {d:.4f} of the default {current_ref} "
-                  f"on {', '.join(comparison['cases'])} ({comparison['source']})")
-    new_ref = f"{pkg.name}@{registry.next_version(pkg.name)}"
+    catalog = Catalog([registry if os.path.realpath(r.root) == os.path.realpath(registry.root) else r
+                       for r in registries]) if registries is not None else registry.catalog()
+    make_default, reason, comparison = _decide(pkg, catalog, case_list, metric=metric, force=force,
+                                               never_default=never_default, min_cases=min_cases, device=device,
+                                               amp=amp)
+    new_ref = f"{pkg.name}@{max(registry.next_version(pkg.name), catalog.next_version(pkg.name))}"
     ens = None if ensemble is None else [new_ref if r in ("@new", pkg.name) else r for r in ensemble]
-    published = registry.publish(pkg, make_default=make_default, ensemble=ens)
-    out = {"ref": published.ref, "default": registry.default_ref() == published.ref, "reason": reason,
-           "comparison": comparison, "registry": str(registry.root)}
+    published = registry.publish(pkg, make_default=make_default, ensemble=ens, catalog=catalog)
+    out = {"ref": published.ref, "default": catalog.default_ref() == published.ref, "reason": reason,
+           "comparison": comparison, "registry": str(registry.root),
+           "table": format_comparison(comparison, pkg.schema) if comparison else ""}
     log.info("published %s (%s): %s", published.ref, "default" if out["default"] else "not default", reason)
     return out
 
 
 def publish_cli(a) -> int:
+    from LumbarSegmentLib.progress import ProgressLog
+
     from .data import select_cases
     from .trainer import resolve_device
 
@@ -102,15 +178,21 @@ def publish_cli(a) -> int:
     registry = Registry(a.registry or user_registry_root())
     case_list = None
     if a.data:
-        ids = [s.strip() for s in (a.cases or "").split(",") if s.strip()] or \
-            list(pkg.manifest.get("training", {}).get("val_cases") or [])
-        if not ids:
-            raise PackageError("no frozen validation cases: pass --cases (the candidate records none)")
-        case_list = select_cases(a.data, ids)
+        ids = [s.strip() for s in (a.cases or "").split(",") if s.strip()]
+        if ids:
+            case_list = select_cases(a.data, ids)
+        else:
+            split = frozen_split(a.data)
+            log.info("grading on the dataset's held-out cases: %s", ", ".join(split.holdout_ids) or "none")
+            case_list = split.holdout
     ensemble = [s.strip() for s in a.ensemble.split(",")] if a.ensemble else None
     res = publish_if_better(pkg, registry, case_list=case_list, metric=a.metric, force=a.force,
                             never_default=a.no_default, ensemble=ensemble, device=resolve_device(a.device),
-                            amp=a.amp)
+                            amp=a.precision)
+    if res["table"]:
+        print(res["table"])
     print(f"published {res['ref']} to {res['registry']}; "
-          f"{'it is now the default' if res['default'] else 'the default is unchanged'} ({res['reason']})")
+          f"{'it is now the default' if res['default'] else 'the model in use is unchanged'} ({res['reason']})")
+    ProgressLog.from_environment().write("publish", ref=res["ref"], default=res["default"], reason=res["reason"],
+                                         table=res["table"], comparison=res["comparison"])
     return 0

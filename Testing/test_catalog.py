@@ -1,0 +1,183 @@
+"""Model identity across registries (no shadowing), the frozen held-out split, and the publish gate.
+
+The gate's evaluation itself (``evaluate.evaluate_packages``, the engine's path) runs for real in
+test_full_loop.py; here it is replaced by a recorder so the gate's decisions are checked quickly.
+"""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import make_package
+from LumbarSegmentLib.cases import write_case
+from LumbarSegmentLib.holdout import HOLDOUT_FILE, frozen_split, set_holdout
+from LumbarSegmentLib.packages import Catalog, PackageError, Registry, read_package, resolve_model
+from LumbarSegmentLib.volume import Volume
+
+
+@pytest.fixture()
+def registries(tmp_path):
+    """A read-only "shipped" registry holding uvd-tiny@1 (its default) and an empty user registry."""
+    shipped = Registry(tmp_path / "shipped")
+    shipped.publish(make_package(tmp_path / "src", name="uvd-tiny"), make_default=True, catalog=Catalog([shipped]))
+    return Registry(tmp_path / "user"), Registry(tmp_path / "shipped", read_only=True)
+
+
+def _fine_tune(tmp_path, parent, seed=5):
+    pkg = make_package(tmp_path / f"ft{seed}", name=parent.name, seed=seed)
+    manifest = json.loads((pkg.path / "manifest.json").read_text())
+    manifest["parent"] = {"ref": parent.ref, "sha256": parent.sha256}
+    (pkg.path / "manifest.json").write_text(json.dumps(manifest))
+    return read_package(pkg.path)
+
+
+def test_fine_tune_published_to_user_registry_never_shadows_the_shipped_ref(tmp_path, registries):
+    user, shipped = registries
+    cat = Catalog([user, shipped])
+    shipped_pkg = cat.get("uvd-tiny@1")
+    ft = _fine_tune(tmp_path, shipped_pkg)
+    published = user.publish(ft, catalog=cat)
+    assert published.ref == "uvd-tiny@2", "versions continue across registries, never restart at 1"
+    assert published.parent == {"ref": "uvd-tiny@1", "sha256": shipped_pkg.sha256}
+    entries = cat.entries()
+    refs = [e.package.ref for e in entries]
+    assert sorted(refs) == ["uvd-tiny@1", "uvd-tiny@2"] and len(set(refs)) == len(refs)
+    assert [e.package.ref for e in entries if e.default] == ["uvd-tiny@1"], "exactly one default: the shipped one"
+    assert {e.package.ref: e.source for e in entries}["uvd-tiny@1"].startswith("read-only")
+    # the shipped ref still loads the shipped weights
+    again = resolve_model("uvd-tiny@1", [user, shipped])
+    assert again.path == shipped.root / "uvd-tiny" / "1" and again.sha256 == shipped_pkg.sha256
+    assert resolve_model(None, [user, shipped]).ref == "uvd-tiny@1"
+    assert resolve_model("uvd-tiny", [user, shipped]).ref == "uvd-tiny@1"  # bare name: the default's version
+
+
+def test_a_colliding_ref_keeps_the_shipped_copy_and_sets_the_other_aside(tmp_path, registries):
+    user, shipped = registries
+    user.publish(make_package(tmp_path / "old", name="uvd-tiny", seed=9), make_default=True,
+                 catalog=Catalog([user]))  # what an older LumbarSegment did: its own version 1
+    cat = Catalog([user, shipped])
+    entries = cat.entries()
+    assert [e.package.ref for e in entries] == ["uvd-tiny@1"]
+    assert entries[0].registry.root == shipped.root and entries[0].default
+    assert [c.registry.root for c in cat.conflicts] == [user.root]
+    assert resolve_model("uvd-tiny@1", [user, shipped]).path.parents[1] == shipped.root
+    assert cat.next_version("uvd-tiny") == 2
+    with pytest.raises(PackageError, match="no version 7"):
+        cat.get("uvd-tiny@7")
+
+
+def test_models_cli_lists_each_ref_once_with_one_default(tmp_path, monkeypatch, capsys):
+    from LumbarSegmentLib import cli, packages
+
+    monkeypatch.setenv("LUMBARSEG_HOME", str(tmp_path / "home"))
+    shipped_pkg = resolve_model("uvd-starter@1")  # the real shipped default
+    user = Registry(tmp_path / "home" / "models")
+    ft = _fine_tune(tmp_path, shipped_pkg)  # named uvd-starter: a fine-tune of the shipped default
+    assert user.publish(ft).ref == "uvd-starter@2"
+    assert cli.main(["models", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    refs = [r["ref"] for r in rows]
+    assert len(refs) == len(set(refs)), refs
+    assert [r["ref"] for r in rows if r["default"]] == ["uvd-starter@1"]
+    by_ref = {r["ref"]: r for r in rows}
+    assert by_ref["uvd-starter@1"]["source"] == "shipped" and by_ref["uvd-starter@2"]["source"] == "user"
+    assert by_ref["uvd-starter@2"]["parent"] == "uvd-starter@1"
+    assert packages.resolve_model("uvd-starter@1").sha256 == shipped_pkg.sha256
+
+
+# --------------------------------------------------------------------------- held-out split
+def _write_cases(folder, patients):
+    image = Volume(np.zeros((4, 4, 2), np.int16))
+    lab = np.zeros((4, 4, 2), np.uint8)
+    lab[1, 1, 1] = 1
+    for i, p in enumerate(patients):
+        write_case(folder, f"c{i:02d}", image, image.with_array(lab), labels={1: "vertebral_body"},
+                   annotated_structures=["vertebral_body"], patient=p)
+
+
+def test_frozen_split_holds_every_fourth_patient_and_never_moves_one(tmp_path):
+    _write_cases(tmp_path, ["p1", "p2", "p3", "p4", "p5"])
+    first = frozen_split(tmp_path)
+    assert first.holdout_ids == ["c03"] and not first.enough
+    assert (tmp_path / HOLDOUT_FILE).is_file()
+    # new exports: earlier assignments stay, new patients continue the count
+    image = Volume(np.zeros((4, 4, 2), np.int16))
+    lab = np.zeros((4, 4, 2), np.uint8)
+    lab[0, 0, 0] = 1
+    for i, p in enumerate(["a0", "a1", "a2", "p4"]):  # p4's second case is held out with it
+        write_case(tmp_path, f"n{i}", image, image.with_array(lab), labels={1: "vertebral_body"},
+                   annotated_structures=["vertebral_body"], patient=p)
+    second = frozen_split(tmp_path)
+    assert set(first.holdout_ids) <= set(second.holdout_ids)
+    assert set(second.holdout_ids) == {"c03", "n3", "n2"}  # p4 (both cases) and the 8th patient, a2
+    assert not set(second.train_ids) & set(second.holdout_ids)
+    assert set_holdout(tmp_path, ["p1"]).holdout_ids == ["c00"]
+
+
+# --------------------------------------------------------------------------- the gate
+class _Recorder:
+    """Stands in for evaluate_packages: records what was compared, returns chosen per-class Dice."""
+
+    def __init__(self, candidate, current):
+        self.scores = {"candidate": candidate, "current": current}
+        self.calls = []
+
+    def __call__(self, entries, cases, device="cpu", amp="off"):
+        self.calls.append({name: [p.path for p in pkgs] for name, pkgs in entries.items()} | {
+            "cases": [c.case_id for c in cases]})
+        out = {}
+        for name, pkgs in entries.items():
+            dice = {cid: self.scores[name].get(cid, float("nan")) for cid in pkgs[0].schema.ids}
+            fg = [v for k, v in dice.items() if k != "background" and v == v]
+            out[name] = {"metrics": {"dice": dice, "iou": dice, "mean_dice_fg": float(np.mean(fg))}}
+        return out
+
+
+def _cases(folder, n):
+    _write_cases(folder, [f"q{i}" for i in range(n)])
+    from LumbarSegmentLib.cases import list_cases
+
+    return list_cases(folder)
+
+
+@pytest.mark.parametrize("n_cases, better, promoted", [(3, True, True), (3, False, False), (1, True, False)])
+def test_gate_grades_against_the_model_in_use_on_unseen_cases(tmp_path, registries, monkeypatch, n_cases, better,
+                                                                promoted):
+    from LumbarSegmentLib.training import evaluate, publish
+
+    user, shipped = registries
+    in_use = Catalog([user, shipped]).default()
+    rec = _Recorder({"vertebral_body": 0.8 if better else 0.6}, {"vertebral_body": 0.7})
+    monkeypatch.setattr(evaluate, "evaluate_packages", rec)
+    ft = _fine_tune(tmp_path, in_use)
+    res = publish.publish_if_better(ft, user, case_list=_cases(tmp_path / "data", n_cases),
+                                    registries=[user, shipped])
+    assert rec.calls and rec.calls[0]["current"] == [in_use.path], "compared with the model in use"
+    assert res["default"] is promoted, res["reason"]
+    assert res["ref"] == "uvd-tiny@2"
+    row = res["comparison"]["per_class"]["vertebral_body"]
+    assert row["current"] == pytest.approx(0.7) and row["delta"] == pytest.approx(0.1 if better else -0.1)
+    assert "Vertebral body" in res["table"] or "vertebral_body" in res["table"]
+    if n_cases < 2:
+        assert "only 1 held-out case" in res["reason"]
+    cat = Catalog([user, shipped])
+    assert [e.package.ref for e in cat.entries() if e.default] == ["uvd-tiny@2" if promoted else "uvd-tiny@1"]
+
+
+def test_gate_drops_cases_the_candidate_trained_on_and_force_overrides(tmp_path, registries, monkeypatch):
+    from LumbarSegmentLib.training import evaluate, publish
+
+    user, shipped = registries
+    in_use = Catalog([user, shipped]).default()
+    rec = _Recorder({"vertebral_body": 0.9}, {"vertebral_body": 0.7})
+    monkeypatch.setattr(evaluate, "evaluate_packages", rec)
+    ft = _fine_tune(tmp_path, in_use)
+    manifest = json.loads((ft.path / "manifest.json").read_text())
+    manifest["training"]["train_cases"] = ["c00", "c01"]
+    (ft.path / "manifest.json").write_text(json.dumps(manifest))
+    cases = _cases(tmp_path / "data", 3)
+    res = publish.publish_if_better(read_package(ft.path), user, case_list=cases, registries=[user, shipped])
+    assert rec.calls[0]["cases"] == ["c02"] and not res["default"] and "only 1 held-out" in res["reason"]
+    forced = publish.publish_if_better(read_package(ft.path), user, case_list=cases, force=True,
+                                       registries=[user, shipped])
+    assert forced["default"] and forced["ref"] == "uvd-tiny@3"
