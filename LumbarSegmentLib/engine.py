@@ -35,6 +35,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .devices import (DEVICES, PRECISIONS, EngineError, autocast_dtype, cpu_has_bf16, is_oom,  # noqa: F401
+                      pick_device, precision_name)
 from .geometry import resize_planes
 from .packages import ModelPackage, PackageError
 from .preprocess import model_slices
@@ -51,16 +53,10 @@ if "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 MODES = ("fast", "tta", "ensemble")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class Cancelled(Exception):
     """The user cancelled the run; nothing was produced."""
-
-
-class EngineError(RuntimeError):
-    """The run cannot proceed as configured (device, models, options)."""
 
 
 @dataclass
@@ -99,59 +95,6 @@ class SegmentationResult:
     schema: LabelSchema
     confidence: Volume | None
     report: dict = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------- devices
-def pick_device(name: str = "auto"):
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise EngineError("device 'cuda' was requested but no CUDA GPU is available to PyTorch "
-                          f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); use --device cpu "
-                          "or install a CUDA build of PyTorch")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise EngineError("device 'mps' was requested but Apple MPS is not available")
-    return torch.device(name)
-
-
-def cpu_has_bf16() -> bool:
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # pragma: no cover - older torch
-        return False
-
-
-def autocast_dtype(device, precision: str):
-    """The autocast dtype for ``device`` (None = plain fp32)."""
-    import torch
-
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
-            return torch.bfloat16
-        return torch.float16
-    if device.type == "cpu":
-        if precision in ("bf16", "auto") and cpu_has_bf16():
-            return torch.bfloat16
-        if precision == "bf16":
-            raise EngineError("bf16 was requested but this CPU has no bf16 support; use --precision fp32")
-        return None
-    return torch.float16 if precision in ("fp16", "auto") else None
-
-
-def is_oom(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 # ----------------------------------------------------------------------------- windows
@@ -241,17 +184,66 @@ def inference_graph(model):
     return model
 
 
+@dataclass
+class LoadedModel:
+    """A network ready to run plus what the engine must know about it.
+
+    This is how training validation, ``lumbarseg-train evaluate`` and the publish gate hand a
+    model that lives in memory (a training run's current weights) to the same prediction path
+    users get from a package on disk: same windows, precision, class-id channel mapping and
+    label values. The engine never changes ``module``: it runs an eval-mode copy.
+    """
+
+    module: object  # torch.nn.Module
+    schema: LabelSchema
+    spacing: tuple
+    patch_size: tuple
+    normalisation: str = "zscore_nonzero"
+    channels: int = 1
+    ref: str = "in-memory model"
+    sha256: str | None = None
+    variant: str | None = None
+    path: str | None = None
+    owned: bool = False  # True: the engine may rewrite ``module`` in place (nobody else holds it)
+
+    @classmethod
+    def from_package(cls, package: ModelPackage) -> "LoadedModel":
+        """Load a package's weights (verified against its sha256) on the CPU."""
+        inp = package.manifest["input"]
+        return cls(module=package.load_model("cpu"), schema=package.schema, spacing=tuple(package.spacing),
+                   patch_size=tuple(package.patch_size),
+                   normalisation=inp.get("normalisation", {}).get("method", "zscore_nonzero"),
+                   channels=int(inp.get("channels", 1)), ref=package.ref, sha256=package.sha256,
+                   variant=package.manifest["architecture"].get("variant"), path=str(package.path), owned=True)
+
+    @classmethod
+    def from_module(cls, module, schema: LabelSchema, spacing, patch_size, *, ref: str = "in-memory model",
+                    variant: str | None = None) -> "LoadedModel":
+        """Wrap a network held by someone else (e.g. a training loop); the engine runs a copy."""
+        sp = tuple(float(x) for x in (spacing if len(spacing) == 2 else tuple(spacing) * 2))
+        ps = tuple(int(x) for x in (patch_size if isinstance(patch_size, (tuple, list)) else (patch_size,) * 2))
+        return cls(module=module, schema=schema, spacing=sp, patch_size=ps, ref=ref, variant=variant,
+                   owned=False)
+
+
+def as_loaded(model) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else LoadedModel.from_package(model)
+
+
 class _Runner:
     """One model on one device, with the batching / OOM policy."""
 
-    def __init__(self, package: ModelPackage, device, options: SegmentOptions, warnings: list):
+    def __init__(self, spec: LoadedModel, device, options: SegmentOptions, warnings: list):
+        import copy
+
         import torch
 
-        self.package = package
+        self.spec = spec
         self.options = options
         self.warnings = warnings
         self.device = device
-        self.model = inference_graph(package.load_model("cpu"))
+        module = spec.module if spec.owned else copy.deepcopy(spec.module).to("cpu")
+        self.model = inference_graph(module.eval())
         self.batch = options.batch_size or (32 if device.type == "cuda" else 8)
         self.group = self.batch  # windows per progress step; fixed, while ``batch`` may shrink on OOM
         self._place(device)
@@ -301,12 +293,12 @@ class _Runner:
             return torch.softmax(logits.float(), dim=1).cpu()
 
 
-def _tile_size(options: SegmentOptions, package: ModelPackage, plane: tuple[int, int]) -> tuple[int, int]:
+def _tile_size(options: SegmentOptions, spec: LoadedModel, plane: tuple[int, int]) -> tuple[int, int]:
     if options.tile == "auto":
-        options_tile = "whole" if max(plane) <= 2 * max(package.patch_size) else "patch"
-        return _tile_size(SegmentOptions(tile=options_tile), package, plane)
+        options_tile = "whole" if max(plane) <= 2 * max(spec.patch_size) else "patch"
+        return _tile_size(SegmentOptions(tile=options_tile), spec, plane)
     if options.tile == "patch":
-        return package.patch_size
+        return tuple(spec.patch_size)
     if options.tile == "whole":
         return tuple(max(32, -(-n // 32) * 32) for n in plane)
     n = int(options.tile)
@@ -320,13 +312,13 @@ def _predict_chunk(runner: _Runner, stack, flips: Sequence[bool], options: Segme
     import torch.nn.functional as F
 
     n, H, W = stack.shape
-    th, tw = _tile_size(options, runner.package, (H, W))
+    th, tw = _tile_size(options, runner.spec, (H, W))
     ph, pw = max(H, th), max(W, tw)
     x = F.pad(stack, (0, pw - W, 0, ph - H)) if (ph, pw) != (H, W) else stack
     ys, xs = window_starts(ph, th, options.overlap), window_starts(pw, tw, options.overlap)
     single = len(ys) == 1 and len(xs) == 1
     weight = torch.ones(th, tw) if single else gaussian_weight(th, tw)
-    K = runner.package.schema.num_classes
+    K = runner.spec.schema.num_classes
     acc = torch.zeros(n, K, ph, pw)
     wsum = torch.zeros(ph, pw)
     for y in ys:
@@ -355,7 +347,7 @@ def _predict_chunk(runner: _Runner, stack, flips: Sequence[bool], options: Segme
 
 
 def _count_batches(n_slices, plane, runner, flips, options):
-    th, tw = _tile_size(options, runner.package, plane)
+    th, tw = _tile_size(options, runner.spec, plane)
     ph, pw = max(plane[0], th), max(plane[1], tw)
     per_slice = len(window_starts(ph, th, options.overlap)) * len(window_starts(pw, tw, options.overlap))
     bs = runner.group
@@ -366,7 +358,7 @@ def _count_batches(n_slices, plane, runner, flips, options):
     return total
 
 
-def _check_ensemble(packages: Sequence[ModelPackage]) -> LabelSchema:
+def _check_ensemble(packages: Sequence[LoadedModel]) -> LabelSchema:
     schema = packages[0].schema
     for p in packages[1:]:
         if set(p.schema.ids) != set(schema.ids):
@@ -377,15 +369,19 @@ def _check_ensemble(packages: Sequence[ModelPackage]) -> LabelSchema:
     return schema
 
 
-def segment_volume(volume: Volume, packages: Sequence[ModelPackage], options: SegmentOptions | None = None,
+def segment_volume(volume: Volume, packages: Sequence[ModelPackage | LoadedModel],
+                   options: SegmentOptions | None = None,
                    progress: Callable[[int, int], None] | None = None,
                    cancel: Callable[[], bool] | threading.Event | None = None) -> SegmentationResult:
-    """Segment ``volume`` with one model (fast/tta) or several (ensemble); see the module doc."""
+    """Segment ``volume`` with one model (fast/tta) or several (ensemble); see the module doc.
+
+    ``packages`` are model packages (loaded here) or :class:`LoadedModel` s (already in memory).
+    """
     import torch
 
     options = options or SegmentOptions()
     options.validate()
-    packages = list(packages)
+    packages = [as_loaded(p) for p in packages]
     if not packages:
         raise EngineError("no model given")
     if options.mode in ("fast", "tta") and len(packages) > 1:
@@ -393,8 +389,8 @@ def segment_volume(volume: Volume, packages: Sequence[ModelPackage], options: Se
     if options.mode == "ensemble" and len(packages) < 2:
         raise EngineError("mode 'ensemble' needs at least two models")
     for p in packages:
-        if p.manifest["input"].get("channels", 1) != 1:
-            raise PackageError(f"{p.ref} expects {p.manifest['input']['channels']} input channels; only "
+        if p.channels != 1:
+            raise PackageError(f"{p.ref} expects {p.channels} input channels; only "
                                f"single-channel models are supported")
     schema = _check_ensemble(packages)
     is_cancelled = (cancel.is_set if isinstance(cancel, threading.Event) else cancel) or (lambda: False)
@@ -413,7 +409,7 @@ def segment_volume(volume: Volume, packages: Sequence[ModelPackage], options: Se
     t = time.perf_counter()
     prepared = {}
     for r in runners:
-        key = (r.package.spacing, r.package.input.get("normalisation", {}).get("method", "zscore_nonzero"))
+        key = (tuple(r.spec.spacing), r.spec.normalisation)
         if key not in prepared:
             prepared[key] = model_slices(volume, key[0], allow_reslice=options.allow_reslice,
                                          normalisation=key[1])
@@ -426,8 +422,8 @@ def segment_volume(volume: Volume, packages: Sequence[ModelPackage], options: Se
 
     n_slices = next(iter(prepared.values()))[0].shape[0]
     plane_in = tuple(layout.to_canonical(volume.array).shape[1:])
-    total = sum(_count_batches(n_slices, tuple(prepared[(r.package.spacing, k[1])][0].shape[1:]), r, flips, options)
-                for r in runners for k in [next(k for k in prepared if k[0] == r.package.spacing)])
+    total = sum(_count_batches(n_slices, tuple(prepared[(r.spec.spacing, k[1])][0].shape[1:]), r, flips, options)
+                for r in runners for k in [next(k for k in prepared if k[0] == r.spec.spacing)])
     done = [0]
 
     def tick():
@@ -435,7 +431,6 @@ def segment_volume(volume: Volume, packages: Sequence[ModelPackage], options: Se
         if progress:
             progress(done[0], total)
 
-    lut = np.array([c.value for c in schema.classes], dtype=np.uint8)  # channel -> label value
     labels_c = np.zeros((n_slices,) + plane_in, dtype=np.uint8)
     conf_c = np.zeros((n_slices,) + plane_in, dtype=np.float32) if options.confidence else None
     entropy_sum, fg_voxels = 0.0, 0
@@ -447,7 +442,7 @@ def segment_volume(volume: Volume, packages: Sequence[ModelPackage], options: Se
         for r in runners:
             if is_cancelled():
                 raise Cancelled("segmentation cancelled")
-            key = next(k for k in prepared if k[0] == r.package.spacing)
+            key = next(k for k in prepared if k[0] == r.spec.spacing)
             stack = prepared[key][0][c0:c1]
 
             def tick_checked():
@@ -457,14 +452,14 @@ def segment_volume(volume: Volume, packages: Sequence[ModelPackage], options: Se
 
             probs = _predict_chunk(r, stack, flips, options, tick_checked)
             probs = resize_planes(probs, plane_in, mode="bilinear")
-            order = [r.package.schema.channel_of()[cid] for cid in schema.ids]  # match channels by id
+            order = [r.spec.schema.channel_of()[cid] for cid in schema.ids]  # match channels by id
             if order != list(range(len(order))):
                 probs = probs[:, order]
             mean = probs if mean is None else mean.add_(probs)  # (probs is a fresh tensor: safe to reuse)
         if len(runners) > 1:
             mean /= len(runners)
         pmax, arg = mean.max(dim=1)
-        chunk_labels = lut[arg.numpy()]
+        chunk_labels = schema.channels_to_values(arg.numpy())
         labels_c[c0:c1] = chunk_labels
         counts += np.bincount(chunk_labels.ravel(), minlength=256)  # per chunk: bounded memory
         fg = torch.from_numpy(chunk_labels != 0)  # background by value, wherever its channel is
@@ -488,8 +483,8 @@ def segment_volume(volume: Volume, packages: Sequence[ModelPackage], options: Se
     report = {
         "labels": {str(c.value): c.id for c in schema.classes},
         "schema": schema.name,
-        "models": [{"ref": r.package.ref, "variant": r.package.manifest["architecture"].get("variant"),
-                    "sha256": r.package.sha256, "path": str(r.package.path)} for r in runners],
+        "models": [{"ref": r.spec.ref, "variant": r.spec.variant,
+                    "sha256": r.spec.sha256, "path": r.spec.path} for r in runners],
         "mode": options.mode,
         "device": str(runners[0].device),
         "precision": str(runners[0].dtype).replace("torch.", "") if runners[0].dtype else "float32",

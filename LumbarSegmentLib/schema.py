@@ -135,6 +135,31 @@ class LabelSchema:
         """Model output channel per class id: channels follow the schema's order."""
         return {c.id: i for i, c in enumerate(self.classes)}
 
+    # --- the one place where label values and model channels meet ---------------
+    def values_to_channels(self, labels, missing: int = 255):
+        """Label map in this schema's values -> channel indices (values it lacks -> ``missing``).
+
+        Training targets and metrics work on channel indices; files and the engine's output
+        carry label values. A schema may give its classes any values in any order, so the two
+        are never assumed equal: every conversion goes through here or :meth:`channels_to_values`.
+        """
+        import numpy as np
+
+        lut = np.full(256, missing, dtype=np.uint8)
+        for ch, c in enumerate(self.classes):
+            lut[c.value] = ch
+        arr = np.asarray(labels)
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise SchemaError(f"label values outside 0..255 in a map for schema {self.name!r}")
+        return lut[arr.astype(np.intp, copy=False)]
+
+    def channels_to_values(self, channels):
+        """Channel indices (e.g. an arg-max) -> this schema's label values (uint8)."""
+        import numpy as np
+
+        lut = np.array([c.value for c in self.classes], dtype=np.uint8)
+        return lut[np.asarray(channels).astype(np.intp, copy=False)]
+
     # --- terminology -------------------------------------------------------------
     def terminology_string(self, class_id: str) -> str:
         """Slicer's serialised terminology entry for one class (empty for background)."""

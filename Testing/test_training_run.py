@@ -35,7 +35,7 @@ DATA = REPO.parent / "shared" / "data" / "lumbar-mr"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared lumbar-mr data not found at {DATA} "
                                                            f"(see shared/data/README.md)")
 STARTER = load_schema("starter")
-TINY = dict(variant="UD", init_filters=4, epochs=4, steps_per_epoch=3, batch_size=4, patch=32, amp="off",
+TINY = dict(variant="UD", init_filters=4, epochs=4, steps_per_epoch=3, batch_size=4, patch=32, precision="fp32",
             log_every=1, progress_bar=False, warmup_steps=2, patience=0)
 
 

@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:
 from LumbarSegmentLib.models import build_model  # noqa: E402
 from LumbarSegmentLib.training import augment as aug  # noqa: E402
 from LumbarSegmentLib.training.data import PatchSampler, epoch_generator, load_dataset, select_cases  # noqa: E402
-from LumbarSegmentLib.training.inference import autocast_context  # noqa: E402
+from LumbarSegmentLib.devices import autocast  # noqa: E402
 from LumbarSegmentLib.training.losses import deep_supervision_loss  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def run(variant, filters, data, steps, batch, patch, amp, lr, seed=0):
         img, lab, ann = sampler.sample(batch, gen)
         x, y = aug.augment_batch(img, lab, aug.AugmentConfig(), patch, gen)
         t0 = time.perf_counter()
-        with autocast_context(torch.device("cpu"), amp):
+        with autocast(torch.device("cpu"), torch.bfloat16 if amp == "bf16" else None):
             out = model(x)
         loss = deep_supervision_loss(out, y, ann)
         opt.zero_grad()

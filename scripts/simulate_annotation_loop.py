@@ -41,7 +41,7 @@ from LumbarSegmentLib.cases import list_cases, write_case  # noqa: E402
 from LumbarSegmentLib.training.config import TrainConfig  # noqa: E402
 from LumbarSegmentLib.training.data import annotated_mask, as_schema, schema_labels, select_cases  # noqa: E402
 from LumbarSegmentLib.training.finetune import finetune  # noqa: E402
-from LumbarSegmentLib.training.inference import predict_volume  # noqa: E402
+from LumbarSegmentLib.training.evaluate import predict  # noqa: E402
 from LumbarSegmentLib.training.metrics import MetricAccumulator  # noqa: E402
 from LumbarSegmentLib.training.report import markdown_table  # noqa: E402
 from LumbarSegmentLib.training.trainer import train  # noqa: E402
@@ -62,13 +62,12 @@ def export(case, folder: Path, schema, label_array=None, extra=None):
 
 def draft_dice(pkg, case, schema) -> dict:
     """How close the model's draft is to the truth (per annotated structure)."""
-    model = pkg.load_model()
     image, label = case.load()
     truth, structures = schema_labels(case, label, schema)
-    pred = predict_volume([model], image, pkg.spacing)
+    pred = predict([pkg], image, device="cpu")  # the engine users run
     acc = MetricAccumulator(schema.ids)
-    acc.add(case.case_id, torch.from_numpy(pred), torch.from_numpy(truth.astype(np.int64)),
-            annotated_mask(structures, schema))
+    acc.add(case.case_id, torch.from_numpy(schema.values_to_channels(pred).astype(np.int64)),
+            torch.from_numpy(schema.values_to_channels(truth).astype(np.int64)), annotated_mask(structures, schema))
     return acc.per_case()[case.case_id]["dice"]
 
 
@@ -91,7 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--ft-lr", type=float, default=5e-4)
     p.add_argument("--intensity-aug", default="off", choices=("off", "light", "strong"))
     p.add_argument("--unannotated-bg-weight", type=float, default=0.0)
-    p.add_argument("--amp", default="off")
+    p.add_argument("--amp", default="fp32", help="precision: fp32 | bf16 | auto")
     p.add_argument("--threads", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the result (markdown + json) here")
@@ -107,7 +106,7 @@ def main(argv=None) -> int:
     dataset = work / "dataset"
     base = TrainConfig(variant=a.variant, init_filters=a.init_filters, spacing=(a.spacing, a.spacing), patch=a.patch,
                        batch_size=a.batch_size, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch, lr=a.lr,
-                       amp=a.amp, seed=a.seed, patience=0, progress_bar=False, val_stride=1, warmup_steps=20,
+                       precision=a.amp, seed=a.seed, patience=0, progress_bar=False, val_stride=1, warmup_steps=20,
                        intensity_aug=a.intensity_aug, unannotated_bg_weight=a.unannotated_bg_weight)
     schema = as_schema(base.schema)
     val_cases = select_cases(a.data, ids(a.val))

@@ -19,6 +19,18 @@ Optional intensity augmentation (not in the seed, off by default), on the z-scor
   which partial annotation - a patch comes from): a gamma curve with gamma in
   [0.6, 1.6] over the patch's intensity range, contrast x[0.75, 1.25], brightness
   +-0.25, Gaussian noise with sigma uniform in [0, 0.1].
+* ``"domain"`` (the generalisation recipe, docs/validation.md): what ``strong`` does with
+  wider ranges (gamma [0.5, 2], contrast x[0.7, 1.3], brightness +-0.3, noise up to 0.15),
+  plus the contrasts this project meets but its cases do not all show: inversion with
+  p = 0.2 (a T2w patch looks T1w-like and vice versa: bright fluid becomes dark), a smooth
+  multiplicative bias field with p = 0.5 (coil shading, strongest on water-fat images) and a
+  Gaussian blur with p = 0.2 (sigma 0.5-1.5 px).
+
+Resolution augmentation (``resolution_p`` > 0, also not in the seed): with that probability
+a patch is shrunk by a factor in [1.2, 2.2] (area averaging) and brought back (bilinear),
+which is what a 1.2-2.2 mm in-plane acquisition looks like after the engine resamples it to
+the model's 1 mm plane. The thick-slice counterpart (partial volume across slices) happens in
+the sampler (``training.data.PatchSampler``), where the neighbouring slices are at hand.
 """
 from __future__ import annotations
 
@@ -29,9 +41,12 @@ import torch
 import torch.nn.functional as F
 
 
-INTENSITY_MODES = ("off", "light", "strong")
+INTENSITY_MODES = ("off", "light", "strong", "domain")
 _INTENSITY = {"light": {"contrast": 0.1, "brightness": 0.1, "gamma": 1.0, "noise": (0.05, 0.05)},
-              "strong": {"contrast": 0.25, "brightness": 0.25, "gamma": 1.6, "noise": (0.0, 0.1)}}
+              "strong": {"contrast": 0.25, "brightness": 0.25, "gamma": 1.6, "noise": (0.0, 0.1)},
+              "domain": {"contrast": 0.3, "brightness": 0.3, "gamma": 2.0, "noise": (0.0, 0.15),
+                         "invert_p": 0.2, "bias_p": 0.5, "bias_amp": 0.35, "blur_p": 0.2, "blur": (0.5, 1.5)}}
+RESOLUTION_FACTORS = (1.2, 2.2)
 
 
 @dataclass(frozen=True)
@@ -41,7 +56,8 @@ class AugmentConfig:
     zoom: tuple[float, float] = (0.5, 1.5)
     flip_p: float = 0.5
     shift: float = 0.10
-    intensity: str = "off"  # "off" | "light" | "strong" (True/False are read as light/off)
+    intensity: str = "off"  # "off" | "light" | "strong" | "domain" (True/False are read as light/off)
+    resolution_p: float = 0.0  # probability of the low-resolution round trip
 
     def __post_init__(self):
         v = {True: "light", False: "off", None: "off"}.get(self.intensity, self.intensity)
@@ -51,14 +67,16 @@ class AugmentConfig:
 
     def to_dict(self) -> dict:
         return {"enabled": self.enabled, "rotation_deg": self.rotation_deg, "zoom": list(self.zoom),
-                "flip_p": self.flip_p, "shift": self.shift, "intensity": self.intensity}
+                "flip_p": self.flip_p, "shift": self.shift, "intensity": self.intensity,
+                "resolution_p": self.resolution_p}
 
 
 def random_params(n: int, cfg: AugmentConfig, gen: torch.Generator) -> dict:
     """Per-sample transform parameters (CPU tensors)."""
     u = lambda: torch.rand(n, generator=gen, dtype=torch.float64)  # noqa: E731
     z = torch.zeros(n, dtype=torch.float64)
-    neutral = {"contrast": z + 1, "brightness": z, "gamma": z + 1, "noise": z}
+    neutral = {"contrast": z + 1, "brightness": z, "gamma": z + 1, "noise": z, "invert": torch.zeros(n, dtype=torch.bool),
+               "bias": z, "blur": z, "resolution": z + 1}
     if not cfg.enabled:
         return {"angle": z, "zoom": z + 1, "flip": torch.zeros(n, dtype=torch.bool), "ty": z, "tx": z, **neutral}
     angle = (u() * 2 - 1) * math.radians(cfg.rotation_deg)
@@ -74,6 +92,14 @@ def random_params(n: int, cfg: AugmentConfig, gen: torch.Generator) -> dict:
             out["gamma"] = torch.exp((u() * 2 - 1) * math.log(k["gamma"]))
         lo, hi = k["noise"]
         out["noise"] = lo + u() * (hi - lo)
+        if "invert_p" in k:
+            out["invert"] = u() < k["invert_p"]
+            out["bias"] = torch.where(u() < k["bias_p"], (u() * 2 - 1) * k["bias_amp"], z)
+            b0, b1 = k["blur"]
+            out["blur"] = torch.where(u() < k["blur_p"], b0 + u() * (b1 - b0), z)
+    if cfg.resolution_p > 0:
+        f0, f1 = RESOLUTION_FACTORS
+        out["resolution"] = torch.where(u() < cfg.resolution_p, f0 + u() * (f1 - f0), z + 1)
     return out
 
 
@@ -114,15 +140,59 @@ def apply(image: torch.Tensor, label: torch.Tensor, theta: torch.Tensor, patch: 
     return img, lab
 
 
+def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of one ``[1, 1, H, W]`` sample (reflect padding)."""
+    r = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-r, r + 1, dtype=torch.float32, device=img.device)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = k / k.sum()
+    img = F.conv2d(F.pad(img, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(img, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+
+
+def _bias_field(shape, amp: torch.Tensor, gen: torch.Generator, device) -> torch.Tensor:
+    """Smooth multiplicative fields ``exp(amp * s)``, ``s`` a bicubic upsampling of 4x4 noise in [-1, 1]."""
+    b, _, h, w = shape
+    coarse = torch.rand(b, 1, 4, 4, generator=gen) * 2 - 1
+    s = F.interpolate(coarse.to(device), size=(h, w), mode="bicubic", align_corners=True)
+    return torch.exp(amp.to(device=device, dtype=torch.float32)[:, None, None, None] * s)
+
+
+def degrade_resolution(img: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Per-sample low-resolution round trip: area-shrink by ``factors[i]`` (>1), bilinear back."""
+    if not bool((factors > 1).any()):
+        return img
+    h, w = img.shape[-2:]
+    out = img.clone()
+    for i in torch.nonzero(factors > 1).flatten().tolist():
+        f = float(factors[i])
+        small = F.interpolate(img[i:i + 1], size=(max(8, round(h / f)), max(8, round(w / f))), mode="area")
+        out[i:i + 1] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    return out
+
+
 def intensity(img: torch.Tensor, p: dict, gen: torch.Generator | None = None) -> torch.Tensor:
-    """Gamma over each sample's intensity range, then contrast/brightness, then noise (no-ops when neutral)."""
+    """Resolution, inversion, bias field, gamma over each sample's intensity range, blur, contrast/brightness,
+    noise (each a no-op where its parameter is neutral)."""
     dev = img.device
     col = lambda k: p[k].to(device=dev, dtype=torch.float32)[:, None, None, None]  # noqa: E731
+    if "resolution" in p:
+        img = degrade_resolution(img, p["resolution"])
+    if "invert" in p and bool(p["invert"].any()):
+        img = torch.where(p["invert"].to(dev)[:, None, None, None], -img, img)
+    if "bias" in p and gen is not None and bool((p["bias"] != 0).any()):
+        # multiplicative around the patch minimum so the background stays background
+        lo = img.amin(dim=(1, 2, 3), keepdim=True)
+        img = (img - lo) * _bias_field(img.shape, p["bias"], gen, dev) + lo
     if "gamma" in p and not bool((p["gamma"] == 1).all()):
         lo = img.amin(dim=(1, 2, 3), keepdim=True)
         hi = img.amax(dim=(1, 2, 3), keepdim=True)
         span = (hi - lo).clamp(min=1e-6)
         img = ((img - lo) / span).clamp(0, 1).pow(col("gamma")) * span + lo
+    if "blur" in p and bool((p["blur"] > 0).any()):
+        img = img.clone()
+        for i in torch.nonzero(p["blur"] > 0).flatten().tolist():
+            img[i:i + 1] = _gaussian_blur(img[i:i + 1], float(p["blur"][i]))
     if not (bool((p["contrast"] == 1).all()) and bool((p["brightness"] == 0).all())):
         img = img * col("contrast") + col("brightness")
     if "noise" in p and gen is not None and bool((p["noise"] > 0).any()):
@@ -136,5 +206,6 @@ def augment_batch(image: torch.Tensor, label: torch.Tensor, cfg: AugmentConfig, 
     crop = image.shape[-1]
     p = random_params(image.shape[0], cfg, gen)
     theta = theta_from_params(p, crop, patch)
+    randomised = cfg.enabled and (cfg.intensity != "off" or cfg.resolution_p > 0)
     return apply(image.to(device, non_blocking=True), label.to(device, non_blocking=True), theta, patch,
-                 params=p, noise_gen=gen if (cfg.enabled and cfg.intensity != "off") else None)
+                 params=p, noise_gen=gen if randomised else None)

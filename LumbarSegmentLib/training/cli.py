@@ -17,10 +17,11 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from LumbarSegmentLib.models import VARIANTS
 
-from .config import AMP_MODES, METRICS, OPTIMIZERS, SCHEDULES, TrainConfig
+from .config import METRICS, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
 
 log = logging.getLogger("lumbarseg.train")
 
@@ -31,6 +32,16 @@ def _ids(s: str | None) -> list[str]:
 
 def _floats(s: str) -> tuple:
     return tuple(float(x) for x in str(s).replace("x", ",").split(",") if x)
+
+
+def add_precision_arg(p, default: str = "auto") -> None:
+    """``--precision`` (the one name of the setting, as in ``lumbarseg segment``); ``--amp`` is its old
+    spelling, still accepted (``off`` = ``fp32``) so existing scripts keep working."""
+    p.add_argument("--precision", choices=PRECISIONS, default=default,
+                   help="autocast precision: auto = bf16 on CUDA and on CPUs with native bf16, else fp32 "
+                        f"(default {default})")
+    p.add_argument("--amp", dest="precision", type=lambda v: {"off": "fp32"}.get(v, v), choices=PRECISIONS,
+                   help=argparse.SUPPRESS)
 
 
 def _add_data_args(p: argparse.ArgumentParser, val: bool = True) -> None:
@@ -76,11 +87,18 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
     g.add_argument("--spacing", type=_floats, default=(1.0, 1.0), help="model in-plane spacing in mm (e.g. 1.0 "
                                                                        "or 0.8,0.8)")
     g.add_argument("--fg-fraction", type=float, default=0.67, help="share of patches centred on foreground")
-    g.add_argument("--balance", choices=("structures", "cases", "slices"), default="structures")
+    g.add_argument("--balance", choices=("structures", "sources", "cases", "slices"), default="structures",
+                   help="how patches are shared among cases: structures = equal share per annotated-structure "
+                        "group; sources = per (source, structures) group; cases; slices")
     g.add_argument("--no-augment", dest="augment", action="store_false")
-    g.add_argument("--intensity-aug", nargs="?", const="light", default="off", choices=("off", "light", "strong"),
+    g.add_argument("--intensity-aug", nargs="?", const="light", default="off", choices=("off", "light", "strong", "domain"),
                    help="intensity augmentation (not in the seed): light = contrast/brightness/noise jitter; "
-                        "strong = + gamma, wider ranges (domain randomisation for partially labelled data sets)")
+                        "strong = + gamma, wider ranges (domain randomisation for partially labelled data sets); "
+                        "domain = strong with wider ranges + inversion, bias field, blur")
+    g.add_argument("--resolution-aug", dest="resolution_p", type=float, default=0.0, metavar="P",
+                   help="probability of simulating a 1.2-2.2 mm in-plane acquisition per patch (default 0)")
+    g.add_argument("--slab-aug", dest="slab_p", type=float, default=0.0, metavar="P",
+                   help="probability of a thick-slice patch (mean of 2-5 neighbouring slices) (default 0)")
     g.add_argument("--unannotated-bg-weight", type=float, default=0.0,
                    help="weight of a small cross-entropy pull of unannotated classes towards background "
                         "(tie-breaker where the marginal loss leaves them free; 0 = pure marginal)")
@@ -92,8 +110,7 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="run folder (checkpoints, progress.jsonl, package/, reports)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--amp", choices=AMP_MODES, default="auto", help="autocast: auto = bf16/fp16 on CUDA, off on "
-                                                                     "CPU; bf16 helps on CPUs with AVX-512 BF16")
+    add_precision_arg(g)
     g.add_argument("--threads", type=int, help="CPU threads for this process")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resume", action="store_true", help="continue from <out>/last.pt if present")
@@ -105,8 +122,8 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
 def _config_from_args(a, **overrides) -> TrainConfig:
     keys = ["variant", "schema", "init_filters", "activation", "deep_supervision", "optimizer", "lr",
             "weight_decay", "epochs", "steps_per_epoch", "batch_size", "patch", "spacing", "fg_fraction",
-            "balance", "augment", "intensity_aug", "unannotated_bg_weight", "marginal", "dice_weight", "schedule", "warmup_steps",
-            "grad_clip", "patience", "metric", "val_every", "val_stride", "device", "amp", "threads", "seed",
+            "balance", "augment", "intensity_aug", "resolution_p", "slab_p", "unannotated_bg_weight", "marginal", "dice_weight", "schedule", "warmup_steps",
+            "grad_clip", "patience", "metric", "val_every", "val_stride", "device", "precision", "threads", "seed",
             "name", "half_weights", "resume", "progress_bar", "max_minutes", "budget_clock"]
     kw = {k: getattr(a, k) for k in keys if hasattr(a, k) and getattr(a, k) is not None}
     kw.update({k: v for k, v in overrides.items() if v is not None})
@@ -131,9 +148,19 @@ def _split(a, cases):
 
 
 # --------------------------------------------------------------------------------------
+def refuse_existing_run(a) -> None:
+    """``--out`` holding another run without ``--resume`` would mix two runs' checkpoints and logs: refuse."""
+    out = Path(a.out)
+    found = [n for n in ("last.pt", "best.pt", "progress.jsonl") if (out / n).exists()]
+    if found and not getattr(a, "resume", False):
+        raise ValueError(f"{out} already holds a training run ({', '.join(found)}); continue it with --resume, "
+                         f"or choose a new --out folder")
+
+
 def cmd_train(a) -> int:
     from .trainer import train
 
+    refuse_existing_run(a)
     cfg = _config_from_args(a)
     cases = _select(a)
     tr, va = _split(a, cases)
@@ -158,6 +185,7 @@ def cmd_cv(a) -> int:
 def cmd_finetune(a) -> int:
     from .finetune import finetune
 
+    refuse_existing_run(a)
     cases = _select(a)
     tr, va = _split(a, cases)
     r = finetune(a.source, tr, va, out_dir=a.out, schema=a.schema, args=a,
@@ -220,7 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--exclude")
     e.add_argument("--out", help="write metrics.md/.csv/.json and charts here")
     e.add_argument("--device", default="auto")
-    e.add_argument("--amp", choices=AMP_MODES, default="off")
+    add_precision_arg(e)
+    e.add_argument("--mode", choices=("fast", "tta", "ensemble"),
+                   help="engine mode (default: fast for one model, ensemble for A+B)")
+    e.add_argument("--thick-slab", type=float, metavar="MM",
+                   help="score clinical-looking stacks instead: slabs of MM averaged across slices, "
+                        "0.6 mm in-plane, nearest-neighbour labels")
     e.add_argument("--threads", type=int)
     e.set_defaults(func=cmd_evaluate)
 
@@ -235,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--ensemble", help="set the registry's default ensemble (refs, comma-separated; "
                                       "'@new' = the version being published)")
     u.add_argument("--device", default="auto")
-    u.add_argument("--amp", choices=AMP_MODES, default="off")
+    add_precision_arg(u)
     u.set_defaults(func=cmd_publish)
 
     x = sub.add_parser("export", help="checkpoint (last.pt/best.pt of a run) -> model package (safetensors)")

@@ -9,7 +9,7 @@ from LumbarSegmentLib.models import VARIANTS
 
 OPTIMIZERS = ("adam", "rmsprop", "adadelta")
 SCHEDULES = ("cosine", "poly", "constant")
-AMP_MODES = ("auto", "off", "bf16", "fp16")
+from LumbarSegmentLib.devices import PRECISIONS
 METRICS = ("mean_dice_fg", "mean_iou_fg", "mean_dice", "mean_iou")
 
 
@@ -41,7 +41,9 @@ class TrainConfig:
     zoom: tuple = (0.5, 1.5)
     flip_p: float = 0.5
     shift: float = 0.10
-    intensity_aug: str = "off"  # "off" | "light" | "strong" (see LumbarSegmentLib.training.augment)
+    intensity_aug: str = "off"  # "off" | "light" | "strong" | "domain" (see LumbarSegmentLib.training.augment)
+    resolution_p: float = 0.0  # probability of a low-resolution round trip per patch (augment)
+    slab_p: float = 0.0  # probability of a thick-slab (partial volume) patch (data.PatchSampler)
     unannotated_bg_weight: float = 0.0  # small pull of unannotated classes towards background (see losses)
     marginal: bool = True
     dice_weight: float = 1.0
@@ -57,7 +59,7 @@ class TrainConfig:
     val_stride: int = 1  # use every n-th slice for the per-epoch validation (final one uses all)
     val_batch: int = 8
     device: str = "auto"
-    amp: str = "auto"
+    precision: str = "auto"  # devices.PRECISIONS: auto = bf16 on CUDA / bf16-capable CPUs, else fp32
     threads: Optional[int] = None
     seed: int = 0
     log_every: int = 10
@@ -76,8 +78,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.budget_clock not in ("wall", "cpu"):
             raise ValueError(f"budget_clock must be wall or cpu, got {self.budget_clock!r}")
         if self.metric not in METRICS:
@@ -87,8 +89,10 @@ class TrainConfig:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch size must be >= 1")
         self.intensity_aug = {True: "light", False: "off", None: "off"}.get(self.intensity_aug, self.intensity_aug)
-        if self.intensity_aug not in ("off", "light", "strong"):
-            raise ValueError(f"intensity_aug must be off|light|strong, got {self.intensity_aug!r}")
+        if self.intensity_aug not in ("off", "light", "strong", "domain"):
+            raise ValueError(f"intensity_aug must be off|light|strong|domain, got {self.intensity_aug!r}")
+        if not (0 <= self.resolution_p <= 1 and 0 <= self.slab_p <= 1):
+            raise ValueError("resolution_p and slab_p are probabilities in [0, 1]")
         self.spacing = tuple(float(s) for s in self.spacing)
         if len(self.spacing) == 1:
             self.spacing = self.spacing * 2
@@ -134,10 +138,12 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        if "amp" in d and "precision" not in d:  # configs written before the setting had one name
+            d = {**d, "precision": {"off": "fp32"}.get(d["amp"], d["amp"])}
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
 
 
-__all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "AMP_MODES", "METRICS"]
+__all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "PRECISIONS", "METRICS"]

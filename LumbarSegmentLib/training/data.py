@@ -51,11 +51,12 @@ class CaseSlices:
     case_id: str
     patient: str
     image: torch.Tensor  # [S, H, W] float32 (z-scored)
-    label: torch.Tensor  # [S, H, W] uint8, schema values
+    label: torch.Tensor  # [S, H, W] uint8, channel indices of the schema (not label values)
     annotated: torch.Tensor  # [K] bool, schema channel order; [0] (background) always True
     structures: tuple[str, ...] = ()
     fg_slices: list[int] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+    source: str = ""  # acquisition source (data set / site), for balanced sampling and per-source reports
 
     @property
     def num_slices(self) -> int:
@@ -63,6 +64,21 @@ class CaseSlices:
 
     def nbytes(self) -> int:
         return self.image.numel() * 4 + self.label.numel()
+
+
+def case_source(case: _cases.Case) -> str:
+    """The source a case comes from: its case.json ``source`` (or ``dataset``) field, else the part of
+    its id before the first ``_`` (``VB3_12`` -> ``VB3``), else the id itself.
+
+    Sources differ in contrast and resolution far more than cases within a source do; the
+    sampler balances them and the validation report is broken down by them.
+    """
+    for key in ("source", "group"):
+        v = case.extra.get(key)
+        if isinstance(v, str) and v.strip():
+            return v.strip()
+    head = case.case_id.split("_", 1)[0]
+    return head if head != case.case_id else case.case_id
 
 
 def as_schema(schema: LabelSchema | str) -> LabelSchema:
@@ -103,11 +119,13 @@ def load_case_slices(case: _cases.Case, schema: LabelSchema | str, spacing_mm: S
     if not structures:
         raise DataError(f"case {case.case_id} annotates none of the classes of schema {schema.name!r} "
                         f"(it annotates {case.annotated_structures})")
-    lab = preprocess.label_slices(arr, layout, tuple(stack.shape[1:])).to(torch.uint8)
+    # training targets are channel indices: values map to channels by class id (schema.values_to_channels)
+    lab = preprocess.label_slices(schema.values_to_channels(arr), layout, tuple(stack.shape[1:])).to(torch.uint8)
     fg = (lab > 0).flatten(1).any(1).nonzero().flatten().tolist()
     return CaseSlices(case_id=case.case_id, patient=case.patient, image=stack.float().contiguous(),
                       label=lab.contiguous(), annotated=annotated_mask(structures, schema),
-                      structures=structures, fg_slices=fg, info={"layout": layout.to_dict()})
+                      structures=structures, fg_slices=fg, info={"layout": layout.to_dict()},
+                      source=case_source(case))
 
 
 def load_dataset(case_list: Sequence[_cases.Case], schema: LabelSchema | str,
@@ -160,14 +178,30 @@ def _crop(t: torch.Tensor, cy: int, cx: int, size: int, fill) -> torch.Tensor:
 
 
 class PatchSampler:
-    """Draws batches of context crops (2x patch) with their labels and annotated masks."""
+    """Draws batches of context crops (2x patch) with their labels and annotated masks.
+
+    ``balance``: ``structures`` gives every group of cases with the same annotated structures the
+    same share; ``sources`` gives every (source, structures) group the same share, so 39 water-fat
+    cases do not drown four mixed-sequence ones; ``cases`` and ``slices`` weigh uniformly.
+
+    ``slab_p`` (thick-slice augmentation): with that probability the image crop is the mean of
+    ``w`` neighbouring slices (``w`` uniform in 2..``slab_max``) around the labelled one: the
+    partial-volume look of a 3-5 mm clinical stack when the cases are 1 mm. The label stays the
+    centre slice's, as the nearest-neighbour label of a thick slice would be.
+    """
+
+    BALANCES = ("structures", "sources", "cases", "slices")
 
     def __init__(self, data: Sequence[CaseSlices], patch: int = 256, fg_fraction: float = 0.67,
-                 balance: str = "structures", context: float = 2.0, jitter: float = 0.25):
+                 balance: str = "structures", context: float = 2.0, jitter: float = 0.25,
+                 slab_p: float = 0.0, slab_max: int = 5):
         if not data:
             raise DataError("no training cases")
-        if balance not in ("structures", "cases", "slices"):
-            raise DataError(f"balance must be structures|cases|slices, got {balance!r}")
+        if balance not in self.BALANCES:
+            raise DataError(f"balance must be one of {'|'.join(self.BALANCES)}, got {balance!r}")
+        if not 0 <= slab_p <= 1 or slab_max < 2:
+            raise DataError("slab_p must be in [0, 1] and slab_max >= 2")
+        self.slab_p, self.slab_max = float(slab_p), int(slab_max)
         self.data = list(data)
         self.patch = int(patch)
         self.crop = int(math.ceil(self.patch * context / 2) * 2)
@@ -178,6 +212,11 @@ class PatchSampler:
             for c in self.data:
                 groups[c.structures] = groups.get(c.structures, 0) + 1
             w = [1.0 / groups[c.structures] for c in self.data]
+        elif balance == "sources":
+            sgroups: dict[tuple, int] = {}
+            for c in self.data:
+                sgroups[(c.source, c.structures)] = sgroups.get((c.source, c.structures), 0) + 1
+            w = [1.0 / sgroups[(c.source, c.structures)] for c in self.data]
         elif balance == "cases":
             w = [1.0] * len(self.data)
         else:
@@ -209,7 +248,12 @@ class PatchSampler:
         for i in idx:
             c = self.data[i]
             s, cy, cx = self._centre(c, gen)
-            imgs.append(_crop(c.image[s], cy, cx, self.crop, 0.0))
+            img = c.image[s]
+            if self.slab_p > 0 and float(torch.rand((), generator=gen)) < self.slab_p and c.num_slices > 1:
+                w = 2 + int(torch.randint(self.slab_max - 1, (1,), generator=gen))
+                a = min(max(0, s - w // 2), max(0, c.num_slices - w))
+                img = c.image[a:a + w].mean(0)
+            imgs.append(_crop(img, cy, cx, self.crop, 0.0))
             labs.append(_crop(c.label[s], cy, cx, self.crop, 0))
             ann.append(c.annotated)
         return torch.stack(imgs)[:, None], torch.stack(labs), torch.stack(ann)

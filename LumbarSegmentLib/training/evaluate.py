@@ -1,90 +1,253 @@
-"""Evaluate model packages (or ensembles) on cases: per-class Dice/IoU per case and pooled.
+"""Scoring models on cases through the engine users run: per class, per case, per source.
 
-Predictions are made exactly as at inference (``preprocess.model_slices`` at the
-model's spacing, softmax, resampled back to the case's own grid, arg-max) and
-compared with the case's label map mapped onto the model's schema by class id.
-Partial labels are scored as in ``LumbarSegmentLib.training.metrics``.
+Every score in this project - training validation, ``lumbarseg-train evaluate``, the publish
+gate, docs/validation.md - is made here, and every prediction here is made by
+``engine.segment_volume`` (the one prediction path): same windows, precision, class-id channel
+mapping and label values as ``lumbarseg segment``. A model still in memory (a training run's
+current weights) goes in as an ``engine.LoadedModel``; an ensemble is the engine's ensemble mode
+(probabilities averaged, flip TTA), exactly what ``--mode ensemble`` gives a user.
+
+Scores (partial labels handled as in ``training.metrics``):
+
+* **strict**: one confusion matrix per case on the case's own voxel grid, pooled over the set;
+* **level range**: the Dice of each annotated class counted only within the superior-inferior
+  rows the manual label covers (+- ``margin_mm``): data sets label different spine levels (VB3
+  only L1-L5, the disc set only L1/L2-L5/S1), so a model that correctly finds T12 is not
+  charged for it there;
+* **per source**: both of the above pooled within each source (``training.data.case_source``).
+
+``thick_slab`` turns a 1 mm case into what a clinical 2D sagittal stack looks like (slabs of
+``slab_mm`` averaged across slices, resampled in-plane), with nearest-neighbour labels, for the
+clinical-robustness rows of the report.
 
     lumbarseg-train evaluate --model uvd-starter,umd-starter,uvd-starter+umd-starter \\
-        --registry Resources/Models --data DATA --cases IVD_25,VB1_08,VB2_05,VB3_04 --out reports/val
+        --registry Resources/Models --data DATA --cases IVD_25,VB1_08 --out reports/val
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from LumbarSegmentLib.cases import Case
-from LumbarSegmentLib.packages import ModelPackage, PackageError, Registry, resolve_model
+from LumbarSegmentLib.engine import LoadedModel, SegmentOptions, segment_volume
+from LumbarSegmentLib.geometry import resize_planes, sagittal_layout
+from LumbarSegmentLib.packages import ModelPackage, Registry, resolve_model
+from LumbarSegmentLib.schema import LabelSchema
+from LumbarSegmentLib.volume import Volume
 
 from . import report
-from .data import annotated_mask, schema_labels, select_cases
-from .inference import predict_volume
+from .data import annotated_mask, case_source, schema_labels, select_cases
 from .metrics import MetricAccumulator, clean
-from .trainer import resolve_device
 
 log = logging.getLogger("lumbarseg.train")
 
 
-def channel_maps_for(packages: Sequence[ModelPackage]) -> list[list[int]]:
-    """For each package, its channel index of every class of the first package's schema (by id)."""
-    ref = packages[0].schema
-    maps = []
-    for p in packages:
-        ch = p.schema.channel_of()
-        missing = [c for c in ref.ids if c not in ch]
-        if missing:
-            raise PackageError(f"cannot ensemble {p.ref} with {packages[0].ref}: it lacks classes {missing}")
-        if tuple(p.spacing) != tuple(packages[0].spacing):
-            log.info("ensemble members use different spacings; each is run at its own and resampled")
-        maps.append([ch[c] for c in ref.ids])
-    return maps
+@dataclass
+class EvalCase:
+    """A case ready to score: the image, its truth as channel indices of ``schema``, what it annotates."""
+
+    case_id: str
+    image: Volume
+    truth: np.ndarray  # channel indices of the schema, on the image grid
+    annotated: torch.Tensor  # [K] bool
+    source: str = ""
+    structures: tuple = ()
+    info: dict = field(default_factory=dict)
 
 
-def _predict(packages, models, volume, device, amp):
-    if len(models) == 1 or all(tuple(p.spacing) == tuple(packages[0].spacing) for p in packages):
-        return predict_volume(models, volume, packages[0].spacing, device=device, amp=amp,
-                              channel_maps=channel_maps_for(packages))
-    # different spacings: average probabilities on the volume grid via per-model label votes is lossy;
-    # run each at its own spacing and average one-hot predictions instead.
-    import numpy as np
+def thick_slab(image: Volume, label: Volume, slab_mm: float = 4.0, inplane_mm: float = 0.6) -> tuple[Volume, Volume]:
+    """A clinical-looking 2D stack from a thin-slice sagittal case.
 
-    maps = channel_maps_for(packages)
-    votes = None
-    for p, m, cm in zip(packages, models, maps):
-        lab = predict_volume([m], volume, p.spacing, device=device, amp=amp, channel_maps=[cm])
-        oh = np.eye(len(maps[0]), dtype=np.float32)[lab]
-        votes = oh if votes is None else votes + oh
-    return votes.argmax(-1).astype(np.uint8)
+    Across slices: consecutive slices are averaged in slabs of ``slab_mm`` (partial volume, as
+    a thick excitation integrates); the label of a slab is its centre slice's (nearest). In
+    plane: resampled to ``inplane_mm`` pixels (bilinear image, nearest label). The geometry
+    (spacing, origin at the first slab's centre) follows, so the engine sees a genuine 4 mm stack.
+    """
+    layout = sagittal_layout(image)
+    img = np.ascontiguousarray(layout.to_canonical(image.array)).astype(np.float32)
+    lab = np.ascontiguousarray(layout.to_canonical(label.array))
+    s_sp, r_sp, c_sp = layout.spacing_src
+    k = max(1, int(round(slab_mm / s_sp)))
+    n = img.shape[0] // k
+    if n < 1:
+        raise ValueError(f"the volume has {img.shape[0]} slices of {s_sp} mm: too few for {slab_mm} mm slabs")
+    img_s = img[:n * k].reshape(n, k, *img.shape[1:]).mean(1)
+    lab_s = lab[:n * k][k // 2::k][:n]
+    size = (max(8, int(round(img.shape[1] * r_sp / inplane_mm))), max(8, int(round(img.shape[2] * c_sp / inplane_mm))))
+    img_t = resize_planes(torch.from_numpy(img_s), size, mode="bilinear").numpy()
+    lab_t = resize_planes(torch.from_numpy(lab_s.astype(np.int64)), size, mode="nearest").numpy().astype(lab.dtype)
+    # stored order back; spacing along each stored axis from the canonical one it became
+    arr_img, arr_lab = layout.from_canonical(img_t), layout.from_canonical(lab_t)
+    canon_sp = (k * s_sp, img.shape[1] * r_sp / size[0], img.shape[2] * c_sp / size[1])
+    sp_by_array_axis = [0.0, 0.0, 0.0]
+    for canon_axis, array_axis in enumerate(layout.perm):
+        sp_by_array_axis[array_axis] = canon_sp[canon_axis]
+    spacing_xyz = tuple(sp_by_array_axis[::-1])  # array is [k, j, i]; spacing is (i, j, k)
+    # keep the origin at the corner voxel's centre shifted by half a slab/pixel change: good enough for
+    # scoring (metrics compare on this grid); the direction is unchanged
+    geo = dict(spacing=spacing_xyz, origin=image.origin, direction=image.direction)
+    return (Volume(np.ascontiguousarray(arr_img), **geo), Volume(np.ascontiguousarray(arr_lab), **geo))
 
 
-def evaluate_packages(entries: Mapping[str, Sequence[ModelPackage]], case_list: Sequence[Case], *,
-                      device="cpu", amp: str = "off") -> dict:
-    """``entries[name] = [package, ...]`` (several = ensemble) -> ``{name: {"metrics", "per_case", "seconds"}}``."""
-    device = torch.device(device)
-    loaded = {name: [p.load_model(device) for p in pkgs] for name, pkgs in entries.items()}
-    accs = {name: MetricAccumulator(pkgs[0].schema.ids) for name, pkgs in entries.items()}
-    secs = {name: 0.0 for name in entries}
+def prepare_cases(case_list: Sequence[Case], schema: LabelSchema, *, slab_mm: float | None = None,
+                  inplane_mm: float = 0.6) -> list[EvalCase]:
+    """Load and map the cases' truth onto ``schema`` (optionally as thick-slab stacks)."""
+    out = []
     for case in case_list:
         image, label = case.load()
-        for name, pkgs in entries.items():
-            schema = pkgs[0].schema
-            truth, structures = schema_labels(case, label, schema)
-            if not structures:
-                log.warning("%s: case %s annotates none of its classes; skipped", name, case.case_id)
+        values, structures = schema_labels(case, label, schema)
+        if not structures:
+            log.warning("case %s annotates none of %s's classes; skipped", case.case_id, schema.name)
+            continue
+        if slab_mm:
+            image, lab_vol = thick_slab(image, label.with_array(values), slab_mm, inplane_mm)
+            values = lab_vol.array
+        out.append(EvalCase(case.case_id, image, schema.values_to_channels(values), annotated_mask(structures, schema),
+                            source=case_source(case), structures=tuple(structures)))
+    return out
+
+
+#: direction of a Volume whose stored [k, j, i] axes already run as the canonical [s, r, c] stack
+#: (right->left, superior->inferior, anterior->posterior), in LPS: i -> +P, j -> -S, k -> +L.
+CANONICAL_DIRECTION = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+
+
+def eval_case_from_slices(c, spacing_mm=(1.0, 1.0), slice_mm: float = 1.0) -> EvalCase:
+    """A cached training case (``training.data.CaseSlices``: model-plane stack, channel labels) as a
+    volume the engine can segment, for callers that hold only slices (tests, cross-validation folds)."""
+    arr = c.image.numpy() if hasattr(c.image, "numpy") else np.asarray(c.image)
+    lab = c.label.numpy() if hasattr(c.label, "numpy") else np.asarray(c.label)
+    spacing = (float(spacing_mm[1]), float(spacing_mm[0]), float(slice_mm))  # (i, j, k) = (c, r, s)
+    image = Volume(np.ascontiguousarray(arr, dtype=np.float32), spacing=spacing, direction=CANONICAL_DIRECTION)
+    return EvalCase(c.case_id, image, lab.astype(np.uint8), c.annotated, source=getattr(c, "source", ""),
+                    structures=tuple(getattr(c, "structures", ())))
+
+
+def every_nth_slice(case: EvalCase, n: int) -> EvalCase:
+    """The case reduced to every ``n``-th sagittal slice (cheaper per-epoch validation)."""
+    if n <= 1:
+        return case
+    axis = sagittal_layout(case.image).perm[0]  # stored array axis that runs across the slices
+    idx = np.arange(0, case.image.array.shape[axis], n)
+    sp = list(case.image.spacing)
+    sp[2 - axis] *= n  # spacing is (i, j, k) for an array stored [k, j, i]
+    img = Volume(np.ascontiguousarray(np.take(case.image.array, idx, axis=axis)), spacing=tuple(sp),
+                 origin=case.image.origin, direction=case.image.direction)
+    return EvalCase(case.case_id, img, np.ascontiguousarray(np.take(case.truth, idx, axis=axis)), case.annotated,
+                    case.source, case.structures, case.info)
+
+
+def predict(models: Sequence[ModelPackage | LoadedModel], image: Volume, *, device: str = "auto",
+            precision: str = "auto", mode: str | None = None, threads: int | None = None) -> np.ndarray:
+    """The engine's label map (schema values of the first model) for ``image``: the one prediction path."""
+    mode = mode or ("ensemble" if len(models) > 1 else "fast")
+    res = segment_volume(image, list(models), SegmentOptions(device=str(device), mode=mode, precision=precision,
+                                                              threads=threads))
+    return res.labels.array
+
+
+def level_range_counts(pred_ch: np.ndarray, truth_ch: np.ndarray, image: Volume, channel: int,
+                       margin_mm: float = 2.0) -> tuple[int, int, int]:
+    """(intersection, predicted, true) voxels of ``channel`` within the S-I rows the truth covers +- margin."""
+    layout = sagittal_layout(image)
+    t = layout.to_canonical(truth_ch == channel)
+    if not t.any():
+        return 0, 0, 0
+    q = layout.to_canonical(pred_ch == channel)
+    rows = np.nonzero(t.any(axis=(0, 2)))[0]
+    m = int(round(margin_mm / layout.spacing_src[1]))
+    lo, hi = max(0, rows.min() - m), rows.max() + m + 1
+    t, q = t[:, lo:hi], q[:, lo:hi]
+    return int((t & q).sum()), int(q.sum()), int(t.sum())
+
+
+class Scorer:
+    """Accumulates strict and level-range scores, overall and per source."""
+
+    def __init__(self, schema: LabelSchema, margin_mm: float = 2.0):
+        self.schema = schema
+        self.margin_mm = margin_mm
+        self.all = MetricAccumulator(schema.ids)
+        self.by_source: dict[str, MetricAccumulator] = {}
+        self.level: dict[tuple[str, str], list[int]] = {}  # (source, class) -> [inter, pred, true]
+        self.level_case: dict[tuple[str, str], float] = {}  # (case, class) -> level-range Dice
+
+    def add(self, case: EvalCase, pred_values: np.ndarray) -> None:
+        pred = self.schema.values_to_channels(pred_values)
+        pt, tt = torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(case.truth.astype(np.int64))
+        self.all.add(case.case_id, pt, tt, case.annotated)
+        self.by_source.setdefault(case.source, MetricAccumulator(self.schema.ids)).add(
+            case.case_id, pt, tt, case.annotated)
+        for ch, cid in enumerate(self.schema.ids):
+            if ch == 0 or not bool(case.annotated[ch]):
                 continue
-            t0 = time.time()
-            pred = _predict(pkgs, loaded[name], image, device, amp)
-            secs[name] += time.time() - t0
-            accs[name].add(case.case_id, torch.from_numpy(pred), torch.from_numpy(truth.astype("int64")),
-                           annotated_mask(structures, schema))
-    return {name: {"metrics": accs[name].compute(), "per_case": accs[name].per_case(),
-                   "seconds": secs[name], "models": [p.ref for p in entries[name]],
-                   "class_ids": list(entries[name][0].schema.ids)} for name in entries}
+            i, p, t = level_range_counts(pred, case.truth, case.image, ch, self.margin_mm)
+            if t == 0:
+                continue
+            acc = self.level.setdefault((case.source, cid), [0, 0, 0])
+            acc[0] += i
+            acc[1] += p
+            acc[2] += t
+            self.level_case[(case.case_id, cid)] = 2 * i / max(1, p + t)
+
+    def level_range(self) -> dict:
+        """``{source: {class: Dice}}`` plus ``"all"`` pooled over the sources."""
+        out: dict[str, dict] = {}
+        tot: dict[str, list[int]] = {}
+        for (src, cid), (i, p, t) in sorted(self.level.items()):
+            out.setdefault(src, {})[cid] = 2 * i / max(1, p + t)
+            a = tot.setdefault(cid, [0, 0, 0])
+            for k, v in enumerate((i, p, t)):
+                a[k] += v
+        out["all"] = {cid: 2 * i / max(1, p + t) for cid, (i, p, t) in tot.items()}
+        return out
+
+    def results(self) -> dict:
+        return {"metrics": self.all.compute(), "per_case": self.all.per_case(),
+                "per_source": {s: a.compute() for s, a in sorted(self.by_source.items())},
+                "level_range": self.level_range(),
+                "level_range_per_case": {f"{c}:{k}": v for (c, k), v in sorted(self.level_case.items())}}
+
+
+def score_models(models: Sequence[ModelPackage | LoadedModel], cases: Sequence[EvalCase], schema: LabelSchema, *,
+                 device: str = "auto", precision: str = "auto", mode: str | None = None,
+                 margin_mm: float = 2.0) -> dict:
+    """Predict every case with the engine and score it; returns :meth:`Scorer.results` + seconds."""
+    scorer = Scorer(schema, margin_mm)
+    t0 = time.time()
+    for c in cases:
+        scorer.add(c, predict(models, c.image, device=device, precision=precision, mode=mode))
+    return {**scorer.results(), "seconds": time.time() - t0}
+
+
+def evaluate_packages(entries: Mapping[str, Sequence[ModelPackage | LoadedModel]], case_list: Sequence[Case], *,
+                      device="auto", precision: str = "auto", mode: str | None = None, slab_mm: float | None = None,
+                      amp: str | None = None) -> dict:
+    """``entries[name] = [model, ...]`` (several = ensemble) -> ``{name: results}`` (see :func:`score_models`).
+
+    ``amp`` is the old name of ``precision`` (``off`` = ``fp32``), still accepted from callers.
+    """
+    if amp is not None:
+        precision = {"off": "fp32"}.get(amp, amp)
+    loaded = {name: [m if isinstance(m, LoadedModel) else LoadedModel.from_package(m) for m in ms]
+              for name, ms in entries.items()}
+    prepared: dict[str, list[EvalCase]] = {}
+    out = {}
+    for name, models in loaded.items():
+        schema = models[0].schema
+        key = schema.name + ":" + ",".join(schema.ids)
+        if key not in prepared:
+            prepared[key] = prepare_cases(case_list, schema, slab_mm=slab_mm)
+        r = score_models(models, prepared[key], schema, device=str(device), precision=precision, mode=mode)
+        out[name] = {**r, "models": [m.ref for m in models], "class_ids": list(schema.ids)}
+    return out
 
 
 def resolve_entries(spec: str, registry: str | None = None) -> dict[str, list[ModelPackage]]:
@@ -103,6 +266,28 @@ def resolve_entries(spec: str, registry: str | None = None) -> dict[str, list[Mo
     return out
 
 
+def source_markdown(results: Mapping[str, dict], class_ids: Sequence[str], schema=None) -> str:
+    """Per-source table: strict Dice and level-range Dice of each foreground class, models as columns."""
+    names = list(results)
+    sources = sorted({s for r in results.values() for s in r["per_source"]})
+    cls = [c for c in class_ids if c != "background"]
+    disp = {c.id: c.name for c in schema.classes} if schema is not None else {c: c for c in cls}
+    head = "| source | class | " + " | ".join(f"{n} strict | {n} level-range" for n in names) + " |"
+    lines = [head, "|---|---|" + "--:|--:|" * len(names)]
+    for src in sources + ["all"]:
+        for c in cls:
+            cells = []
+            for n in names:
+                r = results[n]
+                strict = (r["metrics"] if src == "all" else r["per_source"].get(src, {})).get("dice", {}).get(c)
+                lvl = r["level_range"].get(src, {}).get(c)
+                cells += [report.fmt(strict), report.fmt(lvl)]
+            if all(x in ("–", "-", "nan", "") for x in cells):
+                continue
+            lines.append(f"| {src} | {disp.get(c, c)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_evaluation(results: dict, out: Path, schema=None) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,6 +295,7 @@ def write_evaluation(results: dict, out: Path, schema=None) -> dict:
     ids = first["class_ids"]
     agg = {n: r["metrics"] for n, r in results.items()}
     md = ["# Evaluation", "", f"Cases: {', '.join(first['metrics']['cases'])}", "",
+          "## Per source (Dice: strict, and within the labelled levels)", "", source_markdown(results, ids, schema), "",
           "## Pooled over the cases (classes as rows, models as columns)", "",
           report.markdown_table(agg, ids, "dice", schema), "", report.markdown_table(agg, ids, "iou", schema), "",
           "## Per case", "", report.per_case_markdown({n: r["per_case"] for n, r in results.items()}, ids, schema),
@@ -135,18 +321,20 @@ def evaluate_cli(a) -> int:
             log.info("evaluating on %s's validation cases: %s", first.ref, ", ".join(ids))
     exclude = [s.strip() for s in (a.exclude or "").split(",") if s.strip()]
     case_list = select_cases(a.data, ids or None, exclude)
-    device = resolve_device(a.device)
-    results = evaluate_packages(entries, case_list, device=device, amp=a.amp)
+    results = evaluate_packages(entries, case_list, device=a.device, precision=a.precision, mode=a.mode,
+                                slab_mm=a.thick_slab)
     schema = first.schema
     agg = {n: r["metrics"] for n, r in results.items()}
     ids_ = first.schema.ids
+    print(source_markdown(results, ids_, schema))
+    print()
     print(report.markdown_table(agg, ids_, "dice", schema))
     print()
     print(report.markdown_table(agg, ids_, "iou", schema))
     print()
     print(report.per_case_markdown({n: r["per_case"] for n, r in results.items()}, ids_, schema))
     for n, r in results.items():
-        print(f"\n{n}: {r['seconds']:.1f} s of prediction for {len(case_list)} cases on {device}")
+        print(f"\n{n}: {r['seconds']:.1f} s of prediction for {len(case_list)} cases")
     if a.out:
         write_evaluation(results, Path(a.out), schema)
         print(f"\nwritten to {a.out}")

@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 CLASS_MEAN_ROWS = (("mean (with background)", "mean_{m}"), ("mean (without background)", "mean_{m}_fg"))
 
 
-def _fmt(v, digits: int = 4) -> str:
+def fmt(v, digits: int = 4) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
     return f"{v:.{digits}f}"
@@ -42,7 +42,7 @@ def markdown_table(results: Mapping[str, dict], class_ids: Sequence[str], metric
     lines = [head, sep]
     for row in table_rows(results, class_ids, metric):
         label = names.get(row[0], row[0])
-        lines.append(f"| {label} | " + " | ".join(_fmt(v, digits) for v in row[1:]) + " |")
+        lines.append(f"| {label} | " + " | ".join(fmt(v, digits) for v in row[1:]) + " |")
     return "\n".join(lines)
 
 
@@ -73,7 +73,7 @@ def per_case_markdown(per_case: Mapping[str, Mapping[str, dict]], class_ids: Seq
                 d = per_case[m].get(case, {})
                 dv, iv = d.get("dice", {}).get(cid), d.get("iou", {}).get(cid)
                 present |= dv is not None
-                vals += [_fmt(dv, digits), _fmt(iv, digits)]
+                vals += [fmt(dv, digits), fmt(iv, digits)]
             if present and cid != "background":
                 lines.append(f"| {case} | {names.get(cid, cid)} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
@@ -161,9 +161,9 @@ def write_history_csv(history: Sequence[dict], path: Path) -> Path:
         for h in history:
             v = h.get("val") or {}
             row = [h["epoch"], h["step"], f"{h['loss']:.6f}", f"{h['lr']:.3e}"]
-            row += [_fmt(v.get("dice", {}).get(c), 6) if v else "" for c in ids]
-            row += [_fmt(v.get("iou", {}).get(c), 6) if v else "" for c in ids]
-            row += [_fmt(v.get("mean_dice_fg"), 6) if v else "", _fmt(v.get("mean_iou_fg"), 6) if v else ""]
+            row += [fmt(v.get("dice", {}).get(c), 6) if v else "" for c in ids]
+            row += [fmt(v.get("iou", {}).get(c), 6) if v else "" for c in ids]
+            row += [fmt(v.get("mean_dice_fg"), 6) if v else "", fmt(v.get("mean_iou_fg"), 6) if v else ""]
             w.writerow(row)
     return path
 

@@ -10,7 +10,8 @@
 3. per epoch draws ``steps_per_epoch`` batches of foreground-aware patches,
    augments them on the device (``LumbarSegmentLib.training.augment``), optimises the marginal
    CE + soft Dice loss (``LumbarSegmentLib.training.losses``), optionally under autocast;
-4. validates on whole slices, keeps the best weights by ``config.metric``, stops
+4. validates through the engine users run (``training.evaluate``: same windows, precision
+   and class-id mapping as ``lumbarseg segment``), keeps the best weights by ``config.metric``, stops
    early after ``patience`` validations without improvement;
 5. writes ``last.pt`` (model, optimiser, scheduler, scaler, RNG states, epoch,
    history) atomically after every epoch, so ``resume=True`` continues a killed run
@@ -40,11 +41,15 @@ import torch
 from LumbarSegmentLib.cases import Case
 from LumbarSegmentLib.models import build_model, count_parameters
 from LumbarSegmentLib.packages import ModelPackage, code_version, default_input_contract, write_package
+from LumbarSegmentLib.progress import PROGRESS_FILE, ProgressLog  # the event schema lives there
 
 from . import augment as aug
 from .config import TrainConfig
+from LumbarSegmentLib.devices import autocast, autocast_dtype, pick_device, precision_name
+from LumbarSegmentLib.engine import LoadedModel
+
 from .data import CaseSlices, PatchSampler, as_schema, data_manifest, epoch_generator, load_dataset
-from .inference import autocast_context, predict_labels
+from .evaluate import EvalCase, Scorer, eval_case_from_slices, every_nth_slice, predict, prepare_cases
 from .losses import deep_supervision_loss
 from .metrics import MetricAccumulator, clean
 
@@ -60,29 +65,8 @@ class TrainingInterrupted(RuntimeError):
 # --------------------------------------------------------------------------------------
 # small pieces
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
-    return dev
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """``auto``: bf16 (or fp16 where bf16 is unsupported) on CUDA, off on CPU.
-
-    bf16 autocast on CPU is an explicit option (``--amp bf16``); it roughly halves the
-    step time on CPUs with AVX-512 BF16 / AMX (docs/training.md has the measurement).
-    """
-    if amp == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "off"
-    if amp == "fp16" and device.type == "cpu":
-        raise ValueError("fp16 autocast is for CUDA; use --amp bf16 on CPU")
-    return amp
+    """The training device (``devices.pick_device``; under torchrun CUDA rank i uses GPU i)."""
+    return pick_device(name, local_rank)
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -115,7 +99,38 @@ def make_scheduler(opt, total_steps, cfg: TrainConfig):
         opt, lambda s: lr_factor(s, holder[0], warm, cfg.schedule, cfg.min_lr_ratio))
 
 
+def plain(obj):
+    """``obj`` with numpy values turned into tensors and Python numbers: what ``weights_only=True`` loads."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint this code wrote, read with ``weights_only=True``: tensors and plain data only, no code.
+
+    A file holding anything else (a pickle made to run code, a foreign checkpoint) is refused
+    before any of its objects is built.
+    """
+    try:
+        ck = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError, ... by torch version
+        raise ValueError(f"{path}: not a LumbarSegment training checkpoint, or one holding more than tensors and "
+                         f"plain data ({type(exc).__name__}); refused without running anything from it. Start "
+                         f"the run in a new --out folder") from None
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a LumbarSegment training checkpoint")
+    return ck
+
+
 def atomic_torch_save(obj, path: Path) -> None:
+    obj = plain(obj)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     with open(tmp, "wb") as f:
@@ -126,7 +141,13 @@ def atomic_torch_save(obj, path: Path) -> None:
 
 
 def rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain numbers, so a checkpoint loads with ``weights_only=True``."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    st = {"torch": torch.get_rng_state(),
+          "numpy": [str(name), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                    float(gauss)],
+          "python": [int(version), torch.tensor(internal, dtype=torch.int64), py_gauss]}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -134,8 +155,10 @@ def rng_state() -> dict:
 
 def set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
+    name, keys, pos, has_gauss, gauss = st["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, py_gauss = st["python"]
+    random.setstate((version, tuple(int(v) for v in internal.tolist()), py_gauss))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
 
@@ -144,24 +167,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-class ProgressLog:
-    """JSON-lines progress file: ``{"event": "step"|"epoch"|"done"|"error", ...}`` per line."""
-
-    def __init__(self, path: Path | None, enabled: bool = True):
-        self.path = Path(path) if path else None
-        self.enabled = enabled and self.path is not None
-        if self.enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, event: str, **fields) -> dict:
-        rec = {"event": event, "time": time.time(), **clean(fields)}
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec, allow_nan=False) + "\n")
-                f.flush()
-        return rec
 
 
 def _tensorboard(out_dir: Path):
@@ -228,21 +233,16 @@ def _mean_across(value: float, dist_info: DistInfo, device) -> float:
 
 
 # --------------------------------------------------------------------------------------
-def validate(model, data: Sequence[CaseSlices], class_ids: Sequence[str], *, stride: int = 1, batch: int = 8,
-             device="cpu", amp: str = "off") -> tuple[dict, dict]:
-    """Whole-slice validation: ``(aggregate metrics, per-case metrics)`` (see ``LumbarSegmentLib.training.metrics``)."""
-    acc = validate_accumulate(model, data, class_ids, stride=stride, batch=batch, device=device, amp=amp)
-    return acc.compute(), acc.per_case()
-
-
-def validate_accumulate(model, data: Sequence[CaseSlices], class_ids: Sequence[str], *, stride: int = 1,
-                        batch: int = 8, device="cpu", amp: str = "off") -> MetricAccumulator:
-    acc = MetricAccumulator(list(class_ids))
-    for c in data:
-        idx = list(range(0, c.num_slices, max(1, stride)))
-        pred = predict_labels(model, c.image[idx], batch=batch, device=device, amp=amp)
-        acc.add(c.case_id, pred, c.label[idx], c.annotated)
-    return acc
+def validate(model, cases: Sequence[EvalCase], schema, spacing, patch, *, stride: int = 1, device="cpu",
+             precision: str = "auto") -> Scorer:
+    """Score ``model`` (left untouched: the engine runs an eval-mode copy) on ``cases`` through the
+    engine's prediction path; ``stride`` keeps every n-th slice (cheap per-epoch checks)."""
+    lm = LoadedModel.from_module(model, schema, spacing, patch, ref="training run")
+    scorer = Scorer(schema)
+    for c in cases:
+        c = every_nth_slice(c, stride)
+        scorer.add(c, predict([lm], c.image, device=str(device), precision=precision))
+    return scorer
 
 
 @dataclass
@@ -259,6 +259,8 @@ class TrainResult:
     wall_s: float = 0.0
     stopped_early: bool = False
     val_confusion: dict | None = None  # case -> (confusion matrix, annotated mask), for pooled CV metrics
+    val_by_source: dict | None = None  # source -> metrics (strict)
+    val_level_range: dict | None = None  # source -> class -> level-range Dice
     train_time_s: float = 0.0  # wall time of the training loop over all (resumed) sessions
     train_cpu_s: float = 0.0  # CPU time of this process's training loop over all sessions
 
@@ -283,12 +285,13 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
     out_dir = Path(out_dir)
     dist_info = setup_distributed(cfg.device)
     device = resolve_device(cfg.device, dist_info.local_rank)
-    amp = resolve_amp(cfg.amp, device)
+    amp_dtype = autocast_dtype(device, cfg.precision)
+    amp = precision_name(amp_dtype)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    plog = ProgressLog(out_dir / "progress.jsonl", enabled=dist_info.is_main)
+    plog = ProgressLog(out_dir / PROGRESS_FILE, enabled=dist_info.is_main)
     t_start = time.time()
     tb = None
     try:
@@ -297,12 +300,16 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
         if train_data is None:
             train_data = load_dataset(train_cases, schema, cfg.spacing)
         if val_data is None:
-            val_data = load_dataset(val_cases, schema, cfg.spacing) if val_cases else []
-        sampler = PatchSampler(train_data, cfg.patch, cfg.fg_fraction, cfg.balance)
+            val_eval = prepare_cases(val_cases, schema) if (val_cases and dist_info.is_main) else []
+            val_ids = [c.case_id for c in val_cases]
+        else:
+            val_eval = [eval_case_from_slices(c, cfg.spacing) for c in val_data]
+            val_ids = [c.case_id for c in val_data]
+        sampler = PatchSampler(train_data, cfg.patch, cfg.fg_fraction, cfg.balance, slab_p=cfg.slab_p)
         steps = cfg.steps_per_epoch or max(1, math.ceil(sampler.num_fg_slices / cfg.batch_size))
         total_steps = steps * cfg.epochs
         aug_cfg = aug.AugmentConfig(cfg.augment, cfg.rotation_deg, cfg.zoom, cfg.flip_p, cfg.shift,
-                                    cfg.intensity_aug)
+                                    cfg.intensity_aug, cfg.resolution_p)
 
         seed_everything(cfg.seed)
         if init_model is not None:
@@ -325,9 +332,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
         best = {"metric": -math.inf, "epoch": None, "state": None, "stale": 0}
         ckpt_path = out_dir / "last.pt"
         if cfg.resume and ckpt_path.exists():
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            if ck.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError(f"{ckpt_path} is not a LumbarSegment training checkpoint")
+            ck = load_checkpoint(ckpt_path)
             if ck["builder_args"] != model.builder_args:
                 raise ValueError(f"{ckpt_path} was written for {ck['builder_args']}, not {model.builder_args}; "
                                  f"use another --out folder or the same settings")
@@ -356,7 +361,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
                     "state": None}
             best_file = out_dir / "best.pt"
             if best["epoch"] is not None and best_file.exists():
-                best["state"] = torch.load(best_file, map_location="cpu", weights_only=True)["model"]
+                best["state"] = load_checkpoint(best_file)["model"]
             log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
         if ckpt_path.exists() and not cfg.resume and dist_info.is_main and start_epoch == 0:
             log.warning("%s exists and resume is off: starting over (it will be overwritten)", ckpt_path)
@@ -370,13 +375,13 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
         if dist_info.is_main:
             tb = _tensorboard(out_dir)
             (out_dir / "config.json").write_text(json.dumps(
-                {**cfg.to_dict(), "builder_args": model.builder_args, "device": str(device), "amp": amp,
+                {**cfg.to_dict(), "builder_args": model.builder_args, "device": str(device), "precision": amp,
                  "world_size": dist_info.world, "steps_per_epoch": steps,
-                 "train_cases": [c.case_id for c in train_data], "val_cases": [c.case_id for c in val_data]},
+                 "train_cases": [c.case_id for c in train_data], "val_cases": val_ids},
                 indent=1))
-            log.info("%s: %d parameters, %s, amp=%s, %d train / %d val cases, %d steps x %d epochs, "
+            log.info("%s: %d parameters, %s, precision %s, %d train / %d val cases, %d steps x %d epochs, "
                      "batch %d x %d process(es)", cfg.variant, count_parameters(model), device, amp,
-                     len(train_data), len(val_data), steps, cfg.epochs, cfg.batch_size, dist_info.world)
+                     len(train_data), len(val_ids), steps, cfg.epochs, cfg.batch_size, dist_info.world)
 
         use_bar = cfg.progress_bar if cfg.progress_bar is not None else sys.stderr.isatty()
         step_times: list[float] = []
@@ -405,7 +410,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
                 img, lab, ann = sampler.sample(cfg.batch_size, gen)
                 x, y = aug.augment_batch(img, lab, aug_cfg, cfg.patch, gen, device)
                 ann = ann.to(device)
-                with autocast_context(device, amp):
+                with autocast(device, amp_dtype):
                     out = ddp_model(x)
                 loss = deep_supervision_loss(out, y, ann, ds_weights=cfg.ds_weights, dice_weight=cfg.dice_weight,
                                              marginal=cfg.marginal, unannotated_bg_weight=cfg.unannotated_bg_weight)
@@ -426,7 +431,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
                 lv = float(loss.detach())
                 if not math.isfinite(lv):
                     raise FloatingPointError(f"loss became {lv} at epoch {epoch + 1}, step {step + 1}; "
-                                             f"lower the learning rate (--lr) or turn off --amp")
+                                             f"lower the learning rate (--lr) or use --precision fp32")
                 losses.append(lv)
                 step_times.append(time.time() - t0)
                 gstep = epoch * steps + step + 1
@@ -450,7 +455,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
                 # shrink the plan (never grow it) so the run ends within the budget; every process agrees
                 used = elapsed_before + (clock() - t_loop)
                 left = cfg.max_minutes * 60 - used
-                per_epoch = float(np.mean(epoch_times[-3:])) + (val_clock / max(1, cfg.val_every) if val_data else 0.0)
+                per_epoch = float(np.mean(epoch_times[-3:])) + (val_clock / max(1, cfg.val_every) if val_ids else 0.0)
                 fit = epoch + 1 + max(0, int(left // max(per_epoch, 1e-6)))
                 fit = int(_broadcast_floats([float(fit)], dist_info, device)[0])
                 if fit < planned_epochs:
@@ -458,12 +463,12 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
                     total_holder[0] = total_steps = steps * planned_epochs
                     log.info("time budget: schedule shortened to %d epochs", planned_epochs)
             is_last = epoch + 1 >= planned_epochs
-            do_val = bool(val_data) and ((epoch + 1) % max(1, cfg.val_every) == 0 or is_last)
+            do_val = bool(val_ids) and ((epoch + 1) % max(1, cfg.val_every) == 0 or is_last)
             stop = 0.0
             if do_val and dist_info.is_main:
                 tv, tvc = time.time(), clock()
-                metrics, _ = validate(model, val_data, class_ids, stride=cfg.val_stride, batch=cfg.val_batch,
-                                      device=device, amp=amp)
+                metrics = validate(model, val_eval, schema, cfg.spacing, cfg.patch, stride=cfg.val_stride,
+                                   device=device, precision=cfg.precision).all.compute()
                 val_time, val_clock = time.time() - tv, clock() - tvc
                 score = metrics[cfg.metric]
                 rec["val"] = metrics
@@ -528,14 +533,17 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
         if dist_info.is_main:
             if best["state"] is not None:
                 model.load_state_dict(best["state"])
-            if val_data:
-                acc = validate_accumulate(model, val_data, class_ids, stride=1, batch=cfg.val_batch,
-                                          device=device, amp=amp)
+            if val_ids:
+                scorer = validate(model, val_eval, schema, cfg.spacing, cfg.patch, device=device,
+                                  precision=cfg.precision)
+                acc = scorer.all
                 result.val_metrics, result.val_per_case = acc.compute(), acc.per_case()
+                result.val_by_source = {k: v.compute() for k, v in scorer.by_source.items()}
+                result.val_level_range = scorer.level_range()
                 result.val_confusion = {k: (cm.tolist(), ann.tolist()) for k, (cm, ann) in acc.cases.items()}
             result.wall_s = time.time() - t_start
             if write_pkg:
-                result.package = _write_outputs(result, cfg, schema, train_cases, val_cases, train_data, val_data,
+                result.package = _write_outputs(result, cfg, schema, train_cases, val_cases, train_data, val_ids,
                                                 device, amp, dist_info, steps, init_info, extra_provenance)
             plog.write("done", epoch=result.epochs_run, step=result.epochs_run * steps,
                        loss=history[-1]["loss"] if history else None, val=result.val_metrics,
@@ -569,7 +577,7 @@ def _eta(step_times, remaining_steps, val_time, planned_epochs, val_every, epoch
     return per * max(0, remaining_steps) + val_time * remaining_epochs / max(1, val_every)
 
 
-def _write_outputs(result: TrainResult, cfg: TrainConfig, schema, train_cases, val_cases, train_data, val_data,
+def _write_outputs(result: TrainResult, cfg: TrainConfig, schema, train_cases, val_cases, train_data, val_ids,
                    device, amp, dist_info, steps, init_info, extra_provenance) -> ModelPackage:
     from . import report
 
@@ -580,10 +588,10 @@ def _write_outputs(result: TrainResult, cfg: TrainConfig, schema, train_cases, v
         "variant": cfg.variant, "config": cfg.to_dict(),
         "data_manifest_sha256": manifest["sha256"] if manifest else None,
         "data_manifest": manifest["cases"] if manifest else None,
-        "train_cases": [c.case_id for c in train_data], "val_cases": [c.case_id for c in val_data],
+        "train_cases": [c.case_id for c in train_data], "val_cases": list(val_ids),
         "epochs": result.epochs_run, "epochs_configured": cfg.epochs, "steps_per_epoch": steps,
         "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
-        "folds": None, "seed": cfg.seed, "device": str(device), "amp": amp, "world_size": dist_info.world,
+        "folds": None, "seed": cfg.seed, "device": str(device), "precision": amp, "world_size": dist_info.world,
         "wall_time_s": round(result.wall_s, 1), "train_time_s": round(result.train_time_s, 1),
         "train_cpu_s": round(result.train_cpu_s, 1), "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
@@ -595,7 +603,9 @@ def _write_outputs(result: TrainResult, cfg: TrainConfig, schema, train_cases, v
         **(extra_provenance or {}),
     }
     metrics = {"validation": {**clean(result.val_metrics), "per_case": clean(result.val_per_case),
-                              "primary": cfg.metric}} if result.val_metrics else {}
+                              "per_source": clean(result.val_by_source), "level_range": clean(result.val_level_range),
+                              "primary": cfg.metric, "predicted_by": "engine.segment_volume"}} \
+        if result.val_metrics else {}
     pkg_dir = out_dir / "package"
     if pkg_dir.exists():
         import shutil

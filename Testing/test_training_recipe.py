@@ -1,0 +1,75 @@
+"""The generalisation recipe's ingredients: source-balanced sampling, thick-slab and low-resolution
+patches, the "domain" intensity randomisation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from LumbarSegmentLib.cases import Case
+from LumbarSegmentLib.schema import load_schema
+from LumbarSegmentLib.training import augment as aug
+from LumbarSegmentLib.training.data import CaseSlices, PatchSampler, annotated_mask, case_source
+
+
+def _slices(cid, source, n=6, size=64, structures=("vertebral_body",)):
+    s = load_schema("starter")
+    img = torch.arange(n, dtype=torch.float32)[:, None, None].expand(n, size, size).clone()
+    lab = torch.zeros(n, size, size, dtype=torch.uint8)
+    lab[:, 20:40, 20:40] = 1
+    return CaseSlices(cid, cid, img, lab, annotated_mask(structures, s), tuple(structures),
+                      fg_slices=list(range(n)), source=source)
+
+
+def test_case_source_from_json_field_or_id_prefix(tmp_path):
+    mk = lambda cid, extra: Case(cid, tmp_path / "i", tmp_path / "l", {1: "vertebral_body"},  # noqa: E731
+                                 ["vertebral_body"], extra=extra)
+    assert case_source(mk("VB3_12", {})) == "VB3"
+    assert case_source(mk("VB3_12", {"source": "site-A"})) == "site-A"
+    assert case_source(mk("lonely", {})) == "lonely"
+
+
+def test_sources_balance_gives_each_source_the_same_share():
+    data = [_slices(f"A_{i}", "A") for i in range(6)] + [_slices("B_0", "B")]
+    w = PatchSampler(data, 32, balance="sources").case_weights
+    assert float(w[:6].sum()) == pytest.approx(0.5) and float(w[6]) == pytest.approx(0.5)
+    w2 = PatchSampler(data, 32, balance="structures").case_weights  # all one structure group: per case
+    assert float(w2[6]) == pytest.approx(1 / 7)
+
+
+def test_thick_slab_patches_average_neighbouring_slices_and_keep_the_label():
+    c = _slices("A_0", "A", n=8)
+    always = PatchSampler([c], 32, fg_fraction=1.0, slab_p=1.0, jitter=0.0)
+    never = PatchSampler([c], 32, fg_fraction=1.0, slab_p=0.0, jitter=0.0)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    img_s, lab_s, _ = always.sample(16, g1)
+    img_n, lab_n, _ = never.sample(16, g2)
+    # every slice is a constant image = its index: a plain crop is an integer, a slab mean mostly is not
+    frac = lambda t: (t.flatten(1).amax(1) % 1 != 0).float().mean()  # noqa: E731
+    assert frac(img_n) == 0 and frac(img_s) > 0.3
+    assert set(lab_s.unique().tolist()) <= {0, 1}
+
+
+def test_domain_intensity_and_resolution_change_only_the_image():
+    g = torch.Generator().manual_seed(0)
+    img = torch.randn(8, 1, 64, 64)
+    lab = (torch.rand(8, 64, 64, generator=g) > 0.7).to(torch.uint8)
+    off = aug.AugmentConfig(True, 0, (1, 1), 0, 0, "off", 0.0)
+    dom = aug.AugmentConfig(True, 0, (1, 1), 0, 0, "domain", 1.0)
+    x0, y0 = aug.augment_batch(img, lab, off, 32, torch.Generator().manual_seed(5))
+    x1, y1 = aug.augment_batch(img, lab, dom, 32, torch.Generator().manual_seed(5))
+    assert torch.equal(y0, y1), "intensity/resolution augmentation must not move labels"
+    assert not torch.allclose(x0, x1) and torch.isfinite(x1).all()
+
+
+def test_resolution_round_trip_removes_fine_detail():
+    x = torch.zeros(2, 1, 64, 64)
+    x[:, :, ::2] = 1.0  # 1-pixel stripes: gone after a 2x shrink and back
+    y = aug.degrade_resolution(x, torch.tensor([2.0, 1.0]))
+    assert y[0].std() < 0.1 * x[0].std() and torch.equal(y[1], x[1])
+
+
+def test_domain_parameters_include_inversions_and_bias_fields():
+    p = aug.random_params(400, aug.AugmentConfig(intensity="domain", resolution_p=0.3), torch.Generator().manual_seed(1))
+    assert 0.1 < p["invert"].float().mean() < 0.3
+    assert 0.35 < (p["bias"] != 0).float().mean() < 0.65
+    assert 0.2 < (p["resolution"] > 1).float().mean() < 0.4
