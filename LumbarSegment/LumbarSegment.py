@@ -18,7 +18,8 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 RESOURCES = _ROOT / "Resources"
 
-from LumbarSegmentLib.slicer_logic import DONE, FAILED, ModuleLogic, SegmentRequest, self_test_loop  # noqa: E402
+from LumbarSegmentLib.slicer_logic import (CANCELLED, DONE, FAILED, RUNNING, ModuleLogic,  # noqa: E402
+                                           SegmentRequest, self_test_loop)
 
 
 class LumbarSegment(ScriptedLoadableModule):
@@ -39,6 +40,17 @@ class LumbarSegment(ScriptedLoadableModule):
         icon = RESOURCES / "Icons" / "LumbarSegment.png"
         if icon.exists():
             self.parent.icon = qt.QIcon(str(icon))
+        app = getattr(slicer, "app", None)  # None only where the module file is imported outside Slicer
+        if app is not None:
+            app.connect("startupCompleted()", loadTerminology)
+
+
+def loadTerminology():
+    """Register LumbarSegment's terminology context, so that Slicer's terminology selector knows the
+    codes the models' segments carry (Slicer's bundled lists lack some, e.g. "Vertebral body")."""
+    from LumbarSegmentLib.terminology import terminology_file
+
+    slicer.modules.terminologies.logic().LoadTerminologyFromFile(str(terminology_file()))
 
 
 @parameterNodeWrapper
@@ -53,6 +65,9 @@ class LumbarSegmentParameterNode:
     exportFolder: Path = Path.home() / "LumbarSegment" / "dataset"
     caseId: str = ""
     datasetFolder: Path = Path.home() / "LumbarSegment" / "dataset"
+    fromScratch: bool = False
+    epochs: int = 15
+    maxMinutes: int = 0
 
 
 class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -77,17 +92,29 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for button, slot in ((self.ui.segmentButton, self.onSegment), (self.ui.cancelButton, self.onCancel),
                              (self.ui.segmentEditorButton, self.onSegmentEditor), (self.ui.exportButton, self.onExport),
                              (self.ui.retrainStartButton, self.onRetrainStart),
-                             (self.ui.retrainStopButton, self.logic.core.stop_retrain)):
+                             (self.ui.retrainStopButton, self.onRetrainStop),
+                             (self.ui.retrainResumeButton, self.onRetrainResume)):
             button.connect("clicked(bool)", lambda _=False, s=slot: s())
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, lambda *a: self.onCancel())
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, lambda *a: self.initializeParameterNode())
         self.initializeParameterNode()
+        self.reattachTraining()
 
     def cleanup(self):
+        # Training is left running: it lives in its own process and run folder, and the next
+        # panel (a module reload, or Slicer started again) reattaches to it.
         self.removeObservers()
         self.timer.stop()
         self.logic.core.cancel_segmentation()
-        self.logic.core.stop_retrain()  # resumable with --resume
+
+    def reattachTraining(self):
+        with slicer.util.tryWithErrorDisplay("Could not follow the earlier training run."):
+            st = self.logic.core.reattach_retrain()
+            if st is None:
+                return
+            self.ui.metricsTextEdit.setPlainText(f"Earlier run: {st.message}")
+            self._setTraining(st.state == RUNNING)
+            self.ui.retrainResumeButton.enabled = st.state == CANCELLED
 
     def enter(self):
         self.initializeParameterNode()
@@ -155,8 +182,11 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._lastMetrics = st.message
                 self.ui.metricsTextEdit.appendPlainText(st.message)
             if st.finished:
-                self._training = False
-                self.ui.retrainStartButton.enabled, self.ui.retrainStopButton.enabled = True, False
+                self._setTraining(False)
+                table = (self.logic.core.trainer.publish_event or {}).get("table")
+                if table:  # the gate's per-class comparison with the model in use
+                    self.ui.metricsTextEdit.appendPlainText(table)
+                self.ui.retrainResumeButton.enabled = st.state == CANCELLED
                 self.status(st.message)
                 self.refreshModels()
         if not (self._segmenting or self._training):
@@ -172,6 +202,9 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onExport(self):
         p = self._parameterNode
+        warning = self.logic.core.export_warning(p.segmentation)
+        if warning and not slicer.util.confirmOkCancelDisplay(warning):
+            return
         with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
             case = self.logic.core.export(p.inputVolume, p.segmentation, p.exportFolder, p.caseId.strip())
             edited = case.extra.get("edited_structures") or ["none"]
@@ -179,12 +212,33 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         f"(edited: {', '.join(edited)})")
 
     def onRetrainStart(self):
+        p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Could not start training.", waitCursor=True):
-            out = self.logic.core.start_retrain(self._parameterNode.datasetFolder,
-                                                base_model=self.ui.modelComboBox.currentData or None)
-            self.ui.metricsTextEdit.setPlainText(f"Training into {out}")
-            self.ui.retrainStartButton.enabled, self.ui.retrainStopButton.enabled = False, True
-            self._training = True
+            installed = self.logic.core.ensure_dependencies(slicer.util.confirmOkCancelDisplay)
+            if installed.restart_required:
+                if slicer.util.confirmYesNoDisplay(installed.message + "\n\nRestart Slicer now?"):
+                    slicer.util.restart()
+                return
+            base = None if p.fromScratch else (self.ui.modelComboBox.currentData or None)
+            out = self.logic.core.start_retrain(p.datasetFolder, base_model=base, epochs=p.epochs,
+                                                max_minutes=p.maxMinutes or None)
+            self.ui.metricsTextEdit.setPlainText(f"Training into {out} ({'from scratch' if base is None else 'from ' + base})")
+            self._setTraining(True)
+
+    def onRetrainStop(self):
+        self.logic.core.stop_retrain()
+        self.ui.retrainResumeButton.enabled = True
+
+    def onRetrainResume(self):
+        with slicer.util.tryWithErrorDisplay("Could not resume training."):
+            self.logic.core.resume_retrain()
+            self._setTraining(True)
+
+    def _setTraining(self, running):
+        self._training = running
+        self.ui.retrainStartButton.enabled, self.ui.retrainStopButton.enabled = not running, running
+        if running:
+            self.ui.retrainResumeButton.enabled = False
             self.timer.start()
 
 

@@ -1,61 +1,83 @@
-"""The product's loop on real MRML and a real case, end to end, with real processes:
+"""The product's loop on real MRML and a real case, end to end, with real processes, from the shipped model:
 
-volume node -> Segment (the CLI in a worker process, tiny model from the user registry) -> an
-annotator's edit through the MRML API -> Export (case format) -> retrain (lumbarseg-train finetune
-in a background process, a short run) -> publish -> a new version in the registry -> Segment again
-with it.
+volume node -> Segment (the CLI in a worker process, the shipped default ``uvd-starter@1``) -> an
+annotator's edit through the MRML API -> Export (four patients; the frozen split holds one out) ->
+retrain (``lumbarseg-train finetune --from uvd-starter@1`` in a background process, a short run, the
+held-out case excluded) -> the gate grades candidate and model in use on the held-out case -> publish
+into an empty user registry -> Segment again, with the shipped ref and with the fine-tune.
+
+Issue 10's "done when": no duplicate refs, exactly one default, the shipped ref segmenting with its
+own weights (sha256), the per-class comparison shown, and too few held-out cases -> not promoted.
 """
 import time
 
-import numpy as np
 import pytest
 
 from LumbarSegmentLib import mrml
-from LumbarSegmentLib.cases import list_cases
-from LumbarSegmentLib.packages import Registry
+from LumbarSegmentLib.cases import read_case
+from LumbarSegmentLib.holdout import frozen_split
+from LumbarSegmentLib.packages import Catalog, resolve_model, shipped_registry_root
 from LumbarSegmentLib.slicer_logic import DONE, ModuleLogic, SegmentRequest
 
 
-def test_segment_edit_export_retrain_publish_segment_again(small_real_volume, tiny_package, tmp_path, monkeypatch):
-    monkeypatch.setenv("LUMBARSEG_HOME", str(tmp_path / "home"))
-    user = Registry(tmp_path / "home" / "models")
-    user.publish(tiny_package, make_default=True)
+def test_fine_tune_of_the_shipped_default_never_shadows_it(small_real_volume, tmp_path, monkeypatch):
+    monkeypatch.setenv("LUMBARSEG_HOME", str(tmp_path / "home"))  # an empty user registry
+    shipped = resolve_model("uvd-starter@1")
+    assert shipped.path.parent.parent == shipped_registry_root()
     ctx = mrml.MRMLContext.standalone()
-    core = ModuleLogic(ctx.scene, ctx.seg_logic, registries=[user])
+    core = ModuleLogic(ctx.scene, ctx.seg_logic)
 
     node = mrml.volume_to_node(ctx.scene, small_real_volume, "VB3_01 centre")
-    seg, _ = core.segment(node, SegmentRequest(models=["uvd-tiny@1"], device="cpu"), timeout=300)
-    assert seg is not None and seg.GetName().startswith("VB3_01 centre")
-    ids = mrml.segment_ids(seg)
-    assert ids, "the draft has no segments"
-
-    # the annotator corrects one segment
-    first = ids[0]
+    seg, _ = core.segment(node, SegmentRequest(device="cpu", threads=1), timeout=600)
+    assert mrml.drafted_by(seg) == {"model": "uvd-starter@1", "sha256": shipped.sha256}
+    assert core.export_warning(seg), "an untouched draft must be flagged before export"
+    first = mrml.segment_ids(seg)[0]
     mask = mrml.segment_mask(seg, first, node)
-    mask[:, :, :] = False
-    mask[2:4, 60:90, 60:90] = True
+    mask[60:90, 60:90, 1:3] = ~mask[60:90, 60:90, 1:3]  # [k, j, i]: six sagittal slices along i
     mrml.set_segment_mask(ctx.seg_logic, seg, first, mask, node)
-    assert mrml.edited_segments(seg) == [first]
+    assert mrml.edited_segments(seg) == [first] and core.export_warning(seg) is None
 
     dataset = tmp_path / "dataset"
-    case = core.export(node, seg, dataset, "VB3_01-centre")
-    assert case.extra["edited_structures"] == [first]
-    assert [c.case_id for c in list_cases(dataset)] == ["VB3_01-centre"]
+    for i in range(1, 5):  # four patients: the frozen split holds out the fourth
+        mrml.export_case(ctx.scene, ctx.seg_logic, node, seg, mrml.schema_of_node(seg), dataset, f"case{i}",
+                         patient=f"P{i}")
+    split = frozen_split(dataset)
+    assert split.holdout_ids == ["case4"] and read_case(split.holdout[0].json_path).extra["edited_structures"]
 
-    # retrain: fine-tune the drafting model on the export, briefly, then publish
-    core.start_retrain(dataset, tmp_path / "run", base_model="uvd-tiny@1",
-                       extra_args=["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2",
-                                   "--patch", "64", "--threads", "1", "--device", "cpu"])
-    deadline = time.monotonic() + 300
+    core.start_retrain(dataset, tmp_path / "run", base_model="uvd-starter@1", epochs=1,
+                       extra_args=["--steps-per-epoch", "2", "--batch-size", "2", "--patch", "64", "--threads", "1",
+                                   "--device", "cpu"])
+    deadline = time.monotonic() + 900
     while not (st := core.poll_retrain()).finished:
         assert time.monotonic() < deadline, "training did not finish"
-        time.sleep(0.2)
+        time.sleep(0.5)
     assert st.state == DONE, st.message
-    versions = user.index()["models"]["uvd-tiny"]["versions"]
-    assert versions == [1, 2], f"expected a second version in the registry, got {user.index()}: {st.message}"
+    event = core.trainer.publish_event
+    assert event is not None, st.message
+    # the gate graded on the held-out case only, against the model in use, and said it was too few
+    assert event["ref"] == "uvd-starter@2" and event["default"] is False
+    assert "only 1 held-out case" in event["reason"] and "uvd-starter@1 (in use)" in event["reason"]
+    assert event["comparison"]["cases"] == ["case4"] and event["comparison"]["current_ref"] == "uvd-starter@1"
+    assert "case4" not in (resolve_model("uvd-starter@2").manifest["training"].get("train_cases") or [])
+    assert first in event["comparison"]["per_class"] and "in use" in event["table"] and "change" in event["table"]
 
-    # segment again with the new version
-    seg2, _ = core.segment(node, SegmentRequest(models=["uvd-tiny@2"], device="cpu"), timeout=300)
-    assert seg2 is not None and seg2 is not seg
-    assert seg.GetID() != seg2.GetID()  # a new node: the annotator's edits are untouched
-    assert mrml.edited_segments(seg) == [first]
+    # identity: each ref once, exactly one default, the shipped ref still the shipped weights
+    entries = Catalog().entries()
+    refs = [e.package.ref for e in entries]
+    assert len(refs) == len(set(refs)) and {"uvd-starter@1", "uvd-starter@2"} <= set(refs)
+    assert [e.package.ref for e in entries if e.default] == ["uvd-starter@1"]
+    by_ref = {e.package.ref: e for e in entries}
+    assert by_ref["uvd-starter@1"].source == "shipped" and by_ref["uvd-starter@2"].source == "user"
+    assert by_ref["uvd-starter@2"].package.parent == {"ref": "uvd-starter@1", "sha256": shipped.sha256}
+    assert resolve_model("uvd-starter@1").sha256 == shipped.sha256
+    labels = [label for label, ref in core.model_choices()]
+    assert len(labels) == len(set(ref for _, ref in core.model_choices()))
+
+    # segment again: the shipped ref with its own weights, the fine-tune with its own
+    again, _ = core.segment(node, SegmentRequest(models=["uvd-starter@1"], device="cpu", threads=1), timeout=600)
+    assert mrml.drafted_by(again) == {"model": "uvd-starter@1", "sha256": shipped.sha256}
+    tuned, _ = core.segment(node, SegmentRequest(models=["uvd-starter@2"], device="cpu", threads=1), timeout=600)
+    assert mrml.drafted_by(tuned)["sha256"] == resolve_model("uvd-starter@2").sha256 != shipped.sha256
+    assert mrml.edited_segments(seg) == [first]  # new nodes: the annotator's edits are untouched
+    with pytest.raises(Exception):
+        resolve_model("uvd-starter@3")

@@ -260,3 +260,20 @@ def test_lib_modules_import_without_qt():
     import subprocess
 
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_retrain_panel_checks_dependencies_reattaches_and_warns_before_exporting_a_draft():
+    """Issue 10's panel gaps, checked in the shell's source (desktop Slicer cannot run here)."""
+    tree = ast.parse(MODULE_FILE.read_text())
+    methods = {n.name: ast.get_source_segment(MODULE_FILE.read_text(), n) for n in ast.walk(tree)
+               if isinstance(n, ast.FunctionDef)}
+    start = methods["onRetrainStart"]
+    assert start.index("ensure_dependencies") < start.index("start_retrain"), "dependencies before training"
+    assert "fromScratch" in start and "epochs=" in start and "max_minutes=" in start
+    assert "stop_retrain" not in methods["cleanup"], "closing the panel must not kill training"
+    assert "reattach_retrain" in methods["reattachTraining"] and "reattachTraining" in methods["setup"]
+    assert "resume_retrain" in methods["onRetrainResume"]
+    export = methods["onExport"]
+    assert export.index("export_warning") < export.index(".export(")
+    for w in ("fromScratchCheckBox", "epochsSpinBox", "maxMinutesSpinBox", "retrainResumeButton"):
+        assert w in ui_widgets(), w
