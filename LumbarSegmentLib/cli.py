@@ -103,7 +103,25 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     m = sub.add_parser("models", help="list the installed models")
     m.add_argument("--json", action="store_true")
+    # Listed here for --help only: main() hands everything after "web" to the browser front end's own
+    # parser (LumbarSegmentWeb.serve), imported lazily so the Lib never depends on trame.
+    sub.add_parser("web", help="annotate in a browser: lumbarseg web [--host 127.0.0.1] [--port 8080] "
+                   "[--data FOLDER] [--models REGISTRY] (needs the [web] extra; lumbarseg web --help)")
     return p
+
+
+WEB_INSTALL_HINT = "pip install 'lumbarsegment[web]' (from a source checkout: pip install -e '.[web]')"
+
+
+def cmd_web(argv: list[str]) -> int:
+    """``lumbarseg web ...``: start the browser front end (a separate package, optional extra)."""
+    try:
+        from LumbarSegmentWeb.serve import main as web_main
+    except ImportError as exc:
+        print(f"lumbarseg: error: the browser front end is not installed ({exc}); {WEB_INSTALL_HINT}",
+              file=sys.stderr)
+        return EXIT_FAIL
+    return web_main(argv)
 
 
 def _expand_inputs(inputs: list[str], series_folders: bool = True) -> list[Path]:
@@ -282,6 +300,9 @@ def cmd_models(args) -> int:
 
 
 def main(argv=None) -> int:
+    raw = sys.argv[1:] if argv is None else list(argv)
+    if raw[:1] == ["web"]:
+        return cmd_web(raw[1:])
     args = _parser().parse_args(argv)
     try:
         return {"segment": cmd_segment, "models": cmd_models}[args.command](args)

@@ -109,8 +109,21 @@ class AnnotationSession:
 
     # ------------------------------------------------------------------ models
     def model_choices(self) -> list[dict]:
-        """``[{"title", "value"}]`` for the model picker, the default first (the Lib's catalogue)."""
-        return [{"title": label, "value": ref} for label, ref in self.logic.model_choices()]
+        """``[{"title", "value"}]`` for the model picker, the default first (the Lib's catalogue).
+
+        The values are package folders, not refs: the job runs in a child process that
+        resolves refs in the default registries only, while ``--models`` may name another.
+        """
+        from LumbarSegmentLib.packages import Catalog, PackageError
+
+        catalog = Catalog(self.registries)
+        rows = []
+        for label, ref in self.logic.model_choices():
+            try:
+                rows.append({"title": label, "value": str(catalog.get(ref).path)})
+            except (PackageError, OSError, ValueError):
+                continue
+        return rows
 
     # ------------------------------------------------------------------ cases
     def load_case(self, case_id: str) -> None:
@@ -406,7 +419,7 @@ class AnnotationSession:
 
         if not self.worklist.exported_ids():
             raise SessionError("no exported case yet: correct and export at least one case before retraining")
-        base = base_model or resolve_model(None, self.registries).ref
+        base = base_model or str(resolve_model(None, self.registries).path)
         run = self.worklist.work / "training" / time.strftime("run-%Y%m%d-%H%M%S")
         self.retrain_run = self.logic.start_retrain(self.worklist.dataset, run, list(extra_args), base_model=base)
         return self.retrain_run
