@@ -268,34 +268,33 @@ def _summary(rep: dict) -> None:
 
 
 def cmd_models(args) -> int:
-    from .packages import PackageError, default_registries
+    """Each ref once, exactly one default, and where each model comes from (see ``packages.Catalog``)."""
+    from .packages import Catalog
 
-    rows, failed = [], False
-    for reg in default_registries():
-        try:
-            default = reg.default_ref()
-            ensemble = reg.ensemble_refs()
-            pkgs = reg.packages()
-        except PackageError as exc:  # list the other registries, then fail
-            print(f"lumbarseg: error: {exc}", file=sys.stderr)
-            failed = True
-            continue
-        for p in pkgs:
-            rows.append({"ref": p.ref, "variant": p.manifest["architecture"].get("variant"),
-                         "schema": p.schema.name, "spacing_mm": list(p.spacing), "registry": str(reg.root),
-                         "default": p.ref == default, "ensemble": p.ref in ensemble,
-                         "metrics": p.manifest.get("metrics", {}).get("summary", {})})
-    status = EXIT_FAIL if failed else EXIT_OK
+    catalog = Catalog()
+    entries = catalog.entries(skip_broken=True)
+    for err in catalog.errors:  # list the readable registries, then fail
+        print(f"lumbarseg: error: {err}", file=sys.stderr)
+    for c in catalog.conflicts:
+        print(f"lumbarseg: warning: {c.package.ref} in {c.registry.root} is set aside: the {c.source} registry's "
+              f"ref of that name wins; publish that package again to give it a version of its own", file=sys.stderr)
+    rows = [{"ref": e.package.ref, "variant": e.package.manifest["architecture"].get("variant"),
+             "schema": e.package.schema.name, "spacing_mm": list(e.package.spacing), "source": e.source,
+             "registry": str(e.registry.root), "default": e.default, "ensemble": e.ensemble,
+             "parent": (e.package.parent or {}).get("ref"), "sha256": e.package.sha256,
+             "metrics": e.package.manifest.get("metrics", {}).get("summary", {})} for e in entries]
+    status = EXIT_FAIL if catalog.errors else EXIT_OK
     if args.json:
         print(json.dumps(rows, indent=1))
         return status
     if not rows:
-        print("no models installed" + (" that could be read" if failed else ""))
+        print("no models installed" + (" that could be read" if catalog.errors else ""))
         return status
     for r in rows:
         flags = ("default " if r["default"] else "") + ("ensemble" if r["ensemble"] else "")
+        origin = r["source"] + (f", fine-tuned from {r['parent']}" if r["parent"] else "")
         print(f"{r['ref']:<22} {r['variant'] or '?':<6} schema={r['schema']:<9} spacing={r['spacing_mm']} "
-              f"{flags:<17} {r['registry']}")
+              f"{flags:<17} {origin}  sha256 {r['sha256'][:12]}")
     return status
 
 
