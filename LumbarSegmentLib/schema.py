@@ -24,6 +24,14 @@ BACKGROUND_ID = "background"
 
 Code = tuple  # (coding scheme, code value, code meaning)
 
+# The terminology context the classes' codes live in: LumbarSegment's own list
+# (schemas/terminology/LumbarSegment.term.json, built from these schemas and loaded by the Slicer
+# module), because Slicer's bundled lists lack codes such as "Vertebral body". Models published
+# before it existed name Slicer's General Anatomy list, which does not hold their codes; reading
+# them maps that name to this one so Slicer's terminology selector finds their segments.
+TERMINOLOGY_CONTEXT = "Segmentation category and type - LumbarSegment"
+_MISNAMED_CONTEXTS = {"Segmentation category and type - 3D Slicer General Anatomy list"}
+
 
 class SchemaError(ValueError):
     """A schema file or a label mapping is inconsistent."""
@@ -68,7 +76,7 @@ class LabelSchema:
     name: str
     classes: tuple[LabelClass, ...]
     title: str = ""
-    terminology_context: str = "Segmentation category and type - 3D Slicer General Anatomy list"
+    terminology_context: str = TERMINOLOGY_CONTEXT
     _by_id: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -213,8 +221,9 @@ class LabelSchema:
             if isinstance(exc, SchemaError):
                 raise
             raise SchemaError(f"{where}: malformed schema ({exc!r})") from None
+        context = str(data.get("terminology_context", TERMINOLOGY_CONTEXT))
         return cls(name=name, classes=classes, title=str(data.get("title", "")),
-                   terminology_context=str(data.get("terminology_context", cls.terminology_context)))
+                   terminology_context=TERMINOLOGY_CONTEXT if context in _MISNAMED_CONTEXTS else context)
 
 
 def available_schemas() -> list[str]:

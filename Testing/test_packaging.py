@@ -90,6 +90,7 @@ def test_every_subpackage_and_data_folder_is_listed():
              if "__pycache__" not in p.parts}
     assert found <= listed, f"packages missing from pyproject: {sorted(found - listed)}"
     assert "LumbarSegmentLib.schemas" in listed and tool["package-data"]["LumbarSegmentLib.schemas"] == ["*.json"]
+    assert "LumbarSegmentLib.schemas.terminology" in listed
     from LumbarSegmentLib.packages import shipped_registry_root
 
     mapped = ROOT / tool["package-dir"]["LumbarSegmentLib.shipped_models"]
@@ -136,6 +137,7 @@ def test_wheel_from_a_clean_checkout_installs_lists_models_and_writes_a_dicom_se
             for f in ("manifest.json", "weights.safetensors"):
                 assert f"LumbarSegmentLib/shipped_models/{name}/{v}/{f}" in names
     assert "LumbarSegmentLib/shipped_models/index.json" in names and "LumbarSegmentLib/schemas/starter.json" in names
+    assert "LumbarSegmentLib/schemas/terminology/LumbarSegment.term.json" in names
 
     # a fresh venv; the wheel goes in with the running pip, dependencies are borrowed (see module doc)
     venv = tmp_path / "venv"
