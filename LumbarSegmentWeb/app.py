@@ -296,7 +296,7 @@ class LumbarSegmentPage:
                               **tid("error"))
 
     def _drawer(self) -> None:
-        with v3.VExpansionPanels(multiple=True, model_value=("panels", [0, 1, 2, 3]), classes="ls-panel",
+        with v3.VExpansionPanels(multiple=True, model_value=("panels", [0, 1, 2, 3, 4, 5]), classes="ls-panel",
                                  variant="accordion"):
             with v3.VExpansionPanel(title="Cases"):
                 with v3.VExpansionPanelText():
