@@ -178,3 +178,37 @@ def test_wheel_from_a_clean_checkout_installs_lists_models_and_writes_a_dicom_se
     first = pydicom.dcmread(sorted((work / "dicom").iterdir())[0], stop_before_pixels=True)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Vertebral body", "Intervertebral disc"]
+
+
+def test_extensions_index_entry_agrees_with_the_cmake_metadata():
+    """LumbarSegment.json is what Slicer's Extensions Index takes; the rest lives in CMakeLists.txt."""
+    entry = json.loads((ROOT / "LumbarSegment.json").read_text())
+    allowed = {"$schema", "build_dependencies", "build_subdirectory", "category", "enabled", "scm_revision",
+               "scm_type", "scm_url", "tier"}  # the catalog schema (v1.0.1) allows no other key
+    assert set(entry) <= allowed and {"$schema", "category", "scm_url"} <= set(entry)
+    assert "slicer-extension-catalog-entry-schema-v1.0.1.json" in entry["$schema"]
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+
+    def cmake_value(key):
+        m = re.search(rf'set\({key} "([^"]*)"\)', cmake)
+        assert m, key
+        return m.group(1)
+
+    assert entry["category"] == cmake_value("EXTENSION_CATEGORY")
+    assert entry["build_dependencies"] == cmake_value("EXTENSION_DEPENDS").split()
+    # the icon and screenshot URLs point at files that exist in the repository
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        for url in cmake_value(key).split():
+            rel = url.split("/main/", 1)[1]
+            assert (ROOT / rel).is_file(), f"{key}: {rel} is not in the repository"
+            from PIL import Image
+
+            with Image.open(ROOT / rel) as im:
+                assert im.format == "PNG" and min(im.size) >= 128
+
+
+def test_docs_name_no_machine_paths():
+    bad = re.compile(r"(?<![\w.])/(?:work|home|root|Users)/[\w.-]+")
+    hits = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in [*(ROOT / "docs").glob("*.md"), ROOT / "README.md"]
+            for m in bad.finditer(p.read_text())]
+    assert not hits, hits

@@ -1,0 +1,118 @@
+"""Cohorts: what counts as one, where its outputs go, and two torchrun processes (gloo, CPU) that
+share it so that each case is written exactly once and rank 0 writes the summary.
+
+Volumes are real: the held-out sample case, stored as sagittal images and cropped to a few slices.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from LumbarSegmentLib.cli import main
+from LumbarSegmentLib.cohort import CohortError, check_unique_stems, expand_inputs
+from LumbarSegmentLib.distributed import Rank, current_rank, shard
+from LumbarSegmentLib.io import read_volume, write_volume
+
+from test_dicom_seg import sagittal_sample, write_sample_series
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shards_cover_every_case_once():
+    cases = [f"c{i}" for i in range(11)]
+    parts = [shard(cases, Rank(r, 3)) for r in range(3)]
+    assert sorted(sum(parts, [])) == sorted(cases) and [len(p) for p in parts] == [4, 4, 3]
+
+
+def test_rank_comes_from_torchrun_variables():
+    me = current_rank({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
+    assert (me.rank, me.world, me.local_rank, me.local_world, me.distributed) == (3, 4, 1, 2, True)
+    assert not current_rank({}).distributed
+    with pytest.raises(ValueError, match="inconsistent"):
+        current_rank({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def test_folder_of_dicom_series_folders_is_a_cohort(tmp_path):
+    for name in ("p1", "p2"):
+        write_sample_series(tmp_path / "study" / name, slices=2)
+    write_volume(sagittal_sample(slices=2), tmp_path / "study" / "p3.nii.gz")
+    (tmp_path / "study" / "notes").mkdir()  # no DICOM inside: not a case
+    assert [p.name for p in expand_inputs([str(tmp_path / "study")])] == ["p3.nii.gz", "p1", "p2"]
+    # a series folder itself stays one case; --series / a label-file output keep the parent as one study
+    assert expand_inputs([str(tmp_path / "study" / "p1")]) == [tmp_path / "study" / "p1"]
+    assert expand_inputs([str(tmp_path / "study")], series_folders=False) == [tmp_path / "study" / "p3.nii.gz"]
+    (tmp_path / "study" / "p3.nii.gz").unlink()
+    assert expand_inputs([str(tmp_path / "study")], series_folders=False) == [tmp_path / "study"]
+
+
+def test_clashing_output_names_are_refused(tmp_path):
+    with pytest.raises(CohortError, match="would both write a_seg"):
+        check_unique_stems([tmp_path / "x" / "a.nii.gz", tmp_path / "y" / "a.mha"])
+
+
+def test_cohort_option_values_are_folders_and_dicom_seg_only_for_dicom(tmp_path, tiny_package, capsys):
+    cohort = tmp_path / "cohort"
+    write_sample_series(cohort / "dcm_case", slices=2)
+    write_volume(sagittal_sample(slices=2), cohort / "vol_case.nii.gz")
+    out = tmp_path / "out"
+    rc = main(["segment", str(cohort), "-o", str(out), "--model", str(tiny_package.path), "--no-progress",
+               "--seg-nrrd", "--preview", str(tmp_path / "png"), "--dicom-seg", "--report"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "vol_case.nii.gz" in err and "--dicom-seg needs a DICOM series folder" in err
+    assert sorted(p.name for p in out.iterdir()) == ["dcm_case.seg.nrrd", "dcm_case_report.json", "dcm_case_seg.dcm",
+                                                    "dcm_case_seg.nii.gz", "summary.json"]
+    assert [p.name for p in (tmp_path / "png").iterdir()] == ["dcm_case_preview.png"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["cases"], summary["succeeded"], summary["failed"]) == (2, 1, 1)
+
+
+def test_bad_option_values_are_usage_errors(capsys):
+    for bad, says in ((["--tile", "abc"], "use auto, patch, whole or a window size"),
+                      (["--overlap", "1.5"], "below 0.95"), (["--batch-size", "0"], "at least 1")):
+        with pytest.raises(SystemExit) as e:
+            main(["segment", "x.nii.gz", "-o", "y.nii.gz", *bad])
+        assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_single_input_needs_file_names_for_optional_outputs(tmp_path, tiny_package, capsys):
+    src = tmp_path / "a.nii.gz"
+    write_volume(sagittal_sample(slices=2), src)
+    rc = main(["segment", str(src), "-o", str(tmp_path / "a_seg.nii.gz"), "--model", str(tiny_package.path),
+               "--preview", "--no-progress"])
+    assert rc == 1 and "--preview needs a file name when segmenting one input" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_split_a_cohort(tmp_path, tiny_package):
+    """2 ranks on CPU (gloo): every case written once, by one rank; rank 0's summary lists all (~15 s)."""
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    vol = sagittal_sample(slices=2)
+    names = [f"case{i}" for i in range(5)]
+    for n in names:
+        write_volume(vol, cohort / f"{n}.nii.gz")
+    (cohort / "broken.nii.gz").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                        "--nproc-per-node", "2", "-m", "LumbarSegmentLib.cli", "segment", str(cohort), "-o", str(out),
+                        "--model", str(tiny_package.path), "--device", "cpu", "--no-progress"],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert r.returncode != 0, "a broken case must make the run fail"  # and the good ones are still done
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["cases"] == 6 and summary["failed"] == 1
+    rows = {Path(row["input"]).name: row for row in summary["rows"]}
+    assert set(rows) == {f"{n}.nii.gz" for n in names} | {"broken.nii.gz"}
+    assert {row["rank"] for row in rows.values()} == {0, 1}
+    for n in names:  # written once, on the input grid, next to its own report naming the rank's device
+        assert rows[f"{n}.nii.gz"]["ok"]
+        assert read_volume(out / f"{n}_seg.nii.gz").same_geometry(vol)
+        assert json.loads((out / f"{n}_report.json").read_text())["device"] == "cpu"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("case")) == sorted(
+        [f"{n}_seg.nii.gz" for n in names] + [f"{n}_report.json" for n in names])
+    assert "[rank 1/2]" in r.stderr and "broken.nii.gz" in r.stderr
