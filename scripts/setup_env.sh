@@ -24,7 +24,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q "torch==${LUMBARSEG_TORCH:-2.13.0}"
   fi
 fi
-if ! "$PY" -c "import LumbarSegmentLib, slicer, pytest" 2>/dev/null; then
-  "$PY" -m pip install -q -e "$ROOT[test]"
+# The test and web extras (the browser front end and its Chromium tests via Playwright). Reinstalls
+# when a venv still holds another slicer-core than pyproject's pin (5.11.0.6, see pyproject.toml).
+if ! "$PY" -c "import LumbarSegmentLib, LumbarSegmentWeb, slicer, pytest, trame_slicer, playwright
+from importlib.metadata import version; assert version('slicer-core') == '5.11.0.6'" 2>/dev/null; then
+  "$PY" -m pip install -q -e "$ROOT[test,web]" playwright
 fi
 export PATH="$VENV/bin:$PATH"
