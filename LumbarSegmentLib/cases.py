@@ -91,7 +91,15 @@ class Case:
                 f"differs from the image's ({image.describe_geometry()}, origin {image.origin}); "
                 f"resample the label map onto the image grid"
             )
-        values = {int(v) for v in np.unique(label.array)} - {0}
+        raw = np.unique(label.array)
+        whole = (raw == np.round(raw)) if raw.dtype.kind == "f" else np.ones(raw.shape, bool)
+        bad = raw[~whole | (raw < 0) | (raw > 255)]
+        if bad.size or not np.all(np.isfinite(raw)):
+            shown = ", ".join(f"{v:g}" for v in bad[:5].tolist()) if bad.size else "NaN/inf"
+            raise CaseError(f"case {self.case_id}: the label map {self.label_path.name} holds values that are not "
+                            f"whole label numbers 0..255 ({shown}); a resampled or smoothed label map? Export it "
+                            f"again with nearest-neighbour interpolation")
+        values = {int(v) for v in raw} - {0}
         unknown = sorted(values - set(self.labels))
         if unknown:
             raise CaseError(f"case {self.case_id}: label values {unknown} are not described in 'labels'")

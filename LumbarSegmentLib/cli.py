@@ -12,7 +12,6 @@ whole case succeeded: a failed or cancelled run leaves nothing behind.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -58,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lumbarseg", description="Lumbar-spine MRI segmentation (LumbarSegment).")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("segment", help="segment one or more sagittal lumbar MR volumes")
-    s.add_argument("inputs", nargs="+", help="volume file (.nii[.gz], .nrrd, .mha), DICOM folder, or folder of volumes")
+    s.add_argument("inputs", nargs="+", help="volume file (.nii[.gz], .nrrd, .mha), DICOM series folder, or a folder of "
+                   "volumes and/or DICOM series folders (a cohort)")
     s.add_argument("-o", "--output", required=True,
                    help="label map file for one input (.nii.gz/.nrrd/.mha); a folder for several")
     s.add_argument("--model", default=None, help="model NAME[@VERSION] or package folder; comma-separated for "
@@ -102,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="label-map file type in cohort mode (default: .nii.gz)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     m = sub.add_parser("models", help="list the installed models")
-    m.add_argument("--json", action="store_true")
+    m.add_argument("--json", action="store_true", help="print the models as JSON (ref, variant, schema, "
+                   "spacing, registry, default/ensemble flags, metrics)")
     # Listed here for --help only: main() hands everything after "web" to the browser front end's own
     # parser (LumbarSegmentWeb.serve), imported lazily so the Lib never depends on trame.
     sub.add_parser("web", help="annotate in a browser: lumbarseg web [--host 127.0.0.1] [--port 8080] "
@@ -146,11 +147,18 @@ def _segment_one(src: Path, label_out: Path, args, packages, report_out=None, se
                  conf_out=None, dicom_seg_out=None) -> dict:
     import time
 
+    from .checks import check_segmentable, empty_result_warning
     from .engine import SegmentOptions, segment_volume
-    from .io import atomic_path, read_volume, write_volume
+    from .io import read_volume
+    from .outputs import CasePlan, check_plans, write_case_outputs
 
+    wanted = {"label": label_out, "report": report_out, "seg_nrrd": seg_out, "preview": preview_out,
+              "confidence": conf_out, "dicom_seg": dicom_seg_out}
+    plan = CasePlan(Path(src), {k: Path(v) for k, v in wanted.items() if v})
+    check_plans([plan])  # before any work: no output may be an input, or another output
     t0 = time.perf_counter()
     volume = read_volume(src, series_uid=args.series)
+    check_segmentable(volume, packages, allow_reslice=args.reslice)  # nonsense in, refused, not "segmented"
     if dicom_seg_out:
         from .dicom_seg import require_dicom_source
 
@@ -181,50 +189,23 @@ def _segment_one(src: Path, label_out: Path, args, packages, report_out=None, se
     report = dict(result.report)
     report["input_path"] = str(src)
     report["timings_s"] = {"read": round(t_read, 4), **report["timings_s"]}
-    # Write every output under a temporary name first, then rename them all.
-    with contextlib.ExitStack() as stack:
-        pending = []
-        tmp = stack.enter_context(atomic_path(label_out))
-        write_volume(result.labels, tmp)
-        pending.append(label_out)
-        if seg_out:
-            from .segfile import write_seg_nrrd
-
-            tmp_seg = stack.enter_context(atomic_path(seg_out))
-            first = report["models"][0]  # lets Slicer show (and edit-track) which model drafted it
-            write_seg_nrrd(result.labels, result.schema, tmp_seg,
-                           model_ref=",".join(m["ref"] for m in report["models"]),
-                           model_sha256=first["sha256"] if len(report["models"]) == 1 else None)
-            pending.append(seg_out)
-        if preview_out:
-            from .preview import render_preview
-
-            tmp_png = stack.enter_context(atomic_path(preview_out))
-            render_preview(volume, result.labels, result.schema, tmp_png, allow_reslice=args.reslice,
-                           title=f"{src.name} - {', '.join(m['ref'] for m in report['models'])} ({args.mode})")
-            pending.append(preview_out)
-        if conf_out:
-            tmp_conf = stack.enter_context(atomic_path(conf_out))
-            write_volume(result.confidence, tmp_conf)
-            pending.append(conf_out)
-        if dicom_seg_out:
-            from .dicom_seg import write_dicom_seg
-
-            tmp_dcm = stack.enter_context(atomic_path(dicom_seg_out))
-            write_dicom_seg(result.labels, volume, result.schema, tmp_dcm,
-                            model_name=",".join(m["ref"] for m in report["models"]),
-                            model_version=",".join(str(m.get("sha256", ""))[:12] for m in report["models"]))
-            pending.append(dicom_seg_out)
-        report["outputs"] = [str(p) for p in pending]
-        if report_out:
-            tmp_rep = stack.enter_context(atomic_path(report_out))
-            tmp_rep.write_text(json.dumps(report, indent=1))
+    warning = empty_result_warning(result.labels)
+    if warning:
+        report["warnings"] = [*report.get("warnings", []), warning]
+    # every output under a hidden temporary name first, then all renamed together (outputs.commit)
+    write_case_outputs(plan, result, volume, report, allow_reslice=args.reslice, mode=args.mode)
     return report
 
 
 def cmd_segment(args) -> int:
+    from .checks import check_options
     from .io import volume_suffix
+    from .outputs import check_input_folders
 
+    check_options(args)
+    out_folders = [Path(v) for v in (args.output, args.seg_nrrd, args.preview, args.confidence,
+                                     getattr(args, "dicom_seg", None)) if v]
+    check_input_folders(args.inputs, out_folders)
     # --series or a label-file output: a folder of series folders is one study to pick a series from
     inputs = _expand_inputs(args.inputs, series_folders=not (args.series or volume_suffix(Path(args.output))))
     packages = _resolve_models(args.model, args.mode)
@@ -298,19 +279,46 @@ def cmd_models(args) -> int:
     return status
 
 
+def _terminate_like_ctrl_c(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill, a scheduler) cleans up exactly like Ctrl-C
+
+
 def main(argv=None) -> int:
+    import signal
+    import threading
+
     raw = sys.argv[1:] if argv is None else list(argv)
     if raw[:1] == ["web"]:
         return cmd_web(raw[1:])
     args = _parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM"):
+        previous = signal.signal(signal.SIGTERM, _terminate_like_ctrl_c)
+    else:
+        previous = None
     try:
         return {"segment": cmd_segment, "models": cmd_models}[args.command](args)
     except KeyboardInterrupt:
         print("lumbarseg: interrupted; nothing was written for the unfinished input", file=sys.stderr)
         return EXIT_FAIL
-    except (ValueError, OSError, RuntimeError) as exc:
-        print(f"lumbarseg: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError, MemoryError) as exc:
+        print(f"lumbarseg: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAIL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error as the user should read it: an OS error's own message, not a bare '[Errno N]' prefix."""
+    if isinstance(exc, MemoryError):
+        return "not enough memory for this image; close other programs, or crop or downsample the image"
+    if isinstance(exc, OSError) and exc.errno in (28, 122) and exc.strerror:  # ENOSPC, EDQUOT
+        from .outputs import explain_os_error
+
+        return str(explain_os_error(exc, Path(exc.filename or "the output")))
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
 
 
 if __name__ == "__main__":
