@@ -105,11 +105,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, name: str | No
                       half: bool = True) -> ModelPackage:
     """A run's ``last.pt`` or ``best.pt`` -> a model package (safetensors) in the new folder ``out``.
 
-    Only for checkpoints this code wrote (they are pickles): never point it at untrusted files.
+    The checkpoint is read with ``weights_only=True`` (tensors and plain data only), so a file
+    made to run code when unpickled is refused instead.
     """
-    ck = torch.load(Path(checkpoint), map_location="cpu", weights_only=False)
-    if not isinstance(ck, dict) or ck.get("format") != "lumbarsegment.checkpoint":
-        raise ValueError(f"{checkpoint} is not a LumbarSegment training checkpoint")
+    from .trainer import load_checkpoint
+
+    ck = load_checkpoint(Path(checkpoint))
     cfg = TrainConfig.from_dict(ck["config"])
     model = build_model(**ck["builder_args"])
     model.load_state_dict(ck["model"])
