@@ -40,7 +40,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import pid_alive, sha256_file, umask  # sha256_file stays importable from here
+from .files import atomic_path, locked, normal_file_mode, pid_alive, sha256_file, umask  # sha256_file: re-export
+from .manifest import ManifestError, check_integrity, seal, validate_index, validate_manifest
+from .manifest import refuse_pickle as _refuse_pickle  # the old private name stays importable
 from .schema import LabelSchema
 
 MODEL_FORMAT = "lumbarsegment.model"
@@ -103,6 +105,11 @@ class ModelPackage:
         return self.manifest["weights"]["sha256"]
 
     @property
+    def parent(self) -> dict | None:
+        """``{"ref", "sha256"}`` of the package this one was fine-tuned from, ``None`` if trained from scratch."""
+        return self.manifest.get("parent")
+
+    @property
     def schema(self) -> LabelSchema:
         return LabelSchema.from_dict(self.manifest["schema"], where=f"{self.path}/manifest.json")
 
@@ -122,13 +129,20 @@ class ModelPackage:
         wfile = self.path / self.manifest["weights"]["file"]
         if not wfile.is_file():
             raise PackageError(f"{self.path}: weights file {wfile.name} is missing")
-        _refuse_pickle(wfile)
+        try:
+            _refuse_pickle(wfile)
+        except ManifestError as exc:
+            raise PackageError(str(exc)) from None
         actual = sha256_file(wfile)
         if actual != self.sha256:
             raise PackageError(
                 f"{self.path}: weights checksum mismatch (manifest says {self.sha256[:12]}…, file is "
                 f"{actual[:12]}…). The file was changed or damaged; reinstall or re-publish this model."
             )
+        try:  # the manifest's meaning (classes, architecture, input) must be what was sealed with the weights
+            check_integrity(self.manifest, f"{self.path}/manifest.json", legacy_ok=_is_shipped(self.path))
+        except ManifestError as exc:
+            raise PackageError(str(exc)) from None
 
     def load_model(self, device="cpu"):
         """Verify the weights, build the architecture and load them (float32, eval mode)."""
@@ -151,26 +165,10 @@ class ModelPackage:
         return model.to(device=torch.device(device)).eval()
 
 
-def _refuse_pickle(path: Path) -> None:
-    """Refuse a pickle / ``torch.save`` zip; a file that starts like a safetensors file passes.
-
-    A safetensors file starts with its header length (8 bytes, little-endian) and then the
-    JSON header's ``{``; that length can itself begin with the byte 0x80 or the letters
-    "PK", so the safetensors shape is recognised first.
-    """
-    with open(path, "rb") as f:
-        head = f.read(9)
-    size = path.stat().st_size
-    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
-        return
-    if head[:2] == b"PK" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
-        raise PackageError(
-            f"{path}: this is a PyTorch pickle/zip checkpoint, not safetensors. Pickles can run code when "
-            f"loaded, so LumbarSegment refuses them. Ask for a safetensors model package; only if you fully "
-            f"trust where the file came from, convert it with `lumbarseg-train export`."
-        )
-    if len(head) < 9:
-        raise PackageError(f"{path}: weights file is truncated; reinstall or re-publish this model")
+def _is_shipped(path: Path) -> bool:
+    """Packages of the shipped registry predate the integrity record; they are part of the installation."""
+    root = os.path.realpath(shipped_registry_root())
+    return os.path.realpath(path).startswith(root + os.sep)
 
 
 def read_package(path: str | os.PathLike) -> ModelPackage:
@@ -180,8 +178,12 @@ def read_package(path: str | os.PathLike) -> ModelPackage:
         raise PackageError(f"{path}: not a model package (no manifest.json)")
     try:
         manifest = json.loads(mpath.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PackageError(f"{mpath}: cannot read manifest: {exc}") from None
+    try:  # every field's type first: a wrong one is a message, never a traceback further on
+        validate_manifest(manifest, str(mpath), newest_format=MODEL_FORMAT_VERSION, model_format=MODEL_FORMAT)
+    except ManifestError as exc:
+        raise PackageError(str(exc)) from None
     if manifest.get("format") != MODEL_FORMAT:
         raise PackageError(f"{mpath}: format is {manifest.get('format')!r}, expected {MODEL_FORMAT!r}")
     if int(manifest.get("format_version", 0)) > MODEL_FORMAT_VERSION:
@@ -204,8 +206,13 @@ def read_package(path: str | os.PathLike) -> ModelPackage:
 
 def write_package(folder: str | os.PathLike, model, *, name: str, version: int = 1, schema: LabelSchema,
                   input_contract: dict | None = None, training: dict | None = None,
-                  metrics: dict | None = None, half: bool = True) -> ModelPackage:
-    """Save ``model`` (built by ``build_model``) as a package in a new folder ``folder``."""
+                  metrics: dict | None = None, half: bool = True, parent: dict | None = None) -> ModelPackage:
+    """Save ``model`` (built by ``build_model``) as a package in a new folder ``folder``.
+
+    ``parent`` (``{"ref", "sha256"}``) names the package a fine-tune started from; when not
+    given it is taken from ``training["init_from"]`` (what the trainer records for a
+    fine-tune), so every fine-tuned package says where its weights came from.
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -231,11 +238,20 @@ def write_package(folder: str | os.PathLike, model, *, name: str, version: int =
                      "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                      **(training or {})},
         "metrics": metrics or {},
+        **({"parent": parent} if (parent := parent or _parent_from(training)) else {}),
         "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(wpath), "dtype": "float16" if half else "float32",
                     "parameters": int(sum(p.numel() for p in model.parameters()))},
     }
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    os.chmod(wpath, normal_file_mode())
+    (folder / "manifest.json").write_text(json.dumps(seal(manifest), indent=1))
     return read_package(folder)
+
+
+def _parent_from(training: dict | None) -> dict | None:
+    init = (training or {}).get("init_from") or {}
+    if not isinstance(init, dict) or not init.get("package"):
+        return None
+    return {"ref": str(init["package"]), "sha256": init.get("weights_sha256")}
 
 
 # --------------------------------------------------------------------------------------
@@ -269,19 +285,18 @@ class Registry:
         if version > REGISTRY_FORMAT_VERSION:
             raise PackageError(f"{self.index_path}: registry format version {version} is newer than this "
                                f"LumbarSegment supports ({REGISTRY_FORMAT_VERSION}); update LumbarSegment")
-        if not isinstance(data.get("models", {}), dict):
-            raise PackageError(f"{self.index_path}: 'models' must be an object; {fix}")
+        try:  # names become folder names: each must stay one plain folder inside the registry
+            validate_index(data, str(self.index_path), fix)
+        except ManifestError as exc:
+            raise PackageError(str(exc)) from None
         return data
 
     def _write_index(self, data: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".index.", suffix=".json", dir=self.root)
-        with os.fdopen(fd, "w") as f:
+        with atomic_path(self.index_path) as tmp, open(tmp, "w") as f:
             json.dump(data, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, self.index_path)
 
     # --- queries -----------------------------------------------------------------
     def packages(self) -> list[ModelPackage]:
@@ -323,13 +338,25 @@ class Registry:
 
     # --- publishing --------------------------------------------------------------
     def publish(self, package: ModelPackage, *, make_default: bool = False,
-                ensemble: list[str] | None = None) -> ModelPackage:
-        """Copy ``package`` in as the next version of its name; atomic (see module doc)."""
+                ensemble: list[str] | None = None, catalog: "Catalog | None" = None) -> ModelPackage:
+        """Copy ``package`` in as the next version of its name; atomic (see module doc).
+
+        The version comes after the highest version of that name in *every* registry of
+        ``catalog`` (by default :meth:`catalog`: the user's and the shipped registries when
+        this is one of them), so a fine-tune of ``uvd-starter@1`` published into the user
+        registry becomes ``uvd-starter@2`` and never a second ``uvd-starter@1``. It becomes
+        the default only when asked, or when no registry of the catalogue has a default.
+        """
         if self.read_only:
             raise PackageError(f"registry {self.root} is read-only (shipped models); publish to the user registry")
         package.verify()
+        catalog = catalog or self.catalog()
         self.root.mkdir(parents=True, exist_ok=True)
-        version = self.next_version(package.name)
+        with locked(self.root):  # concurrent publishes: one read-modify-write at a time
+            return self._publish_locked(package, make_default, ensemble, catalog)
+
+    def _publish_locked(self, package: ModelPackage, make_default: bool, ensemble, catalog) -> ModelPackage:
+        version = max(self.next_version(package.name), catalog.next_version(package.name))
         final = self.root / package.name / str(version)
         self._remove_abandoned_publishes()
         tmp = Path(tempfile.mkdtemp(prefix=f".publish+{os.getpid()}+{socket.gethostname()}+{package.name}+",
@@ -337,10 +364,11 @@ class Registry:
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700: a shared registry must stay readable
         try:
             shutil.copy2(package.path / package.manifest["weights"]["file"], tmp / WEIGHTS_FILE)
+            os.chmod(tmp / WEIGHTS_FILE, normal_file_mode())  # copy2 copies the source's (maybe private) mode
             manifest = json.loads(json.dumps(package.manifest))
             manifest["version"] = version
             manifest["weights"]["file"] = WEIGHTS_FILE
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            (tmp / "manifest.json").write_text(json.dumps(seal(manifest), indent=1))  # verified above
             read_package(tmp).verify()
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(tmp, final)
@@ -351,7 +379,7 @@ class Registry:
         entry = idx.setdefault("models", {}).setdefault(package.name, {"versions": []})
         entry["versions"] = sorted(set(int(v) for v in entry["versions"]) | {version})
         ref = f"{package.name}@{version}"
-        if make_default or not idx.get("default"):
+        if make_default or not (idx.get("default") or catalog.default_ref(skip_broken=True)):
             idx["default"] = ref
         if ensemble is not None:
             idx["ensemble"] = list(ensemble)
@@ -365,6 +393,15 @@ class Registry:
             if (len(parts) > 3 and parts[1].isdigit() and parts[2] == socket.gethostname()
                     and not pid_alive(int(parts[1]))):
                 shutil.rmtree(old, ignore_errors=True)
+
+    def catalog(self) -> "Catalog":
+        """The registries this one is used with: the default ones (with this object in its place) when
+        its folder is the user's or the shipped registry, else this registry alone."""
+        mine = _same_folder(self.root)
+        regs = default_registries()
+        if not any(_same_folder(r.root) == mine for r in regs):
+            return Catalog([self])
+        return Catalog([self if _same_folder(r.root) == mine else r for r in regs])
 
     def set_default(self, ref: str) -> None:
         self.get(ref)
@@ -382,32 +419,169 @@ def default_registries() -> list[Registry]:
     return [Registry(user_registry_root()), Registry(shipped_registry_root(), read_only=True)]
 
 
+def _same_folder(path) -> str:
+    return os.path.normcase(os.path.realpath(path))
+
+
+def registry_source(registry: Registry) -> str:
+    """Where a registry's models come from, in words: ``shipped``, ``user`` or its folder."""
+    folder = _same_folder(registry.root)
+    if folder == _same_folder(shipped_registry_root()):
+        return "shipped"
+    if folder == _same_folder(user_registry_root()):
+        return "user"
+    return "read-only " + str(registry.root) if registry.read_only else str(registry.root)
+
+
+@dataclass
+class CatalogEntry:
+    """One model of the catalogue: its package, the registry holding it, and its roles."""
+
+    package: ModelPackage
+    registry: Registry
+    source: str
+    default: bool = False
+    ensemble: bool = False
+
+
+class Catalog:
+    """Several registries seen as one, so that a ref names exactly one package.
+
+    Identity rules (docs/formats.md, "Registry"):
+
+    * A name's versions are one sequence across the registries: publishing numbers the
+      new version after the highest one anywhere (:meth:`next_version`), so the user
+      registry's fine-tune of ``uvd-starter@1`` is ``uvd-starter@2``.
+    * Should two registries still hold the same ref (a user registry written by an older
+      LumbarSegment, or a newer release shipping a number the user already used), the
+      read-only (shipped) copy keeps the ref and the other copy is set aside in
+      :attr:`conflicts`, never listed or loaded under that ref: shipped refs always load
+      the shipped weights.
+    * The default in use is the default of the first registry (in order: user, shipped)
+      that names one; there is exactly one. The default ensemble likewise.
+    """
+
+    def __init__(self, registries: list[Registry] | None = None):
+        self.registries = default_registries() if registries is None else list(registries)
+        self.errors: list[str] = []  # registries that could not be read (skip_broken=True)
+        self.conflicts: list[CatalogEntry] = []
+
+    def _indexes(self, skip_broken: bool):
+        out = []
+        for reg in self.registries:
+            try:
+                out.append((reg, reg.index()))
+            except PackageError as exc:  # a damaged index is an error to fix, never a silent fallback
+                if not skip_broken:
+                    raise
+                self.errors.append(str(exc))
+        return out
+
+    def _owners(self, skip_broken: bool = False) -> dict[tuple[str, int], Registry]:
+        """(name, version) -> the one registry whose copy that ref names."""
+        owners: dict[tuple[str, int], Registry] = {}
+        for reg, idx in self._indexes(skip_broken):
+            for name, entry in idx.get("models", {}).items():
+                for v in entry.get("versions", []):
+                    key = (name, int(v))
+                    held = owners.get(key)
+                    if held is None or (reg.read_only and not held.read_only):
+                        owners[key] = reg
+        return owners
+
+    def next_version(self, name: str) -> int:
+        return max([v for (n, v) in self._owners(skip_broken=True) if n == name]
+                   + [r.next_version(name) - 1 for r in self.registries if not r.read_only], default=0) + 1
+
+    def default_ref(self, skip_broken: bool = False) -> str | None:
+        for _, idx in self._indexes(skip_broken):
+            if idx.get("default"):
+                return idx["default"]
+        return None
+
+    def ensemble_refs(self) -> list[str]:
+        for _, idx in self._indexes(False):
+            if idx.get("ensemble"):
+                return list(idx["ensemble"])
+        return []
+
+    def get(self, ref: str) -> ModelPackage:
+        """``name@version``, or ``name`` (the default's version if the default has that name, else the newest)."""
+        owners = self._owners()
+        name, _, ver = ref.partition("@")
+        versions = sorted(v for (n, v) in owners if n == name)
+        if not versions:
+            names = sorted({n for n, _ in owners})
+            raise PackageError(f"no model {name!r} in registries {[str(r.root) for r in self.registries]} "
+                               f"(they have: {', '.join(names) or 'none'})")
+        if not ver:
+            d_name, _, d_ver = (self.default_ref() or "").partition("@")
+            ver = d_ver if d_name == name and d_ver else str(versions[-1])
+        try:
+            key = (name, int(ver))
+        except ValueError:
+            raise PackageError(f"{ref!r}: a version is a whole number (name@3)") from None
+        if key not in owners:
+            raise PackageError(f"model {name!r} has no version {ver} (versions: {versions})")
+        return read_package(owners[key].root / name / str(key[1]))
+
+    def default(self) -> ModelPackage:
+        ref = self.default_ref()
+        if not ref:
+            raise PackageError(f"no default model in registries {[str(r.root) for r in self.registries]}")
+        return self.get(ref)
+
+    def ensemble(self) -> list[ModelPackage]:
+        refs = self.ensemble_refs()
+        if not refs:
+            raise PackageError("no default ensemble is configured; name the models with --model A,B")
+        return [self.get(r) for r in refs]
+
+    def entries(self, *, skip_broken: bool = False) -> list[CatalogEntry]:
+        """Every model once (its ref held by one registry), the default first; conflicts set aside."""
+        self.conflicts = []
+        owners = self._owners(skip_broken)
+        default = self.default_ref(skip_broken=True)
+        ensemble = set(self.ensemble_refs()) if not self.errors else set()
+        rows = []
+        for reg, idx in self._indexes(skip_broken=True):
+            for name, entry in sorted(idx.get("models", {}).items()):
+                for v in sorted(int(x) for x in entry.get("versions", [])):
+                    folder = reg.root / name / str(v)
+                    if not folder.is_dir():
+                        continue
+                    try:
+                        pkg = read_package(folder)
+                    except PackageError as exc:
+                        if not skip_broken:
+                            raise
+                        self.errors.append(str(exc))
+                        continue
+                    row = CatalogEntry(pkg, reg, registry_source(reg), default=pkg.ref == default,
+                                       ensemble=pkg.ref in ensemble)
+                    if owners.get((name, v)) is reg:
+                        rows.append(row)
+                    else:
+                        row.default = row.ensemble = False
+                        self.conflicts.append(row)
+        rows.sort(key=lambda r: not r.default)
+        return rows
+
+
 def resolve_model(ref: str | None, registries: list[Registry] | None = None) -> ModelPackage:
-    """A model package from a folder path, ``name[@version]``, or ``None`` for the default."""
+    """A model package from a folder path, ``name[@version]``, or ``None`` for the default in use.
+
+    Registry refs go through :class:`Catalog`, so a ref names one package whichever
+    registry holds it.
+    """
     if ref and (os.sep in ref or ref.startswith(".") or Path(ref).is_dir()):
         return read_package(ref)
-    registries = default_registries() if registries is None else registries
-    errors = []
-    for reg in registries:
-        reg.index()  # a damaged index is an error to fix, not a reason to fall back on another registry
-        try:
-            r = ref or reg.default_ref()
-            if r:
-                return reg.get(r)
-        except PackageError as exc:
-            errors.append(str(exc))
-    what = f"model {ref!r}" if ref else "a default model"
-    raise PackageError(f"cannot find {what} in registries {[str(r.root) for r in registries]}"
-                       + (f": {'; '.join(errors)}" if errors else ""))
+    catalog = Catalog(registries)
+    return catalog.get(ref) if ref else catalog.default()
 
 
 def resolve_ensemble(registries: list[Registry] | None = None) -> list[ModelPackage]:
-    registries = default_registries() if registries is None else registries
-    for reg in registries:
-        refs = reg.ensemble_refs() if reg.index_path.exists() else []
-        if refs:
-            return [reg.get(r) for r in refs]
-    raise PackageError("no default ensemble is configured; name the models with --model A,B")
+    return Catalog(registries).ensemble()
 
 
 @contextlib.contextmanager
