@@ -116,3 +116,29 @@ def test_two_torchrun_processes_split_a_cohort(tmp_path, tiny_package):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("case")) == sorted(
         [f"{n}_seg.nii.gz" for n in names] + [f"{n}_report.json" for n in names])
     assert "[rank 1/2]" in r.stderr and "broken.nii.gz" in r.stderr
+
+
+def test_every_option_has_help_and_is_documented():
+    import argparse
+
+    from LumbarSegmentLib.cli import _parser
+
+    doc = (ROOT / "docs" / "cli.md").read_text()
+    subs = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("segment", "models"):
+        for action in subs.choices[name]._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help and action.help.strip(), f"{name} {action.option_strings or action.dest}: no help"
+            for opt in action.option_strings:
+                if opt.startswith("--"):
+                    assert f"`{opt}" in doc, f"{name} {opt} is not in docs/cli.md"
+
+
+def test_progress_bar_starts_with_the_total(tmp_path, tiny_package, capsys):
+    src = tmp_path / "a.nii.gz"
+    write_volume(sagittal_sample(slices=2), src)
+    assert main(["segment", str(src), "-o", str(tmp_path / "a_seg.nii.gz"), "--model", str(tiny_package.path)]) == 0
+    err = capsys.readouterr().err
+    frames = [f for f in err.replace("\r", "\n").splitlines() if "a.nii.gz" in f]
+    assert frames and "/" in frames[0] and "0batch" not in err, err[:300]
