@@ -131,7 +131,9 @@ def test_wheel_from_a_clean_checkout_installs_lists_models_and_writes_a_dicom_se
     import zipfile
 
     names = set(zipfile.ZipFile(wheel).namelist())
-    index = json.loads((ROOT / "Resources" / "Models" / "index.json").read_text())
+    from LumbarSegmentLib.packages import shipped_registry_root
+
+    index = json.loads((shipped_registry_root() / "index.json").read_text())
     for name, entry in index["models"].items():
         for v in entry["versions"]:
             for f in ("manifest.json", "weights.safetensors"):
