@@ -86,8 +86,11 @@ def test_setup_script_cannot_pull_a_cuda_build_by_accident():
 def test_every_subpackage_and_data_folder_is_listed():
     tool = _pyproject()["tool"]["setuptools"]
     listed = set(tool["packages"])
-    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "LumbarSegmentLib").rglob("__init__.py")
-             if "__pycache__" not in p.parts}
+    # every folder Python would import from (code or data) inside the project's top-level packages
+    tops = [t for t in ("LumbarSegmentLib", "LumbarSegmentWeb") if (ROOT / t).is_dir()]
+    found = {".".join(d.relative_to(ROOT).parts) for t in tops for d in [ROOT / t, *(ROOT / t).rglob("*")]
+             if d.is_dir() and "__pycache__" not in d.parts and any(f.is_file() for f in d.iterdir())
+             and d.name.isidentifier()}
     assert found <= listed, f"packages missing from pyproject: {sorted(found - listed)}"
     assert "LumbarSegmentLib.schemas" in listed and tool["package-data"]["LumbarSegmentLib.schemas"] == ["*.json"]
     assert "LumbarSegmentLib.schemas.terminology" in listed
