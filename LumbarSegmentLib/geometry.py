@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .volume import Volume, VolumeError
+from .volume import Volume, VolumeError, axis_codes  # noqa: F401 (axis_codes: re-exported)
 
 # An axis within this angle of the left-right axis counts as sagittal.
 MAX_OBLIQUE_DEG = 30.0
@@ -30,17 +30,6 @@ THICK_SLICE_RATIO = 1.5
 
 class OrientationError(VolumeError):
     """The image is not a sagittal stack (or is too oblique to treat as one)."""
-
-
-def axis_codes(direction: np.ndarray) -> str:
-    """Three letters naming where each index axis (i, j, k) points, e.g. ``'LPS'`` or ``'PIR'``."""
-    pos, neg = "LPS", "RAI"
-    out = []
-    for a in range(3):
-        col = np.asarray(direction)[:, a]
-        m = int(np.argmax(np.abs(col)))
-        out.append(pos[m] if col[m] > 0 else neg[m])
-    return "".join(out)
 
 
 @dataclass(frozen=True)

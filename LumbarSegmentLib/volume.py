@@ -31,6 +31,17 @@ SUPPORTED_DTYPES = (
 )
 
 
+def axis_codes(direction: np.ndarray) -> str:
+    """Three letters naming where each index axis (i, j, k) points, e.g. ``'LPS'`` or ``'PIR'``."""
+    pos, neg = "LPS", "RAI"
+    out = []
+    for a in range(3):
+        col = np.asarray(direction)[:, a]
+        m = int(np.argmax(np.abs(col)))
+        out.append(pos[m] if col[m] > 0 else neg[m])
+    return "".join(out)
+
+
 @dataclass(frozen=True, eq=False)
 class Volume:
     array: np.ndarray
@@ -105,7 +116,5 @@ class Volume:
         return m
 
     def describe_geometry(self) -> str:
-        from .geometry import axis_codes  # local import: geometry builds on volume
-
         return (f"size {self.size_ijk} voxels, spacing {tuple(round(s, 3) for s in self.spacing)} mm, "
                 f"orientation {axis_codes(self.direction)}")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from LumbarSegmentLib.models import VARIANTS
 
-from .config import METRICS, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
+from .config import METRICS, OPTIMIZERS, PRECISIONS, SCHEDULES, config_from_args
 
 log = logging.getLogger("lumbarseg.train")
 
@@ -119,17 +119,6 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
     g.add_argument("--progress", dest="progress_bar", action="store_true", default=None, help="force tqdm bars")
 
 
-def _config_from_args(a, **overrides) -> TrainConfig:
-    keys = ["variant", "schema", "init_filters", "activation", "deep_supervision", "optimizer", "lr",
-            "weight_decay", "epochs", "steps_per_epoch", "batch_size", "patch", "spacing", "fg_fraction",
-            "balance", "augment", "intensity_aug", "resolution_p", "slab_p", "unannotated_bg_weight", "marginal", "dice_weight", "schedule", "warmup_steps",
-            "grad_clip", "patience", "metric", "val_every", "val_stride", "device", "precision", "threads", "seed",
-            "name", "half_weights", "resume", "progress_bar", "max_minutes", "budget_clock"]
-    kw = {k: getattr(a, k) for k in keys if hasattr(a, k) and getattr(a, k) is not None}
-    kw.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig(**kw)
-
-
 def _select(a):
     from .data import select_cases
 
@@ -161,7 +150,7 @@ def cmd_train(a) -> int:
     from .trainer import train
 
     refuse_existing_run(a)
-    cfg = _config_from_args(a)
+    cfg = config_from_args(a)
     cases = _select(a)
     tr, va = _split(a, cases)
     r = train(cfg, tr, va, out_dir=a.out)
@@ -176,7 +165,7 @@ def cmd_train(a) -> int:
 def cmd_cv(a) -> int:
     from .crossval import cross_validate
 
-    cfg = _config_from_args(a)
+    cfg = config_from_args(a)
     summary = cross_validate(cfg, _select(a), k=a.folds, out_dir=a.out, only_folds=_ids(a.fold) or None)
     print(summary["markdown"])
     return 0

@@ -146,4 +146,17 @@ class TrainConfig:
         return dataclasses.replace(self, **kw)
 
 
-__all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "PRECISIONS", "METRICS"]
+def config_from_args(a, **overrides) -> TrainConfig:
+    """A :class:`TrainConfig` from parsed ``lumbarseg-train`` arguments (absent/None = default) + overrides."""
+    keys = ["variant", "schema", "init_filters", "activation", "deep_supervision", "optimizer", "lr",
+            "weight_decay", "epochs", "steps_per_epoch", "batch_size", "patch", "spacing", "fg_fraction",
+            "balance", "augment", "intensity_aug", "resolution_p", "slab_p", "unannotated_bg_weight", "marginal",
+            "dice_weight", "schedule", "warmup_steps",
+            "grad_clip", "patience", "metric", "val_every", "val_stride", "device", "precision", "threads", "seed",
+            "name", "half_weights", "resume", "progress_bar", "max_minutes", "budget_clock"]
+    kw = {k: getattr(a, k) for k in keys if hasattr(a, k) and getattr(a, k) is not None}
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**kw)
+
+
+__all__ = ["config_from_args", "TrainConfig", "OPTIMIZERS", "SCHEDULES", "PRECISIONS", "METRICS"]

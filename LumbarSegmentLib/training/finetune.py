@@ -22,7 +22,7 @@ from LumbarSegmentLib.packages import (ModelPackage, Registry, default_input_con
                                        write_package)
 from LumbarSegmentLib.schema import LabelSchema, load_schema
 
-from .config import TrainConfig
+from .config import TrainConfig, config_from_args
 
 log = logging.getLogger("lumbarseg.train")
 
@@ -66,7 +66,6 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
     The architecture, spacing and patch size come from the source package; ``config`` (or
     CLI ``args``) sets the rest. With ``schema`` the model is adapted (see module doc).
     """
-    from .cli import _config_from_args
     from .trainer import train
 
     pkg = source if isinstance(source, ModelPackage) else resolve_model(
@@ -88,7 +87,7 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
     if config is None:
         if args is not None:
             spacing_given = getattr(args, "spacing", None) not in (None, (1.0, 1.0))
-            cfg = _config_from_args(args, **fixed)
+            cfg = config_from_args(args, **fixed)
             if not spacing_given:
                 cfg = cfg.replace(spacing=tuple(pkg.spacing))
         else:
@@ -108,7 +107,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, name: str | No
     The checkpoint is read with ``weights_only=True`` (tensors and plain data only), so a file
     made to run code when unpickled is refused instead.
     """
-    from .trainer import load_checkpoint
+    from .checkpoints import load_checkpoint
 
     ck = load_checkpoint(Path(checkpoint))
     cfg = TrainConfig.from_dict(ck["config"])
