@@ -59,7 +59,7 @@ def _segment_descriptions(schema: LabelSchema, model_name: str, model_version: s
             segment_number=number, segment_label=cls.name[:64], segmented_property_category=cat,
             segmented_property_type=typ, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm, tracking_id=cls.id[:64], tracking_uid=hd.UID(),
-            display_color=hd.color.CIELabColor.from_rgb(*cls.color) if hasattr(hd, "color") else None))
+            display_color=hd.color.CIELabColor.from_rgb(*cls.color)))
     return out
 
 

@@ -73,6 +73,8 @@ def check_seg_matches(seg_path: Path, source_folder: Path, labels: np.ndarray, s
         assert (cat.CodingSchemeDesignator, cat.CodeValue, cat.CodeMeaning) == tuple(cls.category)
         assert (typ.CodingSchemeDesignator, typ.CodeValue, typ.CodeMeaning) == tuple(cls.type)
         assert item.SegmentAlgorithmType == "AUTOMATIC"
+        assert np.allclose(hd.color.CIELabColor.from_dicom_value(item.RecommendedDisplayCIELabValue).to_rgb(),
+                           cls.color, atol=2)  # Slicer shows it in the class colour
     # frames only where a segment has foreground on a slice
     numbers = segment_numbers(labels, schema)
     expected_frames = sum(int((numbers[k] == s).any()) for k in range(numbers.shape[0]) for s in range(1, len(fg) + 1))
