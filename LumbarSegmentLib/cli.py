@@ -114,10 +114,22 @@ def _parser() -> argparse.ArgumentParser:
 WEB_INSTALL_HINT = "pip install 'lumbarsegment[web]' (from a source checkout: pip install -e '.[web]')"
 
 
+FRONTENDS = "lumbarsegment.frontends"  # entry-point group: front ends register themselves here
+
+
 def cmd_web(argv: list[str]) -> int:
-    """``lumbarseg web ...``: start the browser front end (a separate package, optional extra)."""
+    """``lumbarseg web ...``: start the browser front end (a separate package, optional extra).
+
+    The front end registers itself under the ``lumbarsegment.frontends`` entry point, so the Lib never
+    imports it: the dependency points from the front end to the Lib only (docs/architecture.md).
+    """
+    from importlib.metadata import entry_points
+
+    found = [ep for ep in entry_points(group=FRONTENDS) if ep.name == "web"]
     try:
-        from LumbarSegmentWeb.serve import main as web_main
+        if not found:
+            raise ImportError("no 'web' front end is registered")
+        web_main = found[0].load()
     except ImportError as exc:
         print(f"lumbarseg: error: the browser front end is not installed ({exc}); {WEB_INSTALL_HINT}",
               file=sys.stderr)

@@ -369,17 +369,8 @@ def _check_ensemble(packages: Sequence[LoadedModel]) -> LabelSchema:
     return schema
 
 
-def segment_volume(volume: Volume, packages: Sequence[ModelPackage | LoadedModel],
-                   options: SegmentOptions | None = None,
-                   progress: Callable[[int, int], None] | None = None,
-                   cancel: Callable[[], bool] | threading.Event | None = None) -> SegmentationResult:
-    """Segment ``volume`` with one model (fast/tta) or several (ensemble); see the module doc.
-
-    ``packages`` are model packages (loaded here) or :class:`LoadedModel` s (already in memory).
-    """
-    import torch
-
-    options = options or SegmentOptions()
+def _check_models(packages, options: SegmentOptions) -> tuple[list[LoadedModel], LabelSchema]:
+    """Validate the options and the models for the mode; returns the loaded models and the output schema."""
     options.validate()
     packages = [as_loaded(p) for p in packages]
     if not packages:
@@ -392,7 +383,50 @@ def segment_volume(volume: Volume, packages: Sequence[ModelPackage | LoadedModel
         if p.channels != 1:
             raise PackageError(f"{p.ref} expects {p.channels} input channels; only "
                                f"single-channel models are supported")
-    schema = _check_ensemble(packages)
+    return packages, _check_ensemble(packages)
+
+
+def _report(volume, schema, runners, options, layout, info, n_slices, counts, entropy_sum, fg_voxels, timings,
+            warnings) -> dict:
+    """The run report: what ran where, on what input, what came out (voxels, uncertainty), how long."""
+    import torch
+
+    r0 = runners[0]
+    return {
+        "labels": {str(c.value): c.id for c in schema.classes},
+        "schema": schema.name,
+        "models": [{"ref": r.spec.ref, "variant": r.spec.variant,
+                    "sha256": r.spec.sha256, "path": r.spec.path} for r in runners],
+        "mode": options.mode,
+        "device": str(r0.device),
+        "precision": str(r0.dtype).replace("torch.", "") if r0.dtype else "float32",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if r0.device.type == "cuda" else None,
+        "python": platform.python_version(),
+        "input": {**volume.geometry_dict(), "layout": layout.to_dict(), "normalisation": {
+            k: v for k, v in info.items() if k not in ("layout",)}},
+        "slices": n_slices,
+        "voxels_per_class": {c.id: int(counts[c.value]) for c in schema.classes},
+        "uncertainty": {"mean_entropy_foreground": entropy_sum / fg_voxels if fg_voxels else 0.0,
+                        "foreground_voxels": fg_voxels},
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "warnings": warnings,
+    }
+
+
+def segment_volume(volume: Volume, packages: Sequence[ModelPackage | LoadedModel],
+                   options: SegmentOptions | None = None,
+                   progress: Callable[[int, int], None] | None = None,
+                   cancel: Callable[[], bool] | threading.Event | None = None) -> SegmentationResult:
+    """Segment ``volume`` with one model (fast/tta) or several (ensemble); see the module doc.
+
+    ``packages`` are model packages (loaded here) or :class:`LoadedModel` s (already in memory).
+    """
+    import torch
+
+    options = options or SegmentOptions()
+    packages, schema = _check_models(packages, options)
     is_cancelled = (cancel.is_set if isinstance(cancel, threading.Event) else cancel) or (lambda: False)
     if options.threads:
         torch.set_num_threads(int(options.threads))
@@ -480,26 +514,7 @@ def segment_volume(volume: Volume, packages: Sequence[ModelPackage | LoadedModel
     timings["postprocess"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
-    report = {
-        "labels": {str(c.value): c.id for c in schema.classes},
-        "schema": schema.name,
-        "models": [{"ref": r.spec.ref, "variant": r.spec.variant,
-                    "sha256": r.spec.sha256, "path": r.spec.path} for r in runners],
-        "mode": options.mode,
-        "device": str(runners[0].device),
-        "precision": str(runners[0].dtype).replace("torch.", "") if runners[0].dtype else "float32",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "gpu": torch.cuda.get_device_name(0) if runners[0].device.type == "cuda" else None,
-        "python": platform.python_version(),
-        "input": {**volume.geometry_dict(), "layout": layout.to_dict(), "normalisation": {
-            k: v for k, v in info.items() if k not in ("layout",)}},
-        "slices": n_slices,
-        "voxels_per_class": {c.id: int(counts[c.value]) for c in schema.classes},
-        "uncertainty": {"mean_entropy_foreground": entropy_sum / fg_voxels if fg_voxels else 0.0,
-                        "foreground_voxels": fg_voxels},
-        "timings_s": {k: round(v, 4) for k, v in timings.items()},
-        "warnings": warnings,
-    }
+    report = _report(volume, schema, runners, options, layout, info, n_slices, counts, entropy_sum, fg_voxels,
+                     timings, warnings)
     return SegmentationResult(labels=labels.with_array(labels.array, kind="labels"), schema=schema,
                               confidence=confidence, report=report)
