@@ -512,7 +512,7 @@ class Catalog:
         versions = sorted(v for (n, v) in owners if n == name)
         if not versions:
             names = sorted({n for n, _ in owners})
-            raise PackageError(f"no model {name!r} in registries {[str(r.root) for r in self.registries]} "
+            raise PackageError(f"cannot find model {name!r} in registries {[str(r.root) for r in self.registries]} "
                                f"(they have: {', '.join(names) or 'none'})")
         if not ver:
             d_name, _, d_ver = (self.default_ref() or "").partition("@")
