@@ -1,13 +1,15 @@
-"""LumbarSegmentLib: all of LumbarSegment's logic, importable without Qt or the Slicer app.
+"""LumbarSegmentLib: all of LumbarSegment's logic, importable without Qt, trame or the Slicer app.
 
-The flow, one step per module, each importing only the ones before it::
+The flow, each step importing only the ones before it (docs/architecture.md; enforced by the
+import-linter contracts in ``.importlinter``)::
 
-    io / dicom   file or DICOM folder  -> Volume (array + spacing + origin + direction)
-    geometry     Volume                -> canonical sagittal stack, and exactly back
-    models       the eight seed architectures (one builder)
-    packages     model package (manifest + safetensors) and registry
-    engine       stack -> model(s) -> probabilities -> label map on the input grid
-    mrml         label map <-> Slicer segmentation node (scene and logics passed in)
-    cases        exported case (image + label + case.json): the contract with training/
+    volume, files, schema          the value types and the one value<->channel conversion
+    io / dicom / geometry          file or DICOM folder -> Volume -> canonical sagittal stack, and back
+    preprocess, models, packages   what a model sees; the eight seed networks; packages and registries
+    devices, engine                THE prediction path: stack -> model(s) -> label map on the input grid
+    cases, holdout                 exported case (image + label + case.json): the contract with training
+    training/                      dataset -> training -> evaluation through the engine -> package
+    mrml_*, jobs, slicer_logic     Slicer segmentation nodes, background jobs, module logic
+    cli                            ``lumbarseg``
 """
 __version__ = "0.1.0"
