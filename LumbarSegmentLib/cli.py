@@ -181,9 +181,15 @@ def _segment_one(src: Path, label_out: Path, args, packages, report_out=None, se
                           overlap=args.overlap, allow_reslice=args.reslice, confidence=bool(conf_out),
                           precision=args.precision, threads=args.threads)
     bar = None
+    from .progress import BATCH, ProgressLog
+
+    # A front end that runs this CLI as a child names a JSON-lines file in $LUMBARSEG_PROGRESS and
+    # draws a determinate bar from these events (segment_job.py); the tqdm bar is for a terminal.
+    events = ProgressLog.from_environment()
 
     def progress(done, total):
         nonlocal bar
+        events.write(BATCH, done=done, total=total, input=str(src))
         if bar is None and not args.no_progress:  # made at the first report: its first frame knows the total
             from tqdm import tqdm
 

@@ -3,7 +3,8 @@
 A child process (training, publishing) appends one JSON object per line to a progress
 file; a front end (the Slicer module today, a browser front end later) reads the new
 lines on its own timer. This module is the one place that says what those lines hold:
-the writer (:class:`ProgressLog`, used by ``training.trainer`` and ``training.publish``)
+the writer (:class:`ProgressLog`, used by ``training.trainer``, ``training.publish`` and
+``lumbarseg segment`` in ``cli``)
 and the reader (:class:`JsonLinesTail`, :func:`fraction`, :func:`describe`) both import
 it, so a renamed field breaks a test here instead of a progress bar in the field.
 
