@@ -113,3 +113,19 @@ def set_holdout(dataset: str | os.PathLike, patients: list[str]) -> Split:
                                                                                    | chosen)}
     _write(folder / HOLDOUT_FILE, data)
     return frozen_split(folder, update=False)
+
+
+def redraw_holdout(dataset: str | os.PathLike, every: int) -> Split:
+    """Forget the split and draw it again by the rule with a new ``every`` (every k-th patient held out).
+
+    ``frozen_split(every=...)`` only applies to a folder with no assignments yet, which is what keeps a
+    split frozen; changing k afterwards is a deliberate act (``lumbarseg-train holdout --every K``), and
+    models graded on the old split are no longer comparable with ones graded on the new.
+    """
+    if int(every) < 2:
+        raise HoldoutError(f"every must be at least 2 (every {every}-th patient held out), got {every}")
+    folder = Path(dataset)
+    list_cases(folder)  # a missing or empty dataset folder is refused before anything is written
+    _write(folder / HOLDOUT_FILE, {"format": HOLDOUT_FORMAT, "format_version": 1, "every": int(every),
+                                   "patients": {}})
+    return frozen_split(folder)

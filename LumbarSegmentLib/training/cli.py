@@ -6,6 +6,7 @@ Examples (docs/training.md has more)::
     lumbarseg-train cv --data DATA --variant UMD --folds 5 --out runs/umd-cv
     lumbarseg-train finetune --from uvd-starter --data DATA --schema my_schema.json --out runs/ft
     lumbarseg-train evaluate --model runs/uvd/package --data DATA --cases IVD_25,VB1_08
+    lumbarseg-train holdout --data DATA --cases IVD_25,VB1_08
     lumbarseg-train publish runs/uvd/package --registry Resources/Models --data DATA
     lumbarseg-train export runs/uvd/best.pt --out pkg/ --name uvd-starter
 
@@ -203,6 +204,42 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_holdout(a) -> int:
+    """Show, choose or redraw the dataset's frozen held-out cases (the publish gate grades on them)."""
+    from LumbarSegmentLib.cases import list_cases
+    from LumbarSegmentLib.holdout import MIN_HOLDOUT_CASES, frozen_split, redraw_holdout, set_holdout
+
+    if a.cases is not None and a.every is not None:
+        raise ValueError("give --cases or --every, not both")
+    if a.cases is not None:
+        cases = list_cases(a.data)
+        patient_of = {c.case_id: c.patient for c in cases}
+        wanted = _ids(a.cases)
+        if not wanted:
+            raise ValueError("--cases names no case; give case ids, comma-separated")
+        # a patient's name is accepted too; either way all of that patient's cases are held out
+        known = set(patient_of) | set(patient_of.values())
+        unknown = [x for x in wanted if x not in known]
+        if unknown:
+            raise ValueError(f"unknown case id(s) in {a.data}: {', '.join(unknown)} (it holds "
+                             f"{', '.join(sorted(patient_of)[:8])}{', ...' if len(patient_of) > 8 else ''})")
+        split = set_holdout(a.data, sorted({patient_of.get(x, x) for x in wanted}))
+    elif a.every is not None:
+        split = redraw_holdout(a.data, a.every)
+    else:
+        split = frozen_split(a.data, update=False)  # showing changes nothing on disk
+    if a.show or (a.cases is None and a.every is None):
+        print(f"held out ({len(split.holdout)} of {len(split.holdout) + len(split.train)} cases; of new patients, "
+              f"1 in {split.every} held out): {', '.join(split.holdout_ids) or 'none'}")
+        print(f"train: {', '.join(split.train_ids) or 'none'}")
+    else:
+        print(f"held out: {', '.join(split.holdout_ids) or 'none'}")
+    if not split.enough:
+        print(f"warning: fewer than {MIN_HOLDOUT_CASES} held-out cases; publish will not replace the model in "
+              f"use without --force", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lumbarseg-train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -259,6 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--device", default="auto")
     add_precision_arg(u)
     u.set_defaults(func=cmd_publish)
+
+    h = sub.add_parser("holdout", help="show or set the dataset's frozen held-out cases (graded by publish)")
+    h.add_argument("--data", required=True, help="dataset folder of exported cases")
+    h.add_argument("--cases", help="hold out these cases' patients (case ids, comma-separated); all others train")
+    h.add_argument("--every", type=int, metavar="K", help="draw the split again: every K-th patient held out")
+    h.add_argument("--show", action="store_true", help="print the held-out and training cases (the default "
+                                                       "without --cases/--every)")
+    h.set_defaults(func=cmd_holdout)
 
     x = sub.add_parser("export", help="checkpoint (last.pt/best.pt of a run) -> model package (safetensors)")
     x.add_argument("checkpoint")
