@@ -573,7 +573,7 @@ def _tiny_config(**kw):
     from LumbarSegmentLib.training.config import TrainConfig
 
     base = dict(variant="UD", init_filters=2, epochs=1, steps_per_epoch=1, batch_size=2, patch=32, augment=False,
-                device="cpu", amp="off", threads=2, warmup_steps=0, progress_bar=False, half_weights=False)
+                device="cpu", precision="fp32", threads=2, warmup_steps=0, progress_bar=False, half_weights=False)
     return TrainConfig(**{**base, **kw})
 
 
