@@ -40,6 +40,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from LumbarSegmentLib.cases import write_case  # noqa: E402
+from LumbarSegmentLib.holdout import frozen_split  # noqa: E402
 from LumbarSegmentLib.io import read_volume  # noqa: E402
 from LumbarSegmentLib.schema import load_schema  # noqa: E402
 from LumbarSegmentLib.training.data import schema_labels, select_cases  # noqa: E402
@@ -127,17 +128,22 @@ def main(argv=None) -> int:
                        labels={schema[s].value: s for s in structures}, annotated_structures=list(structures),
                        extra={"drafted_by": current, "source": "VB3",
                               "draft_voxels_changed": int((drafted != truth).sum())})
+        if done == 0:  # the team freezes its first two corrected cases as the gate's held-out cases
+            run([sys.executable, "-m", "LumbarSegmentLib.training.cli", "holdout", "--data", dataset,
+                 "--cases", ",".join(new[:2])], env, log)
         done = n
+        held = frozen_split(dataset).holdout_ids  # later patients are assigned by the split's own rule
         run_dir = work / f"ft_{n}"
         ft_s = run([sys.executable, "-m", "LumbarSegmentLib.training.cli", "finetune", "--from", current,
-                    "--data", dataset, "--out", run_dir, "--patch", "192", "--batch-size", "8",
+                    "--data", dataset, "--exclude", ",".join(held), "--out", run_dir, "--patch", "192", "--batch-size", "8",
                     "--epochs", a.epochs, "--steps-per-epoch", a.steps_per_epoch, "--lr", "3e-4",
                     "--intensity-aug", "domain", "--unannotated-bg-weight", "0.05", "--threads", "1",
                     "--patience", "0", "--max-minutes", a.minutes, "--name", "uvd-team"], env, log)
         pub_s = run([sys.executable, "-m", "LumbarSegmentLib.training.cli", "publish", run_dir / "package",
                      "--data", dataset], env, log)
         current = model_in_use(env)
-        rows.append({"N": n, "model": current, "finetune_wall_s": round(ft_s, 1), "publish_wall_s": round(pub_s, 1),
+        rows.append({"N": n, "model": current, "held_out": list(held), "finetune_wall_s": round(ft_s, 1),
+                     "publish_wall_s": round(pub_s, 1),
                      "segment_wall_s": round(seg_s, 1),
                      **evaluate(current, scoring, a.data, env, work / f"eval_{n}", log)})
         (out / "loop.json").write_text(json.dumps(rows, indent=1))

@@ -19,7 +19,9 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     TORCH_INDEX="https://download.pytorch.org/whl/cpu"
   fi
   if [ -n "$TORCH_INDEX" ] && [ "$TORCH_INDEX" != "default" ]; then
-    "$PY" -m pip install -q "torch==${LUMBARSEG_TORCH:-2.13.0}" --index-url "$TORCH_INDEX"
+    # few retries: on a machine that cannot reach that index (an offline mirror, a sandbox), pip's
+    # configured local wheels answer at once instead of after minutes of back-off
+    "$PY" -m pip install -q --retries 1 --timeout 20 "torch==${LUMBARSEG_TORCH:-2.13.0}" --index-url "$TORCH_INDEX"
   else
     "$PY" -m pip install -q "torch==${LUMBARSEG_TORCH:-2.13.0}"
   fi

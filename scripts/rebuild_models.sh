@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Rebuild the shipped models from nothing but ../shared/data/lumbar-mr (docs/validation.md says what
+# each stage measured). Three stages, each one `lumbarseg-train` command:
+#   0. uvd-starter@1: the starter recipe on the 8 cases of the first release (from scratch)
+#   1. uvd-starter@2 (the default): stage 0 fine-tuned on the 53 training cases of the fixed split
+#      (scripts/recipes/lumbar-mr-split.json) with the generalisation recipe
+#   2. uvd-partner@1 (its ensemble partner): the same fine-tune with the earlier recipe (strong
+#      intensity augmentation, structure-balanced sampling): different errors, so the pair averages well
+# then publishes 1 and 2 into a registry (default: a scratch one; pass Resources/Models to replace
+# the shipped ones). CPU-time budgets make a run stop at the same point on a busy or a quiet machine;
+# on a GPU add --device cuda and drop --threads. Not bit-identical to the shipped weights: those were
+# trained in stages with the same settings (the run folders' progress.jsonl record each stage).
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+DATA="${DATA:-../shared/data/lumbar-mr}"
+OUT="${OUT:-runs/rebuild}"
+REGISTRY="${1:-$OUT/registry}"
+SPLIT=scripts/recipes/lumbar-mr-split.json
+ids() { python - "$DATA" "$SPLIT" "$1" <<'PY'
+import json, sys
+from pathlib import Path
+data, split, which = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text()), sys.argv[3]
+every = sorted(p.stem for p in data.glob("*.json"))
+held = set(split["test"])
+print(",".join(split["val"] if which == "val" else [c for c in every if c not in held]))
+PY
+}
+TRAINVAL="$(ids trainval)"
+VAL="$(ids val)"
+
+# stage 0: the starter (8 training + 4 validation cases of the first release; VB2_06 never used)
+lumbarseg-train train --data "$DATA" --cases IVD_11,IVD_20,VB1_07,VB2_02,VB2_04,VB3_01,VB3_02,VB3_03,IVD_25,VB1_08,VB2_05,VB3_04 \
+  --val-cases IVD_25,VB1_08,VB2_05,VB3_04 --variant UVD --init-filters 16 --lr 1e-3 --epochs 30 --batch-size 8 \
+  --patch 192 --precision bf16 --threads 1 --val-every 2 --val-stride 3 --patience 8 --intensity-aug strong \
+  --unannotated-bg-weight 0.05 --max-minutes 36 --budget-clock cpu --name uvd-starter --out "$OUT/uvd-starter"
+
+FT="--data $DATA --cases $TRAINVAL --val-cases $VAL --patch 192 --batch-size 8 --steps-per-epoch 60 --epochs 36 \
+  --lr 3e-4 --unannotated-bg-weight 0.05 --precision bf16 --threads 1 --val-every 4 --val-stride 4 --patience 0 \
+  --max-minutes 45 --budget-clock cpu"
+# stage 1: the default
+lumbarseg-train finetune --from "$OUT/uvd-starter/package" $FT --intensity-aug domain --resolution-aug 0.3 \
+  --slab-aug 0.25 --balance sources --name uvd-starter --out "$OUT/uvd-domain"
+# stage 2: its ensemble partner
+lumbarseg-train finetune --from "$OUT/uvd-starter/package" $FT --intensity-aug strong --name uvd-partner \
+  --out "$OUT/uvd-partner"
+
+lumbarseg-train publish "$OUT/uvd-starter/package" --registry "$REGISTRY" --force
+lumbarseg-train publish "$OUT/uvd-domain/package" --registry "$REGISTRY" --force
+lumbarseg-train publish "$OUT/uvd-partner/package" --registry "$REGISTRY" --no-default --ensemble uvd-starter@2,@new
