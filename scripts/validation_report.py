@@ -36,29 +36,6 @@ from LumbarSegmentLib.training.report import fmt  # noqa: E402
 SPLIT = REPO / "scripts" / "recipes" / "lumbar-mr-split.json"
 
 
-def table_sources(results: dict, thick: dict | None, cls: list[str]) -> str:
-    names = list(results)
-    head = "| source | structure | " + " | ".join(
-        f"{n}: strict | level range" + (" | 4 mm level range" if thick else "") for n in names) + " |"
-    per = 3 if thick else 2
-    lines = [head, "|---|---|" + "--:|" * (per * len(names))]
-    sources = sorted({s for r in results.values() for s in r["level_range"] if s != "all"}) + ["all"]
-    for src in sources:
-        for c in cls:
-            cells = []
-            for n in names:
-                r = results[n]
-                strict = (r["metrics"] if src == "all" else r["per_source"].get(src, {})).get("dice", {}).get(c)
-                lvl = r["level_range"].get(src, {}).get(c)
-                cells += [fmt(strict, 3), fmt(lvl, 3)]
-                if thick:
-                    cells.append(fmt(thick[n]["level_range"].get(src, {}).get(c), 3))
-            if all(x == "–" for x in cells):
-                continue
-            lines.append(f"| {src} | {c.replace('_', ' ')} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def table_iou(results: dict, ids: list[str]) -> str:
     names = list(results)
     lines = ["| class | " + " | ".join(names) + " |", "|---|" + "--:|" * len(names)]
@@ -121,11 +98,10 @@ def main(argv=None) -> int:
     t2 = time.time()
     first = next(iter(entries.values()))
     schema = (first[0].schema)
-    cls = [c for c in schema.ids if c != "background"]
     md = [f"# Validation report: {a.which} split ({len(cases)} cases)", "",
           f"Models: {', '.join(entries)}. Precision {a.precision}, CPU. "
           f"Prediction wall time: {t1 - t0:.0f} s (1 mm), {t2 - t1:.0f} s ({a.slab_mm:g} mm stacks).", "",
-          "## Dice per source and structure", "", table_sources(res, thick, cls), "",
+          "## Dice per source and structure", "", ev.source_markdown(res, schema.ids, schema, thick=thick, digits=3), "",
           "## The seed's per-class IoU (pooled over the set, 1 mm)", "", table_iou(res, schema.ids), "",
           f"## The same, {a.slab_mm:g} mm clinical stacks", "", table_iou(thick, schema.ids), ""]
     # worst cases of the first entry, by level-range Dice of their annotated structure

@@ -266,23 +266,27 @@ def resolve_entries(spec: str, registry: str | None = None) -> dict[str, list[Mo
     return out
 
 
-def source_markdown(results: Mapping[str, dict], class_ids: Sequence[str], schema=None) -> str:
-    """Per-source table: strict Dice and level-range Dice of each foreground class, models as columns."""
+def source_markdown(results: Mapping[str, dict], class_ids: Sequence[str], schema=None, *,
+                    thick: Mapping[str, dict] | None = None, digits: int = 4) -> str:
+    """Per-source table: strict and level-range Dice of each foreground class, models as columns;
+    with ``thick`` (the same models scored on thick-slab stacks) a third column per model."""
     names = list(results)
     sources = sorted({s for r in results.values() for s in r["per_source"]})
     cls = [c for c in class_ids if c != "background"]
-    disp = {c.id: c.name for c in schema.classes} if schema is not None else {c: c for c in cls}
-    head = "| source | class | " + " | ".join(f"{n} strict | {n} level-range" for n in names) + " |"
-    lines = [head, "|---|---|" + "--:|--:|" * len(names)]
+    disp = {c.id: c.name for c in schema.classes} if schema is not None else {c: c.replace("_", " ") for c in cls}
+    cols = ["strict", "level range"] + (["thick-slab level range"] if thick else [])
+    lines = ["| source | class | " + " | ".join(f"{n}: {c}" for n in names for c in cols) + " |",
+             "|---|---|" + "--:|" * (len(cols) * len(names))]
     for src in sources + ["all"]:
         for c in cls:
             cells = []
             for n in names:
                 r = results[n]
                 strict = (r["metrics"] if src == "all" else r["per_source"].get(src, {})).get("dice", {}).get(c)
-                lvl = r["level_range"].get(src, {}).get(c)
-                cells += [report.fmt(strict), report.fmt(lvl)]
-            if all(x in ("–", "-", "nan", "") for x in cells):
+                cells += [report.fmt(strict, digits), report.fmt(r["level_range"].get(src, {}).get(c), digits)]
+                if thick:
+                    cells.append(report.fmt(thick[n]["level_range"].get(src, {}).get(c), digits))
+            if all(x == "–" for x in cells):
                 continue
             lines.append(f"| {src} | {disp.get(c, c)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
