@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .files import atomic_path, locked, normal_file_mode, pid_alive, sha256_file, umask  # sha256_file: re-export
-from .manifest import ManifestError, check_integrity, seal, validate_index, validate_manifest
+from .manifest import ManifestError, check_integrity, seal, validate_index, validate_manifest, validate_name
 from .manifest import refuse_pickle as _refuse_pickle  # the old private name stays importable
 from .schema import LabelSchema
 
@@ -338,8 +338,13 @@ class Registry:
 
     # --- publishing --------------------------------------------------------------
     def publish(self, package: ModelPackage, *, make_default: bool = False,
-                ensemble: list[str] | None = None, catalog: "Catalog | None" = None) -> ModelPackage:
-        """Copy ``package`` in as the next version of its name; atomic (see module doc).
+                ensemble: list[str] | None = None, catalog: "Catalog | None" = None,
+                name: str | None = None) -> ModelPackage:
+        """Copy ``package`` in as the next version of its name (or of ``name``); atomic (see module doc).
+
+        ``name`` publishes a run's package as a version of an existing model line (a fine-tune of
+        ``uvd-starter`` trained under a working name becomes ``uvd-starter@2``); the name is not
+        part of the manifest's seal, so the package stays intact.
 
         The version comes after the highest version of that name in *every* registry of
         ``catalog`` (by default :meth:`catalog`: the user's and the shipped registries when
@@ -353,20 +358,22 @@ class Registry:
         catalog = catalog or self.catalog()
         self.root.mkdir(parents=True, exist_ok=True)
         with locked(self.root):  # concurrent publishes: one read-modify-write at a time
-            return self._publish_locked(package, make_default, ensemble, catalog)
+            return self._publish_locked(package, make_default, ensemble, catalog,
+                                        validate_name(name, "model name") if name else package.name)
 
-    def _publish_locked(self, package: ModelPackage, make_default: bool, ensemble, catalog) -> ModelPackage:
-        version = max(self.next_version(package.name), catalog.next_version(package.name))
-        final = self.root / package.name / str(version)
+    def _publish_locked(self, package: ModelPackage, make_default: bool, ensemble, catalog, name: str
+                        ) -> ModelPackage:
+        version = max(self.next_version(name), catalog.next_version(name))
+        final = self.root / name / str(version)
         self._remove_abandoned_publishes()
-        tmp = Path(tempfile.mkdtemp(prefix=f".publish+{os.getpid()}+{socket.gethostname()}+{package.name}+",
+        tmp = Path(tempfile.mkdtemp(prefix=f".publish+{os.getpid()}+{socket.gethostname()}+{name}+",
                                     dir=self.root))
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700: a shared registry must stay readable
         try:
             shutil.copy2(package.path / package.manifest["weights"]["file"], tmp / WEIGHTS_FILE)
             os.chmod(tmp / WEIGHTS_FILE, normal_file_mode())  # copy2 copies the source's (maybe private) mode
             manifest = json.loads(json.dumps(package.manifest))
-            manifest["version"] = version
+            manifest["name"], manifest["version"] = name, version
             manifest["weights"]["file"] = WEIGHTS_FILE
             (tmp / "manifest.json").write_text(json.dumps(seal(manifest), indent=1))  # verified above
             read_package(tmp).verify()
@@ -376,9 +383,9 @@ class Registry:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         idx = self.index()
-        entry = idx.setdefault("models", {}).setdefault(package.name, {"versions": []})
+        entry = idx.setdefault("models", {}).setdefault(name, {"versions": []})
         entry["versions"] = sorted(set(int(v) for v in entry["versions"]) | {version})
-        ref = f"{package.name}@{version}"
+        ref = f"{name}@{version}"
         if make_default or not (idx.get("default") or catalog.default_ref(skip_broken=True)):
             idx["default"] = ref
         if ensemble is not None:

@@ -181,3 +181,21 @@ def test_gate_drops_cases_the_candidate_trained_on_and_force_overrides(tmp_path,
     forced = publish.publish_if_better(read_package(ft.path), user, case_list=cases, force=True,
                                        registries=[user, shipped])
     assert forced["default"] and forced["ref"] == "uvd-tiny@3"
+
+
+def test_publish_under_another_name_continues_that_model_line(tmp_path):
+    """A run trained under a working name is published as the next version of an existing line."""
+    from conftest import make_package
+    from LumbarSegmentLib.packages import Registry
+
+    reg = Registry(tmp_path / "reg")
+    first = reg.publish(make_package(tmp_path / "a", name="line-a"), make_default=True)
+    assert first.ref == "line-a@1"
+    run_pkg = make_package(tmp_path / "b", name="working-name", seed=3)
+    second = reg.publish(run_pkg, name="line-a")
+    assert second.ref == "line-a@2" and second.name == "line-a"
+    assert second.sha256 == run_pkg.sha256  # the same weights, the seal still holds
+    second.verify()
+    assert "working-name" not in reg.index()["models"]
+    with pytest.raises(Exception, match="name"):
+        reg.publish(run_pkg, name="../escape")

@@ -147,6 +147,13 @@ def refuse_existing_run(a) -> None:
                          f"or choose a new --out folder")
 
 
+def command_line() -> str:
+    """This run's command as typed (program name normalised), recorded in the package's provenance."""
+    import shlex
+
+    return "lumbarseg-train " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+
+
 def cmd_train(a) -> int:
     from .trainer import train
 
@@ -154,7 +161,7 @@ def cmd_train(a) -> int:
     cfg = config_from_args(a)
     cases = _select(a)
     tr, va = _split(a, cases)
-    r = train(cfg, tr, va, out_dir=a.out)
+    r = train(cfg, tr, va, out_dir=a.out, extra_provenance={"command": command_line()})
     if r.package is not None:
         print(f"package: {r.package.path}")
         if r.val_metrics:
@@ -179,7 +186,7 @@ def cmd_finetune(a) -> int:
     cases = _select(a)
     tr, va = _split(a, cases)
     r = finetune(a.source, tr, va, out_dir=a.out, schema=a.schema, args=a,
-                 registry=a.registry)
+                 registry=a.registry, extra_provenance={"command": command_line()})
     print(f"package: {r.package.path}" if r.package else "no package written")
     return 0
 
@@ -289,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--data", help="dataset folder to evaluate candidate and default on the frozen val cases")
     u.add_argument("--cases", help="frozen validation case ids (default: the candidate's validation cases)")
     u.add_argument("--metric", choices=("mean_dice_fg", "mean_iou_fg"), default="mean_dice_fg")
+    u.add_argument("--name", help="publish as a version of this model name (default: the package's own name), "
+                                  "e.g. a fine-tune trained under a working name as the next uvd-starter")
     u.add_argument("--force", action="store_true", help="make it the default even if worse")
     u.add_argument("--no-default", action="store_true", help="never make it the default")
     u.add_argument("--ensemble", help="set the registry's default ensemble (refs, comma-separated; "

@@ -145,8 +145,8 @@ def publish_if_better(candidate: ModelPackage | str | Path, registry: Registry, 
                       case_list: Sequence[Case] | None = None, metric: str = "mean_dice_fg", force: bool = False,
                       never_default: bool = False, ensemble: Sequence[str] | None = None, device="cpu",
                       amp: str = "off", registries: list[Registry] | None = None,
-                      min_cases: int = MIN_HOLDOUT_CASES) -> dict:
-    """Publish; returns ``{"ref", "default": bool, "reason", "comparison", "table", "registry"}``.
+                      min_cases: int = MIN_HOLDOUT_CASES, name: str | None = None) -> dict:
+    """Publish (as a version of ``name`` when given); returns ``{"ref", "default": bool, "reason", "comparison", "table", "registry"}``.
 
     ``registries`` is the catalogue the model in use and the version number come from
     (default: ``registry.catalog()``, the user's and the shipped registries).
@@ -158,9 +158,10 @@ def publish_if_better(candidate: ModelPackage | str | Path, registry: Registry, 
     make_default, reason, comparison = _decide(pkg, catalog, case_list, metric=metric, force=force,
                                                never_default=never_default, min_cases=min_cases, device=device,
                                                amp=amp)
-    new_ref = f"{pkg.name}@{max(registry.next_version(pkg.name), catalog.next_version(pkg.name))}"
-    ens = None if ensemble is None else [new_ref if r in ("@new", pkg.name) else r for r in ensemble]
-    published = registry.publish(pkg, make_default=make_default, ensemble=ens, catalog=catalog)
+    line = name or pkg.name
+    new_ref = f"{line}@{max(registry.next_version(line), catalog.next_version(line))}"
+    ens = None if ensemble is None else [new_ref if r in ("@new", line) else r for r in ensemble]
+    published = registry.publish(pkg, make_default=make_default, ensemble=ens, catalog=catalog, name=name)
     out = {"ref": published.ref, "default": catalog.default_ref() == published.ref, "reason": reason,
            "comparison": comparison, "registry": str(registry.root),
            "table": format_comparison(comparison, pkg.schema) if comparison else ""}
@@ -188,7 +189,7 @@ def publish_cli(a) -> int:
     ensemble = [s.strip() for s in a.ensemble.split(",")] if a.ensemble else None
     res = publish_if_better(pkg, registry, case_list=case_list, metric=a.metric, force=a.force,
                             never_default=a.no_default, ensemble=ensemble, device=resolve_device(a.device),
-                            amp=a.precision)
+                            amp=a.precision, name=a.name)
     if res["table"]:
         print(res["table"])
     print(f"published {res['ref']} to {res['registry']}; "
