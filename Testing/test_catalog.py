@@ -70,19 +70,20 @@ def test_models_cli_lists_each_ref_once_with_one_default(tmp_path, monkeypatch, 
     from LumbarSegmentLib import cli, packages
 
     monkeypatch.setenv("LUMBARSEG_HOME", str(tmp_path / "home"))
-    shipped_pkg = resolve_model("uvd-starter@1")  # the real shipped default
+    default, nxt = _shipped_default_and_next()  # whatever the shipped default is today, and the next version
+    shipped_pkg = resolve_model(default)  # the real shipped default
     user = Registry(tmp_path / "home" / "models")
     ft = _fine_tune(tmp_path, shipped_pkg)  # named uvd-starter: a fine-tune of the shipped default
-    assert user.publish(ft).ref == "uvd-starter@2"
+    assert user.publish(ft).ref == nxt
     assert cli.main(["models", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     refs = [r["ref"] for r in rows]
     assert len(refs) == len(set(refs)), refs
-    assert [r["ref"] for r in rows if r["default"]] == ["uvd-starter@1"]
+    assert [r["ref"] for r in rows if r["default"]] == [default]
     by_ref = {r["ref"]: r for r in rows}
-    assert by_ref["uvd-starter@1"]["source"] == "shipped" and by_ref["uvd-starter@2"]["source"] == "user"
-    assert by_ref["uvd-starter@2"]["parent"] == "uvd-starter@1"
-    assert packages.resolve_model("uvd-starter@1").sha256 == shipped_pkg.sha256
+    assert by_ref[default]["source"] == "shipped" and by_ref[nxt]["source"] == "user"
+    assert by_ref[nxt]["parent"] == default
+    assert packages.resolve_model(default).sha256 == shipped_pkg.sha256
 
 
 # --------------------------------------------------------------------------- held-out split
@@ -199,3 +200,13 @@ def test_publish_under_another_name_continues_that_model_line(tmp_path):
     assert "working-name" not in reg.index()["models"]
     with pytest.raises(Exception, match="name"):
         reg.publish(run_pkg, name="../escape")
+
+
+def _shipped_default_and_next() -> tuple[str, str]:
+    """The shipped registry's default ref and the ref a fine-tune of it gets (versions never restart)."""
+    from LumbarSegmentLib.packages import Registry, shipped_registry_root
+
+    shipped = Registry(shipped_registry_root(), read_only=True)
+    default = shipped.default_ref()
+    name = default.split("@")[0]
+    return default, f"{name}@{max(int(v) for v in shipped.index()['models'][name]['versions']) + 1}"

@@ -22,14 +22,15 @@ from LumbarSegmentLib.slicer_logic import DONE, ModuleLogic, SegmentRequest
 
 def test_fine_tune_of_the_shipped_default_never_shadows_it(small_real_volume, tmp_path, monkeypatch):
     monkeypatch.setenv("LUMBARSEG_HOME", str(tmp_path / "home"))  # an empty user registry
-    shipped = resolve_model("uvd-starter@1")
+    default, nxt = _shipped_default_and_next()  # whatever the shipped default is today, and the next version
+    shipped = resolve_model(default)
     assert shipped.path.parent.parent == shipped_registry_root()
     ctx = mrml.MRMLContext.standalone()
     core = ModuleLogic(ctx.scene, ctx.seg_logic)
 
     node = mrml.volume_to_node(ctx.scene, small_real_volume, "VB3_01 centre")
     seg, _ = core.segment(node, SegmentRequest(device="cpu", threads=1), timeout=600)
-    assert mrml.drafted_by(seg) == {"model": "uvd-starter@1", "sha256": shipped.sha256}
+    assert mrml.drafted_by(seg) == {"model": default, "sha256": shipped.sha256}
     assert core.export_warning(seg), "an untouched draft must be flagged before export"
     first = mrml.segment_ids(seg)[0]
     mask = mrml.segment_mask(seg, first, node)
@@ -44,7 +45,7 @@ def test_fine_tune_of_the_shipped_default_never_shadows_it(small_real_volume, tm
     split = frozen_split(dataset)
     assert split.holdout_ids == ["case4"] and read_case(split.holdout[0].json_path).extra["edited_structures"]
 
-    core.start_retrain(dataset, tmp_path / "run", base_model="uvd-starter@1", epochs=1,
+    core.start_retrain(dataset, tmp_path / "run", base_model=default, epochs=1,
                        extra_args=["--steps-per-epoch", "2", "--batch-size", "2", "--patch", "64", "--threads", "1",
                                    "--device", "cpu"])
     deadline = time.monotonic() + 900
@@ -55,29 +56,39 @@ def test_fine_tune_of_the_shipped_default_never_shadows_it(small_real_volume, tm
     event = core.trainer.publish_event
     assert event is not None, st.message
     # the gate graded on the held-out case only, against the model in use, and said it was too few
-    assert event["ref"] == "uvd-starter@2" and event["default"] is False
-    assert "only 1 held-out case" in event["reason"] and "uvd-starter@1 (in use)" in event["reason"]
-    assert event["comparison"]["cases"] == ["case4"] and event["comparison"]["current_ref"] == "uvd-starter@1"
-    assert "case4" not in (resolve_model("uvd-starter@2").manifest["training"].get("train_cases") or [])
+    assert event["ref"] == nxt and event["default"] is False
+    assert "only 1 held-out case" in event["reason"] and f"{default} (in use)" in event["reason"]
+    assert event["comparison"]["cases"] == ["case4"] and event["comparison"]["current_ref"] == default
+    assert "case4" not in (resolve_model(nxt).manifest["training"].get("train_cases") or [])
     assert first in event["comparison"]["per_class"] and "in use" in event["table"] and "change" in event["table"]
 
     # identity: each ref once, exactly one default, the shipped ref still the shipped weights
     entries = Catalog().entries()
     refs = [e.package.ref for e in entries]
-    assert len(refs) == len(set(refs)) and {"uvd-starter@1", "uvd-starter@2"} <= set(refs)
-    assert [e.package.ref for e in entries if e.default] == ["uvd-starter@1"]
+    assert len(refs) == len(set(refs)) and {default, nxt} <= set(refs)
+    assert [e.package.ref for e in entries if e.default] == [default]
     by_ref = {e.package.ref: e for e in entries}
-    assert by_ref["uvd-starter@1"].source == "shipped" and by_ref["uvd-starter@2"].source == "user"
-    assert by_ref["uvd-starter@2"].package.parent == {"ref": "uvd-starter@1", "sha256": shipped.sha256}
-    assert resolve_model("uvd-starter@1").sha256 == shipped.sha256
+    assert by_ref[default].source == "shipped" and by_ref[nxt].source == "user"
+    assert by_ref[nxt].package.parent == {"ref": default, "sha256": shipped.sha256}
+    assert resolve_model(default).sha256 == shipped.sha256
     labels = [label for label, ref in core.model_choices()]
     assert len(labels) == len(set(ref for _, ref in core.model_choices()))
 
     # segment again: the shipped ref with its own weights, the fine-tune with its own
-    again, _ = core.segment(node, SegmentRequest(models=["uvd-starter@1"], device="cpu", threads=1), timeout=600)
-    assert mrml.drafted_by(again) == {"model": "uvd-starter@1", "sha256": shipped.sha256}
-    tuned, _ = core.segment(node, SegmentRequest(models=["uvd-starter@2"], device="cpu", threads=1), timeout=600)
-    assert mrml.drafted_by(tuned)["sha256"] == resolve_model("uvd-starter@2").sha256 != shipped.sha256
+    again, _ = core.segment(node, SegmentRequest(models=[default], device="cpu", threads=1), timeout=600)
+    assert mrml.drafted_by(again) == {"model": default, "sha256": shipped.sha256}
+    tuned, _ = core.segment(node, SegmentRequest(models=[nxt], device="cpu", threads=1), timeout=600)
+    assert mrml.drafted_by(tuned)["sha256"] == resolve_model(nxt).sha256 != shipped.sha256
     assert mrml.edited_segments(seg) == [first]  # new nodes: the annotator's edits are untouched
     with pytest.raises(Exception):
         resolve_model("uvd-starter@3")
+
+
+def _shipped_default_and_next() -> tuple[str, str]:
+    """The shipped registry's default ref and the ref a fine-tune of it gets (versions never restart)."""
+    from LumbarSegmentLib.packages import Registry, shipped_registry_root
+
+    shipped = Registry(shipped_registry_root(), read_only=True)
+    default = shipped.default_ref()
+    name = default.split("@")[0]
+    return default, f"{name}@{max(int(v) for v in shipped.index()['models'][name]['versions']) + 1}"

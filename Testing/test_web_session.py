@@ -46,7 +46,17 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture
 def session(tmp_path):
+    """An annotation session with one offscreen sagittal view.
+
+    Some trame-slicer effects (Threshold's preview blinker) ask asyncio for the current event loop;
+    under the trame server there always is one. Here a test that ran before (any ``asyncio.run``)
+    may have left none, so each session gets a fresh loop of its own.
+    """
+    import asyncio
+
     from trame_slicer.views import DirectViewFactory, ViewLayoutDefinition
+
+    asyncio.set_event_loop(asyncio.new_event_loop())
 
     data = tmp_path / "data"
     data.mkdir()
