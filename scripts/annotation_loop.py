@@ -78,7 +78,7 @@ def evaluate(ref: str, cases: list[str], data: str, env, out: Path, log) -> dict
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "lumbar-mr"))
-    p.add_argument("--work", required=True, help="scratch folder (user registry, dataset, runs); wiped first")
+    p.add_argument("--work", help="scratch folder (user registry, dataset, runs); wiped first")
     p.add_argument("--out", required=True, help="where loop.json / loop.md / loop.png go")
     p.add_argument("--steps", default="5,10,20", help="cumulative numbers N of corrected water-fat cases")
     p.add_argument("--start", default="uvd-starter@1", help="the model in use at N = 0")
@@ -88,8 +88,14 @@ def main(argv=None) -> int:
     p.add_argument("--lr", default="1e-4", help="fine-tune learning rate (a short fine-tune at 3e-4 first loses "
                                                  "more than it gains: docs/annotation_loop.md)")
     p.add_argument("--intensity-aug", default="strong")
+    p.add_argument("--replot", metavar="LOOP_JSON", help="only redraw loop.md / loop.png from a loop.json")
     a = p.parse_args(argv)
+    if a.replot:
+        write_report(json.loads(Path(a.replot).read_text()), Path(a.out))
+        return 0
 
+    if not a.work:
+        p.error("--work is required (unless --replot)")
     split = json.loads(SPLIT.read_text())
     held = set(split["test"]) | set(split["val"])
     # cases the start model never trained on, water-fat only, in a fixed order
@@ -151,9 +157,10 @@ def main(argv=None) -> int:
                     "--patience", "0", "--max-minutes", a.minutes, "--name", "uvd-team"], env, log)
         pub_s = run([sys.executable, "-m", "LumbarSegmentLib.training.cli", "publish", run_dir / "package",
                      "--data", dataset], env, log)
+        cand = evaluate(str(run_dir / "package"), scoring, a.data, env, work / f"eval_candidate_{n}", log)
         current = model_in_use(env)
         rows.append({"N": n, "model": current, "held_out": list(held), "finetune_wall_s": round(ft_s, 1),
-                     "publish_wall_s": round(pub_s, 1),
+                     "publish_wall_s": round(pub_s, 1), "candidate": cand,
                      "segment_wall_s": round(seg_s, 1),
                      **evaluate(current, scoring, a.data, env, work / f"eval_{n}", log)})
         (out / "loop.json").write_text(json.dumps(rows, indent=1))
@@ -162,26 +169,36 @@ def main(argv=None) -> int:
 
 
 def write_report(rows, out: Path) -> None:
+    """Table and plot of level-range Dice per source vs N: the model in use and each step's candidate."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = sorted({(s, c) for r in rows for s, d in r["level_range"].items() if s != "all" for c in d})
-    lines = ["| N | model in use | " + " | ".join(f"{s} {c.replace('_', ' ')}" for s, c in keys)
-             + " | fine-tune wall (s) |", "|--:|---|" + "--:|" * len(keys) + "--:|"]
+    name = lambda s, c: f"{s} {c.replace('_', ' ')}"  # noqa: E731
+    lines = ["| N | model | " + " | ".join(name(s, c) for s, c in keys) + " | fine-tune wall (s) |",
+             "|--:|---|" + "--:|" * len(keys) + "--:|"]
     for r in rows:
-        cells = [f"{r['level_range'].get(s, {}).get(c, float('nan')):.3f}" for s, c in keys]
-        lines.append(f"| {r['N']} | {r['model']} | " + " | ".join(cells) + f" | {r.get('finetune_wall_s', '–')} |")
+        for label, scores in (("in use: " + r["model"], r), ("candidate", r.get("candidate"))):
+            if scores:
+                cells = [f"{scores['level_range'].get(s, {}).get(c, float('nan')):.3f}" for s, c in keys]
+                wall = r.get("finetune_wall_s", "–") if label == "candidate" else "–"
+                lines.append(f"| {r['N']} | {label} | " + " | ".join(cells) + f" | {wall} |")
     (out / "loop.md").write_text("Level-range Dice per source\n\n" + "\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for s, c in keys:
-        ax.plot([r["N"] for r in rows], [r["level_range"].get(s, {}).get(c, np.nan) for r in rows], "o-",
-                label=f"{s} {c.replace('_', ' ')}")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (s, c) in enumerate(keys):
+        col = f"C{i}"
+        ax.plot([r["N"] for r in rows], [r["level_range"].get(s, {}).get(c, np.nan) for r in rows], "o-", color=col,
+                label=f"{name(s, c)} (in use)")
+        cand = [(r["N"], r["candidate"]["level_range"].get(s, {}).get(c, np.nan)) for r in rows if r.get("candidate")]
+        if cand:
+            ax.plot(*zip(*([(rows[0]["N"], rows[0]["level_range"].get(s, {}).get(c, np.nan))] + cand)), "x--",
+                    color=col, label=f"{name(s, c)} (candidate)")
     ax.set_xlabel("corrected water-fat cases N")
     ax.set_ylabel("level-range Dice")
     ax.grid(alpha=.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "loop.png", dpi=110)
 
