@@ -35,8 +35,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .devices import (DEVICES, PRECISIONS, EngineError, autocast_dtype, cpu_has_bf16, is_oom,  # noqa: F401
-                      pick_device, precision_name)
+from .devices import (DEVICES, PRECISIONS, EngineError, autocast, autocast_dtype, cpu_has_bf16,  # noqa: F401
+                      is_oom, pick_device)
 from .geometry import resize_planes
 from .packages import ModelPackage, PackageError
 from .preprocess import model_slices
@@ -225,6 +225,14 @@ class LoadedModel:
         return cls(module=module, schema=schema, spacing=sp, patch_size=ps, ref=ref, variant=variant,
                    owned=False)
 
+    def snapshot(self) -> "LoadedModel":
+        """An eval-mode copy the engine may own: one copy for many volumes (a validation pass over
+        several cases) instead of the copy each ``segment_volume`` call makes of a borrowed module."""
+        import copy
+        from dataclasses import replace
+
+        return replace(self, module=copy.deepcopy(self.module).to("cpu").eval(), owned=True)
+
 
 def as_loaded(model) -> LoadedModel:
     return model if isinstance(model, LoadedModel) else LoadedModel.from_package(model)
@@ -284,12 +292,8 @@ class _Runner:
         x = x.to(self.device, non_blocking=True)
         if self.device.type in ("cuda", "cpu"):
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            if self.dtype is not None:
-                with torch.autocast(self.device.type, dtype=self.dtype):
-                    logits = self.model(x)
-            else:
-                logits = self.model(x)
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            logits = self.model(x)
             return torch.softmax(logits.float(), dim=1).cpu()
 
 

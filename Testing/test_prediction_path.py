@@ -38,6 +38,11 @@ def test_in_memory_model_predicts_like_its_package_and_is_left_untouched(small_r
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "BN folding must happen on a copy"
     assert set(after) == set(before)
+    snap = lm.snapshot()  # one owned copy for many volumes: same labels, the caller's model still untouched
+    assert snap.owned and snap.module is not model
+    assert np.array_equal(segment_volume(small_real_volume, [snap], opts).labels.array, a)
+    assert np.array_equal(segment_volume(small_real_volume, [snap], opts).labels.array, a)  # reused as is
+    assert model.training and all(torch.equal(before[k], model.state_dict()[k]) for k in before)
 
 
 def test_evaluate_scores_what_the_engine_predicts(small_real_volume, tiny_package):

@@ -57,7 +57,6 @@ class TrainConfig:
     metric: str = "mean_dice_fg"
     val_every: int = 1
     val_stride: int = 1  # use every n-th slice for the per-epoch validation (final one uses all)
-    val_batch: int = 8
     device: str = "auto"
     precision: str = "auto"  # devices.PRECISIONS: auto = bf16 on CUDA / bf16-capable CPUs, else fp32
     threads: Optional[int] = None

@@ -111,7 +111,7 @@ def validate(model, cases: Sequence[EvalCase], schema, spacing, patch, *, stride
              precision: str = "auto") -> Scorer:
     """Score ``model`` (left untouched: the engine runs an eval-mode copy) on ``cases`` through the
     engine's prediction path; ``stride`` keeps every n-th slice (cheap per-epoch checks)."""
-    lm = LoadedModel.from_module(model, schema, spacing, patch, ref="training run")
+    lm = LoadedModel.from_module(model, schema, spacing, patch, ref="training run").snapshot()
     scorer = Scorer(schema)
     for c in cases:
         c = every_nth_slice(c, stride)
