@@ -62,13 +62,22 @@ class EvalCase:
     info: dict = field(default_factory=dict)
 
 
+def spacing_xyz(layout, canonical_spacing) -> tuple[float, float, float]:
+    """A Volume's ``spacing`` (i, j, k) from spacings along the canonical stack's (s, r, c) axes."""
+    by_array_axis = [0.0, 0.0, 0.0]
+    for canon_axis, array_axis in enumerate(layout.perm):
+        by_array_axis[array_axis] = float(canonical_spacing[canon_axis])
+    return tuple(by_array_axis[::-1])  # the array is stored [k, j, i]
+
+
 def thick_slab(image: Volume, label: Volume, slab_mm: float = 4.0, inplane_mm: float = 0.6) -> tuple[Volume, Volume]:
     """A clinical-looking 2D stack from a thin-slice sagittal case.
 
     Across slices: consecutive slices are averaged in slabs of ``slab_mm`` (partial volume, as
     a thick excitation integrates); the label of a slab is its centre slice's (nearest). In
-    plane: resampled to ``inplane_mm`` pixels (bilinear image, nearest label). The geometry
-    (spacing, origin at the first slab's centre) follows, so the engine sees a genuine 4 mm stack.
+    plane: resampled to ``inplane_mm`` pixels (bilinear image, nearest label). The spacing
+    follows, so the engine sees a genuine 4 mm stack; origin and direction are kept (the first
+    voxel's position is off by under half a slab, which no score on this grid depends on).
     """
     layout = sagittal_layout(image)
     img = np.ascontiguousarray(layout.to_canonical(image.array)).astype(np.float32)
@@ -86,13 +95,7 @@ def thick_slab(image: Volume, label: Volume, slab_mm: float = 4.0, inplane_mm: f
     # stored order back; spacing along each stored axis from the canonical one it became
     arr_img, arr_lab = layout.from_canonical(img_t), layout.from_canonical(lab_t)
     canon_sp = (k * s_sp, img.shape[1] * r_sp / size[0], img.shape[2] * c_sp / size[1])
-    sp_by_array_axis = [0.0, 0.0, 0.0]
-    for canon_axis, array_axis in enumerate(layout.perm):
-        sp_by_array_axis[array_axis] = canon_sp[canon_axis]
-    spacing_xyz = tuple(sp_by_array_axis[::-1])  # array is [k, j, i]; spacing is (i, j, k)
-    # keep the origin at the corner voxel's centre shifted by half a slab/pixel change: good enough for
-    # scoring (metrics compare on this grid); the direction is unchanged
-    geo = dict(spacing=spacing_xyz, origin=image.origin, direction=image.direction)
+    geo = dict(spacing=spacing_xyz(layout, canon_sp), origin=image.origin, direction=image.direction)
     return (Volume(np.ascontiguousarray(arr_img), **geo), Volume(np.ascontiguousarray(arr_lab), **geo))
 
 
@@ -134,11 +137,12 @@ def every_nth_slice(case: EvalCase, n: int) -> EvalCase:
     """The case reduced to every ``n``-th sagittal slice (cheaper per-epoch validation)."""
     if n <= 1:
         return case
-    axis = sagittal_layout(case.image).perm[0]  # stored array axis that runs across the slices
+    layout = sagittal_layout(case.image)
+    axis = layout.perm[0]  # stored array axis that runs across the slices
     idx = np.arange(0, case.image.array.shape[axis], n)
-    sp = list(case.image.spacing)
-    sp[2 - axis] *= n  # spacing is (i, j, k) for an array stored [k, j, i]
-    img = Volume(np.ascontiguousarray(np.take(case.image.array, idx, axis=axis)), spacing=tuple(sp),
+    s_sp, r_sp, c_sp = layout.spacing_src
+    img = Volume(np.ascontiguousarray(np.take(case.image.array, idx, axis=axis)),
+                 spacing=spacing_xyz(layout, (s_sp * n, r_sp, c_sp)),
                  origin=case.image.origin, direction=case.image.direction)
     return EvalCase(case.case_id, img, np.ascontiguousarray(np.take(case.truth, idx, axis=axis)), case.annotated,
                     case.source, case.structures, case.info)
