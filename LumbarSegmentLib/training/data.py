@@ -67,7 +67,7 @@ class CaseSlices:
 
 
 def case_source(case: _cases.Case) -> str:
-    """The source a case comes from: its case.json ``source`` (or ``dataset``) field, else the part of
+    """The source a case comes from: its case.json ``source`` (or ``group``) field, else the part of
     its id before the first ``_`` (``VB3_12`` -> ``VB3``), else the id itself.
 
     Sources differ in contrast and resolution far more than cases within a source do; the
