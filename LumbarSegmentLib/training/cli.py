@@ -103,6 +103,14 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
     g.add_argument("--unannotated-bg-weight", type=float, default=0.0,
                    help="weight of a small cross-entropy pull of unannotated classes towards background "
                         "(tie-breaker where the marginal loss leaves them free; 0 = pure marginal)")
+    g.add_argument("--pseudo-labels", type=_ids, metavar="REF[,REF...]",
+                   help="teacher model(s) that draft, on each training case, the structures it does not annotate "
+                        "(confident voxels become labels, unsure ones are ignored; the manual label always wins)%s"
+                        % ("; 'parent' = the model being fine-tuned" if finetune else ""))
+    g.add_argument("--pseudo-threshold", type=float, default=0.8,
+                   help="teacher probability needed for a pseudo-labelled voxel (default 0.8)")
+    g.add_argument("--pseudo-mode", choices=("auto", "fast", "tta", "ensemble"), default="auto",
+                   help="how the teacher runs (auto: fast for one model, ensemble for several)")
     g.add_argument("--plain-ce", dest="marginal", action="store_false",
                    help="treat unannotated structures as background (wrong for partial labels; for comparison)")
     g.add_argument("--dice-weight", type=float, default=1.0)
@@ -284,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_precision_arg(e)
     e.add_argument("--mode", choices=("fast", "tta", "ensemble"),
                    help="engine mode (default: fast for one model, ensemble for A+B)")
+    e.add_argument("--postprocess", choices=("none", "spine"), default="none",
+                   help="clean-up after the network (spine: drop blobs apart from the spinal column)")
     e.add_argument("--thick-slab", type=float, metavar="MM",
                    help="score clinical-looking stacks instead: slabs of MM averaged across slices, "
                         "0.6 mm in-plane, nearest-neighbour labels")
@@ -298,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--metric", choices=("mean_dice_fg", "mean_iou_fg"), default="mean_dice_fg")
     u.add_argument("--name", help="publish as a version of this model name (default: the package's own name), "
                                   "e.g. a fine-tune trained under a working name as the next uvd-starter")
+    u.add_argument("--max-source-drop", type=float, default=0.02, metavar="D",
+                   help="refuse a candidate that loses more than D level-range Dice on any source and class of "
+                        "the held-out cases, even if its mean is better (default 0.02; negative: off)")
     u.add_argument("--force", action="store_true", help="make it the default even if worse")
     u.add_argument("--no-default", action="store_true", help="never make it the default")
     u.add_argument("--ensemble", help="set the registry's default ensemble (refs, comma-separated; "

@@ -45,6 +45,9 @@ class TrainConfig:
     resolution_p: float = 0.0  # probability of a low-resolution round trip per patch (augment)
     slab_p: float = 0.0  # probability of a thick-slab (partial volume) patch (data.PatchSampler)
     unannotated_bg_weight: float = 0.0  # small pull of unannotated classes towards background (see losses)
+    pseudo_labels: Optional[tuple] = None  # teacher refs/folders that draft unannotated classes (training.pseudo)
+    pseudo_threshold: float = 0.8  # teacher confidence needed for a pseudo-labelled voxel (below: ignored)
+    pseudo_mode: str = "auto"  # engine mode of the teacher: auto = fast for one teacher, ensemble for several
     marginal: bool = True
     dice_weight: float = 1.0
     ds_weights: tuple = (0.5, 0.25, 0.125)
@@ -92,6 +95,13 @@ class TrainConfig:
             raise ValueError(f"intensity_aug must be off|light|strong|domain, got {self.intensity_aug!r}")
         if not (0 <= self.resolution_p <= 1 and 0 <= self.slab_p <= 1):
             raise ValueError("resolution_p and slab_p are probabilities in [0, 1]")
+        if self.pseudo_labels is not None:
+            refs = [self.pseudo_labels] if isinstance(self.pseudo_labels, str) else list(self.pseudo_labels)
+            self.pseudo_labels = tuple(str(r) for r in refs if str(r).strip()) or None
+        if not 0.5 <= self.pseudo_threshold < 1:
+            raise ValueError(f"pseudo_threshold must be in [0.5, 1), got {self.pseudo_threshold}")
+        if self.pseudo_mode not in ("auto", "fast", "tta", "ensemble"):
+            raise ValueError(f"pseudo_mode must be auto|fast|tta|ensemble, got {self.pseudo_mode!r}")
         self.spacing = tuple(float(s) for s in self.spacing)
         if len(self.spacing) == 1:
             self.spacing = self.spacing * 2
@@ -150,6 +160,7 @@ def config_from_args(a, **overrides) -> TrainConfig:
     keys = ["variant", "schema", "init_filters", "activation", "deep_supervision", "optimizer", "lr",
             "weight_decay", "epochs", "steps_per_epoch", "batch_size", "patch", "spacing", "fg_fraction",
             "balance", "augment", "intensity_aug", "resolution_p", "slab_p", "unannotated_bg_weight", "marginal",
+            "pseudo_labels", "pseudo_threshold", "pseudo_mode",
             "dice_weight", "schedule", "warmup_steps",
             "grad_clip", "patience", "metric", "val_every", "val_stride", "device", "precision", "threads", "seed",
             "name", "half_weights", "resume", "progress_bar", "max_minutes", "budget_clock"]

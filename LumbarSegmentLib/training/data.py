@@ -232,7 +232,8 @@ class PatchSampler:
         r = lambda n: int(torch.randint(n, (1,), generator=gen))  # noqa: E731
         if c.fg_slices and float(torch.rand((), generator=gen)) < self.fg_fraction:
             s = c.fg_slices[r(len(c.fg_slices))]
-            pts = (c.label[s] > 0).nonzero()  # never empty: fg_slices hold foreground
+            lab = c.label[s]
+            pts = ((lab > 0) & (lab != IGNORE_INDEX)).nonzero()  # never empty: fg_slices hold foreground
             cy, cx = (int(v) for v in pts[r(len(pts))])
             j = int(self.patch * self.jitter)
             if j:

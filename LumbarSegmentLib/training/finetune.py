@@ -94,6 +94,8 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
             cfg = TrainConfig(**fixed, spacing=tuple(pkg.spacing), patch=pkg.patch_size[0], epochs=15)
     else:
         cfg = config.replace(**fixed)
+    if cfg.pseudo_labels and "parent" in cfg.pseudo_labels:  # the model as it was before this fine-tune
+        cfg = cfg.replace(pseudo_labels=tuple(str(pkg.path) if r == "parent" else r for r in cfg.pseudo_labels))
     if cfg.name is None:
         cfg = cfg.replace(name=pkg.name if target.ids == pkg.schema.ids else f"{pkg.name}-{target.name}")
     log.info("fine-tuning %s: kept %s, new %s", pkg.ref, info["kept_classes"], info["new_classes"])

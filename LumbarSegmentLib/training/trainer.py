@@ -215,6 +215,9 @@ class _Run:
         cfg = self.cfg
         self.schema = schema = as_schema(cfg.schema)
         self.train_data = train_data if train_data is not None else load_dataset(train_cases, schema, cfg.spacing)
+        self.pseudo = None
+        if cfg.pseudo_labels:
+            self.pseudo = self._pseudo_label(train_cases)
         if val_data is None:
             self.val_eval = prepare_cases(val_cases, schema) if (val_cases and self.dist.is_main) else []
             self.val_ids = [c.case_id for c in val_cases]
@@ -236,6 +239,19 @@ class _Run:
         self.total_holder = [self.steps * cfg.epochs]
         self.sched = make_scheduler(self.opt, self.total_holder, cfg)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
+
+    def _pseudo_label(self, train_cases) -> dict:
+        """Teacher drafts of each training case's unannotated classes (``training.pseudo``)."""
+        from .pseudo import add_pseudo_labels
+
+        cfg = self.cfg
+        summary = add_pseudo_labels(self.train_data, train_cases, cfg.pseudo_labels, self.schema, cfg.spacing,
+                                    threshold=cfg.pseudo_threshold, mode=cfg.pseudo_mode,
+                                    device=str(self.device), precision=cfg.precision,
+                                    cache_dir=self.out_dir / "pseudo")
+        if self.dist.is_main:
+            (self.out_dir / "pseudo_labels.json").write_text(json.dumps(summary, indent=1))
+        return summary
 
     def _plan(self, epochs: int) -> None:
         self.planned_epochs = epochs
@@ -467,6 +483,10 @@ class _Run:
                 result.val_level_range = scorer.level_range()
                 result.val_confusion = {k: (cm.tolist(), ann.tolist()) for k, (cm, ann) in acc.cases.items()}
             result.wall_s = time.time() - self.t_start
+            if self.pseudo is not None:  # which teacher drafted what: part of what the model learnt from
+                extra_provenance = {**(extra_provenance or {}), "pseudo_labels": {
+                    k: self.pseudo[k] for k in ("teachers", "threshold", "mode")} | {
+                    "cases": sorted(self.pseudo["cases"])}}
             if write_pkg:
                 result.package = _write_outputs(result, cfg, self.schema, train_cases, val_cases, self.train_data,
                                                 self.val_ids, self.device, self.amp, self.dist, self.steps, init_info,
