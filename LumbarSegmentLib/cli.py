@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="fast: one model, one pass; tta: also the anterior-posterior flip (2 forwards per "
                    "window); ensemble: each model x 2 flips (the default ensemble: 2 x 2 = 4 forwards per window); "
                    "default: fast")
+    s.add_argument("--postprocess", default="none", choices=["none", "spine"],
+                   help="clean-up: spine = drop foreground blobs that are not connected to the spinal column "
+                   "(default none; docs/validation.md gives what it changes)")
     s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="arithmetic: auto = fp16/bf16 on CUDA, bf16 on CPUs with native bf16, else fp32")
     s.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
@@ -179,7 +182,7 @@ def _segment_one(src: Path, label_out: Path, args, packages, report_out=None, se
     tile = args.tile if args.tile in ("auto", "patch", "whole") else int(args.tile)
     opts = SegmentOptions(device=args.device, mode=args.mode, batch_size=args.batch_size, tile=tile,
                           overlap=args.overlap, allow_reslice=args.reslice, confidence=bool(conf_out),
-                          precision=args.precision, threads=args.threads)
+                          precision=args.precision, threads=args.threads, postprocess=args.postprocess)
     bar = None
     from .progress import BATCH, ProgressLog
 

@@ -73,6 +73,7 @@ class SegmentOptions:
     precision: str = "auto"  # auto: fp16/bf16 autocast on CUDA, bf16 on CPUs that have it, else fp32
     chunk_slices: int = 16  # slices processed together (bounds memory for huge volumes)
     threads: int | None = None  # CPU threads for torch (None: leave torch's default)
+    postprocess: str = "none"  # "spine": keep the spinal column, drop blobs apart from it (postprocess.py)
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -87,6 +88,10 @@ class SegmentOptions:
             raise EngineError("batch_size must be at least 1")
         if self.chunk_slices < 1:
             raise EngineError("chunk_slices must be at least 1")
+        from .postprocess import MODES as PP_MODES
+
+        if self.postprocess not in PP_MODES:
+            raise EngineError(f"unknown post-processing {self.postprocess!r}; choose one of {', '.join(PP_MODES)}")
 
 
 @dataclass
@@ -512,13 +517,23 @@ def segment_volume(volume: Volume, packages: Sequence[ModelPackage | LoadedModel
     timings["inference"] = time.perf_counter() - t_inf
 
     t = time.perf_counter()
+    if options.postprocess != "none":
+        from .postprocess import apply as postprocess
+
+        spacing = (layout.slice_spacing, *layout.inplane_spacing)
+        labels_c, pp = postprocess(options.postprocess, labels_c, spacing)
+        if pp.get("removed_voxels"):
+            counts = np.bincount(labels_c.ravel(), minlength=256)
+        postprocessed = {"postprocess": {"mode": options.postprocess, **pp}}
+    else:
+        postprocessed = {}
     labels = volume.with_array(np.ascontiguousarray(layout.from_canonical(labels_c)))
     confidence = (volume.with_array(np.ascontiguousarray(layout.from_canonical(conf_c)))
                   if conf_c is not None else None)
     timings["postprocess"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
-    report = _report(volume, schema, runners, options, layout, info, n_slices, counts, entropy_sum, fg_voxels,
-                     timings, warnings)
+    report = {**_report(volume, schema, runners, options, layout, info, n_slices, counts, entropy_sum, fg_voxels,
+                        timings, warnings), **postprocessed}
     return SegmentationResult(labels=labels.with_array(labels.array, kind="labels"), schema=schema,
                               confidence=confidence, report=report)

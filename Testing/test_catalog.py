@@ -119,8 +119,9 @@ def test_frozen_split_holds_every_fourth_patient_and_never_moves_one(tmp_path):
 class _Recorder:
     """Stands in for evaluate_packages: records what was compared, returns chosen per-class Dice."""
 
-    def __init__(self, candidate, current):
+    def __init__(self, candidate, current, level_range=None):
         self.scores = {"candidate": candidate, "current": current}
+        self.level_range = level_range or {}
         self.calls = []
 
     def __call__(self, entries, cases, device="cpu", amp="off"):
@@ -130,7 +131,8 @@ class _Recorder:
         for name, pkgs in entries.items():
             dice = {cid: self.scores[name].get(cid, float("nan")) for cid in pkgs[0].schema.ids}
             fg = [v for k, v in dice.items() if k != "background" and v == v]
-            out[name] = {"metrics": {"dice": dice, "iou": dice, "mean_dice_fg": float(np.mean(fg))}}
+            out[name] = {"metrics": {"dice": dice, "iou": dice, "mean_dice_fg": float(np.mean(fg))},
+                         "level_range": self.level_range.get(name, {})}
         return out
 
 
@@ -163,6 +165,29 @@ def test_gate_grades_against_the_model_in_use_on_unseen_cases(tmp_path, registri
         assert "only 1 held-out case" in res["reason"]
     cat = Catalog([user, shipped])
     assert [e.package.ref for e in cat.entries() if e.default] == ["uvd-tiny@2" if promoted else "uvd-tiny@1"]
+
+
+@pytest.mark.parametrize("other_source_drop, max_drop, promoted", [(0.05, 0.02, False), (0.01, 0.02, True),
+                                                                   (0.05, None, True)])
+def test_gate_refuses_a_candidate_that_forgets_another_source(tmp_path, registries, monkeypatch, other_source_drop,
+                                                              max_drop, promoted):
+    """Better on average (water-fat up) is not enough if another source falls by more than max_drop."""
+    from LumbarSegmentLib.training import evaluate, publish
+
+    user, shipped = registries
+    in_use = Catalog([user, shipped]).default()
+    levels = {"current": {"VB3": {"vertebral_body": 0.80}, "VB1": {"vertebral_body": 0.78}},
+              "candidate": {"VB3": {"vertebral_body": 0.88}, "VB1": {"vertebral_body": 0.78 - other_source_drop}}}
+    monkeypatch.setattr(evaluate, "evaluate_packages",
+                        _Recorder({"vertebral_body": 0.85}, {"vertebral_body": 0.79}, levels))
+    ft = _fine_tune(tmp_path, in_use)
+    res = publish.publish_if_better(ft, user, case_list=_cases(tmp_path / "data", 3), registries=[user, shipped],
+                                    max_drop=max_drop)
+    assert res["default"] is promoted, res["reason"]
+    assert res["comparison"]["per_source"]["VB1"]["vertebral_body"]["delta"] == pytest.approx(-other_source_drop)
+    assert "VB1: Vertebral body" in res["table"]
+    if not promoted:
+        assert "loses more than 0.020 on VB1 vertebral_body -0.050" in res["reason"]
 
 
 def test_gate_drops_cases_the_candidate_trained_on_and_force_overrides(tmp_path, registries, monkeypatch):

@@ -88,6 +88,18 @@ def main(argv=None) -> int:
     p.add_argument("--lr", default="1e-4", help="fine-tune learning rate (a short fine-tune at 3e-4 first loses "
                                                  "more than it gains: docs/annotation_loop.md)")
     p.add_argument("--intensity-aug", default="strong")
+    p.add_argument("--balance", default="structures", help="finetune --balance (sources: every source an equal share)")
+    p.add_argument("--threads", default="1", help="CPU threads of each fine-tune")
+    p.add_argument("--rehearse", action="store_true",
+                   help="the team's dataset starts with the cases the start model was trained on (those found in "
+                        "--data), exported like corrections, so every fine-tune rehearses them")
+    p.add_argument("--holdout-extra", default="", help="rehearsed case ids frozen as held-out too (a multi-source "
+                                                      "gate that can see forgetting)")
+    p.add_argument("--pseudo-labels", action="store_true",
+                   help="fine-tune with --pseudo-labels parent (the model in use drafts unannotated structures)")
+    p.add_argument("--scoring", help="case ids scored after every step (default: the split's validation cases + "
+                                     "IVD_20); never exported")
+    p.add_argument("--max-source-drop", default=None, help="publish --max-source-drop (default: the gate's)")
     p.add_argument("--replot", metavar="LOOP_JSON", help="only redraw loop.md / loop.png from a loop.json")
     a = p.parse_args(argv)
     if a.replot:
@@ -98,11 +110,16 @@ def main(argv=None) -> int:
         p.error("--work is required (unless --replot)")
     split = json.loads(SPLIT.read_text())
     held = set(split["test"]) | set(split["val"])
+    from LumbarSegmentLib.packages import resolve_model
+
+    start_pkg = resolve_model(a.start)
     # cases the start model never trained on, water-fat only, in a fixed order
-    starter_train = {"VB3_01", "VB3_02", "VB3_03"}
+    starter_train = set(start_pkg.manifest.get("training", {}).get("train_cases") or [])
     pool = [c.case_id for c in select_cases(a.data) if c.case_id.startswith("VB3_")
             and c.case_id not in held and c.case_id not in starter_train]
-    scoring = list(split["val"]) + ["IVD_20"]  # every source; never exported
+    scoring = a.scoring.split(",") if a.scoring else list(split["val"]) + ["IVD_20"]  # never exported
+    if set(scoring) & starter_train:
+        raise SystemExit(f"scoring cases the start model trained on: {sorted(set(scoring) & starter_train)}")
     steps = [int(x) for x in a.steps.split(",")]
     if steps[-1] > len(pool):
         raise SystemExit(f"only {len(pool)} unseen water-fat cases outside the validation/test split")
@@ -120,13 +137,16 @@ def main(argv=None) -> int:
     rows = []
     # The team's registry starts with the start model as its default (published under the team's own
     # line), so "the model in use" is the team's whatever the shipped default is.
-    from LumbarSegmentLib.packages import resolve_model
-
-    start_pkg = resolve_model(a.start)
     run([sys.executable, "-m", "LumbarSegmentLib.training.cli", "publish", start_pkg.path, "--name", "uvd-team",
          "--force"], env, log)
     current = model_in_use(env)
     done = 0
+    rehearsed = []
+    if a.rehearse:  # what the model in use learnt from is part of the team's dataset from the start
+        for case in select_cases(a.data, sorted(starter_train & {c.case_id for c in select_cases(a.data)})):
+            export(case, dataset, schema, {"drafted_by": "manual (the start model's training data)",
+                                           "source": case.case_id.split("_")[0]})
+            rehearsed.append(case.case_id)
     rows.append({"N": 0, "model": current, **evaluate(current, scoring, a.data, env, work / "eval_0", log)})
     for n in steps:
         new = pool[done:n]
@@ -137,35 +157,50 @@ def main(argv=None) -> int:
             draft.parent.mkdir(exist_ok=True)
             seg_s += run([sys.executable, "-m", "LumbarSegmentLib.cli", "segment", case.image_path, "-o", draft,
                           "--model", current, "--threads", "1", "--no-progress"], env, log)
-            image, label = case.load()
-            truth, structures = schema_labels(case, label, schema)  # the "corrected" draft
             drafted = read_volume(draft).array
-            write_case(dataset, cid, image, label.with_array(truth.astype(np.uint8)),
-                       labels={schema[s].value: s for s in structures}, annotated_structures=list(structures),
-                       extra={"drafted_by": current, "source": "VB3",
-                              "draft_voxels_changed": int((drafted != truth).sum())})
-        if done == 0:  # the team freezes its first two corrected cases as the gate's held-out cases
+            export(case, dataset, schema, {"drafted_by": current, "source": "VB3"}, drafted)
+        if done == 0:  # the team freezes its first two corrected cases (+ any named) as the gate's held-out
+            extra = [x for x in a.holdout_extra.split(",") if x]
             run([sys.executable, "-m", "LumbarSegmentLib.training.cli", "holdout", "--data", dataset,
-                 "--cases", ",".join(new[:2])], env, log)
+                 "--cases", ",".join(new[:2] + extra)], env, log)
         done = n
         held = frozen_split(dataset).holdout_ids  # later patients are assigned by the split's own rule
         run_dir = work / f"ft_{n}"
         ft_s = run([sys.executable, "-m", "LumbarSegmentLib.training.cli", "finetune", "--from", current,
                     "--data", dataset, "--exclude", ",".join(held), "--out", run_dir, "--patch", "192", "--batch-size", "8",
                     "--epochs", a.epochs, "--steps-per-epoch", a.steps_per_epoch, "--lr", a.lr,
-                    "--intensity-aug", a.intensity_aug, "--unannotated-bg-weight", "0.05", "--threads", "1",
-                    "--patience", "0", "--max-minutes", a.minutes, "--name", "uvd-team"], env, log)
+                    "--intensity-aug", a.intensity_aug, "--unannotated-bg-weight", "0.05", "--threads", a.threads,
+                    "--balance", a.balance, "--patience", "0", "--max-minutes", a.minutes, "--name", "uvd-team",
+                    *(["--pseudo-labels", "parent"] if a.pseudo_labels else [])], env, log)
         pub_s = run([sys.executable, "-m", "LumbarSegmentLib.training.cli", "publish", run_dir / "package",
-                     "--data", dataset], env, log)
+                     "--data", dataset,
+                     *(["--max-source-drop", a.max_source_drop] if a.max_source_drop else [])], env, log)
         cand = evaluate(str(run_dir / "package"), scoring, a.data, env, work / f"eval_candidate_{n}", log)
         current = model_in_use(env)
-        rows.append({"N": n, "model": current, "held_out": list(held), "finetune_wall_s": round(ft_s, 1),
+        gate = _last_gate(log)
+        rows.append({"N": n, "model": current, "held_out": list(held), "rehearsed": rehearsed, "gate": gate, "finetune_wall_s": round(ft_s, 1),
                      "publish_wall_s": round(pub_s, 1), "candidate": cand,
                      "segment_wall_s": round(seg_s, 1),
                      **evaluate(current, scoring, a.data, env, work / f"eval_{n}", log)})
         (out / "loop.json").write_text(json.dumps(rows, indent=1))
     write_report(rows, out)
     return 0
+
+
+def export(case, dataset: Path, schema, extra: dict, drafted=None) -> None:
+    """The manual label stands in for the annotator's correction, exported in the case format."""
+    image, label = case.load()
+    truth, structures = schema_labels(case, label, schema)
+    if drafted is not None:
+        extra = {**extra, "draft_voxels_changed": int((drafted != truth).sum())}
+    write_case(dataset, case.case_id, image, label.with_array(truth.astype(np.uint8)),
+               labels={schema[s].value: s for s in structures}, annotated_structures=list(structures), extra=extra)
+
+
+def _last_gate(log: Path) -> str:
+    """The gate's verdict line from the last ``publish`` in the command log."""
+    lines = [x for x in log.read_text().splitlines() if x.startswith("published ")]
+    return lines[-1] if lines else ""
 
 
 def write_report(rows, out: Path) -> None:

@@ -149,11 +149,12 @@ def every_nth_slice(case: EvalCase, n: int) -> EvalCase:
 
 
 def predict(models: Sequence[ModelPackage | LoadedModel], image: Volume, *, device: str = "auto",
-            precision: str = "auto", mode: str | None = None, threads: int | None = None) -> np.ndarray:
+            precision: str = "auto", mode: str | None = None, threads: int | None = None,
+            postprocess: str = "none") -> np.ndarray:
     """The engine's label map (schema values of the first model) for ``image``: the one prediction path."""
     mode = mode or ("ensemble" if len(models) > 1 else "fast")
     res = segment_volume(image, list(models), SegmentOptions(device=str(device), mode=mode, precision=precision,
-                                                              threads=threads))
+                                                              threads=threads, postprocess=postprocess))
     return res.labels.array
 
 
@@ -222,18 +223,18 @@ class Scorer:
 
 def score_models(models: Sequence[ModelPackage | LoadedModel], cases: Sequence[EvalCase], schema: LabelSchema, *,
                  device: str = "auto", precision: str = "auto", mode: str | None = None,
-                 margin_mm: float = 2.0) -> dict:
+                 margin_mm: float = 2.0, postprocess: str = "none") -> dict:
     """Predict every case with the engine and score it; returns :meth:`Scorer.results` + seconds."""
     scorer = Scorer(schema, margin_mm)
     t0 = time.time()
     for c in cases:
-        scorer.add(c, predict(models, c.image, device=device, precision=precision, mode=mode))
+        scorer.add(c, predict(models, c.image, device=device, precision=precision, mode=mode, postprocess=postprocess))
     return {**scorer.results(), "seconds": time.time() - t0}
 
 
 def evaluate_packages(entries: Mapping[str, Sequence[ModelPackage | LoadedModel]], case_list: Sequence[Case], *,
                       device="auto", precision: str = "auto", mode: str | None = None, slab_mm: float | None = None,
-                      amp: str | None = None) -> dict:
+                      amp: str | None = None, postprocess: str = "none") -> dict:
     """``entries[name] = [model, ...]`` (several = ensemble) -> ``{name: results}`` (see :func:`score_models`).
 
     ``amp`` is the old name of ``precision`` (``off`` = ``fp32``), still accepted from callers.
@@ -249,7 +250,8 @@ def evaluate_packages(entries: Mapping[str, Sequence[ModelPackage | LoadedModel]
         key = schema.name + ":" + ",".join(schema.ids)
         if key not in prepared:
             prepared[key] = prepare_cases(case_list, schema, slab_mm=slab_mm)
-        r = score_models(models, prepared[key], schema, device=str(device), precision=precision, mode=mode)
+        r = score_models(models, prepared[key], schema, device=str(device), precision=precision, mode=mode,
+                         postprocess=postprocess)
         out[name] = {**r, "models": [m.ref for m in models], "class_ids": list(schema.ids)}
     return out
 
@@ -330,7 +332,7 @@ def evaluate_cli(a) -> int:
     exclude = [s.strip() for s in (a.exclude or "").split(",") if s.strip()]
     case_list = select_cases(a.data, ids or None, exclude)
     results = evaluate_packages(entries, case_list, device=a.device, precision=a.precision, mode=a.mode,
-                                slab_mm=a.thick_slab)
+                                slab_mm=a.thick_slab, postprocess=a.postprocess)
     schema = first.schema
     agg = {n: r["metrics"] for n, r in results.items()}
     ids_ = first.schema.ids

@@ -8,8 +8,10 @@ default of the registry being published into. Both models are run through
 dataset's frozen validation split (``LumbarSegmentLib.holdout``) unless ``--cases`` names
 others. Cases the candidate's manifest lists among its training cases are dropped. The
 result is a per-class table (Dice of each, and the difference) plus the mean over the
-foreground classes both schemas have; the candidate becomes the default if its mean is
->= the current one's. With fewer than ``holdout.MIN_HOLDOUT_CASES`` held-out cases the
+foreground classes both schemas have, and the level-range Dice of each source of the held-out
+cases; the candidate becomes the default if its mean is >= the current one's and it loses no
+more than ``DEFAULT_MAX_SOURCE_DROP`` on any source and class (a fine-tune that gains on the
+new cases' source while forgetting another is refused). With fewer than ``holdout.MIN_HOLDOUT_CASES`` held-out cases the
 gate says so and does not promote unless ``--force``. Without a dataset, the metrics
 recorded in the two manifests are compared only if they were computed on the same
 validation cases (same ids and file checksums). Earlier versions are never removed.
@@ -28,6 +30,10 @@ from LumbarSegmentLib.packages import (Catalog, ModelPackage, PackageError, Regi
                                        user_registry_root)
 
 log = logging.getLogger("lumbarseg.train")
+
+#: the gate refuses a candidate that loses more than this (level-range Dice) on any source and class
+#: of the held-out cases, even when its mean is better (``--max-source-drop``; negative = off)
+DEFAULT_MAX_SOURCE_DROP = 0.02
 
 
 def _score(metrics: dict, class_ids: Sequence[str], metric: str) -> float:
@@ -56,6 +62,18 @@ def _per_class(cand: dict, cur: dict, class_ids: Sequence[str], kind: str = "dic
     return out
 
 
+def _per_source(cand: dict, cur: dict, class_ids: Sequence[str]) -> dict:
+    """``{source: {class: {"candidate", "current", "delta"}}}`` of level-range Dice, for every source
+    both were scored on (the pooled ``"all"`` row left out: the mean already says that)."""
+    out: dict = {}
+    for src in sorted(set(cand) & set(cur) - {"all"}):
+        for cid in class_ids:
+            a, b = cand[src].get(cid), cur[src].get(cid)
+            if a is not None and b is not None:
+                out.setdefault(src, {})[cid] = {"candidate": float(a), "current": float(b), "delta": float(a - b)}
+    return out
+
+
 def compare(candidate: ModelPackage, current: ModelPackage, case_list: Sequence[Case] | None, *,
             metric: str = "mean_dice_fg", device="cpu", amp: str = "off") -> dict:
     """Both models scored on the same cases.
@@ -73,6 +91,8 @@ def compare(candidate: ModelPackage, current: ModelPackage, case_list: Sequence[
         res = evaluate_packages({"candidate": [candidate], "current": [current]}, case_list, device=device, amp=amp)
         cm, dm = res["candidate"]["metrics"], res["current"]["metrics"]
         cases, source = [c.case_id for c in case_list], "evaluated"
+        per_source = _per_source(res["candidate"].get("level_range", {}), res["current"].get("level_range", {}),
+                                 common)
     else:
         cm, ck = _recorded_val(candidate)
         dm, dk = _recorded_val(current)
@@ -82,7 +102,8 @@ def compare(candidate: ModelPackage, current: ModelPackage, case_list: Sequence[
                 f"metrics are missing or come from different validation cases. Pass --data (its held-out cases "
                 f"are used) or --cases to evaluate both, or --force to make it the default anyway.")
         cases, source = [c for c, _ in ck], "recorded"
-    return {"candidate": _score(cm, common, metric), "current": _score(dm, common, metric),
+        per_source = {}
+    return {"per_source": per_source, "candidate": _score(cm, common, metric), "current": _score(dm, common, metric),
             "current_ref": current.ref, "classes": common, "per_class": _per_class(cm, dm, common, kind),
             "metric": metric, "cases": cases, "source": source}
 
@@ -99,6 +120,11 @@ def format_comparison(comparison: dict, schema=None) -> str:
         rows.append(f"{name:<28} {f(r['current']):>8} {f(r['candidate']):>9} {f(r['delta'], '+'):>8}")
     rows.append(f"{'mean ' + kind + ' (foreground)':<28} {comparison['current']:>8.3f} {comparison['candidate']:>9.3f} "
                 f"{comparison['candidate'] - comparison['current']:>+8.3f}")
+    for src, by_class in comparison.get("per_source", {}).items():
+        for cid, r in by_class.items():
+            name = schema[cid].name if schema is not None and cid in schema.ids else cid
+            rows.append(f"{(src + ': ' + name)[:28]:<28} {r['current']:>8.3f} {r['candidate']:>9.3f} "
+                        f"{r['delta']:>+8.3f}   (level range)")
     rows.append(f"in use: {comparison['current_ref']}; cases ({comparison['source']}): {', '.join(comparison['cases'])}")
     return "\n".join(rows)
 
@@ -110,9 +136,21 @@ def _unseen(candidate: ModelPackage, case_list: Sequence[Case]) -> tuple[list[Ca
     return keep, [c.case_id for c in case_list if c.case_id in trained]
 
 
+def _forgotten(comparison: dict, max_drop: float | None) -> list[str]:
+    """The (source, class) pairs on which the candidate lost more than ``max_drop`` level-range Dice."""
+    if max_drop is None:
+        return []
+    return [f"{src} {cid} {r['delta']:+.3f}" for src, by_class in comparison.get("per_source", {}).items()
+            for cid, r in by_class.items() if r["delta"] < -max_drop]
+
+
 def _decide(pkg: ModelPackage, catalog: Catalog, case_list, *, metric, force, never_default, min_cases,
-            device, amp) -> tuple[bool, str, dict | None]:
-    """(make it the default?, why, comparison or None): the gate itself."""
+            device, amp, max_drop: float | None = None) -> tuple[bool, str, dict | None]:
+    """(make it the default?, why, comparison or None): the gate itself.
+
+    A better mean is not enough when ``max_drop`` is set: a candidate that gains on one source
+    and loses more than ``max_drop`` on another (a fine-tune that forgets) is refused too.
+    """
     current_ref = catalog.default_ref()
     if never_default:
         return False, "--no-default", None
@@ -136,6 +174,10 @@ def _decide(pkg: ModelPackage, catalog: Catalog, case_list, *, metric, force, ne
     better = (not math.isnan(c)) and (math.isnan(d) or c >= d)
     why = (f"{metric} {c:.4f} {'>=' if better else '<'} {d:.4f} of {current_ref} (in use) on "
            f"{', '.join(comparison['cases'])} ({comparison['source']})")
+    lost = _forgotten(comparison, max_drop)
+    if lost:
+        better = False
+        why += f"; but it loses more than {max_drop:.3f} on {', '.join(lost)}"
     if short:
         return False, f"{short}; {why}", comparison
     return better, why, comparison
@@ -145,7 +187,8 @@ def publish_if_better(candidate: ModelPackage | str | Path, registry: Registry, 
                       case_list: Sequence[Case] | None = None, metric: str = "mean_dice_fg", force: bool = False,
                       never_default: bool = False, ensemble: Sequence[str] | None = None, device="cpu",
                       amp: str = "off", registries: list[Registry] | None = None,
-                      min_cases: int = MIN_HOLDOUT_CASES, name: str | None = None) -> dict:
+                      min_cases: int = MIN_HOLDOUT_CASES, name: str | None = None,
+                      max_drop: float | None = DEFAULT_MAX_SOURCE_DROP) -> dict:
     """Publish (as a version of ``name`` when given); returns ``{"ref", "default": bool, "reason", "comparison", "table", "registry"}``.
 
     ``registries`` is the catalogue the model in use and the version number come from
@@ -157,7 +200,7 @@ def publish_if_better(candidate: ModelPackage | str | Path, registry: Registry, 
                        for r in registries]) if registries is not None else registry.catalog()
     make_default, reason, comparison = _decide(pkg, catalog, case_list, metric=metric, force=force,
                                                never_default=never_default, min_cases=min_cases, device=device,
-                                               amp=amp)
+                                               amp=amp, max_drop=max_drop)
     line = name or pkg.name
     new_ref = f"{line}@{max(registry.next_version(line), catalog.next_version(line))}"
     ens = None if ensemble is None else [new_ref if r in ("@new", line) else r for r in ensemble]
@@ -189,7 +232,8 @@ def publish_cli(a) -> int:
     ensemble = [s.strip() for s in a.ensemble.split(",")] if a.ensemble else None
     res = publish_if_better(pkg, registry, case_list=case_list, metric=a.metric, force=a.force,
                             never_default=a.no_default, ensemble=ensemble, device=resolve_device(a.device),
-                            amp=a.precision, name=a.name)
+                            amp=a.precision, name=a.name,
+                            max_drop=None if a.max_source_drop is None or a.max_source_drop < 0 else a.max_source_drop)
     if res["table"]:
         print(res["table"])
     print(f"published {res['ref']} to {res['registry']}; "
