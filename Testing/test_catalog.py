@@ -235,3 +235,25 @@ def _shipped_default_and_next() -> tuple[str, str]:
     default = shipped.default_ref()
     name = default.split("@")[0]
     return default, f"{name}@{max(int(v) for v in shipped.index()['models'][name]['versions']) + 1}"
+
+
+def test_gate_on_level_range_dice_ignores_levels_nobody_labelled(tmp_path, registries, monkeypatch):
+    """Strict Dice says the candidate is worse (it paints unlabelled levels); inside the labelled
+    levels it is better: the level_range_dice gate promotes it, the default gate does not."""
+    from LumbarSegmentLib.training import evaluate, publish
+
+    user, shipped = registries
+    in_use = Catalog([user, shipped]).default()
+    levels = {"current": {"all": {"vertebral_body": 0.85}, "VB3": {"vertebral_body": 0.85}},
+              "candidate": {"all": {"vertebral_body": 0.88}, "VB3": {"vertebral_body": 0.88}}}
+    monkeypatch.setattr(evaluate, "evaluate_packages",
+                        _Recorder({"vertebral_body": 0.80}, {"vertebral_body": 0.81}, levels))
+    ft = _fine_tune(tmp_path, in_use)
+    strict = publish.publish_if_better(ft, user, case_list=_cases(tmp_path / "data", 3), registries=[user, shipped])
+    assert not strict["default"]
+    ranged = publish.publish_if_better(ft, user, case_list=_cases(tmp_path / "data", 3), registries=[user, shipped],
+                                       metric="level_range_dice")
+    assert ranged["default"], ranged["reason"]
+    assert ranged["comparison"]["per_class"]["vertebral_body"]["delta"] == pytest.approx(0.03)
+    with pytest.raises(PackageError, match="needs cases"):
+        publish.compare(ft, in_use, None, metric="level_range_dice")

@@ -302,7 +302,11 @@ def test_cli_train_evaluate_publish_export_cv(tmp_path, capsys):
     assert main(["publish", str(out / "package"), "--registry", str(reg), "--data", str(data)]) == 0
     assert Registry(reg).default_ref() == "ud-starter@1"
     assert main(["export", str(out / "best.pt"), "--out", str(tmp_path / "exp"), "--name", "exported"]) == 0
-    assert read_package(tmp_path / "exp").name == "exported"
+    exported = read_package(tmp_path / "exp")
+    assert exported.name == "exported"
+    # the run's provenance travels with any of its checkpoints
+    assert exported.manifest["training"]["data_manifest_sha256"] == tr["data_manifest_sha256"]
+    assert exported.manifest["training"]["checkpoint"] == "best.pt"
     assert main(["cv", "--data", str(data), "--folds", "2", *common[:-2], "--epochs", "1",
                  "--out", str(tmp_path / "cv")]) == 0
     folds = json.loads((tmp_path / "cv" / "folds.json").read_text())

@@ -1,26 +1,28 @@
 #!/usr/bin/env python
-"""The annotation loop measured through the product's own commands, on a source the model barely knows.
+"""The annotation loop measured through the product's own commands, on a source the model does not know.
 
-Issue 9's experiment: start from a model that saw almost none of the water-fat (VB3) source
-(the shipped ``uvd-starter@1`` trained on 3 of its cases), then for N = 5, 10, 20, ... unseen
+Issue 9's experiment: start from a model trained without the water-fat (VB3) source (``--start``;
+docs/annotation_loop.md gives the command that trains it), then for N = 5, 10, 20 unseen
 water-fat cases repeat what a team does:
 
-1. ``lumbarseg segment`` drafts each new case with the model in use (the user registry's default,
-   else the shipped one);
+1. ``lumbarseg segment`` drafts each new case with the model in use (the team registry's default);
 2. the annotator's correction is simulated by the manual label, exported in the case format
    (``cases.write_case``, with ``drafted_by`` = the drafting model) into the team's dataset;
-3. ``lumbarseg-train finetune --from <model in use>`` on the whole dataset (a fixed time budget),
-   then ``lumbarseg-train publish`` into the user registry, whose gate compares the candidate with
-   the model in use on the dataset's frozen held-out cases and promotes it only if it is at least
-   as good;
-4. ``lumbarseg-train evaluate`` scores the model in use after each step on fixed cases of every
+3. ``lumbarseg-train finetune --from <model in use>`` on the whole dataset, then
+   ``lumbarseg-train publish``, whose gate compares the candidate with the model in use on the
+   dataset's frozen held-out cases and promotes it only if its mean is at least as good and no
+   source falls by more than the gate's ``--max-source-drop``;
+4. ``lumbarseg-train evaluate`` scores the model in use (and each candidate) on fixed cases of every
    source (strict and level-range Dice per source), none of which is ever exported.
 
-Every step runs as a separate process exactly as a user would type it (``LUMBARSEG_HOME`` points
-the user registry at the work folder). Writes ``loop.json``, ``loop.md`` and ``loop.png`` into
-``--out``; docs/annotation_loop.md has the measured result and the command.
+With ``--rehearse`` the team's dataset starts with the cases the start model was trained and
+validated on, so every fine-tune rehearses the old sources; ``--holdout-extra`` freezes some of
+them as held-out cases too, so the gate sees every source. Every step runs as a separate process
+exactly as a user would type it (``LUMBARSEG_HOME`` points the user registry at the work folder).
+Writes ``loop.json``, ``loop.md`` and ``loop.png`` into ``--out``.
 
-    python scripts/annotation_loop.py --data ../shared/data/lumbar-mr --work runs/loop --out docs/loop
+    python scripts/annotation_loop.py --work runs/loop3 --out docs/img/loop --start runs/uvd-nowf/package \
+        --rehearse --holdout-extra VB1_10,VB2_05,VB2_17,IVD_20 --balance sources --lr 1e-4 ...
 """
 from __future__ import annotations
 
@@ -91,8 +93,8 @@ def main(argv=None) -> int:
     p.add_argument("--balance", default="structures", help="finetune --balance (sources: every source an equal share)")
     p.add_argument("--threads", default="1", help="CPU threads of each fine-tune")
     p.add_argument("--rehearse", action="store_true",
-                   help="the team's dataset starts with the cases the start model was trained on (those found in "
-                        "--data), exported like corrections, so every fine-tune rehearses them")
+                   help="the team's dataset starts with the cases the start model was trained and validated on "
+                        "(those found in --data), exported like corrections, so every fine-tune rehearses them")
     p.add_argument("--holdout-extra", default="", help="rehearsed case ids frozen as held-out too (a multi-source "
                                                       "gate that can see forgetting)")
     p.add_argument("--pseudo-labels", action="store_true",
@@ -100,9 +102,13 @@ def main(argv=None) -> int:
     p.add_argument("--scoring", help="case ids scored after every step (default: the split's validation cases + "
                                      "IVD_20); never exported")
     p.add_argument("--max-source-drop", default=None, help="publish --max-source-drop (default: the gate's)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the experiment in --work (its dataset, registry and --out/loop.json) with the "
+                        "steps beyond the last one done")
     p.add_argument("--replot", metavar="LOOP_JSON", help="only redraw loop.md / loop.png from a loop.json")
     a = p.parse_args(argv)
     if a.replot:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
         write_report(json.loads(Path(a.replot).read_text()), Path(a.out))
         return 0
 
@@ -125,29 +131,35 @@ def main(argv=None) -> int:
         raise SystemExit(f"only {len(pool)} unseen water-fat cases outside the validation/test split")
 
     work = Path(a.work)
-    if work.exists():
+    if work.exists() and not a.resume:
         shutil.rmtree(work)
-    (work / "home").mkdir(parents=True)
+    (work / "home").mkdir(parents=True, exist_ok=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "LUMBARSEG_HOME": str(work / "home"), "OMP_NUM_THREADS": "1"}
     log = work / "commands.log"
     schema = load_schema("starter")
     dataset = work / "dataset"
-    rows = []
-    # The team's registry starts with the start model as its default (published under the team's own
-    # line), so "the model in use" is the team's whatever the shipped default is.
-    run([sys.executable, "-m", "LumbarSegmentLib.training.cli", "publish", start_pkg.path, "--name", "uvd-team",
-         "--force"], env, log)
-    current = model_in_use(env)
-    done = 0
-    rehearsed = []
-    if a.rehearse:  # what the model in use learnt from is part of the team's dataset from the start
-        for case in select_cases(a.data, sorted(starter_train & {c.case_id for c in select_cases(a.data)})):
+    rows = json.loads((out / "loop.json").read_text()) if a.resume else []
+    if rows:  # continue where an earlier run of the same experiment stopped
+        done, rehearsed, current = rows[-1]["N"], rows[-1].get("rehearsed", []), model_in_use(env)
+        steps = [n for n in steps if n > done]
+    else:
+        # The team's registry starts with the start model as its default (published under the team's own
+        # line), so "the model in use" is the team's whatever the shipped default is.
+        run([sys.executable, "-m", "LumbarSegmentLib.training.cli", "publish", start_pkg.path, "--name", "uvd-team",
+             "--force"], env, log)
+        current = model_in_use(env)
+        done = 0
+        rehearsed = []
+    if a.rehearse and not rows:  # what the model in use learnt from (and was validated on) is the team's dataset at the start
+        known = starter_train | set(start_pkg.manifest.get("training", {}).get("val_cases") or [])
+        for case in select_cases(a.data, sorted(known & {c.case_id for c in select_cases(a.data)})):
             export(case, dataset, schema, {"drafted_by": "manual (the start model's training data)",
                                            "source": case.case_id.split("_")[0]})
             rehearsed.append(case.case_id)
-    rows.append({"N": 0, "model": current, **evaluate(current, scoring, a.data, env, work / "eval_0", log)})
+    if not rows:
+        rows.append({"N": 0, "model": current, **evaluate(current, scoring, a.data, env, work / "eval_0", log)})
     for n in steps:
         new = pool[done:n]
         seg_s = 0.0
@@ -176,12 +188,13 @@ def main(argv=None) -> int:
                      "--data", dataset,
                      *(["--max-source-drop", a.max_source_drop] if a.max_source_drop else [])], env, log)
         cand = evaluate(str(run_dir / "package"), scoring, a.data, env, work / f"eval_candidate_{n}", log)
-        current = model_in_use(env)
+        previous, current = current, model_in_use(env)
+        promoted = current != previous
         gate = _last_gate(log)
         rows.append({"N": n, "model": current, "held_out": list(held), "rehearsed": rehearsed, "gate": gate, "finetune_wall_s": round(ft_s, 1),
                      "publish_wall_s": round(pub_s, 1), "candidate": cand,
                      "segment_wall_s": round(seg_s, 1),
-                     **evaluate(current, scoring, a.data, env, work / f"eval_{n}", log)})
+                     **(cand if promoted else evaluate(current, scoring, a.data, env, work / f"eval_{n}", log))})
         (out / "loop.json").write_text(json.dumps(rows, indent=1))
     write_report(rows, out)
     return 0

@@ -6,7 +6,12 @@
 #      (scripts/recipes/lumbar-mr-split.json) with the generalisation recipe
 #   2. uvd-partner@1 (its ensemble partner): the same fine-tune with the earlier recipe (strong
 #      intensity augmentation, structure-balanced sampling): different errors, so the pair averages well
-# then publishes 1 and 2 into a registry (default: a scratch one; pass Resources/Models to replace
+#   3. uvd-nowf: from scratch on the 14 training cases of the sources other than water-fat (the
+#      annotation loop's start model; docs/annotation_loop.md)
+#   4. uvd-starter@3 (the default since the second round): stage 3 fine-tuned on the 53 training
+#      cases, strong intensity augmentation, source-balanced sampling, 20 epochs; its last epoch is
+#      exported (`lumbarseg-train export .../last.pt`, which keeps the run's provenance)
+# then publishes 1, 2, 4 into a registry (default: a scratch one; pass Resources/Models to replace
 # the shipped ones). CPU-time budgets make a run stop at the same point on a busy or a quiet machine;
 # on a GPU add --device cuda and drop --threads. Not bit-identical to the shipped weights: those were
 # trained in stages with the same settings (the run folders' progress.jsonl record each stage).
@@ -45,6 +50,19 @@ lumbarseg-train finetune --from "$OUT/uvd-starter/package" $FT --intensity-aug d
 lumbarseg-train finetune --from "$OUT/uvd-starter/package" $FT --intensity-aug strong --name uvd-partner \
   --out "$OUT/uvd-partner"
 
+# stage 3: the start model without water-fat
+lumbarseg-train train --data "$DATA" \
+  --cases IVD_11,IVD_20,VB1_07,VB1_11,VB1_15,VB1_17,VB2_02,VB2_04,VB2_07,VB2_08,VB2_09,VB2_10,VB2_18,VB2_20,VB1_10,VB2_05,VB2_17 \
+  --val-cases VB1_10,VB2_05,VB2_17 --variant UVD --init-filters 16 --lr 1e-3 --epochs 30 --batch-size 8 --patch 192 \
+  --precision bf16 --threads 1 --val-every 2 --val-stride 3 --patience 8 --intensity-aug strong \
+  --unannotated-bg-weight 0.05 --max-minutes 32 --budget-clock cpu --name uvd-nowf --out "$OUT/uvd-nowf"
+# stage 4: the default, its last epoch exported
+lumbarseg-train finetune --from "$OUT/uvd-nowf/package" $FT --epochs 20 --max-minutes 40 --intensity-aug strong \
+  --balance sources --name uvd-nowf-all --out "$OUT/nowf-all"
+lumbarseg-train export "$OUT/nowf-all/last.pt" --out "$OUT/nowf-all-e20" --name uvd-starter
+
 lumbarseg-train publish "$OUT/uvd-starter/package" --registry "$REGISTRY" --force
 lumbarseg-train publish "$OUT/uvd-domain/package" --registry "$REGISTRY" --force
 lumbarseg-train publish "$OUT/uvd-partner/package" --registry "$REGISTRY" --no-default --ensemble uvd-starter@2,@new
+lumbarseg-train publish "$OUT/nowf-all-e20" --registry "$REGISTRY" --name uvd-starter --data "$DATA" --cases "$VAL" --metric level_range_dice \
+  --ensemble uvd-starter@3,uvd-partner@1

@@ -305,7 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--registry", help="registry folder (default: the user registry)")
     u.add_argument("--data", help="dataset folder to evaluate candidate and default on the frozen val cases")
     u.add_argument("--cases", help="frozen validation case ids (default: the candidate's validation cases)")
-    u.add_argument("--metric", choices=("mean_dice_fg", "mean_iou_fg"), default="mean_dice_fg")
+    u.add_argument("--metric", choices=("mean_dice_fg", "mean_iou_fg", "level_range_dice"), default="mean_dice_fg",
+                   help="what the gate compares: mean Dice or IoU over the foreground classes, or level_range_dice "
+                        "(Dice counted inside the spine levels each manual label covers +-2 mm, so levels the "
+                        "annotators did not label count for neither model)")
     u.add_argument("--name", help="publish as a version of this model name (default: the package's own name), "
                                   "e.g. a fine-tune trained under a working name as the next uvd-starter")
     u.add_argument("--max-source-drop", type=float, default=0.02, metavar="D",

@@ -102,12 +102,30 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
     return train(cfg, train_cases, val_cases, out_dir=out_dir, init_model=model, init_info=info, **train_kwargs)
 
 
+#: what a run's own package says about its data and origin, true of every checkpoint of that run
+_RUN_FIELDS = ("code_version", "data_manifest_sha256", "data_manifest", "train_cases", "val_cases", "init_from",
+               "command", "seed", "precision", "torch_version", "loss", "epochs_configured", "steps_per_epoch")
+
+
+def _run_provenance(checkpoint: Path) -> dict:
+    """The training provenance of the run the checkpoint belongs to (from ``<run>/package/manifest.json``),
+    so an exported checkpoint keeps its data manifest, parent and command; ``{}`` when there is none."""
+    manifest = checkpoint.parent / "package" / "manifest.json"
+    try:
+        training = json.loads(manifest.read_text()).get("training", {})
+    except (OSError, ValueError):
+        return {}
+    return {k: training[k] for k in _RUN_FIELDS if k in training}
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, name: str | None = None,
                       half: bool = True) -> ModelPackage:
     """A run's ``last.pt`` or ``best.pt`` -> a model package (safetensors) in the new folder ``out``.
 
     The checkpoint is read with ``weights_only=True`` (tensors and plain data only), so a file
-    made to run code when unpickled is refused instead.
+    made to run code when unpickled is refused instead. When the run wrote its own package, the
+    export carries that package's provenance (data manifest, parent, command): a run's last epoch
+    shipped instead of its best validated one still says what it learnt from.
     """
     from .checkpoints import load_checkpoint
 
@@ -116,8 +134,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, name: str | No
     model = build_model(**ck["builder_args"])
     model.load_state_dict(ck["model"])
     schema = load_schema(cfg.schema)
-    training = {"variant": cfg.variant, "config": ck["config"], "checkpoint": str(checkpoint),
-                "epochs": int(ck["epoch"]) + 1}
+    training = {**_run_provenance(Path(checkpoint)), "variant": cfg.variant, "config": ck["config"],
+                "checkpoint": Path(checkpoint).name, "epochs": int(ck["epoch"]) + 1}
     metrics = {"checkpoint_metric": ck["metric"]} if "metric" in ck else {}
     return write_package(out, model, name=name or cfg.package_name, schema=schema,
                          input_contract=default_input_contract(cfg.spacing, (cfg.patch, cfg.patch)),

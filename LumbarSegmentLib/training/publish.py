@@ -85,11 +85,16 @@ def compare(candidate: ModelPackage, current: ModelPackage, case_list: Sequence[
     if not common:
         raise PackageError(f"{candidate.ref} and {current.ref} share no foreground class; cannot compare")
     kind = "dice" if "dice" in metric else "iou"
+    if metric == "level_range_dice" and not case_list:
+        raise PackageError("the level_range_dice gate needs cases to evaluate: pass --data (or --cases)")
     if case_list:
         from .evaluate import evaluate_packages
 
         res = evaluate_packages({"candidate": [candidate], "current": [current]}, case_list, device=device, amp=amp)
         cm, dm = res["candidate"]["metrics"], res["current"]["metrics"]
+        if metric == "level_range_dice":  # Dice inside the spine levels each manual label covers
+            cm, dm = ({**m, "dice": r.get("level_range", {}).get("all", {})} for m, r in
+                      ((cm, res["candidate"]), (dm, res["current"])))
         cases, source = [c.case_id for c in case_list], "evaluated"
         per_source = _per_source(res["candidate"].get("level_range", {}), res["current"].get("level_range", {}),
                                  common)
