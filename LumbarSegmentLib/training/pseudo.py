@@ -34,6 +34,7 @@ import torch
 from LumbarSegmentLib import preprocess
 from LumbarSegmentLib.cases import Case
 from LumbarSegmentLib.geometry import sagittal_layout
+from LumbarSegmentLib.io import read_volume
 from LumbarSegmentLib.packages import ModelPackage, resolve_model, sha256_file
 from LumbarSegmentLib.schema import LabelSchema
 
@@ -73,13 +74,13 @@ def _key(case: Case, teachers: Sequence[ModelPackage], threshold: float, mode: s
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def draft_case(case: Case, teachers: Sequence[ModelPackage], schema: LabelSchema, classes: Sequence[int],
+def draft_case(case: Case, teachers: Sequence, schema: LabelSchema, classes: Sequence[int],
                plane: tuple[int, int], *, threshold: float, mode: str, device: str, precision: str) -> np.ndarray:
     """``[S, H, W]`` uint8 on the model grid: a channel of ``classes`` where the teacher is sure,
     ``IGNORE_INDEX`` where it gives that class or background but is not sure, else 0."""
     from LumbarSegmentLib.engine import SegmentOptions, segment_volume
 
-    image, _ = case.load()
+    image = read_volume(case.image_path)  # the label is the trainer's business; only the image is segmented
     res = segment_volume(image, list(teachers), SegmentOptions(mode=mode, device=device, precision=precision,
                                                                confidence=True))
     channels = _value_lut(res.schema, schema)[res.labels.array]
@@ -108,6 +109,7 @@ def add_pseudo_labels(data: Sequence[CaseSlices], cases: Sequence[Case], refs: S
     known = {cid for t in teachers for cid in t.schema.ids}
     summary = {"teachers": [{"ref": t.ref, "weights_sha256": t.sha256} for t in teachers], "threshold": threshold,
                "mode": mode, "cases": {}}
+    loaded = None  # the teachers' weights, read once and only if some case is not in the cache
     cache = Path(cache_dir) if cache_dir else None
     if cache:
         cache.mkdir(parents=True, exist_ok=True)
@@ -125,7 +127,11 @@ def add_pseudo_labels(data: Sequence[CaseSlices], cases: Sequence[Case], refs: S
                 if str(z["key"]) == key:
                     pseudo = z["pseudo"]
         if pseudo is None:
-            pseudo = draft_case(case, teachers, schema, classes, tuple(c.label.shape[1:]), threshold=threshold,
+            if loaded is None:
+                from LumbarSegmentLib.engine import LoadedModel
+
+                loaded = [LoadedModel.from_package(t) for t in teachers]
+            pseudo = draft_case(case, loaded, schema, classes, tuple(c.label.shape[1:]), threshold=threshold,
                                 mode=mode, device=device, precision=precision)
             if hit is not None:
                 tmp = hit.with_suffix(".tmp.npz")
