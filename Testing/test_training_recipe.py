@@ -1,5 +1,5 @@
 """The generalisation recipe's ingredients: source-balanced sampling, thick-slab and low-resolution
-patches, the "domain" intensity randomisation."""
+patches, the "domain" intensity randomisation and its "remap" extension."""
 from __future__ import annotations
 
 import pytest
@@ -73,3 +73,32 @@ def test_domain_parameters_include_inversions_and_bias_fields():
     assert 0.1 < p["invert"].float().mean() < 0.3
     assert 0.35 < (p["bias"] != 0).float().mean() < 0.65
     assert 0.2 < (p["resolution"] > 1).float().mean() < 0.4
+
+
+def test_remap_reorders_tissue_intensities_and_leaves_unpicked_samples_alone():
+    # three flat "tissues" at 0, 1 and 2: a monotone map (inversion, gamma) keeps or flips their
+    # order; the random curve must be able to put the middle one outside the other two
+    img = torch.zeros(64, 1, 8, 24)
+    img[..., 8:16], img[..., 16:] = 1.0, 2.0
+    out = aug.random_remap(img, torch.ones(64), torch.Generator().manual_seed(2))
+    lo, mid, hi = out[:, 0, 0, 0], out[:, 0, 0, 12], out[:, 0, 0, 20]
+    middle_outside = ((mid > lo) & (mid > hi)) | ((mid < lo) & (mid < hi))
+    assert middle_outside.float().mean() > 0.2
+    assert torch.isfinite(out).all() and out.min() >= 0 - 1e-6 and out.max() <= 2 + 1e-6
+    kept = aug.random_remap(img, torch.zeros(64), torch.Generator().manual_seed(2))
+    assert torch.equal(kept, img)
+
+
+def test_remap_mode_is_domain_plus_curves_for_about_half_the_patches():
+    p = aug.random_params(400, aug.AugmentConfig(intensity="remap"), torch.Generator().manual_seed(1))
+    assert 0.4 < (p["remap"] > 0).float().mean() < 0.6 and float(p["remap"].max()) <= 1.0
+    assert 0.1 < p["invert"].float().mean() < 0.3  # the domain ingredients are still there
+    d = aug.random_params(400, aug.AugmentConfig(intensity="domain"), torch.Generator().manual_seed(1))
+    assert not bool((d["remap"] > 0).any())
+    g = torch.Generator().manual_seed(0)
+    img, lab = torch.randn(8, 1, 64, 64), (torch.rand(8, 64, 64, generator=g) > 0.7).to(torch.uint8)
+    cfg = aug.AugmentConfig(True, 0, (1, 1), 0, 0, "remap", 0.0)
+    x, y = aug.augment_batch(img, lab, cfg, 32, torch.Generator().manual_seed(5))
+    x0, y0 = aug.augment_batch(img, lab, aug.AugmentConfig(True, 0, (1, 1), 0, 0, "off", 0.0), 32,
+                               torch.Generator().manual_seed(5))
+    assert torch.equal(y, y0) and torch.isfinite(x).all() and not torch.allclose(x, x0)

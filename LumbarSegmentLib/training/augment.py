@@ -25,6 +25,11 @@ Optional intensity augmentation (not in the seed, off by default), on the z-scor
   p = 0.2 (a T2w patch looks T1w-like and vice versa: bright fluid becomes dark), a smooth
   multiplicative bias field with p = 0.5 (coil shading, strongest on water-fat images) and a
   Gaussian blur with p = 0.2 (sigma 0.5-1.5 px).
+* ``"remap"``: ``domain`` plus, with p = 0.5, a random *non-monotone* intensity curve (a
+  piecewise-linear lookup through 6 random knots over the patch's range, blended with the
+  identity by a random weight). Inversion only flips the order of the tissues; a remap also
+  reorders them (marrow darker than fat and CSF, or brighter than both), which is how one
+  sequence differs from another. The model is left with shapes and edges to go by.
 
 Resolution augmentation (``resolution_p`` > 0, also not in the seed): with that probability
 a patch is shrunk by a factor in [1.2, 2.2] (area averaging) and brought back (bilinear),
@@ -40,12 +45,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .config import INTENSITY_MODES
 
-INTENSITY_MODES = ("off", "light", "strong", "domain")
+
 _INTENSITY = {"light": {"contrast": 0.1, "brightness": 0.1, "gamma": 1.0, "noise": (0.05, 0.05)},
               "strong": {"contrast": 0.25, "brightness": 0.25, "gamma": 1.6, "noise": (0.0, 0.1)},
               "domain": {"contrast": 0.3, "brightness": 0.3, "gamma": 2.0, "noise": (0.0, 0.15),
                          "invert_p": 0.2, "bias_p": 0.5, "bias_amp": 0.35, "blur_p": 0.2, "blur": (0.5, 1.5)}}
+_INTENSITY["remap"] = {**_INTENSITY["domain"], "remap_p": 0.5}
+REMAP_KNOTS = 6
 RESOLUTION_FACTORS = (1.2, 2.2)
 
 
@@ -56,7 +64,7 @@ class AugmentConfig:
     zoom: tuple[float, float] = (0.5, 1.5)
     flip_p: float = 0.5
     shift: float = 0.10
-    intensity: str = "off"  # "off" | "light" | "strong" | "domain" (True/False are read as light/off)
+    intensity: str = "off"  # "off" | "light" | "strong" | "domain" | "remap" (True/False are read as light/off)
     resolution_p: float = 0.0  # probability of the low-resolution round trip
 
     def __post_init__(self):
@@ -76,7 +84,7 @@ def random_params(n: int, cfg: AugmentConfig, gen: torch.Generator) -> dict:
     u = lambda: torch.rand(n, generator=gen, dtype=torch.float64)  # noqa: E731
     z = torch.zeros(n, dtype=torch.float64)
     neutral = {"contrast": z + 1, "brightness": z, "gamma": z + 1, "noise": z, "invert": torch.zeros(n, dtype=torch.bool),
-               "bias": z, "blur": z, "resolution": z + 1}
+               "bias": z, "blur": z, "resolution": z + 1, "remap": z}
     if not cfg.enabled:
         return {"angle": z, "zoom": z + 1, "flip": torch.zeros(n, dtype=torch.bool), "ty": z, "tx": z, **neutral}
     angle = (u() * 2 - 1) * math.radians(cfg.rotation_deg)
@@ -97,6 +105,9 @@ def random_params(n: int, cfg: AugmentConfig, gen: torch.Generator) -> dict:
             out["bias"] = torch.where(u() < k["bias_p"], (u() * 2 - 1) * k["bias_amp"], z)
             b0, b1 = k["blur"]
             out["blur"] = torch.where(u() < k["blur_p"], b0 + u() * (b1 - b0), z)
+        if "remap_p" in k:
+            # weight of the random curve (0 = identity); the knots themselves are drawn in intensity()
+            out["remap"] = torch.where(u() < k["remap_p"], 0.5 + 0.5 * u(), z)
     if cfg.resolution_p > 0:
         f0, f1 = RESOLUTION_FACTORS
         out["resolution"] = torch.where(u() < cfg.resolution_p, f0 + u() * (f1 - f0), z + 1)
@@ -171,9 +182,28 @@ def degrade_resolution(img: torch.Tensor, factors: torch.Tensor) -> torch.Tensor
     return out
 
 
+def random_remap(img: torch.Tensor, weight: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Per sample, ``(1 - w) * t + w * curve(t)`` on ``t``, the intensity scaled to [0, 1] over the
+    sample's range; ``curve`` is piecewise linear through ``REMAP_KNOTS`` equally spaced knots with
+    random heights in [0, 1]. Samples with ``w == 0`` are returned unchanged."""
+    b = img.shape[0]
+    knots = torch.rand(b, REMAP_KNOTS, generator=gen).to(img.device)
+    lo = img.amin(dim=(1, 2, 3), keepdim=True)
+    span = (img.amax(dim=(1, 2, 3), keepdim=True) - lo).clamp(min=1e-6)
+    t = ((img - lo) / span).clamp(0, 1)
+    pos = t * (REMAP_KNOTS - 1)
+    i0 = pos.floor().clamp(max=REMAP_KNOTS - 2).long()
+    frac = pos - i0
+    y0 = torch.gather(knots, 1, i0.view(b, -1)).view_as(t)
+    y1 = torch.gather(knots, 1, (i0 + 1).view(b, -1)).view_as(t)
+    curve = y0 + (y1 - y0) * frac
+    w = weight.to(device=img.device, dtype=torch.float32)[:, None, None, None]
+    return torch.where(w > 0, ((1 - w) * t + w * curve) * span + lo, img)
+
+
 def intensity(img: torch.Tensor, p: dict, gen: torch.Generator | None = None) -> torch.Tensor:
-    """Resolution, inversion, bias field, gamma over each sample's intensity range, blur, contrast/brightness,
-    noise (each a no-op where its parameter is neutral)."""
+    """Resolution, inversion, bias field, random remap, gamma over each sample's intensity range, blur,
+    contrast/brightness, noise (each a no-op where its parameter is neutral)."""
     dev = img.device
     col = lambda k: p[k].to(device=dev, dtype=torch.float32)[:, None, None, None]  # noqa: E731
     if "resolution" in p:
@@ -184,6 +214,8 @@ def intensity(img: torch.Tensor, p: dict, gen: torch.Generator | None = None) ->
         # multiplicative around the patch minimum so the background stays background
         lo = img.amin(dim=(1, 2, 3), keepdim=True)
         img = (img - lo) * _bias_field(img.shape, p["bias"], gen, dev) + lo
+    if "remap" in p and gen is not None and bool((p["remap"] > 0).any()):
+        img = random_remap(img, p["remap"], gen)
     if "gamma" in p and not bool((p["gamma"] == 1).all()):
         lo = img.amin(dim=(1, 2, 3), keepdim=True)
         hi = img.amax(dim=(1, 2, 3), keepdim=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from LumbarSegmentLib.models import VARIANTS
 
-from .config import METRICS, OPTIMIZERS, PRECISIONS, SCHEDULES, config_from_args
+from .config import INTENSITY_MODES, METRICS, OPTIMIZERS, PRECISIONS, SCHEDULES, config_from_args
 
 log = logging.getLogger("lumbarseg.train")
 
@@ -92,10 +92,11 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
                    help="how patches are shared among cases: structures = equal share per annotated-structure "
                         "group; sources = per (source, structures) group; cases; slices")
     g.add_argument("--no-augment", dest="augment", action="store_false")
-    g.add_argument("--intensity-aug", nargs="?", const="light", default="off", choices=("off", "light", "strong", "domain"),
+    g.add_argument("--intensity-aug", nargs="?", const="light", default="off", choices=INTENSITY_MODES,
                    help="intensity augmentation (not in the seed): light = contrast/brightness/noise jitter; "
                         "strong = + gamma, wider ranges (domain randomisation for partially labelled data sets); "
-                        "domain = strong with wider ranges + inversion, bias field, blur")
+                        "domain = strong with wider ranges + inversion, bias field, blur; "
+                        "remap = domain + random non-monotone intensity curves (tissue order reshuffled)")
     g.add_argument("--resolution-aug", dest="resolution_p", type=float, default=0.0, metavar="P",
                    help="probability of simulating a 1.2-2.2 mm in-plane acquisition per patch (default 0)")
     g.add_argument("--slab-aug", dest="slab_p", type=float, default=0.0, metavar="P",

@@ -10,6 +10,9 @@ from LumbarSegmentLib.models import VARIANTS
 OPTIMIZERS = ("adam", "rmsprop", "adadelta")
 SCHEDULES = ("cosine", "poly", "constant")
 from LumbarSegmentLib.devices import PRECISIONS
+
+# intensity augmentation modes, described in LumbarSegmentLib.training.augment
+INTENSITY_MODES = ("off", "light", "strong", "domain", "remap")
 METRICS = ("mean_dice_fg", "mean_iou_fg", "mean_dice", "mean_iou")
 
 
@@ -41,7 +44,7 @@ class TrainConfig:
     zoom: tuple = (0.5, 1.5)
     flip_p: float = 0.5
     shift: float = 0.10
-    intensity_aug: str = "off"  # "off" | "light" | "strong" | "domain" (see LumbarSegmentLib.training.augment)
+    intensity_aug: str = "off"  # one of INTENSITY_MODES (see LumbarSegmentLib.training.augment)
     resolution_p: float = 0.0  # probability of a low-resolution round trip per patch (augment)
     slab_p: float = 0.0  # probability of a thick-slab (partial volume) patch (data.PatchSampler)
     unannotated_bg_weight: float = 0.0  # small pull of unannotated classes towards background (see losses)
@@ -91,8 +94,8 @@ class TrainConfig:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch size must be >= 1")
         self.intensity_aug = {True: "light", False: "off", None: "off"}.get(self.intensity_aug, self.intensity_aug)
-        if self.intensity_aug not in ("off", "light", "strong", "domain"):
-            raise ValueError(f"intensity_aug must be off|light|strong|domain, got {self.intensity_aug!r}")
+        if self.intensity_aug not in INTENSITY_MODES:
+            raise ValueError(f"intensity_aug must be one of {'|'.join(INTENSITY_MODES)}, got {self.intensity_aug!r}")
         if not (0 <= self.resolution_p <= 1 and 0 <= self.slab_p <= 1):
             raise ValueError("resolution_p and slab_p are probabilities in [0, 1]")
         if self.pseudo_labels is not None:
