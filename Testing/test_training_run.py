@@ -280,7 +280,7 @@ def test_publish_only_if_at_least_as_good(tmp_path):
     assert reg.default_ref() == "good@2"
 
 
-def test_cli_train_evaluate_publish_export_cv(tmp_path, capsys):
+def test_cli_train_evaluate_publish_export_cv(tmp_path, capsys, monkeypatch):
     from LumbarSegmentLib.training.cli import main
 
     data = tmp_path / "data"
@@ -298,6 +298,24 @@ def test_cli_train_evaluate_publish_export_cv(tmp_path, capsys):
     assert main(["evaluate", "--model", str(out / "package"), "--data", str(data), "--out", str(tmp_path / "ev")]) == 0
     text = (tmp_path / "ev" / "metrics.md").read_text()
     assert "Vertebral body" in text and ids[2] in text
+    # coarse stacks: 2 mm slabs (the synthetic cases are thin) of 1.6 mm pixels; --inplane alone is refused with a message
+    from LumbarSegmentLib.training import evaluate as ev
+
+    seen = []
+    real_prepare = ev.prepare_cases
+
+    def spy(*args, **kw):
+        cases = real_prepare(*args, **kw)
+        seen.extend(c.image.spacing for c in cases)
+        return cases
+
+    monkeypatch.setattr(ev, "prepare_cases", spy)
+    assert main(["evaluate", "--model", str(out / "package"), "--data", str(data), "--thick-slab", "2",
+                 "--inplane", "1.6"]) == 0
+    assert seen and all(sorted(sp)[:2] == pytest.approx([1.6, 1.6], abs=0.1) for sp in seen), seen
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out / "package"), "--data", str(data), "--inplane", "1.6"]) != 0
+    assert "--thick-slab" in capsys.readouterr().err
     reg = tmp_path / "reg"
     assert main(["publish", str(out / "package"), "--registry", str(reg), "--data", str(data)]) == 0
     assert Registry(reg).default_ref() == "ud-starter@1"

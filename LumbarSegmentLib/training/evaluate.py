@@ -234,7 +234,7 @@ def score_models(models: Sequence[ModelPackage | LoadedModel], cases: Sequence[E
 
 def evaluate_packages(entries: Mapping[str, Sequence[ModelPackage | LoadedModel]], case_list: Sequence[Case], *,
                       device="auto", precision: str = "auto", mode: str | None = None, slab_mm: float | None = None,
-                      amp: str | None = None, postprocess: str = "none") -> dict:
+                      inplane_mm: float = 0.6, amp: str | None = None, postprocess: str = "none") -> dict:
     """``entries[name] = [model, ...]`` (several = ensemble) -> ``{name: results}`` (see :func:`score_models`).
 
     ``amp`` is the old name of ``precision`` (``off`` = ``fp32``), still accepted from callers.
@@ -249,7 +249,7 @@ def evaluate_packages(entries: Mapping[str, Sequence[ModelPackage | LoadedModel]
         schema = models[0].schema
         key = schema.name + ":" + ",".join(schema.ids)
         if key not in prepared:
-            prepared[key] = prepare_cases(case_list, schema, slab_mm=slab_mm)
+            prepared[key] = prepare_cases(case_list, schema, slab_mm=slab_mm, inplane_mm=inplane_mm)
         r = score_models(models, prepared[key], schema, device=str(device), precision=precision, mode=mode,
                          postprocess=postprocess)
         out[name] = {**r, "models": [m.ref for m in models], "class_ids": list(schema.ids)}
@@ -320,6 +320,10 @@ def write_evaluation(results: dict, out: Path, schema=None) -> dict:
 
 
 def evaluate_cli(a) -> int:
+    if a.inplane != 0.6 and not a.thick_slab:
+        raise ValueError("--inplane sets the pixel size of the --thick-slab stacks; give --thick-slab too")
+    if not 0.1 <= a.inplane <= 5:
+        raise ValueError(f"--inplane {a.inplane} mm is outside 0.1-5 mm")
     if a.threads:
         torch.set_num_threads(a.threads)
     entries = resolve_entries(a.model, a.registry)
@@ -332,7 +336,7 @@ def evaluate_cli(a) -> int:
     exclude = [s.strip() for s in (a.exclude or "").split(",") if s.strip()]
     case_list = select_cases(a.data, ids or None, exclude)
     results = evaluate_packages(entries, case_list, device=a.device, precision=a.precision, mode=a.mode,
-                                slab_mm=a.thick_slab, postprocess=a.postprocess)
+                                slab_mm=a.thick_slab, inplane_mm=a.inplane, postprocess=a.postprocess)
     schema = first.schema
     agg = {n: r["metrics"] for n, r in results.items()}
     ids_ = first.schema.ids
