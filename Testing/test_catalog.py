@@ -207,6 +207,9 @@ def test_gate_drops_cases_the_candidate_trained_on_and_force_overrides(tmp_path,
     forced = publish.publish_if_better(read_package(ft.path), user, case_list=cases, force=True,
                                        registries=[user, shipped])
     assert forced["default"] and forced["ref"] == "uvd-tiny@3"
+    # forcing still grades, so the record says what was overridden
+    assert forced["reason"].startswith("forced; the gate said: mean_dice_fg") and forced["comparison"]
+    assert len(rec.calls) == 2
 
 
 def test_publish_under_another_name_continues_that_model_line(tmp_path):

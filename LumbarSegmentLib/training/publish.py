@@ -161,7 +161,7 @@ def _decide(pkg: ModelPackage, catalog: Catalog, case_list, *, metric, force, ne
         return False, "--no-default", None
     if not current_ref:
         return True, "no registry has a default model", None
-    if force:
+    if force and not case_list:
         return True, "forced", None
     current = catalog.default()
     short = ""
@@ -173,7 +173,7 @@ def _decide(pkg: ModelPackage, catalog: Catalog, case_list, *, metric, force, ne
             short = (f"only {len(case_list)} held-out case(s) the candidate never trained on (at least {min_cases} "
                      f"needed to replace {current_ref}); export more cases, or --force")
             if not case_list:
-                return False, short, None
+                return (True, f"forced; {short}", None) if force else (False, short, None)
     comparison = compare(pkg, current, case_list, metric=metric, device=device, amp=amp)
     c, d = comparison["candidate"], comparison["current"]
     better = (not math.isnan(c)) and (math.isnan(d) or c >= d)
@@ -183,6 +183,10 @@ def _decide(pkg: ModelPackage, catalog: Catalog, case_list, *, metric, force, ne
     if lost:
         better = False
         why += f"; but it loses more than {max_drop:.3f} on {', '.join(lost)}"
+    if force:
+        # promoted anyway, but the record keeps what the held-out cases said (a forced choice
+        # should be one made with the numbers in view, e.g. for robustness the gate cannot see)
+        return True, f"forced; the gate said: {why}", comparison
     if short:
         return False, f"{short}; {why}", comparison
     return better, why, comparison
