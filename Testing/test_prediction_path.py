@@ -115,3 +115,18 @@ def test_eval_case_from_slices_is_the_canonical_stack():
     layout = sagittal_layout(e.image)
     assert layout.perm == (0, 1, 2) and not any(layout.flip)
     assert np.array_equal(layout.to_canonical(e.truth), lab.numpy())
+
+
+def test_evaluation_labels_stay_apart_when_two_folders_share_a_package_name(tmp_path):
+    """Two runs exported under the name they will be published as: both columns must survive."""
+    from conftest import make_package
+
+    a = make_package(tmp_path / "run-a", name="uvd-starter")
+    b = make_package(tmp_path / "run-b", name="uvd-starter", seed=1)
+    c = make_package(tmp_path / "other", name="uvd-partner", seed=2)
+    spec = f"{a.path},{b.path},{a.path}+{c.path}"
+    entries = ev.resolve_entries(spec)
+    assert list(entries) == [str(a.path), str(b.path), f"{a.path}+uvd-partner"]
+    assert [p.path for p in entries[str(b.path)]] == [b.path]
+    # a lone folder is still labelled by its package name
+    assert list(ev.resolve_entries(f"{c.path}")) == ["uvd-partner"]

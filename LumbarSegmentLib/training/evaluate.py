@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,17 +260,21 @@ def evaluate_packages(entries: Mapping[str, Sequence[ModelPackage | LoadedModel]
 def resolve_entries(spec: str, registry: str | None = None) -> dict[str, list[ModelPackage]]:
     """``"a,b,a+b"`` -> ``{"a": [pkg a], "b": [pkg b], "a+b": [pkg a, pkg b]}``.
 
-    Items are package folders or registry refs (``name[@version]``); a folder is labelled
-    by its package name.
+    Items are package folders or registry refs (``name[@version]``); a folder is labelled by its
+    package name, unless another folder in ``spec`` has the same name (runs exported under the
+    name they will be published as often do): then both are labelled by the path as given, so
+    no column silently replaces another.
     """
     regs = [Registry(registry, read_only=True)] if registry else None
-    out = {}
-    for item in [s.strip() for s in spec.split(",") if s.strip()]:
-        members = [r.strip() for r in item.split("+")]
-        pkgs = [resolve_model(r, regs) for r in members]
-        labels = [p.name if Path(r).is_dir() else r for p, r in zip(pkgs, members)]
-        out["+".join(labels)] = pkgs
-    return out
+    items = [[r.strip() for r in item.split("+")] for item in (s.strip() for s in spec.split(",")) if item]
+    pkgs = {r: resolve_model(r, regs) for members in items for r in members}
+    folder_paths: dict[str, set] = {}
+    for r, p in pkgs.items():
+        if Path(r).is_dir():
+            folder_paths.setdefault(p.name, set()).add(os.path.realpath(p.path))
+    label = {r: (p.name if len(folder_paths.get(p.name, ())) == 1 else r) if Path(r).is_dir() else r
+             for r, p in pkgs.items()}
+    return {"+".join(label[r] for r in members): [pkgs[r] for r in members] for members in items}
 
 
 def source_markdown(results: Mapping[str, dict], class_ids: Sequence[str], schema=None, *,
