@@ -210,6 +210,11 @@ def test_gate_drops_cases_the_candidate_trained_on_and_force_overrides(tmp_path,
     # forcing still grades, so the record says what was overridden
     assert forced["reason"].startswith("forced; the gate said: mean_dice_fg") and forced["comparison"]
     assert len(rec.calls) == 2
+    # every publish leaves a line in the registry's log: ref, verdict, why
+    lines = [json.loads(x) for x in (user.root / "publish_log.jsonl").read_text().splitlines()]
+    assert [(e["ref"], e["default"]) for e in lines] == [("uvd-tiny@2", False), ("uvd-tiny@3", True)]
+    assert "only 1 held-out" in lines[0]["reason"] and lines[1]["reason"].startswith("forced; the gate said")
+    assert lines[1]["comparison"]["cases"] == ["c02"] and lines[1]["parent"]
 
 
 def test_publish_under_another_name_continues_that_model_line(tmp_path):

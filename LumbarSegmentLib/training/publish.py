@@ -18,9 +18,11 @@ validation cases (same ids and file checksums). Earlier versions are never remov
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -28,6 +30,8 @@ from LumbarSegmentLib.cases import Case
 from LumbarSegmentLib.holdout import MIN_HOLDOUT_CASES, frozen_split
 from LumbarSegmentLib.packages import (Catalog, ModelPackage, PackageError, Registry, read_package,
                                        user_registry_root)
+
+from .metrics import clean
 
 log = logging.getLogger("lumbarseg.train")
 
@@ -218,7 +222,25 @@ def publish_if_better(candidate: ModelPackage | str | Path, registry: Registry, 
            "comparison": comparison, "registry": str(registry.root),
            "table": format_comparison(comparison, pkg.schema) if comparison else ""}
     log.info("published %s (%s): %s", published.ref, "default" if out["default"] else "not default", reason)
+    _append_publish_log(registry, out, pkg)
     return out
+
+
+PUBLISH_LOG = "publish_log.jsonl"
+
+
+def _append_publish_log(registry: Registry, out: dict, pkg: ModelPackage) -> None:
+    """One JSON line per publish in ``<registry>/publish_log.jsonl``: which ref, whether it became
+    the default and why (a forced promotion keeps the gate's verdict), the per-source comparison.
+    The registry's index says what is in use; this says how it got there."""
+    comp = out["comparison"] or {}
+    entry = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ref": out["ref"], "default": out["default"],
+             "reason": out["reason"], "weights_sha256": pkg.manifest.get("weights", {}).get("sha256"),
+             "parent": (pkg.manifest.get("parent") or {}).get("ref"),
+             "comparison": {k: comp.get(k) for k in ("metric", "candidate", "current", "current_ref", "cases", "per_source")
+                            if k in comp}}
+    with open(Path(registry.root) / PUBLISH_LOG, "a", encoding="utf-8") as f:
+        f.write(json.dumps(clean(entry)) + "\n")
 
 
 def publish_cli(a) -> int:
