@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO))
 
 from run_benchmarks import make_clinical_stack  # noqa: E402
 
-CONFIGS = [("uvd-starter@2", "fast"), ("uvd-starter@3", "fast"), ("uvd-starter@3", "tta"),
-           ("uvd-starter@3,uvd-partner@1", "ensemble")]
+CONFIGS = [("uvd-starter@3", "fast"), ("uvd-starter@4", "fast"), ("uvd-starter@4", "tta"),
+           ("uvd-starter@4,uvd-partner@2", "ensemble")]
 
 
 def main(argv=None) -> int:
