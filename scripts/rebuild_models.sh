@@ -8,7 +8,7 @@
 #      intensity augmentation, structure-balanced sampling): different errors, so the pair averages well
 #   3. uvd-nowf: from scratch on the 14 training cases of the sources other than water-fat (the
 #      annotation loop's start model; docs/annotation_loop.md)
-#   4. uvd-starter@3 (the default since the second round): stage 3 fine-tuned on the 53 training
+#   4. uvd-starter@3 (the second round's default): stage 3 fine-tuned on the 53 training
 #      cases, strong intensity augmentation, source-balanced sampling, 20 epochs; its last epoch is
 #      exported (`lumbarseg-train export .../last.pt`, which keeps the run's provenance)
 #   5. uvd-nowf-domain: stage 3 with `domain` intensity augmentation (the leave-water-fat-out
