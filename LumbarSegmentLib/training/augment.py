@@ -182,14 +182,19 @@ def degrade_resolution(img: torch.Tensor, factors: torch.Tensor) -> torch.Tensor
     return out
 
 
+def _sample_range(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's minimum and (positive) intensity span, ``[B, 1, 1, 1]`` each."""
+    lo = img.amin(dim=(1, 2, 3), keepdim=True)
+    return lo, (img.amax(dim=(1, 2, 3), keepdim=True) - lo).clamp(min=1e-6)
+
+
 def random_remap(img: torch.Tensor, weight: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Per sample, ``(1 - w) * t + w * curve(t)`` on ``t``, the intensity scaled to [0, 1] over the
     sample's range; ``curve`` is piecewise linear through ``REMAP_KNOTS`` equally spaced knots with
     random heights in [0, 1]. Samples with ``w == 0`` are returned unchanged."""
     b = img.shape[0]
     knots = torch.rand(b, REMAP_KNOTS, generator=gen).to(img.device)
-    lo = img.amin(dim=(1, 2, 3), keepdim=True)
-    span = (img.amax(dim=(1, 2, 3), keepdim=True) - lo).clamp(min=1e-6)
+    lo, span = _sample_range(img)
     t = ((img - lo) / span).clamp(0, 1)
     pos = t * (REMAP_KNOTS - 1)
     i0 = pos.floor().clamp(max=REMAP_KNOTS - 2).long()
@@ -217,9 +222,7 @@ def intensity(img: torch.Tensor, p: dict, gen: torch.Generator | None = None) ->
     if "remap" in p and gen is not None and bool((p["remap"] > 0).any()):
         img = random_remap(img, p["remap"], gen)
     if "gamma" in p and not bool((p["gamma"] == 1).all()):
-        lo = img.amin(dim=(1, 2, 3), keepdim=True)
-        hi = img.amax(dim=(1, 2, 3), keepdim=True)
-        span = (hi - lo).clamp(min=1e-6)
+        lo, span = _sample_range(img)
         img = ((img - lo) / span).clamp(0, 1).pow(col("gamma")) * span + lo
     if "blur" in p and bool((p["blur"] > 0).any()):
         img = img.clone()

@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--thick-slab", type=float, metavar="MM",
                    help="score clinical-looking stacks instead: slabs of MM averaged across slices, "
                         "0.6 mm in-plane (see --inplane), nearest-neighbour labels")
-    e.add_argument("--inplane", type=float, default=0.6, metavar="MM",
+    e.add_argument("--inplane", type=float, metavar="MM",
                    help="in-plane pixel size of the --thick-slab stacks (default 0.6; e.g. 1.6 for a coarse "
                         "2D protocol like the unseen source's)")
     e.add_argument("--threads", type=int)

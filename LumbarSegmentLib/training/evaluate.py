@@ -71,7 +71,12 @@ def spacing_xyz(layout, canonical_spacing) -> tuple[float, float, float]:
     return tuple(by_array_axis[::-1])  # the array is stored [k, j, i]
 
 
-def thick_slab(image: Volume, label: Volume, slab_mm: float = 4.0, inplane_mm: float = 0.6) -> tuple[Volume, Volume]:
+#: in-plane pixel of the clinical-looking stacks unless told otherwise (a typical 2D sagittal TSE)
+CLINICAL_INPLANE_MM = 0.6
+
+
+def thick_slab(image: Volume, label: Volume, slab_mm: float = 4.0,
+               inplane_mm: float = CLINICAL_INPLANE_MM) -> tuple[Volume, Volume]:
     """A clinical-looking 2D stack from a thin-slice sagittal case.
 
     Across slices: consecutive slices are averaged in slabs of ``slab_mm`` (partial volume, as
@@ -101,7 +106,7 @@ def thick_slab(image: Volume, label: Volume, slab_mm: float = 4.0, inplane_mm: f
 
 
 def prepare_cases(case_list: Sequence[Case], schema: LabelSchema, *, slab_mm: float | None = None,
-                  inplane_mm: float = 0.6) -> list[EvalCase]:
+                  inplane_mm: float = CLINICAL_INPLANE_MM) -> list[EvalCase]:
     """Load and map the cases' truth onto ``schema`` (optionally as thick-slab stacks)."""
     out = []
     for case in case_list:
@@ -235,7 +240,7 @@ def score_models(models: Sequence[ModelPackage | LoadedModel], cases: Sequence[E
 
 def evaluate_packages(entries: Mapping[str, Sequence[ModelPackage | LoadedModel]], case_list: Sequence[Case], *,
                       device="auto", precision: str = "auto", mode: str | None = None, slab_mm: float | None = None,
-                      inplane_mm: float = 0.6, amp: str | None = None, postprocess: str = "none") -> dict:
+                      inplane_mm: float = CLINICAL_INPLANE_MM, amp: str | None = None, postprocess: str = "none") -> dict:
     """``entries[name] = [model, ...]`` (several = ensemble) -> ``{name: results}`` (see :func:`score_models`).
 
     ``amp`` is the old name of ``precision`` (``off`` = ``fp32``), still accepted from callers.
@@ -325,10 +330,11 @@ def write_evaluation(results: dict, out: Path, schema=None) -> dict:
 
 
 def evaluate_cli(a) -> int:
-    if a.inplane != 0.6 and not a.thick_slab:
+    if a.inplane is not None and not a.thick_slab:
         raise ValueError("--inplane sets the pixel size of the --thick-slab stacks; give --thick-slab too")
-    if not 0.1 <= a.inplane <= 5:
-        raise ValueError(f"--inplane {a.inplane} mm is outside 0.1-5 mm")
+    inplane = CLINICAL_INPLANE_MM if a.inplane is None else a.inplane
+    if not 0.1 <= inplane <= 5:
+        raise ValueError(f"--inplane {inplane} mm is outside 0.1-5 mm")
     if a.threads:
         torch.set_num_threads(a.threads)
     entries = resolve_entries(a.model, a.registry)
@@ -341,7 +347,7 @@ def evaluate_cli(a) -> int:
     exclude = [s.strip() for s in (a.exclude or "").split(",") if s.strip()]
     case_list = select_cases(a.data, ids or None, exclude)
     results = evaluate_packages(entries, case_list, device=a.device, precision=a.precision, mode=a.mode,
-                                slab_mm=a.thick_slab, inplane_mm=a.inplane, postprocess=a.postprocess)
+                                slab_mm=a.thick_slab, inplane_mm=inplane, postprocess=a.postprocess)
     schema = first.schema
     agg = {n: r["metrics"] for n, r in results.items()}
     ids_ = first.schema.ids
