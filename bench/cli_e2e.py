@@ -38,12 +38,19 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--configs", default=None,
+                   help="MODEL:MODE pairs separated by ';' instead of the default set (MODEL: a ref, a package "
+                        "folder, or refs joined by ',' for an ensemble)")
+    p.add_argument("--tag", default="", help="suffix of the results files, so a second run on one day keeps the first")
     a = p.parse_args(argv)
+    configs = CONFIGS if not a.configs else [tuple(c.rsplit(":", 1)) for c in a.configs.split(";") if c.strip()]
+    if any(len(c) != 2 or c[1] not in ("fast", "tta", "ensemble") for c in configs):
+        p.error("--configs takes MODEL:MODE pairs separated by ';' (MODE: fast, tta or ensemble)")
     work = Path(tempfile.mkdtemp(prefix="lumbarseg-e2e-"))
     image, _ = make_clinical_stack(Path(a.data), work)
     env = {**os.environ, "LUMBARSEG_HOME": str(work / "home")}  # an empty user registry: shipped models
     rows = []
-    for model, mode in CONFIGS:
+    for model, mode in configs:
         times = []
         for i in range(a.repeats):
             out = work / f"seg_{i}.nii.gz"
@@ -60,7 +67,7 @@ def main(argv=None) -> int:
     meta = {"date": datetime.date.today().isoformat(), "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "threads": a.threads, "loadavg_1_5_15": [round(x, 2) for x in load],
             "python": platform.python_version()}
-    stamp = meta["date"]
+    stamp = meta["date"] + (f"-{a.tag}" if a.tag else "")
     res = REPO / "bench" / "results"
     (res / f"cli_e2e-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = [f"Whole `lumbarseg segment` command, 15 x 512 x 512 clinical stack, {a.threads} threads, "
