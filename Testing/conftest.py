@@ -6,6 +6,8 @@ with the reason, when it is absent (e.g. on a CI runner without the data).
 """
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,13 @@ def small_real_volume(shared_data):
     i0 = i // 2 - 3
     origin = np.asarray(v.origin) + v.direction[:, 0] * v.spacing[0] * i0  # keep physical positions
     return Volume(v.array[:, :, i0:i0 + 6].copy(), spacing=v.spacing, origin=origin, direction=v.direction)
+
+
+def load_script(path, name: str):
+    """Import a script that is not part of a package (bench/, scripts/) as module ``name``, so a test
+    can call its ``main``; registered in ``sys.modules`` so its dataclasses and pickling work."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod

@@ -5,20 +5,16 @@ process (no shared data, no nnU-Net) and writes the JSON and Markdown reports; a
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
+
+from conftest import load_script
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "run_benchmarks.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("lumbarseg_run_benchmarks", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(BENCH, "lumbarseg_run_benchmarks")
 
 
 def test_benchmark_smoke_run(tmp_path):

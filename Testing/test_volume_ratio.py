@@ -6,23 +6,18 @@ predicted / true voxels inside the level range (so a model that paints too much 
 """
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "volume_ratio.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("lumbarseg_volume_ratio", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "lumbarseg_volume_ratio")
 
 
 def test_volume_ratio_reports_the_engines_level_range_dice(shared_data, capsys):

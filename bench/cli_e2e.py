@@ -31,6 +31,7 @@ from run_benchmarks import make_clinical_stack  # noqa: E402
 
 CONFIGS = [("uvd-starter@3", "fast"), ("uvd-starter@4", "fast"), ("uvd-starter@4", "tta"),
            ("uvd-starter@4,uvd-partner@2", "ensemble")]
+FORWARDS = {"fast": 1, "tta": 2, "ensemble": 4}  # network passes per window, by engine mode
 
 
 def main(argv=None) -> int:
@@ -44,8 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="", help="suffix of the results files, so a second run on one day keeps the first")
     a = p.parse_args(argv)
     configs = CONFIGS if not a.configs else [tuple(c.rsplit(":", 1)) for c in a.configs.split(";") if c.strip()]
-    if any(len(c) != 2 or c[1] not in ("fast", "tta", "ensemble") for c in configs):
-        p.error("--configs takes MODEL:MODE pairs separated by ';' (MODE: fast, tta or ensemble)")
+    if any(len(c) != 2 or c[1] not in FORWARDS for c in configs):
+        p.error("--configs takes MODEL:MODE pairs separated by ';' (MODE: " + ", ".join(FORWARDS) + ")")
     work = Path(tempfile.mkdtemp(prefix="lumbarseg-e2e-"))
     image, _ = make_clinical_stack(Path(a.data), work)
     env = {**os.environ, "LUMBARSEG_HOME": str(work / "home")}  # an empty user registry: shipped models
@@ -73,9 +74,8 @@ def main(argv=None) -> int:
     md = [f"Whole `lumbarseg segment` command, 15 x 512 x 512 clinical stack, {a.threads} threads, "
           f"{a.repeats} fresh processes each (load average during the run {meta['loadavg_1_5_15']}):", "",
           "| model | mode | forwards per window | runs (s) | median (s) |", "|---|---|--:|---|--:|"]
-    fw = {"fast": 1, "tta": 2, "ensemble": 4}
     for r in rows:
-        md.append(f"| {r['model']} | {r['mode']} | {fw[r['mode']]} | {', '.join(map(str, r['seconds']))} | "
+        md.append(f"| {r['model']} | {r['mode']} | {FORWARDS[r['mode']]} | {', '.join(map(str, r['seconds']))} | "
                   f"{r['median_s']} |")
     (res / f"cli_e2e-{stamp}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     spacings = [float(s) for s in a.spacings.split(",") if s.strip()] or [base.spacing[0]]
     for sp in spacings:
         model = dataclasses.replace(LoadedModel.from_package(pkg), spacing=(sp, sp))
-        pooled: dict[tuple[str, str], list[int]] = {}
+        pooled: dict[tuple[int, str, str], list[int]] = {}
         print(f"\n{pkg.ref} at {sp:g} mm\n\n| case | structure | level-range Dice | predicted / true |\n|---|---|--:|--:|")
         for c in cases:
             pred = base.schema.values_to_channels(ev.predict([model], c.image))
@@ -54,17 +54,10 @@ def main(argv=None) -> int:
                 i, q, t = ev.level_range_counts(pred, c.truth, c.image, ch)
                 if t:
                     print(f"| {c.case_id} | {cid} | {2 * i / (q + t):.3f} | {q / t:.3f} |", flush=True)
-                    acc = pooled.setdefault((c.source, cid), [0, 0, 0])
-                    for k, v in enumerate((i, q, t)):
-                        acc[k] += v
-        tot: dict[str, list[int]] = {}
-        for (src, cid), (i, q, t) in sorted(pooled.items()):
+                    for key in ((0, c.source, cid), (1, "all", cid)):  # per source, then pooled
+                        pooled[key] = [s + v for s, v in zip(pooled.get(key, (0, 0, 0)), (i, q, t))]
+        for (_, src, cid), (i, q, t) in sorted(pooled.items()):
             print(f"| **{src}** | {cid} | {2 * i / (q + t):.3f} | {q / t:.3f} |")
-            acc = tot.setdefault(cid, [0, 0, 0])
-            for k, v in enumerate((i, q, t)):
-                acc[k] += v
-        for cid, (i, q, t) in tot.items():
-            print(f"| **all** | {cid} | {2 * i / (q + t):.3f} | {q / t:.3f} |")
     return 0
 
 
