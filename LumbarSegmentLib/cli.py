@@ -253,7 +253,7 @@ def cmd_segment(args) -> int:
         _summary(rep)
         return EXIT_OK
     if not out.exists():
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)  # exist_ok: torchrun's ranks race to create it
     if not out.is_dir():
         raise ValueError(f"output {out} must be a folder when segmenting {len(inputs)} inputs")
     from .cohort import run_cohort  # one process or a torchrun shard; see cohort.py / distributed.py

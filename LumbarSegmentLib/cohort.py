@@ -182,13 +182,15 @@ def write_summary(path: Path, rows: list[dict], *, world_size: int, wall_s: floa
 
 
 def run_cohort(cases: list[Path], out: Path, args, packages, segment_one, print_case) -> int:
-    """Segment this process's share of ``cases`` into ``out``; return how many cases failed (all ranks).
+    """Segment this process's share of ``cases`` into ``out``; return how many cases failed.
 
     ``segment_one(src, args=, packages=, **outputs)`` does one case (the CLI's, so a cohort case is
     exactly a single-input run); ``print_case(report)`` prints its one-line result. One bad case is
     reported and the others still run. Under torchrun every rank runs this on the same list and keeps
     its shard; rank 0 gathers the rows and writes the summary (always when distributed, else only
-    with ``--report``).
+    with ``--report``), and its count (every rank's failures) is the run's exit status. The other ranks
+    return 0: torchrun ends all ranks when one exits with an error, so a rank whose own case failed
+    must not cut short the others, and all wait until the summary is written.
     """
     from . import distributed as dist
 
@@ -215,13 +217,16 @@ def run_cohort(cases: list[Path], out: Path, args, packages, segment_one, print_
                 print(f"lumbarseg: error: {me.tag}{src}: {exc}", file=sys.stderr)
         everyone = dist.gather_rows(me, rows)
         wall = time.perf_counter() - started
+        if everyone is not None and (plan.summary is not None or me.distributed):
+            write_summary(plan.summary or out / SUMMARY_NAME, everyone, world_size=me.world, wall_s=wall,
+                          models=[p.ref for p in packages])
+        # torchrun stops every rank as soon as one exits with an error: no rank may leave before rank 0
+        # has written the summary
+        dist.barrier(me)
     finally:
         dist.finish(me)
-    if everyone is None:  # not rank 0: rank 0 reports for all
-        return sum(not r["ok"] for r in rows)
-    if plan.summary is not None or me.distributed:
-        write_summary(plan.summary or out / SUMMARY_NAME, everyone, world_size=me.world, wall_s=wall,
-                      models=[p.ref for p in packages])
+    if everyone is None:  # not rank 0: its failures are in rank 0's summary and exit status
+        return 0
     failed = sum(not r["ok"] for r in everyone)
     if failed:
         print(f"lumbarseg: {failed} of {len(everyone)} inputs failed", file=sys.stderr)

@@ -108,6 +108,14 @@ def gather_rows(me: Rank, rows: list[dict]) -> list[dict] | None:
     return [r for part in out for r in part] if me.rank == 0 else None
 
 
+def barrier(me: Rank) -> None:
+    """Wait for every rank (nothing to wait for in a plain run)."""
+    if me.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def finish(me: Rank) -> None:
     if me.distributed:
         import torch.distributed as dist

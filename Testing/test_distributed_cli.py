@@ -96,18 +96,23 @@ def test_two_torchrun_processes_split_a_cohort(tmp_path, tiny_package):
     names = [f"case{i}" for i in range(5)]
     for n in names:
         write_volume(vol, cohort / f"{n}.nii.gz")
+    # sorted, the inputs are broken, case0, case1, case1b, ...: one broken case on each rank
     (cohort / "broken.nii.gz").write_bytes(b"not an image")
+    (cohort / "case1b.nii.gz").write_bytes(b"not an image either")
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
                         "--nproc-per-node", "2", "-m", "LumbarSegmentLib.cli", "segment", str(cohort), "-o", str(out),
                         "--model", str(tiny_package.path), "--device", "cpu", "--no-progress"],
                        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert r.returncode != 0, "a broken case must make the run fail"  # and the good ones are still done
+    said = f"\n--- stderr ---\n{r.stderr[-4000:]}"
+    assert r.returncode != 0, "a broken case must make the run fail" + said  # and the good ones are still done
+    assert (out / "summary.json").is_file(), "rank 0 wrote no summary" + said
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["cases"] == 6 and summary["failed"] == 1
+    assert summary["world_size"] == 2 and summary["cases"] == 7 and summary["failed"] == 2, said
     rows = {Path(row["input"]).name: row for row in summary["rows"]}
-    assert set(rows) == {f"{n}.nii.gz" for n in names} | {"broken.nii.gz"}
+    assert set(rows) == {f"{n}.nii.gz" for n in names} | {"broken.nii.gz", "case1b.nii.gz"}
+    assert (rows["broken.nii.gz"]["rank"], rows["case1b.nii.gz"]["rank"]) == (0, 1)
     assert {row["rank"] for row in rows.values()} == {0, 1}
     for n in names:  # written once, on the input grid, next to its own report naming the rank's device
         assert rows[f"{n}.nii.gz"]["ok"]
@@ -115,7 +120,7 @@ def test_two_torchrun_processes_split_a_cohort(tmp_path, tiny_package):
         assert json.loads((out / f"{n}_report.json").read_text())["device"] == "cpu"
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("case")) == sorted(
         [f"{n}_seg.nii.gz" for n in names] + [f"{n}_report.json" for n in names])
-    assert "[rank 1/2]" in r.stderr and "broken.nii.gz" in r.stderr
+    assert "[rank 1/2]" in r.stderr and "broken.nii.gz" in r.stderr and "case1b.nii.gz" in r.stderr
 
 
 def test_every_option_has_help_and_is_documented():
@@ -142,3 +147,17 @@ def test_progress_bar_starts_with_the_total(tmp_path, tiny_package, capsys):
     err = capsys.readouterr().err
     frames = [f for f in err.replace("\r", "\n").splitlines() if "a.nii.gz" in f]
     assert frames and "/" in frames[0] and "0batch" not in err, err[:300]
+
+
+def test_output_folder_made_by_another_rank_meanwhile_is_fine(tmp_path, tiny_package, monkeypatch):
+    """torchrun's ranks all see OUT missing, then race to create it: the losers must go on, not fail."""
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    for n in ("a", "b"):
+        write_volume(sagittal_sample(slices=2), cohort / f"{n}.nii.gz")
+    out = tmp_path / "out"
+    out.mkdir()  # made by the other rank just after this one looked
+    real_exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda self, *a, **k: False if self == out else real_exists(self, *a, **k))
+    rc = main(["segment", str(cohort), "-o", str(out), "--model", str(tiny_package.path), "--no-progress"])
+    assert rc == 0 and sorted(p.name for p in out.glob("*_seg.nii.gz")) == ["a_seg.nii.gz", "b_seg.nii.gz"]
