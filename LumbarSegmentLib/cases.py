@@ -39,7 +39,7 @@ import json
 import os
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -312,3 +312,44 @@ def class_label_map(case: Case, label: Volume, schema) -> np.ndarray:
 
 __all__ = ["Case", "CaseError", "read_case", "list_cases", "write_case", "validate_case_id",
            "class_label_map", "CASE_FORMAT", "CASE_FORMAT_VERSION", "VolumeError"]
+
+
+# --------------------------------------------------------------------------------------
+PATIENT_MAP_FORMAT = "lumbarsegment.patients"
+
+
+def read_patient_map(path: str | os.PathLike) -> dict[str, str]:
+    """``{case id: patient}`` from a patient map file, for data sets whose case files carry no patient.
+
+    Public data sets often hold one patient several times (two sequences of one study, or the same
+    volume exported twice) without saying so; every case is then its own patient, and a split by
+    patient leaks. The map names the groups found (``scripts/find_same_patient.py`` lists candidates)::
+
+        {"format": "lumbarsegment.patients", "format_version": 1,
+         "patients": {"VB1-a": {"cases": ["VB1_07", "VB1_08"], "evidence": "..."}}}
+
+    Cases it does not name stay their own patient.
+    """
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise CaseError(f"patient map {p}: cannot be read as JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != PATIENT_MAP_FORMAT or not isinstance(data.get("patients"), dict):
+        raise CaseError(f"patient map {p}: not a {PATIENT_MAP_FORMAT} file (needs \"format\" and a \"patients\" object)")
+    out: dict[str, str] = {}
+    for patient, entry in data["patients"].items():
+        cases = entry.get("cases") if isinstance(entry, dict) else entry
+        if not isinstance(cases, list) or not all(isinstance(c, str) for c in cases):
+            raise CaseError(f"patient map {p}: patient {patient!r} needs a list of case ids")
+        for c in cases:
+            if c in out and out[c] != patient:
+                raise CaseError(f"patient map {p}: case {c} is listed under two patients ({out[c]}, {patient})")
+            out[c] = str(patient)
+    return out
+
+
+def with_patients(case_list: list[Case], patient_of: dict[str, str]) -> list[Case]:
+    """The cases with their patient taken from ``patient_of`` where it names them (copies; files untouched)."""
+    return [replace(c, patient=patient_of[c.case_id]) if c.case_id in patient_of else c
+            for c in case_list]

@@ -41,13 +41,16 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from LumbarSegmentLib.cases import write_case  # noqa: E402
+from LumbarSegmentLib.cases import read_patient_map, write_case  # noqa: E402
 from LumbarSegmentLib.holdout import frozen_split  # noqa: E402
 from LumbarSegmentLib.io import read_volume  # noqa: E402
 from LumbarSegmentLib.schema import load_schema  # noqa: E402
 from LumbarSegmentLib.training.data import schema_labels, select_cases  # noqa: E402
 
 SPLIT = REPO / "scripts" / "recipes" / "lumbar-mr-split.json"
+# exported cases carry their patient, so the team's held-out split never separates one volume stored
+# under two ids (the loop of docs/annotation_loop.md ran before this map existed)
+PATIENT_OF = read_patient_map(REPO / "scripts" / "recipes" / "lumbar-mr-patients.json")
 
 
 def run(cmd, env, log):
@@ -207,7 +210,8 @@ def export(case, dataset: Path, schema, extra: dict, drafted=None) -> None:
     if drafted is not None:
         extra = {**extra, "draft_voxels_changed": int((drafted != truth).sum())}
     write_case(dataset, case.case_id, image, label.with_array(truth.astype(np.uint8)),
-               labels={schema[s].value: s for s in structures}, annotated_structures=list(structures), extra=extra)
+               labels={schema[s].value: s for s in structures}, annotated_structures=list(structures),
+               patient=PATIENT_OF.get(case.case_id), extra=extra)
 
 
 def _last_gate(log: Path) -> str:

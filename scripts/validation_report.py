@@ -28,12 +28,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from LumbarSegmentLib.cases import read_patient_map, with_patients  # noqa: E402
+from LumbarSegmentLib.packages import Registry  # noqa: E402
 from LumbarSegmentLib.training import evaluate as ev  # noqa: E402
 from LumbarSegmentLib.training.data import select_cases  # noqa: E402
 from LumbarSegmentLib.training.metrics import clean  # noqa: E402
 from LumbarSegmentLib.training.report import fmt  # noqa: E402
 
-SPLIT = REPO / "scripts" / "recipes" / "lumbar-mr-split.json"
+SPLIT = REPO / "scripts" / "recipes" / "lumbar-mr-split-v2.json"  # patient-grouped (v1 leaked three patients)
+PATIENTS = REPO / "scripts" / "recipes" / "lumbar-mr-patients.json"
 
 
 def table_iou(results: dict, ids: list[str]) -> str:
@@ -79,7 +82,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", required=True, help="comma-separated refs/folders; A+B = ensemble")
     p.add_argument("--registry", default=None, help="registry for refs (default: user, then shipped)")
-    p.add_argument("--which", choices=("val", "test"), required=True, help="split of scripts/recipes/lumbar-mr-split.json")
+    p.add_argument("--which", choices=("val", "test"), required=True, help="which cases of --split")
+    p.add_argument("--split", default=str(SPLIT), help="split file (default: the patient-grouped v2)")
+    p.add_argument("--patients", default=str(PATIENTS), help="patient map of the data (lumbarsegment.patients)")
+    p.add_argument("--allow-seen", action="store_true",
+                   help="score cases whose patient trained a model (refused by default: they say nothing "
+                        "about new patients); the report lists them")
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "lumbar-mr"))
     p.add_argument("--out", required=True)
     p.add_argument("--slab-mm", type=float, default=4.0)
@@ -87,10 +95,18 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="auto")
     a = p.parse_args(argv)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ids = json.loads(SPLIT.read_text())[a.which]
-    cases = select_cases(a.data, ids)
+    ids = json.loads(Path(a.split).read_text())[a.which]
+    patient_of = read_patient_map(a.patients) if a.patients else {}
+    cases = with_patients(select_cases(a.data, ids), patient_of)
     entries = ev.resolve_entries(a.models, a.registry)
+    regs = [Registry(a.registry, read_only=True)] if a.registry else None
+    seen, unknown = ev.seen_patients(cases, entries, patient_of, regs)
+    if seen and not a.allow_seen:
+        print("validation_report: error: these cases' patients trained a model, so they cannot measure new "
+              "patients:\n  " + "\n  ".join(seen) + "\nuse the patient-grouped split (--split), or "
+              "--allow-seen to score them anyway", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     res = ev.evaluate_packages(entries, cases, device="cpu", precision=a.precision)
     t1 = time.time()
@@ -101,6 +117,9 @@ def main(argv=None) -> int:
     md = [f"# Validation report: {a.which} split ({len(cases)} cases)", "",
           f"Models: {', '.join(entries)}. Precision {a.precision}, CPU. "
           f"Prediction wall time: {t1 - t0:.0f} s (1 mm), {t2 - t1:.0f} s ({a.slab_mm:g} mm stacks).", "",
+          "Patients: " + ("every case's patient is new to every model" if not seen else
+                          "**scored although their patient trained a model** (`--allow-seen`): " + "; ".join(seen))
+          + (f". Ancestors whose training cases are unknown: {', '.join(unknown)}" if unknown else "") + ".", "",
           "## Dice per source and structure", "", ev.source_markdown(res, schema.ids, schema, thick=thick, digits=3), "",
           "## The seed's per-class IoU (pooled over the set, 1 mm)", "", table_iou(res, schema.ids), "",
           f"## The same, {a.slab_mm:g} mm clinical stacks", "", table_iou(thick, schema.ids), ""]
@@ -120,6 +139,8 @@ def main(argv=None) -> int:
         md.append("")
     (out / "report.md").write_text("\n".join(md))
     (out / "report.json").write_text(json.dumps(clean({"1mm": res, "thick": thick, "cases": ids,
+                                                       "split": a.split, "seen_patients": seen,
+                                                       "unknown_ancestors": unknown,
                                                        "seconds": [t1 - t0, t2 - t1]}), indent=1))
     print("\n".join(md))
     return 0

@@ -25,14 +25,14 @@ from LumbarSegmentLib.packages import Registry, resolve_model  # noqa: E402
 from LumbarSegmentLib.training import evaluate as ev  # noqa: E402
 from LumbarSegmentLib.training.data import select_cases  # noqa: E402
 
-SPLIT = REPO / "scripts" / "recipes" / "lumbar-mr-split.json"
+SPLIT = REPO / "scripts" / "recipes" / "lumbar-mr-split-v2.json"  # patient-grouped
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="a registry ref or a package folder")
     p.add_argument("--registry", default=str(REPO / "Resources" / "Models"))
-    p.add_argument("--which", choices=("val", "test"), default="val", help="split of scripts/recipes/lumbar-mr-split.json")
+    p.add_argument("--which", choices=("val", "test"), default="val", help="split of scripts/recipes/lumbar-mr-split-v2.json")
     p.add_argument("--cases", default="", help="comma-separated case ids instead of a split")
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "lumbar-mr"))
     p.add_argument("--spacings", default="", help="comma-separated in-plane spacings in mm (default: the model's)")

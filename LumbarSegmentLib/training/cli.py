@@ -48,7 +48,10 @@ def add_precision_arg(p, default: str = "auto") -> None:
 def _add_data_args(p: argparse.ArgumentParser, val: bool = True) -> None:
     p.add_argument("--data", required=True, help="dataset folder of exported cases (<case>.json + image + label)")
     p.add_argument("--cases", help="only these case ids (comma-separated); default: all")
-    p.add_argument("--exclude", help="case ids never used (e.g. a demo case), comma-separated")
+    p.add_argument("--exclude", help="case ids never used (e.g. a demo case), comma-separated; with --patients, "
+                                     "their patients' other cases too")
+    p.add_argument("--patients", metavar="FILE",
+                   help="patient map (lumbarsegment.patients JSON): cases of one patient never straddle a split")
     if val:
         p.add_argument("--val-cases", help="fixed split: these case ids validate (their patients never train)")
 
@@ -104,6 +107,9 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
     g.add_argument("--unannotated-bg-weight", type=float, default=0.0,
                    help="weight of a small cross-entropy pull of unannotated classes towards background "
                         "(tie-breaker where the marginal loss leaves them free; 0 = pure marginal)")
+    g.add_argument("--ignore-beyond-levels", dest="beyond_levels_mm", type=float, default=0.0, metavar="MM",
+                   help="treat the MM of rows just above and below each case's labelled levels as unknown, not "
+                        "background (sources label different stretches of the spine; 0 = off, the default)")
     g.add_argument("--pseudo-labels", type=_ids, metavar="REF[,REF...]",
                    help="teacher model(s) that draft, on each training case, the structures it does not annotate "
                         "(confident voxels become labels, unsure ones are ignored; the manual label always wins)%s"
@@ -130,9 +136,20 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
 
 
 def _select(a):
+    from LumbarSegmentLib.cases import read_patient_map, with_patients
+
     from .data import select_cases
 
-    return select_cases(a.data, _ids(a.cases) or None, _ids(a.exclude))
+    if not getattr(a, "patients", None):
+        return select_cases(a.data, _ids(a.cases) or None, _ids(a.exclude))
+    patient_of = read_patient_map(a.patients)
+    cases = with_patients(select_cases(a.data, _ids(a.cases) or None), patient_of)
+    excluded = _ids(a.exclude)
+    gone = {c.patient for c in with_patients(select_cases(a.data, excluded), patient_of)} if excluded else set()
+    also = sorted(c.case_id for c in cases if c.patient in gone and c.case_id not in excluded)
+    if also:
+        log.warning("not using %s: same patient as an excluded case", ", ".join(also))
+    return [c for c in cases if c.patient not in gone]
 
 
 def _split(a, cases):
@@ -309,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--registry", help="registry folder (default: the user registry)")
     u.add_argument("--data", help="dataset folder to evaluate candidate and default on the frozen val cases")
     u.add_argument("--cases", help="frozen validation case ids (default: the candidate's validation cases)")
+    u.add_argument("--patients", metavar="FILE",
+                   help="patient map of --data (lumbarsegment.patients): the gate skips cases whose patient trained "
+                        "the candidate, not only the cases themselves")
     u.add_argument("--metric", choices=("mean_dice_fg", "mean_iou_fg", "level_range_dice"), default="mean_dice_fg",
                    help="what the gate compares: mean Dice or IoU over the foreground classes, or level_range_dice "
                         "(Dice counted inside the spine levels each manual label covers +-2 mm, so levels the "

@@ -48,6 +48,7 @@ class TrainConfig:
     resolution_p: float = 0.0  # probability of a low-resolution round trip per patch (augment)
     slab_p: float = 0.0  # probability of a thick-slab (partial volume) patch (data.PatchSampler)
     unannotated_bg_weight: float = 0.0  # small pull of unannotated classes towards background (see losses)
+    beyond_levels_mm: float = 0.0  # rows just outside a case's labelled levels ignored (data.ignore_beyond_levels)
     pseudo_labels: Optional[tuple] = None  # teacher refs/folders that draft unannotated classes (training.pseudo)
     pseudo_threshold: float = 0.8  # teacher confidence needed for a pseudo-labelled voxel (below: ignored)
     pseudo_mode: str = "auto"  # engine mode of the teacher: auto = fast for one teacher, ensemble for several
@@ -98,6 +99,8 @@ class TrainConfig:
             raise ValueError(f"intensity_aug must be one of {'|'.join(INTENSITY_MODES)}, got {self.intensity_aug!r}")
         if not (0 <= self.resolution_p <= 1 and 0 <= self.slab_p <= 1):
             raise ValueError("resolution_p and slab_p are probabilities in [0, 1]")
+        if not 0 <= self.beyond_levels_mm <= 200:
+            raise ValueError(f"beyond_levels_mm (--ignore-beyond-levels) must be 0-200 mm, got {self.beyond_levels_mm}")
         if self.pseudo_labels is not None:
             refs = [self.pseudo_labels] if isinstance(self.pseudo_labels, str) else list(self.pseudo_labels)
             self.pseudo_labels = tuple(str(r) for r in refs if str(r).strip()) or None
@@ -162,7 +165,8 @@ def config_from_args(a, **overrides) -> TrainConfig:
     """A :class:`TrainConfig` from parsed ``lumbarseg-train`` arguments (absent/None = default) + overrides."""
     keys = ["variant", "schema", "init_filters", "activation", "deep_supervision", "optimizer", "lr",
             "weight_decay", "epochs", "steps_per_epoch", "batch_size", "patch", "spacing", "fg_fraction",
-            "balance", "augment", "intensity_aug", "resolution_p", "slab_p", "unannotated_bg_weight", "marginal",
+            "balance", "augment", "intensity_aug", "resolution_p", "slab_p", "unannotated_bg_weight",
+            "beyond_levels_mm", "marginal",
             "pseudo_labels", "pseudo_threshold", "pseudo_mode",
             "dice_weight", "schedule", "warmup_steps",
             "grad_clip", "patience", "metric", "val_every", "val_stride", "device", "precision", "threads", "seed",

@@ -128,6 +128,38 @@ def load_case_slices(case: _cases.Case, schema: LabelSchema | str, spacing_mm: S
                       source=case_source(case))
 
 
+def ignore_beyond_levels(data: Sequence[CaseSlices], band_mm: float, row_mm: float = 1.0,
+                         margin_mm: float = 2.0) -> dict[str, int]:
+    """Make the ``band_mm`` of rows just above and just below each case's labelled levels "unknown".
+
+    Why: the sources label different stretches of the spine (water-fat L1-L5, T2w TSE T11-L5, the
+    mixed source often down to S1, the disc set L1/L2-L5/S1). Outside its stretch a case's label says
+    "background" over real vertebrae, so one source teaches that S1 or T12 is not a vertebral body
+    while another labels it as one, and the model learns to stop short. The scores (level-range Dice)
+    only look at the labelled stretch; training can do the same: rows more than ``margin_mm`` (the
+    metric's margin) beyond the outermost labelled voxel, up to ``band_mm`` further, get
+    ``IGNORE_INDEX``. Rows further still keep their background, so the pelvis and thorax stay taught.
+    Rows are the model plane's superior-inferior axis (``CaseSlices.label`` is ``[S, H, W]``).
+    Returns ``{case id: rows ignored}``.
+    """
+    done = {}
+    if band_mm <= 0:
+        return done
+    m, b = int(round(margin_mm / row_mm)), int(round(band_mm / row_mm))
+    for c in data:
+        lab = c.label
+        rows = ((lab > 0) & (lab != IGNORE_INDEX)).any(dim=2).any(dim=0).nonzero().flatten()
+        if not len(rows):
+            continue
+        top, bottom = int(rows.min()) - m, int(rows.max()) + m + 1  # rows [top, bottom) keep their labels
+        above = slice(max(0, top - b), max(0, top))
+        below = slice(min(lab.shape[1], bottom), min(lab.shape[1], bottom + b))
+        lab[:, above] = IGNORE_INDEX
+        lab[:, below] = IGNORE_INDEX
+        done[c.case_id] = (above.stop - above.start) + (below.stop - below.start)
+    return done
+
+
 def load_dataset(case_list: Sequence[_cases.Case], schema: LabelSchema | str,
                  spacing_mm: Sequence[float] = (1.0, 1.0)) -> list[CaseSlices]:
     """Preprocess and cache ``case_list`` in memory (in the given order)."""

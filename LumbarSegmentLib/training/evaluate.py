@@ -282,6 +282,45 @@ def resolve_entries(spec: str, registry: str | None = None) -> dict[str, list[Mo
     return {"+".join(label[r] for r in members): [pkgs[r] for r in members] for members in items}
 
 
+def training_lineage(pkg: ModelPackage, registries: Sequence[Registry] | None = None
+                     ) -> tuple[set[str], list[str]]:
+    """Every case id ``pkg`` and its ancestors (``parent`` refs, followed while they resolve) trained on,
+    and the ancestors that could not be found (their cases are then unknown)."""
+    seen, missing, cur, hops = set(), [], pkg, 0
+    while cur is not None and hops < 50:
+        seen |= set((cur.manifest.get("training") or {}).get("train_cases") or [])
+        ref = (cur.manifest.get("parent") or {}).get("ref")
+        cur, hops = None, hops + 1
+        if ref:
+            try:
+                cur = resolve_model(ref, list(registries) if registries else None)
+            except Exception:  # an ancestor that was never published (a run folder): say so, go on
+                missing.append(ref)
+    return seen, missing
+
+
+def seen_patients(cases: Sequence[Case], entries: Mapping[str, Sequence[ModelPackage]],
+                  patient_of: Mapping[str, str] | None = None, registries: Sequence[Registry] | None = None
+                  ) -> tuple[list[str], list[str]]:
+    """Why scoring ``cases`` on ``entries`` would not measure new patients: (``"case: its patient
+    trained X (as Y)"`` lines, ancestors whose training cases are unknown). ``patient_of`` maps case
+    ids to patients (``cases.read_patient_map``); a case missing from it is its own patient."""
+    patient_of = patient_of or {}
+    lines, missing = set(), set()
+    for pkgs in entries.values():
+        for pkg in pkgs:
+            trained, lost = training_lineage(pkg, registries)
+            missing |= {f"{pkg.ref} <- {m}" for m in lost}
+            trained_by_patient: dict[str, list[str]] = {}
+            for t in sorted(trained):
+                trained_by_patient.setdefault(patient_of.get(t, t), []).append(t)
+            for c in cases:
+                via = trained_by_patient.get(patient_of.get(c.case_id, c.patient))
+                if via:
+                    lines.add(f"{c.case_id}: its patient trained {pkg.ref} (as {', '.join(via)})")
+    return sorted(lines), sorted(missing)
+
+
 def source_markdown(results: Mapping[str, dict], class_ids: Sequence[str], schema=None, *,
                     thick: Mapping[str, dict] | None = None, digits: int = 4) -> str:
     """Per-source table: strict and level-range Dice of each foreground class, models as columns;

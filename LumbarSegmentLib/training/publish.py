@@ -139,10 +139,14 @@ def format_comparison(comparison: dict, schema=None) -> str:
 
 
 def _unseen(candidate: ModelPackage, case_list: Sequence[Case]) -> tuple[list[Case], list[str]]:
-    """The cases the candidate's manifest does not list among its training cases, and the ids dropped."""
-    trained = set(candidate.manifest.get("training", {}).get("train_cases") or [])
-    keep = [c for c in case_list if c.case_id not in trained]
-    return keep, [c.case_id for c in case_list if c.case_id in trained]
+    """The cases whose patient the candidate did not train on, and the ids dropped. The patients of its
+    training cases come from its manifest's data manifest (recorded with the run's patient map)."""
+    training = candidate.manifest.get("training", {})
+    trained = set(training.get("train_cases") or [])
+    patients = trained | {e.get("patient") for e in training.get("data_manifest") or []
+                          if isinstance(e, dict) and e.get("case") in trained and e.get("patient")}
+    seen = {c.case_id for c in case_list if c.case_id in trained or c.patient in patients}
+    return [c for c in case_list if c.case_id not in seen], [c.case_id for c in case_list if c.case_id in seen]
 
 
 def _forgotten(comparison: dict, max_drop: float | None) -> list[str]:
@@ -172,7 +176,7 @@ def _decide(pkg: ModelPackage, catalog: Catalog, case_list, *, metric, force, ne
     if case_list is not None:
         case_list, seen = _unseen(pkg, case_list)
         if seen:
-            log.warning("not grading on %s: the candidate trained on them", ", ".join(seen))
+            log.warning("not grading on %s: the candidate trained on them or on their patients", ", ".join(seen))
         if len(case_list) < min_cases:
             short = (f"only {len(case_list)} held-out case(s) the candidate never trained on (at least {min_cases} "
                      f"needed to replace {current_ref}); export more cases, or --force")
@@ -260,6 +264,10 @@ def publish_cli(a) -> int:
             split = frozen_split(a.data)
             log.info("grading on the dataset's held-out cases: %s", ", ".join(split.holdout_ids) or "none")
             case_list = split.holdout
+        if getattr(a, "patients", None):
+            from LumbarSegmentLib.cases import read_patient_map, with_patients
+
+            case_list = with_patients(list(case_list), read_patient_map(a.patients))
     ensemble = [s.strip() for s in a.ensemble.split(",")] if a.ensemble else None
     res = publish_if_better(pkg, registry, case_list=case_list, metric=a.metric, force=a.force,
                             never_default=a.no_default, ensemble=ensemble, device=resolve_device(a.device),

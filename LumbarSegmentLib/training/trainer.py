@@ -215,6 +215,11 @@ class _Run:
         cfg = self.cfg
         self.schema = schema = as_schema(cfg.schema)
         self.train_data = train_data if train_data is not None else load_dataset(train_cases, schema, cfg.spacing)
+        if cfg.beyond_levels_mm > 0:
+            from .data import ignore_beyond_levels
+
+            ignored = ignore_beyond_levels(self.train_data, cfg.beyond_levels_mm, row_mm=float(cfg.spacing[0]))
+            log.info("rows ignored beyond the labelled levels: %d over %d cases", sum(ignored.values()), len(ignored))
         self.pseudo = None
         if cfg.pseudo_labels:
             self.pseudo = self._pseudo_label(train_cases)
