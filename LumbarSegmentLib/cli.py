@@ -30,6 +30,16 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _smoothing_mm(value: str) -> float:
+    try:
+        mm = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of millimetres") from None
+    if not 0 <= mm <= 50:
+        raise argparse.ArgumentTypeError(f"{value!r}: use 0 (off) to 50 mm")
+    return mm
+
+
 def _tile(value: str):
     if value in ("auto", "patch", "whole"):
         return value
@@ -54,6 +64,8 @@ def _overlap(value: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .engine import SLICE_SMOOTHING_MM  # torch-free import (the engine imports torch lazily)
+
     p = argparse.ArgumentParser(prog="lumbarseg", description="Lumbar-spine MRI segmentation (LumbarSegment).")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("segment", help="segment one or more sagittal lumbar MR volumes")
@@ -73,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--postprocess", default="none", choices=["none", "spine"],
                    help="clean-up: spine = drop foreground blobs that are not connected to the spinal column "
                    "(default none; docs/validation.md gives what it changes)")
+    s.add_argument("--slice-smoothing", type=_smoothing_mm, default=SLICE_SMOOTHING_MM, metavar="MM",
+                   help="sigma in mm of the Gaussian average of probabilities across neighbouring slices "
+                   f"(default {SLICE_SMOOTHING_MM:g}; 0 = each slice on its own)")
     s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="arithmetic: auto = fp16/bf16 on CUDA, bf16 on CPUs with native bf16, else fp32")
     s.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
@@ -182,7 +197,8 @@ def _segment_one(src: Path, label_out: Path, args, packages, report_out=None, se
     tile = args.tile if args.tile in ("auto", "patch", "whole") else int(args.tile)
     opts = SegmentOptions(device=args.device, mode=args.mode, batch_size=args.batch_size, tile=tile,
                           overlap=args.overlap, allow_reslice=args.reslice, confidence=bool(conf_out),
-                          precision=args.precision, threads=args.threads, postprocess=args.postprocess)
+                          precision=args.precision, threads=args.threads, postprocess=args.postprocess,
+                          slice_smoothing_mm=args.slice_smoothing)
     bar = None
     from .progress import BATCH, ProgressLog
 

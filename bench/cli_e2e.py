@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -29,8 +30,8 @@ sys.path.insert(0, str(REPO))
 
 from run_benchmarks import make_clinical_stack  # noqa: E402
 
-CONFIGS = [("uvd-starter@3", "fast"), ("uvd-starter@4", "fast"), ("uvd-starter@4", "tta"),
-           ("uvd-starter@4,uvd-partner@2", "ensemble")]
+CONFIGS = [("uvd-starter@3", "fast", ""), ("uvd-starter@4", "fast", ""), ("uvd-starter@4", "tta", ""),
+           ("uvd-starter@4,uvd-partner@2", "ensemble", "")]
 FORWARDS = {"fast": 1, "tta": 2, "ensemble": 4}  # network passes per window, by engine mode
 
 
@@ -40,28 +41,30 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--configs", default=None,
-                   help="MODEL:MODE pairs separated by ';' instead of the default set (MODEL: a ref, a package "
-                        "folder, or refs joined by ',' for an ensemble)")
+                   help="MODEL:MODE[:OPTIONS] separated by ';' instead of the default set (MODEL: a ref, a package "
+                        "folder, or refs joined by ',' for an ensemble; OPTIONS: more segment options, e.g. "
+                        "'--slice-smoothing 0')")
     p.add_argument("--tag", default="", help="suffix of the results files, so a second run on one day keeps the first")
     a = p.parse_args(argv)
-    configs = CONFIGS if not a.configs else [tuple(c.rsplit(":", 1)) for c in a.configs.split(";") if c.strip()]
-    if any(len(c) != 2 or c[1] not in FORWARDS for c in configs):
-        p.error("--configs takes MODEL:MODE pairs separated by ';' (MODE: " + ", ".join(FORWARDS) + ")")
+    configs = CONFIGS if not a.configs else [tuple(c.split(":", 2)) for c in a.configs.split(";") if c.strip()]
+    configs = [c if len(c) != 2 else (*c, "") for c in configs]
+    if any(len(c) != 3 or c[1] not in FORWARDS for c in configs):
+        p.error("--configs takes MODEL:MODE[:OPTIONS] separated by ';' (MODE: " + ", ".join(FORWARDS) + ")")
     work = Path(tempfile.mkdtemp(prefix="lumbarseg-e2e-"))
     image, _ = make_clinical_stack(Path(a.data), work)
     env = {**os.environ, "LUMBARSEG_HOME": str(work / "home")}  # an empty user registry: shipped models
     rows = []
-    for model, mode in configs:
+    for model, mode, extra in configs:
         times = []
         for i in range(a.repeats):
             out = work / f"seg_{i}.nii.gz"
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-m", "LumbarSegmentLib.cli", "segment", str(image), "-o", str(out),
                             "--model", model, "--mode", mode, "--threads", str(a.threads), "--no-progress",
-                            "--device", "cpu"], env=env, check=True, capture_output=True)
+                            "--device", "cpu", *shlex.split(extra)], env=env, check=True, capture_output=True)
             times.append(time.perf_counter() - t0)
             out.unlink()
-        rows.append({"model": model, "mode": mode, "seconds": [round(t, 2) for t in times],
+        rows.append({"model": model, "mode": mode, "options": extra, "seconds": [round(t, 2) for t in times],
                      "median_s": round(statistics.median(times), 2)})
         print(rows[-1], flush=True)
     load = os.getloadavg()
@@ -73,10 +76,10 @@ def main(argv=None) -> int:
     (res / f"cli_e2e-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = [f"Whole `lumbarseg segment` command, 15 x 512 x 512 clinical stack, {a.threads} threads, "
           f"{a.repeats} fresh processes each (load average during the run {meta['loadavg_1_5_15']}):", "",
-          "| model | mode | forwards per window | runs (s) | median (s) |", "|---|---|--:|---|--:|"]
+          "| model | mode | other options | forwards per window | runs (s) | median (s) |", "|---|---|---|--:|---|--:|"]
     for r in rows:
-        md.append(f"| {r['model']} | {r['mode']} | {FORWARDS[r['mode']]} | {', '.join(map(str, r['seconds']))} | "
-                  f"{r['median_s']} |")
+        md.append(f"| {r['model']} | {r['mode']} | {r['options'] or '–'} | {FORWARDS[r['mode']]} | "
+                  f"{', '.join(map(str, r['seconds']))} | {r['median_s']} |")
     (res / f"cli_e2e-{stamp}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

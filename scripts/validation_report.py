@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--which", choices=("val", "test"), required=True, help="which cases of --split")
     p.add_argument("--split", default=str(SPLIT), help="split file (default: the patient-grouped v2)")
     p.add_argument("--patients", default=str(PATIENTS), help="patient map of the data (lumbarsegment.patients)")
+    p.add_argument("--slice-smoothing", type=float, default=None, metavar="MM",
+                   help="the engine's across-slice smoothing (default: the engine's own, as users get it)")
     p.add_argument("--allow-seen", action="store_true",
                    help="score cases whose patient trained a model (refused by default: they say nothing "
                         "about new patients); the report lists them")
@@ -108,14 +110,16 @@ def main(argv=None) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    res = ev.evaluate_packages(entries, cases, device="cpu", precision=a.precision)
+    res = ev.evaluate_packages(entries, cases, device="cpu", precision=a.precision, slice_smoothing_mm=a.slice_smoothing)
     t1 = time.time()
-    thick = ev.evaluate_packages(entries, cases, device="cpu", precision=a.precision, slab_mm=a.slab_mm)
+    thick = ev.evaluate_packages(entries, cases, device="cpu", precision=a.precision, slab_mm=a.slab_mm,
+                                 slice_smoothing_mm=a.slice_smoothing)
     t2 = time.time()
     first = next(iter(entries.values()))
     schema = (first[0].schema)
     md = [f"# Validation report: {a.which} split ({len(cases)} cases)", "",
-          f"Models: {', '.join(entries)}. Precision {a.precision}, CPU. "
+          f"Models: {', '.join(entries)}. Precision {a.precision}, CPU, across-slice smoothing "
+          f"{'the engine default' if a.slice_smoothing is None else f'{a.slice_smoothing:g} mm'}. "
           f"Prediction wall time: {t1 - t0:.0f} s (1 mm), {t2 - t1:.0f} s ({a.slab_mm:g} mm stacks).", "",
           "Patients: " + ("every case's patient is new to every model" if not seen else
                           "**scored although their patient trained a model** (`--allow-seen`): " + "; ".join(seen))

@@ -154,13 +154,19 @@ def every_nth_slice(case: EvalCase, n: int) -> EvalCase:
                     case.source, case.structures, case.info)
 
 
+def _smoothing(mm: float | None) -> dict:
+    """SegmentOptions keyword for an explicit across-slice smoothing (``None``: the engine's default)."""
+    return {} if mm is None else {"slice_smoothing_mm": float(mm)}
+
+
 def predict(models: Sequence[ModelPackage | LoadedModel], image: Volume, *, device: str = "auto",
             precision: str = "auto", mode: str | None = None, threads: int | None = None,
-            postprocess: str = "none") -> np.ndarray:
+            postprocess: str = "none", slice_smoothing_mm: float | None = None) -> np.ndarray:
     """The engine's label map (schema values of the first model) for ``image``: the one prediction path."""
     mode = mode or ("ensemble" if len(models) > 1 else "fast")
     res = segment_volume(image, list(models), SegmentOptions(device=str(device), mode=mode, precision=precision,
-                                                              threads=threads, postprocess=postprocess))
+                                                              threads=threads, postprocess=postprocess,
+                                                              **_smoothing(slice_smoothing_mm)))
     return res.labels.array
 
 
@@ -229,18 +235,20 @@ class Scorer:
 
 def score_models(models: Sequence[ModelPackage | LoadedModel], cases: Sequence[EvalCase], schema: LabelSchema, *,
                  device: str = "auto", precision: str = "auto", mode: str | None = None,
-                 margin_mm: float = 2.0, postprocess: str = "none") -> dict:
+                 margin_mm: float = 2.0, postprocess: str = "none", slice_smoothing_mm: float | None = None) -> dict:
     """Predict every case with the engine and score it; returns :meth:`Scorer.results` + seconds."""
     scorer = Scorer(schema, margin_mm)
     t0 = time.time()
     for c in cases:
-        scorer.add(c, predict(models, c.image, device=device, precision=precision, mode=mode, postprocess=postprocess))
+        scorer.add(c, predict(models, c.image, device=device, precision=precision, mode=mode, postprocess=postprocess,
+                              slice_smoothing_mm=slice_smoothing_mm))
     return {**scorer.results(), "seconds": time.time() - t0}
 
 
 def evaluate_packages(entries: Mapping[str, Sequence[ModelPackage | LoadedModel]], case_list: Sequence[Case], *,
                       device="auto", precision: str = "auto", mode: str | None = None, slab_mm: float | None = None,
-                      inplane_mm: float = CLINICAL_INPLANE_MM, amp: str | None = None, postprocess: str = "none") -> dict:
+                      inplane_mm: float = CLINICAL_INPLANE_MM, amp: str | None = None, postprocess: str = "none",
+                      slice_smoothing_mm: float | None = None) -> dict:
     """``entries[name] = [model, ...]`` (several = ensemble) -> ``{name: results}`` (see :func:`score_models`).
 
     ``amp`` is the old name of ``precision`` (``off`` = ``fp32``), still accepted from callers.
@@ -257,7 +265,7 @@ def evaluate_packages(entries: Mapping[str, Sequence[ModelPackage | LoadedModel]
         if key not in prepared:
             prepared[key] = prepare_cases(case_list, schema, slab_mm=slab_mm, inplane_mm=inplane_mm)
         r = score_models(models, prepared[key], schema, device=str(device), precision=precision, mode=mode,
-                         postprocess=postprocess)
+                         postprocess=postprocess, slice_smoothing_mm=slice_smoothing_mm)
         out[name] = {**r, "models": [m.ref for m in models], "class_ids": list(schema.ids)}
     return out
 
