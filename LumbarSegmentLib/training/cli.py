@@ -310,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_precision_arg(e)
     e.add_argument("--mode", choices=("fast", "tta", "ensemble"),
                    help="engine mode (default: fast for one model, ensemble for A+B)")
+    e.add_argument("--slice-smoothing", type=float, metavar="MM",
+                   help="the engine's across-slice smoothing in mm (default: the engine's own, as users get it)")
     e.add_argument("--postprocess", choices=("none", "spine"), default="none",
                    help="clean-up after the network (spine: drop blobs apart from the spinal column)")
     e.add_argument("--thick-slab", type=float, metavar="MM",

@@ -39,7 +39,7 @@ import torch
 from LumbarSegmentLib.cases import Case
 from LumbarSegmentLib.engine import LoadedModel, SegmentOptions, segment_volume
 from LumbarSegmentLib.geometry import resize_planes, sagittal_layout
-from LumbarSegmentLib.packages import ModelPackage, Registry, resolve_model
+from LumbarSegmentLib.packages import ModelPackage, PackageError, Registry, resolve_model
 from LumbarSegmentLib.schema import LabelSchema
 from LumbarSegmentLib.volume import Volume
 
@@ -302,7 +302,7 @@ def training_lineage(pkg: ModelPackage, registries: Sequence[Registry] | None = 
         if ref:
             try:
                 cur = resolve_model(ref, list(registries) if registries else None)
-            except Exception:  # an ancestor that was never published (a run folder): say so, go on
+            except PackageError:  # an ancestor that was never published (a run folder): say so, go on
                 missing.append(ref)
     return seen, missing
 
@@ -394,7 +394,8 @@ def evaluate_cli(a) -> int:
     exclude = [s.strip() for s in (a.exclude or "").split(",") if s.strip()]
     case_list = select_cases(a.data, ids or None, exclude)
     results = evaluate_packages(entries, case_list, device=a.device, precision=a.precision, mode=a.mode,
-                                slab_mm=a.thick_slab, inplane_mm=inplane, postprocess=a.postprocess)
+                                slab_mm=a.thick_slab, inplane_mm=inplane, postprocess=a.postprocess,
+                                slice_smoothing_mm=a.slice_smoothing)
     schema = first.schema
     agg = {n: r["metrics"] for n, r in results.items()}
     ids_ = first.schema.ids
