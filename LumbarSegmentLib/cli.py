@@ -31,12 +31,14 @@ def _positive_int(value: str) -> int:
 
 
 def _smoothing_mm(value: str) -> float:
+    from .engine import SLICE_SMOOTHING_MAX_MM
+
     try:
         mm = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number of millimetres") from None
-    if not 0 <= mm <= 50:
-        raise argparse.ArgumentTypeError(f"{value!r}: use 0 (off) to 50 mm")
+    if not 0 <= mm <= SLICE_SMOOTHING_MAX_MM:
+        raise argparse.ArgumentTypeError(f"{value!r}: use 0 (off) to {SLICE_SMOOTHING_MAX_MM:g} mm")
     return mm
 
 

@@ -59,6 +59,7 @@ if "torch" not in sys.modules:
 MODES = ("fast", "tta", "ensemble")
 #: sigma (mm) of the across-slice probability average; chosen on the validation split (2-6 mm tried)
 SLICE_SMOOTHING_MM = 4.0
+SLICE_SMOOTHING_MAX_MM = 50.0  # beyond this the average spans the whole spine: surely a typo
 
 
 class Cancelled(Exception):
@@ -95,8 +96,9 @@ class SegmentOptions:
             raise EngineError("batch_size must be at least 1")
         if self.chunk_slices < 1:
             raise EngineError("chunk_slices must be at least 1")
-        if not 0 <= self.slice_smoothing_mm <= 50:
-            raise EngineError(f"slice smoothing must be 0-50 mm (0: off), got {self.slice_smoothing_mm}")
+        if not 0 <= self.slice_smoothing_mm <= SLICE_SMOOTHING_MAX_MM:
+            raise EngineError(f"slice smoothing must be 0-{SLICE_SMOOTHING_MAX_MM:g} mm (0: off), "
+                              f"got {self.slice_smoothing_mm}")
         from .postprocess import MODES as PP_MODES
 
         if self.postprocess not in PP_MODES:

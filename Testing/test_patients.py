@@ -32,8 +32,8 @@ def _map_file(tmp_path, patients) -> Path:
     return p
 
 
-def _write(folder, case_id, image, label=None):
-    label = np.zeros_like(image, dtype=np.uint8) if label is None else label
+def _write(folder, case_id, image):
+    label = np.zeros_like(image, dtype=np.uint8)
     label[2:4, 2:6, 2:6] = 1
     return write_case(folder, case_id, Volume(image), Volume(label), labels=VB, annotated_structures=["vertebral_body"])
 
