@@ -31,7 +31,7 @@ def _positive_int(value: str) -> int:
 
 
 def _smoothing_mm(value: str) -> float:
-    from .engine import SLICE_SMOOTHING_MAX_MM
+    from .slice_smoothing import SLICE_SMOOTHING_MAX_MM
 
     try:
         mm = float(value)
@@ -66,7 +66,7 @@ def _overlap(value: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .engine import SLICE_SMOOTHING_MM  # torch-free import (the engine imports torch lazily)
+    from .slice_smoothing import SLICE_SMOOTHING_MM
 
     p = argparse.ArgumentParser(prog="lumbarseg", description="Lumbar-spine MRI segmentation (LumbarSegment).")
     sub = p.add_subparsers(dest="command", required=True)

@@ -226,7 +226,7 @@ def test_memory_is_chunked(small_real_volume, tiny_package):
 def test_slice_smoothing_streams_exactly_the_whole_stack_average(sigma_mm, slice_mm, chunk):
     """Fed chunk by chunk, every slice comes out once, equal to the Gaussian average over the whole
     stack (outermost slice repeated beyond the ends), with sigma measured in millimetres."""
-    from LumbarSegmentLib.engine import SliceSmoother
+    from LumbarSegmentLib.slice_smoothing import SliceSmoother
 
     p = torch.rand(23, 3, 4, 5, generator=torch.Generator().manual_seed(0)).softmax(dim=1)
     sm = SliceSmoother(p.shape[0], slice_mm, sigma_mm)
@@ -246,7 +246,7 @@ def test_slice_smoothing_streams_exactly_the_whole_stack_average(sigma_mm, slice
 
 
 def test_slice_smoothing_off_passes_probabilities_through(small_real_volume, tiny_package):
-    from LumbarSegmentLib.engine import SliceSmoother
+    from LumbarSegmentLib.slice_smoothing import SliceSmoother
 
     p = torch.rand(5, 3, 2, 2)
     assert SliceSmoother(5, 1.0, 0.0).push(p) == (0, p) and SliceSmoother(1, 1.0, 4.0).r == 0

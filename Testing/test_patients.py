@@ -182,3 +182,16 @@ def test_validation_report_refuses_test_cases_whose_patient_trained_the_model(sh
     err = capsys.readouterr().err
     assert rc == 2 and not out.exists()
     assert "VB1_08: its patient trained uvd-starter@4 (as VB1_07)" in err and "VB3_54" in err and "VB1_16" not in err
+
+
+def test_level_diagnostics_recall_per_vertebra_and_smooth_reading():
+    diag = load_script(ROOT / "scripts" / "level_diagnostics.py", "level_diagnostics")
+    inst = np.zeros((4, 30, 10), np.uint8)
+    inst[:, 2:8, 2:8], inst[:, 12:18, 2:8], inst[:, 22:28, 2:8] = 7, 3, 5  # top, middle, bottom
+    pred = inst > 0
+    pred[:, 22:25] = False  # the bottom vertebra half missed
+    assert diag.level_recalls(inst, pred) == [(7, 1.0), (3, 1.0), (5, 0.5)]
+    # a mask copied over runs of 3 slices: its smooth reading differs from it only at the run edges
+    blocky = np.repeat(np.array([[0, 1], [1, 1], [1, 1], [1, 0]], bool)[:, None, :], 3, axis=0)
+    assert 0.8 < diag.smooth_reading_dice(blocky) < 1.0
+    assert diag.smooth_reading_dice(np.ones((5, 3, 3), bool)) == 1.0

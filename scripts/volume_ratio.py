@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default="", help="comma-separated case ids instead of a split")
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "lumbar-mr"))
     p.add_argument("--spacings", default="", help="comma-separated in-plane spacings in mm (default: the model's)")
+    p.add_argument("--slice-smoothing", type=float, default=None, metavar="MM",
+                   help="the engine's across-slice smoothing (default: the engine's own)")
     a = p.parse_args(argv)
     pkg = resolve_model(a.model, [Registry(a.registry)])
     base = LoadedModel.from_package(pkg)
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
         pooled: dict[tuple[int, str, str], list[int]] = {}
         print(f"\n{pkg.ref} at {sp:g} mm\n\n| case | structure | level-range Dice | predicted / true |\n|---|---|--:|--:|")
         for c in cases:
-            pred = base.schema.values_to_channels(ev.predict([model], c.image))
+            pred = base.schema.values_to_channels(ev.predict([model], c.image, slice_smoothing_mm=a.slice_smoothing))
             for ch, cid in enumerate(base.schema.ids):
                 if ch == 0 or not bool(c.annotated[ch]):
                     continue
