@@ -198,6 +198,13 @@ def _claim_version(folder: Path, case_id: str):
             if not _reclaim_if_stale(folder, stem, lock):
                 n += 1
             continue
+        if (folder / f"{stem}.json").exists() or any((folder / f"{stem}{part}").exists() for part in _VOLUME_PARTS):
+            # another export finished N (and released its claim) between the look above and our claim
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            n += 1
+            continue
         with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()} {socket.gethostname()}\n")
         try:

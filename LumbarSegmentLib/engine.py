@@ -489,7 +489,7 @@ def segment_volume(volume: Volume, packages: Sequence[ModelPackage | LoadedModel
     entropy_sum, fg_voxels = 0.0, 0
     counts = np.zeros(256, dtype=np.int64)
     t_inf = time.perf_counter()
-    smoother = SliceSmoother(n_slices, layout.slice_spacing, options.slice_smoothing_mm)
+    smoother = SliceSmoother(n_slices, layout.slice_spacing, options.slice_smoothing_mm, options.chunk_slices)
     for c0 in range(0, n_slices, options.chunk_slices):
         c1 = min(n_slices, c0 + options.chunk_slices)
         mean = None
@@ -512,24 +512,21 @@ def segment_volume(volume: Volume, packages: Sequence[ModelPackage | LoadedModel
             mean = probs if mean is None else mean.add_(probs)  # (probs is a fresh tensor: safe to reuse)
         if len(runners) > 1:
             mean /= len(runners)
-        ready = smoother.push(mean)
-        if ready is None:  # these slices wait for their neighbours in the next chunk
-            continue
-        s0, mean = ready
-        s1 = s0 + mean.shape[0]
-        pmax, arg = mean.max(dim=1)
-        chunk_labels = schema.channels_to_values(arg.numpy())
-        labels_c[s0:s1] = chunk_labels
-        counts += np.bincount(chunk_labels.ravel(), minlength=256)  # per chunk: bounded memory
-        fg = torch.from_numpy(chunk_labels != 0)  # background by value, wherever its channel is
-        n_fg = int(fg.sum())
-        if n_fg:  # mean entropy over the foreground voxels (masked sum: no boolean gather)
-            p_safe = mean.clamp_min_(1e-8)  # ``mean`` is not used after this
-            ent = (p_safe * p_safe.log()).sum(dim=1).neg_()
-            entropy_sum += float(ent.mul_(fg).sum())
-        fg_voxels += n_fg
-        if conf_c is not None:
-            conf_c[s0:s1] = pmax.numpy()
+        for s0, block in smoother.push(mean):  # none yet while slices wait for their neighbours
+            s1 = s0 + block.shape[0]
+            pmax, arg = block.max(dim=1)
+            chunk_labels = schema.channels_to_values(arg.numpy())
+            labels_c[s0:s1] = chunk_labels
+            counts += np.bincount(chunk_labels.ravel(), minlength=256)  # per block: bounded memory
+            fg = torch.from_numpy(chunk_labels != 0)  # background by value, wherever its channel is
+            n_fg = int(fg.sum())
+            if n_fg:  # mean entropy over the foreground voxels (masked sum: no boolean gather)
+                p_safe = block.clamp_min_(1e-8)  # ``block`` is not used after this
+                ent = (p_safe * p_safe.log()).sum(dim=1).neg_()
+                entropy_sum += float(ent.mul_(fg).sum())
+            fg_voxels += n_fg
+            if conf_c is not None:
+                conf_c[s0:s1] = pmax.numpy()
     timings["inference"] = time.perf_counter() - t_inf
 
     t = time.perf_counter()

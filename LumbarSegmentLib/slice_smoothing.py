@@ -21,43 +21,73 @@ SLICE_SMOOTHING_MAX_MM = 50.0  # beyond this the average spans the whole spine: 
 class SliceSmoother:
     """Gaussian average of class probabilities over neighbouring slices, fed chunk by chunk.
 
-    ``push`` takes the next slices' probabilities ``[s, C, H, W]`` and returns ``(first slice,
-    smoothed probabilities)`` for every slice whose neighbours within ``3 sigma`` are in (or
-    ``None``); the last chunk releases the rest. Only those neighbours are kept, so memory stays
-    bounded like the chunked engine's. At the ends of the stack the outermost slice stands in for
-    the missing neighbours (the buffer is padded with copies of it, so every tap is a plain slice
-    and the sum runs in place). ``sigma_mm`` 0 (or a single slice) passes chunks through unchanged.
+    ``push`` takes the next slices' probabilities ``[s, C, H, W]`` and returns a list of ``(first
+    slice, smoothed probabilities)`` blocks, no larger than the chunk pushed, for every slice whose
+    neighbours within ``3 sigma`` are in (none yet: an empty list); the last chunk releases the rest.
+
+    Memory stays bounded like the chunked engine's: the neighbours live in one ring buffer of
+    ``2 r + chunk`` slices (``r`` = the kernel's reach in slices: 12 at 1 mm), written in place, so
+    there is never a second copy of it; the blocks keep what the engine allocates downstream at the
+    chunk's size. At the ends of the stack the outermost slice stands in for the missing neighbours
+    (copies of the first are written before it; past the last slice, the last one is read again). Each tap is multiplied,
+    then added (no fused multiply-add), so a voxel's sum does not depend on how the stack was cut
+    into chunks. ``sigma_mm`` 0 (or a single slice) passes chunks through unchanged.
     """
 
-    def __init__(self, n_slices: int, slice_mm: float, sigma_mm: float):
+    def __init__(self, n_slices: int, slice_mm: float, sigma_mm: float, chunk: int = 16):
         sigma = sigma_mm / max(float(slice_mm), 1e-6)
         self.r = int(math.ceil(3 * sigma)) if sigma_mm > 0 and n_slices > 1 else 0
         x = np.arange(-self.r, self.r + 1, dtype=np.float64)
         w = np.exp(-0.5 * (x / sigma) ** 2) if self.r else np.ones(1)
         self.weights = (w / w.sum()).tolist()
-        self.n, self.done = n_slices, 0
-        self.buf, self.off = None, 0  # slice k sits at padded index k + r; buf[0] is padded index off
+        self.n, self.done, self.chunk = n_slices, 0, max(1, int(chunk))
+        self.ring, self.filled = None, 0  # padded index p (slice p - r) lives at ring[p % len(ring)]
 
-    def push(self, probs):
-        import torch
+    def _pieces(self, p0: int, length: int):
+        """``(offset, ring view)`` pieces covering padded indices ``p0 .. p0 + length`` (two at a wrap)."""
+        cap, i = self.ring.shape[0], 0
+        while i < length:
+            pos = (p0 + i) % cap
+            k = min(length - i, cap - pos)
+            yield i, self.ring[pos:pos + k]
+            i += k
 
+    def _write(self, p0: int, data) -> None:
+        for i, view in self._pieces(p0, data.shape[0]):
+            view.copy_(data[i:i + view.shape[0]])
+
+    def push(self, probs) -> list:
         if not self.r:
             start, self.done = self.done, self.done + probs.shape[0]
-            return start, probs
-        r, first = self.r, self.buf is None
-        parts = [probs[:1].expand(r, *probs.shape[1:])] if first else [self.buf]
-        parts.append(probs)
-        received = (self.off + sum(p.shape[0] for p in parts)) - r
-        if received >= self.n:
-            parts.append(probs[-1:].expand(r, *probs.shape[1:]))
-        self.buf = torch.cat(parts)
-        a, b = self.done, (self.n if received >= self.n else received - r)
-        if b <= a:
-            return None
-        out = None
-        for i, w in enumerate(self.weights):  # tap i of output slice t reads padded index t + i
-            src = self.buf[a + i - self.off:b + i - self.off]
-            out = src * w if out is None else out.add_(src, alpha=w)
-        self.done = b
-        self.buf, self.off = self.buf[b - self.off:], b  # output slice b needs padded indices b..b+2r
-        return a, out
+            return [(start, probs)]
+        r, s = self.r, probs.shape[0]
+        if self.ring is None or s > self.chunk:  # first chunk, or one larger than announced: (re)size
+            self.chunk = max(self.chunk, s)
+            old, live = self.ring, (self.done, self.filled)
+            self.ring = probs.new_empty((2 * r + self.chunk, *probs.shape[1:]))
+            if old is None:
+                self._write(0, probs[:1].expand(r, *probs.shape[1:]))
+                self.filled = r
+            else:
+                cap_old = old.shape[0]
+                for p in range(*live):
+                    self.ring[p % self.ring.shape[0]].copy_(old[p % cap_old])
+        self._write(self.filled, probs)
+        self.filled += s
+        received = self.filled - r
+        ready = self.n if received >= self.n else received - r
+        end = self.n + r  # padded index just past the last slice
+        blocks = []
+        while self.done < ready:
+            a = self.done
+            b = min(ready, a + s)
+            out = probs.new_zeros((b - a, *probs.shape[1:]))
+            for i, w in enumerate(self.weights):  # tap i of output slice t reads padded index t + i
+                stop = min(b + i, end)
+                for off, view in self._pieces(a + i, max(0, stop - a - i)):
+                    out[off:off + view.shape[0]].add_(view * w)
+                if b + i > end:  # past the last slice: the last slice again
+                    out[max(0, end - a - i):].add_(self.ring[(end - 1) % self.ring.shape[0]] * w)
+            blocks.append((a, out))
+            self.done = b
+        return blocks

@@ -58,6 +58,26 @@ def test_concurrent_exports_get_distinct_versions(tmp_path):
     assert len(list_cases(tmp_path, latest_only=False)) == 4
 
 
+def test_an_export_that_finishes_between_the_look_and_the_claim_is_not_overwritten(tmp_path, monkeypatch):
+    """The race behind a rare [1, 2, 2, 3] above: this export sees no version 1, another export then
+    writes version 1 completely and releases its claim, and only then does this one claim 1."""
+    from LumbarSegmentLib import cases as cases_mod
+
+    img, lab = _vol(fill=3), _vol()
+    real_open, raced = cases_mod.os.open, []
+
+    def open_after_the_other_export(path, flags, *args):
+        if str(path).endswith(".same__v1.lock") and not raced:
+            raced.append(None)  # once: the other export's own claim goes straight through
+            raced[0] = write_case(tmp_path, "same", img, lab, labels={}, annotated_structures=["vertebral_body"])
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(cases_mod.os, "open", open_after_the_other_export)
+    mine = write_case(tmp_path, "same", img, lab, labels={}, annotated_structures=["vertebral_body"])
+    assert (raced[0].version, mine.version) == (1, 2)
+    assert sorted(c.version for c in list_cases(tmp_path, latest_only=False)) == [1, 2]
+
+
 @pytest.mark.parametrize("cid", ["../evil", "a/b", "..", "", "x" * 65, "a\\b", ".hidden", "c__v2"])
 def test_bad_case_ids(cid, tmp_path):
     with pytest.raises(CaseError, match="invalid case id"):

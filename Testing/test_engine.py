@@ -225,31 +225,46 @@ def test_memory_is_chunked(small_real_volume, tiny_package):
 @pytest.mark.parametrize("sigma_mm, slice_mm, chunk", [(4.0, 1.0, 16), (4.0, 1.0, 1), (4.0, 4.0, 5), (2.0, 1.0, 64)])
 def test_slice_smoothing_streams_exactly_the_whole_stack_average(sigma_mm, slice_mm, chunk):
     """Fed chunk by chunk, every slice comes out once, equal to the Gaussian average over the whole
-    stack (outermost slice repeated beyond the ends), with sigma measured in millimetres."""
+    stack (outermost slice repeated beyond the ends), sigma in millimetres; and bit for bit the same
+    whatever the chunk size (the ring buffer wraps at different places for different chunks)."""
     from LumbarSegmentLib.slice_smoothing import SliceSmoother
 
     p = torch.rand(23, 3, 4, 5, generator=torch.Generator().manual_seed(0)).softmax(dim=1)
-    sm = SliceSmoother(p.shape[0], slice_mm, sigma_mm)
+    sm = SliceSmoother(p.shape[0], slice_mm, sigma_mm, chunk=min(chunk, 4))  # a bigger chunk grows the ring
     assert sm.r == int(np.ceil(3 * sigma_mm / slice_mm))
     out, starts = torch.full_like(p, -1.0), []
     for c0 in range(0, p.shape[0], chunk):
-        got = sm.push(p[c0:c0 + chunk].clone())
-        if got is not None:
-            starts.append(got[0])
-            out[got[0]:got[0] + got[1].shape[0]] = got[1]
+        for s0, block in sm.push(p[c0:c0 + chunk].clone()):
+            assert block.shape[0] <= chunk  # blocks no larger than the chunk: bounded memory downstream
+            starts.append(s0)
+            out[s0:s0 + block.shape[0]] = block
     x = np.arange(-sm.r, sm.r + 1)
     w = np.exp(-0.5 * (x * slice_mm / sigma_mm) ** 2)
     padded = torch.cat([p[:1].expand(sm.r, -1, -1, -1), p, p[-1:].expand(sm.r, -1, -1, -1)])
     ref = sum(float(wi / w.sum()) * padded[i:i + p.shape[0]] for i, wi in enumerate(w))
     assert starts == sorted(set(starts)) and torch.allclose(out, ref, atol=1e-6)
+    whole = SliceSmoother(p.shape[0], slice_mm, sigma_mm).push(p.clone())
+    assert torch.equal(torch.cat([b for _, b in whole]), out)
     assert torch.allclose(out.sum(dim=1), torch.ones(23, 4, 5), atol=1e-5)  # still probabilities
+
+
+def test_slice_smoothing_ring_grows_for_a_larger_chunk_without_losing_neighbours():
+    from LumbarSegmentLib.slice_smoothing import SliceSmoother
+
+    p = torch.rand(23, 3, 4, 5, generator=torch.Generator().manual_seed(1)).softmax(dim=1)
+    whole = torch.cat([b for _, b in SliceSmoother(23, 1.0, 2.0).push(p.clone())])
+    sm, got, c0 = SliceSmoother(23, 1.0, 2.0, chunk=1), [], 0
+    for size in (1, 2, 3, 5, 12):  # every chunk larger than the ring was sized for
+        got += sm.push(p[c0:c0 + size].clone())
+        c0 += size
+    assert [s0 for s0, _ in got] == sorted({s0 for s0, _ in got}) and torch.equal(torch.cat([b for _, b in got]), whole)
 
 
 def test_slice_smoothing_off_passes_probabilities_through(small_real_volume, tiny_package):
     from LumbarSegmentLib.slice_smoothing import SliceSmoother
 
     p = torch.rand(5, 3, 2, 2)
-    assert SliceSmoother(5, 1.0, 0.0).push(p) == (0, p) and SliceSmoother(1, 1.0, 4.0).r == 0
+    assert SliceSmoother(5, 1.0, 0.0).push(p) == [(0, p)] and SliceSmoother(1, 1.0, 4.0).r == 0
     off = segment_volume(small_real_volume, [tiny_package], SegmentOptions(precision="fp32", slice_smoothing_mm=0))
     on = segment_volume(small_real_volume, [tiny_package], SegmentOptions(precision="fp32"))
     assert (off.report["slice_smoothing_mm"], on.report["slice_smoothing_mm"]) == (0, 4.0)
