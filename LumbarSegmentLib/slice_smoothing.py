@@ -29,9 +29,8 @@ class SliceSmoother:
     ``2 r + chunk`` slices (``r`` = the kernel's reach in slices: 12 at 1 mm), written in place, so
     there is never a second copy of it; the blocks keep what the engine allocates downstream at the
     chunk's size. At the ends of the stack the outermost slice stands in for the missing neighbours
-    (copies of the first are written before it; past the last slice, the last one is read again). Each tap is multiplied,
-    then added (no fused multiply-add), so a voxel's sum does not depend on how the stack was cut
-    into chunks. ``sigma_mm`` 0 (or a single slice) passes chunks through unchanged.
+    (copies of the first are written before it; past the last slice, the last one is read again).
+    ``sigma_mm`` 0 (or a single slice) passes chunks through unchanged.
     """
 
     def __init__(self, n_slices: int, slice_mm: float, sigma_mm: float, chunk: int = 16):
@@ -85,9 +84,9 @@ class SliceSmoother:
             for i, w in enumerate(self.weights):  # tap i of output slice t reads padded index t + i
                 stop = min(b + i, end)
                 for off, view in self._pieces(a + i, max(0, stop - a - i)):
-                    out[off:off + view.shape[0]].add_(view * w)
+                    out[off:off + view.shape[0]].add_(view, alpha=w)
                 if b + i > end:  # past the last slice: the last slice again
-                    out[max(0, end - a - i):].add_(self.ring[(end - 1) % self.ring.shape[0]] * w)
+                    out[max(0, end - a - i):].add_(self.ring[(end - 1) % self.ring.shape[0]], alpha=w)
             blocks.append((a, out))
             self.done = b
         return blocks
