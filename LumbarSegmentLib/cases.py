@@ -187,7 +187,7 @@ def _claim_version(folder: Path, case_id: str):
         if (folder / f"{stem}.json").exists() or (n == 1 and (folder / f"{case_id}.json").exists()):
             n += 1  # a finished export
             continue
-        if any((folder / f"{stem}{part}").exists() for part in _VOLUME_PARTS):
+        if _volumes_exist(folder, stem):
             # volumes without their JSON: an export in progress, or one that was killed
             if not (lock.exists() and _reclaim_if_stale(folder, stem, lock)):
                 n += 1
@@ -198,7 +198,7 @@ def _claim_version(folder: Path, case_id: str):
             if not _reclaim_if_stale(folder, stem, lock):
                 n += 1
             continue
-        if (folder / f"{stem}.json").exists() or any((folder / f"{stem}{part}").exists() for part in _VOLUME_PARTS):
+        if (folder / f"{stem}.json").exists() or _volumes_exist(folder, stem):
             # another export finished N (and released its claim) between the look above and our claim
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):
@@ -216,6 +216,10 @@ def _claim_version(folder: Path, case_id: str):
 
 
 _VOLUME_PARTS = ("_image.mha", "_label.mha")
+
+
+def _volumes_exist(folder: Path, stem: str) -> bool:
+    return any((folder / f"{stem}{part}").exists() for part in _VOLUME_PARTS)
 
 
 def _reclaim_if_stale(folder: Path, stem: str, lock: Path) -> bool:

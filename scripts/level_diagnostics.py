@@ -1,18 +1,15 @@
 #!/usr/bin/env python
-"""Three diagnostics behind the fifth round of docs/validation.md, each through the engine:
+"""Two diagnostics behind the fifth round of docs/validation.md (the logit-offset sweep is
+``scripts/volume_ratio.py --logit-offsets``):
 
 * ``--per-level``: for cases whose label holds one id per vertebra (the VB sources), the recall of
   every labelled vertebra from top to bottom, so a level the model leaves out (S1 on the mixed
-  source) shows as one low number in an otherwise high row;
-* ``--logit-offset X[,Y...]``: level-range Dice and predicted / true volume per source with the
-  vertebral-body logit of the model's main head shifted by X (a global calibration: does the model
-  over-paint by convention or by error?);
+  source) shows as one low number in an otherwise high row (through the engine);
 * ``--mask-quantisation``: how far a smooth reading of each manual mask (interpolated between the
   centres of runs of identical slices) is from the mask itself: an upper bound on what a smooth
   prediction loses to masks drawn on thicker slices and copied.
 
     python scripts/level_diagnostics.py --model uvd-starter@4 --cases VB1_10,VB1_11 --per-level
-    python scripts/level_diagnostics.py --model uvd-starter@4 --which val --logit-offset 0,-0.5,-1
     python scripts/level_diagnostics.py --cases VB3_04,VB3_10,VB3_15 --mask-quantisation
 """
 from __future__ import annotations
@@ -69,7 +66,7 @@ def smooth_reading_dice(mask: np.ndarray) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", help="a registry ref or a package folder (not needed for --mask-quantisation)")
+    p.add_argument("--model", help="a registry ref or a package folder (for --per-level)")
     p.add_argument("--registry", default=str(REPO / "Resources" / "Models"))
     p.add_argument("--which", choices=("val", "test"), help="cases of scripts/recipes/lumbar-mr-split-v2.json")
     p.add_argument("--cases", default="", help="comma-separated case ids instead of a split")
@@ -78,7 +75,6 @@ def main(argv=None) -> int:
                    help="the engine's across-slice smoothing (default: the engine's own)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--per-level", action="store_true")
-    g.add_argument("--logit-offset", metavar="X[,Y...]")
     g.add_argument("--mask-quantisation", action="store_true")
     a = p.parse_args(argv)
     ids = [c.strip() for c in a.cases.split(",") if c.strip()] or (
@@ -93,40 +89,19 @@ def main(argv=None) -> int:
                   f"{smooth_reading_dice(sagittal_layout(image).to_canonical(label.array) > 0):.3f}")
         return 0
     if not a.model:
-        p.error("--per-level and --logit-offset need --model")
-    import torch
-
+        p.error("--per-level needs --model")
     from LumbarSegmentLib.engine import LoadedModel
     from LumbarSegmentLib.packages import Registry, resolve_model
     from LumbarSegmentLib.training import evaluate as ev
 
-    pkg = resolve_model(a.model, [Registry(a.registry, read_only=True)])
-    if a.per_level:
-        model = LoadedModel.from_package(pkg)
-        vb = model.schema.channel_of()["vertebral_body"]
-        for c in cases:
-            image, label = c.load()
-            layout = sagittal_layout(image)
-            pred = model.schema.values_to_channels(ev.predict([model], image, slice_smoothing_mm=a.slice_smoothing))
-            rec = level_recalls(layout.to_canonical(label.array), layout.to_canonical(pred == vb))
-            print(f"{c.case_id}: recall per labelled vertebra, top to bottom: "
-                  + " ".join(f"{r:.2f}" for _, r in rec))
-        return 0
-    prepared = None
-    for x in [float(v) for v in a.logit_offset.split(",")]:
-        model = LoadedModel.from_package(pkg)
-        prepared = prepared or ev.prepare_cases(cases, model.schema)
-        vb = model.schema.channel_of()["vertebral_body"]
-        with torch.no_grad():
-            model.module.head.bias[vb] += x  # the main head; the deep-supervision heads are not used at inference
-        tot: dict[str, list[int]] = {}
-        for c in prepared:
-            pred = model.schema.values_to_channels(ev.predict([model], c.image, slice_smoothing_mm=a.slice_smoothing))
-            if bool(c.annotated[vb]):
-                i, q, t = ev.level_range_counts(pred, c.truth, c.image, vb)
-                tot[c.source] = [s + v for s, v in zip(tot.get(c.source, (0, 0, 0)), (i, q, t))]
-        print(f"offset {x:+g}: " + "  ".join(f"{src} {2 * i / (q + t):.3f} (pred/true {q / t:.2f})"
-                                          for src, (i, q, t) in sorted(tot.items())))
+    model = LoadedModel.from_package(resolve_model(a.model, [Registry(a.registry, read_only=True)]))
+    vb = model.schema.channel_of()["vertebral_body"]
+    for c in cases:
+        image, label = c.load()
+        layout = sagittal_layout(image)
+        pred = model.schema.values_to_channels(ev.predict([model], image, slice_smoothing_mm=a.slice_smoothing))
+        rec = level_recalls(layout.to_canonical(label.array), layout.to_canonical(pred == vb))
+        print(f"{c.case_id}: recall per labelled vertebra, top to bottom: " + " ".join(f"{r:.2f}" for _, r in rec))
     return 0
 
 

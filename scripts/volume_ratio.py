@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Where a model's errors are: per case, level-range Dice and predicted / true volume of each
-annotated structure, optionally with the model run at other in-plane spacings than it was trained at.
+annotated structure, optionally with the model run at other in-plane spacings than it was trained at,
+or with its vertebral-body logit shifted (a global calibration: does the model over-paint by a
+source's convention or by error?).
 
 A ratio near 1 with a low Dice means border errors that cancel out; a ratio well above or below 1
 means the model paints systematically more or less than the annotator (another convention, or a
 structure confused with its neighbour). Prediction goes through the engine (``evaluate.predict``).
 
     python scripts/volume_ratio.py --model uvd-starter@4 --which val --spacings 1.0,0.8
+    python scripts/volume_ratio.py --model uvd-starter@4 --which val --logit-offsets 0,-0.5,-1
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
 
 from LumbarSegmentLib.engine import LoadedModel  # noqa: E402
 from LumbarSegmentLib.packages import Registry, resolve_model  # noqa: E402
@@ -36,6 +41,8 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default="", help="comma-separated case ids instead of a split")
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "lumbar-mr"))
     p.add_argument("--spacings", default="", help="comma-separated in-plane spacings in mm (default: the model's)")
+    p.add_argument("--logit-offsets", default="0", metavar="X[,Y...]",
+                   help="added to the vertebral-body logit of the model's main head (default 0: as shipped)")
     p.add_argument("--slice-smoothing", type=float, default=None, metavar="MM",
                    help="the engine's across-slice smoothing (default: the engine's own)")
     a = p.parse_args(argv)
@@ -44,10 +51,16 @@ def main(argv=None) -> int:
     ids = [c.strip() for c in a.cases.split(",") if c.strip()] or json.loads(SPLIT.read_text())[a.which]
     cases = ev.prepare_cases(select_cases(a.data, ids), base.schema)
     spacings = [float(s) for s in a.spacings.split(",") if s.strip()] or [base.spacing[0]]
-    for sp in spacings:
+    offsets = [float(x) for x in a.logit_offsets.split(",") if x.strip()] or [0.0]
+    vb = base.schema.channel_of()["vertebral_body"]
+    for sp, x in [(sp, x) for sp in spacings for x in offsets]:
         model = dataclasses.replace(LoadedModel.from_package(pkg), spacing=(sp, sp))
+        with torch.no_grad():
+            model.module.head.bias[vb] += x  # the main head: the deep-supervision heads are not used to predict
         pooled: dict[tuple[int, str, str], list[int]] = {}
-        print(f"\n{pkg.ref} at {sp:g} mm\n\n| case | structure | level-range Dice | predicted / true |\n|---|---|--:|--:|")
+        shift = f", vertebral-body logit {x:+g}" if x else ""
+        print(f"\n{pkg.ref} at {sp:g} mm{shift}\n\n| case | structure | level-range Dice | predicted / true |\n"
+              "|---|---|--:|--:|")
         for c in cases:
             pred = base.schema.values_to_channels(ev.predict([model], c.image, slice_smoothing_mm=a.slice_smoothing))
             for ch, cid in enumerate(base.schema.ids):

@@ -315,17 +315,17 @@ def seen_patients(cases: Sequence[Case], entries: Mapping[str, Sequence[ModelPac
     ids to patients (``cases.read_patient_map``); a case missing from it is its own patient."""
     patient_of = patient_of or {}
     lines, missing = set(), set()
-    for pkgs in entries.values():
-        for pkg in pkgs:
-            trained, lost = training_lineage(pkg, registries)
-            missing |= {f"{pkg.ref} <- {m}" for m in lost}
-            trained_by_patient: dict[str, list[str]] = {}
-            for t in sorted(trained):
-                trained_by_patient.setdefault(patient_of.get(t, t), []).append(t)
-            for c in cases:
-                via = trained_by_patient.get(patient_of.get(c.case_id, c.patient))
-                if via:
-                    lines.add(f"{c.case_id}: its patient trained {pkg.ref} (as {', '.join(via)})")
+    distinct = {id(pkg): pkg for pkgs in entries.values() for pkg in pkgs}  # "A" and "A+B" share A
+    for pkg in distinct.values():
+        trained, lost = training_lineage(pkg, registries)
+        missing |= {f"{pkg.ref} <- {m}" for m in lost}
+        trained_by_patient: dict[str, list[str]] = {}
+        for t in sorted(trained):
+            trained_by_patient.setdefault(patient_of.get(t, t), []).append(t)
+        for c in cases:
+            via = trained_by_patient.get(patient_of.get(c.case_id, c.patient))
+            if via:
+                lines.add(f"{c.case_id}: its patient trained {pkg.ref} (as {', '.join(via)})")
     return sorted(lines), sorted(missing)
 
 
