@@ -5,7 +5,8 @@ bounded whatever the volume size):
 
 1. ``preprocess.model_slices``: canonical slices, normalised, at each model's spacing;
 2. sliding window (the model's patch size, Gaussian-weighted blending where windows
-   overlap), windows of several slices batched together; optional flip TTA;
+   overlap), windows of several slices batched together; optional flip TTA; a 2.5D model
+   (``slice_context`` k) reads each slice between its k neighbours on either side;
 3. softmax probabilities, resampled (bilinear) back to the input's in-plane grid and
    averaged over models (ensemble), channels matched **by class id**;
 4. a Gaussian average of the probabilities across neighbouring slices (``slice_smoothing_mm``,
@@ -45,7 +46,7 @@ from .geometry import resize_planes
 from .packages import ModelPackage, PackageError
 from .preprocess import model_slices
 from .schema import LabelSchema, SchemaError
-from .slice_smoothing import SLICE_SMOOTHING_MAX_MM, SLICE_SMOOTHING_MM, SliceSmoother
+from .slice_smoothing import SLICE_SMOOTHING_MAX_MM, SLICE_SMOOTHING_MM, SliceSmoother, neighbour_stack
 from .volume import Volume
 
 # OpenMP threads that busy-wait between operations (libgomp's default) are badly hurt when other
@@ -214,6 +215,7 @@ class LoadedModel:
     patch_size: tuple
     normalisation: str = "zscore_nonzero"
     channels: int = 1
+    slice_context: int = 0  # 2.5D: neighbour slices fed on each side (channels = 2 k + 1)
     ref: str = "in-memory model"
     sha256: str | None = None
     variant: str | None = None
@@ -227,7 +229,8 @@ class LoadedModel:
         return cls(module=package.load_model("cpu"), schema=package.schema, spacing=tuple(package.spacing),
                    patch_size=tuple(package.patch_size),
                    normalisation=inp.get("normalisation", {}).get("method", "zscore_nonzero"),
-                   channels=int(inp.get("channels", 1)), ref=package.ref, sha256=package.sha256,
+                   channels=int(inp.get("channels", 1)), slice_context=int(inp.get("slice_context", 0)),
+                   ref=package.ref, sha256=package.sha256,
                    variant=package.manifest["architecture"].get("variant"), path=str(package.path), owned=True)
 
     @classmethod
@@ -236,8 +239,9 @@ class LoadedModel:
         """Wrap a network held by someone else (e.g. a training loop); the engine runs a copy."""
         sp = tuple(float(x) for x in (spacing if len(spacing) == 2 else tuple(spacing) * 2))
         ps = tuple(int(x) for x in (patch_size if isinstance(patch_size, (tuple, list)) else (patch_size,) * 2))
-        return cls(module=module, schema=schema, spacing=sp, patch_size=ps, ref=ref, variant=variant,
-                   owned=False)
+        c = int(getattr(module, "in_channels", 1))
+        return cls(module=module, schema=schema, spacing=sp, patch_size=ps, channels=c, slice_context=(c - 1) // 2,
+                   ref=ref, variant=variant, owned=False)
 
     def snapshot(self) -> "LoadedModel":
         """An eval-mode copy the engine may own: one copy for many volumes (a validation pass over
@@ -325,11 +329,11 @@ def _tile_size(options: SegmentOptions, spec: LoadedModel, plane: tuple[int, int
 
 def _predict_chunk(runner: _Runner, stack, flips: Sequence[bool], options: SegmentOptions,
                    tick: Callable[[], None]):
-    """Probabilities [n, K, H, W] for a chunk of model-space slices [n, H, W]."""
+    """Probabilities [n, K, H, W] for a chunk of model-space slices [n, C, H, W] (C = 2k+1 input slices)."""
     import torch
     import torch.nn.functional as F
 
-    n, H, W = stack.shape
+    n, _, H, W = stack.shape
     th, tw = _tile_size(options, runner.spec, (H, W))
     ph, pw = max(H, th), max(W, tw)
     x = F.pad(stack, (0, pw - W, 0, ph - H)) if (ph, pw) != (H, W) else stack
@@ -346,7 +350,7 @@ def _predict_chunk(runner: _Runner, stack, flips: Sequence[bool], options: Segme
     bs = runner.group
     for b in range(0, len(windows), bs):
         group = windows[b:b + bs]
-        batch = torch.stack([x[s, y:y + th, x0:x0 + tw] for s, y, x0 in group])[:, None]
+        batch = torch.stack([x[s, :, y:y + th, x0:x0 + tw] for s, y, x0 in group])
         probs = 0
         for flip in flips:
             inp = torch.flip(batch, dims=[3]) if flip else batch
@@ -398,9 +402,9 @@ def _check_models(packages, options: SegmentOptions) -> tuple[list[LoadedModel],
     if options.mode == "ensemble" and len(packages) < 2:
         raise EngineError("mode 'ensemble' needs at least two models")
     for p in packages:
-        if p.channels != 1:
-            raise PackageError(f"{p.ref} expects {p.channels} input channels; only "
-                               f"single-channel models are supported")
+        if p.channels != 2 * p.slice_context + 1:
+            raise PackageError(f"{p.ref} expects {p.channels} input channels, which is not a slice and "
+                               f"{p.slice_context} neighbour(s) on each side; re-export or re-publish the model")
     return packages, _check_ensemble(packages)
 
 
@@ -497,7 +501,7 @@ def segment_volume(volume: Volume, packages: Sequence[ModelPackage | LoadedModel
             if is_cancelled():
                 raise Cancelled("segmentation cancelled")
             key = next(k for k in prepared if k[0] == r.spec.spacing)
-            stack = prepared[key][0][c0:c1]
+            stack = neighbour_stack(prepared[key][0], c0, c1, r.spec.slice_context)
 
             def tick_checked():
                 tick()

@@ -87,9 +87,17 @@ def validate_manifest(m, where: str, *, newest_format: int, model_format: str) -
     _numbers(inp.get("spacing_mm"), 2, "input.spacing_mm", where, lo=0.0, hi=100.0)
     if "patch_size" in inp:
         _numbers(inp["patch_size"], 2, "input.patch_size", where, integer=True, lo=7, hi=4096)
-    if inp.get("channels", 1) != 1 or isinstance(inp.get("channels", 1), bool):
-        raise ManifestError(f"{where}: input.channels must be the number 1 (one MR channel), got "
-                            f"{inp.get('channels')!r}")
+    k = inp.get("slice_context", 0)
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 4:
+        raise ManifestError(f"{where}: input.slice_context must be an integer 0-4 (neighbour slices on each side), "
+                            f"got {k!r}")
+    channels = inp.get("channels", 1)
+    if isinstance(channels, bool) or channels != 2 * k + 1:
+        raise ManifestError(f"{where}: input.channels must be {2 * k + 1} (one MR slice and {k} neighbour(s) on "
+                            f"each side), got {channels!r}")
+    if m["architecture"].get("in_channels", channels) != channels:
+        raise ManifestError(f"{where}: architecture.in_channels ({m['architecture'].get('in_channels')!r}) is not "
+                            f"input.channels ({channels})")
     w = _obj(m["weights"], "weights", where)
     if not isinstance(w.get("file"), str):
         raise ManifestError(f"{where}: weights.file must be a file name, got {w.get('file')!r}")

@@ -13,7 +13,7 @@ A **model package** is a folder::
      "schema": {a full label schema, see schema.py},
      "input": {"modality": "MR", "sequences": [...], "plane": "sagittal",
                "spacing_mm": [row, col], "normalisation": {"method": "zscore_nonzero"},
-               "patch_size": [256, 256], "channels": 1},
+               "patch_size": [256, 256], "channels": 1 (2.5D: 2k+1, "slice_context": k on each side)},
      "training": {"data_manifest_sha256", "epochs", "folds", "date", "code_version", ...},
      "metrics": {...validation metrics...},
      "weights": {"file": "weights.safetensors", "sha256": "...", "dtype": "float16"}}
@@ -77,10 +77,10 @@ def code_version() -> str:
     return __version__
 
 
-def default_input_contract(spacing_mm=(1.0, 1.0), patch=(256, 256)) -> dict:
-    return {"modality": "MR", "sequences": ["T1w", "T2w"], "plane": "sagittal",
-            "spacing_mm": [float(s) for s in spacing_mm],
-            "normalisation": {"method": "zscore_nonzero"}, "patch_size": [int(p) for p in patch], "channels": 1}
+def default_input_contract(spacing_mm=(1.0, 1.0), patch=(256, 256), slice_context: int = 0) -> dict:
+    return {"modality": "MR", "sequences": ["T1w", "T2w"], "plane": "sagittal", "channels": 2 * int(slice_context) + 1,
+            "spacing_mm": [float(s) for s in spacing_mm], "normalisation": {"method": "zscore_nonzero"},
+            "patch_size": [int(p) for p in patch], **({"slice_context": int(slice_context)} if slice_context else {})}
 
 
 @dataclass

@@ -90,3 +90,18 @@ class SliceSmoother:
             blocks.append((a, out))
             self.done = b
         return blocks
+
+
+def neighbour_stack(stack, c0: int, c1: int, context: int):
+    """The network input of slices ``c0 .. c1`` of ``stack [S, H, W]``: ``[n, 2 k + 1, H, W]``, each
+    slice between its ``k = context`` neighbours on either side, in slice order (2.5D models; k = 0:
+    the slices alone, as a view). Beyond the ends of the stack the edge slice stands in, as it does
+    for the probability average above and for the training sampler (``training.data.PatchSampler``)."""
+    import torch
+
+    if not context:
+        return stack[c0:c1, None]
+    n = stack.shape[0]
+    offsets = torch.arange(-context, context + 1)
+    idx = (torch.arange(c0, c1)[:, None] + offsets[None]).clamp_(0, n - 1)
+    return stack[idx.reshape(-1)].reshape(c1 - c0, 2 * context + 1, *stack.shape[1:])

@@ -10,6 +10,7 @@ from .variants import (
     build_model,
     count_parameters,
     replace_heads,
+    widen_input,
 )
 
 __all__ = [
@@ -18,5 +19,6 @@ __all__ = [
     "SegmentationNet",
     "build_model",
     "replace_heads",
+    "widen_input",
     "count_parameters",
 ]

@@ -379,6 +379,40 @@ def replace_heads(model: SegmentationNet, num_classes: int) -> SegmentationNet:
     return model
 
 
+def widen_input(model: SegmentationNet, in_channels: int) -> SegmentationNet:
+    """Let a model read ``in_channels`` (odd) input slices instead of its ``2a+1``: the convs that read
+    the input get new zero weights for the added outer channels and keep theirs for the middle
+    ones, so the widened model's output is exactly the old one's until training teaches it to use
+    the neighbours (how a one-slice model becomes the start of a 2.5D fine-tune). In place; returns
+    ``model``.
+    """
+    old_in = model.in_channels
+    in_channels = _check_int("in_channels", in_channels, old_in)
+    if (in_channels - old_in) % 2:
+        raise ValueError(f"a model reading {old_in} slice(s) widens by a slice on each side: "
+                         f"{in_channels} is not {old_in} + an even number")
+    if in_channels == old_in:
+        return model
+    pad = (in_channels - old_in) // 2
+    readers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels == old_in]
+    if not readers:
+        raise ValueError(f"no conv of {type(model).__name__} reads its {old_in} input channel(s)")
+    for qualname, old in readers:
+        new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, stride=old.stride, padding=old.padding,
+                        dilation=old.dilation, groups=old.groups, bias=old.bias is not None,
+                        padding_mode=old.padding_mode).to(device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight.zero_()
+            new.weight[:, pad:pad + old_in].copy_(old.weight)
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
+        parent_name, _, attr = qualname.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    model.in_channels = in_channels
+    model.builder_args = dict(model.builder_args, in_channels=in_channels)
+    return model
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements (optionally only those requiring grad)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

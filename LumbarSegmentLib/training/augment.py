@@ -133,9 +133,10 @@ def theta_from_params(p: dict, crop: int, patch: int) -> torch.Tensor:
 
 def apply(image: torch.Tensor, label: torch.Tensor, theta: torch.Tensor, patch: int,
           params: dict | None = None, noise_gen: torch.Generator | None = None):
-    """Resample ``image [B,1,C,C]`` (bilinear) and ``label [B,C,C]`` (nearest) to ``patch``.
+    """Resample ``image [B,N,C,C]`` (bilinear; N = 1, or the slices of a 2.5D sample, moved alike)
+    and ``label [B,C,C]`` (nearest) to ``patch``.
 
-    Returns ``(image [B,1,P,P] float32, label [B,P,P] int64)`` on ``image``'s device.
+    Returns ``(image [B,N,P,P] float32, label [B,P,P] int64)`` on ``image``'s device.
     Outside the crop the image is 0 and the label is background. ``params`` may carry
     intensity parameters (gamma, contrast, brightness, noise); noise needs ``noise_gen``.
     """
@@ -152,7 +153,9 @@ def apply(image: torch.Tensor, label: torch.Tensor, theta: torch.Tensor, patch: 
 
 
 def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of one ``[1, 1, H, W]`` sample (reflect padding)."""
+    """Separable Gaussian blur of one ``[1, C, H, W]`` sample, each channel alike (reflect padding)."""
+    if img.shape[1] > 1:  # the channels of a 2.5D sample: blurred as a batch of one-channel images
+        return _gaussian_blur(img.transpose(0, 1), sigma).transpose(0, 1)
     r = max(1, int(math.ceil(3 * sigma)))
     x = torch.arange(-r, r + 1, dtype=torch.float32, device=img.device)
     k = torch.exp(-0.5 * (x / sigma) ** 2)

@@ -104,6 +104,10 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
                    help="probability of simulating a 1.2-2.2 mm in-plane acquisition per patch (default 0)")
     g.add_argument("--slab-aug", dest="slab_p", type=float, default=0.0, metavar="P",
                    help="probability of a thick-slice patch (mean of 2-5 neighbouring slices) (default 0)")
+    g.add_argument("--slice-context", type=int, default=None, metavar="K",
+                   help="2.5D: feed the network K neighbouring slices on each side of the one it labels (2K+1 "
+                        "input channels; a fine-tune widens a one-slice parent's first layer so it starts as the "
+                        "parent; default 0, or the parent's)")
     g.add_argument("--unannotated-bg-weight", type=float, default=0.0,
                    help="weight of a small cross-entropy pull of unannotated classes towards background "
                         "(tie-breaker where the marginal loss leaves them free; 0 = pure marginal)")

@@ -47,6 +47,7 @@ class TrainConfig:
     intensity_aug: str = "off"  # one of INTENSITY_MODES (see LumbarSegmentLib.training.augment)
     resolution_p: float = 0.0  # probability of a low-resolution round trip per patch (augment)
     slab_p: float = 0.0  # probability of a thick-slab (partial volume) patch (data.PatchSampler)
+    slice_context: int = 0  # 2.5D: neighbour slices fed on each side of the labelled one (0 = one slice)
     unannotated_bg_weight: float = 0.0  # small pull of unannotated classes towards background (see losses)
     beyond_levels_mm: float = 0.0  # rows just outside a case's labelled levels ignored (data.ignore_beyond_levels)
     pseudo_labels: Optional[tuple] = None  # teacher refs/folders that draft unannotated classes (training.pseudo)
@@ -99,6 +100,8 @@ class TrainConfig:
             raise ValueError(f"intensity_aug must be one of {'|'.join(INTENSITY_MODES)}, got {self.intensity_aug!r}")
         if not (0 <= self.resolution_p <= 1 and 0 <= self.slab_p <= 1):
             raise ValueError("resolution_p and slab_p are probabilities in [0, 1]")
+        if not (isinstance(self.slice_context, int) and 0 <= self.slice_context <= 4):
+            raise ValueError(f"slice_context (--slice-context) must be an integer 0-4, got {self.slice_context!r}")
         if not 0 <= self.beyond_levels_mm <= 200:
             raise ValueError(f"beyond_levels_mm (--ignore-beyond-levels) must be 0-200 mm, got {self.beyond_levels_mm}")
         if self.pseudo_labels is not None:
@@ -138,7 +141,7 @@ class TrainConfig:
         return Path(str(self.schema)).stem
 
     def builder_kwargs(self, num_classes: int) -> dict:
-        return {"variant": self.variant, "in_channels": 1, "num_classes": num_classes,
+        return {"variant": self.variant, "in_channels": 2 * self.slice_context + 1, "num_classes": num_classes,
                 "init_filters": self.init_filters, "activation": self.activation,
                 "deep_supervision": self.deep_supervision}
 
@@ -165,8 +168,8 @@ def config_from_args(a, **overrides) -> TrainConfig:
     """A :class:`TrainConfig` from parsed ``lumbarseg-train`` arguments (absent/None = default) + overrides."""
     keys = ["variant", "schema", "init_filters", "activation", "deep_supervision", "optimizer", "lr",
             "weight_decay", "epochs", "steps_per_epoch", "batch_size", "patch", "spacing", "fg_fraction",
-            "balance", "augment", "intensity_aug", "resolution_p", "slab_p", "unannotated_bg_weight",
-            "beyond_levels_mm", "marginal",
+            "balance", "augment", "intensity_aug", "resolution_p", "slab_p", "slice_context",
+            "unannotated_bg_weight", "beyond_levels_mm", "marginal",
             "pseudo_labels", "pseudo_threshold", "pseudo_mode",
             "dice_weight", "schedule", "warmup_steps",
             "grad_clip", "patience", "metric", "val_every", "val_stride", "device", "precision", "threads", "seed",

@@ -209,6 +209,16 @@ def _crop(t: torch.Tensor, cy: int, cx: int, size: int, fill) -> torch.Tensor:
     return out
 
 
+def _slab(image: torch.Tensor, centre: int, width: int) -> torch.Tensor:
+    """The mean of ``width`` slices of ``image [S,H,W]`` around ``centre``, kept inside the stack
+    (one slice: that slice, the edge slice beyond the ends)."""
+    n = image.shape[0]
+    if width == 1:
+        return image[min(max(0, centre), n - 1)]
+    a = min(max(0, centre - width // 2), max(0, n - width))
+    return image[a:a + width].mean(0)
+
+
 class PatchSampler:
     """Draws batches of context crops (2x patch) with their labels and annotated masks.
 
@@ -220,20 +230,29 @@ class PatchSampler:
     ``w`` neighbouring slices (``w`` uniform in 2..``slab_max``) around the labelled one: the
     partial-volume look of a 3-5 mm clinical stack when the cases are 1 mm. The label stays the
     centre slice's, as the nearest-neighbour label of a thick slice would be.
+
+    ``slice_context`` ``k`` > 0 (2.5D models): the image crop has ``2 k + 1`` channels, the
+    labelled slice and ``k`` neighbours on each side in slice order, as the engine feeds them
+    (``slice_smoothing.neighbour_stack``; the stack's edge slice stands in beyond its ends). A
+    thick-slab patch takes its neighbours one slab width apart, each one a slab itself: what the
+    neighbours of a slice of a clinical stack of that thickness look like.
     """
 
     BALANCES = ("structures", "sources", "cases", "slices")
 
     def __init__(self, data: Sequence[CaseSlices], patch: int = 256, fg_fraction: float = 0.67,
                  balance: str = "structures", context: float = 2.0, jitter: float = 0.25,
-                 slab_p: float = 0.0, slab_max: int = 5):
+                 slab_p: float = 0.0, slab_max: int = 5, slice_context: int = 0):
         if not data:
             raise DataError("no training cases")
         if balance not in self.BALANCES:
             raise DataError(f"balance must be one of {'|'.join(self.BALANCES)}, got {balance!r}")
         if not 0 <= slab_p <= 1 or slab_max < 2:
             raise DataError("slab_p must be in [0, 1] and slab_max >= 2")
+        if int(slice_context) < 0:
+            raise DataError("slice_context must be >= 0")
         self.slab_p, self.slab_max = float(slab_p), int(slab_max)
+        self.slice_context = int(slice_context)
         self.data = list(data)
         self.patch = int(patch)
         self.crop = int(math.ceil(self.patch * context / 2) * 2)
@@ -275,21 +294,22 @@ class PatchSampler:
         return r(c.num_slices), r(h), r(w)
 
     def sample(self, batch_size: int, gen: torch.Generator):
-        """``(image [B,1,C,C] float32, label [B,C,C] uint8, annotated [B,K] bool)``, C = context crop."""
+        """``(image [B,2k+1,C,C] float32, label [B,C,C] uint8, annotated [B,K] bool)``, C = context crop,
+        k = ``slice_context``."""
         idx = torch.multinomial(self.case_weights, batch_size, replacement=True, generator=gen).tolist()
         imgs, labs, ann = [], [], []
         for i in idx:
             c = self.data[i]
             s, cy, cx = self._centre(c, gen)
-            img = c.image[s]
+            w = 1
             if self.slab_p > 0 and float(torch.rand((), generator=gen)) < self.slab_p and c.num_slices > 1:
                 w = 2 + int(torch.randint(self.slab_max - 1, (1,), generator=gen))
-                a = min(max(0, s - w // 2), max(0, c.num_slices - w))
-                img = c.image[a:a + w].mean(0)
-            imgs.append(_crop(img, cy, cx, self.crop, 0.0))
+            k = self.slice_context
+            imgs.append(torch.stack([_crop(_slab(c.image, s + o * w, w), cy, cx, self.crop, 0.0)
+                                     for o in range(-k, k + 1)]))
             labs.append(_crop(c.label[s], cy, cx, self.crop, 0))
             ann.append(c.annotated)
-        return torch.stack(imgs)[:, None], torch.stack(labs), torch.stack(ann)
+        return torch.stack(imgs), torch.stack(labs), torch.stack(ann)
 
 
 def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:

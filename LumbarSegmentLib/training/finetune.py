@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from LumbarSegmentLib.cases import Case
-from LumbarSegmentLib.models import build_model, replace_heads
+from LumbarSegmentLib.models import build_model, replace_heads, widen_input
 from LumbarSegmentLib.packages import (ModelPackage, Registry, default_input_contract, resolve_model,
                                        write_package)
 from LumbarSegmentLib.schema import LabelSchema, load_schema
@@ -58,6 +58,16 @@ def prepare_finetune_model(package: ModelPackage, target: LabelSchema | None = N
     return model, target, info
 
 
+def _context_for(model, requested: int, ref: str) -> int:
+    """The slice context of a fine-tune: the parent's unless more is asked for (a one-slice parent
+    is widened to a 2.5D start); fewer neighbours than the parent reads would discard what it learnt."""
+    parent = (model.in_channels - 1) // 2
+    if requested and requested < parent:
+        raise ValueError(f"{ref} reads {parent} neighbour slice(s) on each side; a fine-tune cannot drop to "
+                         f"{requested}: leave --slice-context out, or train a new model")
+    return max(int(requested or 0), parent)
+
+
 def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases: Sequence[Case] = (), *,
              out_dir, schema: str | LabelSchema | None = None, config: TrainConfig | None = None, args=None,
              registry: str | None = None, **train_kwargs):
@@ -77,6 +87,8 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
 
     check_compatible(target, sorted({s for c in [*train_cases, *val_cases] for s in c.annotated_structures}))
     model, target, info = prepare_finetune_model(pkg, target)
+    asked = config.slice_context if config is not None else getattr(args, "slice_context", None)
+    context = _context_for(model, asked or 0, pkg.ref)  # before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     schema_path = out_dir / "schema.json"
@@ -94,6 +106,9 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
             cfg = TrainConfig(**fixed, spacing=tuple(pkg.spacing), patch=pkg.patch_size[0], epochs=15)
     else:
         cfg = config.replace(**fixed)
+    cfg = cfg.replace(slice_context=context)
+    info["slice_context"] = {"parent": (model.in_channels - 1) // 2, "run": context}
+    widen_input(model, 2 * context + 1)
     if cfg.pseudo_labels and "parent" in cfg.pseudo_labels:  # the model as it was before this fine-tune
         cfg = cfg.replace(pseudo_labels=tuple(str(pkg.path) if r == "parent" else r for r in cfg.pseudo_labels))
     if cfg.name is None:
@@ -138,5 +153,5 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, name: str | No
                 "checkpoint": Path(checkpoint).name, "epochs": int(ck["epoch"]) + 1}
     metrics = {"checkpoint_metric": ck["metric"]} if "metric" in ck else {}
     return write_package(out, model, name=name or cfg.package_name, schema=schema,
-                         input_contract=default_input_contract(cfg.spacing, (cfg.patch, cfg.patch)),
+                         input_contract=default_input_contract(cfg.spacing, (cfg.patch, cfg.patch), cfg.slice_context),
                          training=training, metrics=metrics, half=half)

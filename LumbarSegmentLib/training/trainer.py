@@ -110,8 +110,10 @@ def _tensorboard(out_dir: Path):
 def validate(model, cases: Sequence[EvalCase], schema, spacing, patch, *, stride: int = 1, device="cpu",
              precision: str = "auto") -> Scorer:
     """Score ``model`` (left untouched: the engine runs an eval-mode copy) on ``cases`` through the
-    engine's prediction path; ``stride`` keeps every n-th slice (cheap per-epoch checks)."""
+    engine's prediction path; ``stride`` keeps every n-th slice (cheap per-epoch checks), except for a
+    2.5D model: with slices dropped its neighbours would be n slices away, so it sees every slice."""
     lm = LoadedModel.from_module(model, schema, spacing, patch, ref="training run").snapshot()
+    stride = 1 if lm.slice_context else stride
     scorer = Scorer(schema)
     for c in cases:
         c = every_nth_slice(c, stride)
@@ -229,7 +231,8 @@ class _Run:
         else:
             self.val_eval = [eval_case_from_slices(c, cfg.spacing) for c in val_data]
             self.val_ids = [c.case_id for c in val_data]
-        self.sampler = PatchSampler(self.train_data, cfg.patch, cfg.fg_fraction, cfg.balance, slab_p=cfg.slab_p)
+        self.sampler = PatchSampler(self.train_data, cfg.patch, cfg.fg_fraction, cfg.balance, slab_p=cfg.slab_p,
+                                    slice_context=cfg.slice_context)
         self.steps = cfg.steps_per_epoch or max(1, math.ceil(self.sampler.num_fg_slices / cfg.batch_size))
         self.aug_cfg = aug.AugmentConfig(cfg.augment, cfg.rotation_deg, cfg.zoom, cfg.flip_p, cfg.shift,
                                          cfg.intensity_aug, cfg.resolution_p)
@@ -238,6 +241,9 @@ class _Run:
         if model.builder_args["num_classes"] != schema.num_classes:
             raise ValueError(f"the model outputs {model.builder_args['num_classes']} classes but schema "
                              f"{schema.name!r} has {schema.num_classes}")
+        if model.builder_args.get("in_channels", 1) != 2 * cfg.slice_context + 1:
+            raise ValueError(f"the model reads {model.builder_args.get('in_channels', 1)} slice(s) but slice_context "
+                             f"{cfg.slice_context} feeds {2 * cfg.slice_context + 1}")
         self.model = model.to(self.device)
         self.opt = make_optimizer(cfg.resolved_optimizer, self.model.parameters(), cfg.resolved_lr, cfg.weight_decay)
         self.planned_epochs = cfg.epochs  # may shrink to fit cfg.max_minutes (recorded in the checkpoint)
@@ -564,7 +570,7 @@ def _write_outputs(result: TrainResult, cfg: TrainConfig, schema, train_cases, v
 
         shutil.rmtree(pkg_dir)
     pkg = write_package(pkg_dir, result.model, name=cfg.package_name, version=1, schema=schema,
-                        input_contract=default_input_contract(cfg.spacing, (cfg.patch, cfg.patch)),
+                        input_contract=default_input_contract(cfg.spacing, (cfg.patch, cfg.patch), cfg.slice_context),
                         training=training, metrics=metrics, half=cfg.half_weights)
     try:
         report.write_run_report(out_dir, result.history, result.val_metrics, result.val_per_case, schema,
