@@ -93,8 +93,8 @@ def validate_manifest(m, where: str, *, newest_format: int, model_format: str) -
                             f"got {k!r}")
     channels = inp.get("channels", 1)
     if isinstance(channels, bool) or channels != 2 * k + 1:
-        raise ManifestError(f"{where}: input.channels must be {2 * k + 1} (one MR slice and {k} neighbour(s) on "
-                            f"each side), got {channels!r}")
+        raise ManifestError(f"{where}: input.channels must be the number {2 * k + 1} (one MR slice and {k} "
+                            f"neighbour(s) on each side), got {channels!r}")
     if m["architecture"].get("in_channels", channels) != channels:
         raise ManifestError(f"{where}: architecture.in_channels ({m['architecture'].get('in_channels')!r}) is not "
                             f"input.channels ({channels})")

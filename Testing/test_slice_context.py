@@ -135,8 +135,9 @@ def test_manifest_must_agree_on_how_many_slices_the_network_reads():
     ok = dict(where="m", newest_format=MODEL_FORMAT_VERSION, model_format=MODEL_FORMAT)
     validate_manifest(m({"channels": 3, "slice_context": 1}, 3), **ok)
     validate_manifest(m({"channels": 1}, 1), **ok)
-    for inp, ch, msg in [({"channels": 3}, 3, "must be 1"), ({"channels": 3, "slice_context": 1}, 1, "in_channels"),
-                         ({"channels": 5, "slice_context": 1}, 5, "must be 3"),
+    for inp, ch, msg in [({"channels": 3}, 3, "must be the number 1"),
+                         ({"channels": 3, "slice_context": 1}, 1, "in_channels"),
+                         ({"channels": 5, "slice_context": 1}, 5, "must be the number 3"),
                          ({"channels": 3, "slice_context": True}, 3, "slice_context"),
                          ({"channels": 19, "slice_context": 9}, 19, "slice_context")]:
         with pytest.raises(ManifestError, match=msg):
