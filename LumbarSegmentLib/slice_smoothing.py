@@ -6,6 +6,10 @@ next; averaging with the neighbours mends slices where the network wavers (obliq
 a body, one-slice blobs). Sigma is in millimetres, so thin slices are averaged over more
 neighbours than thick ones. Chosen on the validation split (0, 2, 3, 4, 6 mm tried; 4 mm best), it
 added 0.009 level-range Dice on the clean test split (docs/validation.md, fifth round).
+
+The other across-slice piece, :func:`neighbour_stack`, is the input of a 2.5D model (one that
+reads each slice between its neighbours); measured in the sixth round, it is an option, not the
+default.
 """
 from __future__ import annotations
 

@@ -203,8 +203,9 @@ def test_training_a_2p5d_model_from_scratch(tmp_path):
     r = train(TrainConfig(**TINY, slice_context=1), [], [], out_dir=tmp_path / "run", train_data=_synth_cases(),
               val_data=_synth_cases(1))
     assert r.package.manifest["input"]["channels"] == 3
-    with pytest.raises(ValueError, match="slice_context"):
-        TrainConfig(**TINY, slice_context=-1)
+    for bad in (-1, 5, True, 1.0):
+        with pytest.raises(ValueError, match="slice_context"):
+            TrainConfig(**TINY, slice_context=bad)
 
 
 def test_per_epoch_checks_of_a_2p5d_model_see_every_slice():

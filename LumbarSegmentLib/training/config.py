@@ -100,7 +100,8 @@ class TrainConfig:
             raise ValueError(f"intensity_aug must be one of {'|'.join(INTENSITY_MODES)}, got {self.intensity_aug!r}")
         if not (0 <= self.resolution_p <= 1 and 0 <= self.slab_p <= 1):
             raise ValueError("resolution_p and slab_p are probabilities in [0, 1]")
-        if not (isinstance(self.slice_context, int) and 0 <= self.slice_context <= 4):
+        if isinstance(self.slice_context, bool) or not (isinstance(self.slice_context, int)
+                                                        and 0 <= self.slice_context <= 4):
             raise ValueError(f"slice_context (--slice-context) must be an integer 0-4, got {self.slice_context!r}")
         if not 0 <= self.beyond_levels_mm <= 200:
             raise ValueError(f"beyond_levels_mm (--ignore-beyond-levels) must be 0-200 mm, got {self.beyond_levels_mm}")
