@@ -30,18 +30,6 @@ def _positive_int(value: str) -> int:
     return n
 
 
-def _smoothing_mm(value: str) -> float:
-    from .slice_smoothing import SLICE_SMOOTHING_MAX_MM
-
-    try:
-        mm = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of millimetres") from None
-    if not 0 <= mm <= SLICE_SMOOTHING_MAX_MM:
-        raise argparse.ArgumentTypeError(f"{value!r}: use 0 (off) to {SLICE_SMOOTHING_MAX_MM:g} mm")
-    return mm
-
-
 def _tile(value: str):
     if value in ("auto", "patch", "whole"):
         return value
@@ -66,7 +54,7 @@ def _overlap(value: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .slice_smoothing import SLICE_SMOOTHING_MM
+    from .slice_smoothing import SLICE_SMOOTHING_MM, smoothing_mm_arg
 
     p = argparse.ArgumentParser(prog="lumbarseg", description="Lumbar-spine MRI segmentation (LumbarSegment).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -87,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--postprocess", default="none", choices=["none", "spine"],
                    help="clean-up: spine = drop foreground blobs that are not connected to the spinal column "
                    "(default none; docs/validation.md gives what it changes)")
-    s.add_argument("--slice-smoothing", type=_smoothing_mm, default=SLICE_SMOOTHING_MM, metavar="MM",
+    s.add_argument("--slice-smoothing", type=smoothing_mm_arg, default=SLICE_SMOOTHING_MM, metavar="MM",
                    help="sigma in mm of the Gaussian average of probabilities across neighbouring slices "
                    f"(default {SLICE_SMOOTHING_MM:g}; 0 = each slice on its own)")
     s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],

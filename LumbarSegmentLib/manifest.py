@@ -27,6 +27,7 @@ from pathlib import Path
 INTEGRITY_SCHEME = "lumbarsegment.manifest-sha256.v1"
 SEMANTIC_FIELDS = ("format", "format_version", "architecture", "schema", "input", "weights")
 _WEIGHT_FIELDS = ("file", "sha256", "dtype")
+SLICE_CONTEXT_MAX = 4  # neighbour slices on each side a 2.5D model may read (input.slice_context)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -88,9 +89,9 @@ def validate_manifest(m, where: str, *, newest_format: int, model_format: str) -
     if "patch_size" in inp:
         _numbers(inp["patch_size"], 2, "input.patch_size", where, integer=True, lo=7, hi=4096)
     k = inp.get("slice_context", 0)
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 4:
-        raise ManifestError(f"{where}: input.slice_context must be an integer 0-4 (neighbour slices on each side), "
-                            f"got {k!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= SLICE_CONTEXT_MAX:
+        raise ManifestError(f"{where}: input.slice_context must be an integer 0-{SLICE_CONTEXT_MAX} (neighbour slices "
+                            f"on each side), got {k!r}")
     channels = inp.get("channels", 1)
     if isinstance(channels, bool) or channels != 2 * k + 1:
         raise ManifestError(f"{where}: input.channels must be the number {2 * k + 1} (one MR slice and {k} "

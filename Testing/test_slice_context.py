@@ -222,3 +222,19 @@ def test_per_epoch_checks_of_a_2p5d_model_see_every_slice():
                    for s in (1, 4)] for name, m in (("one", one), ("three", three))}
     assert runs["three"][0] == runs["three"][1]
     assert runs["one"][0] != runs["one"][1]
+
+
+def test_every_slice_smoothing_option_refuses_a_bad_sigma_as_a_usage_error(capsys):
+    """``lumbarseg-train evaluate`` and the report scripts take the same ``--slice-smoothing`` as
+    ``lumbarseg segment``: a sigma outside 0-50 mm is a usage error up front, not an engine traceback."""
+    from pathlib import Path
+
+    from LumbarSegmentLib.training.cli import main as train_main
+    from conftest import load_script
+
+    report = load_script(Path(__file__).resolve().parents[1] / "scripts" / "validation_report.py", "vr_smoothing")
+    for run, argv in ((train_main, ["evaluate", "--model", "m", "--data", "d", "--slice-smoothing", "-1"]),
+                      (report.main, ["--models", "m", "--which", "val", "--out", "o", "--slice-smoothing", "-1"])):
+        with pytest.raises(SystemExit) as e:
+            run(argv)
+        assert e.value.code == 2 and "use 0 (off) to 50 mm" in capsys.readouterr().err

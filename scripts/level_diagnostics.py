@@ -26,6 +26,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from LumbarSegmentLib.geometry import sagittal_layout  # noqa: E402
+from LumbarSegmentLib.slice_smoothing import smoothing_mm_arg  # noqa: E402
 from LumbarSegmentLib.training.data import select_cases  # noqa: E402
 
 SPLIT = REPO / "scripts" / "recipes" / "lumbar-mr-split-v2.json"
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--which", choices=("val", "test"), help="cases of scripts/recipes/lumbar-mr-split-v2.json")
     p.add_argument("--cases", default="", help="comma-separated case ids instead of a split")
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "lumbar-mr"))
-    p.add_argument("--slice-smoothing", type=float, default=None, metavar="MM",
+    p.add_argument("--slice-smoothing", type=smoothing_mm_arg, default=None, metavar="MM",
                    help="the engine's across-slice smoothing (default: the engine's own)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--per-level", action="store_true")

@@ -30,6 +30,7 @@ if str(REPO) not in sys.path:
 
 from LumbarSegmentLib.cases import read_patient_map, with_patients  # noqa: E402
 from LumbarSegmentLib.packages import Registry  # noqa: E402
+from LumbarSegmentLib.slice_smoothing import smoothing_mm_arg  # noqa: E402
 from LumbarSegmentLib.training import evaluate as ev  # noqa: E402
 from LumbarSegmentLib.training.data import select_cases  # noqa: E402
 from LumbarSegmentLib.training.metrics import clean  # noqa: E402
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--which", choices=("val", "test"), required=True, help="which cases of --split")
     p.add_argument("--split", default=str(SPLIT), help="split file (default: the patient-grouped v2)")
     p.add_argument("--patients", default=str(PATIENTS), help="patient map of the data (lumbarsegment.patients)")
-    p.add_argument("--slice-smoothing", type=float, default=None, metavar="MM",
+    p.add_argument("--slice-smoothing", type=smoothing_mm_arg, default=None, metavar="MM",
                    help="the engine's across-slice smoothing (default: the engine's own, as users get it)")
     p.add_argument("--allow-seen", action="store_true",
                    help="score cases whose patient trained a model (refused by default: they say nothing "

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from LumbarSegmentLib.engine import LoadedModel  # noqa: E402
 from LumbarSegmentLib.packages import Registry, resolve_model  # noqa: E402
+from LumbarSegmentLib.slice_smoothing import smoothing_mm_arg  # noqa: E402
 from LumbarSegmentLib.training import evaluate as ev  # noqa: E402
 from LumbarSegmentLib.training.data import select_cases  # noqa: E402
 
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     p.add_argument("--spacings", default="", help="comma-separated in-plane spacings in mm (default: the model's)")
     p.add_argument("--logit-offsets", default="0", metavar="X[,Y...]",
                    help="added to the vertebral-body logit of the model's main head (default 0: as shipped)")
-    p.add_argument("--slice-smoothing", type=float, default=None, metavar="MM",
+    p.add_argument("--slice-smoothing", type=smoothing_mm_arg, default=None, metavar="MM",
                    help="the engine's across-slice smoothing (default: the engine's own)")
     a = p.parse_args(argv)
     pkg = resolve_model(a.model, [Registry(a.registry)])

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from LumbarSegmentLib.models import VARIANTS
+from LumbarSegmentLib.slice_smoothing import smoothing_mm_arg
 
 from .config import INTENSITY_MODES, METRICS, OPTIMIZERS, PRECISIONS, SCHEDULES, config_from_args
 
@@ -314,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_precision_arg(e)
     e.add_argument("--mode", choices=("fast", "tta", "ensemble"),
                    help="engine mode (default: fast for one model, ensemble for A+B)")
-    e.add_argument("--slice-smoothing", type=float, metavar="MM",
+    e.add_argument("--slice-smoothing", type=smoothing_mm_arg, metavar="MM",
                    help="the engine's across-slice smoothing in mm (default: the engine's own, as users get it)")
     e.add_argument("--postprocess", choices=("none", "spine"), default="none",
                    help="clean-up after the network (spine: drop blobs apart from the spinal column)")

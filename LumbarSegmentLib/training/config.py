@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from LumbarSegmentLib.manifest import SLICE_CONTEXT_MAX
 from LumbarSegmentLib.models import VARIANTS
 
 OPTIMIZERS = ("adam", "rmsprop", "adadelta")
@@ -101,8 +102,9 @@ class TrainConfig:
         if not (0 <= self.resolution_p <= 1 and 0 <= self.slab_p <= 1):
             raise ValueError("resolution_p and slab_p are probabilities in [0, 1]")
         if isinstance(self.slice_context, bool) or not (isinstance(self.slice_context, int)
-                                                        and 0 <= self.slice_context <= 4):
-            raise ValueError(f"slice_context (--slice-context) must be an integer 0-4, got {self.slice_context!r}")
+                                                        and 0 <= self.slice_context <= SLICE_CONTEXT_MAX):
+            raise ValueError(f"slice_context (--slice-context) must be an integer 0-{SLICE_CONTEXT_MAX}, "
+                             f"got {self.slice_context!r}")
         if not 0 <= self.beyond_levels_mm <= 200:
             raise ValueError(f"beyond_levels_mm (--ignore-beyond-levels) must be 0-200 mm, got {self.beyond_levels_mm}")
         if self.pseudo_labels is not None:

@@ -58,14 +58,15 @@ def prepare_finetune_model(package: ModelPackage, target: LabelSchema | None = N
     return model, target, info
 
 
-def _context_for(model, requested: int, ref: str) -> int:
-    """The slice context of a fine-tune: the parent's unless more is asked for (a one-slice parent
-    is widened to a 2.5D start); fewer neighbours than the parent reads would discard what it learnt."""
+def _context_for(model, requested: int, ref: str) -> dict:
+    """``{"parent": k, "run": k'}``: the slice context of a fine-tune is the parent's unless more is asked
+    for (a one-slice parent is widened to a 2.5D start); fewer neighbours than the parent reads would
+    discard what it learnt."""
     parent = (model.in_channels - 1) // 2
     if requested and requested < parent:
         raise ValueError(f"{ref} reads {parent} neighbour slice(s) on each side; a fine-tune cannot drop to "
                          f"{requested}: leave --slice-context out, or train a new model")
-    return max(int(requested or 0), parent)
+    return {"parent": parent, "run": max(int(requested or 0), parent)}
 
 
 def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases: Sequence[Case] = (), *,
@@ -106,9 +107,9 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
             cfg = TrainConfig(**fixed, spacing=tuple(pkg.spacing), patch=pkg.patch_size[0], epochs=15)
     else:
         cfg = config.replace(**fixed)
-    cfg = cfg.replace(slice_context=context)
-    info["slice_context"] = {"parent": (model.in_channels - 1) // 2, "run": context}
-    widen_input(model, 2 * context + 1)
+    cfg = cfg.replace(slice_context=context["run"])
+    info["slice_context"] = context
+    widen_input(model, 2 * context["run"] + 1)
     if cfg.pseudo_labels and "parent" in cfg.pseudo_labels:  # the model as it was before this fine-tune
         cfg = cfg.replace(pseudo_labels=tuple(str(pkg.path) if r == "parent" else r for r in cfg.pseudo_labels))
     if cfg.name is None:
