@@ -242,6 +242,23 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_soup(a) -> int:
+    from LumbarSegmentLib.packages import Registry, resolve_model
+
+    from .soup import soup
+
+    regs = [Registry(a.registry, read_only=True)] if a.registry else None
+    pkgs = [resolve_model(ref, regs) for ref in _ids(a.packages)]
+    try:
+        weights = [float(w) for w in _ids(a.weights)] if a.weights else None
+    except ValueError:
+        raise ValueError(f"--weights {a.weights!r}: give one number per package, comma-separated") from None
+    pkg = soup(pkgs, a.out, name=a.name or pkgs[0].name, weights=weights, command=command_line(),
+               half=not a.fp32_weights)
+    print(f"package: {pkg.path} (the average of {', '.join(p.ref for p in pkgs)})")
+    return 0
+
+
 def cmd_holdout(a) -> int:
     """Show, choose or redraw the dataset's frozen held-out cases (the publish gate grades on them)."""
     from LumbarSegmentLib.cases import list_cases
@@ -367,6 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--name")
     x.add_argument("--fp32-weights", action="store_true")
     x.set_defaults(func=cmd_export)
+    s = sub.add_parser("soup", help="average the weights of fine-tunes of one parent into one package "
+                                    "(one model's speed; unrelated models: use an ensemble)")
+    s.add_argument("packages", help="comma-separated package folders or registry refs (at least two)")
+    s.add_argument("--out", required=True, help="new folder for the averaged package")
+    s.add_argument("--name", help="package name (default: the first ingredient's)")
+    s.add_argument("--weights", help="comma-separated share of each package (default: equal)")
+    s.add_argument("--registry", help="registry folder for refs (default: user, then shipped)")
+    s.add_argument("--fp32-weights", action="store_true")
+    s.set_defaults(func=cmd_soup)
     return p
 
 
