@@ -101,7 +101,7 @@ def test_other_architecture_or_conflicting_data_is_refused(tmp_path, family):
     other_data = _fine_tune(tmp_path / "o", base, 4, ["A"], image="c" * 64)
     with pytest.raises(PackageError, match="case A was trained with different files"):
         soup([a, other_data], tmp_path / "s2", name="bad")
-    for w, msg in (([1], "1 weights for 2"), ([1, -1], "positive"), ([1, float("nan")], "positive")):
+    for w, msg in (([1], "1 weights for 2"), ([1, -1], "positive"), ([1, float("nan")], "positive"), ([1, float("inf")], "positive")):
         with pytest.raises(PackageError, match=msg):
             soup([a, a], tmp_path / "s3", name="bad", weights=w)
     with pytest.raises(PackageError, match="at least two"):

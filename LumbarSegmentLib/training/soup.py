@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -72,8 +73,8 @@ def soup(packages: Sequence[ModelPackage], out: str | Path, *, name: str, weight
     weights = [1.0] * len(pkgs) if weights is None else [float(w) for w in weights]
     if len(weights) != len(pkgs):
         raise PackageError(f"{len(weights)} weights for {len(pkgs)} packages; give one weight per package")
-    if any(not (w > 0) for w in weights):  # also refuses nan
-        raise PackageError(f"weights must be positive numbers, got {weights}")
+    if any(not (0 < w < math.inf) for w in weights):  # also refuses nan
+        raise PackageError(f"weights must be positive finite numbers, got {weights}")
     total = sum(weights)
     weights = [w / total for w in weights]
     _same(pkgs, "architectures", lambda p: p.manifest["architecture"])
@@ -88,7 +89,8 @@ def soup(packages: Sequence[ModelPackage], out: str | Path, *, name: str, weight
     for p in pkgs:
         p.verify()
     states = [load_file(str(p.path / p.manifest["weights"]["file"])) for p in pkgs]
-    _same(pkgs, "tensor names", lambda p: sorted(states[pkgs.index(p)]))
+    if any(set(st) != set(states[0]) for st in states[1:]):
+        raise PackageError("cannot average: the packages' weight files hold different tensors")
     avg = {}
     for key, first in states[0].items():
         if first.is_floating_point():
@@ -107,7 +109,7 @@ def soup(packages: Sequence[ModelPackage], out: str | Path, *, name: str, weight
                        - set(trained))
     training = {
         "variant": pkgs[0].manifest["architecture"].get("variant"),
-        "soup": [{"ref": p.ref, "path": str(p.path), "sha256": p.sha256, "weight": round(w, 6)}
+        "soup": [{"ref": p.ref, "sha256": p.sha256, "weight": round(w, 6)}
                  for p, w in zip(pkgs, weights)],
         "train_cases": trained, "val_cases": val_cases,
         "data_manifest": data, "data_manifest_sha256": hashlib.sha256(body).hexdigest(),
