@@ -216,7 +216,7 @@ def write_package(folder: str | os.PathLike, model, *, name: str, version: int =
     import torch
     from safetensors.torch import save_file
 
-    folder = Path(folder)
+    folder, name = Path(folder), validate_name(name, f"{folder}")  # before a byte is written
     if folder.exists() and any(folder.iterdir()):
         raise PackageError(f"{folder}: exists and is not empty; a package is written into a new folder")
     if schema.num_classes != model.builder_args["num_classes"]:

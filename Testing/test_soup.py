@@ -121,3 +121,14 @@ def test_cli_writes_the_soup_and_refuses_bad_input_without_touching_anything(tmp
     assert train_main(["soup", f"{a.path},{b.path}", "--out", str(a.path)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert before == {p: (p / "manifest.json").read_bytes() for p in (a.path, b.path)}
+
+
+def test_a_bad_package_name_is_refused_before_anything_is_written(tmp_path, family, capsys):
+    """``write_package`` (behind soup, export and every training run) checks the name first: a name the
+    manifest would refuse used to leave a half-made package folder behind."""
+    _, a, b = family
+    assert train_main(["soup", f"{a.path},{b.path}", "--out", str(tmp_path / "s"), "--name", "../bad name"]) == 2
+    assert "is not allowed" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is not allowed"):
+        write_package(tmp_path / "w", build_model("UD", num_classes=3, init_filters=4), name="a/b", schema=STARTER)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "w").exists()
