@@ -73,7 +73,7 @@ def test_soup_runs_at_one_models_cost(tmp_path, family):
     _, a, b = family
     out = soup([a, b], tmp_path / "s", name="tiny-soup", half=False)
     x = torch.randn(1, 1, 32, 32)
-    ya, yb, ys = (p.load_model()(x) for p in (a, b, out))
+    ya, ys = (p.load_model()(x) for p in (a, out))
     ys = ys[0] if isinstance(ys, (list, tuple)) else ys
     assert ys.shape == (ya[0] if isinstance(ya, (list, tuple)) else ya).shape
     assert sum(t.numel() for t in out.load_model().parameters()) == sum(t.numel() for t in a.load_model().parameters())
@@ -83,6 +83,9 @@ def test_a_parent_and_its_fine_tune_may_be_averaged(tmp_path, family):
     base, a, _ = family
     out = soup([base, a], tmp_path / "s", name="tiny-wise")
     assert out.parent["sha256"] == base.sha256
+    # a package given twice shares itself and its parent with itself: the parent is named, never itself
+    twice = soup([a, a], tmp_path / "s2", name="tiny-twice")
+    assert twice.parent == {"ref": base.ref, "sha256": base.sha256}
 
 
 def test_unrelated_models_are_refused_with_advice(tmp_path, family):

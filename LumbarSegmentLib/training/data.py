@@ -192,8 +192,12 @@ def data_manifest(case_list: Sequence[_cases.Case]) -> dict:
             "annotated_structures": list(c.annotated_structures),
             "image_sha256": sha256_file(c.image_path), "label_sha256": sha256_file(c.label_path),
         })
-    body = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
-    return {"cases": entries, "sha256": hashlib.sha256(body).hexdigest()}
+    return {"cases": entries, "sha256": entries_sha256(entries)}
+
+
+def entries_sha256(entries: Sequence[dict]) -> str:
+    """The sha256 of data-manifest entries in one canonical JSON form (what ``data_manifest_sha256`` records)."""
+    return hashlib.sha256(json.dumps(list(entries), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------

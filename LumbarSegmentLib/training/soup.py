@@ -14,14 +14,12 @@ report never score it on a patient that any ingredient trained on.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Sequence
 
-from ..models import build_model
 from ..packages import ModelPackage, PackageError, write_package
+from .data import entries_sha256
 
 
 def _family(pkg: ModelPackage) -> set[str]:
@@ -64,9 +62,6 @@ def soup(packages: Sequence[ModelPackage], out: str | Path, *, name: str, weight
     statistics are averaged like the other tensors; integer counters are taken from the first
     ingredient.
     """
-    import torch
-    from safetensors.torch import load_file
-
     pkgs = list(packages)
     if len(pkgs) < 2:
         raise PackageError("a soup needs at least two packages")
@@ -86,22 +81,16 @@ def soup(packages: Sequence[ModelPackage], out: str | Path, *, name: str, weight
                            f"{((p.parent or {}).get('ref')) or 'scratch'}" for p in pkgs)
                            + ". Only fine-tunes of one parent (or a parent and its fine-tunes) can be averaged; "
                            "combine unrelated models as an ensemble instead")
-    for p in pkgs:
-        p.verify()
-    states = [load_file(str(p.path / p.manifest["weights"]["file"])) for p in pkgs]
-    if any(set(st) != set(states[0]) for st in states[1:]):
-        raise PackageError("cannot average: the packages' weight files hold different tensors")
-    avg = {}
-    for key, first in states[0].items():
-        if first.is_floating_point():
-            avg[key] = sum(s[key].float() * w for s, w in zip(states, weights))
-        else:
-            avg[key] = first.clone()
-    model = build_model(**pkgs[0].manifest["architecture"])
-    model.load_state_dict(avg)
+    models = [p.load_model() for p in pkgs]  # checksums verified, weights fit the (shared) architecture
+    states = [m.state_dict() for m in models]
+    model = models[0]
+    model.load_state_dict({key: sum(s[key] * w for s, w in zip(states, weights)) if first.is_floating_point()
+                           else first for key, first in states[0].items()})
     data, trained = _union_manifest(pkgs)
-    body = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-    anchor = sorted(common)[0]
+    # the shared weights: an ingredient's parent rather than an ingredient itself (a package given twice
+    # must not become its own parent)
+    parents = {(p.parent or {}).get("sha256") for p in pkgs}
+    anchor = min(common, key=lambda sha: (sha not in parents, sha))
     parent_pkg = next((p for p in pkgs if p.sha256 == anchor), None)
     parent = ({"ref": parent_pkg.ref, "sha256": anchor} if parent_pkg is not None else
               next(dict(p.parent) for p in pkgs if (p.parent or {}).get("sha256") == anchor))
@@ -112,7 +101,7 @@ def soup(packages: Sequence[ModelPackage], out: str | Path, *, name: str, weight
         "soup": [{"ref": p.ref, "sha256": p.sha256, "weight": round(w, 6)}
                  for p, w in zip(pkgs, weights)],
         "train_cases": trained, "val_cases": val_cases,
-        "data_manifest": data, "data_manifest_sha256": hashlib.sha256(body).hexdigest(),
+        "data_manifest": data, "data_manifest_sha256": entries_sha256(data),
         **({"command": command} if command else {}),
     }
     return write_package(out, model, name=name, schema=pkgs[0].schema, input_contract=pkgs[0].input,
