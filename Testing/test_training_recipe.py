@@ -1,5 +1,5 @@
 """The generalisation recipe's ingredients: source-balanced sampling, thick-slab and low-resolution
-patches, the "domain" intensity randomisation and its "remap" extension."""
+patches, the "domain" intensity randomisation and its "remap" and "tissue" extensions."""
 from __future__ import annotations
 
 import pytest
@@ -102,3 +102,80 @@ def test_remap_mode_is_domain_plus_curves_for_about_half_the_patches():
     x0, y0 = aug.augment_batch(img, lab, aug.AugmentConfig(True, 0, (1, 1), 0, 0, "off", 0.0), 32,
                                torch.Generator().manual_seed(5))
     assert torch.equal(y, y0) and torch.isfinite(x).all() and not torch.allclose(x, x0)
+
+
+def _two_structures(n=32):
+    """A flat image (0) with two labelled squares of one class (1) and one of another (2)."""
+    img = torch.zeros(n, 1, 48, 48)
+    lab = torch.zeros(n, 48, 48, dtype=torch.long)
+    img[:, :, 4:12, 4:12] = 1.0  # an unlabelled "structure" at intensity 1 sets the range
+    lab[:, 16:24, 8:16] = 1
+    lab[:, 16:24, 30:38] = 1
+    lab[:, 34:42, 20:28] = 2
+    lab[:, 0, 0] = 255  # ignore stays out of it
+    return img, lab
+
+
+def test_tissue_contrast_moves_each_labelled_structure_and_nothing_far_from_it():
+    img, lab = _two_structures()
+    picked = torch.ones(len(img), dtype=torch.bool)
+    out = aug.tissue_contrast(img, lab, picked, torch.Generator().manual_seed(4))
+    a, b = out[:, 0, 20, 12], out[:, 0, 20, 34]  # the two squares of class 1: one level
+    c = out[:, 0, 38, 24]  # class 2: a level of its own
+    assert torch.allclose(a, b, atol=1e-5)
+    assert float((a - c).abs().mean()) > 0.1 and float(a.std()) > 0.1  # levels differ per class and draw
+    assert 0.0 - 1e-6 <= float(out[:, 0, 20, 12].min()) and float(out[:, 0, 20, 12].max()) <= 1 + 1e-6
+    # far from any label (and at the unlabelled square) the image is untouched, as is an unpicked sample
+    assert torch.equal(out[:, :, 4:12, 4:12], img[:, :, 4:12, 4:12])
+    assert torch.equal(out[:, :, 45:, :], img[:, :, 45:, :])  # class 2 ends at row 41; the blur reaches 3 px
+    assert torch.equal(out[:, :, 0, 0], img[:, :, 0, 0])
+    none = aug.tissue_contrast(img, lab, torch.zeros(len(img), dtype=torch.bool), torch.Generator())
+    assert torch.equal(none, img)
+    again = aug.tissue_contrast(img, lab, picked, torch.Generator().manual_seed(4))
+    assert torch.equal(again, out)  # reproducible from the generator
+
+
+def test_tissue_mode_is_domain_plus_structure_contrast_through_the_batch_path():
+    p = aug.random_params(400, aug.AugmentConfig(intensity="tissue"), torch.Generator().manual_seed(1))
+    assert 0.4 < p["tissue"].float().mean() < 0.6
+    assert 0.1 < p["invert"].float().mean() < 0.3  # the domain ingredients are still there
+    assert not bool(aug.random_params(50, aug.AugmentConfig(intensity="domain"),
+                                      torch.Generator().manual_seed(1))["tissue"].any())
+    img, lab = _two_structures(8)
+    img = img + 0.01 * torch.randn(img.shape, generator=torch.Generator().manual_seed(0))
+    cfg = aug.AugmentConfig(True, 0, (1, 1), 0, 0, "tissue", 0.0)
+    x, y = aug.augment_batch(img, lab, cfg, 48, torch.Generator().manual_seed(5))
+    assert torch.equal(y, lab) and torch.isfinite(x).all()
+    # the label reaches the structure-contrast step through apply(): with only that step switched
+    # on, the labelled squares change and the rest of the patch does not
+    still = aug.AugmentConfig(True, 0, (1, 1), 0, 0, "off", 0.0)
+    p = aug.random_params(8, still, torch.Generator().manual_seed(5))
+    theta = aug.theta_from_params(p, 48, 48)
+    p["tissue"] = torch.ones(8, dtype=torch.bool)
+    on, _ = aug.apply(img, lab, theta, 48, params=p, noise_gen=torch.Generator().manual_seed(6))
+    p["tissue"] = torch.zeros(8, dtype=torch.bool)
+    off, _ = aug.apply(img, lab, theta, 48, params=p, noise_gen=torch.Generator().manual_seed(6))
+    assert torch.allclose(off, img, atol=1e-5)
+    assert float((on - off)[:, 0, 17:23, 9:15].abs().mean()) > 0.05
+    assert torch.allclose(on[:, :, 4:12, 4:12], off[:, :, 4:12, 4:12])
+
+
+def test_gin_mode_changes_texture_keeps_range_and_leaves_unpicked_samples_alone():
+    p = aug.random_params(400, aug.AugmentConfig(intensity="gin"), torch.Generator().manual_seed(1))
+    assert 0.4 < (p["gin"] > 0).float().mean() < 0.6 and float(p["gin"].max()) <= 1.0
+    assert 0.1 < p["invert"].float().mean() < 0.3  # the domain ingredients are still there
+    g = torch.Generator().manual_seed(0)
+    img = torch.randn(6, 1, 40, 40, generator=g).cumsum(-1) / 5  # smooth-ish texture
+    share = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5, 0.0])
+    out = aug.random_network(img, share, torch.Generator().manual_seed(3))
+    assert torch.equal(out[5], img[5]) and torch.isfinite(out).all()
+    full = out[:4]
+    # a full share has the patch's mean and spread, and is not the patch itself
+    assert torch.allclose(full.mean(dim=(1, 2, 3)), img[:4].mean(dim=(1, 2, 3)), atol=1e-4)
+    assert torch.allclose(full.std(dim=(1, 2, 3)), img[:4].std(dim=(1, 2, 3)), rtol=1e-3)
+    assert float((full - img[:4]).abs().mean()) > 0.05
+    again = aug.random_network(img, share, torch.Generator().manual_seed(3))
+    assert torch.equal(again, out)  # the random weights come from the generator
+    # the 2.5D case: several channels in, as many out
+    three = aug.random_network(torch.randn(2, 3, 24, 24), torch.ones(2), torch.Generator().manual_seed(1))
+    assert three.shape == (2, 3, 24, 24)

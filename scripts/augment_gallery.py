@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """A picture of what each ``--intensity-aug`` mode does to one real training patch.
 
-Rows are the modes (off, strong, domain, remap), columns independent draws; geometry is held
+Rows are the modes (off, strong, domain, remap, tissue, gin), columns independent draws; geometry is held
 still so only the intensities differ. The patch comes through the trainer's own path
 (``training.data`` slices, ``augment.augment_batch``), so the picture is what a model sees.
 
@@ -53,8 +53,11 @@ def main(argv=None) -> int:
     pad = torch.nn.functional.pad(img[None, None], (crop, crop, crop, crop))
     ctx = pad[..., cy + crop - crop // 2: cy + crop + crop // 2, cx + crop - crop // 2: cx + crop + crop // 2]
     ctx = ctx.expand(a.draws, 1, crop, crop).contiguous()
-    lab_ctx = torch.zeros(a.draws, crop, crop, dtype=torch.uint8)
-    modes = ("off", "strong", "domain", "remap")
+    # the label rides along: "tissue" recolours the structure the case annotates
+    lpad = torch.nn.functional.pad(lab[None, None].long(), (crop, crop, crop, crop))
+    lab_ctx = lpad[..., cy + crop - crop // 2: cy + crop + crop // 2, cx + crop - crop // 2: cx + crop + crop // 2]
+    lab_ctx = lab_ctx[0].expand(a.draws, crop, crop).contiguous()
+    modes = ("off", "strong", "domain", "remap", "tissue", "gin")
     fig, axes = plt.subplots(len(modes), a.draws, figsize=(2.2 * a.draws, 2.3 * len(modes)))
     for r, mode in enumerate(modes):
         cfg = aug.AugmentConfig(True, 0.0, (1.0, 1.0), 0.0, 0.0, mode, 0.0)

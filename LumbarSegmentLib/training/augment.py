@@ -30,6 +30,18 @@ Optional intensity augmentation (not in the seed, off by default), on the z-scor
   identity by a random weight). Inversion only flips the order of the tissues; a remap also
   reorders them (marrow darker than fat and CSF, or brighter than both), which is how one
   sequence differs from another. The model is left with shapes and edges to go by.
+* ``"tissue"``: ``domain`` plus, with p = 0.5, a new contrast for each *labelled* structure of the
+  patch: inside a softened copy of its mask the structure's mean moves to a random level of the
+  patch's range and its texture is scaled by x[0.5, 2]. A global curve (``remap``) moves every tissue
+  of one intensity alike; sequences differ per tissue (marrow is bright on T1w and fat images, grey
+  on T2w, dark on water and TIRM images, while discs go the other way), and that is what this draws.
+  Only the structure a case annotates moves; its unlabelled neighbours keep the sequence's contrast.
+* ``"gin"``: ``domain`` plus, with p = 0.5, a random shallow network's view of the patch (the
+  "global intensity non-linear" idea of Ouyang et al., 2022, for single-source domain
+  generalisation): four convolutions with fresh random weights (3x3 or 1x1, two channels inside,
+  leaky ReLU between), its output given the patch's mean and spread and blended with the patch by
+  a random share. Unlike a curve it changes local texture too (edges sharpen, flat tissue gains or
+  loses grain), which is another way sequences differ.
 
 Resolution augmentation (``resolution_p`` > 0, also not in the seed): with that probability
 a patch is shrunk by a factor in [1.2, 2.2] (area averaging) and brought back (bilinear),
@@ -46,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import INTENSITY_MODES
+from .data import IGNORE_INDEX
 
 
 _INTENSITY = {"light": {"contrast": 0.1, "brightness": 0.1, "gamma": 1.0, "noise": (0.05, 0.05)},
@@ -53,6 +66,11 @@ _INTENSITY = {"light": {"contrast": 0.1, "brightness": 0.1, "gamma": 1.0, "noise
               "domain": {"contrast": 0.3, "brightness": 0.3, "gamma": 2.0, "noise": (0.0, 0.15),
                          "invert_p": 0.2, "bias_p": 0.5, "bias_amp": 0.35, "blur_p": 0.2, "blur": (0.5, 1.5)}}
 _INTENSITY["remap"] = {**_INTENSITY["domain"], "remap_p": 0.5}
+_INTENSITY["tissue"] = {**_INTENSITY["domain"], "tissue_p": 0.5}
+_INTENSITY["gin"] = {**_INTENSITY["domain"], "gin_p": 0.5}
+GIN_LAYERS, GIN_CHANNELS = 4, 2
+TISSUE_SCALE = 2.0  # texture scaled by a factor in [1/TISSUE_SCALE, TISSUE_SCALE] (log-uniform)
+TISSUE_EDGE_PX = 1.0  # sigma of the Gaussian that softens a structure's mask
 REMAP_KNOTS = 6
 RESOLUTION_FACTORS = (1.2, 2.2)
 
@@ -64,7 +82,7 @@ class AugmentConfig:
     zoom: tuple[float, float] = (0.5, 1.5)
     flip_p: float = 0.5
     shift: float = 0.10
-    intensity: str = "off"  # "off" | "light" | "strong" | "domain" | "remap" (True/False are read as light/off)
+    intensity: str = "off"  # one of INTENSITY_MODES (True/False are read as light/off)
     resolution_p: float = 0.0  # probability of the low-resolution round trip
 
     def __post_init__(self):
@@ -84,7 +102,8 @@ def random_params(n: int, cfg: AugmentConfig, gen: torch.Generator) -> dict:
     u = lambda: torch.rand(n, generator=gen, dtype=torch.float64)  # noqa: E731
     z = torch.zeros(n, dtype=torch.float64)
     neutral = {"contrast": z + 1, "brightness": z, "gamma": z + 1, "noise": z, "invert": torch.zeros(n, dtype=torch.bool),
-               "bias": z, "blur": z, "resolution": z + 1, "remap": z}
+               "bias": z, "blur": z, "resolution": z + 1, "remap": z,
+               "tissue": torch.zeros(n, dtype=torch.bool), "gin": z}
     if not cfg.enabled:
         return {"angle": z, "zoom": z + 1, "flip": torch.zeros(n, dtype=torch.bool), "ty": z, "tx": z, **neutral}
     angle = (u() * 2 - 1) * math.radians(cfg.rotation_deg)
@@ -108,6 +127,11 @@ def random_params(n: int, cfg: AugmentConfig, gen: torch.Generator) -> dict:
         if "remap_p" in k:
             # weight of the random curve (0 = identity); the knots themselves are drawn in intensity()
             out["remap"] = torch.where(u() < k["remap_p"], 0.5 + 0.5 * u(), z)
+        if "tissue_p" in k:
+            out["tissue"] = u() < k["tissue_p"]  # the levels themselves are drawn in intensity()
+        if "gin_p" in k:
+            # share of the random network's image (0 = untouched); its weights are drawn in intensity()
+            out["gin"] = torch.where(u() < k["gin_p"], u(), z)
     if cfg.resolution_p > 0:
         f0, f1 = RESOLUTION_FACTORS
         out["resolution"] = torch.where(u() < cfg.resolution_p, f0 + u() * (f1 - f0), z + 1)
@@ -148,7 +172,7 @@ def apply(image: torch.Tensor, label: torch.Tensor, theta: torch.Tensor, patch: 
                         padding_mode="zeros", align_corners=False)
     lab = lab[:, 0].round().long()
     if params is not None:
-        img = intensity(img, params, noise_gen)
+        img = intensity(img, params, noise_gen, label=lab)
     return img, lab
 
 
@@ -209,15 +233,76 @@ def random_remap(img: torch.Tensor, weight: torch.Tensor, gen: torch.Generator) 
     return torch.where(w > 0, ((1 - w) * t + w * curve) * span + lo, img)
 
 
-def intensity(img: torch.Tensor, p: dict, gen: torch.Generator | None = None) -> torch.Tensor:
-    """Resolution, inversion, bias field, random remap, gamma over each sample's intensity range, blur,
-    contrast/brightness, noise (each a no-op where its parameter is neutral)."""
+def tissue_contrast(img: torch.Tensor, label: torch.Tensor, picked: torch.Tensor,
+                    gen: torch.Generator) -> torch.Tensor:
+    """Give each labelled structure of the ``picked`` samples a contrast of its own.
+
+    For every class ``c`` in a picked sample's ``label [B,P,P]`` (not background, not ignore):
+    ``new = level + k * (img - mean_c)`` with ``level`` uniform over the sample's intensity range and
+    ``k`` log-uniform in [1/TISSUE_SCALE, TISSUE_SCALE], blended in through the class mask blurred by
+    ``TISSUE_EDGE_PX`` (a hard step exactly on the label's border would be a cue real images lack).
+    The draws come from ``gen`` in a fixed order, so a run is reproducible. Other samples are returned
+    unchanged."""
+    if not bool(picked.any()):
+        return img
+    out = img.clone()
+    lo, span = _sample_range(img)
+    for i in torch.nonzero(picked).flatten().tolist():
+        classes = [int(c) for c in torch.unique(label[i]).tolist() if c not in (0, IGNORE_INDEX)]
+        for c in classes:
+            u = torch.rand(2, generator=gen, dtype=torch.float64)
+            mask = (label[i] == c).to(img.dtype)[None, None]
+            soft = _gaussian_blur(mask, TISSUE_EDGE_PX)[0]  # [1, P, P], shared by the 2.5D channels
+            mean = (out[i] * mask[0]).sum(dim=(1, 2), keepdim=True) / mask.sum()
+            level = lo[i] + float(u[0]) * span[i]
+            k = math.exp((float(u[1]) * 2 - 1) * math.log(TISSUE_SCALE))
+            new = level + k * (out[i] - mean)
+            out[i] = out[i] + soft * (new - out[i])
+    return out
+
+
+def random_network(img: torch.Tensor, share: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Per sample with ``share > 0``: ``(1 - s) * x + s * g(x)``, ``g`` a stack of ``GIN_LAYERS``
+    convolutions with standard-normal weights drawn from ``gen`` (kernel 3 or 1 at random, leaky ReLU
+    between, ``GIN_CHANNELS`` inside, the input's channel count out), its output shifted and scaled
+    to the sample's mean and standard deviation so the blend stays in the patch's range."""
+    if not bool((share > 0).any()):
+        return img
+    out = img.clone()
+    c = img.shape[1]
+    for i in torch.nonzero(share > 0).flatten().tolist():
+        x = img[i:i + 1]
+        y = x
+        for layer in range(GIN_LAYERS):
+            cin = c if layer == 0 else GIN_CHANNELS
+            cout = c if layer == GIN_LAYERS - 1 else GIN_CHANNELS
+            k = 3 if float(torch.rand(1, generator=gen)) < 0.5 else 1
+            w = torch.randn(cout, cin, k, k, generator=gen).to(img.device)
+            b = torch.randn(cout, generator=gen).to(img.device) * 0.1
+            y = F.conv2d(F.pad(y, (k // 2,) * 4, mode="reflect") if k > 1 else y, w, b)
+            if layer < GIN_LAYERS - 1:
+                y = F.leaky_relu(y, 0.2)
+        y = (y - y.mean()) / y.std().clamp(min=1e-6) * x.std() + x.mean()
+        s = float(share[i])
+        out[i:i + 1] = (1 - s) * x + s * y
+    return out
+
+
+def intensity(img: torch.Tensor, p: dict, gen: torch.Generator | None = None,
+              label: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-structure contrast (needs ``label``), resolution, inversion, random network, bias field,
+    random remap, gamma over each sample's intensity range, blur, contrast/brightness, noise (each a
+    no-op where its parameter is neutral)."""
     dev = img.device
     col = lambda k: p[k].to(device=dev, dtype=torch.float32)[:, None, None, None]  # noqa: E731
+    if "tissue" in p and gen is not None and label is not None and bool(p["tissue"].any()):
+        img = tissue_contrast(img, label.to(dev), p["tissue"].to(dev), gen)
     if "resolution" in p:
         img = degrade_resolution(img, p["resolution"])
     if "invert" in p and bool(p["invert"].any()):
         img = torch.where(p["invert"].to(dev)[:, None, None, None], -img, img)
+    if "gin" in p and gen is not None and bool((p["gin"] > 0).any()):
+        img = random_network(img, p["gin"], gen)
     if "bias" in p and gen is not None and bool((p["bias"] != 0).any()):
         # multiplicative around the patch minimum so the background stays background
         lo = img.amin(dim=(1, 2, 3), keepdim=True)

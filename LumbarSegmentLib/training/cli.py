@@ -100,7 +100,9 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
                    help="intensity augmentation (not in the seed): light = contrast/brightness/noise jitter; "
                         "strong = + gamma, wider ranges (domain randomisation for partially labelled data sets); "
                         "domain = strong with wider ranges + inversion, bias field, blur; "
-                        "remap = domain + random non-monotone intensity curves (tissue order reshuffled)")
+                        "remap = domain + random non-monotone intensity curves (tissue order reshuffled); "
+                        "tissue = domain + a random contrast per labelled structure; "
+                        "gin = domain + the patch seen through a random shallow network")
     g.add_argument("--resolution-aug", dest="resolution_p", type=float, default=0.0, metavar="P",
                    help="probability of simulating a 1.2-2.2 mm in-plane acquisition per patch (default 0)")
     g.add_argument("--slab-aug", dest="slab_p", type=float, default=0.0, metavar="P",

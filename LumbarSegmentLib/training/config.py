@@ -13,7 +13,7 @@ SCHEDULES = ("cosine", "poly", "constant")
 from LumbarSegmentLib.devices import PRECISIONS
 
 # intensity augmentation modes, described in LumbarSegmentLib.training.augment
-INTENSITY_MODES = ("off", "light", "strong", "domain", "remap")
+INTENSITY_MODES = ("off", "light", "strong", "domain", "remap", "tissue", "gin")
 METRICS = ("mean_dice_fg", "mean_iou_fg", "mean_dice", "mean_iou")
 
 
