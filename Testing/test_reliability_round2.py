@@ -690,3 +690,25 @@ def test_a_checkpoint_round_trips_with_weights_only(tmp_path):
     expect = (np.random.rand(), random.random(), torch.rand(1).item())
     set_rng_state(load_checkpoint(tmp_path / "last.pt")["rng"])
     assert (np.random.rand(), random.random(), torch.rand(1).item()) == expect
+
+
+def test_train_with_a_precision_the_device_cannot_run_is_one_line_not_a_traceback(tmp_path, capsys):
+    """The device and precision checks raise EngineError (not ValueError); the training command used to
+    let it through as a traceback (seen asking for bf16 on a CPU without it). fp16 on the CPU is refused
+    on every machine, so this checks the same path anywhere."""
+    from LumbarSegmentLib.cases import write_case
+    from LumbarSegmentLib.training.cli import main as train_main
+    from LumbarSegmentLib.volume import Volume
+
+    image = Volume(np.zeros((4, 8, 8), np.int16))
+    lab = np.zeros((4, 8, 8), np.uint8)
+    lab[1, 2:5, 2:5] = 1
+    for i in range(2):
+        write_case(tmp_path / "data", f"c{i}", image, image.with_array(lab), labels={1: "vertebral_body"},
+                   annotated_structures=["vertebral_body"])
+    run = tmp_path / "run"
+    rc = train_main(["train", "--data", str(tmp_path / "data"), "--cases", "c0,c1", "--val-cases", "c1",
+                     "--variant", "UD", "--device", "cpu", "--precision", "fp16", "--out", str(run)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert "fp16" in err and "--precision bf16 or fp32" in err and len(err.strip().splitlines()) == 1, err

@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from LumbarSegmentLib.devices import EngineError
 from LumbarSegmentLib.models import VARIANTS
 from LumbarSegmentLib.slice_smoothing import smoothing_mm_arg
 
@@ -409,7 +410,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; continue with the same command plus --resume", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, EngineError) as exc:
+        # EngineError covers the device and precision checks (e.g. bf16 asked for on a CPU without it),
+        # which are the user's settings, not a bug: a message, not a traceback.
         if a.verbose:
             raise
         print(f"lumbarseg-train {a.command}: error: {exc}", file=sys.stderr)
