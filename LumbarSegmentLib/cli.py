@@ -54,6 +54,7 @@ def _overlap(value: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .bn_adapt import BN_ADAPT_HELP, bn_adapt_arg
     from .slice_smoothing import SLICE_SMOOTHING_MM, smoothing_mm_arg
 
     p = argparse.ArgumentParser(prog="lumbarseg", description="Lumbar-spine MRI segmentation (LumbarSegment).")
@@ -75,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--postprocess", default="none", choices=["none", "spine"],
                    help="clean-up: spine = drop foreground blobs that are not connected to the spinal column "
                    "(default none; docs/validation.md gives what it changes)")
+    s.add_argument("--bn-adapt", type=bn_adapt_arg, default=0.0, metavar="W", help=BN_ADAPT_HELP)
     s.add_argument("--slice-smoothing", type=smoothing_mm_arg, default=SLICE_SMOOTHING_MM, metavar="MM",
                    help="sigma in mm of the Gaussian average of probabilities across neighbouring slices "
                    f"(default {SLICE_SMOOTHING_MM:g}; 0 = each slice on its own)")
@@ -188,7 +190,7 @@ def _segment_one(src: Path, label_out: Path, args, packages, report_out=None, se
     opts = SegmentOptions(device=args.device, mode=args.mode, batch_size=args.batch_size, tile=tile,
                           overlap=args.overlap, allow_reslice=args.reslice, confidence=bool(conf_out),
                           precision=args.precision, threads=args.threads, postprocess=args.postprocess,
-                          slice_smoothing_mm=args.slice_smoothing)
+                          slice_smoothing_mm=args.slice_smoothing, bn_adapt=args.bn_adapt)
     bar = None
     from .progress import BATCH, ProgressLog
 

@@ -16,6 +16,9 @@ bounded whatever the volume size):
 5. argmax → schema values, optional confidence (max probability), back to the
    stored array order with ``layout.from_canonical``.
 
+Optionally (``bn_adapt`` > 0, off by default) each model's BatchNorm statistics are first
+re-estimated on windows of the volume's own slices (:mod:`bn_adapt`, test-time adaptation).
+
 Before the first batch each loaded model is turned into an equivalent, cheaper inference
 graph (:func:`inference_graph`): BatchNorm folded into the preceding convolution and PReLU
 evaluated as ``max(x, a*x)`` (see docs/benchmarks.md for what that buys on a CPU).
@@ -81,6 +84,7 @@ class SegmentOptions:
     threads: int | None = None  # CPU threads for torch (None: leave torch's default)
     postprocess: str = "none"  # "spine": keep the spinal column, drop blobs apart from it (postprocess.py)
     slice_smoothing_mm: float = SLICE_SMOOTHING_MM  # sigma of the across-slice average (0: off)
+    bn_adapt: float = 0.0  # weight of the volume's own BatchNorm statistics (bn_adapt.py; 0: off)
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -98,6 +102,8 @@ class SegmentOptions:
         if not 0 <= self.slice_smoothing_mm <= SLICE_SMOOTHING_MAX_MM:
             raise EngineError(f"slice smoothing must be 0-{SLICE_SMOOTHING_MAX_MM:g} mm (0: off), "
                               f"got {self.slice_smoothing_mm}")
+        if not 0 <= self.bn_adapt <= 1:
+            raise EngineError(f"BatchNorm adaptation weight must be 0 (off) to 1, got {self.bn_adapt}")
         from .postprocess import MODES as PP_MODES
 
         if self.postprocess not in PP_MODES:
@@ -259,7 +265,7 @@ def as_loaded(model) -> LoadedModel:
 class _Runner:
     """One model on one device, with the batching / OOM policy."""
 
-    def __init__(self, spec: LoadedModel, device, options: SegmentOptions, warnings: list):
+    def __init__(self, spec: LoadedModel, device, options: SegmentOptions, warnings: list, slices=None):
         import copy
 
         import torch
@@ -268,12 +274,45 @@ class _Runner:
         self.options = options
         self.warnings = warnings
         self.device = device
-        module = spec.module if spec.owned else copy.deepcopy(spec.module).to("cpu")
-        self.model = inference_graph(module.eval())
+        self.torch = torch
         self.batch = options.batch_size or (32 if device.type == "cuda" else 8)
         self.group = self.batch  # windows per progress step; fixed, while ``batch`` may shrink on OOM
+        adapt = options.bn_adapt > 0 and slices is not None
+        # BN adaptation changes the statistics: always on a private copy, never on a shared module
+        module = spec.module if spec.owned and not adapt else copy.deepcopy(spec.module).to("cpu")
+        self.model = module.eval() if adapt else inference_graph(module.eval())
         self._place(device)
-        self.torch = torch
+        if adapt:
+            self._adapt(slices)
+            self.model = inference_graph(self.model)
+            self._place(device)
+
+    def _adapt(self, slices):
+        """Test-time BatchNorm adaptation (bn_adapt.py) on windows of the volume's own slices, cut
+        as the prediction cuts them, shuffled into batches that each mix the whole stack."""
+        import torch
+        import torch.nn.functional as F
+
+        from .bn_adapt import adapt_batchnorm, adapt_slices, mixed_batches
+
+        stack = torch.cat([neighbour_stack(slices, i, i + 1, self.spec.slice_context)
+                           for i in adapt_slices(slices.shape[0])])
+        H, W = stack.shape[2:]
+        th, tw = _tile_size(self.options, self.spec, (H, W))
+        ph, pw = max(H, th), max(W, tw)
+        x = F.pad(stack, (0, pw - W, 0, ph - H)) if (ph, pw) != (H, W) else stack
+        windows = torch.stack([x[s, :, y:y + th, x0:x0 + tw] for s in range(x.shape[0])
+                               for y in window_starts(ph, th, self.options.overlap)
+                               for x0 in window_starts(pw, tw, self.options.overlap)])
+        cl = self.device.type in ("cuda", "cpu")
+
+        def place(part):
+            return part.to(self.device).contiguous(memory_format=torch.channels_last) if cl else part.to(self.device)
+
+        with autocast(self.device, self.dtype):
+            adapted = adapt_batchnorm(self.model, mixed_batches(windows, self.batch, place), self.options.bn_adapt)
+        if not adapted:
+            self.warnings.append(f"{self.spec.ref} has no BatchNorm statistics to adapt: ran as trained")
 
     def _place(self, device):
         import torch
@@ -421,6 +460,7 @@ def _report(volume, schema, runners, options, layout, info, n_slices, counts, en
                     "sha256": r.spec.sha256, "path": r.spec.path} for r in runners],
         "mode": options.mode,
         "slice_smoothing_mm": options.slice_smoothing_mm,
+        "bn_adapt": options.bn_adapt,
         "device": str(r0.device),
         "precision": str(r0.dtype).replace("torch.", "") if r0.dtype else "float32",
         "torch": torch.__version__,
@@ -458,15 +498,13 @@ def segment_volume(volume: Volume, packages: Sequence[ModelPackage | LoadedModel
     timings: dict[str, float] = {}
     warnings: list[str] = []
     device = pick_device(options.device)
-    runners = [_Runner(p, device, options, warnings) for p in packages]
-    timings["load_models"] = time.perf_counter() - t0
     flips = (False, True) if options.mode in ("tta", "ensemble") else (False,)
 
     # Preprocess once per distinct (spacing, normalisation) among the models.
     t = time.perf_counter()
     prepared = {}
-    for r in runners:
-        key = (tuple(r.spec.spacing), r.spec.normalisation)
+    for p in packages:
+        key = (tuple(p.spacing), p.normalisation)
         if key not in prepared:
             prepared[key] = model_slices(volume, key[0], allow_reslice=options.allow_reslice,
                                          normalisation=key[1])
@@ -476,6 +514,10 @@ def segment_volume(volume: Volume, packages: Sequence[ModelPackage | LoadedModel
     if layout.resliced:
         warnings.append("the input is not a sagittal stack; it was resliced sagittally on request (coarse)")
     timings["preprocess"] = time.perf_counter() - t
+    t = time.perf_counter()  # (with BN adaptation this includes its pass over the volume)
+    runners = [_Runner(p, device, options, warnings, prepared[(tuple(p.spacing), p.normalisation)][0])
+               for p in packages]
+    timings["load_models"] = time.perf_counter() - t
 
     n_slices = next(iter(prepared.values()))[0].shape[0]
     plane_in = tuple(layout.to_canonical(volume.array).shape[1:])

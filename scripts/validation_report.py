@@ -30,6 +30,7 @@ if str(REPO) not in sys.path:
 
 from LumbarSegmentLib.cases import read_patient_map, with_patients  # noqa: E402
 from LumbarSegmentLib.packages import Registry  # noqa: E402
+from LumbarSegmentLib.bn_adapt import BN_ADAPT_HELP, bn_adapt_arg  # noqa: E402
 from LumbarSegmentLib.slice_smoothing import smoothing_mm_arg  # noqa: E402
 from LumbarSegmentLib.training import evaluate as ev  # noqa: E402
 from LumbarSegmentLib.training.data import select_cases  # noqa: E402
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--which", choices=("val", "test"), required=True, help="which cases of --split")
     p.add_argument("--split", default=str(SPLIT), help="split file (default: the patient-grouped v2)")
     p.add_argument("--patients", default=str(PATIENTS), help="patient map of the data (lumbarsegment.patients)")
+    p.add_argument("--bn-adapt", type=bn_adapt_arg, default=0.0, metavar="W", help=BN_ADAPT_HELP)
     p.add_argument("--slice-smoothing", type=smoothing_mm_arg, default=None, metavar="MM",
                    help="the engine's across-slice smoothing (default: the engine's own, as users get it)")
     p.add_argument("--allow-seen", action="store_true",
@@ -111,16 +113,18 @@ def main(argv=None) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    res = ev.evaluate_packages(entries, cases, device="cpu", precision=a.precision, slice_smoothing_mm=a.slice_smoothing)
+    res = ev.evaluate_packages(entries, cases, device="cpu", precision=a.precision, slice_smoothing_mm=a.slice_smoothing,
+                               bn_adapt=a.bn_adapt)
     t1 = time.time()
     thick = ev.evaluate_packages(entries, cases, device="cpu", precision=a.precision, slab_mm=a.slab_mm,
-                                 slice_smoothing_mm=a.slice_smoothing)
+                                 slice_smoothing_mm=a.slice_smoothing, bn_adapt=a.bn_adapt)
     t2 = time.time()
     first = next(iter(entries.values()))
     schema = (first[0].schema)
     md = [f"# Validation report: {a.which} split ({len(cases)} cases)", "",
           f"Models: {', '.join(entries)}. Precision {a.precision}, CPU, across-slice smoothing "
-          f"{'the engine default' if a.slice_smoothing is None else f'{a.slice_smoothing:g} mm'}. "
+          f"{'the engine default' if a.slice_smoothing is None else f'{a.slice_smoothing:g} mm'}"
+          f"{f', BatchNorm adaptation {a.bn_adapt:g}' if a.bn_adapt else ''}. "
           f"Prediction wall time: {t1 - t0:.0f} s (1 mm), {t2 - t1:.0f} s ({a.slab_mm:g} mm stacks).", "",
           "Patients: " + ("every case's patient is new to every model" if not seen else
                           "**scored although their patient trained a model** (`--allow-seen`): " + "; ".join(seen))

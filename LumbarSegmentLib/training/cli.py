@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from LumbarSegmentLib.bn_adapt import BN_ADAPT_HELP, bn_adapt_arg
 from LumbarSegmentLib.devices import EngineError
 from LumbarSegmentLib.models import VARIANTS
 from LumbarSegmentLib.slice_smoothing import smoothing_mm_arg
@@ -335,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_precision_arg(e)
     e.add_argument("--mode", choices=("fast", "tta", "ensemble"),
                    help="engine mode (default: fast for one model, ensemble for A+B)")
+    e.add_argument("--bn-adapt", type=bn_adapt_arg, default=0.0, metavar="W", help=BN_ADAPT_HELP)
     e.add_argument("--slice-smoothing", type=smoothing_mm_arg, metavar="MM",
                    help="the engine's across-slice smoothing in mm (default: the engine's own, as users get it)")
     e.add_argument("--postprocess", choices=("none", "spine"), default="none",

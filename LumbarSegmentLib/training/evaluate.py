@@ -161,12 +161,12 @@ def _smoothing(mm: float | None) -> dict:
 
 def predict(models: Sequence[ModelPackage | LoadedModel], image: Volume, *, device: str = "auto",
             precision: str = "auto", mode: str | None = None, threads: int | None = None,
-            postprocess: str = "none", slice_smoothing_mm: float | None = None) -> np.ndarray:
+            postprocess: str = "none", slice_smoothing_mm: float | None = None, bn_adapt: float = 0.0) -> np.ndarray:
     """The engine's label map (schema values of the first model) for ``image``: the one prediction path."""
     mode = mode or ("ensemble" if len(models) > 1 else "fast")
     res = segment_volume(image, list(models), SegmentOptions(device=str(device), mode=mode, precision=precision,
                                                               threads=threads, postprocess=postprocess,
-                                                              **_smoothing(slice_smoothing_mm)))
+                                                              bn_adapt=bn_adapt, **_smoothing(slice_smoothing_mm)))
     return res.labels.array
 
 
@@ -235,20 +235,21 @@ class Scorer:
 
 def score_models(models: Sequence[ModelPackage | LoadedModel], cases: Sequence[EvalCase], schema: LabelSchema, *,
                  device: str = "auto", precision: str = "auto", mode: str | None = None,
-                 margin_mm: float = 2.0, postprocess: str = "none", slice_smoothing_mm: float | None = None) -> dict:
+                 margin_mm: float = 2.0, postprocess: str = "none", slice_smoothing_mm: float | None = None,
+                 bn_adapt: float = 0.0) -> dict:
     """Predict every case with the engine and score it; returns :meth:`Scorer.results` + seconds."""
     scorer = Scorer(schema, margin_mm)
     t0 = time.time()
     for c in cases:
         scorer.add(c, predict(models, c.image, device=device, precision=precision, mode=mode, postprocess=postprocess,
-                              slice_smoothing_mm=slice_smoothing_mm))
+                              slice_smoothing_mm=slice_smoothing_mm, bn_adapt=bn_adapt))
     return {**scorer.results(), "seconds": time.time() - t0}
 
 
 def evaluate_packages(entries: Mapping[str, Sequence[ModelPackage | LoadedModel]], case_list: Sequence[Case], *,
                       device="auto", precision: str = "auto", mode: str | None = None, slab_mm: float | None = None,
                       inplane_mm: float = CLINICAL_INPLANE_MM, amp: str | None = None, postprocess: str = "none",
-                      slice_smoothing_mm: float | None = None) -> dict:
+                      slice_smoothing_mm: float | None = None, bn_adapt: float = 0.0) -> dict:
     """``entries[name] = [model, ...]`` (several = ensemble) -> ``{name: results}`` (see :func:`score_models`).
 
     ``amp`` is the old name of ``precision`` (``off`` = ``fp32``), still accepted from callers.
@@ -265,7 +266,7 @@ def evaluate_packages(entries: Mapping[str, Sequence[ModelPackage | LoadedModel]
         if key not in prepared:
             prepared[key] = prepare_cases(case_list, schema, slab_mm=slab_mm, inplane_mm=inplane_mm)
         r = score_models(models, prepared[key], schema, device=str(device), precision=precision, mode=mode,
-                         postprocess=postprocess, slice_smoothing_mm=slice_smoothing_mm)
+                         postprocess=postprocess, slice_smoothing_mm=slice_smoothing_mm, bn_adapt=bn_adapt)
         out[name] = {**r, "models": [m.ref for m in models], "class_ids": list(schema.ids)}
     return out
 
@@ -395,7 +396,7 @@ def evaluate_cli(a) -> int:
     case_list = select_cases(a.data, ids or None, exclude)
     results = evaluate_packages(entries, case_list, device=a.device, precision=a.precision, mode=a.mode,
                                 slab_mm=a.thick_slab, inplane_mm=inplane, postprocess=a.postprocess,
-                                slice_smoothing_mm=a.slice_smoothing)
+                                slice_smoothing_mm=a.slice_smoothing, bn_adapt=a.bn_adapt)
     schema = first.schema
     agg = {n: r["metrics"] for n, r in results.items()}
     ids_ = first.schema.ids
