@@ -111,3 +111,25 @@ def test_the_segment_command_refuses_a_bad_weight_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "--bn-adapt" in err and "use 0 (off) to 1" in err and "Traceback" not in err
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_the_sweep_script_scores_each_weight_through_the_engine(tiny_package, tmp_path, capsys):
+    """scripts/bn_adapt_sweep.py (the command behind docs/validation.md's ninth-round tables) on the
+    demo case shipped in Resources/Sample: one result per weight, and the table shows both."""
+    import json
+    from pathlib import Path
+
+    from conftest import load_script
+
+    root = Path(__file__).resolve().parents[1]
+    sweep = load_script(root / "scripts" / "bn_adapt_sweep.py", "bn_adapt_sweep")
+    out = tmp_path / "sweep"
+    assert sweep.main(["--model", str(tiny_package.path), "--data", str(root / "Resources" / "Sample"),
+                       "--cases", "VB2_06", "--weights", "0,1", "--precision", "fp32", "--out", str(out)]) == 0
+    r0, r1 = (json.loads((out / f"w{w}.json").read_text()) for w in (0, 1))
+    assert r0["level_range"]["VB2"]["vertebral_body"] != r1["level_range"]["VB2"]["vertebral_body"]
+    md = (out / "table.md").read_text()
+    assert "| VB2 | vertebral_body | level range |" in md and "W = 0 | W = 1" in md
+    with pytest.raises(SystemExit):
+        sweep.main(["--model", str(tiny_package.path), "--cases", "VB2_06", "--weights", "0,3", "--out", str(out)])
+    assert "use 0 (off) to 1" in capsys.readouterr().err
