@@ -106,4 +106,5 @@ def adapt_batchnorm(module, batches, weight: float) -> int:
     return len(layers) if seen else 0
 
 
-__all__ = ["BN_ADAPT_HELP", "MAX_ADAPT_SLICES", "bn_adapt_arg", "adapt_batchnorm", "adapt_slices", "batchnorm_layers", "mixed_batches"]
+__all__ = ["BN_ADAPT_HELP", "MAX_ADAPT_SLICES", "adapt_batchnorm", "adapt_slices", "batchnorm_layers", "bn_adapt_arg",
+           "mixed_batches"]
