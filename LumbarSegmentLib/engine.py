@@ -265,7 +265,8 @@ def as_loaded(model) -> LoadedModel:
 class _Runner:
     """One model on one device, with the batching / OOM policy."""
 
-    def __init__(self, spec: LoadedModel, device, options: SegmentOptions, warnings: list, slices=None):
+    def __init__(self, spec: LoadedModel, device, options: SegmentOptions, warnings: list, slices=None,
+                 cancelled: Callable[[], bool] = lambda: False):
         import copy
 
         import torch
@@ -274,7 +275,7 @@ class _Runner:
         self.options = options
         self.warnings = warnings
         self.device = device
-        self.torch = torch
+        self.torch, self.cancelled = torch, cancelled
         self.batch = options.batch_size or (32 if device.type == "cuda" else 8)
         self.group = self.batch  # windows per progress step; fixed, while ``batch`` may shrink on OOM
         adapt = options.bn_adapt > 0 and slices is not None
@@ -304,10 +305,11 @@ class _Runner:
         windows = torch.stack([x[s, :, y:y + th, x0:x0 + tw] for s in range(x.shape[0])
                                for y in window_starts(ph, th, self.options.overlap)
                                for x0 in window_starts(pw, tw, self.options.overlap)])
-        cl = self.device.type in ("cuda", "cpu")
-
-        def place(part):
-            return part.to(self.device).contiguous(memory_format=torch.channels_last) if cl else part.to(self.device)
+        def place(part):  # to the device, in the layout the model runs in; a cancel is honoured between batches
+            if self.cancelled():
+                raise Cancelled("segmentation cancelled")
+            part = part.to(self.device)
+            return part.contiguous(memory_format=torch.channels_last) if self.device.type in ("cuda", "cpu") else part
 
         with autocast(self.device, self.dtype):
             adapted = adapt_batchnorm(self.model, mixed_batches(windows, self.batch, place), self.options.bn_adapt)
@@ -515,7 +517,7 @@ def segment_volume(volume: Volume, packages: Sequence[ModelPackage | LoadedModel
         warnings.append("the input is not a sagittal stack; it was resliced sagittally on request (coarse)")
     timings["preprocess"] = time.perf_counter() - t
     t = time.perf_counter()  # (with BN adaptation this includes its pass over the volume)
-    runners = [_Runner(p, device, options, warnings, prepared[(tuple(p.spacing), p.normalisation)][0])
+    runners = [_Runner(p, device, options, warnings, prepared[(tuple(p.spacing), p.normalisation)][0], is_cancelled)
                for p in packages]
     timings["load_models"] = time.perf_counter() - t
 

@@ -133,3 +133,31 @@ def test_the_sweep_script_scores_each_weight_through_the_engine(tiny_package, tm
     with pytest.raises(SystemExit):
         sweep.main(["--model", str(tiny_package.path), "--cases", "VB2_06", "--weights", "0,3", "--out", str(out)])
     assert "use 0 (off) to 1" in capsys.readouterr().err
+
+
+def test_a_cancel_stops_the_adaptation_pass_before_its_next_batch(tiny_package, monkeypatch):
+    """The adaptation pass can take as long as the draft itself: a cancel must not wait for it."""
+    import threading
+
+    from LumbarSegmentLib import bn_adapt
+    from LumbarSegmentLib.engine import Cancelled
+
+    consumed = []
+    real = bn_adapt.adapt_batchnorm
+
+    def counting(module, batches, weight):
+        def each():
+            for b in batches:
+                consumed.append(1)
+                yield b
+        return real(module, each(), weight)
+
+    monkeypatch.setattr(bn_adapt, "adapt_batchnorm", counting)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        segment_volume(_volume(), [tiny_package], SegmentOptions(precision="fp32", bn_adapt=0.5, batch_size=1),
+                       cancel=stop)
+    assert consumed == []
+    segment_volume(_volume(), [tiny_package], SegmentOptions(precision="fp32", bn_adapt=0.5, batch_size=1))
+    assert consumed  # the spy does see the batches of a run nobody cancels
