@@ -16,12 +16,10 @@ bounded whatever the volume size):
 5. argmax → schema values, optional confidence (max probability), back to the
    stored array order with ``layout.from_canonical``.
 
-Optionally (``bn_adapt`` > 0, off by default) each model's BatchNorm statistics are first
-re-estimated on windows of the volume's own slices (:mod:`bn_adapt`, test-time adaptation).
-
-Before the first batch each loaded model is turned into an equivalent, cheaper inference
-graph (:func:`inference_graph`): BatchNorm folded into the preceding convolution and PReLU
-evaluated as ``max(x, a*x)`` (see docs/benchmarks.md for what that buys on a CPU).
+Before the first batch each loaded model (with ``bn_adapt`` > 0, off by default, its BatchNorm
+statistics first re-estimated on the volume's own slices: :mod:`bn_adapt`) is turned into an
+equivalent, cheaper inference graph (:func:`inference_graph`): BatchNorm folded into the preceding
+convolution and PReLU evaluated as ``max(x, a*x)`` (docs/benchmarks.md says what that buys on a CPU).
 
 Devices: ``auto`` picks CUDA, then MPS, then CPU. On CUDA the model runs in
 channels_last with fp16/bf16 autocast; a CUDA out-of-memory error halves the
@@ -265,20 +263,17 @@ def as_loaded(model) -> LoadedModel:
 class _Runner:
     """One model on one device, with the batching / OOM policy."""
 
-    def __init__(self, spec: LoadedModel, device, options: SegmentOptions, warnings: list, slices=None,
-                 cancelled: Callable[[], bool] = lambda: False):
+    def __init__(self, spec: LoadedModel, device, options: SegmentOptions, warnings: list, slices,
+                 cancelled: Callable[[], bool]):
         import copy
 
         import torch
 
-        self.spec = spec
-        self.options = options
-        self.warnings = warnings
-        self.device = device
-        self.torch, self.cancelled = torch, cancelled
+        self.spec, self.options, self.warnings, self.device = spec, options, warnings, device
+        self.torch, self.cancelled = torch, cancelled  # ``slices``: the volume's model-space stack [S, H, W]
         self.batch = options.batch_size or (32 if device.type == "cuda" else 8)
         self.group = self.batch  # windows per progress step; fixed, while ``batch`` may shrink on OOM
-        adapt = options.bn_adapt > 0 and slices is not None
+        adapt = options.bn_adapt > 0
         # BN adaptation changes the statistics: always on a private copy, never on a shared module
         module = spec.module if spec.owned and not adapt else copy.deepcopy(spec.module).to("cpu")
         self.model = module.eval() if adapt else inference_graph(module.eval())
@@ -292,24 +287,18 @@ class _Runner:
         """Test-time BatchNorm adaptation (bn_adapt.py) on windows of the volume's own slices, cut
         as the prediction cuts them, shuffled into batches that each mix the whole stack."""
         import torch
-        import torch.nn.functional as F
 
         from .bn_adapt import adapt_batchnorm, adapt_slices, mixed_batches
 
         stack = torch.cat([neighbour_stack(slices, i, i + 1, self.spec.slice_context)
                            for i in adapt_slices(slices.shape[0])])
-        H, W = stack.shape[2:]
-        th, tw = _tile_size(self.options, self.spec, (H, W))
-        ph, pw = max(H, th), max(W, tw)
-        x = F.pad(stack, (0, pw - W, 0, ph - H)) if (ph, pw) != (H, W) else stack
-        windows = torch.stack([x[s, :, y:y + th, x0:x0 + tw] for s in range(x.shape[0])
-                               for y in window_starts(ph, th, self.options.overlap)
-                               for x0 in window_starts(pw, tw, self.options.overlap)])
-        def place(part):  # to the device, in the layout the model runs in; a cancel is honoured between batches
+        x, (th, tw), ys, xs = _tiling(stack, self.spec, self.options)
+        windows = torch.stack([x[s, :, y:y + th, x0:x0 + tw] for s in range(x.shape[0]) for y in ys for x0 in xs])
+
+        def place(part):  # a cancel is honoured between the batches
             if self.cancelled():
                 raise Cancelled("segmentation cancelled")
-            part = part.to(self.device)
-            return part.contiguous(memory_format=torch.channels_last) if self.device.type in ("cuda", "cpu") else part
+            return self._to_device(part)
 
         with autocast(self.device, self.dtype):
             adapted = adapt_batchnorm(self.model, mixed_batches(windows, self.batch, place), self.options.bn_adapt)
@@ -346,39 +335,51 @@ class _Runner:
                     self._place(torch.device("cpu"))
         return torch.cat(outs)
 
+    def _to_device(self, x):
+        """Input windows on the model's device, in the memory layout the model runs in."""
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=self.torch.channels_last) if self.device.type in ("cuda", "cpu") else x
+
     def _run(self, x):
         torch = self.torch
-        x = x.to(self.device, non_blocking=True)
-        if self.device.type in ("cuda", "cpu"):
-            x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast(self.device, self.dtype):
-            logits = self.model(x)
+            logits = self.model(self._to_device(x))
             return torch.softmax(logits.float(), dim=1).cpu()
 
 
-def _tile_size(options: SegmentOptions, spec: LoadedModel, plane: tuple[int, int]) -> tuple[int, int]:
-    if options.tile == "auto":
-        options_tile = "whole" if max(plane) <= 2 * max(spec.patch_size) else "patch"
-        return _tile_size(SegmentOptions(tile=options_tile), spec, plane)
-    if options.tile == "patch":
-        return tuple(spec.patch_size)
-    if options.tile == "whole":
-        return tuple(max(32, -(-n // 32) * 32) for n in plane)
-    n = int(options.tile)
-    return (n, n)
+def _window_grid(plane: tuple[int, int], spec: LoadedModel, options: SegmentOptions):
+    """The prediction's windows over a slice of ``plane`` (H, W) (padded up to one tile when smaller):
+    ``((tile h, tile w), starts along H, starts along W)``."""
+    tile = options.tile
+    if tile == "auto":
+        tile = "whole" if max(plane) <= 2 * max(spec.patch_size) else "patch"
+    if tile == "patch":
+        th, tw = spec.patch_size
+    elif tile == "whole":
+        th, tw = (max(32, -(-n // 32) * 32) for n in plane)
+    else:
+        th = tw = int(tile)
+    return ((th, tw), window_starts(max(plane[0], th), th, options.overlap),
+            window_starts(max(plane[1], tw), tw, options.overlap))
+
+
+def _tiling(stack, spec: LoadedModel, options: SegmentOptions):
+    """``stack [n, C, H, W]`` zero-padded up to at least one tile, and its :func:`_window_grid`."""
+    import torch.nn.functional as F
+
+    (th, tw), ys, xs = _window_grid(tuple(stack.shape[2:]), spec, options)
+    pad_h, pad_w = max(0, th - stack.shape[2]), max(0, tw - stack.shape[3])
+    return (F.pad(stack, (0, pad_w, 0, pad_h)) if pad_h or pad_w else stack), (th, tw), ys, xs
 
 
 def _predict_chunk(runner: _Runner, stack, flips: Sequence[bool], options: SegmentOptions,
                    tick: Callable[[], None]):
     """Probabilities [n, K, H, W] for a chunk of model-space slices [n, C, H, W] (C = 2k+1 input slices)."""
     import torch
-    import torch.nn.functional as F
 
     n, _, H, W = stack.shape
-    th, tw = _tile_size(options, runner.spec, (H, W))
-    ph, pw = max(H, th), max(W, tw)
-    x = F.pad(stack, (0, pw - W, 0, ph - H)) if (ph, pw) != (H, W) else stack
-    ys, xs = window_starts(ph, th, options.overlap), window_starts(pw, tw, options.overlap)
+    x, (th, tw), ys, xs = _tiling(stack, runner.spec, options)
+    ph, pw = x.shape[2:]
     single = len(ys) == 1 and len(xs) == 1
     weight = torch.ones(th, tw) if single else gaussian_weight(th, tw)
     K = runner.spec.schema.num_classes
@@ -410,9 +411,8 @@ def _predict_chunk(runner: _Runner, stack, flips: Sequence[bool], options: Segme
 
 
 def _count_batches(n_slices, plane, runner, flips, options):
-    th, tw = _tile_size(options, runner.spec, plane)
-    ph, pw = max(plane[0], th), max(plane[1], tw)
-    per_slice = len(window_starts(ph, th, options.overlap)) * len(window_starts(pw, tw, options.overlap))
+    _, ys, xs = _window_grid(plane, runner.spec, options)
+    per_slice = len(ys) * len(xs)
     bs = runner.group
     total = 0
     for c0 in range(0, n_slices, options.chunk_slices):

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
     from LumbarSegmentLib.schema import load_schema
     from LumbarSegmentLib.training import augment as aug
-    from LumbarSegmentLib.training.data import load_case_slices, select_cases
+    from LumbarSegmentLib.training.data import _crop, load_case_slices, select_cases  # the sampler's own crop
 
     cases = [c for c in select_cases(a.data) if c.case_id == a.case]
     if not cases:
@@ -50,13 +50,9 @@ def main(argv=None) -> int:
     # the context crop the sampler would cut, centred on the labelled structure
     ys, xs = torch.nonzero(lab > 0, as_tuple=True)
     cy, cx = int(ys.float().mean()), int(xs.float().mean())
-    pad = torch.nn.functional.pad(img[None, None], (crop, crop, crop, crop))
-    ctx = pad[..., cy + crop - crop // 2: cy + crop + crop // 2, cx + crop - crop // 2: cx + crop + crop // 2]
-    ctx = ctx.expand(a.draws, 1, crop, crop).contiguous()
+    ctx = _crop(img, cy, cx, crop, 0.0).expand(a.draws, 1, crop, crop).contiguous()
     # the label rides along: "tissue" recolours the structure the case annotates
-    lpad = torch.nn.functional.pad(lab[None, None].long(), (crop, crop, crop, crop))
-    lab_ctx = lpad[..., cy + crop - crop // 2: cy + crop + crop // 2, cx + crop - crop // 2: cx + crop + crop // 2]
-    lab_ctx = lab_ctx[0].expand(a.draws, crop, crop).contiguous()
+    lab_ctx = _crop(lab.long(), cy, cx, crop, 0).expand(a.draws, crop, crop).contiguous()
     modes = ("off", "strong", "domain", "remap", "tissue", "gin")
     fig, axes = plt.subplots(len(modes), a.draws, figsize=(2.2 * a.draws, 2.3 * len(modes)))
     for r, mode in enumerate(modes):

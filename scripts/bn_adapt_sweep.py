@@ -32,8 +32,8 @@ def table(results: dict[float, dict], structures: list[str]) -> str:
                 continue
             row = [f"{results[w]['level_range'][src][st]:.3f}" for w in weights]
             lines.append(f"| {src} | {st} | level range | " + " | ".join(row) + " |")
-            strict = [results[w]["per_source"].get(src, results[w]["metrics"])["dice"].get(st) if src != "all"
-                      else results[w]["metrics"]["dice"].get(st) for w in weights]
+            strict = [(results[w]["metrics"] if src == "all" else results[w]["per_source"][src])["dice"].get(st)
+                      for w in weights]
             if all(v is not None for v in strict):
                 lines.append(f"| {src} | {st} | strict | " + " | ".join(f"{v:.3f}" for v in strict) + " |")
     lines.append("| | | seconds | " + " | ".join(f"{results[w]['seconds']:.0f}" for w in weights) + " |")

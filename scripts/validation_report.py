@@ -28,9 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from LumbarSegmentLib.bn_adapt import BN_ADAPT_HELP, bn_adapt_arg  # noqa: E402
 from LumbarSegmentLib.cases import read_patient_map, with_patients  # noqa: E402
 from LumbarSegmentLib.packages import Registry  # noqa: E402
-from LumbarSegmentLib.bn_adapt import BN_ADAPT_HELP, bn_adapt_arg  # noqa: E402
 from LumbarSegmentLib.slice_smoothing import smoothing_mm_arg  # noqa: E402
 from LumbarSegmentLib.training import evaluate as ev  # noqa: E402
 from LumbarSegmentLib.training.data import select_cases  # noqa: E402
