@@ -124,7 +124,7 @@ class _Recorder:
         self.level_range = level_range or {}
         self.calls = []
 
-    def __call__(self, entries, cases, device="cpu", amp="off"):
+    def __call__(self, entries, cases, options=None):
         self.calls.append({name: [p.path for p in pkgs] for name, pkgs in entries.items()} | {
             "cases": [c.case_id for c in cases]})
         out = {}

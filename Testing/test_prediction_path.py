@@ -54,7 +54,7 @@ def test_evaluate_scores_what_the_engine_predicts(small_real_volume, tiny_packag
     truth_vals[:, :, :2] = 0
     case = ev.EvalCase("c", small_real_volume, schema.values_to_channels(truth_vals),
                        annotated_mask(["vertebral_body", "intervertebral_disc"], schema), source="S")
-    r = ev.score_models([tiny_package], [case], schema, device="cpu", precision="fp32")
+    r = ev.score_models([tiny_package], [case], schema, SegmentOptions(device="cpu", precision="fp32"))
     for cid in ("vertebral_body", "intervertebral_disc"):
         v = schema[cid].value
         p, t = pred == v, truth_vals == v
@@ -130,3 +130,29 @@ def test_evaluation_labels_stay_apart_when_two_folders_share_a_package_name(tmp_
     assert [p.path for p in entries[str(b.path)]] == [b.path]
     # a lone folder is still labelled by its package name
     assert list(ev.resolve_entries(f"{c.path}")) == ["uvd-partner"]
+
+
+def test_scoring_hands_one_options_object_to_the_engine(monkeypatch, small_real_volume, tiny_package):
+    """Whatever options a scoring command builds reach every engine call unchanged (the per-option
+    keywords of earlier versions dropped some on the way); several models run as the ensemble."""
+    schema = tiny_package.schema
+    seen = []
+    real = ev.segment_volume
+
+    def spy(volume, models, options):
+        seen.append((len(models), options))
+        return real(volume, models, options)
+
+    monkeypatch.setattr(ev, "segment_volume", spy)
+    truth = np.zeros(small_real_volume.array.shape, dtype=np.uint8)
+    case = ev.EvalCase("c", small_real_volume, truth, annotated_mask(["vertebral_body"], schema), source="S")
+    opts = ev.eval_options(device="cpu", precision="fp32", slice_smoothing_mm=0, bn_adapt=0.25, postprocess="spine")
+    assert (opts.slice_smoothing_mm, opts.bn_adapt) == (0.0, 0.25)
+    assert ev.eval_options().slice_smoothing_mm == SegmentOptions().slice_smoothing_mm  # None: the engine default
+    ev.score_models([tiny_package], [case], schema, opts)
+    ev.score_models([tiny_package, tiny_package], [case], schema, opts)
+    assert [n for n, _ in seen] == [1, 2]
+    assert seen[0][1] == opts and seen[1][1].mode == "ensemble"
+    for _, o in seen:
+        assert (o.device, o.precision, o.slice_smoothing_mm, o.bn_adapt, o.postprocess) == ("cpu", "fp32", 0.0, 0.25,
+                                                                                              "spine")

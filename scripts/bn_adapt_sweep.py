@@ -70,8 +70,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for w in weights:
-        r = ev.evaluate_packages(entries, cases, device="cpu", precision=a.precision, slab_mm=a.thick_slab,
-                                 bn_adapt=w)[name]
+        r = ev.evaluate_packages(entries, cases, ev.eval_options(device="cpu", precision=a.precision, bn_adapt=w),
+                                 slab_mm=a.thick_slab)[name]
         (out / f"w{w:g}.json").write_text(json.dumps(r, indent=1, default=float))
         results[w] = r
         print(f"W = {w:g}: level range {r['level_range']['all']}  ({r['seconds']:.0f} s)", flush=True)

@@ -97,10 +97,11 @@ def main(argv=None) -> int:
 
     model = LoadedModel.from_package(resolve_model(a.model, [Registry(a.registry, read_only=True)]))
     vb = model.schema.channel_of()["vertebral_body"]
+    options = ev.eval_options(slice_smoothing_mm=a.slice_smoothing)
     for c in cases:
         image, label = c.load()
         layout = sagittal_layout(image)
-        pred = model.schema.values_to_channels(ev.predict([model], image, slice_smoothing_mm=a.slice_smoothing))
+        pred = model.schema.values_to_channels(ev.predict([model], image, options))
         rec = level_recalls(layout.to_canonical(label.array), layout.to_canonical(pred == vb))
         print(f"{c.case_id}: recall per labelled vertebra, top to bottom: " + " ".join(f"{r:.2f}" for _, r in rec))
     return 0

@@ -113,11 +113,11 @@ def main(argv=None) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    res = ev.evaluate_packages(entries, cases, device="cpu", precision=a.precision, slice_smoothing_mm=a.slice_smoothing,
-                               bn_adapt=a.bn_adapt)
+    options = ev.eval_options(device="cpu", precision=a.precision, slice_smoothing_mm=a.slice_smoothing,
+                              bn_adapt=a.bn_adapt)  # every prediction below, the overlays' too
+    res = ev.evaluate_packages(entries, cases, options)
     t1 = time.time()
-    thick = ev.evaluate_packages(entries, cases, device="cpu", precision=a.precision, slab_mm=a.slab_mm,
-                                 slice_smoothing_mm=a.slice_smoothing, bn_adapt=a.bn_adapt)
+    thick = ev.evaluate_packages(entries, cases, options, slab_mm=a.slab_mm)
     t2 = time.time()
     first = next(iter(entries.values()))
     schema = (first[0].schema)
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
                                                                                      for k, _ in per)], schema)}
         for key, d in per:
             cid = key.split(":")[0]
-            pred = ev.predict(entries[name0], prepared[cid].image, device="cpu", precision=a.precision)
+            pred = ev.predict(entries[name0], prepared[cid].image, options)
             png = out / f"worst_{cid}.png"
             overlay(prepared[cid], pred, schema, png, f"{cid} ({prepared[cid].source}), {name0}: level-range Dice {d:.3f}")
             md.append(f"![{cid}]({png.name}) {cid}: {d:.3f}")

@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     spacings = [float(s) for s in a.spacings.split(",") if s.strip()] or [base.spacing[0]]
     offsets = [float(x) for x in a.logit_offsets.split(",") if x.strip()] or [0.0]
     vb = base.schema.channel_of()["vertebral_body"]
+    options = ev.eval_options(slice_smoothing_mm=a.slice_smoothing)
     for sp, x in [(sp, x) for sp in spacings for x in offsets]:
         model = dataclasses.replace(LoadedModel.from_package(pkg), spacing=(sp, sp))
         with torch.no_grad():
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
         print(f"\n{pkg.ref} at {sp:g} mm{shift}\n\n| case | structure | level-range Dice | predicted / true |\n"
               "|---|---|--:|--:|")
         for c in cases:
-            pred = base.schema.values_to_channels(ev.predict([model], c.image, slice_smoothing_mm=a.slice_smoothing))
+            pred = base.schema.values_to_channels(ev.predict([model], c.image, options))
             for ch, cid in enumerate(base.schema.ids):
                 if ch == 0 or not bool(c.annotated[ch]):
                     continue

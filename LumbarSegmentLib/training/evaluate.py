@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -154,20 +154,26 @@ def every_nth_slice(case: EvalCase, n: int) -> EvalCase:
                     case.source, case.structures, case.info)
 
 
-def _smoothing(mm: float | None) -> dict:
-    """SegmentOptions keyword for an explicit across-slice smoothing (``None``: the engine's default)."""
-    return {} if mm is None else {"slice_smoothing_mm": float(mm)}
+def eval_options(*, slice_smoothing_mm: float | None = None, **fields) -> SegmentOptions:
+    """The engine options of a scoring run, built once by the command that scores and handed down
+    whole (so a new engine option is one more field here, not one more argument on every function
+    below). ``fields`` are :class:`engine.SegmentOptions` fields; a smoothing of ``None`` (a command
+    line that did not set it) keeps the engine's default."""
+    if slice_smoothing_mm is not None:
+        fields["slice_smoothing_mm"] = float(slice_smoothing_mm)
+    return SegmentOptions(**fields)
 
 
-def predict(models: Sequence[ModelPackage | LoadedModel], image: Volume, *, device: str = "auto",
-            precision: str = "auto", mode: str | None = None, threads: int | None = None,
-            postprocess: str = "none", slice_smoothing_mm: float | None = None, bn_adapt: float = 0.0) -> np.ndarray:
-    """The engine's label map (schema values of the first model) for ``image``: the one prediction path."""
-    mode = mode or ("ensemble" if len(models) > 1 else "fast")
-    res = segment_volume(image, list(models), SegmentOptions(device=str(device), mode=mode, precision=precision,
-                                                              threads=threads, postprocess=postprocess,
-                                                              bn_adapt=bn_adapt, **_smoothing(slice_smoothing_mm)))
-    return res.labels.array
+def predict(models: Sequence[ModelPackage | LoadedModel], image: Volume,
+            options: SegmentOptions | None = None) -> np.ndarray:
+    """The engine's label map (schema values of the first model) for ``image``: the one prediction path.
+
+    Several models with the default ``fast`` mode run as the engine's ensemble, as ``--mode
+    ensemble`` would; any other mode goes to the engine as given (which refuses a mismatch)."""
+    options = options or SegmentOptions()
+    if len(models) > 1 and options.mode == "fast":
+        options = replace(options, mode="ensemble")
+    return segment_volume(image, list(models), options).labels.array
 
 
 def level_range_counts(pred_ch: np.ndarray, truth_ch: np.ndarray, image: Volume, channel: int,
@@ -233,29 +239,22 @@ class Scorer:
                 "level_range_per_case": {f"{c}:{k}": v for (c, k), v in sorted(self.level_case.items())}}
 
 
-def score_models(models: Sequence[ModelPackage | LoadedModel], cases: Sequence[EvalCase], schema: LabelSchema, *,
-                 device: str = "auto", precision: str = "auto", mode: str | None = None,
-                 margin_mm: float = 2.0, postprocess: str = "none", slice_smoothing_mm: float | None = None,
-                 bn_adapt: float = 0.0) -> dict:
-    """Predict every case with the engine and score it; returns :meth:`Scorer.results` + seconds."""
+def score_models(models: Sequence[ModelPackage | LoadedModel], cases: Sequence[EvalCase], schema: LabelSchema,
+                 options: SegmentOptions | None = None, *, margin_mm: float = 2.0) -> dict:
+    """Predict every case with the engine (``options`` as in :func:`predict`) and score it; returns
+    :meth:`Scorer.results` + seconds."""
     scorer = Scorer(schema, margin_mm)
     t0 = time.time()
     for c in cases:
-        scorer.add(c, predict(models, c.image, device=device, precision=precision, mode=mode, postprocess=postprocess,
-                              slice_smoothing_mm=slice_smoothing_mm, bn_adapt=bn_adapt))
+        scorer.add(c, predict(models, c.image, options))
     return {**scorer.results(), "seconds": time.time() - t0}
 
 
-def evaluate_packages(entries: Mapping[str, Sequence[ModelPackage | LoadedModel]], case_list: Sequence[Case], *,
-                      device="auto", precision: str = "auto", mode: str | None = None, slab_mm: float | None = None,
-                      inplane_mm: float = CLINICAL_INPLANE_MM, amp: str | None = None, postprocess: str = "none",
-                      slice_smoothing_mm: float | None = None, bn_adapt: float = 0.0) -> dict:
-    """``entries[name] = [model, ...]`` (several = ensemble) -> ``{name: results}`` (see :func:`score_models`).
-
-    ``amp`` is the old name of ``precision`` (``off`` = ``fp32``), still accepted from callers.
-    """
-    if amp is not None:
-        precision = {"off": "fp32"}.get(amp, amp)
+def evaluate_packages(entries: Mapping[str, Sequence[ModelPackage | LoadedModel]], case_list: Sequence[Case],
+                      options: SegmentOptions | None = None, *, slab_mm: float | None = None,
+                      inplane_mm: float = CLINICAL_INPLANE_MM) -> dict:
+    """``entries[name] = [model, ...]`` (several = ensemble) -> ``{name: results}`` (see :func:`score_models`);
+    every entry is predicted with the same engine ``options`` (:func:`eval_options`)."""
     loaded = {name: [m if isinstance(m, LoadedModel) else LoadedModel.from_package(m) for m in ms]
               for name, ms in entries.items()}
     prepared: dict[str, list[EvalCase]] = {}
@@ -265,8 +264,7 @@ def evaluate_packages(entries: Mapping[str, Sequence[ModelPackage | LoadedModel]
         key = schema.name + ":" + ",".join(schema.ids)
         if key not in prepared:
             prepared[key] = prepare_cases(case_list, schema, slab_mm=slab_mm, inplane_mm=inplane_mm)
-        r = score_models(models, prepared[key], schema, device=str(device), precision=precision, mode=mode,
-                         postprocess=postprocess, slice_smoothing_mm=slice_smoothing_mm, bn_adapt=bn_adapt)
+        r = score_models(models, prepared[key], schema, options)
         out[name] = {**r, "models": [m.ref for m in models], "class_ids": list(schema.ids)}
     return out
 
@@ -394,9 +392,9 @@ def evaluate_cli(a) -> int:
             log.info("evaluating on %s's validation cases: %s", first.ref, ", ".join(ids))
     exclude = [s.strip() for s in (a.exclude or "").split(",") if s.strip()]
     case_list = select_cases(a.data, ids or None, exclude)
-    results = evaluate_packages(entries, case_list, device=a.device, precision=a.precision, mode=a.mode,
-                                slab_mm=a.thick_slab, inplane_mm=inplane, postprocess=a.postprocess,
-                                slice_smoothing_mm=a.slice_smoothing, bn_adapt=a.bn_adapt)
+    options = eval_options(device=str(a.device), precision=a.precision, mode=a.mode or "fast",
+                           postprocess=a.postprocess, slice_smoothing_mm=a.slice_smoothing, bn_adapt=a.bn_adapt)
+    results = evaluate_packages(entries, case_list, options, slab_mm=a.thick_slab, inplane_mm=inplane)
     schema = first.schema
     agg = {n: r["metrics"] for n, r in results.items()}
     ids_ = first.schema.ids

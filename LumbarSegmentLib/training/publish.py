@@ -92,9 +92,12 @@ def compare(candidate: ModelPackage, current: ModelPackage, case_list: Sequence[
     if metric == "level_range_dice" and not case_list:
         raise PackageError("the level_range_dice gate needs cases to evaluate: pass --data (or --cases)")
     if case_list:
+        from LumbarSegmentLib.engine import SegmentOptions
+
         from .evaluate import evaluate_packages
 
-        res = evaluate_packages({"candidate": [candidate], "current": [current]}, case_list, device=device, amp=amp)
+        options = SegmentOptions(device=str(device), precision={"off": "fp32"}.get(amp, amp))
+        res = evaluate_packages({"candidate": [candidate], "current": [current]}, case_list, options)
         cm, dm = res["candidate"]["metrics"], res["current"]["metrics"]
         if metric == "level_range_dice":  # Dice inside the spine levels each manual label covers
             cm, dm = ({**m, "dice": r.get("level_range", {}).get("all", {})} for m, r in

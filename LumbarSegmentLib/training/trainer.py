@@ -45,7 +45,7 @@ from LumbarSegmentLib.progress import PROGRESS_FILE, ProgressLog  # the event sc
 from . import augment as aug
 from .config import TrainConfig
 from LumbarSegmentLib.devices import autocast, autocast_dtype, pick_device, precision_name
-from LumbarSegmentLib.engine import LoadedModel
+from LumbarSegmentLib.engine import LoadedModel, SegmentOptions
 
 from .checkpoints import (CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint, rng_state,  # noqa: F401
                           seed_everything, set_rng_state)
@@ -117,7 +117,7 @@ def validate(model, cases: Sequence[EvalCase], schema, spacing, patch, *, stride
     scorer = Scorer(schema)
     for c in cases:
         c = every_nth_slice(c, stride)
-        scorer.add(c, predict([lm], c.image, device=str(device), precision=precision))
+        scorer.add(c, predict([lm], c.image, SegmentOptions(device=str(device), precision=precision)))
     return scorer
 
 
