@@ -78,6 +78,45 @@ def test_level_range_counts_only_rows_the_truth_covers():
     assert ev.level_range_counts(pred, truth, img, 1, margin_mm=2)[1] == truth.sum() + 6 * 5
 
 
+def _surface(pred, truth, slice_mm=1.0, tol=(1.0, 2.0, 4.0)):
+    img = Volume(np.ones(truth.shape, np.float32), spacing=(1, 1, slice_mm), direction=ev.CANONICAL_DIRECTION)
+    counts = ev.surface_counts(pred, truth, img, 1, tol, margin_mm=2)
+    return {t: c / n for t, (c, n) in counts.items()}
+
+
+def test_surface_dice_counts_border_voxels_within_the_tolerance():
+    """Same outline: 1; an outline one voxel off all round: its faces inside 1 mm, its edges and corners
+    (sqrt 2 and sqrt 3 mm off) only inside 1.75 mm, nothing inside 0.5 mm; two voxels off along one axis:
+    only those faces miss at 1 mm; a blob beyond the labelled levels: not counted."""
+    truth = np.zeros((12, 40, 30), np.uint8)  # canonical [s, r, c]
+    truth[3:9, 10:20, 8:18] = 1
+    assert _surface(truth, truth) == {1.0: 1.0, 2.0: 1.0, 4.0: 1.0}
+    grown = np.zeros_like(truth)
+    grown[2:10, 9:21, 7:19] = 1
+    got = _surface(grown, truth, tol=(0.5, 1.0, 1.75))
+    assert got[0.5] == 0.0 and 0.8 < got[1.0] < 1 and got[1.75] == 1.0  # the box's edges and corners are sqrt 2, 3 off
+    shifted = np.zeros_like(truth)
+    shifted[3:9, 12:22, 8:18] = 1  # moved 2 voxels along r
+    got = _surface(shifted, truth)
+    assert 0 < got[1.0] < 1 and got[2.0] == 1.0
+    blob = truth.copy()
+    blob[3:9, 32:38, 8:18] = 1  # beyond the truth's rows + 2 mm
+    assert _surface(blob, truth) == {1.0: 1.0, 2.0: 1.0, 4.0: 1.0}
+    assert _surface(np.zeros_like(truth), truth)[4.0] == 0.0  # nothing drawn: no border is close
+
+
+def test_surface_dice_measures_in_millimetres_across_thick_slices():
+    """A draft one slice off on a 4 mm stack is 4 mm off at its side faces: inside 4 mm, not inside 2 mm
+    (with the spacing read along the wrong axis it would pass at 2 mm)."""
+    truth = np.zeros((12, 40, 30), np.uint8)
+    truth[3:9, 10:20, 8:18] = 1
+    moved = np.zeros_like(truth)
+    moved[4:10, 10:20, 8:18] = 1
+    got = _surface(moved, truth, slice_mm=4.0)
+    assert got[2.0] < 1 and got[4.0] == 1.0
+    assert _surface(moved, truth, slice_mm=1.0)[1.0] == 1.0
+
+
 def test_thick_slab_averages_slices_and_keeps_centre_labels():
     arr = np.zeros((8, 20, 24), dtype=np.float32)  # [s, r, c] at 1 mm
     for s in range(8):

@@ -305,6 +305,7 @@ def test_cli_train_evaluate_publish_export_cv(tmp_path, capsys, monkeypatch):
     assert main(["evaluate", "--model", str(out / "package"), "--data", str(data), "--out", str(tmp_path / "ev")]) == 0
     text = (tmp_path / "ev" / "metrics.md").read_text()
     assert "Vertebral body" in text and ids[2] in text
+    assert "## Surface Dice" in text and "within 2 mm" in text  # the border-distance table, through the same run
     # coarse stacks: 2 mm slabs (the synthetic cases are thin) of 1.6 mm pixels; --inplane alone is refused with a message
     from LumbarSegmentLib.training import evaluate as ev
 

@@ -130,6 +130,9 @@ def main(argv=None) -> int:
                           "**scored although their patient trained a model** (`--allow-seen`): " + "; ".join(seen))
           + (f". Ancestors whose training cases are unknown: {', '.join(unknown)}" if unknown else "") + ".", "",
           "## Dice per source and structure", "", ev.source_markdown(res, schema.ids, schema, thick=thick, digits=3), "",
+          "## Surface Dice per source and structure (level range; share of both borders within the tolerance "
+          "of the other)", "", "1 mm:", "", ev.surface_markdown(res, schema.ids, schema), "",
+          f"{a.slab_mm:g} mm clinical stacks:", "", ev.surface_markdown(thick, schema.ids, schema), "",
           "## The seed's per-class IoU (pooled over the set, 1 mm)", "", table_iou(res, schema.ids), "",
           f"## The same, {a.slab_mm:g} mm clinical stacks", "", table_iou(thick, schema.ids), ""]
     # worst cases of the first entry, by level-range Dice of their annotated structure

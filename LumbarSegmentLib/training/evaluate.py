@@ -191,12 +191,73 @@ def level_range_counts(pred_ch: np.ndarray, truth_ch: np.ndarray, image: Volume,
     return int((t & q).sum()), int(q.sum()), int(t.sum())
 
 
-class Scorer:
-    """Accumulates strict and level-range scores, overall and per source."""
+#: tolerances of the surface Dice (mm): one and two voxels of the 1 mm data
+SURFACE_TOL_MM = (1.0, 2.0)
 
-    def __init__(self, schema: LabelSchema, margin_mm: float = 2.0):
+
+def _border(mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` with a face neighbour outside it (beyond the array counts as outside)."""
+    p = np.pad(mask, 1, constant_values=False)
+    inner = mask.copy()
+    for ax in range(3):
+        for cut in (slice(0, -2), slice(2, None)):
+            idx = [slice(1, -1)] * 3
+            idx[ax] = cut
+            inner &= p[tuple(idx)]
+    return mask & ~inner
+
+
+def _distance_to(border: np.ndarray, spacing) -> np.ndarray:
+    """Distance in mm from every voxel centre to the nearest voxel centre of ``border`` (inf: none)."""
+    import SimpleITK as sitk
+
+    if not border.any():
+        return np.full(border.shape, np.inf, dtype=np.float32)
+    img = sitk.GetImageFromArray(border.astype(np.uint8))
+    img.SetSpacing(tuple(float(v) for v in spacing[::-1]))  # the array is [s, r, c]; SimpleITK wants (c, r, s)
+    d = sitk.SignedMaurerDistanceMap(img, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+    return np.maximum(sitk.GetArrayFromImage(d), 0.0)
+
+
+def surface_counts(pred_ch: np.ndarray, truth_ch: np.ndarray, image: Volume, channel: int,
+                   tolerances_mm: Sequence[float] = SURFACE_TOL_MM, margin_mm: float = 2.0) -> dict | None:
+    """``{tol: (close, total)}`` for the surface Dice of ``channel`` within the level range.
+
+    The surface Dice (normalised surface distance; Nikolov et al. 2021) is the share of both borders,
+    the draft's and the manual one, lying within ``tol`` mm of the other: what an annotator has to
+    redraw, where volume Dice also charges a faithful outline for being a voxel off all around. This
+    is the voxel form: borders are the voxels with a face neighbour outside the structure, distances
+    run between voxel centres in millimetres (anisotropic stacks included). Borders are found on the
+    whole stack, then counted only in the superior-inferior rows of :func:`level_range_counts`, so
+    a cut at the range's edge draws no border. ``None`` when the truth lacks ``channel``.
+    """
+    layout = sagittal_layout(image)
+    t = layout.to_canonical(truth_ch == channel)
+    if not t.any():
+        return None
+    q = layout.to_canonical(pred_ch == channel)
+    rows = np.nonzero(t.any(axis=(0, 2)))[0]
+    m = int(round(margin_mm / layout.spacing_src[1]))
+    lo, hi = max(0, rows.min() - m), rows.max() + m + 1
+    bt, bq = _border(np.ascontiguousarray(t)), _border(np.ascontiguousarray(q))
+    to_t, to_q = _distance_to(bt, layout.spacing_src), _distance_to(bq, layout.spacing_src)
+    for b in (bt, bq):
+        b[:, :lo] = False
+        b[:, hi:] = False
+    total = int(bt.sum() + bq.sum())
+    return {float(tol): (int((to_t[bq] <= tol).sum() + (to_q[bt] <= tol).sum()), total) for tol in tolerances_mm}
+
+
+class Scorer:
+    """Accumulates strict and level-range scores, overall and per source; with ``surface`` also the
+    level-range surface Dice (off for the per-epoch checks of training, which need only the Dice)."""
+
+    def __init__(self, schema: LabelSchema, margin_mm: float = 2.0, surface: Sequence[float] = ()):
         self.schema = schema
         self.margin_mm = margin_mm
+        self.surface_tol = tuple(float(t) for t in surface)
+        self.surface: dict[tuple[float, str, str], list[int]] = {}  # (tol, source, class) -> [close, total]
+        self.surface_case: dict[tuple[str, str], dict] = {}  # (case, class) -> {tol: surface Dice}
         self.all = MetricAccumulator(schema.ids)
         self.by_source: dict[str, MetricAccumulator] = {}
         self.level: dict[tuple[str, str], list[int]] = {}  # (source, class) -> [inter, pred, true]
@@ -219,6 +280,13 @@ class Scorer:
             acc[1] += p
             acc[2] += t
             self.level_case[(case.case_id, cid)] = 2 * i / max(1, p + t)
+            if self.surface_tol:
+                counts = surface_counts(pred, case.truth, case.image, ch, self.surface_tol, self.margin_mm)
+                for tol, (close, total) in counts.items():
+                    acc = self.surface.setdefault((tol, case.source, cid), [0, 0])
+                    acc[0] += close
+                    acc[1] += total
+                self.surface_case[(case.case_id, cid)] = {tol: c / max(1, n) for tol, (c, n) in counts.items()}
 
     def level_range(self) -> dict:
         """``{source: {class: Dice}}`` plus ``"all"`` pooled over the sources."""
@@ -232,18 +300,36 @@ class Scorer:
         out["all"] = {cid: 2 * i / max(1, p + t) for cid, (i, p, t) in tot.items()}
         return out
 
+    def surface_dice(self) -> dict:
+        """``{"<tol>mm": {source: {class: surface Dice}, "all": {...}}}`` (border voxels pooled)."""
+        out: dict[str, dict] = {}
+        for (tol, src, cid), (close, total) in sorted(self.surface.items()):
+            by_tol = out.setdefault(f"{tol:g}mm", {})
+            by_tol.setdefault(src, {})[cid] = close / max(1, total)
+            pooled = by_tol.setdefault("_pooled", {}).setdefault(cid, [0, 0])
+            pooled[0] += close
+            pooled[1] += total
+        for by_tol in out.values():
+            by_tol["all"] = {cid: c / max(1, n) for cid, (c, n) in by_tol.pop("_pooled").items()}
+        return out
+
     def results(self) -> dict:
-        return {"metrics": self.all.compute(), "per_case": self.all.per_case(),
+        surface = {"surface_dice": self.surface_dice(),
+                   "surface_dice_per_case": {f"{c}:{k}": {f"{t:g}mm": v for t, v in d.items()}
+                                             for (c, k), d in sorted(self.surface_case.items())}
+                   } if self.surface_tol else {}
+        return {**surface, "metrics": self.all.compute(), "per_case": self.all.per_case(),
                 "per_source": {s: a.compute() for s, a in sorted(self.by_source.items())},
                 "level_range": self.level_range(),
                 "level_range_per_case": {f"{c}:{k}": v for (c, k), v in sorted(self.level_case.items())}}
 
 
 def score_models(models: Sequence[ModelPackage | LoadedModel], cases: Sequence[EvalCase], schema: LabelSchema,
-                 options: SegmentOptions | None = None, *, margin_mm: float = 2.0) -> dict:
+                 options: SegmentOptions | None = None, *, margin_mm: float = 2.0,
+                 surface: Sequence[float] = SURFACE_TOL_MM) -> dict:
     """Predict every case with the engine (``options`` as in :func:`predict`) and score it; returns
     :meth:`Scorer.results` + seconds."""
-    scorer = Scorer(schema, margin_mm)
+    scorer = Scorer(schema, margin_mm, surface)
     t0 = time.time()
     for c in cases:
         scorer.add(c, predict(models, c.image, options))
@@ -354,6 +440,25 @@ def source_markdown(results: Mapping[str, dict], class_ids: Sequence[str], schem
     return "\n".join(lines)
 
 
+def surface_markdown(results: Mapping[str, dict], class_ids: Sequence[str], schema=None, digits: int = 3) -> str:
+    """Per-source table of the level-range surface Dice (:func:`surface_counts`), models x tolerances
+    as columns; empty when no result carries it."""
+    names = [n for n, r in results.items() if r.get("surface_dice")]
+    if not names:
+        return ""
+    tols = list(results[names[0]]["surface_dice"])
+    sources = sorted({s for n in names for by_src in results[n]["surface_dice"].values() for s in by_src} - {"all"})
+    disp = {c.id: c.name for c in schema.classes} if schema is not None else {}
+    lines = ["| source | class | " + " | ".join(f"{n}: within {t.replace('mm', ' mm')}" for n in names for t in tols) + " |",
+             "|---|---|" + "--:|" * (len(tols) * len(names))]
+    for src in sources + ["all"]:
+        for c in (c for c in class_ids if c != "background"):
+            cells = [report.fmt(results[n]["surface_dice"][t].get(src, {}).get(c), digits) for n in names for t in tols]
+            if any(x != "–" for x in cells):
+                lines.append(f"| {src} | {disp.get(c, c.replace('_', ' '))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_evaluation(results: dict, out: Path, schema=None) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -362,6 +467,8 @@ def write_evaluation(results: dict, out: Path, schema=None) -> dict:
     agg = {n: r["metrics"] for n, r in results.items()}
     md = ["# Evaluation", "", f"Cases: {', '.join(first['metrics']['cases'])}", "",
           "## Per source (Dice: strict, and within the labelled levels)", "", source_markdown(results, ids, schema), "",
+          "## Surface Dice within the labelled levels (share of both borders within the tolerance of the other)",
+          "", surface_markdown(results, ids, schema), "",
           "## Pooled over the cases (classes as rows, models as columns)", "",
           report.markdown_table(agg, ids, "dice", schema), "", report.markdown_table(agg, ids, "iou", schema), "",
           "## Per case", "", report.per_case_markdown({n: r["per_case"] for n, r in results.items()}, ids, schema),
@@ -399,6 +506,8 @@ def evaluate_cli(a) -> int:
     agg = {n: r["metrics"] for n, r in results.items()}
     ids_ = first.schema.ids
     print(source_markdown(results, ids_, schema))
+    print()
+    print(surface_markdown(results, ids_, schema))
     print()
     print(report.markdown_table(agg, ids_, "dice", schema))
     print()
