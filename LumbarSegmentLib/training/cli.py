@@ -38,6 +38,27 @@ def _floats(s: str) -> tuple:
     return tuple(float(x) for x in str(s).replace("x", ",").split(",") if x)
 
 
+def _zoom_range(s: str) -> tuple:
+    """``--zoom LO,HI``: the range of the random scale (the seed's is 0.5,1.5)."""
+    try:
+        lo, hi = (float(x) for x in str(s).split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers LO,HI (e.g. 0.85,1.2), got {s!r}") from None
+    if not 0.1 <= lo <= hi <= 4:
+        raise argparse.ArgumentTypeError(f"need 0.1 <= LO <= HI <= 4, got {lo:g},{hi:g}")
+    return lo, hi
+
+
+def _rotation(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected degrees, got {s!r}") from None
+    if not 0 <= v <= 180:
+        raise argparse.ArgumentTypeError(f"rotation must be 0-180 degrees, got {v:g}")
+    return v
+
+
 def add_precision_arg(p, default: str = "auto") -> None:
     """``--precision`` (the one name of the setting, as in ``lumbarseg segment``); ``--amp`` is its old
     spelling, still accepted (``off`` = ``fp32``) so existing scripts keep working."""
@@ -98,6 +119,10 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
                    help="how patches are shared among cases: structures = equal share per annotated-structure "
                         "group; sources = per (source, structures) group; cases; slices")
     g.add_argument("--no-augment", dest="augment", action="store_false")
+    g.add_argument("--zoom", dest="zoom", type=_zoom_range, metavar="LO,HI",
+                   help="range of the random scale of a patch (default: the seed's 0.5,1.5)")
+    g.add_argument("--rotation", dest="rotation_deg", type=_rotation, metavar="DEG",
+                   help="largest random in-plane rotation in degrees (default: the seed's 20)")
     g.add_argument("--intensity-aug", nargs="?", const="light", default="off", choices=INTENSITY_MODES,
                    help="intensity augmentation (not in the seed): light = contrast/brightness/noise jitter; "
                         "strong = + gamma, wider ranges (domain randomisation for partially labelled data sets); "

@@ -171,7 +171,7 @@ def config_from_args(a, **overrides) -> TrainConfig:
     """A :class:`TrainConfig` from parsed ``lumbarseg-train`` arguments (absent/None = default) + overrides."""
     keys = ["variant", "schema", "init_filters", "activation", "deep_supervision", "optimizer", "lr",
             "weight_decay", "epochs", "steps_per_epoch", "batch_size", "patch", "spacing", "fg_fraction",
-            "balance", "augment", "intensity_aug", "resolution_p", "slab_p", "slice_context",
+            "balance", "augment", "zoom", "rotation_deg", "intensity_aug", "resolution_p", "slab_p", "slice_context",
             "unannotated_bg_weight", "beyond_levels_mm", "marginal",
             "pseudo_labels", "pseudo_threshold", "pseudo_mode",
             "dice_weight", "schedule", "warmup_steps",
