@@ -176,6 +176,13 @@ def predict(models: Sequence[ModelPackage | LoadedModel], image: Volume,
     return segment_volume(image, list(models), options).labels.array
 
 
+def _level_rows(truth: np.ndarray, layout, margin_mm: float) -> tuple[int, int]:
+    """The superior-inferior rows ``[lo, hi)`` a canonical truth mask covers, +- ``margin_mm``."""
+    rows = np.nonzero(truth.any(axis=(0, 2)))[0]
+    m = int(round(margin_mm / layout.spacing_src[1]))
+    return max(0, rows.min() - m), rows.max() + m + 1
+
+
 def level_range_counts(pred_ch: np.ndarray, truth_ch: np.ndarray, image: Volume, channel: int,
                        margin_mm: float = 2.0) -> tuple[int, int, int]:
     """(intersection, predicted, true) voxels of ``channel`` within the S-I rows the truth covers +- margin."""
@@ -184,9 +191,7 @@ def level_range_counts(pred_ch: np.ndarray, truth_ch: np.ndarray, image: Volume,
     if not t.any():
         return 0, 0, 0
     q = layout.to_canonical(pred_ch == channel)
-    rows = np.nonzero(t.any(axis=(0, 2)))[0]
-    m = int(round(margin_mm / layout.spacing_src[1]))
-    lo, hi = max(0, rows.min() - m), rows.max() + m + 1
+    lo, hi = _level_rows(t, layout, margin_mm)
     t, q = t[:, lo:hi], q[:, lo:hi]
     return int((t & q).sum()), int(q.sum()), int(t.sum())
 
@@ -236,9 +241,7 @@ def surface_counts(pred_ch: np.ndarray, truth_ch: np.ndarray, image: Volume, cha
     if not t.any():
         return None
     q = layout.to_canonical(pred_ch == channel)
-    rows = np.nonzero(t.any(axis=(0, 2)))[0]
-    m = int(round(margin_mm / layout.spacing_src[1]))
-    lo, hi = max(0, rows.min() - m), rows.max() + m + 1
+    lo, hi = _level_rows(t, layout, margin_mm)
     bt, bq = _border(np.ascontiguousarray(t)), _border(np.ascontiguousarray(q))
     to_t, to_q = _distance_to(bt, layout.spacing_src), _distance_to(bq, layout.spacing_src)
     for b in (bt, bq):
