@@ -17,21 +17,14 @@ into the next volume's prediction.
 """
 from __future__ import annotations
 
+from .checks import number_arg
+
 #: the most slices whose windows feed the statistics (evenly spaced over the stack)
 MAX_ADAPT_SLICES = 32
 
 
-def bn_adapt_arg(value: str) -> float:
-    """The ``--bn-adapt W`` argument of every command line: a usage error, not a traceback, outside 0..1."""
-    import argparse
-
-    try:
-        w = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not 0 <= w <= 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: use 0 (off) to 1 (the volume's statistics alone)")
-    return w
+#: the ``--bn-adapt W`` argument of every command line (0 .. 1)
+bn_adapt_arg = number_arg(0, 1, use="use 0 (off) to 1 (the volume's statistics alone)")
 
 
 BN_ADAPT_HELP = ("re-estimate the model's BatchNorm statistics on this volume before segmenting it: the weight "

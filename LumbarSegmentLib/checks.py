@@ -8,6 +8,8 @@ turn each into a clear refusal that says what looks wrong.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .geometry import model_plane_size, sagittal_layout
@@ -25,6 +27,26 @@ TILE_RANGE = (32, 2048)
 
 class ImplausibleInput(VolumeError):
     """The volume can be read, but segmenting it would give nonsense or take unbounded resources."""
+
+
+def number_arg(lo: float, hi: float = math.inf, *, kind=float, below_hi: bool = False, what: str = "a number",
+               use: str = ""):
+    """An argparse ``type`` for a bounded number: a value that does not parse, or lies outside ``lo`` ..
+    ``hi`` (``hi`` itself excluded with ``below_hi``), becomes a usage message that names the value and
+    says what to give (``use``), never a traceback from deep inside a run. Every number option of the
+    command lines goes through this one shape."""
+    import argparse
+
+    def parse(value: str):
+        try:
+            v = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not {what}") from None
+        if not (lo <= v and (v < hi if below_hi else v <= hi)):
+            raise argparse.ArgumentTypeError(f"{value!r}: {use or f'use {lo:g} to {hi:g}'}")
+        return v
+
+    return parse
 
 
 def check_options(args) -> None:

@@ -19,17 +19,6 @@ from pathlib import Path
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
-def _positive_int(value: str) -> int:
-    """argparse type: turns 'abc' or '0' into a usage message instead of a traceback."""
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: must be at least 1")
-    return n
-
-
 def _tile(value: str):
     if value in ("auto", "patch", "whole"):
         return value
@@ -43,19 +32,13 @@ def _tile(value: str):
     return n
 
 
-def _overlap(value: str) -> float:
-    try:
-        f = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not 0 <= f < 0.95:
-        raise argparse.ArgumentTypeError(f"{value}: must be at least 0 and below 0.95")
-    return f
-
-
 def _parser() -> argparse.ArgumentParser:
     from .bn_adapt import BN_ADAPT_HELP, bn_adapt_arg
+    from .checks import number_arg
     from .slice_smoothing import SLICE_SMOOTHING_MM, smoothing_mm_arg
+
+    _positive_int = number_arg(1, kind=int, what="a whole number", use="must be at least 1")
+    _overlap = number_arg(0, 0.95, below_hi=True, use="must be at least 0 and below 0.95")
 
     p = argparse.ArgumentParser(prog="lumbarseg", description="Lumbar-spine MRI segmentation (LumbarSegment).")
     sub = p.add_subparsers(dest="command", required=True)

@@ -17,23 +17,16 @@ import math
 
 import numpy as np
 
+from .checks import number_arg
+
 #: sigma (mm) of the across-slice probability average: the engine's default
 SLICE_SMOOTHING_MM = 4.0
 SLICE_SMOOTHING_MAX_MM = 50.0  # beyond this the average spans the whole spine: surely a typo
 
 
-def smoothing_mm_arg(value: str) -> float:
-    """The ``--slice-smoothing MM`` argument of every command line: a clear usage error, not a
-    traceback from deep in the engine, for a value outside 0 .. SLICE_SMOOTHING_MAX_MM."""
-    import argparse
-
-    try:
-        mm = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of millimetres") from None
-    if not 0 <= mm <= SLICE_SMOOTHING_MAX_MM:
-        raise argparse.ArgumentTypeError(f"{value!r}: use 0 (off) to {SLICE_SMOOTHING_MAX_MM:g} mm")
-    return mm
+#: the ``--slice-smoothing MM`` argument of every command line (0 .. SLICE_SMOOTHING_MAX_MM)
+smoothing_mm_arg = number_arg(0, SLICE_SMOOTHING_MAX_MM, what="a number of millimetres",
+                              use=f"use 0 (off) to {SLICE_SMOOTHING_MAX_MM:g} mm")
 
 
 class SliceSmoother:

@@ -75,6 +75,28 @@ def test_domain_parameters_include_inversions_and_bias_fields():
     assert 0.2 < (p["resolution"] > 1).float().mean() < 0.4
 
 
+def test_augment_share_leaves_the_rest_of_the_patches_plain_crops():
+    # a share of 0.3: about 30 % of the patches get geometry and intensity, the others are exactly the
+    # unaugmented centre crop; a share of 1 draws the same parameters as before the option existed
+    g = torch.Generator().manual_seed(0)
+    img, lab = torch.randn(64, 1, 64, 64, generator=g), (torch.rand(64, 64, 64, generator=g) > 0.7).to(torch.uint8)
+    plain = aug.AugmentConfig(False)
+    share = aug.AugmentConfig(True, 20, (0.5, 1.5), 0.5, 0.1, "domain", 0.3, augment_p=0.3)
+    x0, y0 = aug.augment_batch(img, lab, plain, 32, torch.Generator().manual_seed(5))
+    x, y = aug.augment_batch(img, lab, share, 32, torch.Generator().manual_seed(5))
+    # (the plain ones still pass through the batch's intensity steps with neutral parameters: equal up to rounding)
+    same = torch.tensor([torch.allclose(x[i], x0[i], atol=1e-5) and torch.equal(y[i], y0[i]) for i in range(64)])
+    assert 0.5 < same.float().mean() < 0.9, same.float().mean()
+    assert torch.isfinite(x).all()
+    full = aug.AugmentConfig(intensity="domain", resolution_p=0.3)
+    a = aug.random_params(50, full, torch.Generator().manual_seed(3))
+    b = aug.random_params(50, aug.AugmentConfig(intensity="domain", resolution_p=0.3, augment_p=1.0),
+                          torch.Generator().manual_seed(3))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="augment_p"):
+        aug.AugmentConfig(augment_p=1.5)
+
+
 def test_remap_reorders_tissue_intensities_and_leaves_unpicked_samples_alone():
     # three flat "tissues" at 0, 1 and 2: a monotone map (inversion, gamma) keeps or flips their
     # order; the random curve must be able to put the middle one outside the other two

@@ -342,19 +342,22 @@ def test_cli_train_evaluate_publish_export_cv(tmp_path, capsys, monkeypatch):
 
 
 def test_geometric_augmentation_ranges_from_the_command_line(capsys):
-    """--zoom and --rotation reach the run's config (and so its manifest); bad ranges are refused by
+    """--zoom, --rotation and --augment-share reach the run's config (and so its manifest); bad ranges are refused by
     argparse with the reason, before anything runs; left out, the seed's ranges stay."""
     from LumbarSegmentLib.training.cli import build_parser
     from LumbarSegmentLib.training.config import config_from_args
 
     p = build_parser()
-    a = p.parse_args(["train", "--data", "d", "--out", "o", "--zoom", "0.85,1.2", "--rotation", "10"])
+    a = p.parse_args(["train", "--data", "d", "--out", "o", "--zoom", "0.85,1.2", "--rotation", "10",
+                      "--augment-share", "0.5"])
     cfg = config_from_args(a)
-    assert cfg.zoom == (0.85, 1.2) and cfg.rotation_deg == 10.0
+    assert cfg.zoom == (0.85, 1.2) and cfg.rotation_deg == 10.0 and cfg.augment_p == 0.5
     seed = config_from_args(p.parse_args(["finetune", "--from", "m", "--data", "d", "--out", "o"]))
-    assert seed.zoom == (0.5, 1.5) and seed.rotation_deg == 20.0
+    assert seed.zoom == (0.5, 1.5) and seed.rotation_deg == 20.0 and seed.augment_p == 1.0
     for bad, why in ((["--zoom", "1.2,0.8"], "LO <= HI"), (["--zoom", "1"], "two numbers"),
-                     (["--rotation", "400"], "0-180")):
+                     (["--rotation", "400"], "0-180"), (["--rotation", "x"], "not a number of degrees"),
+                     (["--augment-share", "1.5"], "use 0 (no patch augmented) to 1"),
+                     (["--augment-share", "half"], "'half' is not a share")):
         with pytest.raises(SystemExit) as e:
             p.parse_args(["train", "--data", "d", "--out", "o", *bad])
         assert e.value.code == 2 and why in capsys.readouterr().err

@@ -48,6 +48,12 @@ a patch is shrunk by a factor in [1.2, 2.2] (area averaging) and brought back (b
 which is what a 1.2-2.2 mm in-plane acquisition looks like after the engine resamples it to
 the model's 1 mm plane. The thick-slice counterpart (partial volume across slices) happens in
 the sampler (``training.data.PatchSampler``), where the neighbouring slices are at hand.
+
+Augmentation share (``augment_p`` < 1, not in the seed): each patch is augmented at all only with
+that probability; the others go in as plain centre crops of the real image. The tenth round
+(docs/validation.md) found the two ends pulling apart: without augmentation a fine-tune fits the
+known sources far better, while the contrast randomisation is what a never-seen source needs. A
+share mixes both kinds of step in every batch instead of running them one after the other.
 """
 from __future__ import annotations
 
@@ -84,8 +90,11 @@ class AugmentConfig:
     shift: float = 0.10
     intensity: str = "off"  # one of INTENSITY_MODES (True/False are read as light/off)
     resolution_p: float = 0.0  # probability of the low-resolution round trip
+    augment_p: float = 1.0  # share of patches augmented at all (the rest: plain centre crops)
 
     def __post_init__(self):
+        if not 0 <= self.augment_p <= 1:
+            raise ValueError(f"augment_p is a probability in [0, 1], got {self.augment_p}")
         v = {True: "light", False: "off", None: "off"}.get(self.intensity, self.intensity)
         if v not in INTENSITY_MODES:
             raise ValueError(f"intensity augmentation must be one of {INTENSITY_MODES}, got {self.intensity!r}")
@@ -94,7 +103,7 @@ class AugmentConfig:
     def to_dict(self) -> dict:
         return {"enabled": self.enabled, "rotation_deg": self.rotation_deg, "zoom": list(self.zoom),
                 "flip_p": self.flip_p, "shift": self.shift, "intensity": self.intensity,
-                "resolution_p": self.resolution_p}
+                "resolution_p": self.resolution_p, "augment_p": self.augment_p}
 
 
 def random_params(n: int, cfg: AugmentConfig, gen: torch.Generator) -> dict:
@@ -135,6 +144,11 @@ def random_params(n: int, cfg: AugmentConfig, gen: torch.Generator) -> dict:
     if cfg.resolution_p > 0:
         f0, f1 = RESOLUTION_FACTORS
         out["resolution"] = torch.where(u() < cfg.resolution_p, f0 + u() * (f1 - f0), z + 1)
+    if cfg.augment_p < 1:
+        # drawn last, so a share of 1 leaves every earlier draw (and so every earlier run) as it was
+        plain = u() >= cfg.augment_p
+        untouched = {"angle": z, "zoom": z + 1, "flip": torch.zeros(n, dtype=torch.bool), "ty": z, "tx": z, **neutral}
+        out = {k: torch.where(plain, untouched[k], v) for k, v in out.items()}
     return out
 
 

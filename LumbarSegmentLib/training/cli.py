@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from LumbarSegmentLib.bn_adapt import BN_ADAPT_HELP, bn_adapt_arg
+from LumbarSegmentLib.checks import number_arg
 from LumbarSegmentLib.devices import EngineError
 from LumbarSegmentLib.models import VARIANTS
 from LumbarSegmentLib.slice_smoothing import smoothing_mm_arg
@@ -49,14 +50,8 @@ def _zoom_range(s: str) -> tuple:
     return lo, hi
 
 
-def _rotation(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected degrees, got {s!r}") from None
-    if not 0 <= v <= 180:
-        raise argparse.ArgumentTypeError(f"rotation must be 0-180 degrees, got {v:g}")
-    return v
+_rotation = number_arg(0, 180, what="a number of degrees", use="use 0-180 degrees")
+_share = number_arg(0, 1, what="a share", use="use 0 (no patch augmented) to 1 (every patch)")
 
 
 def add_precision_arg(p, default: str = "auto") -> None:
@@ -132,6 +127,9 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
                         "gin = domain + the patch seen through a random shallow network")
     g.add_argument("--resolution-aug", dest="resolution_p", type=float, default=0.0, metavar="P",
                    help="probability of simulating a 1.2-2.2 mm in-plane acquisition per patch (default 0)")
+    g.add_argument("--augment-share", dest="augment_p", type=_share, default=None, metavar="P",
+                   help="share of patches augmented at all (geometry, intensity, resolution); the rest go in as "
+                        "plain crops of the real image (default 1: every patch)")
     g.add_argument("--slab-aug", dest="slab_p", type=float, default=0.0, metavar="P",
                    help="probability of a thick-slice patch (mean of 2-5 neighbouring slices) (default 0)")
     g.add_argument("--slice-context", type=int, default=None, metavar="K",

@@ -47,6 +47,7 @@ class TrainConfig:
     shift: float = 0.10
     intensity_aug: str = "off"  # one of INTENSITY_MODES (see LumbarSegmentLib.training.augment)
     resolution_p: float = 0.0  # probability of a low-resolution round trip per patch (augment)
+    augment_p: float = 1.0  # share of patches augmented at all; the rest are plain crops (augment)
     slab_p: float = 0.0  # probability of a thick-slab (partial volume) patch (data.PatchSampler)
     slice_context: int = 0  # 2.5D: neighbour slices fed on each side of the labelled one (0 = one slice)
     unannotated_bg_weight: float = 0.0  # small pull of unannotated classes towards background (see losses)
@@ -99,8 +100,8 @@ class TrainConfig:
         self.intensity_aug = {True: "light", False: "off", None: "off"}.get(self.intensity_aug, self.intensity_aug)
         if self.intensity_aug not in INTENSITY_MODES:
             raise ValueError(f"intensity_aug must be one of {'|'.join(INTENSITY_MODES)}, got {self.intensity_aug!r}")
-        if not (0 <= self.resolution_p <= 1 and 0 <= self.slab_p <= 1):
-            raise ValueError("resolution_p and slab_p are probabilities in [0, 1]")
+        if not (0 <= self.resolution_p <= 1 and 0 <= self.slab_p <= 1 and 0 <= self.augment_p <= 1):
+            raise ValueError("resolution_p, slab_p and augment_p are probabilities in [0, 1]")
         if isinstance(self.slice_context, bool) or not (isinstance(self.slice_context, int)
                                                         and 0 <= self.slice_context <= SLICE_CONTEXT_MAX):
             raise ValueError(f"slice_context (--slice-context) must be an integer 0-{SLICE_CONTEXT_MAX}, "
@@ -171,7 +172,8 @@ def config_from_args(a, **overrides) -> TrainConfig:
     """A :class:`TrainConfig` from parsed ``lumbarseg-train`` arguments (absent/None = default) + overrides."""
     keys = ["variant", "schema", "init_filters", "activation", "deep_supervision", "optimizer", "lr",
             "weight_decay", "epochs", "steps_per_epoch", "batch_size", "patch", "spacing", "fg_fraction",
-            "balance", "augment", "zoom", "rotation_deg", "intensity_aug", "resolution_p", "slab_p", "slice_context",
+            "balance", "augment", "zoom", "rotation_deg", "intensity_aug", "resolution_p", "augment_p", "slab_p",
+            "slice_context",
             "unannotated_bg_weight", "beyond_levels_mm", "marginal",
             "pseudo_labels", "pseudo_threshold", "pseudo_mode",
             "dice_weight", "schedule", "warmup_steps",

@@ -235,7 +235,7 @@ class _Run:
                                     slice_context=cfg.slice_context)
         self.steps = cfg.steps_per_epoch or max(1, math.ceil(self.sampler.num_fg_slices / cfg.batch_size))
         self.aug_cfg = aug.AugmentConfig(cfg.augment, cfg.rotation_deg, cfg.zoom, cfg.flip_p, cfg.shift,
-                                         cfg.intensity_aug, cfg.resolution_p)
+                                         cfg.intensity_aug, cfg.resolution_p, cfg.augment_p)
         seed_everything(cfg.seed)
         model = init_model if init_model is not None else build_model(**cfg.builder_kwargs(schema.num_classes))
         if model.builder_args["num_classes"] != schema.num_classes:
