@@ -124,9 +124,9 @@ class _Recorder:
         self.level_range = level_range or {}
         self.calls = []
 
-    def __call__(self, entries, cases, options=None):
+    def __call__(self, entries, cases, options=None, **kw):
         self.calls.append({name: [p.path for p in pkgs] for name, pkgs in entries.items()} | {
-            "cases": [c.case_id for c in cases]})
+            "cases": [c.case_id for c in cases], "surface": kw.get("surface")})
         out = {}
         for name, pkgs in entries.items():
             dice = {cid: self.scores[name].get(cid, float("nan")) for cid in pkgs[0].schema.ids}
@@ -254,8 +254,8 @@ def test_gate_on_level_range_dice_ignores_levels_nobody_labelled(tmp_path, regis
     in_use = Catalog([user, shipped]).default()
     levels = {"current": {"all": {"vertebral_body": 0.85}, "VB3": {"vertebral_body": 0.85}},
               "candidate": {"all": {"vertebral_body": 0.88}, "VB3": {"vertebral_body": 0.88}}}
-    monkeypatch.setattr(evaluate, "evaluate_packages",
-                        _Recorder({"vertebral_body": 0.80}, {"vertebral_body": 0.81}, levels))
+    recorder = _Recorder({"vertebral_body": 0.80}, {"vertebral_body": 0.81}, levels)
+    monkeypatch.setattr(evaluate, "evaluate_packages", recorder)
     ft = _fine_tune(tmp_path, in_use)
     strict = publish.publish_if_better(ft, user, case_list=_cases(tmp_path / "data", 3), registries=[user, shipped])
     assert not strict["default"]
@@ -263,5 +263,6 @@ def test_gate_on_level_range_dice_ignores_levels_nobody_labelled(tmp_path, regis
                                        metric="level_range_dice")
     assert ranged["default"], ranged["reason"]
     assert ranged["comparison"]["per_class"]["vertebral_body"]["delta"] == pytest.approx(0.03)
+    assert [c["surface"] for c in recorder.calls] == [(), ()], "the gate reads no surface Dice: it asks for none"
     with pytest.raises(PackageError, match="needs cases"):
         publish.compare(ft, in_use, None, metric="level_range_dice")

@@ -341,9 +341,10 @@ def score_models(models: Sequence[ModelPackage | LoadedModel], cases: Sequence[E
 
 def evaluate_packages(entries: Mapping[str, Sequence[ModelPackage | LoadedModel]], case_list: Sequence[Case],
                       options: SegmentOptions | None = None, *, slab_mm: float | None = None,
-                      inplane_mm: float = CLINICAL_INPLANE_MM) -> dict:
+                      inplane_mm: float = CLINICAL_INPLANE_MM, surface: Sequence[float] = SURFACE_TOL_MM) -> dict:
     """``entries[name] = [model, ...]`` (several = ensemble) -> ``{name: results}`` (see :func:`score_models`);
-    every entry is predicted with the same engine ``options`` (:func:`eval_options`)."""
+    every entry is predicted with the same engine ``options`` (:func:`eval_options`). ``surface=()`` skips
+    the surface Dice (about a second per case and class) where only the volume scores are read."""
     loaded = {name: [m if isinstance(m, LoadedModel) else LoadedModel.from_package(m) for m in ms]
               for name, ms in entries.items()}
     prepared: dict[str, list[EvalCase]] = {}
@@ -353,7 +354,7 @@ def evaluate_packages(entries: Mapping[str, Sequence[ModelPackage | LoadedModel]
         key = schema.name + ":" + ",".join(schema.ids)
         if key not in prepared:
             prepared[key] = prepare_cases(case_list, schema, slab_mm=slab_mm, inplane_mm=inplane_mm)
-        r = score_models(models, prepared[key], schema, options)
+        r = score_models(models, prepared[key], schema, options, surface=surface)
         out[name] = {**r, "models": [m.ref for m in models], "class_ids": list(schema.ids)}
     return out
 

@@ -97,7 +97,7 @@ def compare(candidate: ModelPackage, current: ModelPackage, case_list: Sequence[
         from .evaluate import evaluate_packages
 
         options = SegmentOptions(device=str(device), precision={"off": "fp32"}.get(amp, amp))
-        res = evaluate_packages({"candidate": [candidate], "current": [current]}, case_list, options)
+        res = evaluate_packages({"candidate": [candidate], "current": [current]}, case_list, options, surface=())
         cm, dm = res["candidate"]["metrics"], res["current"]["metrics"]
         if metric == "level_range_dice":  # Dice inside the spine levels each manual label covers
             cm, dm = ({**m, "dice": r.get("level_range", {}).get("all", {})} for m, r in
