@@ -382,17 +382,27 @@ def resolve_entries(spec: str, registry: str | None = None) -> dict[str, list[Mo
 def training_lineage(pkg: ModelPackage, registries: Sequence[Registry] | None = None
                      ) -> tuple[set[str], list[str]]:
     """Every case id ``pkg`` and its ancestors (``parent`` refs, followed while they resolve) trained on,
-    and the ancestors that could not be found (their cases are then unknown)."""
+    and the ancestors that could not be found (their cases are then unknown).
+
+    A parent is followed only when the package its ref resolves to has the weights the child recorded:
+    a run folder's package is often named like a published model (a fine-tune of ``uvd-starter@4``
+    writes ``uvd-starter@1`` into its folder), and a child of that folder must not inherit the
+    training cases of the unrelated published ``uvd-starter@1``."""
     seen, missing, cur, hops = set(), [], pkg, 0
     while cur is not None and hops < 50:
         seen |= set((cur.manifest.get("training") or {}).get("train_cases") or [])
-        ref = (cur.manifest.get("parent") or {}).get("ref")
+        parent = cur.manifest.get("parent") or {}
+        ref, sha = parent.get("ref"), parent.get("sha256")
         cur, hops = None, hops + 1
         if ref:
             try:
                 cur = resolve_model(ref, list(registries) if registries else None)
             except PackageError:  # an ancestor that was never published (a run folder): say so, go on
                 missing.append(ref)
+                continue
+            if sha and cur.sha256 != sha:
+                missing.append(f"{ref} (an unpublished model of that name; {ref} in the registry has other weights)")
+                cur = None
     return seen, missing
 
 
