@@ -20,7 +20,13 @@
 #      sources (-0.005) and gains the robustness to unseen contrasts that `domain` buys. The gate's
 #      held-out cases are all from known sources and cannot see that, so it is published with
 #      --force; the record keeps what the gate said.
-# then publishes 1, 2, 4, 6, 7 into a registry (default: a scratch one; pass Resources/Models to replace
+#   8. uvd-fit@1 (the eleventh round's fit, shipped as an option and as @5's published parent): stage 7
+#      fine-tuned 1920 steps at lr 3e-4 with only half the patches augmented (--augment-share 0.5,
+#      domain), the other half plain crops of the real images; fits the known sources best
+#   9. uvd-starter@5 (the default since the eleventh round): stage 8 and 480 more steps at lr 1e-4 with
+#      every patch augmented (domain), which gives back the robustness to a never-seen contrast
+#      (docs/validation.md, eleventh round: both tables)
+# then publishes 1, 2, 4, 6, 7, 8, 9 into a registry (default: a scratch one; pass Resources/Models to replace
 # the shipped ones). CPU-time budgets make a run stop at the same point on a busy or a quiet machine;
 # on a GPU add --device cuda and drop --threads. Not bit-identical to the shipped weights: those were
 # trained in stages with the same settings (the run folders' progress.jsonl record each stage).
@@ -83,6 +89,14 @@ lumbarseg-train export "$OUT/nowfdom-all/last.pt" --out "$OUT/nowfdom-all-e20" -
 # stage 7: the default: stage 4's model, 10 more epochs with domain augmentation at lr 1e-4
 lumbarseg-train finetune --from "$OUT/nowf-all-e20" $FT --epochs 10 --lr 1e-4 --val-every 10 --max-minutes 30 \
   --intensity-aug domain --balance sources --name uvd-starter --out "$OUT/v3-domain"
+# stage 8: half the patches plain (no --max-minutes: a fixed number of steps, 32 x 60)
+FT11="--data $DATA --cases $TRAINVAL --val-cases $VAL --patch 192 --batch-size 8 --steps-per-epoch 60 \
+  --unannotated-bg-weight 0.05 --precision bf16 --threads 1 --val-stride 4 --patience 0 --balance sources"
+lumbarseg-train finetune --from "$OUT/v3-domain/package" $FT11 --lr 3e-4 --epochs 32 --val-every 32 \
+  --intensity-aug domain --augment-share 0.5 --name uvd-fit --out "$OUT/v5-fit"
+# stage 9: the tail, every patch augmented
+lumbarseg-train finetune --from "$OUT/v5-fit/package" $FT11 --lr 1e-4 --epochs 8 --val-every 8 \
+  --intensity-aug domain --name uvd-starter --out "$OUT/v5-tail"
 
 lumbarseg-train publish "$OUT/uvd-starter/package" --registry "$REGISTRY" --force
 lumbarseg-train publish "$OUT/uvd-domain/package" --registry "$REGISTRY" --force
@@ -92,3 +106,6 @@ lumbarseg-train publish "$OUT/nowf-all-e20" --registry "$REGISTRY" --name uvd-st
 lumbarseg-train publish "$OUT/nowfdom-all-e20" --registry "$REGISTRY" --name uvd-partner --no-default
 lumbarseg-train publish "$OUT/v3-domain/package" --registry "$REGISTRY" --name uvd-starter --data "$DATA" --cases "$VAL" \
   --metric level_range_dice --force --ensemble uvd-starter@4,uvd-partner@2
+lumbarseg-train publish "$OUT/v5-fit/package" --registry "$REGISTRY" --name uvd-fit --no-default
+lumbarseg-train publish "$OUT/v5-tail/package" --registry "$REGISTRY" --name uvd-starter --data "$DATA" --cases "$VAL" \
+  --metric level_range_dice --ensemble uvd-starter@5,uvd-partner@2
