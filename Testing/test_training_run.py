@@ -357,7 +357,9 @@ def test_geometric_augmentation_ranges_from_the_command_line(capsys):
     for bad, why in ((["--zoom", "1.2,0.8"], "LO <= HI"), (["--zoom", "1"], "two numbers"),
                      (["--rotation", "400"], "0-180"), (["--rotation", "x"], "not a number of degrees"),
                      (["--augment-share", "1.5"], "use 0 (no patch augmented) to 1"),
-                     (["--augment-share", "half"], "'half' is not a share")):
+                     (["--augment-share", "half"], "'half' is not a share"),
+                     (["--slab-aug", "2"], "use a probability from 0 to 1"),
+                     (["--resolution-aug", "x"], "'x' is not a probability")):
         with pytest.raises(SystemExit) as e:
             p.parse_args(["train", "--data", "d", "--out", "o", *bad])
         assert e.value.code == 2 and why in capsys.readouterr().err

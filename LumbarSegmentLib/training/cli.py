@@ -52,6 +52,7 @@ def _zoom_range(s: str) -> tuple:
 
 _rotation = number_arg(0, 180, what="a number of degrees", use="use 0-180 degrees")
 _share = number_arg(0, 1, what="a share", use="use 0 (no patch augmented) to 1 (every patch)")
+_probability = number_arg(0, 1, what="a probability", use="use a probability from 0 to 1")
 
 
 def add_precision_arg(p, default: str = "auto") -> None:
@@ -125,12 +126,12 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
                         "remap = domain + random non-monotone intensity curves (tissue order reshuffled); "
                         "tissue = domain + a random contrast per labelled structure; "
                         "gin = domain + the patch seen through a random shallow network")
-    g.add_argument("--resolution-aug", dest="resolution_p", type=float, default=0.0, metavar="P",
+    g.add_argument("--resolution-aug", dest="resolution_p", type=_probability, default=0.0, metavar="P",
                    help="probability of simulating a 1.2-2.2 mm in-plane acquisition per patch (default 0)")
     g.add_argument("--augment-share", dest="augment_p", type=_share, default=None, metavar="P",
                    help="share of patches augmented at all (geometry, intensity, resolution); the rest go in as "
                         "plain crops of the real image (default 1: every patch)")
-    g.add_argument("--slab-aug", dest="slab_p", type=float, default=0.0, metavar="P",
+    g.add_argument("--slab-aug", dest="slab_p", type=_probability, default=0.0, metavar="P",
                    help="probability of a thick-slice patch (mean of 2-5 neighbouring slices) (default 0)")
     g.add_argument("--slice-context", type=int, default=None, metavar="K",
                    help="2.5D: feed the network K neighbouring slices on each side of the one it labels (2K+1 "
