@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO))
 
 from run_benchmarks import make_clinical_stack  # noqa: E402
 
-CONFIGS = [("uvd-starter@3", "fast", ""), ("uvd-starter@4", "fast", ""), ("uvd-starter@4", "tta", ""),
-           ("uvd-starter@4,uvd-partner@2", "ensemble", "")]
+CONFIGS = [("uvd-starter@4", "fast", ""), ("uvd-starter@5", "fast", ""), ("uvd-starter@5", "tta", ""),
+           ("uvd-starter@5,uvd-fit@1", "ensemble", "")]
 FORWARDS = {"fast": 1, "tta": 2, "ensemble": 4}  # network passes per window, by engine mode
 
 
