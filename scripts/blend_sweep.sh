@@ -6,7 +6,7 @@
 # unseen source). Both halves share the recipe flags, so what a recipe does to one table it does to
 # the other.
 #
-#   bash scripts/blend_sweep.sh            # all of it: about 3 h 10 min of 2 CPU cores with bf16
+#   bash scripts/blend_sweep.sh            # all of it: about 3 h 20 min of 2 CPU cores with bf16
 #   OUT=runs/blend DATA=../shared/data/lumbar-mr bash scripts/blend_sweep.sh
 #
 # Two lanes run side by side, one thread each; each lane's log is OUT/lane-<k|l>.log. The scores are
@@ -65,6 +65,12 @@ loso() {  # the leave-water-fat-out lane: the same recipes from a model that nev
   $k finetune --from "$S" $LOSO $FIT --epochs 32 --val-every 32 --augment-share 0.5 --seed 1 --name nowf-long-s1 --out "$OUT/l-long-s1"
   $k finetune --from "$OUT/l-long-s1/package" $LOSO $TAIL --epochs 8 --val-every 8 --seed 1 --name nowf-long-tail-s1 --out "$OUT/l-long-tail-s1"
   $k finetune --from "$S" $LOSO $FIT --epochs 8 --val-every 8 --seed 1 --name nowf-domain480-s1 --out "$OUT/l-domain-s1"
+  # a closing pass twice as long (480 more steps with every patch augmented), both seeds
+  $k finetune --from "$OUT/l-long-tail/package" $LOSO $TAIL --epochs 8 --val-every 8 --name nowf-long-tail2 --out "$OUT/l-long-tail2"
+  $k finetune --from "$OUT/l-long-tail-s1/package" $LOSO $TAIL --epochs 8 --val-every 8 --seed 1 --name nowf-long-tail2-s1 \
+    --out "$OUT/l-long-tail2-s1"
+  $k evaluate --model "$OUT/l-long-tail2/package,$OUT/l-long-tail2-s1/package" --data "$DATA" --cases "$UNSEEN" --threads 1 \
+    --out "$OUT/eval-loso-tail2"
   $k evaluate --model "$S,$OUT/l-domain/package,$OUT/l-share50/package,$OUT/l-share25/package,$OUT/l-share50-tail/package,$OUT/l-long/package,$OUT/l-long-tail/package,$OUT/l-long-tail-s1/package,$OUT/l-domain-s1/package" \
     --data "$DATA" --cases "$UNSEEN" --threads 1 --out "$OUT/eval-loso"
 }
