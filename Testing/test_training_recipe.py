@@ -76,7 +76,7 @@ def test_domain_parameters_include_inversions_and_bias_fields():
 
 
 def test_augment_share_leaves_the_rest_of_the_patches_plain_crops():
-    # a share of 0.3: about 30 % of the patches get geometry and intensity, the others are exactly the
+    # a share of 0.3: about 30 % of the patches get geometry and intensity, the others are the
     # unaugmented centre crop; a share of 1 draws the same parameters as before the option existed
     g = torch.Generator().manual_seed(0)
     img, lab = torch.randn(64, 1, 64, 64, generator=g), (torch.rand(64, 64, 64, generator=g) > 0.7).to(torch.uint8)

@@ -108,4 +108,4 @@ lumbarseg-train publish "$OUT/v3-domain/package" --registry "$REGISTRY" --name u
   --metric level_range_dice --force --ensemble uvd-starter@4,uvd-partner@2
 lumbarseg-train publish "$OUT/v5-fit/package" --registry "$REGISTRY" --name uvd-fit --no-default
 lumbarseg-train publish "$OUT/v5-tail/package" --registry "$REGISTRY" --name uvd-starter --data "$DATA" --cases "$VAL" \
-  --metric level_range_dice --ensemble uvd-starter@5,uvd-partner@2
+  --metric level_range_dice --ensemble uvd-starter@5,uvd-fit@1

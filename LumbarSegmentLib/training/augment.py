@@ -113,8 +113,10 @@ def random_params(n: int, cfg: AugmentConfig, gen: torch.Generator) -> dict:
     neutral = {"contrast": z + 1, "brightness": z, "gamma": z + 1, "noise": z, "invert": torch.zeros(n, dtype=torch.bool),
                "bias": z, "blur": z, "resolution": z + 1, "remap": z,
                "tissue": torch.zeros(n, dtype=torch.bool), "gin": z}
+    # the parameters of a plain centre crop: no augmentation at all, or a patch outside the share
+    untouched = {"angle": z, "zoom": z + 1, "flip": torch.zeros(n, dtype=torch.bool), "ty": z, "tx": z, **neutral}
     if not cfg.enabled:
-        return {"angle": z, "zoom": z + 1, "flip": torch.zeros(n, dtype=torch.bool), "ty": z, "tx": z, **neutral}
+        return untouched
     angle = (u() * 2 - 1) * math.radians(cfg.rotation_deg)
     zoom = cfg.zoom[0] + u() * (cfg.zoom[1] - cfg.zoom[0])
     flip = u() < cfg.flip_p
@@ -147,7 +149,6 @@ def random_params(n: int, cfg: AugmentConfig, gen: torch.Generator) -> dict:
     if cfg.augment_p < 1:
         # drawn last, so a share of 1 leaves every earlier draw (and so every earlier run) as it was
         plain = u() >= cfg.augment_p
-        untouched = {"angle": z, "zoom": z + 1, "flip": torch.zeros(n, dtype=torch.bool), "ty": z, "tx": z, **neutral}
         out = {k: torch.where(plain, untouched[k], v) for k, v in out.items()}
     return out
 
