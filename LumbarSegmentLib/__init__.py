@@ -1,15 +1,17 @@
 """LumbarSegmentLib: all of LumbarSegment's logic, importable without Qt, trame or the Slicer app.
 
-The flow, each step importing only the ones before it (docs/architecture.md; enforced by the
-import-linter contracts in ``.importlinter``)::
+Rooms by role, each importing only the rooms above it in this list (docs/architecture.md;
+enforced by the import-linter contracts in ``.importlinter``)::
 
-    volume, files, schema          the value types and the one value<->channel conversion
-    io / dicom / geometry          file or DICOM folder -> Volume -> canonical sagittal stack, and back
-    preprocess, models, packages   what a model sees; the eight seed networks; packages and registries
-    devices, engine                THE prediction path: stack -> model(s) -> label map on the input grid
-    cases, holdout                 exported case (image + label + case.json): the contract with training
-    training/                      dataset -> training -> evaluation through the engine -> package
-    mrml_*, jobs, slicer_logic     Slicer segmentation nodes, background jobs, module logic
-    cli                            ``lumbarseg``
+    models/      the eight seed networks (plain PyTorch modules)
+    core/        Volume, canonical sagittal geometry, label schemas, terminology, files, progress
+    formats/     volumes, DICOM, .seg.nrrd, DICOM SEG and previews in and out
+    registry/    model packages (sealed manifests) and registries
+    inference/   THE prediction path: stack -> model(s) -> label map on the input grid
+    dataset/     exported cases (image + label + case.json) and the held-out split
+    training/    dataset -> training -> evaluation through the engine -> package -> publish gate
+                 (source in the repository's top-level ``training/`` folder, installed here)
+    slicer/      MRML segmentation nodes, draft tracking, export, background jobs, module logic
+    cli/         ``lumbarseg``
 """
 __version__ = "0.1.0"
