@@ -124,9 +124,11 @@ class LumbarSegmentPage:
     # ------------------------------------------------------------------ actions
     def open_case(self, case_id: str) -> None:
         def go():
-            self.session.load_case(case_id)
+            notes = self.session.load_case(case_id)
             self._after_load()
+            self.state.error = " ".join(notes or ())
         self._guard(go)
+        self.state.case_id = self.session.case_id  # the title names the case really open, also after an error
 
     def next_case(self) -> None:
         entry = self.session.worklist.next_case(exclude=self.session.case_id)
@@ -144,6 +146,8 @@ class LumbarSegmentPage:
                 self.session.upload(cf.name, cf.content)
             self._after_load()
         self._guard(go)
+        self.state.case_id = self.session.case_id
+        self.refresh_cases()
 
     def _after_load(self) -> None:
         s = self.session
@@ -160,7 +164,7 @@ class LumbarSegmentPage:
 
     def segment(self) -> None:
         def go():
-            notes = self.session.start_segmentation(self.state.model, self.state.mode)
+            notes = self.session.start_segmentation(self.session.offered_model(self.state.model), self.state.mode)
             self.state.job = {"state": "running", "fraction": 0.0, "message": "starting", "warnings": notes}
         self._guard(go)
 
@@ -233,7 +237,7 @@ class LumbarSegmentPage:
 
     def retrain(self) -> None:
         def go():
-            run = self.session.start_retrain(self.state.model)
+            run = self.session.start_retrain(self.session.offered_model(self.state.model))
             self.state.retrain = {"state": "running", "fraction": 0.0, "message": f"training in {run}"}
             self.state.comparison = None
         self._guard(go)

@@ -140,6 +140,23 @@ class Worklist:
             json.dump(info, f, indent=1)
         os.replace(tmp, path)
 
+    def set_aside(self, case_id: str) -> Path:
+        """Move a draft that must not be opened (damaged, or of another image) to ``drafts/set-aside/``."""
+        import time
+
+        folder = self.drafts / "set-aside"
+        folder.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        n = 1
+        while (folder / f"{case_id}.{stamp}.seg.nrrd").exists():
+            n += 1
+            stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+        target = folder / f"{case_id}.{stamp}.seg.nrrd"
+        os.replace(self.draft_path(case_id), target)
+        if self.draft_info_path(case_id).is_file():
+            os.replace(self.draft_info_path(case_id), folder / f"{case_id}.{stamp}.json")
+        return target
+
     def entries(self) -> list[CaseEntry]:
         exported = self.exported_ids()
         out = []
@@ -164,8 +181,21 @@ class Worklist:
         return next((e for e in entries if e.state == NEW), None)
 
     # --- uploads -----------------------------------------------------------------------
-    def save_upload(self, name: str, content: bytes) -> Path:
-        """Store an uploaded volume under a safe name (never a path the client chose)."""
+    def taken_ids(self) -> set[str]:
+        """Case ids in use: volumes, drafts (even of a volume that is gone) and exported cases."""
+        drafts = {p.name[: -len(".seg.nrrd")] for p in self.drafts.glob("*.seg.nrrd")}
+        drafts |= {p.stem for p in self.drafts.glob("*.json") if not p.name.startswith(".")}
+        return set(self.volumes()) | drafts | self.exported_ids()
+
+    def save_upload(self, name: str, content: bytes, check=None) -> Path:
+        """Store an uploaded volume under a safe name of its own (never a path the client chose).
+
+        An upload never replaces a file and never takes the case id of another volume, draft
+        or exported case: names that sanitise or truncate to one already in use get ``_2``,
+        ``_3``... The same bytes uploaded again return the earlier upload. ``check(path)``
+        (e.g. reading the volume) runs on the hidden temporary file; if it raises, nothing is
+        kept and the error goes to the caller.
+        """
         from LumbarSegmentLib.io import volume_suffix
 
         base = Path(name).name  # drop any folder part the browser sent
@@ -174,9 +204,45 @@ class Worklist:
             from LumbarSegmentLib.io import VOLUME_SUFFIXES
 
             raise ValueError(f"{base}: not a volume file; upload one of {', '.join(VOLUME_SUFFIXES)}")
-        target = self.uploads / f"{case_id_for(Path(base))}{suffix}"
+        same = self._same_upload(content, suffix)
+        if same is not None:
+            return same
         fd, tmp = tempfile.mkstemp(prefix=".upload.", suffix=suffix, dir=self.uploads)
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-        os.replace(tmp, target)
-        return target
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(content)
+            if check is not None:
+                check(Path(tmp))
+            return self._claim_name(Path(tmp), case_id_for(Path(base)), suffix)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _same_upload(self, content: bytes, suffix: str) -> Path | None:
+        for p in self.uploads.iterdir():
+            if p.name.endswith(suffix) and not p.name.startswith(".") and p.is_file() \
+                    and p.stat().st_size == len(content) and p.read_bytes() == content:
+                return p
+        return None
+
+    def _claim_name(self, tmp: Path, case_id: str, suffix: str) -> Path:
+        """Hard-link ``tmp`` to the first free ``<id>[_n]<suffix>``: the link fails rather than replace."""
+        taken = self.taken_ids()
+        for n in range(1, 10000):
+            tail = "" if n == 1 else f"_{n}"
+            candidate = case_id[: 64 - len(tail)] + tail
+            target = self.uploads / f"{candidate}{suffix}"
+            if candidate in taken or case_id_for(target) != candidate or os.path.lexists(target):
+                continue
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                continue  # taken since we looked
+            except OSError:  # no hard links here: reserve the name exclusively, then move in
+                try:
+                    os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    continue
+                os.replace(tmp, target)
+            return target
+        raise OSError(f"no free name left for {case_id} in {self.uploads}")
