@@ -190,6 +190,10 @@ class LumbarSegmentPage:
         self._guard(self.session.set_segment_visible, sid, bool(visible))
         self.refresh_segments()
 
+    def remove_segment(self, sid: str) -> None:
+        self._guard(self.session.remove_segment, sid)
+        self.refresh_segments()
+
     def add_segment(self) -> None:
         self._guard(self.session.add_segment, "")
         self.refresh_segments()
@@ -376,6 +380,9 @@ class LumbarSegmentPage:
                                 with html.Td():
                                     v3.VBtn(icon=("s.visible ? 'mdi-eye' : 'mdi-eye-off'",), size="x-small",
                                             variant="text", click=(self.toggle_visible, "[s.id, !s.visible]"))
+                                    v3.VBtn(icon="mdi-delete-outline", size="x-small", variant="text",
+                                            title="remove this segment", click=(self.remove_segment, "[s.id]"),
+                                            **tid(("'remove-' + s.id",)))
                     v3.VBtn("Add segment", size="x-small", click=self.add_segment, prepend_icon="mdi-plus")
             with v3.VExpansionPanel(title="Export"):
                 with v3.VExpansionPanelText():

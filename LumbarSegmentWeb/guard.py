@@ -40,6 +40,7 @@ LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 SECURITY_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
                     "Referrer-Policy": "same-origin", "X-Content-Type-Options": "nosniff",
                     "Cache-Control": "no-store"}
+DEFAULT_UPLOAD_MB = 1024  # --max-upload-mb: the largest volume a page may upload (over the socket)
 TOKEN_HELP = "LumbarSegment: open the link with its ?token=... (printed when the server started)"
 
 

@@ -49,7 +49,7 @@ def _megabytes(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``lumbarseg web`` (shared by the Lib's CLI and ``python -m LumbarSegmentWeb``)."""
-    from .socket_guard import DEFAULT_UPLOAD_MB
+    from .guard import DEFAULT_UPLOAD_MB
 
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")

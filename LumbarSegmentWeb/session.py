@@ -340,13 +340,41 @@ class AnnotationSession:
         return int(mrml.segment_mask(self.seg_node, segment_id, self.volume_node).sum())
 
     def add_segment(self, name: str = "") -> str:
-        """An empty segment (e.g. a structure the model does not know); needs an open segmentation."""
+        """An empty segment; needs an open case. Without a name it takes the first structure of the
+        model's schema that the segmentation lacks (so that it can be exported), else Slicer's default."""
         if self.volume_node is None:
             raise SessionError("open a case first")
         if self.seg_node is None:
             node = self.app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{self.case_id} segmentation")
             self._activate(node)
+        if not name:
+            name = next(iter(self._missing_structures()), "")
         return self.editor.add_empty_segment(segment_name=name)
+
+    def _missing_structures(self) -> list[str]:
+        from LumbarSegmentLib import mrml
+        from LumbarSegmentLib.packages import PackageError, resolve_model
+
+        try:
+            schema = mrml.schema_of_node(self.seg_node) or resolve_model(None, self.registries).schema
+        except (PackageError, OSError, ValueError):
+            return []
+        present = {self.seg_node.GetSegmentation().GetSegment(sid).GetName() for sid in mrml.segment_ids(self.seg_node)}
+        return [c.id for c in schema.classes if c.value != 0 and c.id not in present and c.name not in present]
+
+    def remove_segment(self, segment_id: str) -> None:
+        """Delete a segment (undoable), e.g. one added by mistake that the export refuses."""
+        if self.seg_node is None or segment_id not in self.editor.get_segment_ids():
+            raise SessionError(f"no segment {segment_id!r}")
+        self.editor.remove_segment(segment_id)
+
+    def rename_segment(self, segment_id: str, name: str) -> None:
+        """Give a segment another name (export matches segments to the schema's structures by name)."""
+        if self.seg_node is None or segment_id not in self.editor.get_segment_ids():
+            raise SessionError(f"no segment {segment_id!r}")
+        if not isinstance(name, str) or not name.strip():
+            raise SessionError("a segment name cannot be empty")
+        self.seg_node.GetSegmentation().GetSegment(segment_id).SetName(name.strip())
 
     def select_segment(self, segment_id: str) -> None:
         self.editor.set_active_segment_id(segment_id)

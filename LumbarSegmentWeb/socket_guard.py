@@ -20,13 +20,12 @@ import logging
 
 import msgpack
 
-from .guard import Connections, Policy, same_secret
+from .guard import DEFAULT_UPLOAD_MB, Connections, Policy, same_secret  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 STATE_LIMIT = 8 * MiB  # any message but an upload (state changes, clicks, view events)
-DEFAULT_UPLOAD_MB = 1024
 PRE_HELLO_LIMIT = 512  # wslink's own limit before the hello
 MAX_PENDING = 4  # messages being received at once on one socket
 CHUNK_HEADER = 12  # wslink's chunk header: id, offset, total size (uint32 each)

@@ -30,8 +30,6 @@ if why:
 import aiohttp  # noqa: E402
 
 from LumbarSegmentWeb import serve  # noqa: E402
-from LumbarSegmentWeb.guard import Connections, Policy  # noqa: E402
-from LumbarSegmentWeb.socket_guard import BoundedUnChunker, IdleExit, MessageRefused  # noqa: E402
 from LumbarSegmentWeb.worklist import Worklist, case_id_for  # noqa: E402
 
 TOKEN = "tok#&+/=-0123456789abcdef"  # characters a URL must encode
@@ -92,7 +90,7 @@ async def _get(port, path, headers=None, method="GET", data=None):
     async with aiohttp.ClientSession() as http:
         async with http.request(method, f"http://127.0.0.1:{port}{path}", headers=headers or {}, data=data,
                                 allow_redirects=False) as r:
-            return r.status, await r.text(), r.headers
+            return r.status, (await r.read()).decode("utf-8", "replace"), r.headers
 
 
 def _page(token=TOKEN) -> str:
@@ -245,6 +243,8 @@ def test_websocket_messages_are_bounded_and_a_client_cannot_stop_the_server(serv
 
 
 def test_unchunker_limits_state_messages_uploads_and_memory():
+    from LumbarSegmentWeb.socket_guard import BoundedUnChunker, MessageRefused
+
     u = BoundedUnChunker(upload_limit=32 << 20, state_limit=1 << 20)
     with pytest.raises(MessageRefused):  # before the hello: wslink's 512 bytes
         u.process_chunk(_pack({"method": "x", "args": ["a" * 600]}))
@@ -273,6 +273,9 @@ def test_unchunker_limits_state_messages_uploads_and_memory():
 
 # ---------------------------------------------------------------- lifetime: no idle exit, no killed retrain
 def test_idle_exit_waits_for_jobs_and_is_off_by_default(monkeypatch):
+    from LumbarSegmentWeb.guard import Connections
+    from LumbarSegmentWeb.socket_guard import IdleExit
+
     now = [0.0]
     conns = Connections(clock=lambda: now[0])
     busy = [True]
@@ -387,6 +390,8 @@ def test_printed_link_encodes_the_token_and_names_a_reachable_host(monkeypatch):
 
 
 def test_policy_names_per_address():
+    from LumbarSegmentWeb.guard import Policy
+
     loop = Policy(host="127.0.0.1")
     assert loop.host_ok("127.0.0.1:8080", 8080) and loop.host_ok("localhost:8080", 8080)
     assert loop.host_ok("[::1]:8080", 8080)
@@ -490,3 +495,76 @@ def test_a_client_cannot_pick_a_model_folder_or_mode(session, tmp_path):
     session.load_case("caseA")
     with pytest.raises(SessionError, match="unknown mode"):
         session.start_segmentation(None, mode="--registry=/tmp")
+
+
+def test_add_segment_then_export_works_and_a_stray_segment_can_be_removed_or_renamed(session):
+    from LumbarSegmentLib.schema import SchemaError
+
+    def name(sid):
+        return session.seg_node.GetSegmentation().GetSegment(sid).GetName()
+
+    session.load_case("caseA")
+    sid = session.add_segment()  # named after a structure of the model's schema, so the export takes it
+    assert name(sid) in ("vertebral_body", "intervertebral_disc")
+    session.apply_threshold(50, 1000)
+    assert session.export(force=True)["written"]
+    odd = session.add_segment("my own structure")
+    session.apply_threshold(50, 60)
+    with pytest.raises(SchemaError, match="my own structure.*rename the segment .* or remove it"):
+        session.export(force=True)
+    session.rename_segment(odd, "intervertebral_disc" if name(sid) == "vertebral_body" else "vertebral_body")
+    assert session.export(force=True)["version"] == 2
+    session.remove_segment(odd)
+    assert odd not in [r["id"] for r in session.segments()]
+    assert session.export(force=True)["version"] == 3
+
+
+HOSTILE_PAGE = """<!doctype html><title>waiting</title><script>
+(async () => {
+  const port = %d, out = {};
+  try { const r = await fetch(`http://127.0.0.1:${port}/paraview/`, {method: "POST", body: "{}"});
+        out.launch = r.status; out.body = await r.text(); }
+  catch (e) { out.launch = "blocked"; }
+  for (const url of [`ws://127.0.0.1:${port}/ws`, `ws://localhost:${port}/ws?key=guess`]) {
+    out[url] = await new Promise(done => {
+      const ws = new WebSocket(url);
+      ws.onopen = () => { ws.close(); done("open"); };
+      ws.onerror = () => done("refused");
+    });
+  }
+  document.title = JSON.stringify(out);
+})();
+</script>"""
+
+
+def test_a_page_of_another_local_port_cannot_drive_the_server_in_chromium(server, tmp_path):
+    """A real browser: a page served from another 127.0.0.1 port tries the launcher and the socket."""
+    import http.server
+    import shutil
+    import threading
+    from functools import partial
+
+    chromium = os.environ.get("LUMBARSEG_CHROMIUM", "/usr/bin/chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed")
+    if not (shutil.which(chromium) or Path(chromium).is_file()):
+        pytest.skip(f"no Chromium at {chromium} (set LUMBARSEG_CHROMIUM)")
+    (tmp_path / "evil.html").write_text(HOSTILE_PAGE % server["port"])
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    hostile = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=hostile.serve_forever, daemon=True).start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu",
+                                                                         "--disable-dev-shm-usage"])
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{hostile.server_address[1]}/evil.html")
+            page.wait_for_function("document.title !== 'waiting'", timeout=60_000)
+            out = json.loads(page.title())
+            browser.close()
+    finally:
+        hostile.shutdown()
+    assert out["launch"] == "blocked", out  # no readable answer, so no key
+    assert [v for k, v in out.items() if k.startswith("ws://")] == ["refused", "refused"], out
