@@ -173,6 +173,8 @@ def middleware(policy: Policy, connections: "Connections | None" = None):
         if not _fetch_ok(request):
             return _refuse(f"Sec-Fetch-Site {request.headers.get('Sec-Fetch-Site')!r} for {request.path}")
         if request.path == LAUNCHER_PATH:
+            if request.method != "POST":  # the page's script asks with POST; a navigation never gets the key
+                return web.Response(status=405, text="POST only", headers=SECURITY_HEADERS)
             if policy.token and not any(same_secret(t, policy.token) for t in await _launcher_token(request)):
                 return _refuse("launcher request without the token", TOKEN_HELP)
             return web.json_response(policy.launcher_reply(), headers=SECURITY_HEADERS)

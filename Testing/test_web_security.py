@@ -177,6 +177,7 @@ def test_websocket_needs_this_origin_this_host_the_run_key_and_its_hello_secret(
     async def main():
         out = {"launch_other_origin": (await _get(port, "/paraview/", {"Origin": "http://evil.example"},
                                                   "POST", "{}"))[0],
+               "launch_get": (await _get(port, "/paraview/", {"Referer": f"http://{own}{_page()}"}))[0],
                "launch_no_token": (await _launch(port, own, token="wrong-token-0123456789"))[0]}
         status, body, _ = await _launch(port, own)
         out["launch"] = status
@@ -196,6 +197,7 @@ def test_websocket_needs_this_origin_this_host_the_run_key_and_its_hello_secret(
 
     out, key = _run(main())
     assert out["launch_other_origin"] == 403 and out["launch_no_token"] == 403 and out["launch"] == 200
+    assert out["launch_get"] == 405  # a navigation (or a frame) never gets the key
     assert len(key) >= 32 and key != "wslink-secret"
     for case in ("no_key", "evil_origin", "other_local_port", "rebinding"):
         assert out[case] is True, case
