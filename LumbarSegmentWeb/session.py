@@ -30,7 +30,7 @@ from LumbarSegmentLib.slicer_logic import (
     CANCELLED, DONE, FAILED, RUNNING, ControllerError, ModuleLogic, SegmentRequest, Status,
 )
 
-from .worklist import Worklist
+from .worklist import Worklist, image_fingerprint
 
 BRUSH_EFFECTS = ("paint", "erase")
 SEGMENT_MODES = ("fast", "tta", "ensemble")
@@ -41,20 +41,6 @@ NOTHING_CORRECTED = ("nothing was corrected: every segment is exactly what the m
 
 class SessionError(RuntimeError):
     """An action the current state does not allow (no case loaded, a job running...)."""
-
-
-def image_fingerprint(volume) -> str:
-    """sha256 of the voxels and the geometry: a draft belongs to exactly this image."""
-    import hashlib
-
-    import numpy as np
-
-    h = hashlib.sha256()
-    arr = np.ascontiguousarray(volume.array)
-    h.update(repr((str(arr.dtype), arr.shape, tuple(volume.spacing), tuple(volume.origin),
-                   np.asarray(volume.direction, dtype=float).round(9).tolist())).encode())
-    h.update(memoryview(arr).cast("B"))
-    return h.hexdigest()
 
 
 def _effect_types() -> dict:

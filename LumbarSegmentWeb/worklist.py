@@ -67,6 +67,20 @@ def case_id_for(path: Path) -> str:
     return stem[:64].replace("__v", "_v")
 
 
+def image_fingerprint(volume) -> str:
+    """sha256 of the voxels and the geometry: a draft belongs to exactly this image."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    arr = np.ascontiguousarray(volume.array)
+    h.update(repr((str(arr.dtype), arr.shape, tuple(volume.spacing), tuple(volume.origin),
+                   np.asarray(volume.direction, dtype=float).round(9).tolist())).encode())
+    h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()
+
+
 def _is_image(path: Path) -> bool:
     from LumbarSegmentLib.io import volume_suffix
 
