@@ -40,6 +40,7 @@ LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 SECURITY_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
                     "Referrer-Policy": "same-origin", "X-Content-Type-Options": "nosniff",
                     "Cache-Control": "no-store"}
+MAX_SOCKETS = 16  # open WebSockets at once (one annotator's tabs)
 DEFAULT_UPLOAD_MB = 1024  # --max-upload-mb: the largest volume a page may upload (over the socket)
 TOKEN_HELP = "LumbarSegment: open the link with its ?token=... (printed when the server started)"
 
@@ -183,6 +184,9 @@ def middleware(policy: Policy, connections: "Connections | None" = None):
                 return _refuse("WebSocket without this run's key")
             if connections is None:
                 return await handler(request)
+            if connections.open >= MAX_SOCKETS:
+                log.warning("refused a WebSocket: %d are open already", connections.open)
+                return web.Response(status=503, text="too many open connections", headers=SECURITY_HEADERS)
             with connections:
                 return await handler(request)
         if policy.token and request.path in PAGE_PATHS and not same_secret(request.query.get("token"), policy.token):

@@ -47,12 +47,35 @@ def _megabytes(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value}: a port is 1 to 65535")
+    return value
+
+
+def _origin(text: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        parsed = urlsplit(text.rstrip("/"))
+        ok = parsed.scheme in ("http", "https") and parsed.hostname and not parsed.path and parsed.port != 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text!r}: give an origin such as https://annotate.example.org[:PORT]")
+    return text.rstrip("/")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``lumbarseg web`` (shared by the Lib's CLI and ``python -m LumbarSegmentWeb``)."""
     from .guard import DEFAULT_UPLOAD_MB
 
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
     p.add_argument("--data", default=None, help="folder of volumes to annotate (read only)")
     p.add_argument("--work", default="lumbarseg-web", help="folder for uploads, drafts, exported cases and "
                    "training runs (default ./lumbarseg-web)")
@@ -71,7 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "segmentation or retraining runs (default: run until Ctrl-C)")
     p.add_argument("--max-upload-mb", type=_megabytes, default=DEFAULT_UPLOAD_MB, metavar="MB",
                    help=f"largest volume the page may upload, in MiB (default {DEFAULT_UPLOAD_MB})")
-    p.add_argument("--origin", action="append", default=[], metavar="URL",
+    p.add_argument("--origin", action="append", default=[], metavar="URL", type=_origin,
                    help="origin of a TLS proxy in front of this server (https://name[:port]), "
                         "allowed besides the server's own; repeatable")
 
@@ -103,15 +126,6 @@ def check_folders(args) -> str | None:
     """Why the folders given cannot be used (one line), or ``None``: checked before anything starts."""
     if args.data is not None and not Path(args.data).is_dir():
         return f"--data {args.data}: no such folder; give the folder that holds the volumes to annotate"
-    work = Path(args.work)
-    try:
-        for sub in ("", "uploads", "drafts", "cases", "training"):
-            (work / sub).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=work):
-            pass
-    except OSError as exc:
-        return (f"--work {args.work}: cannot write there ({exc.strerror or exc}); give a folder you can "
-                f"write to (uploads, drafts and exported cases go there)")
     if args.models is not None:
         from LumbarSegmentLib.packages import PackageError, Registry
 
@@ -122,6 +136,15 @@ def check_folders(args) -> str | None:
             Registry(args.models).packages()
         except (PackageError, OSError, ValueError) as exc:
             return f"--models {args.models}: {exc}"
+    work = Path(args.work)
+    try:
+        for sub in ("", "uploads", "drafts", "cases", "training"):
+            (work / sub).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=work):
+            pass
+    except OSError as exc:
+        return (f"--work {args.work}: cannot write there ({exc.strerror or exc}); give a folder you can "
+                f"write to (uploads, drafts and exported cases go there)")
     return None
 
 
@@ -156,6 +179,19 @@ def _publish_into(registry: str, publish_command):
     return command
 
 
+def _add_idle_exit(server, idle) -> None:
+    """Start ``idle.watch()`` once the server listens (once, even if a client replays "server_ready")."""
+    import asyncio
+
+    watching = []
+
+    def start_idle_watch(**_):
+        if not watching:
+            watching.append(asyncio.ensure_future(idle.watch()))
+
+    server.controller.on_server_ready.add(start_idle_watch)
+
+
 def run(args) -> int:
     """Start the server and block until it stops (Ctrl-C, or ``--idle-exit``)."""
     from . import missing_dependency
@@ -174,7 +210,7 @@ def run(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("LumbarSegmentWeb").setLevel(logging.INFO)
     server, session, _page = build(args)
-    policy = Policy(host=args.host, token=token, proxy_origins=tuple(o.rstrip("/") for o in args.origin))
+    policy = Policy(host=args.host, token=token, proxy_origins=tuple(args.origin))
     connections = Connections()
     bound = {}
 
@@ -184,20 +220,25 @@ def run(args) -> int:
 
     server.controller.on_server_bind.add(on_bind)
     if args.idle_exit:
-        import asyncio
+        _add_idle_exit(server, IdleExit(args.idle_exit, connections, lambda: session.segmenting or session.retraining,
+                                        lambda: bound["web"].stop()))
+    listening = []
 
-        idle = IdleExit(args.idle_exit, connections, lambda: session.segmenting or session.retraining,
-                        lambda: bound["web"].stop())
-        watching = []
+    def announce(**_):  # once listening: a link printed before a failed bind would point at someone else
+        if not listening:
+            listening.append(True)
+            print(f"LumbarSegment web: open {link_url(args.host, args.port, token)}", flush=True)
 
-        def start_idle_watch(**_):
-            if not watching:  # once, even if a client replays the "server_ready" life-cycle event
-                watching.append(asyncio.ensure_future(idle.watch()))
-
-        server.controller.on_server_ready.add(start_idle_watch)
-    print(f"LumbarSegment web: open {link_url(args.host, args.port, token)}", flush=True)
+    server.controller.on_server_ready.add(announce)
     try:
         server.start(host=args.host, port=args.port, open_browser=False, show_connection_info=False, timeout=0)
+    except OSError as exc:
+        if listening:
+            raise
+        reason = os.strerror(exc.errno) if isinstance(exc.errno, int) and exc.errno > 0 else str(exc)
+        print(f"lumbarseg web: error: cannot listen on {args.host}:{args.port} ({reason}); another program may "
+              f"use that port: pick another with --port (or check --host)", file=sys.stderr)
+        return 1
     finally:
         if session.retraining:
             print("LumbarSegment web: stopping the retraining that is still running", file=sys.stderr)

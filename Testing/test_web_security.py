@@ -382,6 +382,25 @@ def test_read_only_work_folder_is_one_clear_line(tmp_path, monkeypatch, capsys):
     assert "Read-only file system" in err and "--work" in err
 
 
+def test_bad_port_or_origin_is_a_usage_error_and_a_busy_port_one_clear_line(tmp_path):
+    for argv in (["--port", "0"], ["--port", "70000"], ["--port", "x"], ["--origin", "annotate.example.org"],
+                 ["--origin", "https://a.example/path"], ["--idle-exit", "0"], ["--idle-exit", "nan"],
+                 ["--max-upload-mb", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            _parse(argv)
+        assert exc.value.code == 2, argv
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env = dict(os.environ, VTK_DEFAULT_OPENGL_WINDOW="vtkEGLRenderWindow", LUMBARSEG_HOME=str(tmp_path / "home"))
+        r = subprocess.run([sys.executable, "-m", "LumbarSegmentLib.cli", "web", "--port", str(busy.getsockname()[1]),
+                            "--work", str(tmp_path / "work"), "--device", "cpu"], capture_output=True, text=True,
+                           env=env, cwd=tmp_path, timeout=240)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("lumbarseg web: error:")]
+    assert r.returncode == 1 and len(errors) == 1 and "Address already in use" in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "open http" not in r.stdout  # no link to someone else's server
+
+
 def test_printed_link_encodes_the_token_and_names_a_reachable_host(monkeypatch):
     monkeypatch.delenv(serve.TOKEN_ENV, raising=False)
     assert serve.link_url("0.0.0.0", 8080, "a#b&c d/\u00e9") == "http://127.0.0.1:8080/?token=a%23b%26c%20d%2F%C3%A9"
@@ -540,7 +559,8 @@ HOSTILE_PAGE = """<!doctype html><title>waiting</title><script>
 
 
 def test_a_page_of_another_local_port_cannot_drive_the_server_in_chromium(server, tmp_path):
-    """A real browser: a page served from another 127.0.0.1 port tries the launcher and the socket."""
+    """A real browser: a page served from another 127.0.0.1 port tries the launcher and the socket;
+    the printed link still opens the app."""
     import http.server
     import shutil
     import threading
@@ -565,6 +585,9 @@ def test_a_page_of_another_local_port_cannot_drive_the_server_in_chromium(server
             page.goto(f"http://127.0.0.1:{hostile.server_address[1]}/evil.html")
             page.wait_for_function("document.title !== 'waiting'", timeout=60_000)
             out = json.loads(page.title())
+            # The server's own link (token with '#', '&', '/'): the page connects through the key.
+            page.goto(serve.link_url("127.0.0.1", server["port"], TOKEN))
+            page.wait_for_selector("[data-testid=upload] input[type=file]", state="attached", timeout=60_000)
             browser.close()
     finally:
         hostile.shutdown()
