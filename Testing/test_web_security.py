@@ -273,6 +273,47 @@ def test_unchunker_limits_state_messages_uploads_and_memory():
     assert results[-1]["args"][1][0] == big
 
 
+def test_open_sockets_are_capped_and_counted():
+    from aiohttp import web
+
+    from LumbarSegmentWeb.guard import MAX_SOCKETS, Connections, Policy, middleware
+
+    async def main():
+        policy, conns = Policy(), Connections()
+        app = web.Application(middlewares=[middleware(policy, conns)])
+
+        async def ws_handler(request):
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            async for _ in ws:
+                pass
+            return ws
+
+        app.router.add_get("/ws", ws_handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/ws?key={policy.key}"
+        try:
+            async with aiohttp.ClientSession() as http:
+                socks = [await http.ws_connect(url) for _ in range(MAX_SOCKETS)]
+                counted = conns.open
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await http.ws_connect(url)
+                await socks[0].close()
+                await asyncio.sleep(0.3)
+                extra = await http.ws_connect(url)  # room again once one closed
+                for ws in (*socks[1:], extra):
+                    await ws.close()
+                await asyncio.sleep(0.3)
+                return counted, refused.value.status, conns.open, conns.idle_since is not None
+        finally:
+            await runner.cleanup()
+
+    counted, status, left, idle = _run(main())
+    assert counted == 16 and status == 503 and left == 0 and idle
+
+
 # ---------------------------------------------------------------- lifetime: no idle exit, no killed retrain
 def test_idle_exit_waits_for_jobs_and_is_off_by_default(monkeypatch):
     from LumbarSegmentWeb.guard import Connections
