@@ -26,12 +26,15 @@ none is drafted, the first new case in name order.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+_WARNED: set = set()  # damaged case files already reported
 NEW, DRAFTED, CORRECTED, EXPORTED = "new", "drafted", "corrected", "exported"
 _LABEL_STEM = re.compile(r"[_-](label|labels|seg|mask)$", re.IGNORECASE)
 _IMAGE_STEM = re.compile(r"[_-](image|img)$", re.IGNORECASE)
@@ -133,18 +136,33 @@ class Worklist:
         return dict(sorted(found.items()))
 
     def exported_ids(self) -> set[str]:
-        from LumbarSegmentLib.cases import CaseError, list_cases
+        """Ids of the exported cases; a damaged case file is skipped (once logged), never a crash.
 
-        try:
-            return {c.case_id for c in list_cases(self.dataset)}
-        except (CaseError, OSError, ValueError):
-            return set()
+        A file named ``<id>__v<N>.json`` claims its id even when it cannot be read, so an
+        upload never takes it.
+        """
+        from LumbarSegmentLib.cases import read_case
+
+        ids: set[str] = set()
+        for jp in sorted(self.dataset.glob("*.json")) if self.dataset.is_dir() else ():
+            if jp.name.startswith("."):
+                continue
+            if "__v" in jp.stem:
+                ids.add(jp.stem.rsplit("__v", 1)[0])
+            try:
+                ids.add(read_case(jp).case_id)
+            except Exception as exc:  # noqa: BLE001 - any damage: skip this file, keep the app usable
+                if jp not in _WARNED:
+                    _WARNED.add(jp)
+                    log.warning("%s: not a readable case file (%s); skipped", jp, exc)
+        return ids
 
     def read_info(self, case_id: str) -> dict:
         try:
-            return json.loads(self.draft_info_path(case_id).read_text())
+            info = json.loads(self.draft_info_path(case_id).read_text())
         except (OSError, ValueError):
             return {}
+        return info if isinstance(info, dict) else {}
 
     def write_info(self, case_id: str, info: dict) -> None:
         """Atomic, like every file the tools write: a crash never leaves half a JSON file."""

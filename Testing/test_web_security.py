@@ -498,6 +498,19 @@ def test_uploads_never_replace_or_shadow_another_file(tmp_path):
     assert case_id_for(wl.save_upload("ghost.mha", _volume_bytes(tmp_path, 6))) != "ghost"
 
 
+def test_damaged_files_in_the_work_folder_do_not_stop_the_worklist(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "caseB_image.mha").write_bytes(_volume_bytes(tmp_path, 0))
+    wl = Worklist(tmp_path / "work", data)
+    (wl.dataset / "caseA__v1.json").write_text("[1, 2]")  # a JSON list where a case file belongs
+    wl.draft_path("caseB").write_bytes(b"x")
+    wl.draft_info_path("caseB").write_text('["not", "a", "dict"]')
+    assert [(e.case_id, e.state) for e in wl.entries()] == [("caseB", "drafted")]
+    assert "caseA" in wl.taken_ids()  # the damaged file still claims its case id
+    assert case_id_for(wl.save_upload("caseA.mha", _volume_bytes(tmp_path, 1))) != "caseA"
+
+
 # ---------------------------------------------------------------- session: drafts, garbage, models
 @pytest.fixture
 def session(tmp_path):
