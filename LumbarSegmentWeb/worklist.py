@@ -194,10 +194,11 @@ class Worklist:
         out = []
         for case_id, path in self.volumes().items():
             entry = CaseEntry(case_id, path)
-            info = self.read_info(case_id) if self.draft_path(case_id).is_file() else {}
-            if info:
-                entry.uncertainty = info.get("uncertainty")
-                entry.edited = tuple(info.get("edited") or ())
+            if self.draft_path(case_id).is_file():
+                info = self.read_info(case_id)
+                unc, edited = info.get("uncertainty"), info.get("edited")
+                entry.uncertainty = unc if isinstance(unc, (int, float)) and not isinstance(unc, bool) else None
+                entry.edited = tuple(e for e in edited if isinstance(e, str)) if isinstance(edited, list) else ()
                 entry.state = CORRECTED if entry.edited else DRAFTED
             if case_id in exported:
                 entry.state = EXPORTED
