@@ -116,7 +116,7 @@ def check_access(host: str, allow_remote: bool, token: str | None) -> str | None
 
 def link_url(host: str, port: int, token: str | None) -> str:
     """The link to print: 127.0.0.1 for loopback and wildcard addresses, the token percent-encoded."""
-    shown = "127.0.0.1" if is_loopback(host) or is_wildcard(host) else host
+    shown = "127.0.0.1" if host == "localhost" or is_wildcard(host) else host
     if ":" in shown:
         shown = f"[{shown}]"
     return f"http://{shown}:{port}/" + (f"?token={quote(token, safe='')}" if token else "")

@@ -446,6 +446,8 @@ def test_printed_link_encodes_the_token_and_names_a_reachable_host(monkeypatch):
     monkeypatch.delenv(serve.TOKEN_ENV, raising=False)
     assert serve.link_url("0.0.0.0", 8080, "a#b&c d/\u00e9") == "http://127.0.0.1:8080/?token=a%23b%26c%20d%2F%C3%A9"
     assert serve.link_url("127.0.0.1", 8080, None) == "http://127.0.0.1:8080/"
+    assert serve.link_url("localhost", 8080, None) == "http://127.0.0.1:8080/"
+    assert serve.link_url("::1", 8080, None) == "http://[::1]:8080/"
     assert serve.link_url("10.1.2.3", 9000, "t" * 16) == "http://10.1.2.3:9000/?token=" + "t" * 16
     assert serve.check_access("127.0.0.1", False, None) is None
     assert serve.check_access("127.0.0.1", False, "a-token-for-a-shared-machine") == "a-token-for-a-shared-machine"
