@@ -315,7 +315,7 @@ def test_open_sockets_are_capped_and_counted():
 
 
 # ---------------------------------------------------------------- lifetime: no idle exit, no killed retrain
-def test_idle_exit_waits_for_jobs_and_is_off_by_default(monkeypatch):
+def test_idle_exit_waits_for_jobs_and_is_off_by_default(monkeypatch, tmp_path):
     from LumbarSegmentWeb.guard import Connections
     from LumbarSegmentWeb.socket_guard import IdleExit
 
@@ -347,12 +347,14 @@ def test_idle_exit_waits_for_jobs_and_is_off_by_default(monkeypatch):
     from trame_server.core import Server
 
     monkeypatch.setattr(Server, "start", fake_start)
-    monkeypatch.setattr(serve, "build", lambda args: (__import__("trame.app", fromlist=["get_server"]).get_server(
-        "websec-idle", client_type="vue3"), _FakeSession(), None))
-    args = _parse(["--work", str(Path(__import__("tempfile").mkdtemp()) / "w")])
+    from trame.app import get_server
+
+    fake = _FakeSession()
+    monkeypatch.setattr(serve, "build", lambda args: (get_server("websec-idle", client_type="vue3"), fake, None))
+    args = _parse(["--work", str(tmp_path / "w")])
     with pytest.raises(Stop):
         serve.run(args)
-    assert started.get("timeout") == 0
+    assert started.get("timeout") == 0 and fake.closed
 
 
 class _FakeSession:
