@@ -38,8 +38,7 @@ WS_PATH = "/ws"
 PAGE_PATHS = ("/", "/index.html")
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 SECURITY_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
-                    "Referrer-Policy": "same-origin", "X-Content-Type-Options": "nosniff",
-                    "Cache-Control": "no-store"}
+                    "Referrer-Policy": "same-origin", "X-Content-Type-Options": "nosniff"}
 MAX_SOCKETS = 16  # open WebSockets at once (one annotator's tabs)
 DEFAULT_UPLOAD_MB = 1024  # --max-upload-mb: the largest volume a page may upload (over the socket)
 TOKEN_HELP = "LumbarSegment: open the link with its ?token=... (printed when the server started)"
@@ -178,7 +177,7 @@ def middleware(policy: Policy, connections: "Connections | None" = None):
                 return web.Response(status=405, text="POST only", headers=SECURITY_HEADERS)
             if policy.token and not any(same_secret(t, policy.token) for t in await _launcher_token(request)):
                 return _refuse("launcher request without the token", TOKEN_HELP)
-            return web.json_response(policy.launcher_reply(), headers=SECURITY_HEADERS)
+            return web.json_response(policy.launcher_reply(), headers={**SECURITY_HEADERS, "Cache-Control": "no-store"})
         if request.path == WS_PATH:
             if not same_secret(request.query.get("key"), policy.key):
                 return _refuse("WebSocket without this run's key")

@@ -221,7 +221,8 @@ def test_websocket_messages_are_bounded_and_a_client_cannot_stop_the_server(serv
         http, ws = await _authenticated(port, own)
         try:
             # one 12-byte header declaring a 64 MiB message (over --max-upload-mb 16): refused at once
-            await ws.send_bytes((9).to_bytes(4, "little") + (0).to_bytes(4, "little") + (64 << 20).to_bytes(4, "little"))
+            header = (9).to_bytes(4, "little") + (0).to_bytes(4, "little") + (64 << 20).to_bytes(4, "little")
+            await ws.send_bytes(header)
             closed = await ws.receive(timeout=20)
         finally:
             await ws.close()
