@@ -192,7 +192,7 @@ def middleware(policy: Policy, connections: "Connections | None" = None):
             return _refuse("page request without the token", TOKEN_HELP)
         if request.path == "/":  # wslink's own redirect decodes the query: a token with '#' or '&' would break
             raw = request.rel_url.raw_query_string
-            return web.HTTPFound("index.html" + (f"?{raw}" if raw else ""), headers=SECURITY_HEADERS)
+            raise web.HTTPFound("index.html" + (f"?{raw}" if raw else ""), headers=SECURITY_HEADERS)
         response = await handler(request)
         if isinstance(response, web.StreamResponse) and not response.prepared:
             for k, v in SECURITY_HEADERS.items():
