@@ -574,7 +574,7 @@ def test_a_client_cannot_pick_a_model_folder_or_mode(session, tmp_path):
         assert session.offered_model(offered[0]["value"]) == offered[0]["value"]
     session.load_case("caseA")
     with pytest.raises(SessionError, match="unknown mode"):
-        session.start_segmentation(None, mode="--registry=/tmp")
+        session.start_segmentation(None, mode="--registry=elsewhere")
 
 
 def test_add_segment_then_export_works_and_a_stray_segment_can_be_removed_or_renamed(session):
