@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from LumbarSegmentLib.slicer_logic import (
+from LumbarSegmentLib.slicer.logic import (
     CANCELLED, DONE, FAILED, RUNNING, ControllerError, ModuleLogic, SegmentRequest, Status,
 )
 
@@ -116,7 +116,7 @@ class AnnotationSession:
         The values are package folders, not refs: the job runs in a child process that
         resolves refs in the default registries only, while ``--models`` may name another.
         """
-        from LumbarSegmentLib.packages import Catalog, PackageError
+        from LumbarSegmentLib.registry.packages import Catalog, PackageError
 
         catalog = Catalog(self.registries)
         rows = []
@@ -143,8 +143,8 @@ class AnnotationSession:
         a draft of another image, or one that cannot be read, is moved to ``drafts/set-aside/``
         and the case opens without it, with a note saying so.
         """
-        from LumbarSegmentLib import mrml
-        from LumbarSegmentLib.io import read_volume
+        from LumbarSegmentLib.slicer import mrml
+        from LumbarSegmentLib.formats.io import read_volume
 
         if self.segmenting:
             raise SessionError("a segmentation is running: cancel it before opening another case")
@@ -184,7 +184,7 @@ class AnnotationSession:
         The file is read before it is kept: one that is not a readable volume is refused and
         leaves nothing in ``uploads/`` or the worklist.
         """
-        from LumbarSegmentLib.io import read_volume
+        from LumbarSegmentLib.formats.io import read_volume
 
         from .worklist import case_id_for
 
@@ -291,7 +291,7 @@ class AnnotationSession:
 
     def save_draft(self) -> Path | None:
         """Write the segmentation to ``<work>/drafts`` with what the worklist needs to know."""
-        from LumbarSegmentLib import mrml
+        from LumbarSegmentLib.slicer import mrml
 
         if self.seg_node is None or self.case_id is None:
             return None
@@ -305,7 +305,7 @@ class AnnotationSession:
     # ------------------------------------------------------------------ editing
     def segments(self) -> list[dict]:
         """One row per segment: id, name, colour, visibility and voxel count (exact, on the volume grid)."""
-        from LumbarSegmentLib import mrml
+        from LumbarSegmentLib.slicer import mrml
 
         if self.seg_node is None:
             return []
@@ -321,7 +321,7 @@ class AnnotationSession:
         return rows
 
     def voxel_count(self, segment_id: str) -> int:
-        from LumbarSegmentLib import mrml
+        from LumbarSegmentLib.slicer import mrml
 
         return int(mrml.segment_mask(self.seg_node, segment_id, self.volume_node).sum())
 
@@ -338,8 +338,8 @@ class AnnotationSession:
         return self.editor.add_empty_segment(segment_name=name)
 
     def _missing_structures(self) -> list[str]:
-        from LumbarSegmentLib import mrml
-        from LumbarSegmentLib.packages import PackageError, resolve_model
+        from LumbarSegmentLib.slicer import mrml
+        from LumbarSegmentLib.registry.packages import PackageError, resolve_model
 
         try:
             schema = mrml.schema_of_node(self.seg_node) or resolve_model(None, self.registries).schema
@@ -490,7 +490,7 @@ class AnnotationSession:
 
     def start_retrain(self, base_model: str | None = None, extra_args=()) -> Path:
         """Fine-tune ``base_model`` (default: the model in use) on the exported cases in the work folder."""
-        from LumbarSegmentLib.packages import resolve_model
+        from LumbarSegmentLib.registry.packages import resolve_model
 
         if not self.worklist.exported_ids():
             raise SessionError("no exported case yet: correct and export at least one case before retraining")
@@ -509,7 +509,7 @@ class AnnotationSession:
         """The publish gate's verdict for the last run: ``{"ref", "default", "reason", "table", "rows"}``.
 
         Read from the run's JSON-lines progress file (the contract in
-        ``LumbarSegmentLib.progress``), never scraped from console output.
+        ``LumbarSegmentLib.core.progress``), never scraped from console output.
         """
         if self.retrain_run is None:
             return None

@@ -7,7 +7,7 @@ app writes; the data folder (``--data``) is only read, so it may be read-only or
     <work>/uploads/<case>.<ext>          volumes uploaded through the browser
     <work>/drafts/<case>.seg.nrrd        the latest segmentation (model draft + edits)
     <work>/drafts/<case>.json            what the draft is: model, uncertainty, edited segments
-    <work>/cases/                        exported training cases (LumbarSegmentLib.cases format)
+    <work>/cases/                        exported training cases (LumbarSegmentLib.dataset.cases format)
     <work>/training/run-*/               retraining runs started from the page
 
 State of a case, in the order an annotator moves it along:
@@ -58,7 +58,7 @@ class CaseEntry:
 
 def case_id_for(path: Path) -> str:
     """``VB2_06_image.mha`` -> ``VB2_06``: the name a case is exported under (``cases`` rules)."""
-    from LumbarSegmentLib.io import volume_suffix
+    from LumbarSegmentLib.formats.io import volume_suffix
 
     name = path.name
     suffix = volume_suffix(path) or path.suffix
@@ -85,7 +85,7 @@ def image_fingerprint(volume) -> str:
 
 
 def _is_image(path: Path) -> bool:
-    from LumbarSegmentLib.io import volume_suffix
+    from LumbarSegmentLib.formats.io import volume_suffix
 
     if not path.is_file() or path.name.startswith(".") or path.name.lower().endswith(".seg.nrrd"):
         return False
@@ -141,7 +141,7 @@ class Worklist:
         A file named ``<id>__v<N>.json`` claims its id even when it cannot be read, so an
         upload never takes it.
         """
-        from LumbarSegmentLib.cases import read_case
+        from LumbarSegmentLib.dataset.cases import read_case
 
         ids: set[str] = set()
         for jp in sorted(self.dataset.glob("*.json")) if self.dataset.is_dir() else ():
@@ -229,12 +229,12 @@ class Worklist:
         (e.g. reading the volume) runs on the hidden temporary file; if it raises, nothing is
         kept and the error goes to the caller.
         """
-        from LumbarSegmentLib.io import volume_suffix
+        from LumbarSegmentLib.formats.io import volume_suffix
 
         base = Path(name).name  # drop any folder part the browser sent
         suffix = volume_suffix(Path(base))
         if not suffix:
-            from LumbarSegmentLib.io import VOLUME_SUFFIXES
+            from LumbarSegmentLib.formats.io import VOLUME_SUFFIXES
 
             raise ValueError(f"{base}: not a volume file; upload one of {', '.join(VOLUME_SUFFIXES)}")
         same = self._same_upload(content, suffix)

@@ -47,7 +47,7 @@ def _start(base: Path, *extra: str, name: str = "server"):
     env = dict(os.environ, VTK_DEFAULT_OPENGL_WINDOW="vtkEGLRenderWindow", LUMBARSEG_HOME=str(base / "home"))
     env.pop(serve.TOKEN_ENV, None)
     log = open(base / f"{name}.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "LumbarSegmentLib.cli", "web", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "LumbarSegmentLib.cli.main", "web", "--port", str(port),
                              "--data", str(base / "data"), "--work", str(base / name), "--device", "cpu", *extra],
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=base)
     return proc, port, log
@@ -437,7 +437,7 @@ def test_bad_port_or_origin_is_a_usage_error_and_a_busy_port_one_clear_line(tmp_
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         env = dict(os.environ, VTK_DEFAULT_OPENGL_WINDOW="vtkEGLRenderWindow", LUMBARSEG_HOME=str(tmp_path / "home"))
-        r = subprocess.run([sys.executable, "-m", "LumbarSegmentLib.cli", "web", "--port", str(busy.getsockname()[1]),
+        r = subprocess.run([sys.executable, "-m", "LumbarSegmentLib.cli.main", "web", "--port", str(busy.getsockname()[1]),
                             "--work", str(tmp_path / "work"), "--device", "cpu"], capture_output=True, text=True,
                            env=env, cwd=tmp_path, timeout=240)
     errors = [line for line in r.stderr.splitlines() if line.startswith("lumbarseg web: error:")]
@@ -473,8 +473,8 @@ def test_policy_names_per_address():
 
 # ---------------------------------------------------------------- uploads never collide
 def _volume_bytes(tmp_path, seed, name="v.mha") -> bytes:
-    from LumbarSegmentLib.io import write_volume
-    from LumbarSegmentLib.volume import Volume
+    from LumbarSegmentLib.formats.io import write_volume
+    from LumbarSegmentLib.core.volume import Volume
 
     arr = (np.random.default_rng(seed).random((6, 8, 5)) * 100).astype(np.int16)
     path = tmp_path / f"{seed}-{name}"
@@ -578,7 +578,7 @@ def test_a_client_cannot_pick_a_model_folder_or_mode(session, tmp_path):
 
 
 def test_add_segment_then_export_works_and_a_stray_segment_can_be_removed_or_renamed(session):
-    from LumbarSegmentLib.schema import SchemaError
+    from LumbarSegmentLib.core.schema import SchemaError
 
     def name(sid):
         return session.seg_node.GetSegmentation().GetSegment(sid).GetName()
