@@ -10,7 +10,10 @@ this package imports the Lib, never the other way round, and is installed with t
 * :mod:`.worklist` — the cases of ``--data`` with their state (new, drafted,
   corrected, exported), and "next case".
 * :mod:`.app` — the trame page bound to a session; :mod:`.serve` — command line
-  options, the access token for non-local hosts, and the server start.
+  options, the access token, start-up checks, and the server start.
+* :mod:`.guard` and :mod:`.socket_guard` — what the server accepts over HTTP and its
+  WebSocket (Host, Origin, token, per-run key, message sizes, no exit on a client's
+  word); the policy is docs/threat_model.md.
 
 One process serves one annotator: the scene, the undo history and the running jobs
 live in that process. Run one ``lumbarseg web`` per person (each on its own port).

@@ -124,9 +124,11 @@ class LumbarSegmentPage:
     # ------------------------------------------------------------------ actions
     def open_case(self, case_id: str) -> None:
         def go():
-            self.session.load_case(case_id)
+            notes = self.session.load_case(case_id)
             self._after_load()
+            self.state.error = " ".join(notes or ())
         self._guard(go)
+        self.state.case_id = self.session.case_id  # the title names the case really open, also after an error
 
     def next_case(self) -> None:
         entry = self.session.worklist.next_case(exclude=self.session.case_id)
@@ -144,6 +146,8 @@ class LumbarSegmentPage:
                 self.session.upload(cf.name, cf.content)
             self._after_load()
         self._guard(go)
+        self.state.case_id = self.session.case_id
+        self.refresh_cases()
 
     def _after_load(self) -> None:
         s = self.session
@@ -160,7 +164,7 @@ class LumbarSegmentPage:
 
     def segment(self) -> None:
         def go():
-            notes = self.session.start_segmentation(self.state.model, self.state.mode)
+            notes = self.session.start_segmentation(self.session.offered_model(self.state.model), self.state.mode)
             self.state.job = {"state": "running", "fraction": 0.0, "message": "starting", "warnings": notes}
         self._guard(go)
 
@@ -184,6 +188,10 @@ class LumbarSegmentPage:
 
     def toggle_visible(self, sid: str, visible: bool) -> None:
         self._guard(self.session.set_segment_visible, sid, bool(visible))
+        self.refresh_segments()
+
+    def remove_segment(self, sid: str) -> None:
+        self._guard(self.session.remove_segment, sid)
         self.refresh_segments()
 
     def add_segment(self) -> None:
@@ -233,7 +241,7 @@ class LumbarSegmentPage:
 
     def retrain(self) -> None:
         def go():
-            run = self.session.start_retrain(self.state.model)
+            run = self.session.start_retrain(self.session.offered_model(self.state.model))
             self.state.retrain = {"state": "running", "fraction": 0.0, "message": f"training in {run}"}
             self.state.comparison = None
         self._guard(go)
@@ -372,6 +380,9 @@ class LumbarSegmentPage:
                                 with html.Td():
                                     v3.VBtn(icon=("s.visible ? 'mdi-eye' : 'mdi-eye-off'",), size="x-small",
                                             variant="text", click=(self.toggle_visible, "[s.id, !s.visible]"))
+                                    v3.VBtn(icon="mdi-delete-outline", size="x-small", variant="text",
+                                            title="remove this segment", click=(self.remove_segment, "[s.id]"),
+                                            **tid(("'remove-' + s.id",)))
                     v3.VBtn("Add segment", size="x-small", click=self.add_segment, prepend_icon="mdi-plus")
             with v3.VExpansionPanel(title="Export"):
                 with v3.VExpansionPanelText():

@@ -1,31 +1,81 @@
 """``lumbarseg web``: options, access control, and the server start.
 
-Access: by default the server listens on 127.0.0.1 only, reachable from this machine
-(an SSH tunnel is the way in from elsewhere). Listening on another address exposes a
-scene with patient images to the network, so it needs ``--allow-remote`` and a token:
-the first page load must carry ``?token=...``; the server then sets an HttpOnly cookie
-that the page's websocket sends back. Requests without either get 403. The token is
-not a substitute for TLS: put a TLS proxy in front when the network is not trusted.
+Access (docs/threat_model.md): by default the server listens on 127.0.0.1 only, reachable
+from this machine (an SSH tunnel is the way in from elsewhere). Listening on another
+address exposes a scene with patient images to the network, so it needs
+``--allow-remote`` and a token; ``--token`` on a loopback server asks for one too (a
+machine shared with other users). The page must be opened with ``?token=...``; no cookie
+is set (cookies are not scoped by port). Every request and the WebSocket are checked by
+:mod:`.guard` (Host, Origin, token, per-run key) and :mod:`.socket_guard` (hello key,
+message sizes, no exit on a client's word). The token is not a substitute for TLS: put a
+TLS proxy in front when the network is not trusted.
 """
 from __future__ import annotations
 
 import argparse
-import hmac
-import ipaddress
 import logging
 import os
 import secrets
 import sys
+import tempfile
 from pathlib import Path
+from urllib.parse import quote
 
-TOKEN_COOKIE = "lumbarseg_token"
+from .guard import is_loopback, is_wildcard  # noqa: F401  (is_loopback: part of this module's API)
+
 TOKEN_ENV = "LUMBARSEG_WEB_TOKEN"
+log = logging.getLogger(__name__)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    return value
+
+
+def _megabytes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of megabytes") from None
+    if not 1 <= value <= 65536:
+        raise argparse.ArgumentTypeError(f"{value}: give 1 to 65536 megabytes")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value}: a port is 1 to 65535")
+    return value
+
+
+def _origin(text: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        parsed = urlsplit(text.rstrip("/"))
+        ok = parsed.scheme in ("http", "https") and parsed.hostname and not parsed.path and parsed.port != 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text!r}: give an origin such as https://annotate.example.org[:PORT]")
+    return text.rstrip("/")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``lumbarseg web`` (shared by the Lib's CLI and ``python -m LumbarSegmentWeb``)."""
+    from .guard import DEFAULT_UPLOAD_MB
+
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
     p.add_argument("--data", default=None, help="folder of volumes to annotate (read only)")
     p.add_argument("--work", default="lumbarseg-web", help="folder for uploads, drafts, exported cases and "
                    "training runs (default ./lumbarseg-web)")
@@ -36,51 +86,66 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for each segmentation")
     p.add_argument("--allow-remote", action="store_true",
                    help="required to listen on an address other than loopback")
-    p.add_argument("--token", default=None, help=f"access token for a non-loopback host (default: ${TOKEN_ENV}, "
-                   "else a random one printed at start)")
-
-
-def is_loopback(host: str) -> bool:
-    if host in ("localhost",):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    p.add_argument("--token", default=None, help=f"access token the page link must carry: required for a "
+                   f"non-loopback host (default: ${TOKEN_ENV}, else a random one printed at start); on "
+                   f"127.0.0.1 it is optional and keeps other users of a shared machine out")
+    p.add_argument("--idle-exit", type=_seconds, default=None, metavar="SECONDS",
+                   help="stop the server after SECONDS without a connected browser, but never while a "
+                        "segmentation or retraining runs (default: run until Ctrl-C)")
+    p.add_argument("--max-upload-mb", type=_megabytes, default=DEFAULT_UPLOAD_MB, metavar="MB",
+                   help=f"largest volume the page may upload, in MiB (default {DEFAULT_UPLOAD_MB})")
+    p.add_argument("--origin", action="append", default=[], metavar="URL", type=_origin,
+                   help="origin of a TLS proxy in front of this server (https://name[:port]), "
+                        "allowed besides the server's own; repeatable")
 
 
 def check_access(host: str, allow_remote: bool, token: str | None) -> str | None:
-    """The token the server must require (``None`` on loopback); refuses an unflagged remote host."""
-    if is_loopback(host):
+    """The token the server must require (``None``: none); refuses an unflagged remote host."""
+    token = token or os.environ.get(TOKEN_ENV) or None
+    if is_loopback(host) and not token:
         return None
-    if not allow_remote:
+    if not is_loopback(host) and not allow_remote:
         raise SystemExit(f"lumbarseg web: error: --host {host} would expose the annotation server to the network; "
                          f"add --allow-remote (a token is then required), or use the default 127.0.0.1 "
                          f"and an SSH tunnel")
-    token = token or os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
+    token = token or secrets.token_urlsafe(24)
     if len(token) < 16:
         raise SystemExit("lumbarseg web: error: the token must be at least 16 characters")
     return token
 
 
-def token_middleware(token: str):
-    """aiohttp middleware: ``?token=`` once (sets the cookie), then the cookie; else 403."""
-    from aiohttp import web
+def link_url(host: str, port: int, token: str | None) -> str:
+    """The link to print: 127.0.0.1 for loopback and wildcard addresses, the token percent-encoded."""
+    shown = "127.0.0.1" if host == "localhost" or is_wildcard(host) else host
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}/" + (f"?token={quote(token, safe='')}" if token else "")
 
-    @web.middleware
-    async def require_token(request, handler):
-        given = request.query.get("token")
-        if given is not None and hmac.compare_digest(given, token):
-            response = await handler(request)
-            if isinstance(response, web.StreamResponse) and not response.prepared:
-                response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict")
-            return response
-        cookie = request.cookies.get(TOKEN_COOKIE)
-        if cookie is not None and hmac.compare_digest(cookie, token):
-            return await handler(request)
-        return web.Response(status=403, text="LumbarSegment: open the link with its ?token=... (printed at start)")
 
-    return require_token
+def check_folders(args) -> str | None:
+    """Why the folders given cannot be used (one line), or ``None``: checked before anything starts."""
+    if args.data is not None and not Path(args.data).is_dir():
+        return f"--data {args.data}: no such folder; give the folder that holds the volumes to annotate"
+    if args.models is not None:
+        from LumbarSegmentLib.registry.packages import PackageError, Registry
+
+        if not Path(args.models).is_dir():
+            return (f"--models {args.models}: no such folder; give an existing model registry folder "
+                    f"(mkdir it to start an empty one)")
+        try:
+            Registry(args.models).packages()
+        except (PackageError, OSError, ValueError) as exc:
+            return f"--models {args.models}: {exc}"
+    work = Path(args.work)
+    try:
+        for sub in ("", "uploads", "drafts", "cases", "training"):
+            (work / sub).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=work):
+            pass
+    except OSError as exc:
+        return (f"--work {args.work}: cannot write there ({exc.strerror or exc}); give a folder you can "
+                f"write to (uploads, drafts and exported cases go there)")
+    return None
 
 
 def build(args, server=None):
@@ -114,27 +179,69 @@ def _publish_into(registry: str, publish_command):
     return command
 
 
+def _add_idle_exit(server, idle) -> None:
+    """Start ``idle.watch()`` once the server listens (once, even if a client replays "server_ready")."""
+    import asyncio
+
+    watching = []
+
+    def start_idle_watch(**_):
+        if not watching:
+            watching.append(asyncio.ensure_future(idle.watch()))
+
+    server.controller.on_server_ready.add(start_idle_watch)
+
+
 def run(args) -> int:
-    """Start the server and block until it stops."""
+    """Start the server and block until it stops (Ctrl-C, or ``--idle-exit``)."""
     from . import missing_dependency
+    from .guard import Connections, Policy
+    from .socket_guard import IdleExit, bind
 
     why = missing_dependency()
     if why:
         print(f"lumbarseg web: error: {why}", file=sys.stderr)
         return 1
     token = check_access(args.host, args.allow_remote, args.token)
+    why = check_folders(args)
+    if why:
+        print(f"lumbarseg web: error: {why}", file=sys.stderr)
+        return 1
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("LumbarSegmentWeb").setLevel(logging.INFO)
     server, session, _page = build(args)
-    if token:
-        server.controller.on_server_bind.add(lambda wslink_server: wslink_server.app.middlewares.append(
-            token_middleware(token)))
-    shown = "127.0.0.1" if is_loopback(args.host) else args.host
-    url = f"http://{shown}:{args.port}/" + (f"?token={token}" if token else "")
-    print(f"LumbarSegment web: open {url}", flush=True)
+    policy = Policy(host=args.host, token=token, proxy_origins=tuple(args.origin))
+    connections = Connections()
+    bound = {}
+
+    def on_bind(wslink_server):
+        bind(server, wslink_server, policy, connections, args.max_upload_mb << 20)
+        bound["web"] = wslink_server
+
+    server.controller.on_server_bind.add(on_bind)
+    if args.idle_exit:
+        _add_idle_exit(server, IdleExit(args.idle_exit, connections, lambda: session.segmenting or session.retraining,
+                                        lambda: bound["web"].stop()))
+    listening = []
+
+    def announce(**_):  # once listening: a link printed before a failed bind would point at someone else
+        if not listening:
+            listening.append(True)
+            print(f"LumbarSegment web: open {link_url(args.host, args.port, token)}", flush=True)
+
+    server.controller.on_server_ready.add(announce)
     try:
-        server.start(host=args.host, port=args.port, open_browser=False, show_connection_info=False)
+        server.start(host=args.host, port=args.port, open_browser=False, show_connection_info=False, timeout=0)
+    except OSError as exc:
+        if listening:
+            raise
+        reason = os.strerror(exc.errno) if isinstance(exc.errno, int) and exc.errno > 0 else str(exc)
+        print(f"lumbarseg web: error: cannot listen on {args.host}:{args.port} ({reason}); another program may "
+              f"use that port: pick another with --port (or check --host)", file=sys.stderr)
+        return 1
     finally:
+        if session.retraining:
+            print("LumbarSegment web: stopping the retraining that is still running", file=sys.stderr)
         session.close()
     return 0
 

@@ -30,9 +30,10 @@ from LumbarSegmentLib.slicer.logic import (
     CANCELLED, DONE, FAILED, RUNNING, ControllerError, ModuleLogic, SegmentRequest, Status,
 )
 
-from .worklist import Worklist
+from .worklist import Worklist, image_fingerprint
 
 BRUSH_EFFECTS = ("paint", "erase")
+SEGMENT_MODES = ("fast", "tta", "ensemble")
 EFFECT_NAMES = ("none", "paint", "erase", "scissors", "draw", "islands", "smoothing", "threshold")
 NOTHING_CORRECTED = ("nothing was corrected: every segment is exactly what the model drafted. Exporting it "
                      "teaches the model nothing new; export anyway only if the draft is right as it is")
@@ -106,6 +107,7 @@ class AnnotationSession:
         self.last_run: dict = {}
         self.retrain_run: Path | None = None
         self._segmenting_case: str | None = None
+        self.fingerprint: str | None = None
 
     # ------------------------------------------------------------------ models
     def model_choices(self) -> list[dict]:
@@ -126,8 +128,21 @@ class AnnotationSession:
         return rows
 
     # ------------------------------------------------------------------ cases
-    def load_case(self, case_id: str) -> None:
-        """Open a volume of the worklist (and its saved draft, if any) in the views."""
+    def offered_model(self, value) -> str | None:
+        """``value`` if it is one of :meth:`model_choices` (``None``: the default); a client may not pick a folder."""
+        if value in (None, ""):
+            return None
+        if not isinstance(value, str) or value not in {c["value"] for c in self.model_choices()}:
+            raise SessionError("that model is not one this server offers; pick one from the Model list")
+        return value
+
+    def load_case(self, case_id: str) -> list[str]:
+        """Open a volume of the worklist (and its saved draft, if any) in the views; returns notes to show.
+
+        A draft is opened only on the image it was drawn on (its fingerprint, stored with it);
+        a draft of another image, or one that cannot be read, is moved to ``drafts/set-aside/``
+        and the case opens without it, with a note saying so.
+        """
         from LumbarSegmentLib.slicer import mrml
         from LumbarSegmentLib.formats.io import read_volume
 
@@ -141,19 +156,48 @@ class AnnotationSession:
         volume = read_volume(path)  # the Lib's reader: same geometry rules as the CLI and the Slicer module
         self._clear_case()
         self.volume_node = mrml.volume_to_node(self.app.scene, volume, case_id)
-        self.case_id = case_id
+        self.case_id, self.fingerprint = case_id, image_fingerprint(volume)
         self.app.display_manager.show_volume(self.volume_node, do_reset_views=True)
         self.auto_window_level()
+        info, notes = self.worklist.read_info(case_id), []
         draft = self.worklist.draft_path(case_id)
         if draft.is_file():
-            self._activate(mrml.load_seg_nrrd(self.app.scene, draft, f"{case_id} segmentation"))
-        self.last_run = self.worklist.read_info(case_id).get("run", {})
+            if info.get("image_sha256") not in (None, self.fingerprint):
+                aside = self.worklist.set_aside(case_id)
+                notes.append(f"the saved draft of {case_id} was drawn on a different image, so it was not opened "
+                             f"(moved to {aside}); segment the case again")
+                info = {}
+            else:
+                try:
+                    self._activate(mrml.load_seg_nrrd(self.app.scene, draft, f"{case_id} segmentation"))
+                except Exception as exc:  # noqa: BLE001 - any damage: set the file aside, keep the case usable
+                    aside = self.worklist.set_aside(case_id)
+                    notes.append(f"the saved draft of {case_id} could not be read ({exc}); it was moved to {aside} "
+                                 f"and the case opened without it: segment it again")
+                    info = {}
+        self.last_run = info.get("run", {})
+        return notes
 
     def upload(self, name: str, content: bytes) -> str:
-        """Store an uploaded volume in the work folder and open it; returns its case id."""
-        path = self.worklist.save_upload(name, content)
+        """Store an uploaded volume in the work folder and open it; returns its case id.
+
+        The file is read before it is kept: one that is not a readable volume is refused and
+        leaves nothing in ``uploads/`` or the worklist.
+        """
+        from LumbarSegmentLib.formats.io import read_volume
+
         from .worklist import case_id_for
 
+        shown = Path(str(name)).name
+
+        def check(path: Path) -> None:
+            try:
+                read_volume(path)
+            except (ValueError, OSError, RuntimeError) as exc:
+                raise SessionError(f"{shown}: not a readable volume, nothing was kept: "
+                                   f"{str(exc).replace(str(path), shown)}") from None
+
+        path = self.worklist.save_upload(shown, content, check=check)
         case_id = case_id_for(path)
         self.load_case(case_id)
         return case_id
@@ -170,7 +214,7 @@ class AnnotationSession:
         self.effect = "none"
         self.undo_stack.clear()
         self.seg_node = self.volume_node = None
-        self.case_id = None
+        self.case_id = self.fingerprint = None
 
     def _activate(self, seg_node) -> None:
         """Make ``seg_node`` the one the effects edit, shown as filled 2D outlines."""
@@ -195,6 +239,8 @@ class AnnotationSession:
         """
         if self.volume_node is None:
             raise SessionError("open a case first")
+        if mode not in SEGMENT_MODES:
+            raise SessionError(f"unknown mode {mode!r}; one of {', '.join(SEGMENT_MODES)}")
         request = SegmentRequest(models=[model] if model else None, mode=mode, device=self.device,
                                  threads=self.threads)
         notes = self.logic.start_segmentation(self.volume_node, request, update_node=self.seg_node)
@@ -251,7 +297,8 @@ class AnnotationSession:
             return None
         path = mrml.save_seg_nrrd(self.app.scene, self.seg_node, self.worklist.draft_path(self.case_id))
         info = {"case_id": self.case_id, "edited": self.edited_segments(), "run": self.last_run,
-                "uncertainty": self.last_run.get("uncertainty"), "saved": time.time()}
+                "uncertainty": self.last_run.get("uncertainty"), "saved": time.time(),
+                "image_sha256": self.fingerprint}
         self.worklist.write_info(self.case_id, info)
         return path
 
@@ -279,13 +326,41 @@ class AnnotationSession:
         return int(mrml.segment_mask(self.seg_node, segment_id, self.volume_node).sum())
 
     def add_segment(self, name: str = "") -> str:
-        """An empty segment (e.g. a structure the model does not know); needs an open segmentation."""
+        """An empty segment; needs an open case. Without a name it takes the first structure of the
+        model's schema that the segmentation lacks (so that it can be exported), else Slicer's default."""
         if self.volume_node is None:
             raise SessionError("open a case first")
         if self.seg_node is None:
             node = self.app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{self.case_id} segmentation")
             self._activate(node)
+        if not name:
+            name = next(iter(self._missing_structures()), "")
         return self.editor.add_empty_segment(segment_name=name)
+
+    def _missing_structures(self) -> list[str]:
+        from LumbarSegmentLib.slicer import mrml
+        from LumbarSegmentLib.registry.packages import PackageError, resolve_model
+
+        try:
+            schema = mrml.schema_of_node(self.seg_node) or resolve_model(None, self.registries).schema
+        except (PackageError, OSError, ValueError):
+            return []
+        present = {self.seg_node.GetSegmentation().GetSegment(sid).GetName() for sid in mrml.segment_ids(self.seg_node)}
+        return [c.id for c in schema.classes if c.value != 0 and c.id not in present and c.name not in present]
+
+    def remove_segment(self, segment_id: str) -> None:
+        """Delete a segment (undoable), e.g. one added by mistake that the export refuses."""
+        if self.seg_node is None or segment_id not in self.editor.get_segment_ids():
+            raise SessionError(f"no segment {segment_id!r}")
+        self.editor.remove_segment(segment_id)
+
+    def rename_segment(self, segment_id: str, name: str) -> None:
+        """Give a segment another name (export matches segments to the schema's structures by name)."""
+        if self.seg_node is None or segment_id not in self.editor.get_segment_ids():
+            raise SessionError(f"no segment {segment_id!r}")
+        if not isinstance(name, str) or not name.strip():
+            raise SessionError("a segment name cannot be empty")
+        self.seg_node.GetSegmentation().GetSegment(segment_id).SetName(name.strip())
 
     def select_segment(self, segment_id: str) -> None:
         self.editor.set_active_segment_id(segment_id)

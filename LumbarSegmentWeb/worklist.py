@@ -26,12 +26,15 @@ none is drafted, the first new case in name order.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+_WARNED: set = set()  # damaged case files already reported
 NEW, DRAFTED, CORRECTED, EXPORTED = "new", "drafted", "corrected", "exported"
 _LABEL_STEM = re.compile(r"[_-](label|labels|seg|mask)$", re.IGNORECASE)
 _IMAGE_STEM = re.compile(r"[_-](image|img)$", re.IGNORECASE)
@@ -65,6 +68,20 @@ def case_id_for(path: Path) -> str:
     if not stem[0].isalnum():
         stem = "c" + stem
     return stem[:64].replace("__v", "_v")
+
+
+def image_fingerprint(volume) -> str:
+    """sha256 of the voxels and the geometry: a draft belongs to exactly this image."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    arr = np.ascontiguousarray(volume.array)
+    h.update(repr((str(arr.dtype), arr.shape, tuple(volume.spacing), tuple(volume.origin),
+                   np.asarray(volume.direction, dtype=float).round(9).tolist())).encode())
+    h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()
 
 
 def _is_image(path: Path) -> bool:
@@ -119,18 +136,33 @@ class Worklist:
         return dict(sorted(found.items()))
 
     def exported_ids(self) -> set[str]:
-        from LumbarSegmentLib.dataset.cases import CaseError, list_cases
+        """Ids of the exported cases; a damaged case file is skipped (once logged), never a crash.
 
-        try:
-            return {c.case_id for c in list_cases(self.dataset)}
-        except (CaseError, OSError, ValueError):
-            return set()
+        A file named ``<id>__v<N>.json`` claims its id even when it cannot be read, so an
+        upload never takes it.
+        """
+        from LumbarSegmentLib.dataset.cases import read_case
+
+        ids: set[str] = set()
+        for jp in sorted(self.dataset.glob("*.json")) if self.dataset.is_dir() else ():
+            if jp.name.startswith("."):
+                continue
+            if "__v" in jp.stem:
+                ids.add(jp.stem.rsplit("__v", 1)[0])
+            try:
+                ids.add(read_case(jp).case_id)
+            except Exception as exc:  # noqa: BLE001 - any damage: skip this file, keep the app usable
+                if jp not in _WARNED:
+                    _WARNED.add(jp)
+                    log.warning("%s: not a readable case file (%s); skipped", jp, exc)
+        return ids
 
     def read_info(self, case_id: str) -> dict:
         try:
-            return json.loads(self.draft_info_path(case_id).read_text())
+            info = json.loads(self.draft_info_path(case_id).read_text())
         except (OSError, ValueError):
             return {}
+        return info if isinstance(info, dict) else {}
 
     def write_info(self, case_id: str, info: dict) -> None:
         """Atomic, like every file the tools write: a crash never leaves half a JSON file."""
@@ -140,15 +172,33 @@ class Worklist:
             json.dump(info, f, indent=1)
         os.replace(tmp, path)
 
+    def set_aside(self, case_id: str) -> Path:
+        """Move a draft that must not be opened (damaged, or of another image) to ``drafts/set-aside/``."""
+        import time
+
+        folder = self.drafts / "set-aside"
+        folder.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        n = 1
+        while (folder / f"{case_id}.{stamp}.seg.nrrd").exists():
+            n += 1
+            stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+        target = folder / f"{case_id}.{stamp}.seg.nrrd"
+        os.replace(self.draft_path(case_id), target)
+        if self.draft_info_path(case_id).is_file():
+            os.replace(self.draft_info_path(case_id), folder / f"{case_id}.{stamp}.json")
+        return target
+
     def entries(self) -> list[CaseEntry]:
         exported = self.exported_ids()
         out = []
         for case_id, path in self.volumes().items():
             entry = CaseEntry(case_id, path)
-            info = self.read_info(case_id) if self.draft_path(case_id).is_file() else {}
-            if info:
-                entry.uncertainty = info.get("uncertainty")
-                entry.edited = tuple(info.get("edited") or ())
+            if self.draft_path(case_id).is_file():
+                info = self.read_info(case_id)
+                unc, edited = info.get("uncertainty"), info.get("edited")
+                entry.uncertainty = unc if isinstance(unc, (int, float)) and not isinstance(unc, bool) else None
+                entry.edited = tuple(e for e in edited if isinstance(e, str)) if isinstance(edited, list) else ()
                 entry.state = CORRECTED if entry.edited else DRAFTED
             if case_id in exported:
                 entry.state = EXPORTED
@@ -164,8 +214,21 @@ class Worklist:
         return next((e for e in entries if e.state == NEW), None)
 
     # --- uploads -----------------------------------------------------------------------
-    def save_upload(self, name: str, content: bytes) -> Path:
-        """Store an uploaded volume under a safe name (never a path the client chose)."""
+    def taken_ids(self) -> set[str]:
+        """Case ids in use: volumes, drafts (even of a volume that is gone) and exported cases."""
+        drafts = {p.name[: -len(".seg.nrrd")] for p in self.drafts.glob("*.seg.nrrd")}
+        drafts |= {p.stem for p in self.drafts.glob("*.json") if not p.name.startswith(".")}
+        return set(self.volumes()) | drafts | self.exported_ids()
+
+    def save_upload(self, name: str, content: bytes, check=None) -> Path:
+        """Store an uploaded volume under a safe name of its own (never a path the client chose).
+
+        An upload never replaces a file and never takes the case id of another volume, draft
+        or exported case: names that sanitise or truncate to one already in use get ``_2``,
+        ``_3``... The same bytes uploaded again return the earlier upload. ``check(path)``
+        (e.g. reading the volume) runs on the hidden temporary file; if it raises, nothing is
+        kept and the error goes to the caller.
+        """
         from LumbarSegmentLib.formats.io import volume_suffix
 
         base = Path(name).name  # drop any folder part the browser sent
@@ -174,9 +237,45 @@ class Worklist:
             from LumbarSegmentLib.formats.io import VOLUME_SUFFIXES
 
             raise ValueError(f"{base}: not a volume file; upload one of {', '.join(VOLUME_SUFFIXES)}")
-        target = self.uploads / f"{case_id_for(Path(base))}{suffix}"
+        same = self._same_upload(content, suffix)
+        if same is not None:
+            return same
         fd, tmp = tempfile.mkstemp(prefix=".upload.", suffix=suffix, dir=self.uploads)
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-        os.replace(tmp, target)
-        return target
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(content)
+            if check is not None:
+                check(Path(tmp))
+            return self._claim_name(Path(tmp), case_id_for(Path(base)), suffix)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _same_upload(self, content: bytes, suffix: str) -> Path | None:
+        for p in self.uploads.iterdir():
+            if p.name.endswith(suffix) and not p.name.startswith(".") and p.is_file() \
+                    and p.stat().st_size == len(content) and p.read_bytes() == content:
+                return p
+        return None
+
+    def _claim_name(self, tmp: Path, case_id: str, suffix: str) -> Path:
+        """Hard-link ``tmp`` to the first free ``<id>[_n]<suffix>``: the link fails rather than replace."""
+        taken = self.taken_ids()
+        for n in range(1, 10000):
+            tail = "" if n == 1 else f"_{n}"
+            candidate = case_id[: 64 - len(tail)] + tail
+            target = self.uploads / f"{candidate}{suffix}"
+            if candidate in taken or case_id_for(target) != candidate or os.path.lexists(target):
+                continue
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                continue  # taken since we looked
+            except OSError:  # no hard links here: reserve the name exclusively, then move in
+                try:
+                    os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    continue
+                os.replace(tmp, target)
+            return target
+        raise OSError(f"no free name left for {case_id} in {self.uploads}")
