@@ -638,7 +638,7 @@ class LumbarSegmentPage:
                 for name, label in (("window", "Window"), ("level", "Level")):
                     with html.Div(classes="d-flex align-center"):
                         v3.VSlider(label=label, v_model=(name,), min=(1 if name == "window" else "intensity_min",),
-                                   max=("intensity_max",), density="compact", hide_details=True,
+                                   max=("intensity_max",), step=1, density="compact", hide_details=True,
                                    disabled=("!case_id",), **tid(f"{name}-slider"))
                         v3.VTextField(v_model=(name,), type="number", density="compact", hide_details=True,
                                       variant="outlined", style="max-width: 96px", classes="ml-2",

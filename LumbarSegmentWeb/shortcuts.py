@@ -2,8 +2,8 @@
 
 The browser sends a key (``"Ctrl+z"``, ``"ArrowUp"``, ``"p"``...) and the view under the
 mouse pointer; :func:`action_for` turns it into ``(action, argument)`` for the page. Keys
-typed into a text field or a slider never arrive (the script below skips them), so typing
-a number into "low" or moving a slider with the arrows does what it always does.
+typed into a text field never arrive, nor arrows on a focused slider (the script below skips
+them), so typing a number into "low" or moving a slider with the arrows does what it always does.
 """
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ def key_script(trigger: str) -> str:
     const t = ev.target;
     const tag = ((t && t.tagName) || '').toLowerCase();
     if (tag === 'input' || tag === 'textarea' || tag === 'select' || (t && t.isContentEditable)) return;
-    if (t && t.closest && t.closest('[role=slider], .v-slider')) return;
+    const onSlider = t && t.closest && t.closest('[role=slider], .v-slider');
+    if (onSlider && /^(Arrow|Page|Home|End)/.test(ev.key)) return;  // the slider's own keys
     let key = ev.key;
     if (ev.ctrlKey || ev.metaKey) key = 'Ctrl+' + (ev.shiftKey ? 'Shift+' : '') + key.toLowerCase();
     else if (key.length === 1) key = key === key.toUpperCase() && key !== key.toLowerCase() ? key.toLowerCase() : key;
