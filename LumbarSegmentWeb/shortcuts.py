@@ -79,6 +79,7 @@ def key_script(trigger: str) -> str:
     if (ev.ctrlKey || ev.metaKey) key = 'Ctrl+' + (ev.shiftKey ? 'Shift+' : '') + key.toLowerCase();
     else if (key.length === 1) key = key === key.toUpperCase() && key !== key.toLowerCase() ? key.toLowerCase() : key;
     if (!KEYS.has(key) || ev.altKey) return;
+    if (document.querySelector('.v-overlay--active')) return;  // a dialog or menu is open: its keys
     ev.preventDefault();
     ev.stopPropagation();
     if (window.trame && window.trame.trigger) window.trame.trigger('{trigger}', [key, hoveredView()]);
