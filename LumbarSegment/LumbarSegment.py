@@ -219,11 +219,23 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if slicer.util.confirmYesNoDisplay(installed.message + "\n\nRestart Slicer now?"):
                     slicer.util.restart()
                 return
+            if not self._readinessAccepted(p.datasetFolder):
+                return
             base = None if p.fromScratch else (self.ui.modelComboBox.currentData or None)
             out = self.logic.core.start_retrain(p.datasetFolder, base_model=base, epochs=p.epochs,
                                                 max_minutes=p.maxMinutes or None)
             self.ui.metricsTextEdit.setPlainText(f"Training into {out} ({'from scratch' if base is None else 'from ' + base})")
             self._setTraining(True)
+
+    def _readinessAccepted(self, dataset) -> bool:
+        """Say before training whether the result can replace the model in use (LumbarSegmentLib.retrain_readiness)."""
+        from LumbarSegmentLib.retrain_readiness import readiness
+
+        r = readiness(dataset)
+        self.ui.retrainReadinessLabel.text = r.message()
+        if r.can_start and not r.can_replace:
+            return slicer.util.confirmOkCancelDisplay(r.message() + "\n\nStart training anyway?")
+        return True
 
     def onRetrainStop(self):
         self.logic.core.stop_retrain()

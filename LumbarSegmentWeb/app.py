@@ -698,7 +698,8 @@ class LumbarSegmentPage:
         html.Div("Fine-tunes the selected model on the exported cases. The new model becomes the one in use only "
                  "if the gate, grading it on held-out cases it never trained on, finds it at least as good.",
                  classes="ls-small")
-        html.Div("{{ readiness }}", classes="ls-small mt-1 text-grey-darken-2", **tid("readiness"))
+        html.Div("{{ readiness }}", v_show="!retrain_warning", classes="ls-small mt-1 text-grey-darken-2",
+                 **tid("readiness"))
         with html.Div(v_if="retrain_warning", classes="mt-1", **tid("retrain-warning")):
             v3.VAlert(text=("retrain_warning.message",), type="warning", density="compact", classes="ls-small")
             with html.Div(classes="d-flex flex-wrap mt-1", style="gap: 4px"):
