@@ -181,11 +181,20 @@ def test_5_small_team_retrain_warns_then_stop_and_resume(page):
                            timeout=60_000)
 
 
-def test_6_another_case_leaves_nothing_stale_and_filters(page, tmp_path):
+def test_6_another_case_leaves_nothing_stale_and_filters(page, server, tmp_path):  # noqa: F811
+    data = server["work"].parent / "data"  # the server's --data folder: 30 more cases to list
+    for i in range(30):
+        (data / f"A{i:02d}_image.mha").symlink_to(SAMPLE)
     other = tmp_path / "Other_01_image.mha"
     shutil.copyfile(SAMPLE, other)
     assert page.get_attribute("[data-testid=job]", "data-state") == "done"
     _upload(page, other, "Other_01")
+    # the open case is the 31st of 32: the list scrolls to keep it in sight
+    _until("open case in view", lambda: page.evaluate("""(() => {
+        const list = document.querySelector('[data-testid=cases]');
+        const item = list.querySelector('.v-list-item--active');
+        const l = list.getBoundingClientRect(), a = item.getBoundingClientRect();
+        return list.scrollTop > 0 && a.top >= l.top - 1 && a.bottom <= l.bottom + 1; })()"""))
     assert page.get_attribute("[data-testid=job]", "data-state") == "idle"
     assert "VB2_06" not in (page.text_content("[data-testid=job]") or "")
     assert page.locator("[data-testid=export-result]").count() == 0
