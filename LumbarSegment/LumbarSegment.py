@@ -95,6 +95,7 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                              (self.ui.retrainStopButton, self.onRetrainStop),
                              (self.ui.retrainResumeButton, self.onRetrainResume)):
             button.connect("clicked(bool)", lambda _=False, s=slot: s())
+        self.ui.datasetPathLineEdit.connect("currentPathChanged(QString)", self.onDatasetChanged)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, lambda *a: self.onCancel())
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, lambda *a: self.initializeParameterNode())
         self.initializeParameterNode()
@@ -226,6 +227,13 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                 max_minutes=p.maxMinutes or None)
             self.ui.metricsTextEdit.setPlainText(f"Training into {out} ({'from scratch' if base is None else 'from ' + base})")
             self._setTraining(True)
+
+    def onDatasetChanged(self, folder):
+        """Say where the chosen dataset folder stands before anyone starts a retrain."""
+        from LumbarSegmentLib.retrain_readiness import readiness
+
+        if folder:
+            self.ui.retrainReadinessLabel.text = readiness(folder).message()
 
     def _readinessAccepted(self, dataset) -> bool:
         """Say before training whether the result can replace the model in use (LumbarSegmentLib.retrain_readiness)."""
