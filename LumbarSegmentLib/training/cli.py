@@ -87,8 +87,8 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
         g.add_argument("--deep-supervision", dest="deep_supervision", action="store_true", default=None)
         g.add_argument("--no-deep-supervision", dest="deep_supervision", action="store_false")
     g.add_argument("--schema", default=None if finetune else "starter",
-                   help="label schema name or JSON path (default starter%s)" %
-                        ("; fine-tune: the source model's" if finetune else ""))
+                   help="label schema name or JSON path (default: %s)" %
+                        ("the source model's" if finetune else "starter"))
     g.add_argument("--name", help="package name (default <variant>-<schema>)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=OPTIMIZERS)
