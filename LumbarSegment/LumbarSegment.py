@@ -18,7 +18,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 RESOURCES = _ROOT / "Resources"
 
-from LumbarSegmentLib.slicer_logic import (CANCELLED, DONE, FAILED, RUNNING, ModuleLogic,  # noqa: E402
+from LumbarSegmentLib.slicer.logic import (CANCELLED, DONE, FAILED, RUNNING, ModuleLogic,  # noqa: E402
                                            SegmentRequest, self_test_loop)
 
 
@@ -48,7 +48,7 @@ class LumbarSegment(ScriptedLoadableModule):
 def loadTerminology():
     """Register LumbarSegment's terminology context, so that Slicer's terminology selector knows the
     codes the models' segments carry (Slicer's bundled lists lack some, e.g. "Vertebral body")."""
-    from LumbarSegmentLib.terminology import terminology_file
+    from LumbarSegmentLib.core.terminology import terminology_file
 
     slicer.modules.terminologies.logic().LoadTerminologyFromFile(str(terminology_file()))
 
@@ -230,14 +230,14 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onDatasetChanged(self, folder):
         """Say where the chosen dataset folder stands before anyone starts a retrain."""
-        from LumbarSegmentLib.retrain_readiness import readiness
+        from LumbarSegmentLib.dataset.readiness import readiness
 
         if folder:
             self.ui.retrainReadinessLabel.text = readiness(folder).message()
 
     def _readinessAccepted(self, dataset) -> bool:
-        """Say before training whether the result can replace the model in use (LumbarSegmentLib.retrain_readiness)."""
-        from LumbarSegmentLib.retrain_readiness import readiness
+        """Say before training whether the result can replace the model in use (LumbarSegmentLib.dataset.readiness)."""
+        from LumbarSegmentLib.dataset.readiness import readiness
 
         r = readiness(dataset)
         self.ui.retrainReadinessLabel.text = r.message()

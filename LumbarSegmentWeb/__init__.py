@@ -25,7 +25,7 @@ os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
 def install_hint() -> str:
     """How to add the [web] extra to the installed LumbarSegment (the wheel file it came from, if known)."""
-    from LumbarSegmentLib.install_hint import extra_install_hint
+    from LumbarSegmentLib.core.install_hint import extra_install_hint
 
     return f"the browser front end needs the [web] extra; {extra_install_hint('web')}"
 

@@ -1,7 +1,7 @@
 """The page: trame widgets bound to an :class:`~.session.AnnotationSession`.
 
 Kept thin on purpose: every handler calls one session method (or a helper of
-:mod:`.view_controls`, :mod:`.shortcuts`, ``LumbarSegmentLib.retrain_readiness``) and copies
+:mod:`.view_controls`, :mod:`.shortcuts`, ``LumbarSegmentLib.dataset.readiness``) and copies
 what it returns into the trame state; the session (tested without a browser) does the work.
 
 Layout at a desktop size (1600x1000): the left drawer holds Cases, Segment, Correct and
@@ -120,7 +120,7 @@ class LumbarSegmentPage(PageLayout):
         self._segments_dirty = False
 
     def refresh_readiness(self) -> None:
-        from LumbarSegmentLib.retrain_readiness import readiness
+        from LumbarSegmentLib.dataset.readiness import readiness
 
         self.state.readiness = readiness(self.session.worklist.dataset).message()
 
@@ -379,7 +379,7 @@ class LumbarSegmentPage(PageLayout):
     # ------------------------------------------------------------------ retraining
     def retrain(self) -> None:
         """Start at once when the gate can grade the result; otherwise say why first and offer the choices."""
-        from LumbarSegmentLib.retrain_readiness import readiness
+        from LumbarSegmentLib.dataset.readiness import readiness
 
         r = readiness(self.session.worklist.dataset)
         self.state.readiness = r.message()
@@ -389,7 +389,7 @@ class LumbarSegmentPage(PageLayout):
         self.start_retrain()
 
     def hold_out_and_retrain(self) -> None:
-        from LumbarSegmentLib.holdout import set_holdout
+        from LumbarSegmentLib.dataset.holdout import set_holdout
 
         suggest = (self.state.retrain_warning or {}).get("suggest") or []
         if suggest and self._guard(set_holdout, self.session.worklist.dataset, list(suggest)) is not None:

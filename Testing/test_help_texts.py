@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from LumbarSegmentLib import cli
-from LumbarSegmentLib.help_format import DefaultsFormatter, plain, show_defaults
+from LumbarSegmentLib.cli import main as cli
+from LumbarSegmentLib.core.help_format import DefaultsFormatter, plain, show_defaults
 from LumbarSegmentLib.training import cli as train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,14 +126,14 @@ def test_models_json_shows_real_metrics_or_none():
 
 def test_models_json_into_a_closed_pipe_exits_cleanly():
     # `lumbarseg models --json | head -1`: the reader stops early; no "Broken pipe" error
-    proc = subprocess.run(f"'{sys.executable}' -m LumbarSegmentLib.cli models --json | head -c 10 >/dev/null",
+    proc = subprocess.run(f"'{sys.executable}' -m LumbarSegmentLib.cli.main models --json | head -c 10 >/dev/null",
                           shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**__import__('os').environ, "PYTHONPATH": str(ROOT)})
     assert "Broken pipe" not in proc.stderr and "Errno 32" not in proc.stderr, proc.stderr
 
 
 def test_web_hint_names_the_installed_wheel(monkeypatch):
-    from LumbarSegmentLib import install_hint
+    from LumbarSegmentLib.core import install_hint
 
     monkeypatch.setattr(install_hint, "installed_from", lambda: ("wheel", "/dl/lumbarsegment-0.1.0-py3-none-any.whl"))
     assert "pip install '/dl/lumbarsegment-0.1.0-py3-none-any.whl[web]'" in install_hint.extra_install_hint()
@@ -143,7 +143,7 @@ def test_web_hint_names_the_installed_wheel(monkeypatch):
 
 
 def test_reports_without_matplotlib_write_tables(tmp_path, monkeypatch, caplog):
-    from LumbarSegmentLib.schema import load_schema
+    from LumbarSegmentLib.core.schema import load_schema
     from LumbarSegmentLib.training import report
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from LumbarSegmentLib.cases import write_case
-from LumbarSegmentLib.holdout import HOLDOUT_FILE, frozen_split, set_holdout
-from LumbarSegmentLib.retrain_readiness import readiness
-from LumbarSegmentLib.volume import Volume
+from LumbarSegmentLib.dataset.cases import write_case
+from LumbarSegmentLib.dataset.holdout import HOLDOUT_FILE, frozen_split, set_holdout
+from LumbarSegmentLib.dataset.readiness import readiness
+from LumbarSegmentLib.core.volume import Volume
 
 
 def _export(folder, n: int) -> None:
