@@ -95,6 +95,7 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                              (self.ui.retrainStopButton, self.onRetrainStop),
                              (self.ui.retrainResumeButton, self.onRetrainResume)):
             button.connect("clicked(bool)", lambda _=False, s=slot: s())
+        self.ui.datasetPathLineEdit.connect("currentPathChanged(QString)", self.onDatasetChanged)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, lambda *a: self.onCancel())
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, lambda *a: self.initializeParameterNode())
         self.initializeParameterNode()
@@ -219,11 +220,30 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if slicer.util.confirmYesNoDisplay(installed.message + "\n\nRestart Slicer now?"):
                     slicer.util.restart()
                 return
+            if not self._readinessAccepted(p.datasetFolder):
+                return
             base = None if p.fromScratch else (self.ui.modelComboBox.currentData or None)
             out = self.logic.core.start_retrain(p.datasetFolder, base_model=base, epochs=p.epochs,
                                                 max_minutes=p.maxMinutes or None)
             self.ui.metricsTextEdit.setPlainText(f"Training into {out} ({'from scratch' if base is None else 'from ' + base})")
             self._setTraining(True)
+
+    def onDatasetChanged(self, folder):
+        """Say where the chosen dataset folder stands before anyone starts a retrain."""
+        from LumbarSegmentLib.dataset.readiness import readiness
+
+        if folder:
+            self.ui.retrainReadinessLabel.text = readiness(folder).message()
+
+    def _readinessAccepted(self, dataset) -> bool:
+        """Say before training whether the result can replace the model in use (LumbarSegmentLib.dataset.readiness)."""
+        from LumbarSegmentLib.dataset.readiness import readiness
+
+        r = readiness(dataset)
+        self.ui.retrainReadinessLabel.text = r.message()
+        if r.can_start and not r.can_replace:
+            return slicer.util.confirmOkCancelDisplay(r.message() + "\n\nStart training anyway?")
+        return True
 
     def onRetrainStop(self):
         self.logic.core.stop_retrain()

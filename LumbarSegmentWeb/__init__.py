@@ -2,7 +2,7 @@
 
 Why a package of its own: the Lib must never import trame (see docs/architecture.md);
 this package imports the Lib, never the other way round, and is installed with the
-``[web]`` extra (``pip install lumbarsegment[web]``).
+``[web]`` extra (added to an installed wheel with ``pip install 'WHEEL_FILE[web]'``).
 
 * :mod:`.session` — one annotator's work without any web server: the MRML scene of
   trame-slicer, the Lib's background segmentation/retraining controllers, effects,
@@ -26,8 +26,11 @@ import os
 # Set before VTK creates its first render window, i.e. before trame_slicer is imported.
 os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
-INSTALL_HINT = ("the browser front end needs the [web] extra: pip install 'lumbarsegment[web]' "
-                "(from a source checkout: pip install -e '.[web]')")
+def install_hint() -> str:
+    """How to add the [web] extra to the installed LumbarSegment (the wheel file it came from, if known)."""
+    from LumbarSegmentLib.core.install_hint import extra_install_hint
+
+    return f"the browser front end needs the [web] extra; {extra_install_hint('web')}"
 
 
 def missing_dependency() -> str | None:
@@ -37,5 +40,5 @@ def missing_dependency() -> str | None:
     for module, package in (("trame_slicer", "trame-slicer"), ("trame", "trame"), ("slicer", "slicer-core"),
                             ("LayerDMLib", "slicer-layer-dm")):
         if importlib.util.find_spec(module) is None:
-            return f"{package} is not installed; {INSTALL_HINT}"
+            return f"{package} is not installed; {install_hint()}"
     return None

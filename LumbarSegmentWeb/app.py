@@ -1,26 +1,35 @@
 """The page: trame widgets bound to an :class:`~.session.AnnotationSession`.
 
-Kept thin on purpose: every handler calls one session method and copies what it
-returns into the trame state; the session (tested without a browser) does the work.
+Kept thin on purpose: every handler calls one session method (or a helper of
+:mod:`.view_controls`, :mod:`.shortcuts`, ``LumbarSegmentLib.dataset.readiness``) and copies
+what it returns into the trame state; the session (tested without a browser) does the work.
+
+Layout at a desktop size (1600x1000): the left drawer holds Cases, Segment, Correct and
+Display; the segment list, Export and Retrain sit in a column right of the views, so
+neither needs the drawer scrolled. Each slice view carries its name, slice number and
+position, and the anatomical direction of its edges.
 
 State keys the browser tests read (through elements with ``data-testid``):
 ``job`` (segmentation: state, fraction, message), ``segments`` (per segment: name,
 colour, visibility, exact voxel count), ``export_result``, ``retrain`` and
-``comparison`` (the publish gate's per-class table).
+``comparison`` (the publish gate's per-class table), the readouts of the views.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import time
 import traceback
 from pathlib import Path
 
 from trame.app.file_upload import ClientFile
-from trame.widgets import client, html
-from trame.widgets import vuetify3 as v3
-from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout
+from trame.widgets import html
 
+from .page_layout import KEY_TRIGGER, PageLayout, tid
 from .session import EFFECT_NAMES, AnnotationSession, SessionError
+from .shortcuts import HELP_ROWS, action_for
+from .view_controls import WindowLevelDrag, mr_presets, slice_readout, step_slice
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
@@ -42,17 +51,11 @@ def sagittal_first_layout():
                   flex_sizes=["3", "1"])
 
 
-def tid(name, **data):
-    """``data-testid`` (and other ``data-*``) attributes: stable hooks for the browser tests.
-
-    trame passes only declared attributes through, so each one is declared with its
-    HTML spelling (``data_voxels`` -> ``data-voxels``).
-    """
-    attrs = {"data_testid": name, **{f"data_{k}": v for k, v in data.items()}}
-    return {"__properties": [(k, k.replace("_", "-")) for k in attrs], **attrs}
+def _state_key(view_id: str) -> str:
+    return "ls_ro_" + re.sub(r"[^A-Za-z0-9_]", "_", str(view_id))
 
 
-class LumbarSegmentPage:
+class LumbarSegmentPage(PageLayout):
     """Builds the UI on ``server`` for ``session`` and keeps the state in step with it."""
 
     def __init__(self, server, session: AnnotationSession):
@@ -61,7 +64,11 @@ class LumbarSegmentPage:
 
         self.server, self.session = server, session
         self.state, self.ctrl = server.state, server.controller
-        register_rca_factories(session.app.view_manager, server)
+        self.views: dict[str, object] = {}  # trame view id -> slice view
+        self._drags: list[WindowLevelDrag] = []
+        self._job_t0: float | None = None
+        self._init_state()
+        register_rca_factories(session.app.view_manager, server, slice_view_ui_f=self._slice_view_ui)
         self.layout = LayoutManager(session.app.scene, session.app.view_manager, server)
         self.layout.register_layout_dict({"Sagittal first": sagittal_first_layout()})
         self.layout.set_layout("Sagittal first")
@@ -69,10 +76,13 @@ class LumbarSegmentPage:
         server.serve["lumbarseg"] = str(STATIC)
         self.state.trame__favicon = "lumbarseg/favicon.png"
         self.state.trame__title = "LumbarSegment"
-        self._init_state()
         self._poller: asyncio.Task | None = None
         session.editor.segmentation_modified.connect(self._on_segmentation_modified)
         self._segments_dirty = False
+        server.trigger(KEY_TRIGGER)(self.on_key)
+        self.state.change("window", "level")(self._on_wl_state)
+        self.state.change("brush_mm")(self._on_brush_state)
+        self.state.change("upload_file")(self._on_upload_state)
         self.build()
         self.ctrl.on_server_ready.add(self._start_polling)
 
@@ -80,16 +90,20 @@ class LumbarSegmentPage:
     def _init_state(self) -> None:
         s = self.state
         s.update({
-            "cases": [], "case_id": None, "models": [], "model": None, "mode": "fast",
-            "job": {"state": "idle", "fraction": None, "message": "", "warnings": []},
+            "cases": [], "case_id": None, "case_filter": "all", "models": [], "model": None, "mode": "fast",
+            "job": {"state": "idle", "fraction": None, "message": "", "warnings": []}, "job_eta": "",
             "segments": [], "active_segment": None, "effect": "none", "brush_mm": self.session.brush_mm,
-            "window": 0.0, "level": 0.0, "intensity_max": 1000.0, "threshold_low": 0.0, "threshold_high": 1000.0,
-            "smoothing_mm": 3.0, "message": "", "error": "", "export_result": None,
+            "window": 0.0, "level": 0.0, "intensity_min": 0.0, "intensity_max": 1000.0, "wl_preset": None,
+            "wl_presets": [], "threshold_low": 0.0, "threshold_high": 1000.0,
+            "smoothing_mm": 3.0, "message": "", "error": "", "export_result": None, "upload_file": None,
             "retrain": {"state": "idle", "fraction": None, "message": ""}, "comparison": None,
+            "readiness": "", "retrain_warning": None, "can_resume": False, "show_keys": False,
+            "key_rows": [{"keys": k, "does": d} for k, d in HELP_ROWS],
             "effect_items": [{"title": TOOL_TITLES[n], "value": n, "icon": TOOL_ICONS[n]} for n in EFFECT_NAMES],
         })
         self.refresh_cases()
         self.refresh_models()
+        self.refresh_readiness()
 
     def refresh_cases(self) -> None:
         self.state.cases = [e.to_row() for e in self.session.worklist.entries()]
@@ -104,6 +118,11 @@ class LumbarSegmentPage:
         self.state.segments = self.session.segments()
         self.state.active_segment = self.session.active_segment or None
         self._segments_dirty = False
+
+    def refresh_readiness(self) -> None:
+        from LumbarSegmentLib.dataset.readiness import readiness
+
+        self.state.readiness = readiness(self.session.worklist.dataset).message()
 
     def _on_segmentation_modified(self, *_):
         self._segments_dirty = True  # counted on the next poll: a stroke fires many modified events
@@ -121,6 +140,87 @@ class LumbarSegmentPage:
             self.state.error = f"unexpected error: {exc}"
         return None
 
+    # ------------------------------------------------------------------ slice views
+    def _slice_view_ui(self, server, view_id, view) -> None:
+        """trame-slicer's gutter and slice slider, plus the readout, the edge letters and W/L drag."""
+        from trame_slicer.app.ui import create_vertical_slice_view_gutter_ui
+
+        create_vertical_slice_view_gutter_ui(server, view_id, view)
+        key = _state_key(view_id)
+        self.views[view_id] = view
+        self.state[key] = None
+        view.modified.connect(lambda *_: self._update_readout(view_id))
+        self._drags.append(WindowLevelDrag(
+            view, active=lambda: self.session.effect == "none" and self.session.volume_node is not None,
+            get_wl=self.session.window_level, set_wl=self.session.set_window_level,
+            span=lambda: float(self.state.intensity_max) - float(self.state.intensity_min),
+            on_change=self._on_wl_dragged))
+        ro = f"{key} || {{}}"
+        with html.Div(v_if=key, classes="ls-overlay", style="top: 6px; right: 8px; text-align: right;",
+                      **tid(("'readout-' + " + f"({ro}).name",), view=view_id, index=(f"({ro}).index",),
+                            count=(f"({ro}).count",))):
+            html.Span("{{ (%s).name }}" % ro, style=(f"'border-bottom: 2px solid ' + ({ro}).color",))
+            html.Br()
+            html.Span("slice {{ (%s).index }} / {{ (%s).count }}" % (ro, ro))
+            html.Br()
+            html.Span("{{ (%s).position }}" % ro)
+        for edge, style in (("left", "left: 40px; top: 50%;"), ("right", "right: 8px; top: 50%;"),
+                            ("top", "top: 6px; left: 50%;"), ("bottom", "bottom: 30px; left: 50%;")):
+            html.Div("{{ (%s).%s }}" % (ro, edge), v_if=key, classes="ls-overlay ls-edge", style=style,
+                     **tid(("'edge-' + " + f"({ro}).name + '-{edge}'",)))
+        html.Div(style="display: none", **{"__properties": [("data_ls_view", "data-ls-view")],
+                                          "data_ls_view": view_id})
+
+    def _update_readout(self, view_id) -> None:
+        view = self.views.get(view_id)
+        if view is None:
+            return
+        try:
+            readout = slice_readout(view) if self.session.volume_node is not None else None
+        except (AttributeError, RuntimeError):  # a view being torn down
+            readout = None
+        with self.state:
+            self.state[_state_key(view_id)] = readout
+
+    def _view_for(self, view_id):
+        """The view under the pointer, else the sagittal one (the model's plane)."""
+        if view_id in self.views:
+            return self.views[view_id]
+        return next((v for v in self.views.values() if v.get_orientation() == "Sagittal"),
+                    next(iter(self.views.values()), None))
+
+    def _on_wl_dragged(self, window: float, level: float) -> None:
+        with self.state:
+            self.state.window, self.state.level = round(window, 1), round(level, 1)
+            self.state.wl_preset = None
+
+    # ------------------------------------------------------------------ keys
+    def on_key(self, key: str, view_id=None) -> None:
+        """A shortcut from the browser (see :mod:`.shortcuts`)."""
+        found = action_for(str(key))
+        if found is None:
+            return
+        action, arg = found
+        if action == "undo":
+            self.undo()
+        elif action == "redo":
+            self.redo()
+        elif action == "slice":
+            view = self._view_for(view_id)
+            if view is not None and self.session.volume_node is not None:
+                step_slice(view, int(arg))
+                self._update_readout(next(k for k, v in self.views.items() if v is view))
+        elif action == "tool":
+            self.set_effect(str(arg))
+        elif action == "brush":
+            self.state.brush_mm = float(min(40, max(1, float(self.state.brush_mm) + int(arg))))
+        elif action == "auto_wl":
+            self.auto_window_level()
+        elif action == "next_case":
+            self.next_case()
+        elif action == "help":
+            self.state.show_keys = True
+
     # ------------------------------------------------------------------ actions
     def open_case(self, case_id: str) -> None:
         def go():
@@ -137,6 +237,12 @@ class LumbarSegmentPage:
             return
         self.open_case(entry.case_id)
 
+    def _on_upload_state(self, upload_file=None, **_) -> None:
+        if not upload_file:
+            return
+        self.upload(upload_file)
+        self.state.upload_file = None  # the box is empty again, ready for the next file
+
     def upload(self, files) -> None:
         def go():
             for f in files if isinstance(files, list) else [files]:
@@ -150,34 +256,52 @@ class LumbarSegmentPage:
         self.refresh_cases()
 
     def _after_load(self) -> None:
+        """A newly opened case: nothing of the previous one may linger on the page."""
         s = self.session
         self.state.case_id = s.case_id
         lo, hi = s.intensity_range()
-        self.state.intensity_max = float(hi)
-        self.state.window, self.state.level = s.window_level()
+        self.state.intensity_min, self.state.intensity_max = float(lo), float(hi)
+        auto = s.window_level()
+        self.state.window, self.state.level = round(auto[0], 1), round(auto[1], 1)
+        presets = mr_presets(auto, (float(lo), float(hi)))
+        self._presets = presets
+        self.state.wl_presets = list(presets)
+        self.state.wl_preset = "Auto"
         self.state.threshold_low, self.state.threshold_high = float((lo + hi) / 2), float(hi)
         self.state.effect = "none"
         self.state.export_result = None
+        self.state.retrain_warning = None
+        self.state.job = {"state": "idle", "fraction": None, "message": "", "warnings": []}
+        self.state.job_eta = ""
         self.state.message = f"opened {s.case_id}"
         self.refresh_segments()
         self.refresh_cases()
+        for view_id in self.views:
+            self._update_readout(view_id)
 
     def segment(self) -> None:
         def go():
             notes = self.session.start_segmentation(self.session.offered_model(self.state.model), self.state.mode)
+            self._job_t0 = time.monotonic()
             self.state.job = {"state": "running", "fraction": 0.0, "message": "starting", "warnings": notes}
+            self.state.job_eta = "reading the volume and loading the model"
         self._guard(go)
 
     def cancel(self) -> None:
         self._guard(self.session.cancel_segmentation)
         self.state.job = {"state": "cancelled", "fraction": None, "message": "segmentation cancelled",
                           "warnings": []}
+        self.state.job_eta = ""
 
     def set_effect(self, name: str) -> None:
         if self._guard(self.session.set_effect, name) is None and self.state.error:
             self.state.effect = self.session.effect
         else:
             self.state.effect = name
+
+    def _on_brush_state(self, brush_mm=None, **_) -> None:
+        if brush_mm is not None:
+            self.set_brush(brush_mm)
 
     def set_brush(self, mm) -> None:
         self._guard(self.session.set_brush_mm, float(mm))
@@ -206,13 +330,33 @@ class LumbarSegmentPage:
         self._guard(self.session.redo)
         self.refresh_segments()
 
+    def _on_wl_state(self, window=None, level=None, **_) -> None:
+        """A slider moved, a value typed or clicked: apply it (a click sets the value as a drag does)."""
+        if self.session.volume_node is None or window is None or level is None:
+            return
+        try:
+            w, lv = float(window), float(level)
+        except (TypeError, ValueError):
+            return
+        if (w, lv) != tuple(round(v, 1) for v in self.session.window_level()):
+            self._guard(self.session.set_window_level, max(1.0, w), lv)
+
     def window_level(self) -> None:
         self._guard(self.session.set_window_level, float(self.state.window), float(self.state.level))
 
     def auto_window_level(self) -> None:
         res = self._guard(self.session.auto_window_level)
         if res:
-            self.state.window, self.state.level = res
+            self.state.window, self.state.level = round(res[0], 1), round(res[1], 1)
+            self.state.wl_preset = "Auto"
+
+    def apply_preset(self, name) -> None:
+        preset = getattr(self, "_presets", {}).get(name)
+        if preset is None:
+            return
+        self.state.window, self.state.level = round(preset[0], 1), round(preset[1], 1)
+        self.state.wl_preset = name
+        self._guard(self.session.set_window_level, *preset)
 
     def islands(self, action: str) -> None:
         self._guard(self.session.apply_islands, action)
@@ -233,21 +377,53 @@ class LumbarSegmentPage:
             self.state.message = (f"exported {res['case_id']} version {res['version']}" if res["written"]
                                   else "not exported")
         self.refresh_cases()
+        self.refresh_readiness()
 
     def save(self) -> None:
         if self._guard(self.session.save_draft) is not None:
             self.state.message = f"draft of {self.session.case_id} saved"
         self.refresh_cases()
 
+    # ------------------------------------------------------------------ retraining
     def retrain(self) -> None:
+        """Start at once when the gate can grade the result; otherwise say why first and offer the choices."""
+        from LumbarSegmentLib.dataset.readiness import readiness
+
+        r = readiness(self.session.worklist.dataset)
+        self.state.readiness = r.message()
+        if r.can_start and not r.can_replace:
+            self.state.retrain_warning = {"message": r.message(), "suggest": r.suggested_holdout()}
+            return
+        self.start_retrain()
+
+    def hold_out_and_retrain(self) -> None:
+        from LumbarSegmentLib.dataset.holdout import set_holdout
+
+        suggest = (self.state.retrain_warning or {}).get("suggest") or []
+        if suggest and self._guard(set_holdout, self.session.worklist.dataset, list(suggest)) is not None:
+            self.refresh_readiness()
+            self.start_retrain()
+
+    def start_retrain(self) -> None:
+        self.state.retrain_warning = None
+
         def go():
             run = self.session.start_retrain(self.session.offered_model(self.state.model))
             self.state.retrain = {"state": "running", "fraction": 0.0, "message": f"training in {run}"}
             self.state.comparison = None
+            self.state.can_resume = False
         self._guard(go)
 
     def stop_retrain(self) -> None:
         self._guard(self.session.stop_retrain)
+
+    def resume_retrain(self) -> None:
+        def go():
+            self.session.resume_retrain()
+            self.state.retrain = {"state": "running", "fraction": self.state.retrain.get("fraction"),
+                                  "message": "resuming from the last checkpoint"}
+            self.state.can_resume = False
+        self._guard(go)
 
     # ------------------------------------------------------------------ polling
     def _start_polling(self, **_):
@@ -262,12 +438,24 @@ class LumbarSegmentPage:
             except Exception:  # noqa: BLE001 - a polling error must not stop future polls
                 log.error("poll failed\n%s", traceback.format_exc())
 
+    def _eta(self, fraction) -> str:
+        """Time so far and, once batches report, a linear estimate of the time left."""
+        if self._job_t0 is None:
+            return ""
+        elapsed = time.monotonic() - self._job_t0
+        if not fraction or fraction < 0.02:
+            return f"{elapsed:.0f} s: reading the volume and loading the model"
+        left = elapsed * (1 - fraction) / fraction
+        return f"{elapsed:.0f} s, about {left:.0f} s left"
+
     def poll_once(self) -> None:
         s = self.session
         with self.state:
             if self.state.job.get("state") == "running":
                 job = s.poll_segmentation()
                 self.state.job = job.to_dict()
+                self.state.job_eta = self._eta(job.fraction) if job.state == "running" else (
+                    f"took {time.monotonic() - self._job_t0:.0f} s" if self._job_t0 and job.state == "done" else "")
                 if job.state != "running":
                     self._segments_dirty = True
                     self.refresh_cases()
@@ -276,149 +464,7 @@ class LumbarSegmentPage:
                 self.state.retrain = job.to_dict()
                 if job.state != "running":
                     self.state.comparison = s.publish_comparison()
+                    self.state.can_resume = job.state == "cancelled" and "Resume" in (job.message or "")
                     self.refresh_models()
             if self._segments_dirty:
                 self.refresh_segments()
-
-    # ------------------------------------------------------------------ UI
-    def build(self) -> None:
-        with SinglePageWithDrawerLayout(self.server, full_height=True) as ui:
-            self.ui = ui
-            ui.title.set_text("LumbarSegment")
-            ui.icon.hide() if hasattr(ui.icon, "hide") else None
-            client.Style(".ls-small { font-size: 12px; } .ls-panel .v-expansion-panel-text__wrapper { padding: 6px 8px; }")
-            with ui.toolbar:
-                v3.VSpacer()
-                html.Div("{{ case_id || 'no case open' }}", classes="mr-4 text-body-2", **tid("case-title"))
-                v3.VBtn("Undo", prepend_icon="mdi-undo", click=self.undo, variant="text", **tid("undo"))
-                v3.VBtn("Redo", prepend_icon="mdi-redo", click=self.redo, variant="text", **tid("redo"))
-                v3.VBtn("Save", prepend_icon="mdi-content-save", click=self.save, variant="text", **tid("save"))
-            with ui.drawer as drawer:
-                drawer.width = 360
-                self._drawer()
-            with ui.content:
-                with html.Div(style="position: relative; height: 100%; width: 100%;"):
-                    self.layout.initialize_layout_grid(ui)
-                    v3.VAlert(v_if="error", text=("error",), type="error", density="compact", closable=True,
-                              style="position: absolute; bottom: 8px; left: 8px; right: 8px; z-index: 10;",
-                              **tid("error"))
-
-    def _drawer(self) -> None:
-        with v3.VExpansionPanels(multiple=True, model_value=("panels", [0, 1, 2, 3, 4, 5]), classes="ls-panel",
-                                 variant="accordion"):
-            with v3.VExpansionPanel(title="Cases"):
-                with v3.VExpansionPanelText():
-                    v3.VFileInput(label="Upload a volume (.nrrd .nii.gz .mha)", density="compact",
-                                  prepend_icon="mdi-upload", hide_details=True, **tid("upload"),
-                                  update_modelValue=(self.upload, "[$event]"), multiple=False)
-                    v3.VBtn("Next case", click=self.next_case, size="small", classes="my-1", **tid("next-case"),
-                            prepend_icon="mdi-skip-next")
-                    with v3.VList(density="compact", max_height=180, classes="overflow-y-auto",
-                                  **tid("cases")):
-                        with v3.VListItem(v_for="c in cases", key="c.case_id", click=(self.open_case, "[c.case_id]"),
-                                          active=("c.case_id === case_id",), title=("c.case_id",)):
-                            with v3.Template(v_slot_append=True):
-                                v3.VChip("{{ c.state }}", size="x-small",
-                                         color=("({new: 'grey', drafted: 'blue', corrected: 'orange', "
-                                                "exported: 'green'})[c.state]",))
-            with v3.VExpansionPanel(title="Segment"):
-                with v3.VExpansionPanelText():
-                    v3.VSelect(label="Model", items=("models",), v_model=("model",), density="compact",
-                               hide_details=True, classes="mb-1")
-                    v3.VSelect(label="Mode", items=("['fast', 'tta', 'ensemble']",), v_model=("mode",),
-                               density="compact", hide_details=True, classes="mb-1")
-                    with html.Div(classes="d-flex"):
-                        v3.VBtn("Segment", click=self.segment, color="primary", size="small",
-                                disabled=("job.state === 'running' || !case_id",), **tid("segment"))
-                        v3.VBtn("Cancel", click=self.cancel, size="small", classes="ml-2",
-                                disabled=("job.state !== 'running'",), **tid("cancel"))
-                    v3.VProgressLinear(model_value=("(job.fraction || 0) * 100",), classes="my-1",
-                                       indeterminate=("job.state === 'running' && job.fraction === null",))
-                    html.Div("{{ job.message || job.state }}", classes="ls-small", **tid("job", state=("job.state",)))
-            with v3.VExpansionPanel(title="Correct"):
-                with v3.VExpansionPanelText():
-                    with v3.VBtnToggle(v_model=("effect",), mandatory=True, density="compact", divided=True,
-                                       classes="flex-wrap", update_modelValue=(self.set_effect, "[$event]")):
-                        with v3.VBtn(v_for="t in effect_items", key="t.value", value=("t.value",), size="small",
-                                     **tid(("'tool-' + t.value",))):
-                            html.Span("{{ t.title }}")
-                    v3.VSlider(label="Brush (mm)", v_model=("brush_mm",), min=1, max=40, step=1, thumb_label=True,
-                               density="compact", hide_details=True, end=(self.set_brush, "[$event]"),
-                               **tid("brush"))
-                    with html.Div(v_if="effect === 'islands'", classes="d-flex"):
-                        v3.VBtn("Keep largest", size="small", click=(self.islands, "['keep_largest']"))
-                        v3.VBtn("Remove small", size="small", classes="ml-1", click=(self.islands, "['remove_small']"))
-                    with html.Div(v_if="effect === 'smoothing'", classes="d-flex align-center"):
-                        v3.VTextField(label="kernel mm", v_model=("smoothing_mm",), type="number", density="compact",
-                                      hide_details=True, style="max-width: 90px")
-                        v3.VBtn("Median", size="small", classes="ml-1", click=(self.smoothing, "['median']"))
-                        v3.VBtn("Close", size="small", classes="ml-1", click=(self.smoothing, "['closing']"))
-                    with html.Div(v_if="effect === 'threshold'", classes="d-flex align-center"):
-                        v3.VTextField(label="low", v_model=("threshold_low",), type="number", density="compact",
-                                      hide_details=True)
-                        v3.VTextField(label="high", v_model=("threshold_high",), type="number", density="compact",
-                                      hide_details=True, classes="ml-1")
-                        v3.VBtn("Apply", size="small", classes="ml-1", click=self.threshold)
-                    html.Div("Window / level", classes="ls-small mt-2")
-                    v3.VSlider(v_model=("window",), min=1, max=("intensity_max",), density="compact",
-                               hide_details=True, end=self.window_level, **tid("window"))
-                    v3.VSlider(v_model=("level",), min=0, max=("intensity_max",), density="compact",
-                               hide_details=True, end=self.window_level, **tid("level"))
-                    v3.VBtn("Auto W/L", size="x-small", click=self.auto_window_level)
-            with v3.VExpansionPanel(title="Segments"):
-                with v3.VExpansionPanelText():
-                    with v3.VTable(density="compact", classes="ls-small", **tid("segments")):
-                        with html.Tbody():
-                            with html.Tr(v_for="s in segments", key="s.id",
-                                         style=("s.id === active_segment ? 'background: rgba(33,150,243,0.15)' : ''",),
-                                         **tid(("'segment-' + s.id",), voxels=("s.voxels",))):
-                                with html.Td():
-                                    v3.VIcon("mdi-square", color=("s.color",), size="small")
-                                html.Td("{{ s.name }}{{ s.edited ? ' *' : '' }}",
-                                        click=(self.select_segment, "[s.id]"), style="cursor: pointer")
-                                html.Td("{{ s.voxels }}", classes="text-right")
-                                with html.Td():
-                                    v3.VBtn(icon=("s.visible ? 'mdi-eye' : 'mdi-eye-off'",), size="x-small",
-                                            variant="text", click=(self.toggle_visible, "[s.id, !s.visible]"))
-                                    v3.VBtn(icon="mdi-delete-outline", size="x-small", variant="text",
-                                            title="remove this segment", click=(self.remove_segment, "[s.id]"),
-                                            **tid(("'remove-' + s.id",)))
-                    v3.VBtn("Add segment", size="x-small", click=self.add_segment, prepend_icon="mdi-plus")
-            with v3.VExpansionPanel(title="Export"):
-                with v3.VExpansionPanelText():
-                    v3.VBtn("Export case", click=(self.export, "[false]"), color="primary", size="small",
-                            disabled=("!case_id",), **tid("export"))
-                    with html.Div(v_if="export_result && export_result.warning", classes="ls-small mt-1"):
-                        v3.VAlert(text=("export_result.warning",), type="warning", density="compact")
-                        v3.VBtn("Export anyway", size="x-small", v_if="!export_result.written",
-                                click=(self.export, "[true]"), **tid("export-anyway"))
-                    html.Div("exported {{ export_result.case_id }} version {{ export_result.version }}; edited: "
-                             "{{ (export_result.edited || []).join(', ') || 'none' }}",
-                             v_if="export_result && export_result.written", classes="ls-small mt-1",
-                             **tid("export-result"))
-            with v3.VExpansionPanel(title="Retrain"):
-                with v3.VExpansionPanelText():
-                    html.Div("Fine-tunes the selected model on the exported cases; the new model is published "
-                             "and becomes the default only if the gate finds it at least as good.",
-                             classes="ls-small")
-                    with html.Div(classes="d-flex mt-1"):
-                        v3.VBtn("Retrain", size="small", click=self.retrain, **tid("retrain"),
-                                disabled=("retrain.state === 'running'",))
-                        v3.VBtn("Stop", size="small", classes="ml-2", click=self.stop_retrain,
-                                disabled=("retrain.state !== 'running'",))
-                    v3.VProgressLinear(model_value=("(retrain.fraction || 0) * 100",), classes="my-1")
-                    html.Div("{{ retrain.state }}: {{ retrain.message }}", classes="ls-small", **tid("retrain-status"))
-                    with v3.VTable(v_if="comparison", density="compact", classes="ls-small"):
-                        with html.Thead():
-                            with html.Tr():
-                                for h in ("class", "in use", "new", "change"):
-                                    html.Th(h)
-                        with html.Tbody():
-                            with html.Tr(v_for="r in comparison.rows", key="r['class']"):
-                                html.Td("{{ r['class'] }}")
-                                html.Td("{{ r.current == null ? '-' : r.current.toFixed(3) }}")
-                                html.Td("{{ r.candidate == null ? '-' : r.candidate.toFixed(3) }}")
-                                html.Td("{{ r.delta == null ? '-' : (r.delta >= 0 ? '+' : '') + r.delta.toFixed(3) }}")
-                    html.Div("{{ comparison.ref }}: {{ comparison.default ? 'now the default' : 'not the default' }} "
-                             "({{ comparison.reason }})", v_if="comparison", classes="ls-small")
-            html.Div("{{ message }}", classes="ls-small pa-2", **tid("message"))

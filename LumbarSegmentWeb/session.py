@@ -505,6 +505,10 @@ class AnnotationSession:
     def stop_retrain(self) -> None:
         self.logic.stop_retrain()
 
+    def resume_retrain(self) -> None:
+        """Continue the stopped run from its last checkpoint (the trainer's ``--resume``)."""
+        self.logic.resume_retrain()
+
     def publish_comparison(self) -> dict | None:
         """The publish gate's verdict for the last run: ``{"ref", "default", "reason", "table", "rows"}``.
 

@@ -1,14 +1,14 @@
 """``lumbarseg-train``: train, cross-validate, fine-tune, evaluate, publish and export models.
 
-Examples (docs/training.md has more)::
+Examples (the training guide, training.md in the docs, has more)::
 
-    lumbarseg-train train --data DATA --variant UVD --val-cases IVD_25,VB1_08 --out runs/uvd
+    lumbarseg-train finetune --from uvd-starter --data DATA --out runs/ft
+    lumbarseg-train evaluate --model runs/ft/package --data DATA --cases MY_CASE_1,MY_CASE_2
+    lumbarseg-train publish runs/ft/package --data DATA
+    lumbarseg-train train --data DATA --variant UVD --val-cases MY_CASE_1,MY_CASE_2 --out runs/uvd
     lumbarseg-train cv --data DATA --variant UMD --folds 5 --out runs/umd-cv
-    lumbarseg-train finetune --from uvd-starter --data DATA --schema my_schema.json --out runs/ft
-    lumbarseg-train evaluate --model runs/uvd/package --data DATA --cases IVD_25,VB1_08
-    lumbarseg-train holdout --data DATA --cases IVD_25,VB1_08
-    lumbarseg-train publish runs/uvd/package --registry Resources/Models --data DATA
-    lumbarseg-train export runs/uvd/best.pt --out pkg/ --name uvd-starter
+    lumbarseg-train holdout --data DATA --show
+    lumbarseg-train export runs/uvd/best.pt --out pkg/ --name my-model
 
 Under ``torchrun --nproc_per_node N lumbarseg-train train ...`` training runs data-parallel.
 """
@@ -87,8 +87,8 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
         g.add_argument("--deep-supervision", dest="deep_supervision", action="store_true", default=None)
         g.add_argument("--no-deep-supervision", dest="deep_supervision", action="store_false")
     g.add_argument("--schema", default=None if finetune else "starter",
-                   help="label schema name or JSON path (default starter%s)" %
-                        ("; fine-tune: the source model's" if finetune else ""))
+                   help="label schema name or JSON path (default: %s)" %
+                        ("the source model's" if finetune else "starter"))
     g.add_argument("--name", help="package name (default <variant>-<schema>)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=OPTIMIZERS)
@@ -324,8 +324,12 @@ def cmd_holdout(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from LumbarSegmentLib.core.help_format import DOCS_NOTE, DefaultsFormatter
+
+    examples = __doc__.split("Examples", 1)[1].split("::", 1)[1].strip("\n")
     p = argparse.ArgumentParser(prog="lumbarseg-train", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=DefaultsFormatter,
+                                epilog=f"examples:\n{examples}\n\n{DOCS_NOTE}")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -422,7 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--registry", help="registry folder for refs (default: user, then shipped)")
     s.add_argument("--fp32-weights", action="store_true")
     s.set_defaults(func=cmd_soup)
-    return p
+    from LumbarSegmentLib.core.help_format import show_defaults
+
+    return show_defaults(p)
 
 
 def main(argv=None) -> int:

@@ -182,7 +182,8 @@ def _decide(pkg: ModelPackage, catalog: Catalog, case_list, *, metric, force, ne
             log.warning("not grading on %s: the candidate trained on them or on their patients", ", ".join(seen))
         if len(case_list) < min_cases:
             short = (f"only {len(case_list)} held-out case(s) the candidate never trained on (at least {min_cases} "
-                     f"needed to replace {current_ref}); export more cases, or --force")
+                     f"needed to replace {current_ref}); export more cases, hold 2 of yours out before fine-tuning "
+                     f"(lumbarseg-train holdout --data DATA --cases A,B), or --force")
             if not case_list:
                 return (True, f"forced; {short}", None) if force else (False, short, None)
     comparison = compare(pkg, current, case_list, metric=metric, device=device, amp=amp)

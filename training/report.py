@@ -1,11 +1,13 @@
 """Reports: tables in the seed's layout (classes as rows, models as columns), curves and bar charts.
 
-Plots use matplotlib's non-interactive Agg backend (no display needed).
+Plots use matplotlib's non-interactive Agg backend (no display needed). matplotlib is optional:
+without it the charts are skipped with one warning and every table is still written.
 """
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -80,17 +82,34 @@ def per_case_markdown(per_case: Mapping[str, Mapping[str, dict]], class_ids: Seq
 
 
 # --------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
+CHARTS_SKIPPED = ("charts skipped: matplotlib is not installed (the tables and CSV files are written); "
+                  "to get the PNG charts too, add it to this environment: pip install matplotlib")
+_warned = False
 
+
+def _plt():
+    """pyplot on the Agg backend, or ``None`` (warned once) when matplotlib is not installed.
+
+    A wheel install does not pull matplotlib in: the reports' tables never need it, only the charts.
+    """
+    global _warned
+    try:
+        import matplotlib
+    except ImportError:
+        if not _warned:
+            logging.getLogger("lumbarseg.train").warning(CHARTS_SKIPPED)
+            _warned = True
+        return None
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     return plt
 
 
-def plot_learning_curves(history: Sequence[dict], path: Path, title: str = "") -> Path:
+def plot_learning_curves(history: Sequence[dict], path: Path, title: str = "") -> Path | None:
     plt = _plt()
+    if plt is None:
+        return None
     ep = [h["epoch"] for h in history]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     ax[0].plot(ep, [h["loss"] for h in history], "o-", ms=3, label="train loss")
@@ -121,8 +140,10 @@ def plot_learning_curves(history: Sequence[dict], path: Path, title: str = "") -
 
 
 def plot_per_class(results: Mapping[str, dict], class_ids: Sequence[str], path: Path, metric: str = "dice",
-                   schema=None, title: str = "") -> Path:
+                   schema=None, title: str = "") -> Path | None:
     plt = _plt()
+    if plt is None:
+        return None
     names = _class_names(schema)
     models = list(results)
     n = len(models)

@@ -29,7 +29,7 @@ bn_adapt_arg = number_arg(0, 1, use="use 0 (off) to 1 (the volume's statistics a
 
 BN_ADAPT_HELP = ("re-estimate the model's BatchNorm statistics on this volume before segmenting it: the weight "
                  "of the volume's statistics, 0 (off, default) to 1; one extra pass over up to "
-                 f"{MAX_ADAPT_SLICES} slices (docs/validation.md, ninth round)")
+                 f"{MAX_ADAPT_SLICES} slices (the validation page of the documentation has what it changes)")
 
 
 def batchnorm_layers(module) -> list:
