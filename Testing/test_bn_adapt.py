@@ -114,7 +114,7 @@ def test_the_segment_command_refuses_a_bad_weight_in_one_line(tmp_path, capsys):
 
 
 def test_the_sweep_script_scores_each_weight_through_the_engine(tiny_package, tmp_path, capsys):
-    """scripts/bn_adapt_sweep.py (the command behind docs/validation.md's ninth-round tables) on the
+    """docs/lab/scripts/bn_adapt_sweep.py (the command behind docs/validation.md's ninth-round tables) on the
     demo case shipped in Resources/Sample: one result per weight, and the table shows both."""
     import json
     from pathlib import Path
@@ -122,7 +122,7 @@ def test_the_sweep_script_scores_each_weight_through_the_engine(tiny_package, tm
     from conftest import load_script
 
     root = Path(__file__).resolve().parents[1]
-    sweep = load_script(root / "scripts" / "bn_adapt_sweep.py", "bn_adapt_sweep")
+    sweep = load_script(root / "docs" / "lab" / "scripts" / "bn_adapt_sweep.py", "bn_adapt_sweep")
     out = tmp_path / "sweep"
     assert sweep.main(["--model", str(tiny_package.path), "--data", str(root / "Resources" / "Sample"),
                        "--cases", "VB2_06", "--weights", "0,1", "--precision", "fp32", "--out", str(out)]) == 0

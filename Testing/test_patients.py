@@ -185,7 +185,7 @@ def test_validation_report_refuses_test_cases_whose_patient_trained_the_model(sh
 
 
 def test_level_diagnostics_recall_per_vertebra_and_smooth_reading():
-    diag = load_script(ROOT / "scripts" / "level_diagnostics.py", "level_diagnostics")
+    diag = load_script(ROOT / "docs" / "lab" / "scripts" / "level_diagnostics.py", "level_diagnostics")
     inst = np.zeros((4, 30, 10), np.uint8)
     inst[:, 2:8, 2:8], inst[:, 12:18, 2:8], inst[:, 22:28, 2:8] = 7, 3, 5  # top, middle, bottom
     pred = inst > 0

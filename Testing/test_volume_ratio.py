@@ -1,4 +1,4 @@
-"""``scripts/volume_ratio.py`` (where a model's errors are) must report what the engine predicts.
+"""``docs/lab/scripts/volume_ratio.py`` (where a model's errors are) must report what the engine predicts.
 
 Runs the script on one real case with the shipped default and checks its Dice against the
 evaluation module's own level-range score of the same prediction, and that its volume ratio is
@@ -13,7 +13,7 @@ import pytest
 from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "scripts" / "volume_ratio.py"
+SCRIPT = REPO / "docs" / "lab" / "scripts" / "volume_ratio.py"
 
 
 def _load():

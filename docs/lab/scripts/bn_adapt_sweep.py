@@ -2,7 +2,7 @@
 """What test-time BatchNorm adaptation (``--bn-adapt W``) changes, per source: one model scored
 through the engine at several weights W on the same cases (level-range and strict Dice).
 
-    python scripts/bn_adapt_sweep.py --model runs/adabn/nowf-domain-s1/package \
+    python docs/lab/scripts/bn_adapt_sweep.py --model runs/adabn/nowf-domain-s1/package \
         --cases VB3_04,VB3_15,VB3_25,VB3_35,VB3_46 --weights 0,0.5,1 --out runs/adabn/sweep-nowf
 
 Writes ``<out>/w<W>.json`` (the evaluator's results for each weight) and ``<out>/table.md``, and
@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from LumbarSegmentLib.inference.bn_adapt import bn_adapt_arg  # noqa: E402
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="package folder or registry ref")
     p.add_argument("--registry", default=None)
-    p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "lumbar-mr"))
+    p.add_argument("--data", default=str(Path(__file__).resolve().parents[4] / "shared" / "data" / "lumbar-mr"))
     p.add_argument("--cases", required=True, help="comma-separated case ids")
     p.add_argument("--weights", default="0,0.5,1", help="comma-separated W values (0 = off)")
     p.add_argument("--thick-slab", type=float, default=None, metavar="MM")

@@ -5,7 +5,7 @@ Rows are the modes (off, strong, domain, remap, tissue, gin), columns independen
 still so only the intensities differ. The patch comes through the trainer's own path
 (``training.data`` slices, ``augment.augment_batch``), so the picture is what a model sees.
 
-    python scripts/augment_gallery.py --data ../shared/data/lumbar-mr --case VB2_02 \\
+    python docs/lab/scripts/augment_gallery.py --data ../shared/data/lumbar-mr --case VB2_02 \\
         --out docs/img/augment/intensity_modes.png
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 

@@ -6,7 +6,7 @@ sequence of augmented real patches (the trainer's sampler and augmentation), onc
 float32 and once under ``torch.autocast("cpu", torch.bfloat16)``, and prints seconds per
 step (median, after ``--warmup`` steps) and the loss curves (mean over windows).
 
-    python scripts/bench_amp.py --variant UVD --steps 40 --patch 192 --threads 2
+    python bench/bench_amp.py --variant UVD --steps 40 --patch 192 --threads 2
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ training split (the disc cases are always in: only two exist), every run with th
 optimiser steps, then tabulates each run's validation Dice per source (level range, through the
 engine; read from the packages' manifests). Runs go side by side, one thread each.
 
-    python scripts/learning_curve.py --fractions 0.25,0.5,1 --epochs 10 --out runs/curve
+    python docs/lab/scripts/learning_curve.py --fractions 0.25,0.5,1 --epochs 10 --out runs/curve
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 SPLIT = REPO / "scripts" / "recipes" / "lumbar-mr-split.json"
 
 

@@ -8,8 +8,8 @@ A ratio near 1 with a low Dice means border errors that cancel out; a ratio well
 means the model paints systematically more or less than the annotator (another convention, or a
 structure confused with its neighbour). Prediction goes through the engine (``evaluate.predict``).
 
-    python scripts/volume_ratio.py --model uvd-starter@4 --which val --spacings 1.0,0.8
-    python scripts/volume_ratio.py --model uvd-starter@4 --which val --logit-offsets 0,-0.5,-1
+    python docs/lab/scripts/volume_ratio.py --model uvd-starter@4 --which val --spacings 1.0,0.8
+    python docs/lab/scripts/volume_ratio.py --model uvd-starter@4 --which val --logit-offsets 0,-0.5,-1
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 

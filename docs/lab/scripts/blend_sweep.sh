@@ -6,8 +6,8 @@
 # unseen source). Both halves share the recipe flags, so what a recipe does to one table it does to
 # the other.
 #
-#   bash scripts/blend_sweep.sh            # all of it: about 3 h 20 min of 2 CPU cores with bf16
-#   OUT=runs/blend DATA=../shared/data/lumbar-mr bash scripts/blend_sweep.sh
+#   bash docs/lab/scripts/blend_sweep.sh            # all of it: about 3 h 20 min of 2 CPU cores with bf16
+#   OUT=runs/blend DATA=../shared/data/lumbar-mr bash docs/lab/scripts/blend_sweep.sh
 #
 # Two lanes run side by side, one thread each; each lane's log is OUT/lane-<k|l>.log. The scores are
 # in OUT/eval-*/metrics.md (level-range Dice and surface Dice per source). The clean test split is

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Two diagnostics behind the fifth round of docs/validation.md (the logit-offset sweep is
-``scripts/volume_ratio.py --logit-offsets``):
+``docs/lab/scripts/volume_ratio.py --logit-offsets``):
 
 * ``--per-level``: for cases whose label holds one id per vertebra (the VB sources), the recall of
   every labelled vertebra from top to bottom, so a level the model leaves out (S1 on the mixed
@@ -9,8 +9,8 @@
   centres of runs of identical slices) is from the mask itself: an upper bound on what a smooth
   prediction loses to masks drawn on thicker slices and copied.
 
-    python scripts/level_diagnostics.py --model uvd-starter@4 --cases VB1_10,VB1_11 --per-level
-    python scripts/level_diagnostics.py --cases VB3_04,VB3_10,VB3_15 --mask-quantisation
+    python docs/lab/scripts/level_diagnostics.py --model uvd-starter@4 --cases VB1_10,VB1_11 --per-level
+    python docs/lab/scripts/level_diagnostics.py --cases VB3_04,VB3_10,VB3_15 --mask-quantisation
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
