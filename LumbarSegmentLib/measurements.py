@@ -98,7 +98,8 @@ def measure_slice(mask: np.ndarray, spacing) -> dict:
     if depth_span is None:
         depth_span = (along_d.min(), along_d.max())
     a, p = depth_span
-    out = {"depth_mm": round(p - a + _pixel_along(sp, depth_ax), 2), "lines": []}
+    # samples every 0.1 mm, each reading its nearest pixel: a run of n pixels spans n pixel widths
+    out = {"depth_mm": round(p - a, 2), "lines": []}
     h_span = (along_h.min() - pixel, along_h.max() + pixel)
     for key, frac in zip(HEIGHTS, POSITIONS):
         found = []
@@ -112,17 +113,11 @@ def measure_slice(mask: np.ndarray, spacing) -> dict:
             continue
         found.sort(key=lambda x: x[0])
         span, _, origin, ext = found[len(found) // 2]  # the median line (drawn in the overlay)
-        length = span + _pixel_along(sp, height_ax)  # a run of n pixels is n pixels long
+        length = span
         out[key] = round(length, 2)
         out["lines"].append(Line(tuple((origin + ext[0] * height_ax) / sp), tuple((origin + ext[1] * height_ax) / sp),
                                  length))
     return out
-
-
-def _pixel_along(spacing, direction) -> float:
-    """The length of one pixel along a direction (mm): exact for axis-aligned directions."""
-    d = np.abs(np.asarray(direction))
-    return float(1.0 / max(np.max(d / np.asarray(spacing)), 1e-9))
 
 
 def measure_levels(levels: Volume, *, allow_reslice: bool = True, with_lines: bool = False) -> list[dict]:
