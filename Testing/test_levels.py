@@ -164,3 +164,36 @@ def test_real_t1_slice_named_like_its_manual_levels(shared_data, tmp_path):
     rows = csv.read_text().splitlines()
     assert rows[0].startswith("level,structure,label") and len(rows) == 1 + len(report["levels"])
     assert "confidence" in report["ordering"] and isinstance(report["ordering"]["flags"], list)
+
+
+def test_level_list_flags_and_shift_on_real_mrml():
+    """The review list and the shift-names action on a real segmentation node (slicer-core)."""
+    pytest.importorskip("slicer", reason="slicer-core (the MRML libraries) is not installed")
+    from LumbarSegmentLib import mrml
+    from LumbarSegmentLib.mrml_drafts import labels_to_segmentation
+    from LumbarSegmentLib.mrml_levels import level_list, rename_level, shift_level_names, tag_flags
+
+    ctx = mrml.MRMLContext.standalone()
+    vol, expected = spine(skip_disc=3)
+    result = name_levels(vol, STARTER)
+    image = mrml.volume_to_node(ctx.scene, Volume(np.zeros(vol.array.shape, np.int16), spacing=vol.spacing), "MR")
+    seg = labels_to_segmentation(ctx.scene, ctx.seg_logic, result.labels, result.schema, image)
+    tag_flags(seg, result.to_report()["levels"])
+    rows = level_list(seg)
+    assert [r["name"] for r in rows] == [lv.name for lv in result.levels]
+    assert {r["name"]: r["flags"] for r in rows}["L3"] == []
+    segmentation = seg.GetSegmentation()
+    l5 = next(r for r in rows if r["name"] == "L5")
+    assert np.array_equal(mrml.segment_mask(seg, l5["segment_id"], image), np.asarray(result.labels.array) == 24)
+    with pytest.raises(SchemaError):
+        shift_level_names(seg, 1)  # S1 cannot move down: nothing is renamed
+    assert [r["name"] for r in level_list(seg)] == [r["name"] for r in rows]
+    assert shift_level_names(seg, -1)[-1] == "L5"  # S1 -> L5, L5-S1 -> L4-L5, ...
+    after = level_list(seg)
+    assert [r["name"] for r in after] == [shift_name(r["name"], -1) for r in rows]
+    moved = segmentation.GetSegment(l5["segment_id"])
+    assert moved.GetName() == "L4" and "11994002" in moved.GetTerminology()  # L4 vertebra code
+    with pytest.raises(SchemaError):
+        rename_level(seg, l5["segment_id"], "L3")  # another segment is L3
+    rename_level(seg, after[-1]["segment_id"], "S1")
+    assert level_list(seg)[-1]["name"] == "S1"
