@@ -39,7 +39,7 @@ def apply_levels(request: LevelRequest, result, image: Volume, report: dict, *, 
     """``(result to write, extra writers)``: names levels, fills the report, prepares the tables."""
     if not request.active:
         return result, {}
-    named = name_levels(result.labels, result.schema, allow_reslice=allow_reslice)
+    named = name_levels(result.labels, result.schema, allow_reslice=allow_reslice, image=image)
     report.update(named.to_report())
     out = replace(result, labels=named.labels, schema=named.schema) if request.levels else result
     writers = {}

@@ -43,6 +43,7 @@ FLAGS = {
     "six_lumbar": (0.6, "six lumbar-sized bodies above L5-S1: a possible L6 (or a thoracic level counted as lumbar)"),
     "sacral_disc": (0.9, "a small disc-like piece below a small lowest body was read as the rudimentary S1-S2 disc "
                          "(the body above it named S1)"),
+    "s1_from_image": (1.0, "S1 was not drafted: it was outlined from the image below the L5-S1 disc (check its outline)"),
     "few_levels": (0.5, "fewer than two vertebral bodies and one disc found: the names rest on little evidence"),
 }
 MIN_PIECE_FRACTION = 0.25  # of the median volume of the large pieces of the same class
@@ -296,8 +297,13 @@ def _touches_edge(piece: Piece) -> bool:
     return piece.edge
 
 
-def name_levels(labels: Volume, schema: LabelSchema, *, allow_reslice: bool = False) -> LevelResult:
-    """Name the draft's bodies and discs by level (see the module docstring)."""
+def name_levels(labels: Volume, schema: LabelSchema, *, allow_reslice: bool = False,
+                image: Volume | None = None) -> LevelResult:
+    """Name the draft's bodies and discs by level (see the module docstring).
+
+    With ``image`` (the segmented image, same grid), an S1 the draft lacks is outlined from the
+    image below the L5-S1 disc (``sacrum.py``) and flagged ``s1_from_image``.
+    """
     layout = sagittal_layout(labels, allow_reslice=allow_reslice)
     stack = np.ascontiguousarray(layout.to_canonical(np.asarray(labels.array)))
     spacing = layout.spacing_src
@@ -334,6 +340,8 @@ def name_levels(labels: Volume, schema: LabelSchema, *, allow_reslice: bool = Fa
                                 slot.mask_index.size * voxel_mm3, [round(float(x), 1) for x in slot.centroid]))
         if slot.split:
             _flag(flags, "body_split", name)
+    if image is not None:
+        _add_s1(image, layout, stack, named, out, out_levels, flags, voxel_mm3)
     _post_checks(named, flags, voxel_mm3, full_bottom)
     confidence = 1.0
     for f in flags:
@@ -343,6 +351,26 @@ def name_levels(labels: Volume, schema: LabelSchema, *, allow_reslice: bool = Fa
                 lv.flags.append(f["code"])
     result_labels = labels.with_array(layout.from_canonical(out).copy())
     return LevelResult(result_labels, out_levels, flags, confidence)
+
+
+def _add_s1(image: Volume, layout, stack, named, out, out_levels, flags, voxel_mm3) -> None:
+    from .sacrum import s1_from_image
+
+    by_name = dict(named)
+    if "S1" in by_name or "L5-S1" not in by_name or "L5" not in by_name:
+        return
+    img = layout.to_canonical(np.asarray(image.array, np.float32))
+    if img.shape != stack.shape:
+        return
+    idx = s1_from_image(img, stack, by_name["L5-S1"].mask_index, by_name["L5"].mask_index, layout.spacing_src)
+    if idx is None:
+        return
+    sp = np.asarray(layout.spacing_src, float)
+    centroid = np.stack(np.unravel_index(idx, stack.shape), axis=1).mean(0) * sp
+    out.ravel()[idx] = level_value("S1")
+    out_levels.append(Level("S1", BODY, level_value("S1"), int(idx.size), idx.size * voxel_mm3,
+                            [round(float(x), 1) for x in centroid]))
+    _flag(flags, "s1_from_image", "S1")
 
 
 def _post_checks(named, flags, voxel_mm3, full_bottom: bool) -> None:

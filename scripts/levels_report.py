@@ -155,7 +155,8 @@ def main(argv=None) -> int:
             continue
         ref = reference(source, case, folder)
         labels = draft(folder / f"{case}_image.mha", args.drafts, args.model)
-        named = name_levels(labels, starter, allow_reslice=True)
+        image = read_volume(folder / f"{case}_image.mha")  # as the CLI: S1 outlined from it where not drafted
+        named = name_levels(labels, starter, allow_reslice=True, image=image)
         scored = {DISC} if source in ("IVD", "SP") else {BODY}
         row = {"source": source, "case": case, **score_case(ref, named, scored),
                "confidence": named.confidence, "flags": [f["code"] for f in named.flags],

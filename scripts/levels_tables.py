@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from LumbarSegmentLib.levels import FLAGS
+
 SOURCES = {"VB3": "lumbar-mr VB3 (water-fat T1, L1-L5 bodies)", "VB2": "lumbar-mr VB2 (T2, T11-L5 bodies)",
            "VB1": "lumbar-mr VB1 (mixed, pathologies; lowest = S1)", "IVD": "lumbar-mr IVD (T2, 5 discs)",
            "T1L": "t1-levels (T1 single slices, L1-L5 + S1)", "SP": "spider-t2space (T2 SPACE, discs)"}
@@ -33,7 +35,7 @@ def _naming_rows(results: list[dict]) -> list[str]:
         right = sum(x["right"] for x in lv)
         dice = [x["dice"] for x in lv]
         allright = sum(all(x["right"] for x in r["levels"]) for r in rows)
-        flagged = sum(bool(r["flags"]) for r in rows)
+        flagged = sum(any(FLAGS[f][0] < 1.0 for f in r["flags"]) for r in rows)
         lines.append(f"| {title} | {len(rows)} | {len(lv)} | {right} ({100 * right / max(1, len(lv)):.1f} %) | "
                      f"{allright}/{len(rows)} | {np.median(dice):.3f} | {100 * np.mean(np.array(dice) >= 0.85):.0f} % | "
                      f"{np.mean([r['confidence'] for r in rows]):.2f} | {flagged} |")
