@@ -41,6 +41,7 @@ def apply_levels(request: LevelRequest, result, image: Volume, report: dict, *, 
         return result, {}
     named = name_levels(result.labels, result.schema, allow_reslice=allow_reslice, image=image)
     report.update(named.to_report())
+    report["label_values"] = "levels" if request.levels else "classes"  # what the label map's values mean
     out = replace(result, labels=named.labels, schema=named.schema) if request.levels else result
     writers = {}
     rows = measure_levels(named.labels, allow_reslice=True, with_lines=request.png) \

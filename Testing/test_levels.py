@@ -197,3 +197,21 @@ def test_level_list_flags_and_shift_on_real_mrml():
         rename_level(seg, l5["segment_id"], "L3")  # another segment is L3
     rename_level(seg, after[-1]["segment_id"], "S1")
     assert level_list(seg)[-1]["name"] == "S1"
+
+
+def test_slicer_job_asks_for_levels_and_reads_their_schema(tmp_path):
+    """The Slicer/browser segment job passes --levels and reads the label map with the level schema."""
+    from pathlib import Path
+
+    from LumbarSegmentLib.cli import _parser
+    from LumbarSegmentLib.segment_job import SegmentRequest, schema_for_report, segment_command
+
+    argv = segment_command("py", Path("in.nrrd"), Path("out.nrrd"), Path("r.json"), SegmentRequest(levels=True))
+    assert _parser().parse_args(argv[3:]).levels is True
+    assert "--levels" not in segment_command("py", Path("i"), Path("o"), Path("r"), SegmentRequest())
+    vol, _ = spine()
+    result = name_levels(vol, STARTER)
+    report = {**result.to_report(), "label_values": "levels"}
+    schema = schema_for_report(report, STARTER)
+    assert {c.value for c in schema.foreground} == {lv.label for lv in result.levels}
+    assert schema_for_report({**report, "label_values": "classes"}, STARTER) is STARTER  # --measurements only
