@@ -60,6 +60,7 @@ class LumbarSegmentParameterNode:
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     mode: Annotated[str, Choice(["fast", "tta", "ensemble"])] = "fast"
     confidence: bool = False
+    levels: bool = False
     allowReslice: bool = False
     updateUnedited: bool = False
     exportFolder: Path = Path.home() / "LumbarSegment" / "dataset"
@@ -145,7 +146,8 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             ref = self.ui.modelComboBox.currentData
             request = SegmentRequest(models=[ref] if ref and p.mode != "ensemble" else None, device=p.device,
-                                     mode=p.mode, confidence=p.confidence, allow_reslice=p.allowReslice)
+                                     mode=p.mode, confidence=p.confidence, allow_reslice=p.allowReslice,
+                                     levels=p.levels)
             notes = self.logic.core.start_segmentation(p.inputVolume, request,
                                                        p.segmentation if p.updateUnedited else None)
             self.status("Segmenting..." + "".join(f"\nNote: {n}" for n in notes))

@@ -112,10 +112,16 @@ class ModuleLogic:
             conf = mrml.volume_to_node(self.scene, run.confidence, f"{self._volume_node.GetName()} confidence")
             mrml.follow_transform(conf, self._volume_node)
             info["confidence_node"] = conf
+        if run.report.get("label_values") == "levels":  # --levels: flags on the segments, the list for review
+            from .mrml_levels import level_list, tag_flags
+
+            tag_flags(seg_node, run.report["levels"])
+            info["levels"] = level_list(seg_node)
         kept = info.get("update", {}).get("kept")
         info["summary"] = (f"Done: {seg_node.GetName()} ({len(mrml.segment_ids(seg_node))} segments, "
                            f"{run.report.get('timings_s', {}).get('total', 0):.1f} s on {run.report.get('device')})"
-                           + (f"; your edits were kept: {', '.join(kept)}" if kept else ""))
+                           + (f"; your edits were kept: {', '.join(kept)}" if kept else "")
+                           + _levels_summary(run.report))
         return seg_node, info
 
     def segment(self, volume_node, request: SegmentRequest | None = None, *, update_node=None,
@@ -242,6 +248,16 @@ def self_test_loop(core: ModuleLogic, folder, *, use_model: bool = True, timeout
         raise AssertionError(f"the exported case records edits {back.extra.get('edited_structures')}")
     return back
 
+
+
+def _levels_summary(report: dict) -> str:
+    """One line for the status: the levels and what to check (empty without --levels)."""
+    if report.get("label_values") != "levels":
+        return ""
+    o = report["ordering"]
+    checks = "; ".join(f"check {f['level'] or 'the count'}: {f['code']}" for f in o["flags"])
+    return (f"\nLevels: {' '.join(lv['name'] for lv in report['levels'])} (ordering confidence "
+            f"{o['confidence']:.2f}{'; ' + checks if checks else ''})")
 
 
 __all__ = ["ModuleLogic", "self_test_loop", "SegmentController", "SegmentRequest", "SegmentRun", "RetrainController",

@@ -215,3 +215,13 @@ def test_slicer_job_asks_for_levels_and_reads_their_schema(tmp_path):
     schema = schema_for_report(report, STARTER)
     assert {c.value for c in schema.foreground} == {lv.label for lv in result.levels}
     assert schema_for_report({**report, "label_values": "classes"}, STARTER) is STARTER  # --measurements only
+
+
+def test_slicer_status_line_lists_levels_and_checks():
+    from LumbarSegmentLib.slicer_logic import _levels_summary
+
+    vol, _ = spine(skip_disc=3)
+    report = {**name_levels(vol, STARTER).to_report(), "label_values": "levels"}
+    line = _levels_summary(report)
+    assert "L5-S1" in line and "check L3-L4: missing_disc" in line and "0.60" in line
+    assert _levels_summary({**report, "label_values": "classes"}) == ""
