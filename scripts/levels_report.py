@@ -142,12 +142,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--which", default="test,val", help="lumbar-mr split roles (default test,val)")
-    ap.add_argument("--drafts", type=Path, required=True, help="folder caching the drafts (made when missing)")
+    ap.add_argument("--drafts", type=Path, default=None, help="folder caching the drafts (made when missing)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", type=Path, required=True, help="folder for report.json, table.md, plots")
     ap.add_argument("--only", default=None, help="comma-separated sources to run (IVD,VB1,VB2,VB3,T1L,SP)")
+    ap.add_argument("--tables-only", action="store_true", help="only rewrite the tables from OUT/report.json")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.tables_only:
+        from levels_tables import write_tables  # noqa: E402  (scripts/levels_tables.py)
+
+        write_tables(json.loads((args.out / "report.json").read_text()), args.out)
+        return 0
     starter = load_schema("starter")
     results = []
     for source, case, folder in cases(args.data, args.which):

@@ -24,21 +24,31 @@ def bland_altman(pairs: list[tuple[float, float]]) -> dict:
     return {"n": int(d.size), "bias": bias, "loa_low": bias - 1.96 * sd, "loa_high": bias + 1.96 * sd}
 
 
+def _naming_row(title: str, rows: list[dict], keep=lambda level: True) -> str:
+    lv = [x for r in rows for x in r["levels"] if keep(x["level"])]
+    right = sum(x["right"] for x in lv)
+    dice = [x["dice"] for x in lv]
+    allright = sum(all(x["right"] for x in r["levels"] if keep(x["level"])) for r in rows)
+    flagged = sum(any(FLAGS[f][0] < 1.0 for f in r["flags"]) for r in rows)
+    wrong = [r for r in rows if not all(x["right"] for x in r["levels"] if keep(x["level"]))]
+    wrong_flagged = sum(r["confidence"] < 1.0 for r in wrong)
+    return (f"| {title} | {len(rows)} | {len(lv)} | {right} ({100 * right / max(1, len(lv)):.1f} %) | "
+            f"{allright}/{len(rows)} | {np.median(dice):.3f} | {100 * np.mean(np.array(dice) >= 0.85):.0f} % | "
+            f"{np.mean([r['confidence'] for r in rows]):.2f} | {flagged} | {wrong_flagged}/{len(wrong)} |")
+
+
 def _naming_rows(results: list[dict]) -> list[str]:
     lines = ["| source | cases | labelled levels | named right | cases all right | per-level Dice (median) | "
-             "Dice >= 0.85 | mean confidence | cases flagged |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+             "Dice >= 0.85 | mean confidence | cases flagged | misnamed cases flagged |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for src, title in SOURCES.items():
         rows = [r for r in results if r["source"] == src]
         if not rows:
             continue
-        lv = [x for r in rows for x in r["levels"]]
-        right = sum(x["right"] for x in lv)
-        dice = [x["dice"] for x in lv]
-        allright = sum(all(x["right"] for x in r["levels"]) for r in rows)
-        flagged = sum(any(FLAGS[f][0] < 1.0 for f in r["flags"]) for r in rows)
-        lines.append(f"| {title} | {len(rows)} | {len(lv)} | {right} ({100 * right / max(1, len(lv)):.1f} %) | "
-                     f"{allright}/{len(rows)} | {np.median(dice):.3f} | {100 * np.mean(np.array(dice) >= 0.85):.0f} % | "
-                     f"{np.mean([r['confidence'] for r in rows]):.2f} | {flagged} |")
+        lines.append(_naming_row(title, rows))
+        if any(x["level"] == "S1" for r in rows for x in r["levels"]):
+            lines.append(_naming_row("&nbsp;&nbsp;of which L1-L5 (and discs)", rows, lambda lvl: lvl != "S1"))
+            lines.append(_naming_row("&nbsp;&nbsp;of which S1", rows, lambda lvl: lvl == "S1"))
     return lines
 
 
@@ -51,7 +61,7 @@ def _measure_rows(results: list[dict]) -> tuple[list[str], dict]:
             for key in HEIGHT_KEYS:
                 pairs = [(m["manual"], m["draft"]) for r in results if r["source"] == src for m in r["measures"]
                          if m["what"] == key and ("-" in m["level"]) == (structure == "disc")
-                         and _right(r, m["level"])]
+                         and _right(r, m["level"]) and m["level"] != "S1"]  # S1: part of the sacrum
                 if not pairs:
                     continue
                 ba = bland_altman(pairs)
