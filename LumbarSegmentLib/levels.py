@@ -203,7 +203,7 @@ def _split_long_bodies(pieces, curve, shape, spacing) -> list[Piece]:
     typical = float(np.median([p.length for p in bodies]))
     out = []
     for p in pieces:
-        if p.structure != BODY or p.length < 1.6 * typical:
+        if p.structure != BODY or typical < 1.0 or p.length < 1.6 * typical:
             out.append(p)
             continue
         a = _along(p, curve, shape, spacing)
