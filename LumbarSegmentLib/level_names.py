@@ -28,10 +28,10 @@ _DISC_TYPE = ("SCT", "360499006", "Intervertebral disc")
 # SNOMED CT vertebra concepts used as the anatomic region modifier of a body segment (lumbar and
 # lower thoracic levels, the ones a lumbar study shows).
 _VERTEBRA_CODES = {
-    "T10": "7610001", "T11": "12989008", "T12": "23215003", "L1": "66794005", "L2": "68279003",
-    "L3": "36470004", "L4": "11994002", "L5": "49668003", "S1": "65985001",
+    "T9": "82687006", "T10": "7610001", "T11": "12989004", "T12": "23215003", "L1": "66794005",
+    "L2": "14293000", "L3": "36470004", "L4": "11994002", "L5": "49668003", "S1": "54735007",
 }
-_VERTEBRA_MEANING = {"S1": "First sacral vertebra"}
+_VERTEBRA_MEANING = {"S1": "Sacrum"}  # no S1-only concept in the lists Slicer ships; the sacrum it belongs to
 
 
 def vertebra_value(name: str) -> int:
