@@ -225,3 +225,33 @@ def test_slicer_status_line_lists_levels_and_checks():
     line = _levels_summary(report)
     assert "L5-S1" in line and "check L3-L4: missing_disc" in line and "0.60" in line
     assert _levels_summary({**report, "label_values": "classes"}) == ""
+
+
+def test_browser_session_lists_and_shifts_levels(tmp_path):
+    """The browser page's session: the level list and the shift action on a real scene (trame-slicer)."""
+    pytest.importorskip("trame_slicer", reason="trame-slicer (the browser front end) is not installed")
+    import asyncio
+
+    from LumbarSegmentLib.io import write_volume
+    from LumbarSegmentLib.mrml_drafts import labels_to_segmentation
+    from LumbarSegmentWeb.session import AnnotationSession
+    from LumbarSegmentWeb.worklist import Worklist
+
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    vol, expected = spine(n_bodies=4, slices=5)
+    data = tmp_path / "data"
+    data.mkdir()
+    write_volume(Volume(np.zeros(vol.array.shape, np.int16), spacing=vol.spacing), data / "caseA_image.nrrd")
+    session = AnnotationSession(Worklist(tmp_path / "work", data), device="cpu", threads=1)
+    try:
+        session.load_case("caseA")
+        assert session.levels() == [] or all(r["name"] for r in session.levels())
+        result = name_levels(vol, STARTER)
+        seg = labels_to_segmentation(session.app.scene, session.app.segmentations_logic, result.labels,
+                                     result.schema, session.volume_node)
+        session._activate(seg)
+        assert [r["name"] for r in session.levels()] == expected
+        assert session.shift_levels(-1) == [shift_name(n, -1) for n in expected]
+        assert session.worklist.draft_path("caseA").exists()  # the renamed draft was saved
+    finally:
+        session.close()
