@@ -94,7 +94,9 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                              (self.ui.segmentEditorButton, self.onSegmentEditor), (self.ui.exportButton, self.onExport),
                              (self.ui.retrainStartButton, self.onRetrainStart),
                              (self.ui.retrainStopButton, self.onRetrainStop),
-                             (self.ui.retrainResumeButton, self.onRetrainResume)):
+                             (self.ui.retrainResumeButton, self.onRetrainResume),
+                             (self.ui.levelsUpButton, lambda: self.onShiftLevels(-1)),
+                             (self.ui.levelsDownButton, lambda: self.onShiftLevels(1))):
             button.connect("clicked(bool)", lambda _=False, s=slot: s())
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, lambda *a: self.onCancel())
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, lambda *a: self.initializeParameterNode())
@@ -193,6 +195,11 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.refreshModels()
         if not (self._segmenting or self._training):
             self.timer.stop()
+
+    def onShiftLevels(self, steps):
+        with slicer.util.tryWithErrorDisplay("Could not rename the levels.", waitCursor=True):
+            names = self.logic.core.shift_level_names(self._parameterNode.segmentation, steps)
+            self.status("Levels: " + " ".join(names))
 
     def onSegmentEditor(self):
         seg, vol = self._parameterNode.segmentation, self._parameterNode.inputVolume

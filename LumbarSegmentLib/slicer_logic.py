@@ -89,6 +89,22 @@ class ModuleLogic:
     def cancel_segmentation(self) -> None:
         self.segmenter.cancel()
 
+    def shift_level_names(self, seg_node, steps: int) -> list[str]:
+        """The module's "Levels up/down": every level segment renamed one level, all or none."""
+        from .mrml_levels import shift_level_names
+
+        if seg_node is None:
+            raise ValueError("choose the level segmentation first (segment with Levels on)")
+        if not self._has_levels(seg_node):
+            raise ValueError(f"{seg_node.GetName()} has no level segments (L1, L4-L5, ...): segment with Levels on")
+        return shift_level_names(seg_node, steps)
+
+    @staticmethod
+    def _has_levels(seg_node) -> bool:
+        from .mrml_levels import level_list
+
+        return bool(level_list(seg_node))
+
     def finish_segmentation(self):
         """Turn the finished run into a segmentation node (new, or the update of an existing one).
 

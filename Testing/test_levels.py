@@ -255,3 +255,23 @@ def test_browser_session_lists_and_shifts_levels(tmp_path):
         assert session.worklist.draft_path("caseA").exists()  # the renamed draft was saved
     finally:
         session.close()
+
+
+def test_module_logic_shift_refuses_a_segmentation_without_levels():
+    pytest.importorskip("slicer", reason="slicer-core (the MRML libraries) is not installed")
+    from LumbarSegmentLib import mrml
+    from LumbarSegmentLib.mrml_drafts import labels_to_segmentation
+    from LumbarSegmentLib.slicer_logic import ModuleLogic
+
+    ctx = mrml.MRMLContext.standalone()
+    logic = ModuleLogic(ctx.scene, ctx.seg_logic)
+    vol, expected = spine(n_bodies=3, slices=3)
+    image = mrml.volume_to_node(ctx.scene, Volume(np.zeros(vol.array.shape, np.int16), spacing=vol.spacing), "MR")
+    plain = labels_to_segmentation(ctx.scene, ctx.seg_logic, vol, STARTER, image)  # body / disc only
+    with pytest.raises(ValueError, match="no level segments"):
+        logic.shift_level_names(plain, 1)
+    with pytest.raises(ValueError, match="choose the level segmentation"):
+        logic.shift_level_names(None, 1)
+    result = name_levels(vol, STARTER)
+    named = labels_to_segmentation(ctx.scene, ctx.seg_logic, result.labels, result.schema, image)
+    assert logic.shift_level_names(named, -1) == [shift_name(n, -1) for n in expected]
