@@ -18,12 +18,6 @@ from .levels import name_levels
 from .measurements import measure_levels, to_csv
 from .volume import Volume
 
-LEVEL_KINDS = {  # output kind -> (flag, suffixes, what it is), as outputs.KINDS
-    "measurements": ("--measurements", (".csv",), "a CSV table"),
-    "measurements_png": ("--measurements-png", (".png",), "a PNG image"),
-}
-
-
 @dataclass
 class LevelRequest:
     levels: bool = False  # write the level label map
