@@ -154,6 +154,8 @@ def main(argv=None) -> int:
 
         write_tables(json.loads((args.out / "report.json").read_text()), args.out)
         return 0
+    if args.drafts is None:
+        ap.error("--drafts FOLDER is needed (the drafts are cached there)")
     starter = load_schema("starter")
     results = []
     for source, case, folder in cases(args.data, args.which):
