@@ -10,11 +10,11 @@ import json
 import numpy as np
 import pytest
 
-from LumbarSegmentLib.level_names import (disc_name, level_name, level_value, levels_schema, shift_name,
+from LumbarSegmentLib.spine.level_names import (disc_name, level_name, level_value, levels_schema, shift_name,
                                           structure_of)
-from LumbarSegmentLib.levels import name_levels
-from LumbarSegmentLib.schema import SchemaError, load_schema
-from LumbarSegmentLib.volume import Volume
+from LumbarSegmentLib.spine.levels import name_levels
+from LumbarSegmentLib.core.schema import SchemaError, load_schema
+from LumbarSegmentLib.core.volume import Volume
 
 STARTER = load_schema("starter")
 BODY_V, DISC_V = STARTER["vertebral_body"].value, STARTER["intervertebral_disc"].value
@@ -143,8 +143,8 @@ def test_real_t1_slice_named_like_its_manual_levels(shared_data, tmp_path):
     case = shared_data / "t1-levels" / "T1L_0051"
     if not case.with_name("T1L_0051_image.mha").exists():
         pytest.skip("t1-levels/ is not in the shared data")
-    from LumbarSegmentLib.cli import main
-    from LumbarSegmentLib.io import read_volume
+    from LumbarSegmentLib.cli.main import main
+    from LumbarSegmentLib.formats.io import read_volume
 
     seg, rep, csv = tmp_path / "seg.nii.gz", tmp_path / "r.json", tmp_path / "m.csv"
     assert main(["segment", str(case.with_name("T1L_0051_image.mha")), "-o", str(seg), "--levels", "--report",
@@ -169,9 +169,9 @@ def test_real_t1_slice_named_like_its_manual_levels(shared_data, tmp_path):
 def test_level_list_flags_and_shift_on_real_mrml():
     """The review list and the shift-names action on a real segmentation node (slicer-core)."""
     pytest.importorskip("slicer", reason="slicer-core (the MRML libraries) is not installed")
-    from LumbarSegmentLib import mrml
-    from LumbarSegmentLib.mrml_drafts import labels_to_segmentation
-    from LumbarSegmentLib.mrml_levels import level_list, rename_level, shift_level_names, tag_flags
+    from LumbarSegmentLib.slicer import mrml
+    from LumbarSegmentLib.slicer.drafts import labels_to_segmentation
+    from LumbarSegmentLib.slicer.levels import level_list, rename_level, shift_level_names, tag_flags
 
     ctx = mrml.MRMLContext.standalone()
     vol, expected = spine(skip_disc=3)
@@ -203,8 +203,8 @@ def test_slicer_job_asks_for_levels_and_reads_their_schema(tmp_path):
     """The Slicer/browser segment job passes --levels and reads the label map with the level schema."""
     from pathlib import Path
 
-    from LumbarSegmentLib.cli import _parser
-    from LumbarSegmentLib.segment_job import SegmentRequest, schema_for_report, segment_command
+    from LumbarSegmentLib.cli.main import _parser
+    from LumbarSegmentLib.slicer.segment_job import SegmentRequest, schema_for_report, segment_command
 
     argv = segment_command("py", Path("in.nrrd"), Path("out.nrrd"), Path("r.json"), SegmentRequest(levels=True))
     assert _parser().parse_args(argv[3:]).levels is True
@@ -218,7 +218,7 @@ def test_slicer_job_asks_for_levels_and_reads_their_schema(tmp_path):
 
 
 def test_slicer_status_line_lists_levels_and_checks():
-    from LumbarSegmentLib.slicer_logic import _levels_summary
+    from LumbarSegmentLib.slicer.logic import _levels_summary
 
     vol, _ = spine(skip_disc=3)
     report = {**name_levels(vol, STARTER).to_report(), "label_values": "levels"}
@@ -232,8 +232,8 @@ def test_browser_session_lists_and_shifts_levels(tmp_path):
     pytest.importorskip("trame_slicer", reason="trame-slicer (the browser front end) is not installed")
     import asyncio
 
-    from LumbarSegmentLib.io import write_volume
-    from LumbarSegmentLib.mrml_drafts import labels_to_segmentation
+    from LumbarSegmentLib.formats.io import write_volume
+    from LumbarSegmentLib.slicer.drafts import labels_to_segmentation
     from LumbarSegmentWeb.session import AnnotationSession
     from LumbarSegmentWeb.worklist import Worklist
 
@@ -259,9 +259,9 @@ def test_browser_session_lists_and_shifts_levels(tmp_path):
 
 def test_module_logic_shift_refuses_a_segmentation_without_levels():
     pytest.importorskip("slicer", reason="slicer-core (the MRML libraries) is not installed")
-    from LumbarSegmentLib import mrml
-    from LumbarSegmentLib.mrml_drafts import labels_to_segmentation
-    from LumbarSegmentLib.slicer_logic import ModuleLogic
+    from LumbarSegmentLib.slicer import mrml
+    from LumbarSegmentLib.slicer.drafts import labels_to_segmentation
+    from LumbarSegmentLib.slicer.logic import ModuleLogic
 
     ctx = mrml.MRMLContext.standalone()
     logic = ModuleLogic(ctx.scene, ctx.seg_logic)

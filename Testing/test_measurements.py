@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from LumbarSegmentLib.level_names import level_value
-from LumbarSegmentLib.measurements import COLUMNS, HEIGHTS, measure_levels, measure_slice, to_csv
-from LumbarSegmentLib.volume import Volume
+from LumbarSegmentLib.spine.level_names import level_value
+from LumbarSegmentLib.spine.measurements import COLUMNS, HEIGHTS, measure_levels, measure_slice, to_csv
+from LumbarSegmentLib.core.volume import Volume
 
 
 def _wedge(anterior_mm, posterior_mm, depth_mm, spacing, tilt_deg=0.0, size=(160, 160)):
@@ -66,7 +66,7 @@ def test_levels_rows_volume_and_csv():
 
 
 def test_real_manual_label_measures_plausible_heights(shared_data):
-    from LumbarSegmentLib.io import read_volume
+    from LumbarSegmentLib.formats.io import read_volume
 
     path = shared_data / "lumbar-mr" / "VB3_10_label.mha"  # values 1..5 = L1..L5, 1 at the top
     lab = read_volume(path)
@@ -86,8 +86,8 @@ def test_cli_measurements_png_and_default_draft_unchanged(shared_data, tmp_path)
     image = shared_data / "t1-levels" / "T1L_0101_image.mha"
     if not image.exists():
         pytest.skip("t1-levels/ is not in the shared data")
-    from LumbarSegmentLib.cli import main
-    from LumbarSegmentLib.io import read_volume
+    from LumbarSegmentLib.cli.main import main
+    from LumbarSegmentLib.formats.io import read_volume
 
     plain, named = tmp_path / "plain.nii.gz", tmp_path / "named.nii.gz"
     assert main(["segment", str(image), "-o", str(plain), "--no-progress"]) == 0

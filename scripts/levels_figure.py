@@ -20,13 +20,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from LumbarSegmentLib.engine import SegmentOptions, segment_volume  # noqa: E402
-from LumbarSegmentLib.geometry import sagittal_layout  # noqa: E402
-from LumbarSegmentLib.io import read_volume  # noqa: E402
-from LumbarSegmentLib.level_names import level_color  # noqa: E402
-from LumbarSegmentLib.levels import name_levels  # noqa: E402
-from LumbarSegmentLib.measurements import measure_levels  # noqa: E402
-from LumbarSegmentLib.packages import resolve_model  # noqa: E402
+from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume  # noqa: E402
+from LumbarSegmentLib.core.geometry import sagittal_layout  # noqa: E402
+from LumbarSegmentLib.formats.io import read_volume  # noqa: E402
+from LumbarSegmentLib.spine.level_names import level_color  # noqa: E402
+from LumbarSegmentLib.spine.levels import name_levels  # noqa: E402
+from LumbarSegmentLib.spine.measurements import measure_levels  # noqa: E402
+from LumbarSegmentLib.registry.packages import resolve_model  # noqa: E402
 
 
 def _draw_lines(ax, rows, sr, sc, names=None, labels=False):

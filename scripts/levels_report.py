@@ -31,12 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from LumbarSegmentLib.geometry import sagittal_layout  # noqa: E402
-from LumbarSegmentLib.io import read_volume  # noqa: E402
-from LumbarSegmentLib.level_names import BODY, DISC, VERTEBRAE, disc_name, level_value, structure_of  # noqa: E402
-from LumbarSegmentLib.levels import name_levels  # noqa: E402
-from LumbarSegmentLib.measurements import HEIGHTS, measure_levels  # noqa: E402
-from LumbarSegmentLib.schema import load_schema  # noqa: E402
+from LumbarSegmentLib.core.geometry import sagittal_layout  # noqa: E402
+from LumbarSegmentLib.formats.io import read_volume  # noqa: E402
+from LumbarSegmentLib.spine.level_names import BODY, DISC, VERTEBRAE, disc_name, level_value, structure_of  # noqa: E402
+from LumbarSegmentLib.spine.levels import name_levels  # noqa: E402
+from LumbarSegmentLib.spine.measurements import HEIGHTS, measure_levels  # noqa: E402
+from LumbarSegmentLib.core.schema import load_schema  # noqa: E402
 
 SPLIT = REPO / "scripts" / "recipes" / "lumbar-mr-split-v2.json"
 T1_EVERY = 5  # t1-levels: every fifth case in name order (no shipped model saw any of them)
@@ -103,12 +103,12 @@ def draft(image_path: Path, cache: Path, model: str | None):
     target = cache / (image_path.name.replace("_image.mha", ".nii.gz"))
     if target.exists():
         return read_volume(target)
-    from LumbarSegmentLib.engine import SegmentOptions, segment_volume
-    from LumbarSegmentLib.packages import resolve_model
+    from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
+    from LumbarSegmentLib.registry.packages import resolve_model
 
     vol = read_volume(image_path)
     result = segment_volume(vol, [resolve_model(model)], SegmentOptions(device="cpu", mode="fast"))
-    from LumbarSegmentLib.io import write_volume
+    from LumbarSegmentLib.formats.io import write_volume
 
     write_volume(result.labels, target)
     return result.labels
@@ -133,7 +133,7 @@ def score_case(ref, named, scored_structures) -> dict:
 
 
 def _name(v):
-    from LumbarSegmentLib.level_names import level_name
+    from LumbarSegmentLib.spine.level_names import level_name
 
     return level_name(v)
 

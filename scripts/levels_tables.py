@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from LumbarSegmentLib.levels import FLAGS
+from LumbarSegmentLib.spine.levels import FLAGS
 
 SOURCES = {"VB3": "lumbar-mr VB3 (water-fat T1, L1-L5 bodies)", "VB2": "lumbar-mr VB2 (T2, T11-L5 bodies)",
            "VB1": "lumbar-mr VB1 (mixed, pathologies; lowest = S1)", "IVD": "lumbar-mr IVD (T2, 5 discs)",
