@@ -60,6 +60,7 @@ class LumbarSegmentParameterNode:
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     mode: Annotated[str, Choice(["fast", "tta", "ensemble"])] = "fast"
     confidence: bool = False
+    levels: bool = False
     allowReslice: bool = False
     updateUnedited: bool = False
     exportFolder: Path = Path.home() / "LumbarSegment" / "dataset"
@@ -93,7 +94,9 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                              (self.ui.segmentEditorButton, self.onSegmentEditor), (self.ui.exportButton, self.onExport),
                              (self.ui.retrainStartButton, self.onRetrainStart),
                              (self.ui.retrainStopButton, self.onRetrainStop),
-                             (self.ui.retrainResumeButton, self.onRetrainResume)):
+                             (self.ui.retrainResumeButton, self.onRetrainResume),
+                             (self.ui.levelsUpButton, lambda: self.onShiftLevels(-1)),
+                             (self.ui.levelsDownButton, lambda: self.onShiftLevels(1))):
             button.connect("clicked(bool)", lambda _=False, s=slot: s())
         self.ui.datasetPathLineEdit.connect("currentPathChanged(QString)", self.onDatasetChanged)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, lambda *a: self.onCancel())
@@ -146,7 +149,8 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             ref = self.ui.modelComboBox.currentData
             request = SegmentRequest(models=[ref] if ref and p.mode != "ensemble" else None, device=p.device,
-                                     mode=p.mode, confidence=p.confidence, allow_reslice=p.allowReslice)
+                                     mode=p.mode, confidence=p.confidence, allow_reslice=p.allowReslice,
+                                     levels=p.levels)
             notes = self.logic.core.start_segmentation(p.inputVolume, request,
                                                        p.segmentation if p.updateUnedited else None)
             self.status("Segmenting..." + "".join(f"\nNote: {n}" for n in notes))
@@ -192,6 +196,11 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.refreshModels()
         if not (self._segmenting or self._training):
             self.timer.stop()
+
+    def onShiftLevels(self, steps):
+        with slicer.util.tryWithErrorDisplay("Could not rename the levels.", waitCursor=True):
+            names = self.logic.core.shift_level_names(self._parameterNode.segmentation, steps)
+            self.status("Levels: " + " ".join(names))
 
     def onSegmentEditor(self):
         seg, vol = self._parameterNode.segmentation, self._parameterNode.inputVolume

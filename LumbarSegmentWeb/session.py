@@ -231,7 +231,7 @@ class AnnotationSession:
     def segmenting(self) -> bool:
         return self.logic.segmenter.running
 
-    def start_segmentation(self, model: str | None = None, mode: str = "fast") -> list[str]:
+    def start_segmentation(self, model: str | None = None, mode: str = "fast", levels: bool = False) -> list[str]:
         """Launch the Lib's segmentation job on the open volume; returns orientation notes.
 
         With a segmentation already open, the run updates it: segments the annotator
@@ -242,7 +242,7 @@ class AnnotationSession:
         if mode not in SEGMENT_MODES:
             raise SessionError(f"unknown mode {mode!r}; one of {', '.join(SEGMENT_MODES)}")
         request = SegmentRequest(models=[model] if model else None, mode=mode, device=self.device,
-                                 threads=self.threads)
+                                 threads=self.threads, levels=levels)
         notes = self.logic.start_segmentation(self.volume_node, request, update_node=self.seg_node)
         self._segmenting_case = self.case_id
         return notes
@@ -283,7 +283,8 @@ class AnnotationSession:
         unc = (report.get("uncertainty") or {}).get("mean_entropy_foreground")
         return {"models": [m.get("ref") for m in report.get("models") or []], "device": report.get("device"),
                 "seconds": (report.get("timings_s") or {}).get("total"), "uncertainty": unc,
-                "kept": (info.get("update") or {}).get("kept", [])}
+                "kept": (info.get("update") or {}).get("kept", []),
+                "levels": info.get("levels", []), "ordering": report.get("ordering")}  # a --levels run
 
     # ------------------------------------------------------------------ drafts and state
     def edited_segments(self) -> list[str]:
@@ -301,6 +302,23 @@ class AnnotationSession:
                 "image_sha256": self.fingerprint}
         self.worklist.write_info(self.case_id, info)
         return path
+
+    # ------------------------------------------------------------------ levels (a --levels draft)
+    def levels(self) -> list[dict]:
+        """The level segments cranial to caudal with their flags (empty for a draft without levels)."""
+        from LumbarSegmentLib.slicer.levels import level_list
+
+        return level_list(self.seg_node) if self.seg_node is not None else []
+
+    def shift_levels(self, steps: int) -> list[str]:
+        """Every level name ``steps`` levels down (+1) or up (-1), all or none; the draft is saved."""
+        from LumbarSegmentLib.slicer.levels import shift_level_names
+
+        if self.seg_node is None:
+            raise SessionError("open a case first")
+        names = shift_level_names(self.seg_node, steps)
+        self.save_draft()
+        return names
 
     # ------------------------------------------------------------------ editing
     def segments(self) -> list[dict]:

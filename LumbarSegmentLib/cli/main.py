@@ -94,6 +94,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dicom-seg", nargs="?", const="", default=None, metavar="PATH",
                    help="also write a DICOM SEG referencing the source series (DICOM inputs only); a cohort: "
                    "into folder PATH")
+    s.add_argument("--levels", action="store_true",
+                   help="name every vertebral body and disc by level (L1..L5, L4-L5, ...): the label map holds one "
+                   "value per level, the report lists the levels and an ordering check (docs/levels.md)")
+    s.add_argument("--measurements", default=None, metavar="FILE.csv",
+                   help="one input: also write per-level body/disc heights (mm) and volumes (mm3) as CSV")
+    s.add_argument("--measurements-png", default=None, metavar="FILE.png",
+                   help="one input: also write a PNG of the height lines on the mid-sagittal slice")
     s.add_argument("--format", default=".nii.gz", choices=[".nii.gz", ".nrrd", ".mha"],
                    help="label-map file type in cohort mode (default: .nii.gz)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -177,7 +184,7 @@ def _resolve_models(arg: str | None, mode: str):
 
 
 def _segment_one(src: Path, label_out: Path, args, packages, report_out=None, seg_out=None, preview_out=None,
-                 conf_out=None, dicom_seg_out=None) -> dict:
+                 conf_out=None, dicom_seg_out=None, measurements_out=None, measurements_png_out=None) -> dict:
     import time
 
     from LumbarSegmentLib.core.checks import check_segmentable, empty_result_warning
@@ -186,7 +193,8 @@ def _segment_one(src: Path, label_out: Path, args, packages, report_out=None, se
     from LumbarSegmentLib.cli.outputs import CasePlan, check_plans, write_case_outputs
 
     wanted = {"label": label_out, "report": report_out, "seg_nrrd": seg_out, "preview": preview_out,
-              "confidence": conf_out, "dicom_seg": dicom_seg_out}
+              "confidence": conf_out, "dicom_seg": dicom_seg_out, "measurements": measurements_out,
+              "measurements_png": measurements_png_out}
     plan = CasePlan(Path(src), {k: Path(v) for k, v in wanted.items() if v})
     check_plans([plan])  # before any work: no output may be an input, or another output
     t0 = time.perf_counter()
@@ -232,8 +240,12 @@ def _segment_one(src: Path, label_out: Path, args, packages, report_out=None, se
     warning = empty_result_warning(result.labels)
     if warning:
         report["warnings"] = [*report.get("warnings", []), warning]
+    from LumbarSegmentLib.spine.level_outputs import LevelRequest, apply_levels  # --levels / --measurements; no-op without them
+
+    request = LevelRequest(getattr(args, "levels", False), bool(measurements_out), bool(measurements_png_out))
+    result, extra = apply_levels(request, result, volume, report, allow_reslice=args.reslice)
     # every output under a hidden temporary name first, then all renamed together (outputs.commit)
-    write_case_outputs(plan, result, volume, report, allow_reslice=args.reslice, mode=args.mode)
+    write_case_outputs(plan, result, volume, report, allow_reslice=args.reslice, mode=args.mode, extra_writers=extra)
     return report
 
 
@@ -255,7 +267,7 @@ def cmd_segment(args) -> int:
     from LumbarSegmentLib.core.distributed import current_rank
 
     single = len(inputs) == 1 and not out.is_dir() and not current_rank().distributed
-    for name in ("report", "seg_nrrd", "preview", "confidence", "dicom_seg"):
+    for name in ("report", "seg_nrrd", "preview", "confidence", "dicom_seg", "measurements", "measurements_png"):
         extra = getattr(args, name)
         if single and extra == "":
             raise ValueError(f"--{name.replace('_', '-')} needs a file name when segmenting one input")
@@ -268,9 +280,11 @@ def cmd_segment(args) -> int:
         if not volume_suffix(out):
             raise ValueError(f"output {out}: use a .nii.gz, .nrrd or .mha file name (or an existing folder)")
         rep = _segment_one(inputs[0], out, args, packages, args.report, args.seg_nrrd, args.preview, args.confidence,
-                           args.dicom_seg)
+                           args.dicom_seg, args.measurements, args.measurements_png)
         _summary(rep)
         return EXIT_OK
+    if args.measurements or args.measurements_png:
+        raise ValueError("--measurements and --measurements-png take one input; run each input on its own")
     if not out.exists():
         out.mkdir(parents=True, exist_ok=True)  # exist_ok: torchrun's ranks race to create it
     if not out.is_dir():
@@ -284,6 +298,10 @@ def _summary(rep: dict) -> None:
     counts = ", ".join(f"{k}={v}" for k, v in rep["voxels_per_class"].items() if k != "background")
     print(f"{rep['input_path']}: {rep['slices']} slices, {rep['device']}/{rep['precision']}, "
           f"{rep['timings_s']['total']:.2f} s; voxels {counts}; outputs: {', '.join(rep['outputs'])}")
+    if "ordering" in rep:  # --levels / --measurements
+        o = rep["ordering"]
+        print(f"  levels: {' '.join(lv['name'] for lv in rep['levels'])} (ordering confidence {o['confidence']:.2f}"
+              + "".join(f"; check {f['level'] or ''}: {f['code']}" for f in o["flags"]) + ")")
     for w in rep["warnings"]:
         print(f"  warning: {w}")
 

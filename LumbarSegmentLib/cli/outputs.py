@@ -33,6 +33,8 @@ KINDS = {
     "preview": ("--preview", (".png",), "a PNG image"),
     "confidence": ("--confidence", VOLUME_OUT, "a confidence map (a volume)"),
     "report": ("--report", (".json",), "a JSON report"),
+    "measurements": ("--measurements", (".csv",), "a CSV table"),  # level_outputs.py
+    "measurements_png": ("--measurements-png", (".png",), "a PNG image"),
 }
 # The order outputs are written (the report last: it lists the others).
 ORDER = ("label", "seg_nrrd", "preview", "confidence", "report")
@@ -232,8 +234,12 @@ def note(message: str) -> None:
     print(f"lumbarseg: note: {message}", file=sys.stderr)
 
 
-def write_case_outputs(plan: CasePlan, result, volume, report: dict, *, allow_reslice: bool, mode: str) -> None:
-    """Write every output of one segmented input, then commit them together (see :func:`commit`)."""
+def write_case_outputs(plan: CasePlan, result, volume, report: dict, *, allow_reslice: bool, mode: str,
+                       extra_writers: dict | None = None) -> None:
+    """Write every output of one segmented input, then commit them together (see :func:`commit`).
+
+    ``extra_writers`` maps further output kinds of ``plan`` (``level_outputs``) to ``fn(tmp_path)``.
+    """
     from LumbarSegmentLib.formats.io import write_volume
 
     refs = [m["ref"] for m in report["models"]]
@@ -258,7 +264,7 @@ def write_case_outputs(plan: CasePlan, result, volume, report: dict, *, allow_re
 
     writers = {"label": lambda tmp: write_volume(result.labels, tmp), "seg_nrrd": seg_nrrd, "preview": preview,
                "confidence": lambda tmp: write_volume(result.confidence, tmp), "dicom_seg": dicom_seg,
-               "report": lambda tmp: tmp.write_text(json.dumps(report, indent=1))}
+               "report": lambda tmp: tmp.write_text(json.dumps(report, indent=1)), **(extra_writers or {})}
     report["outputs"] = [str(t) for k, t in plan.ordered() if k != "report"]
     commit(stage(plan, writers))
 

@@ -89,6 +89,22 @@ class ModuleLogic:
     def cancel_segmentation(self) -> None:
         self.segmenter.cancel()
 
+    def shift_level_names(self, seg_node, steps: int) -> list[str]:
+        """The module's "Levels up/down": every level segment renamed one level, all or none."""
+        from LumbarSegmentLib.slicer.levels import shift_level_names
+
+        if seg_node is None:
+            raise ValueError("choose the level segmentation first (segment with Levels on)")
+        if not self._has_levels(seg_node):
+            raise ValueError(f"{seg_node.GetName()} has no level segments (L1, L4-L5, ...): segment with Levels on")
+        return shift_level_names(seg_node, steps)
+
+    @staticmethod
+    def _has_levels(seg_node) -> bool:
+        from LumbarSegmentLib.slicer.levels import level_list
+
+        return bool(level_list(seg_node))
+
     def finish_segmentation(self):
         """Turn the finished run into a segmentation node (new, or the update of an existing one).
 
@@ -112,10 +128,16 @@ class ModuleLogic:
             conf = mrml.volume_to_node(self.scene, run.confidence, f"{self._volume_node.GetName()} confidence")
             mrml.follow_transform(conf, self._volume_node)
             info["confidence_node"] = conf
+        if run.report.get("label_values") == "levels":  # --levels: flags on the segments, the list for review
+            from LumbarSegmentLib.slicer.levels import level_list, tag_flags
+
+            tag_flags(seg_node, run.report["levels"])
+            info["levels"] = level_list(seg_node)
         kept = info.get("update", {}).get("kept")
         info["summary"] = (f"Done: {seg_node.GetName()} ({len(mrml.segment_ids(seg_node))} segments, "
                            f"{run.report.get('timings_s', {}).get('total', 0):.1f} s on {run.report.get('device')})"
-                           + (f"; your edits were kept: {', '.join(kept)}" if kept else ""))
+                           + (f"; your edits were kept: {', '.join(kept)}" if kept else "")
+                           + _levels_summary(run.report))
         return seg_node, info
 
     def segment(self, volume_node, request: SegmentRequest | None = None, *, update_node=None,
@@ -242,6 +264,16 @@ def self_test_loop(core: ModuleLogic, folder, *, use_model: bool = True, timeout
         raise AssertionError(f"the exported case records edits {back.extra.get('edited_structures')}")
     return back
 
+
+
+def _levels_summary(report: dict) -> str:
+    """One line for the status: the levels and what to check (empty without --levels)."""
+    if report.get("label_values") != "levels":
+        return ""
+    o = report["ordering"]
+    checks = "; ".join(f"check {f['level'] or 'the count'}: {f['code']}" for f in o["flags"])
+    return (f"\nLevels: {' '.join(lv['name'] for lv in report['levels'])} (ordering confidence "
+            f"{o['confidence']:.2f}{'; ' + checks if checks else ''})")
 
 
 __all__ = ["ModuleLogic", "self_test_loop", "SegmentController", "SegmentRequest", "SegmentRun", "RetrainController",

@@ -31,6 +31,7 @@ class SegmentRequest:
     allow_reslice: bool = False
     batch_size: int | None = None
     threads: int | None = None
+    levels: bool = False  # one segment per level (L1, L4-L5, ...) and the ordering check in the report
 
 
 @dataclass
@@ -57,7 +58,16 @@ def segment_command(python: str, input_path: Path, output: Path, report: Path, r
     return child_command(python, "LumbarSegmentLib.cli.main", "segment", [input_path], output=output, report=report,
                          device=request.device, mode=request.mode, model=request.models or None,
                          confidence=confidence, reslice=request.allow_reslice, batch_size=request.batch_size,
-                         threads=request.threads)
+                         threads=request.threads, levels=request.levels)
+
+
+def schema_for_report(report: dict, model_schema):
+    """The schema of a run's label map: the model's, or the level schema of a ``--levels`` run."""
+    if report.get("label_values") != "levels":
+        return model_schema
+    from LumbarSegmentLib.spine.level_names import levels_schema
+
+    return levels_schema([lv["name"] for lv in report["levels"]])
 
 
 class SegmentController:
@@ -165,6 +175,7 @@ class SegmentController:
             schema = resolve_model(models[0]["ref"]).schema
         else:
             raise ControllerError("the run report names no model")
+        schema = schema_for_report(report, schema)
         return SegmentRun(labels=labels, schema=schema, report=report, confidence=confidence)
 
     def result(self) -> SegmentRun:
