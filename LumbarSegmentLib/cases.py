@@ -121,10 +121,13 @@ def read_case(json_path: str | os.PathLike) -> Case:
         data = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CaseError(f"{p}: cannot read case file: {exc}") from None
+    if not isinstance(data, dict):
+        raise CaseError(f"{p}: holds a JSON {type(data).__name__}, not a case (a JSON object with \"case\", "
+                        f"\"image\", \"label\", ...); move it out of the dataset folder")
     fmt = data.get("format", CASE_FORMAT)
     if fmt != CASE_FORMAT:
         raise CaseError(f"{p}: format is {fmt!r}, expected {CASE_FORMAT!r}")
-    version = int(data.get("format_version", 1))
+    version = _whole_field(p, data, "format_version")
     if version > CASE_FORMAT_VERSION:
         raise CaseError(f"{p}: case format version {version} is newer than supported ({CASE_FORMAT_VERSION}); "
                         f"update LumbarSegment")
@@ -147,8 +150,30 @@ def read_case(json_path: str | os.PathLike) -> Case:
              "annotated_structures"}
     return Case(case_id=case_id, image_path=p.parent / image_name, label_path=p.parent / label_name,
                 labels=labels, annotated_structures=annotated, patient=str(data.get("patient") or case_id),
-                version=int(data.get("version", 1)), json_path=p,
+                version=_whole_field(p, data, "version"), json_path=p,
                 extra={k: v for k, v in data.items() if k not in known})
+
+
+def _whole_field(p: Path, data: dict, key: str, default: int = 1) -> int:
+    """``data[key]`` as a whole number >= 1 (``default`` when absent), else one line naming the file and field."""
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CaseError(f"{p}: \"{key}\" must be a whole number >= 1, got {value!r}; repair the case file "
+                        f"or export the case again")
+    return value
+
+
+def _newest(cases: list[Case]) -> list[Case]:
+    """The newest export of each case; two files claiming one case id and version are refused, naming both."""
+    newest: dict[str, Case] = {}
+    for c in cases:
+        old = newest.get(c.case_id)
+        if old is not None and old.version == c.version:
+            raise CaseError(f"{old.json_path} and {c.json_path} both hold case {c.case_id} version {c.version}; "
+                            f"one would be dropped without a word. Remove the copy, or give one another case id")
+        if old is None or c.version > old.version:
+            newest[c.case_id] = c
+    return list(newest.values())
 
 
 def list_cases(folder: str | os.PathLike, *, latest_only: bool = True) -> list[Case]:
@@ -162,11 +187,7 @@ def list_cases(folder: str | os.PathLike, *, latest_only: bool = True) -> list[C
             continue
         cases.append(read_case(jp))
     if latest_only:
-        newest: dict[str, Case] = {}
-        for c in cases:
-            if c.case_id not in newest or c.version > newest[c.case_id].version:
-                newest[c.case_id] = c
-        cases = list(newest.values())
+        cases = _newest(cases)
     if not cases:
         raise CaseError(f"dataset folder {folder} holds no case files (<case>.json)")
     return sorted(cases, key=lambda c: (c.case_id, c.version))

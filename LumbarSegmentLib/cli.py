@@ -72,8 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                    "sliding patches; patch; whole; or a square window of PIXELS (>= 32)")
     s.add_argument("--overlap", type=_overlap, default=0.25, metavar="F",
                    help="fraction of a sliding window shared with its neighbour, 0 <= F < 0.95 (default: 0.25)")
-    s.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                   help="CPU threads for PyTorch (default: PyTorch's; under torchrun the node's cores split "
+    s.add_argument("--threads", type=number_arg(1, 1024, kind=int, what="a whole number", use="use 1-1024 CPU threads"),
+                   default=None, metavar="N", help="CPU threads for PyTorch, 1-1024 (default: PyTorch's; under torchrun the node's cores split "
                    "between its ranks)")
     s.add_argument("--reslice", action="store_true", help="accept axial/coronal stacks (cut sagittal slices)")
     s.add_argument("--series", default=None, help="SeriesInstanceUID to read from a DICOM folder with several")
@@ -215,11 +215,18 @@ def cmd_segment(args) -> int:
     from .outputs import check_input_folders
 
     check_options(args)
+    if not str(args.output).strip():
+        raise ValueError("-o/--output is empty; give a label-map file name (one input) or a folder (several)")
     out_folders = [Path(v) for v in (args.output, args.seg_nrrd, args.preview, args.confidence,
                                      getattr(args, "dicom_seg", None)) if v]
     check_input_folders(args.inputs, out_folders)
     # --series or a label-file output: a folder of series folders is one study to pick a series from
     inputs = _expand_inputs(args.inputs, series_folders=not (args.series or volume_suffix(Path(args.output))))
+    if args.series:  # --series picks a series of a DICOM folder; on a volume file it would be ignored
+        files = [p for p in inputs if p.is_file()]
+        if files:
+            raise ValueError(f"--series picks a series inside a DICOM folder, but {files[0]} is a volume file; "
+                             f"leave --series out, or give the DICOM folder")
     packages = _resolve_models(args.model, args.mode)
     if args.mode == "fast" and len(packages) > 1:
         raise ValueError("several models were given: use --mode ensemble")
@@ -243,13 +250,12 @@ def cmd_segment(args) -> int:
                            args.dicom_seg)
         _summary(rep)
         return EXIT_OK
-    if not out.exists():
-        out.mkdir(parents=True, exist_ok=True)  # exist_ok: torchrun's ranks race to create it
-    if not out.is_dir():
+    if out.exists() and not out.is_dir():
         raise ValueError(f"output {out} must be a folder when segmenting {len(inputs)} inputs")
-    from .cohort import run_cohort  # one process or a torchrun shard; see cohort.py / distributed.py
+    from .cohort import prepare_cohort, run_cohort  # one process or a torchrun shard; see cohort.py
 
-    return EXIT_FAIL if run_cohort(inputs, out, args, packages, _segment_one, _summary) else EXIT_OK
+    plan = prepare_cohort(inputs, out, args)  # every output checked against every input, then folders made
+    return EXIT_FAIL if run_cohort(inputs, out, args, packages, _segment_one, _summary, plan) else EXIT_OK
 
 
 def _summary(rep: dict) -> None:

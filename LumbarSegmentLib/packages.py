@@ -41,7 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .files import atomic_path, locked, normal_file_mode, pid_alive, sha256_file, umask  # sha256_file: re-export
-from .manifest import ManifestError, check_integrity, seal, validate_index, validate_manifest, validate_name
+from .manifest import (INTEGRITY_SCHEME, ManifestError, check_integrity, seal, validate_index, validate_manifest,
+                       validate_name)
 from .manifest import refuse_pickle as _refuse_pickle  # the old private name stays importable
 from .schema import LabelSchema
 
@@ -356,15 +357,20 @@ class Registry:
             raise PackageError(f"registry {self.root} is read-only (shipped models); publish to the user registry")
         package.verify()
         catalog = catalog or self.catalog()
-        self.root.mkdir(parents=True, exist_ok=True)
-        with locked(self.root):  # concurrent publishes: one read-modify-write at a time
-            return self._publish_locked(package, make_default, ensemble, catalog,
-                                        validate_name(name, "model name") if name else package.name)
+        name = validate_name(name, "model name") if name else package.name
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with locked(self.root):  # concurrent publishes: one read-modify-write at a time
+                return self._publish_locked(package, make_default, ensemble, catalog, name)
+        except OSError as exc:
+            raise PackageError(registry_write_error(self.root, exc)) from None
 
     def _publish_locked(self, package: ModelPackage, make_default: bool, ensemble, catalog, name: str
                         ) -> ModelPackage:
         version = max(self.next_version(name), catalog.next_version(name))
         final = self.root / name / str(version)
+        if ensemble is not None:  # validated before a byte is written: a refused ref leaves the registry as it was
+            check_ensemble_refs(ensemble, catalog, f"{name}@{version}")
         self._remove_abandoned_publishes()
         tmp = Path(tempfile.mkdtemp(prefix=f".publish+{os.getpid()}+{socket.gethostname()}+{name}+",
                                     dir=self.root))
@@ -375,7 +381,8 @@ class Registry:
             manifest = json.loads(json.dumps(package.manifest))
             manifest["name"], manifest["version"] = name, version
             manifest["weights"]["file"] = WEIGHTS_FILE
-            (tmp / "manifest.json").write_text(json.dumps(seal(manifest), indent=1))  # verified above
+            scheme = (package.manifest.get("integrity") or {}).get("scheme", INTEGRITY_SCHEME)
+            (tmp / "manifest.json").write_text(json.dumps(seal(manifest, scheme), indent=1))  # verified above
             read_package(tmp).verify()
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(tmp, final)
@@ -415,6 +422,39 @@ class Registry:
         idx = self.index()
         idx["default"] = ref if "@" in ref else self.get(ref).ref
         self._write_index(idx)
+
+
+def registry_write_error(root: Path, exc: OSError) -> str:
+    """One line for an OS error while publishing into ``root``: what happened and what to do."""
+    import errno as _errno
+
+    if exc.errno in (_errno.ENOSPC, getattr(_errno, "EDQUOT", -1)):
+        todo = "free some disk space, or publish into another registry (--registry)"
+    elif exc.errno in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
+        todo = "publish into a registry folder you can write to (--registry), or fix its permissions"
+    else:
+        todo = "check the registry folder and try again"
+    where = exc.filename or root
+    return (f"could not publish into the registry {root}: {exc.strerror or exc} ({where}); {todo}. The registry's "
+            f"index is unchanged")
+
+
+def check_ensemble_refs(refs, catalog: "Catalog", new_ref: str) -> list[str]:
+    """Refuse an ensemble that the index would not accept or that names a model no registry holds."""
+    from .manifest import _is_ref
+
+    refs = list(refs)
+    bad = [r for r in refs if not _is_ref(r) or "@" not in str(r)]
+    if not refs or bad:
+        raise PackageError(f"--ensemble {','.join(map(str, refs))!r}: each member must be a model ref like "
+                           f"'name@3' (or @new for the version being published), got {bad or refs}; nothing was "
+                           f"published")
+    owners = catalog._owners(skip_broken=True)
+    missing = [r for r in refs if r != new_ref and (r.partition("@")[0], int(r.partition("@")[2])) not in owners]
+    if missing:
+        raise PackageError(f"--ensemble names {', '.join(missing)}, which no registry holds (see lumbarseg models); "
+                           f"nothing was published")
+    return refs
 
 
 def user_registry_root() -> Path:
