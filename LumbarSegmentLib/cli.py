@@ -272,6 +272,7 @@ def cmd_models(args) -> int:
 
     catalog = Catalog()
     entries = catalog.entries(skip_broken=True)
+    catalog.errors += _missing_refs(catalog, entries)
     for err in catalog.errors:  # list the readable registries, then fail
         print(f"lumbarseg: error: {err}", file=sys.stderr)
     for c in catalog.conflicts:
@@ -295,6 +296,17 @@ def cmd_models(args) -> int:
         print(f"{r['ref']:<22} {r['variant'] or '?':<6} schema={r['schema']:<9} spacing={r['spacing_mm']} "
               f"{flags:<17} {origin}  sha256 {r['sha256'][:12]}")
     return status
+
+
+def _missing_refs(catalog, entries) -> list[str]:
+    """The default or ensemble members that an index names but no registry holds (they fail every segment)."""
+    if catalog.errors:
+        return []
+    held = {e.package.ref for e in entries} | {e.package.name for e in entries}  # a bare name: any version
+    wanted = [("default model", catalog.default_ref(skip_broken=True))]
+    wanted += [("default ensemble member", r) for r in catalog.ensemble_refs()]
+    return [f"the {what} {ref} is named in an index but no registry holds it; publish it again, or choose another "
+            f"(lumbarseg-train publish ... / edit index.json)" for what, ref in wanted if ref and ref not in held]
 
 
 def _terminate_like_ctrl_c(signum, frame):

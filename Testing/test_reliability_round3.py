@@ -166,3 +166,209 @@ def test_thread_counts_state_their_limit(value, pkg, tmp_path, capsys):
         segment(str(src), "-o", str(tmp_path / "s.nii.gz"), "--threads", value, pkg=pkg)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "1-1024" in err and "Traceback" not in err, err
+
+
+# ============================================================================ 2. datasets are input
+def _dataset(folder: Path, n=2, patients=None) -> Path:
+    from LumbarSegmentLib.cases import write_case
+
+    for c in range(n):
+        img = sagittal((4, 16, 12), seed=c)
+        lab = np.zeros(img.shape, np.uint8)
+        lab[1:3, 4:8, 3:7] = 1
+        write_case(folder, f"c{c}", img, img.with_array(lab), labels={1: "vertebral_body"},
+                   annotated_structures=["vertebral_body"], patient=(patients or {}).get(c))
+    return folder
+
+
+def train_cli(*args: str) -> int:
+    from LumbarSegmentLib.training.cli import main as train_main
+
+    return train_main([*args])
+
+
+@pytest.mark.parametrize("command", ["evaluate", "finetune", "train", "cv"])
+@pytest.mark.parametrize("where", ["data", "inside"])
+def test_no_training_command_writes_its_results_into_the_dataset(command, where, pkg, tmp_path, capsys):
+    data = _dataset(tmp_path / "data")
+    before = tree(data)
+    out = data if where == "data" else data / "results"
+    extra = {"evaluate": ["--model", str(pkg.path)], "finetune": ["--from", str(pkg.path)],
+             "train": ["--variant", "UD"], "cv": ["--variant", "UD"]}[command]
+    rc = train_cli(command, "--data", str(data), *extra, "--out", str(out))
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "dataset folder" in line and "--out" in line, line
+    assert tree(data) == before and everything_in(data) == sorted(before)
+
+
+def test_publish_never_writes_the_holdout_file_into_the_dataset(pkg, tmp_path, capsys):
+    data = _dataset(tmp_path / "data", n=3)
+    before = tree(data)
+    reg = tmp_path / "reg"
+    rc = train_cli("publish", str(pkg.path), "--registry", str(reg), "--data", str(data), "--device", "cpu")
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "lumbarseg-train holdout --data" in line and "--assign" in line, line
+    assert tree(data) == before and not (reg / "index.json").exists()
+    # the explicit command writes the split; publish then only reads it
+    assert train_cli("holdout", "--data", str(data), "--assign") == 0
+    frozen = (data / ".holdout.json").read_bytes()
+    assert train_cli("publish", str(pkg.path), "--registry", str(reg), "--data", str(data), "--device", "cpu") == 0
+    assert (data / ".holdout.json").read_bytes() == frozen and Registry(reg).default_ref() == "uvd-rel3@1"
+
+
+@pytest.mark.parametrize("content, problem", [
+    ([1, 2], "not a case"),
+    ({"case": "c9", "image": "a.mha", "label": "b.mha", "labels": {}, "annotated_structures": [], "version": None},
+     '"version" must be a whole number'),
+    ({"case": "c9", "image": "a.mha", "label": "b.mha", "labels": {}, "annotated_structures": [],
+      "format_version": None}, '"format_version" must be a whole number'),
+    ({"case": "c9", "image": "a.mha", "label": "b.mha", "labels": {}, "annotated_structures": [], "version": "2"},
+     '"version" must be a whole number'),
+])
+def test_a_malformed_case_file_is_one_line(content, problem, tmp_path, capsys):
+    data = _dataset(tmp_path / "data")
+    (data / "junk.json").write_text(json.dumps(content))
+    before = tree(data)
+    rc = train_cli("holdout", "--data", str(data))
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "junk.json" in line and problem in line, line
+    assert tree(data) == before
+
+
+def test_two_case_files_with_one_id_and_version_are_not_silently_dropped(tmp_path, capsys):
+    from LumbarSegmentLib.cases import CaseError, list_cases
+
+    data = _dataset(tmp_path / "data")
+    copy = json.loads((data / "c1__v1.json").read_text())
+    copy["image"], copy["label"] = "c0_image.mha", "c0_label.mha"
+    (data / "c1-copy.json").write_text(json.dumps(copy))
+    with pytest.raises(CaseError, match=r"both hold case c1 version 1"):
+        list_cases(data)
+
+
+@pytest.mark.parametrize("edit, problem", [
+    ({"every": None}, '"every" must be a whole number >= 2'),
+    ({"every": "4"}, '"every" must be a whole number >= 2'),
+    ({"format_version": 99}, "newer than this LumbarSegment supports"),
+    ({"format_version": None}, '"format_version" must be a whole number'),
+    ({"patients": {"p0": "maybe"}}, 'must be "train" or "holdout"'),
+])
+def test_a_malformed_holdout_file_is_one_line(edit, problem, tmp_path, capsys):
+    data = _dataset(tmp_path / "data")
+    doc = {"format": "lumbarsegment.holdout", "format_version": 1, "every": 4, "patients": {"c0": "train"}, **edit}
+    (data / ".holdout.json").write_text(json.dumps(doc))
+    before = tree(data)
+    rc = train_cli("holdout", "--data", str(data), "--assign")
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and ".holdout.json" in line and problem in line, line
+    assert tree(data) == before
+
+
+# ============================================================================ 3. registry writes validated first
+def _published(tmp_path, pkg) -> Registry:
+    reg = Registry(tmp_path / "reg")
+    reg.publish(pkg, make_default=True)
+    return reg
+
+
+@pytest.mark.parametrize("ensemble, problem", [("uvd-rel3@1,bad ref", "model ref like"),
+                                               ("uvd-rel3@x", "model ref like"),
+                                               ("@new,ghost@9", "ghost@9, which no registry holds")])
+def test_publish_with_a_bad_ensemble_writes_nothing(ensemble, problem, pkg, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LUMBARSEG_HOME", str(tmp_path / "home"))
+    reg = _published(tmp_path, pkg)
+    before = tree(reg.root)
+    rc = train_cli("publish", str(pkg.path), "--registry", str(reg.root), "--ensemble", ensemble, "--no-default")
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and problem in line and "nothing was published" in line, line
+    assert tree(reg.root) == before
+    assert reg.index()["ensemble"] == [] and reg.default_ref() == "uvd-rel3@1"
+
+
+def test_models_says_when_the_default_names_a_missing_model(pkg, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LUMBARSEG_HOME", str(tmp_path / "home"))
+    user = Registry(tmp_path / "home" / "models")
+    user.publish(pkg, make_default=True)
+    idx = json.loads(user.index_path.read_text())
+    idx["default"] = "ghost@1"
+    user.index_path.write_text(json.dumps(idx))
+    capsys.readouterr()
+    rc = main(["models"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "ghost@1" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("errno_name", ["EROFS", "ENOSPC"])
+def test_publish_into_an_unwritable_registry_is_a_sentence(errno_name, pkg, tmp_path, capsys, monkeypatch):
+    import errno
+    import shutil
+
+    reg = _published(tmp_path, pkg)
+    before = tree(reg.root)
+
+    def failing_copy(*a, **k):
+        raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)), str(reg.root))
+
+    monkeypatch.setattr(shutil, "copy2", failing_copy)
+    rc = train_cli("publish", str(pkg.path), "--registry", str(reg.root), "--no-default")
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "could not publish into the registry" in line and "[Errno" not in line, line
+    assert ("--registry" in line) and ("index is unchanged" in line)
+    assert tree(reg.root) == before
+
+
+def test_ctrl_c_during_publish_does_not_suggest_resume(pkg, tmp_path, capsys, monkeypatch):
+    from LumbarSegmentLib.training import publish
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(publish, "publish_if_better", interrupted)
+    rc = train_cli("publish", str(pkg.path), "--registry", str(tmp_path / "reg"))
+    err = capsys.readouterr().err
+    assert rc == 130 and "--resume" not in err and "run the same command again" in err, err
+
+
+# ============================================================================ 4. provenance is sealed
+def _with_provenance(tmp_path, name="prov") -> "object":
+    import torch
+
+    from LumbarSegmentLib.models import build_model
+    from LumbarSegmentLib.packages import write_package
+    from LumbarSegmentLib.schema import load_schema
+
+    torch.manual_seed(0)
+    model = build_model("UVD", num_classes=3, init_filters=2)
+    return write_package(tmp_path / name, model, name=name, schema=load_schema("starter"),
+                         training={"train_cases": ["c0", "c1"], "val_cases": ["c2"],
+                                   "data_manifest": [{"case": "c0", "patient": "p0"}]})
+
+
+@pytest.mark.parametrize("field", ["train_cases", "data_manifest", "val_cases"])
+def test_removing_the_training_provenance_breaks_the_seal(field, tmp_path):
+    p = _with_provenance(tmp_path)
+    p.verify()
+    m = json.loads((p.path / "manifest.json").read_text())
+    del m["training"][field]
+    (p.path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(PackageError, match="record of its training cases"):
+        read_package(p.path).verify()
+
+
+def test_a_package_without_sealed_provenance_is_not_graded_as_clean(pkg, tmp_path, monkeypatch):
+    from LumbarSegmentLib.manifest import LEGACY_SCHEME, seal
+    from LumbarSegmentLib.training import evaluate, publish
+
+    reg = _published(tmp_path, pkg)
+    cand = _with_provenance(tmp_path, "cand")
+    m = json.loads((cand.path / "manifest.json").read_text())
+    del m["training"]["train_cases"], m["training"]["data_manifest"]
+    (cand.path / "manifest.json").write_text(json.dumps(seal(m, LEGACY_SCHEME)))  # a v1 seal does not cover it
+    graded = []
+    monkeypatch.setattr(evaluate, "evaluate_packages", lambda *a, **k: graded.append(a) or {})
+    cases = _dataset(tmp_path / "data", n=3)
+    from LumbarSegmentLib.cases import list_cases
+
+    res = publish.publish_if_better(read_package(cand.path), reg, case_list=list_cases(cases), registries=[reg])
+    assert not res["default"] and "not graded" in res["reason"] and "trained on" in res["reason"], res["reason"]
+    assert graded == [] and reg.default_ref() == "uvd-rel3@1"
