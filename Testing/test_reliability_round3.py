@@ -372,3 +372,26 @@ def test_a_package_without_sealed_provenance_is_not_graded_as_clean(pkg, tmp_pat
     res = publish.publish_if_better(read_package(cand.path), reg, case_list=list_cases(cases), registries=[reg])
     assert not res["default"] and "not graded" in res["reason"] and "trained on" in res["reason"], res["reason"]
     assert graded == [] and reg.default_ref() == "uvd-rel3@1"
+
+
+# ============================================================================ 5. formats
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("slope, inter", [(2.0, 0.0), (1.0, -100.0), (0.5, 7.0)])
+def test_a_scaled_nifti_is_read_not_called_truncated(slope, inter, compressed, tmp_path):
+    """dcm2niix writes int16 voxels with scl_slope/scl_inter; ITK scales them to float32 on reading."""
+    import gzip
+    import struct
+
+    vol = sagittal(dtype=np.int16)
+    raw = write_volume(vol, tmp_path / "v.nii", compress=False).read_bytes()
+    head = bytearray(raw)
+    head[112:120] = struct.pack("<2f", slope, inter)
+    path = tmp_path / ("v.nii.gz" if compressed else "v2.nii")
+    path.write_bytes(gzip.compress(bytes(head)) if compressed else bytes(head))
+    back = read_volume(path)
+    np.testing.assert_allclose(back.array, vol.array.astype(np.float64) * slope + inter, rtol=1e-6)
+    # and a truncated scaled file is still refused
+    cut = tmp_path / "cut.nii"
+    cut.write_bytes(bytes(head[: len(head) - 100]))
+    with pytest.raises(Exception, match="truncated"):
+        read_volume(cut)
