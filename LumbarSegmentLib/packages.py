@@ -150,19 +150,22 @@ class ModelPackage:
         import torch
         from safetensors.torch import load_file
 
-        from .models import build_model
+        from .architecture import ArchitectureError, build_checked, safetensors_shapes
 
         self.verify()
+        wfile = self.path / self.manifest["weights"]["file"]
+        where = f"model {self.ref} ({self.path})"
         try:
-            state = load_file(str(self.path / self.manifest["weights"]["file"]))
+            shapes = safetensors_shapes(wfile)
+            state = load_file(str(wfile))
         except Exception as exc:  # safetensors raises its own error types
             raise PackageError(f"{self.path}: cannot read weights as safetensors: {exc}") from None
-        model = build_model(**self.manifest["architecture"])
+        try:  # unknown keys and shapes checked on the meta device, before a real network is built
+            model = build_checked(self.manifest["architecture"], where, shapes)
+        except ArchitectureError as exc:
+            raise PackageError(str(exc)) from None
         state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise PackageError(f"{self.path}: weights do not fit the architecture "
-                               f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+        model.load_state_dict(state, strict=True)  # names and shapes were checked above
         return model.to(device=torch.device(device)).eval()
 
 

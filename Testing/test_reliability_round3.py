@@ -395,3 +395,64 @@ def test_a_scaled_nifti_is_read_not_called_truncated(slope, inter, compressed, t
     cut.write_bytes(bytes(head[: len(head) - 100]))
     with pytest.raises(Exception, match="truncated"):
         read_volume(cut)
+
+
+# ============================================================================ 6. recorded architectures
+def _resealed(pkg, tmp_path, edit) -> Path:
+    import shutil
+
+    from LumbarSegmentLib.manifest import seal
+
+    dst = tmp_path / "edited"
+    shutil.copytree(pkg.path, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    edit(m)
+    (dst / "manifest.json").write_text(json.dumps(seal(m)))
+    return dst
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m: m["architecture"].update(foo=1), "unknown architecture key(s) ['foo']"),
+    (lambda m: m["architecture"].update(init_filters=256), "do not fit the recorded architecture"),
+    (lambda m: m["architecture"].update(variant="XYZ"), "cannot be built"),
+])
+def test_a_resealed_architecture_is_one_line_naming_the_package(edit, problem, pkg, tmp_path, capsys):
+    edited = _resealed(pkg, tmp_path, edit)
+    src = write_volume(sagittal(), tmp_path / "a.mha")
+    rc = main(["segment", str(src), "-o", str(tmp_path / "s.nii.gz"), "--model", str(edited), "--device", "cpu",
+               "--no-progress"])
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 1 and problem in line and "uvd-rel3@1" in line, line
+    assert not (tmp_path / "s.nii.gz").exists()
+
+
+def test_weights_that_do_not_fit_are_found_before_the_network_is_built(pkg, tmp_path, monkeypatch):
+    """A huge init_filters would build a GB-sized network; the shape check on the meta device refuses it first."""
+    import torch
+
+    import LumbarSegmentLib.architecture as arch
+
+    edited = _resealed(pkg, tmp_path, lambda m: m["architecture"].update(init_filters=256))
+    devices = []
+    real = arch._build
+    monkeypatch.setattr(arch, "_build", lambda args, where: devices.append(torch.empty(0).device.type) or real(
+        args, where))
+    with pytest.raises(PackageError, match="do not fit the recorded architecture"):
+        read_package(edited).load_model()
+    assert devices == ["meta"], "only the shape-only (meta) skeleton may be built"
+
+
+def test_an_unknown_builder_key_in_a_checkpoint_is_one_line(pkg, tmp_path, capsys):
+    import torch
+
+    from LumbarSegmentLib.training.checkpoints import CHECKPOINT_FORMAT
+    from LumbarSegmentLib.training.config import TrainConfig
+
+    model = pkg.load_model()
+    ck = {"format": CHECKPOINT_FORMAT, "config": TrainConfig(variant="UVD", init_filters=2).to_dict(),
+          "builder_args": {**model.builder_args, "foo": 1}, "model": model.state_dict(), "epoch": 0}
+    torch.save(ck, tmp_path / "last.pt")
+    rc = train_cli("export", str(tmp_path / "last.pt"), "--out", str(tmp_path / "exp"))
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "unknown architecture key(s) ['foo']" in line and "last.pt" in line, line
+    assert not (tmp_path / "exp").exists()
