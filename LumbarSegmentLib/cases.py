@@ -39,12 +39,13 @@ import json
 import os
 import re
 import socket
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_path, pid_alive
+from .files import atomic_path, boot_id, pid_alive, pid_namespace
 from .io import read_volume, write_volume
 from .volume import Volume, VolumeError
 
@@ -226,13 +227,13 @@ def _claim_version(folder: Path, case_id: str):
                 lock.unlink()
             n += 1
             continue
+        claim = claim_record()
         with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+            f.write(claim)
         try:
             yield n, stem
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
+            _release(lock, claim)
         return
 
 
@@ -243,14 +244,44 @@ def _volumes_exist(folder: Path, stem: str) -> bool:
     return any((folder / f"{stem}{part}").exists() for part in _VOLUME_PARTS)
 
 
+def claim_record() -> str:
+    """What a claim lock holds: ``pid host pid-namespace boot-id claim-id``.
+
+    A pid only names a process for someone on the same host *and* in the same PID namespace (two
+    containers can share a host name and a dataset folder); a random claim id lets the owner
+    release only its own claim, never one that replaced it."""
+    return (f"{os.getpid()} {socket.gethostname()} ns{pid_namespace() or '-'} boot{boot_id() or '-'} "
+            f"{uuid.uuid4().hex}\n")
+
+
+def _claim_is_dead(owner: list[str]) -> bool:
+    """True only when the claim's process is provably gone: same host and PID namespace, and either an
+    earlier boot or a pid that is no longer running. Anything else (another host or namespace, an older
+    record without them, a record not yet written) is not ours to judge."""
+    if len(owner) < 5 or not owner[0].isdigit():
+        return False
+    if owner[1] != socket.gethostname() or owner[2] != f"ns{pid_namespace() or '-'}":
+        return False
+    if owner[3] != "boot-" and owner[3] != f"boot{boot_id() or '-'}":
+        return True  # written before this machine last booted
+    return not pid_alive(int(owner[0]))
+
+
+def _release(lock: Path, claim: str) -> None:
+    """Remove our claim, unless it is no longer ours (it was taken over meanwhile)."""
+    with contextlib.suppress(OSError):
+        if lock.read_text() == claim:
+            lock.unlink()
+
+
 def _reclaim_if_stale(folder: Path, stem: str, lock: Path) -> bool:
     """Remove what a killed export of ``stem`` left behind; True when the claim was stale (retry ``stem``)."""
     try:
         owner = lock.read_text().split()
     except OSError:
         return False
-    if len(owner) < 2 or not owner[0].isdigit() or owner[1] != socket.gethostname() or pid_alive(int(owner[0])):
-        return False  # alive, on another host, or not yet written: not ours to judge
+    if not _claim_is_dead(owner):
+        return False  # alive, on another host or in another PID namespace, or not yet written
     token = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
     try:
         os.rename(lock, token)  # exactly one process wins the take-over

@@ -35,12 +35,11 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import atomic_path, locked, normal_file_mode, pid_alive, sha256_file, umask  # sha256_file: re-export
+from .files import _host, atomic_path, locked, normal_file_mode, pid_alive, sha256_file, umask  # sha256_file: re-export
 from .manifest import (INTEGRITY_SCHEME, ManifestError, check_integrity, seal, validate_index, validate_manifest,
                        validate_name)
 from .manifest import refuse_pickle as _refuse_pickle  # the old private name stays importable
@@ -375,7 +374,7 @@ class Registry:
         if ensemble is not None:  # validated before a byte is written: a refused ref leaves the registry as it was
             check_ensemble_refs(ensemble, catalog, f"{name}@{version}")
         self._remove_abandoned_publishes()
-        tmp = Path(tempfile.mkdtemp(prefix=f".publish+{os.getpid()}+{socket.gethostname()}+{name}+",
+        tmp = Path(tempfile.mkdtemp(prefix=f".publish+{os.getpid()}+{_host()}+{name}+",
                                     dir=self.root))
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700: a shared registry must stay readable
         try:
@@ -407,7 +406,7 @@ class Registry:
         """Delete the temporary folders of publishes whose process is gone (killed mid-copy; same host only)."""
         for old in self.root.glob(".publish+*"):
             parts = old.name.split("+")
-            if (len(parts) > 3 and parts[1].isdigit() and parts[2] == socket.gethostname()
+            if (len(parts) > 3 and parts[1].isdigit() and parts[2] == _host()
                     and not pid_alive(int(parts[1]))):
                 shutil.rmtree(old, ignore_errors=True)
 

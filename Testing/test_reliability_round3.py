@@ -456,3 +456,61 @@ def test_an_unknown_builder_key_in_a_checkpoint_is_one_line(pkg, tmp_path, capsy
     line = one_error_line(capsys.readouterr().err)
     assert rc == 2 and "unknown architecture key(s) ['foo']" in line and "last.pt" in line, line
     assert not (tmp_path / "exp").exists()
+
+
+# ============================================================================ 7. export claims across namespaces
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.parametrize("record", ["{pid} {host}\n",  # an older record: no namespace, so not ours to judge
+                                    "{pid} {host} ns999999 boot{boot} 0123abcd\n"])  # another PID namespace
+def test_a_claim_from_another_pid_namespace_is_never_taken_over(record, tmp_path):
+    """Two containers with one host name: a pid in the other's claim means nothing here, dead or alive."""
+    from LumbarSegmentLib.cases import list_cases, write_case
+    from LumbarSegmentLib.files import boot_id
+
+    img = sagittal((4, 16, 12))
+    lab = img.with_array((img.array > 100).astype(np.uint8))
+    data = tmp_path / "data"
+    data.mkdir()
+    write_volume(img, data / "c1__v1_image.mha")  # the other container's export, still being written
+    (data / ".c1__v1.lock").write_text(record.format(pid=_dead_pid(), host=socket.gethostname(), boot=boot_id()))
+    theirs = tree(data)
+    case = write_case(data, "c1", img, lab, labels={1: "vertebral_body"}, annotated_structures=["vertebral_body"])
+    assert case.version == 2
+    assert all(tree(data)[name] == theirs[name] for name in theirs), "their files were touched"
+    assert [c.version for c in list_cases(data)] == [2]
+
+
+def test_a_claim_of_a_dead_process_in_this_namespace_is_still_taken_over(tmp_path):
+    from LumbarSegmentLib.cases import write_case
+    from LumbarSegmentLib.files import boot_id, pid_namespace
+
+    img = sagittal((4, 16, 12))
+    lab = img.with_array((img.array > 100).astype(np.uint8))
+    data = tmp_path / "data"
+    data.mkdir()
+    write_volume(img, data / "c1__v1_image.mha")
+    (data / ".c1__v1.lock").write_text(f"{_dead_pid()} {socket.gethostname()} ns{pid_namespace() or '-'} "
+                                       f"boot{boot_id() or '-'} 0123abcd\n")
+    case = write_case(data, "c1", img, lab, labels={1: "vertebral_body"}, annotated_structures=["vertebral_body"])
+    assert case.version == 1 and not (data / ".c1__v1.lock").exists()
+
+
+def test_a_claim_taken_over_is_not_released_by_its_first_owner(tmp_path):
+    from LumbarSegmentLib.cases import _release, claim_record
+
+    lock = tmp_path / ".c1__v1.lock"
+    mine = claim_record()
+    lock.write_text(claim_record())  # someone else's claim replaced ours
+    _release(lock, mine)
+    assert lock.exists()
+    lock.write_text(mine)
+    _release(lock, mine)
+    assert not lock.exists()
