@@ -514,3 +514,23 @@ def test_a_claim_taken_over_is_not_released_by_its_first_owner(tmp_path):
     lock.write_text(mine)
     _release(lock, mine)
     assert not lock.exists()
+
+
+# ============================================================================ 8. training says what it learns from
+def test_training_warns_of_nan_voxels_and_of_an_empty_label(tmp_path, caplog):
+    import logging
+
+    from LumbarSegmentLib.cases import write_case
+    from LumbarSegmentLib.training.data import load_case_slices
+
+    img = sagittal((4, 32, 28), dtype=np.float32)
+    img.array[0, 0, :5] = np.nan
+    img.array[1, 0, 0] = np.inf
+    empty = img.with_array(np.zeros(img.shape, np.uint8))
+    case = write_case(tmp_path / "d", "e1", img, empty, labels={1: "vertebral_body"},
+                      annotated_structures=["vertebral_body"])
+    with caplog.at_level(logging.WARNING, logger="lumbarseg.train"):
+        load_case_slices(case, "starter")
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "6 NaN/infinite image voxel(s)" in text and "e1" in text
+    assert "trains as all background" in text and "vertebral_body" in text
