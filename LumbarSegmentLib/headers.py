@@ -8,6 +8,7 @@ Each check here refuses such a file with a message that names the problem.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import stat
@@ -30,6 +31,36 @@ def check_volume_header(path: Path, suffix: str) -> None:
     check_declared_size(path)
     if suffix in (".nii", ".nii.gz"):
         check_nifti_orientation(path)
+    check_header_numbers(path, suffix)
+
+
+#: no scanner puts an image more than 100 m from its origin; a larger value is a damaged header
+MAX_POSITION_MM = 1e5
+_GEOMETRY_KEYS = {"offset", "origin", "position", "space origin", "elementspacing", "spacings", "space directions",
+                  "transformmatrix", "rotation", "orientation"}
+
+
+def check_header_numbers(path: Path, suffix: str) -> None:
+    """Refuse a header whose geometry holds NaN, infinity or an absurd position, which the readers turn
+    into 0 or pass on silently (ITK reads an origin of ``inf`` as 0)."""
+    import re
+
+    if suffix in (".nii", ".nii.gz"):
+        aff = nifti_affines(path)
+        values = [] if aff is None else [float(v) for m in (aff[1], aff[3]) for v in m[:3].ravel()]
+    else:
+        values = []
+        for line in _text_header(path, nrrd=suffix in (".nrrd", ".nhdr")):
+            key, sep, value = line.partition("=" if suffix in (".mha", ".mhd") else ":")
+            if sep and key.strip().lower() in _GEOMETRY_KEYS:
+                for token in re.findall(r"[-+]?(?:nan|inf(?:inity)?|[\d.]*\d(?:e[-+]?\d+)?)", value.lower()):
+                    with contextlib.suppress(ValueError):
+                        values.append(float(token))
+    bad = [v for v in values if not math.isfinite(v) or abs(v) > MAX_POSITION_MM]
+    if bad:
+        raise VolumeReadError(f"{path}: its header places the image at impossible coordinates ({bad[0]:g} mm: "
+                              f"not a finite position within {MAX_POSITION_MM:g} mm); the header is damaged. "
+                              f"Export the image again, or repair its origin/spacing")
 
 
 def is_gzip(path: Path) -> bool:

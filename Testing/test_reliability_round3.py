@@ -534,3 +534,54 @@ def test_training_warns_of_nan_voxels_and_of_an_empty_label(tmp_path, caplog):
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "6 NaN/infinite image voxel(s)" in text and "e1" in text
     assert "trains as all background" in text and "vertebral_body" in text
+
+
+@pytest.mark.parametrize("suffix, origin", [(".mha", (1e308, 0.0, float("inf"))), (".nrrd", (0.0, -5e6, 0.0)),
+                                            (".mha", (0.0, 2e6, 0.0)), (".nii.gz", (3e7, 0.0, 0.0))])
+def test_an_impossible_header_origin_is_refused_not_segmented(suffix, origin, pkg, tmp_path, capsys, monkeypatch):
+    import SimpleITK as sitk
+
+    no_inference(monkeypatch)
+    img = sitk.GetImageFromArray(sagittal().array)
+    img.SetOrigin(origin)
+    img.SetDirection(tuple(np.array([[0.0, 0, 1], [1, 0, 0], [0, -1, 0]]).ravel()))
+    src = tmp_path / f"a{suffix}"
+    sitk.WriteImage(img, str(src))
+    rc = segment(str(src), "-o", str(tmp_path / "s.nii.gz"), pkg=pkg)
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 1 and "impossible coordinates" in line and "header is damaged" in line, line
+    assert not (tmp_path / "s.nii.gz").exists()
+
+
+def test_a_mixed_orientation_series_says_what_to_do(tmp_path):
+    import pydicom
+
+    from LumbarSegmentLib.dicom import DicomError, read_dicom_series, write_dicom_series
+
+    files = write_dicom_series(sagittal(), tmp_path / "s")
+    ds = pydicom.dcmread(files[2])
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.save_as(files[2])
+    with pytest.raises(DicomError, match=r"inconsistent orientation.*Move the images of the other orientation out"):
+        read_dicom_series(tmp_path / "s")
+
+
+def test_dicom_seg_prerequisites_are_checked_before_inference(pkg, tmp_path, capsys, monkeypatch):
+    import pydicom
+
+    from LumbarSegmentLib.dicom import write_dicom_series
+
+    files = write_dicom_series(sagittal(), tmp_path / "s")
+    for f in files:
+        ds = pydicom.dcmread(f)
+        for key in ("FrameOfReferenceUID", "SliceThickness"):
+            if key in ds:
+                delattr(ds, key)
+        ds.save_as(f)
+    no_inference(monkeypatch)
+    out = tmp_path / "out"
+    out.mkdir()
+    rc = segment(str(tmp_path / "s"), "-o", str(out / "s.nii.gz"), "--dicom-seg", str(out / "s.dcm"), pkg=pkg)
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 1 and "FrameOfReferenceUID" in line and "SliceThickness" in line and "AttributeError" not in line
+    assert everything_in(out) == []
