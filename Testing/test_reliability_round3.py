@@ -585,3 +585,36 @@ def test_dicom_seg_prerequisites_are_checked_before_inference(pkg, tmp_path, cap
     line = one_error_line(capsys.readouterr().err)
     assert rc == 1 and "FrameOfReferenceUID" in line and "SliceThickness" in line and "AttributeError" not in line
     assert everything_in(out) == []
+
+
+# ============================================================================ 9. number options state their limits
+@pytest.mark.parametrize("command, args, problem", [
+    ("evaluate", ["--threads", "-2"], "1-1024 CPU threads"),
+    ("evaluate", ["--threads", "0"], "1-1024 CPU threads"),
+    ("train", ["--spacing", "0"], "0.1-10 each"),
+    ("train", ["--spacing", "0.001"], "0.1-10 each"),
+    ("train", ["--spacing", "nan"], "0.1-10 each"),
+    ("train", ["--epochs", "0"], "1-100000 epochs"),
+    ("train", ["--batch-size", "-1"], "1-1024"),
+    ("train", ["--patch", "8"], "32-2048"),
+    ("train", ["--lr", "inf"], "learning rate"),
+    ("train", ["--init-filters", "1024"], "1-256"),
+])
+def test_training_number_options_are_checked_up_front(command, args, problem, tmp_path, capsys):
+    data = _dataset(tmp_path / "data")
+    base = {"evaluate": ["--model", "x"], "train": ["--out", str(tmp_path / "run")], "holdout": []}[command]
+    with pytest.raises(SystemExit) as e:
+        train_cli(command, "--data", str(data), *base, *args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and problem in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_start_does_not_block_the_corrected_command(tmp_path, capsys):
+    """A start that failed before any step leaves a progress log with no step: not a run to protect."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "progress.jsonl").write_text('{"event": "error", "message": "bad settings"}\n')
+    rc = train_cli("train", "--data", str(tmp_path / "nodata"), "--variant", "UD", "--out", str(run))
+    err = capsys.readouterr().err
+    assert rc == 2 and "already holds a training run" not in err and "does not exist" in err, err

@@ -82,7 +82,6 @@ _mm = number_arg(0.1, 50, what="a number of mm", use="use 0.1-50 mm")
 _folds = number_arg(2, 100, kind=int, what=_whole, use="use 2-100 folds")
 _whole0 = number_arg(0, 10**9, kind=int, what=_whole, use="use a whole number from 0 up")
 _minutes = number_arg(0.01, 10**7, what="a number of minutes", use="use a positive number of minutes")
-_every = number_arg(2, 1000, kind=int, what=_whole, use="use 2-1000 (every k-th patient held out)")
 
 
 def add_precision_arg(p, default: str = "auto") -> None:
@@ -469,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("holdout", help="show or set the dataset's frozen held-out cases (graded by publish)")
     h.add_argument("--data", required=True, help="dataset folder of exported cases")
     h.add_argument("--cases", help="hold out these cases' patients (case ids, comma-separated); all others train")
-    h.add_argument("--every", type=_every, metavar="K", help="draw the split again: every K-th patient held out")
+    h.add_argument("--every", type=int, metavar="K", help="draw the split again: every K-th patient held out")
     h.add_argument("--assign", action="store_true",
                    help="assign patients not yet in the split by its rule (every k-th held out) and save it in "
                         "DATA/.holdout.json; publish and evaluate only read the split")
