@@ -34,7 +34,7 @@ KINDS = {
     "confidence": ("--confidence", VOLUME_OUT, "a confidence map (a volume)"),
     "report": ("--report", (".json",), "a JSON report"),
     "dicom_seg": ("--dicom-seg", (".dcm",), "a DICOM SEG file"),
-    "summary": ("--report", (".json",), "the cohort summary (JSON)"),
+    "summary": ("--report (the cohort summary)", (".json",), "the cohort summary (JSON)"),
 }
 # The order outputs are written (the report last: it lists the others).
 ORDER = ("label", "seg_nrrd", "preview", "confidence", "report")
