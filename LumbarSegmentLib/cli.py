@@ -72,8 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                    "sliding patches; patch; whole; or a square window of PIXELS (>= 32)")
     s.add_argument("--overlap", type=_overlap, default=0.25, metavar="F",
                    help="fraction of a sliding window shared with its neighbour, 0 <= F < 0.95 (default: 0.25)")
-    s.add_argument("--threads", type=number_arg(1, 1024, kind=int, what="a whole number", use="use 1-1024 CPU threads"),
-                   default=None, metavar="N", help="CPU threads for PyTorch, 1-1024 (default: PyTorch's; under torchrun the node's cores split "
+    _threads = number_arg(1, 1024, kind=int, what="a whole number", use="use 1-1024 CPU threads")
+    s.add_argument("--threads", type=_threads, default=None, metavar="N",
+                   help="CPU threads for PyTorch, 1-1024 (default: PyTorch's; under torchrun the node's cores split "
                    "between its ranks)")
     s.add_argument("--reslice", action="store_true", help="accept axial/coronal stacks (cut sagittal slices)")
     s.add_argument("--series", default=None, help="SeriesInstanceUID to read from a DICOM folder with several")

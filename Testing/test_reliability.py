@@ -731,7 +731,8 @@ FUZZ = settings(max_examples=20, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 # a draw that once failed: the direction is 180 degrees from another in RAS, where the NIfTI qform's float32
 # quaternion rounds the angle by ~2e-4 rad, and 8 mm slices carry that 0.2 mm off the sform at 100 voxels
-NEAR_180 = Volume(np.arange(60, dtype=np.uint16).reshape(5, 2, 6), spacing=(4.5221591193144475, 3.0578413538398665, 8.0),
+NEAR_180 = Volume(np.arange(60, dtype=np.uint16).reshape(5, 2, 6),
+                  spacing=(4.5221591193144475, 3.0578413538398665, 8.0),
                   origin=(1.9, 0.0001, 170.70503368803725),
                   direction=np.array([[-0.8184812928624483, 0.2104116039970917, -0.5346169938727968],
                                       [0.21028791652597079, 0.975668121165274, 0.0620540853207154],

@@ -494,6 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(exc: BaseException) -> str:
+    """An OS error as a sentence (``file: reason``), not a bare ``[Errno N]`` prefix; others as they are."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)
+
+
 def main(argv=None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
@@ -515,8 +522,6 @@ def main(argv=None) -> int:
         # which are the user's settings, not a bug: a message, not a traceback.
         if a.verbose:
             raise
-        from LumbarSegmentLib.cli import _one_line
-
         print(f"lumbarseg-train {a.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
