@@ -219,3 +219,34 @@ def refuse_pickle(path: Path) -> None:
         )
     if len(head) < 9:
         raise ManifestError(f"{path}: weights file is truncated; reinstall or re-publish this model")
+
+
+def registry_write_error(root, exc: OSError) -> str:
+    """One line for an OS error while publishing into ``root``: what happened and what to do."""
+    import errno as _errno
+
+    if exc.errno in (_errno.ENOSPC, getattr(_errno, "EDQUOT", -1)):
+        todo = "free some disk space, or publish into another registry (--registry)"
+    elif exc.errno in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
+        todo = "publish into a registry folder you can write to (--registry), or fix its permissions"
+    else:
+        todo = "check the registry folder and try again"
+    where = exc.filename or root
+    return (f"could not publish into the registry {root}: {exc.strerror or exc} ({where}); {todo}. The registry's "
+            f"index is unchanged")
+
+
+def check_ensemble_refs(refs, owners, new_ref: str) -> list[str]:
+    """Refuse an ensemble that an index would not accept, or that names a model no registry holds
+    (``owners``: the ``(name, version)`` pairs the registries hold; ``new_ref`` is being published)."""
+    refs = list(refs)
+    bad = [r for r in refs if not _is_ref(r) or "@" not in str(r)]
+    if not refs or bad:
+        raise ManifestError(f"--ensemble {','.join(map(str, refs))!r}: each member must be a model ref like "
+                           f"'name@3' (or @new for the version being published), got {bad or refs}; nothing was "
+                           f"published")
+    missing = [r for r in refs if r != new_ref and (r.partition("@")[0], int(r.partition("@")[2])) not in owners]
+    if missing:
+        raise ManifestError(f"--ensemble names {', '.join(missing)}, which no registry holds (see lumbarseg models); "
+                           f"nothing was published")
+    return refs

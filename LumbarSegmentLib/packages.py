@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .files import _host, atomic_path, locked, normal_file_mode, pid_alive, sha256_file, umask  # sha256_file: re-export
-from .manifest import (INTEGRITY_SCHEME, ManifestError, check_integrity, seal, validate_index, validate_manifest,
-                       validate_name)
+from .manifest import (INTEGRITY_SCHEME, ManifestError, check_ensemble_refs, check_integrity, registry_write_error,
+                       seal, validate_index, validate_manifest, validate_name)
 from .manifest import refuse_pickle as _refuse_pickle  # the old private name stays importable
 from .schema import LabelSchema
 
@@ -149,18 +149,16 @@ class ModelPackage:
         import torch
         from safetensors.torch import load_file
 
-        from .architecture import ArchitectureError, build_checked, safetensors_shapes
+        from .models.checked import ArchitectureError, build_checked, safetensors_shapes
 
         self.verify()
         wfile = self.path / self.manifest["weights"]["file"]
-        where = f"model {self.ref} ({self.path})"
         try:
-            shapes = safetensors_shapes(wfile)
-            state = load_file(str(wfile))
+            shapes, state = safetensors_shapes(wfile), load_file(str(wfile))
         except Exception as exc:  # safetensors raises its own error types
             raise PackageError(f"{self.path}: cannot read weights as safetensors: {exc}") from None
         try:  # unknown keys and shapes checked on the meta device, before a real network is built
-            model = build_checked(self.manifest["architecture"], where, shapes)
+            model = build_checked(self.manifest["architecture"], f"model {self.ref} ({self.path})", shapes)
         except ArchitectureError as exc:
             raise PackageError(str(exc)) from None
         state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
@@ -187,16 +185,6 @@ def read_package(path: str | os.PathLike) -> ModelPackage:
         validate_manifest(manifest, str(mpath), newest_format=MODEL_FORMAT_VERSION, model_format=MODEL_FORMAT)
     except ManifestError as exc:
         raise PackageError(str(exc)) from None
-    if manifest.get("format") != MODEL_FORMAT:
-        raise PackageError(f"{mpath}: format is {manifest.get('format')!r}, expected {MODEL_FORMAT!r}")
-    if int(manifest.get("format_version", 0)) > MODEL_FORMAT_VERSION:
-        raise PackageError(
-            f"{mpath}: model format version {manifest.get('format_version')} is newer than this "
-            f"LumbarSegment supports ({MODEL_FORMAT_VERSION}); update LumbarSegment to use this model"
-        )
-    for key in ("name", "version", "architecture", "schema", "input", "weights"):
-        if key not in manifest:
-            raise PackageError(f"{mpath}: manifest lacks '{key}'")
     wname = manifest["weights"].get("file", "")
     if Path(wname).name != wname or not wname.endswith(".safetensors"):
         raise PackageError(f"{mpath}: weights must be a .safetensors file inside the package, got {wname!r}")
@@ -372,7 +360,10 @@ class Registry:
         version = max(self.next_version(name), catalog.next_version(name))
         final = self.root / name / str(version)
         if ensemble is not None:  # validated before a byte is written: a refused ref leaves the registry as it was
-            check_ensemble_refs(ensemble, catalog, f"{name}@{version}")
+            try:
+                check_ensemble_refs(ensemble, catalog._owners(skip_broken=True), f"{name}@{version}")
+            except ManifestError as exc:
+                raise PackageError(str(exc)) from None
         self._remove_abandoned_publishes()
         tmp = Path(tempfile.mkdtemp(prefix=f".publish+{os.getpid()}+{_host()}+{name}+",
                                     dir=self.root))
@@ -424,39 +415,6 @@ class Registry:
         idx = self.index()
         idx["default"] = ref if "@" in ref else self.get(ref).ref
         self._write_index(idx)
-
-
-def registry_write_error(root: Path, exc: OSError) -> str:
-    """One line for an OS error while publishing into ``root``: what happened and what to do."""
-    import errno as _errno
-
-    if exc.errno in (_errno.ENOSPC, getattr(_errno, "EDQUOT", -1)):
-        todo = "free some disk space, or publish into another registry (--registry)"
-    elif exc.errno in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
-        todo = "publish into a registry folder you can write to (--registry), or fix its permissions"
-    else:
-        todo = "check the registry folder and try again"
-    where = exc.filename or root
-    return (f"could not publish into the registry {root}: {exc.strerror or exc} ({where}); {todo}. The registry's "
-            f"index is unchanged")
-
-
-def check_ensemble_refs(refs, catalog: "Catalog", new_ref: str) -> list[str]:
-    """Refuse an ensemble that the index would not accept or that names a model no registry holds."""
-    from .manifest import _is_ref
-
-    refs = list(refs)
-    bad = [r for r in refs if not _is_ref(r) or "@" not in str(r)]
-    if not refs or bad:
-        raise PackageError(f"--ensemble {','.join(map(str, refs))!r}: each member must be a model ref like "
-                           f"'name@3' (or @new for the version being published), got {bad or refs}; nothing was "
-                           f"published")
-    owners = catalog._owners(skip_broken=True)
-    missing = [r for r in refs if r != new_ref and (r.partition("@")[0], int(r.partition("@")[2])) not in owners]
-    if missing:
-        raise PackageError(f"--ensemble names {', '.join(missing)}, which no registry holds (see lumbarseg models); "
-                           f"nothing was published")
-    return refs
 
 
 def user_registry_root() -> Path:

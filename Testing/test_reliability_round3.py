@@ -430,7 +430,7 @@ def test_weights_that_do_not_fit_are_found_before_the_network_is_built(pkg, tmp_
     """A huge init_filters would build a GB-sized network; the shape check on the meta device refuses it first."""
     import torch
 
-    import LumbarSegmentLib.architecture as arch
+    import LumbarSegmentLib.models.checked as arch
 
     edited = _resealed(pkg, tmp_path, lambda m: m["architecture"].update(init_filters=256))
     devices = []

@@ -147,7 +147,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, name: str | No
 
     ck = load_checkpoint(Path(checkpoint))
     cfg = TrainConfig.from_dict(ck["config"])
-    from LumbarSegmentLib.architecture import build_checked
+    from LumbarSegmentLib.models.checked import build_checked
 
     model = build_checked(ck["builder_args"], f"checkpoint {checkpoint}",  # unknown keys, shapes: one line
                           {k: tuple(v.shape) for k, v in ck["model"].items()})

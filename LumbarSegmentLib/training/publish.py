@@ -28,9 +28,9 @@ from typing import Sequence
 
 from LumbarSegmentLib.cases import Case
 from LumbarSegmentLib.holdout import MIN_HOLDOUT_CASES, frozen_split_or_refuse
-from LumbarSegmentLib.manifest import provenance_problem, validate_name
-from LumbarSegmentLib.packages import (Catalog, ModelPackage, PackageError, Registry, _is_shipped,
-                                       check_ensemble_refs, read_package, user_registry_root)
+from LumbarSegmentLib.manifest import check_ensemble_refs, provenance_problem, validate_name
+from LumbarSegmentLib.packages import (Catalog, ModelPackage, PackageError, Registry, _is_shipped, read_package,
+                                       user_registry_root)
 
 from .metrics import clean
 
@@ -233,7 +233,7 @@ def publish_if_better(candidate: ModelPackage | str | Path, registry: Registry, 
     new_ref = f"{line}@{max(registry.next_version(line), catalog.next_version(line))}"
     ens = None if ensemble is None else [new_ref if r in ("@new", line) else r for r in ensemble]
     if ens is not None:  # before the (slow) grading and before anything is written
-        check_ensemble_refs(ens, catalog, new_ref)
+        check_ensemble_refs(ens, catalog._owners(skip_broken=True), new_ref)
     published = registry.publish(pkg, make_default=make_default, ensemble=ens, catalog=catalog, name=name)
     out = {"ref": published.ref, "default": catalog.default_ref() == published.ref, "reason": reason,
            "comparison": comparison, "registry": str(registry.root),

@@ -22,7 +22,7 @@ class ArchitectureError(ValueError):
 
 
 def builder_keys() -> list[str]:
-    from .models import build_model
+    from .variants import build_model
 
     return [p for p in inspect.signature(build_model).parameters]
 
@@ -41,7 +41,7 @@ def check_keys(args, where: str) -> dict:
 
 
 def _build(args: dict, where: str):
-    from .models import build_model
+    from .variants import build_model
 
     try:
         return build_model(**args)
