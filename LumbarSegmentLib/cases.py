@@ -132,6 +132,7 @@ def read_case(json_path: str | os.PathLike) -> Case:
     if version > CASE_FORMAT_VERSION:
         raise CaseError(f"{p}: case format version {version} is newer than supported ({CASE_FORMAT_VERSION}); "
                         f"update LumbarSegment")
+    _check_field_types(p, data)
     try:
         case_id = validate_case_id(str(data["case"]))
         labels = {int(k): str(v) for k, v in data["labels"].items()}
@@ -153,6 +154,24 @@ def read_case(json_path: str | os.PathLike) -> Case:
                 labels=labels, annotated_structures=annotated, patient=str(data.get("patient") or case_id),
                 version=_whole_field(p, data, "version"), json_path=p,
                 extra={k: v for k, v in data.items() if k not in known})
+
+
+_FIELD_TYPES = {"case": (str, "a case id"), "image": (str, "a file name"), "label": (str, "a file name"),
+                "labels": (dict, "an object of label value -> structure id"),
+                "annotated_structures": (list, "a list of structure ids")}
+
+
+def _check_field_types(p: Path, data: dict) -> None:
+    """Each required field present and of its type, named in one line (never coerced: str(None) is "None")."""
+    for key, (kind, what) in _FIELD_TYPES.items():
+        value = data.get(key)
+        if not isinstance(value, kind):
+            got = "missing" if key not in data else f"got {value!r:.60}"
+            raise CaseError(f"{p}: \"{key}\" must be {what} ({got}); repair the case file or export the case again")
+    entries = list(data["labels"].values()) + list(data["annotated_structures"])
+    if not all(isinstance(v, str) for v in entries):
+        raise CaseError(f"{p}: structure ids in \"labels\" and \"annotated_structures\" must be text; repair the "
+                        f"case file or export the case again")
 
 
 def _whole_field(p: Path, data: dict, key: str, default: int = 1) -> int:

@@ -224,6 +224,12 @@ def test_publish_never_writes_the_holdout_file_into_the_dataset(pkg, tmp_path, c
       "format_version": None}, '"format_version" must be a whole number'),
     ({"case": "c9", "image": "a.mha", "label": "b.mha", "labels": {}, "annotated_structures": [], "version": "2"},
      '"version" must be a whole number'),
+    ({"case": "c9", "image": None, "label": "b.mha", "labels": {}, "annotated_structures": []},
+     '"image" must be a file name (got None)'),
+    ({"case": "c9", "image": "a.mha", "label": "b.mha", "labels": {}, "annotated_structures": "vertebral_body"},
+     '"annotated_structures" must be a list'),
+    ({"case": "c9", "image": "a.mha", "label": "b.mha", "labels": {"1": None}, "annotated_structures": []},
+     "must be text"),
 ])
 def test_a_malformed_case_file_is_one_line(content, problem, tmp_path, capsys):
     data = _dataset(tmp_path / "data")
