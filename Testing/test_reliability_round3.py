@@ -291,6 +291,20 @@ def test_publish_with_a_bad_ensemble_writes_nothing(ensemble, problem, pkg, tmp_
     assert reg.index()["ensemble"] == [] and reg.default_ref() == "uvd-rel3@1"
 
 
+def test_a_bad_ensemble_is_refused_before_the_candidate_is_graded(pkg, tmp_path, monkeypatch):
+    from LumbarSegmentLib.cases import list_cases
+    from LumbarSegmentLib.manifest import ManifestError
+    from LumbarSegmentLib.training import evaluate, publish
+
+    reg = _published(tmp_path, pkg)
+    graded = []
+    monkeypatch.setattr(evaluate, "evaluate_packages", lambda *a, **k: graded.append(a) or {})
+    cases = list_cases(_dataset(tmp_path / "data", n=3))
+    with pytest.raises(ManifestError, match="ghost@9"):
+        publish.publish_if_better(pkg, reg, case_list=cases, ensemble=["@new", "ghost@9"], registries=[reg])
+    assert graded == [] and reg.index()["ensemble"] == []
+
+
 def test_models_says_when_the_default_names_a_missing_model(pkg, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LUMBARSEG_HOME", str(tmp_path / "home"))
     user = Registry(tmp_path / "home" / "models")

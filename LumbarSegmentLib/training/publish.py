@@ -226,14 +226,14 @@ def publish_if_better(candidate: ModelPackage | str | Path, registry: Registry, 
         validate_name(name, "--name")
     catalog = Catalog([registry if os.path.realpath(r.root) == os.path.realpath(registry.root) else r
                        for r in registries]) if registries is not None else registry.catalog()
-    make_default, reason, comparison = _decide(pkg, catalog, case_list, metric=metric, force=force,
-                                               never_default=never_default, min_cases=min_cases, device=device,
-                                               amp=amp, max_drop=max_drop)
     line = name or pkg.name
     new_ref = f"{line}@{max(registry.next_version(line), catalog.next_version(line))}"
     ens = None if ensemble is None else [new_ref if r in ("@new", line) else r for r in ensemble]
     if ens is not None:  # before the (slow) grading and before anything is written
         check_ensemble_refs(ens, catalog._owners(skip_broken=True), new_ref)
+    make_default, reason, comparison = _decide(pkg, catalog, case_list, metric=metric, force=force,
+                                               never_default=never_default, min_cases=min_cases, device=device,
+                                               amp=amp, max_drop=max_drop)
     published = registry.publish(pkg, make_default=make_default, ensemble=ens, catalog=catalog, name=name)
     out = {"ref": published.ref, "default": catalog.default_ref() == published.ref, "reason": reason,
            "comparison": comparison, "registry": str(registry.root),
