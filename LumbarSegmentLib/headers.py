@@ -46,8 +46,9 @@ def check_header_numbers(path: Path, suffix: str) -> None:
     import re
 
     if suffix in (".nii", ".nii.gz"):
-        aff = nifti_affines(path)
-        values = [] if aff is None else [float(v) for m in (aff[1], aff[3]) for v in m[:3].ravel()]
+        aff = nifti_affines(path)  # only the orientations the header marks as valid (ITK ignores the others)
+        values = [] if aff is None else [float(v) for code, m in ((aff[0], aff[1]), (aff[2], aff[3])) if code > 0
+                                         for v in m[:3].ravel()]
     else:
         values = []
         for line in _text_header(path, nrrd=suffix in (".nrrd", ".nhdr")):
