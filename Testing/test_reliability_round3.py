@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from LumbarSegmentLib.cli import main
-from LumbarSegmentLib.io import read_volume, write_volume
-from LumbarSegmentLib.packages import PackageError, Registry, read_package
-from LumbarSegmentLib.volume import Volume
+from LumbarSegmentLib.cli.main import main
+from LumbarSegmentLib.formats.io import read_volume, write_volume
+from LumbarSegmentLib.registry.packages import PackageError, Registry, read_package
+from LumbarSegmentLib.core.volume import Volume
 from conftest import make_package
 from test_reliability import everything_in, sagittal
 from test_reliability_round2 import snapshot
@@ -49,7 +49,7 @@ def tree(folder: Path) -> dict:
 
 def no_inference(monkeypatch):
     """Make any inference fail loudly: a refusal must come before it."""
-    import LumbarSegmentLib.engine as engine
+    import LumbarSegmentLib.inference.engine as engine
 
     def boom(*a, **k):
         raise AssertionError("inference ran although the run should have been refused first")
@@ -85,7 +85,7 @@ def test_a_cohort_summary_named_like_an_input_json_is_refused(pkg, tmp_path, cap
 @pytest.mark.parametrize("name, problem", [("seg.nii.gz", "DICOM SEG"), ("seg.json", "DICOM SEG"),
                                            ("seg", "DICOM SEG")])
 def test_dicom_seg_output_type_is_checked_like_the_others(name, problem, pkg, tmp_path, capsys, monkeypatch):
-    from LumbarSegmentLib.dicom import write_dicom_series
+    from LumbarSegmentLib.formats.dicom import write_dicom_series
 
     no_inference(monkeypatch)
     d = tmp_path / "series"
@@ -101,7 +101,7 @@ def test_dicom_seg_output_type_is_checked_like_the_others(name, problem, pkg, tm
 @pytest.mark.parametrize("flag", ["--dicom-seg", "--preview", "--seg-nrrd", "--confidence", "-o"])
 def test_cohort_output_folders_are_never_made_inside_an_input_dicom_folder(flag, pkg, tmp_path, capsys,
                                                                               monkeypatch):
-    from LumbarSegmentLib.dicom import write_dicom_series
+    from LumbarSegmentLib.formats.dicom import write_dicom_series
 
     no_inference(monkeypatch)
     cohort = tmp_path / "dcm"
@@ -170,7 +170,7 @@ def test_thread_counts_state_their_limit(value, pkg, tmp_path, capsys):
 
 # ============================================================================ 2. datasets are input
 def _dataset(folder: Path, n=2, patients=None) -> Path:
-    from LumbarSegmentLib.cases import write_case
+    from LumbarSegmentLib.dataset.cases import write_case
 
     for c in range(n):
         img = sagittal((4, 16, 12), seed=c)
@@ -242,7 +242,7 @@ def test_a_malformed_case_file_is_one_line(content, problem, tmp_path, capsys):
 
 
 def test_two_case_files_with_one_id_and_version_are_not_silently_dropped(tmp_path, capsys):
-    from LumbarSegmentLib.cases import CaseError, list_cases
+    from LumbarSegmentLib.dataset.cases import CaseError, list_cases
 
     data = _dataset(tmp_path / "data")
     copy = json.loads((data / "c1__v1.json").read_text())
@@ -292,8 +292,8 @@ def test_publish_with_a_bad_ensemble_writes_nothing(ensemble, problem, pkg, tmp_
 
 
 def test_a_bad_ensemble_is_refused_before_the_candidate_is_graded(pkg, tmp_path, monkeypatch):
-    from LumbarSegmentLib.cases import list_cases
-    from LumbarSegmentLib.manifest import ManifestError
+    from LumbarSegmentLib.dataset.cases import list_cases
+    from LumbarSegmentLib.registry.manifest import ManifestError
     from LumbarSegmentLib.training import evaluate, publish
 
     reg = _published(tmp_path, pkg)
@@ -354,8 +354,8 @@ def _with_provenance(tmp_path, name="prov") -> "object":
     import torch
 
     from LumbarSegmentLib.models import build_model
-    from LumbarSegmentLib.packages import write_package
-    from LumbarSegmentLib.schema import load_schema
+    from LumbarSegmentLib.registry.packages import write_package
+    from LumbarSegmentLib.core.schema import load_schema
 
     torch.manual_seed(0)
     model = build_model("UVD", num_classes=3, init_filters=2)
@@ -376,7 +376,7 @@ def test_removing_the_training_provenance_breaks_the_seal(field, tmp_path):
 
 
 def test_a_package_without_sealed_provenance_is_not_graded_as_clean(pkg, tmp_path, monkeypatch):
-    from LumbarSegmentLib.manifest import LEGACY_SCHEME, seal
+    from LumbarSegmentLib.registry.manifest import LEGACY_SCHEME, seal
     from LumbarSegmentLib.training import evaluate, publish
 
     reg = _published(tmp_path, pkg)
@@ -387,7 +387,7 @@ def test_a_package_without_sealed_provenance_is_not_graded_as_clean(pkg, tmp_pat
     graded = []
     monkeypatch.setattr(evaluate, "evaluate_packages", lambda *a, **k: graded.append(a) or {})
     cases = _dataset(tmp_path / "data", n=3)
-    from LumbarSegmentLib.cases import list_cases
+    from LumbarSegmentLib.dataset.cases import list_cases
 
     res = publish.publish_if_better(read_package(cand.path), reg, case_list=list_cases(cases), registries=[reg])
     assert not res["default"] and "not graded" in res["reason"] and "trained on" in res["reason"], res["reason"]
@@ -421,7 +421,7 @@ def test_a_scaled_nifti_is_read_not_called_truncated(slope, inter, compressed, t
 def _resealed(pkg, tmp_path, edit) -> Path:
     import shutil
 
-    from LumbarSegmentLib.manifest import seal
+    from LumbarSegmentLib.registry.manifest import seal
 
     dst = tmp_path / "edited"
     shutil.copytree(pkg.path, dst)
@@ -492,8 +492,8 @@ def _dead_pid() -> int:
                                     "{pid} {host} ns999999 boot{boot} 0123abcd\n"])  # another PID namespace
 def test_a_claim_from_another_pid_namespace_is_never_taken_over(record, tmp_path):
     """Two containers with one host name: a pid in the other's claim means nothing here, dead or alive."""
-    from LumbarSegmentLib.cases import list_cases, write_case
-    from LumbarSegmentLib.files import boot_id
+    from LumbarSegmentLib.dataset.cases import list_cases, write_case
+    from LumbarSegmentLib.core.files import boot_id
 
     img = sagittal((4, 16, 12))
     lab = img.with_array((img.array > 100).astype(np.uint8))
@@ -509,8 +509,8 @@ def test_a_claim_from_another_pid_namespace_is_never_taken_over(record, tmp_path
 
 
 def test_a_claim_of_a_dead_process_in_this_namespace_is_still_taken_over(tmp_path):
-    from LumbarSegmentLib.cases import write_case
-    from LumbarSegmentLib.files import boot_id, pid_namespace
+    from LumbarSegmentLib.dataset.cases import write_case
+    from LumbarSegmentLib.core.files import boot_id, pid_namespace
 
     img = sagittal((4, 16, 12))
     lab = img.with_array((img.array > 100).astype(np.uint8))
@@ -524,7 +524,7 @@ def test_a_claim_of_a_dead_process_in_this_namespace_is_still_taken_over(tmp_pat
 
 
 def test_a_claim_taken_over_is_not_released_by_its_first_owner(tmp_path):
-    from LumbarSegmentLib.cases import _release, claim_record
+    from LumbarSegmentLib.dataset.cases import _release, claim_record
 
     lock = tmp_path / ".c1__v1.lock"
     mine = claim_record()
@@ -540,7 +540,7 @@ def test_a_claim_taken_over_is_not_released_by_its_first_owner(tmp_path):
 def test_training_warns_of_nan_voxels_and_of_an_empty_label(tmp_path, caplog):
     import logging
 
-    from LumbarSegmentLib.cases import write_case
+    from LumbarSegmentLib.dataset.cases import write_case
     from LumbarSegmentLib.training.data import load_case_slices
 
     img = sagittal((4, 32, 28), dtype=np.float32)
@@ -576,7 +576,7 @@ def test_an_impossible_header_origin_is_refused_not_segmented(suffix, origin, pk
 def test_a_mixed_orientation_series_says_what_to_do(tmp_path):
     import pydicom
 
-    from LumbarSegmentLib.dicom import DicomError, read_dicom_series, write_dicom_series
+    from LumbarSegmentLib.formats.dicom import DicomError, read_dicom_series, write_dicom_series
 
     files = write_dicom_series(sagittal(), tmp_path / "s")
     ds = pydicom.dcmread(files[2])
@@ -589,7 +589,7 @@ def test_a_mixed_orientation_series_says_what_to_do(tmp_path):
 def test_dicom_seg_prerequisites_are_checked_before_inference(pkg, tmp_path, capsys, monkeypatch):
     import pydicom
 
-    from LumbarSegmentLib.dicom import write_dicom_series
+    from LumbarSegmentLib.formats.dicom import write_dicom_series
 
     files = write_dicom_series(sagittal(), tmp_path / "s")
     for f in files:
