@@ -37,8 +37,10 @@ def make_package(folder, variant="UVD", *, schema="starter", init_filters=4, see
     torch.manual_seed(seed)
     model = build_model(variant, num_classes=schema.num_classes, init_filters=init_filters)
     model.eval()
+    # a random model trained on no case: its (empty) training provenance is recorded and sealed like a real one's
     return write_package(folder, model, name=name or f"{variant.lower()}-tiny", schema=schema,
-                         input_contract=default_input_contract(spacing_mm=spacing))
+                         input_contract=default_input_contract(spacing_mm=spacing),
+                         training={"train_cases": [], "val_cases": []})
 
 
 @pytest.fixture(scope="session")

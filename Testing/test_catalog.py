@@ -201,7 +201,9 @@ def test_gate_drops_cases_the_candidate_trained_on_and_force_overrides(tmp_path,
     ft = _fine_tune(tmp_path, in_use)
     manifest = json.loads((ft.path / "manifest.json").read_text())
     manifest["training"]["train_cases"] = ["c00", "c01"]
-    (ft.path / "manifest.json").write_text(json.dumps(manifest))
+    from LumbarSegmentLib.registry.manifest import seal
+
+    (ft.path / "manifest.json").write_text(json.dumps(seal(manifest)))  # the training cases are under the seal
     cases = _cases(tmp_path / "data", 3)
     res = publish.publish_if_better(read_package(ft.path), user, case_list=cases, registries=[user, shipped])
     assert rec.calls[0]["cases"] == ["c02"] and not res["default"] and "only 1 held-out" in res["reason"]

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from LumbarSegmentLib.dataset import cases as lcases
@@ -728,8 +728,18 @@ def test_loading_a_damaged_seg_nrrd_leaves_the_scene_as_it_was(ctx, tmp_path):
 
 
 # ============================================================================ fuzz: readers and writers
-FUZZ = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                       HealthCheck.function_scoped_fixture])
+# derandomize: the same examples on every run, so CI never depends on the draw (a failing draw found
+# by a longer run is pinned below with @example instead)
+FUZZ = settings(max_examples=20, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+# a draw that once failed: the direction is 180 degrees from another in RAS, where the NIfTI qform's float32
+# quaternion rounds the angle by ~2e-4 rad, and 8 mm slices carry that 0.2 mm off the sform at 100 voxels
+NEAR_180 = Volume(np.arange(60, dtype=np.uint16).reshape(5, 2, 6),
+                  spacing=(4.5221591193144475, 3.0578413538398665, 8.0),
+                  origin=(1.9, 0.0001, 170.70503368803725),
+                  direction=np.array([[-0.8184812928624483, 0.2104116039970917, -0.5346169938727968],
+                                      [0.21028791652597079, 0.975668121165274, 0.0620540853207154],
+                                      [0.5346656575818026, -0.061633385800192335, -0.8428131230334652]]))
 FORMATS = [".nii.gz", ".nrrd", ".mha"]
 
 
@@ -767,6 +777,7 @@ random_volumes = st.builds(
 
 @FUZZ
 @given(vol=random_volumes)
+@example(vol=NEAR_180)
 def test_fuzz_every_format_reads_back_what_was_written(vol, tmp_path_factory):
     folder = tmp_path_factory.mktemp("rt")
     for suffix in FORMATS:

@@ -218,7 +218,7 @@ def _tiny_package(folder: Path, name="tiny", schema=STARTER, bias=None) -> "Mode
         with torch.no_grad():
             m.head.weight.zero_()
             m.head.bias.copy_(torch.tensor(bias, dtype=torch.float32))
-    return write_package(folder, m, name=name, schema=schema)
+    return write_package(folder, m, name=name, schema=schema, training={"train_cases": [], "val_cases": []})
 
 
 def _schema_with_canal(reorder=False) -> LabelSchema:
@@ -325,6 +325,7 @@ def test_cli_train_evaluate_publish_export_cv(tmp_path, capsys, monkeypatch):
     assert main(["evaluate", "--model", str(out / "package"), "--data", str(data), "--inplane", "1.6"]) != 0
     assert "--thick-slab" in capsys.readouterr().err
     reg = tmp_path / "reg"
+    assert main(["holdout", "--data", str(data), "--assign"]) == 0  # publish only reads the frozen split
     assert main(["publish", str(out / "package"), "--registry", str(reg), "--data", str(data)]) == 0
     assert Registry(reg).default_ref() == "ud-starter@1"
     assert main(["export", str(out / "best.pt"), "--out", str(tmp_path / "exp"), "--name", "exported"]) == 0

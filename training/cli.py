@@ -39,6 +39,22 @@ def _floats(s: str) -> tuple:
     return tuple(float(x) for x in str(s).replace("x", ",").split(",") if x)
 
 
+SPACING_RANGE_MM = (0.1, 10.0)
+
+
+def _spacing(s: str) -> tuple:
+    """``--spacing``: one or two in-plane pixel sizes in mm, each within SPACING_RANGE_MM."""
+    lo, hi = SPACING_RANGE_MM
+    try:
+        values = _floats(s)
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 2) or not all(lo <= v <= hi for v in values):  # NaN fails the comparison too
+        raise argparse.ArgumentTypeError(f"{s!r}: give one or two pixel sizes in mm ({lo:g}-{hi:g} each), e.g. 1.0 "
+                                         f"or 0.8,0.8")
+    return values
+
+
 def _zoom_range(s: str) -> tuple:
     """``--zoom LO,HI``: the range of the random scale (the seed's is 0.5,1.5)."""
     try:
@@ -53,6 +69,19 @@ def _zoom_range(s: str) -> tuple:
 _rotation = number_arg(0, 180, what="a number of degrees", use="use 0-180 degrees")
 _share = number_arg(0, 1, what="a share", use="use 0 (no patch augmented) to 1 (every patch)")
 _probability = number_arg(0, 1, what="a probability", use="use a probability from 0 to 1")
+_whole = "a whole number"
+_threads = number_arg(1, 1024, kind=int, what=_whole, use="use 1-1024 CPU threads")
+_epochs = number_arg(1, 100000, kind=int, what=_whole, use="use 1-100000 epochs")
+_count = number_arg(1, 100000, kind=int, what=_whole, use="use a whole number from 1 to 100000")
+_batch = number_arg(1, 1024, kind=int, what=_whole, use="use 1-1024 patches per batch")
+_patch = number_arg(32, 2048, kind=int, what=_whole, use="use a patch of 32-2048 pixels")
+_filters = number_arg(1, 256, kind=int, what=_whole, use="use 1-256 filters in the first level")
+_lr = number_arg(0, 10, below_hi=True, what="a number", use="use a learning rate above 0 and below 10")
+_nonneg = number_arg(0, 1e6, what="a number", use="use a number from 0 up")
+_mm = number_arg(0.1, 50, what="a number of mm", use="use 0.1-50 mm")
+_folds = number_arg(2, 100, kind=int, what=_whole, use="use 2-100 folds")
+_whole0 = number_arg(0, 10**9, kind=int, what=_whole, use="use a whole number from 0 up")
+_minutes = number_arg(0.01, 10**7, what="a number of minutes", use="use a positive number of minutes")
 
 
 def add_precision_arg(p, default: str = "auto") -> None:
@@ -82,7 +111,7 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
         g.add_argument("--variant", default="UVD", type=str.upper, choices=list(VARIANTS),
                        help="model variant (default UVD); defaults for optimiser, lr, activation, filters "
                             "come from the variant table")
-        g.add_argument("--init-filters", type=int, help="width of the first level (variant default otherwise)")
+        g.add_argument("--init-filters", type=_filters, help="width of the first level (variant default otherwise)")
         g.add_argument("--activation", choices=("relu", "prelu"))
         g.add_argument("--deep-supervision", dest="deep_supervision", action="store_true", default=None)
         g.add_argument("--no-deep-supervision", dest="deep_supervision", action="store_false")
@@ -92,25 +121,25 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
     g.add_argument("--name", help="package name (default <variant>-<schema>)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=OPTIMIZERS)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--epochs", type=int, default=15 if finetune else 40)
-    g.add_argument("--steps-per-epoch", type=int, help="default: foreground training slices / batch size")
-    g.add_argument("--batch-size", type=int, default=8, help="per process (default 8)")
+    g.add_argument("--lr", type=_lr)
+    g.add_argument("--weight-decay", type=_nonneg, default=0.0)
+    g.add_argument("--epochs", type=_epochs, default=15 if finetune else 40)
+    g.add_argument("--steps-per-epoch", type=_count, help="default: foreground training slices / batch size")
+    g.add_argument("--batch-size", type=_batch, default=8, help="per process (default 8)")
     g.add_argument("--schedule", choices=SCHEDULES, default="cosine")
-    g.add_argument("--warmup-steps", type=int, default=50)
-    g.add_argument("--grad-clip", type=float, default=0.0)
-    g.add_argument("--patience", type=int, default=10, help="validations without improvement before stopping "
+    g.add_argument("--warmup-steps", type=_whole0, default=50)
+    g.add_argument("--grad-clip", type=_nonneg, default=0.0)
+    g.add_argument("--patience", type=_whole0, default=10, help="validations without improvement before stopping "
                                                               "(0: never stop early)")
     g.add_argument("--metric", choices=METRICS, default="mean_dice_fg", help="validation metric for best/early stop")
-    g.add_argument("--max-minutes", type=float, help="time budget: shorten the schedule to fit it")
+    g.add_argument("--max-minutes", type=_minutes, help="time budget: shorten the schedule to fit it")
     g.add_argument("--budget-clock", choices=("wall", "cpu"), default="wall",
                    help="what --max-minutes counts: elapsed time or this process's CPU time")
     g = p.add_argument_group("data and augmentation")
-    g.add_argument("--patch", type=int, default=256)
-    g.add_argument("--spacing", type=_floats, default=(1.0, 1.0), help="model in-plane spacing in mm (e.g. 1.0 "
-                                                                       "or 0.8,0.8)")
-    g.add_argument("--fg-fraction", type=float, default=0.67, help="share of patches centred on foreground")
+    g.add_argument("--patch", type=_patch, default=256, help="training patch in pixels, 32-2048 (default 256)")
+    g.add_argument("--spacing", type=_spacing, default=(1.0, 1.0), help="model in-plane spacing in mm, "
+                   f"{SPACING_RANGE_MM[0]:g}-{SPACING_RANGE_MM[1]:g} (e.g. 1.0 or 0.8,0.8)")
+    g.add_argument("--fg-fraction", type=_probability, default=0.67, help="share of patches centred on foreground")
     g.add_argument("--balance", choices=("structures", "sources", "cases", "slices"), default="structures",
                    help="how patches are shared among cases: structures = equal share per annotated-structure "
                         "group; sources = per (source, structures) group; cases; slices")
@@ -137,30 +166,30 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
                    help="2.5D: feed the network K neighbouring slices on each side of the one it labels (2K+1 "
                         "input channels; a fine-tune widens a one-slice parent's first layer so it starts as the "
                         "parent; default 0, or the parent's)")
-    g.add_argument("--unannotated-bg-weight", type=float, default=0.0,
+    g.add_argument("--unannotated-bg-weight", type=_nonneg, default=0.0,
                    help="weight of a small cross-entropy pull of unannotated classes towards background "
                         "(tie-breaker where the marginal loss leaves them free; 0 = pure marginal)")
-    g.add_argument("--ignore-beyond-levels", dest="beyond_levels_mm", type=float, default=0.0, metavar="MM",
+    g.add_argument("--ignore-beyond-levels", dest="beyond_levels_mm", type=_nonneg, default=0.0, metavar="MM",
                    help="treat the MM of rows just above and below each case's labelled levels as unknown, not "
                         "background (sources label different stretches of the spine; 0 = off, the default)")
     g.add_argument("--pseudo-labels", type=_ids, metavar="REF[,REF...]",
                    help="teacher model(s) that draft, on each training case, the structures it does not annotate "
                         "(confident voxels become labels, unsure ones are ignored; the manual label always wins)%s"
                         % ("; 'parent' = the model being fine-tuned" if finetune else ""))
-    g.add_argument("--pseudo-threshold", type=float, default=0.8,
+    g.add_argument("--pseudo-threshold", type=_probability, default=0.8,
                    help="teacher probability needed for a pseudo-labelled voxel (default 0.8)")
     g.add_argument("--pseudo-mode", choices=("auto", "fast", "tta", "ensemble"), default="auto",
                    help="how the teacher runs (auto: fast for one model, ensemble for several)")
     g.add_argument("--plain-ce", dest="marginal", action="store_false",
                    help="treat unannotated structures as background (wrong for partial labels; for comparison)")
-    g.add_argument("--dice-weight", type=float, default=1.0)
-    g.add_argument("--val-every", type=int, default=1)
-    g.add_argument("--val-stride", type=int, default=1, help="validate on every n-th slice during training")
+    g.add_argument("--dice-weight", type=_nonneg, default=1.0)
+    g.add_argument("--val-every", type=_count, default=1)
+    g.add_argument("--val-stride", type=_count, default=1, help="validate on every n-th slice during training")
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="run folder (checkpoints, progress.jsonl, package/, reports)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     add_precision_arg(g)
-    g.add_argument("--threads", type=int, help="CPU threads for this process")
+    g.add_argument("--threads", type=_threads, help="CPU threads for this process (1-1024)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resume", action="store_true", help="continue from <out>/last.pt if present")
     g.add_argument("--fp32-weights", dest="half_weights", action="store_false",
@@ -198,12 +227,47 @@ def _split(a, cases):
 
 # --------------------------------------------------------------------------------------
 def refuse_existing_run(a) -> None:
-    """``--out`` holding another run without ``--resume`` would mix two runs' checkpoints and logs: refuse."""
+    """``--out`` holding another run without ``--resume`` would mix two runs' checkpoints and logs: refuse.
+
+    A ``progress.jsonl`` without any training step (a start that failed on its settings or data) is
+    not a run: the corrected command may use the folder."""
     out = Path(a.out)
-    found = [n for n in ("last.pt", "best.pt", "progress.jsonl") if (out / n).exists()]
+    found = [n for n in ("last.pt", "best.pt") if (out / n).exists()]
+    if _trained_steps(out / "progress.jsonl"):
+        found.append("progress.jsonl")
     if found and not getattr(a, "resume", False):
         raise ValueError(f"{out} already holds a training run ({', '.join(found)}); continue it with --resume, "
                          f"or choose a new --out folder")
+
+
+def _trained_steps(path: Path) -> bool:
+    """True when a progress log records at least one training step, epoch or finished run."""
+    import json
+
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        try:
+            event = json.loads(line).get("event")
+        except (ValueError, AttributeError):
+            return True  # not ours to judge: keep refusing
+        if event in ("step", "epoch", "done"):
+            return True
+    return False
+
+
+def refuse_output_in_dataset(a) -> None:
+    """A dataset folder is input: ``--out`` may be neither the ``--data`` folder nor a folder inside it."""
+    out, data = getattr(a, "out", None), getattr(a, "data", None)
+    if not out or not data:
+        return
+    o, d = Path(out).resolve(), Path(data).resolve()
+    if o == d or d in o.parents:
+        raise ValueError(f"--out {out} is {'the' if o == d else 'inside the'} dataset folder {data}: a dataset folder "
+                         f"is input and is never written into (its case files would be mixed with the results); "
+                         f"choose an --out folder outside it")
 
 
 def command_line() -> str:
@@ -309,6 +373,8 @@ def cmd_holdout(a) -> int:
         split = set_holdout(a.data, sorted({patient_of.get(x, x) for x in wanted}))
     elif a.every is not None:
         split = redraw_holdout(a.data, a.every)
+    elif getattr(a, "assign", False):  # the explicit command that writes new patients into .holdout.json
+        split = frozen_split(a.data, update=True)
     else:
         split = frozen_split(a.data, update=False)  # showing changes nothing on disk
     if a.show or (a.cases is None and a.every is None):
@@ -341,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cv", help="k-fold cross-validation by patient")
     _add_data_args(c, val=False)
     _add_train_args(c)
-    c.add_argument("--folds", type=int, default=5)
+    c.add_argument("--folds", type=_folds, default=5)
     c.add_argument("--fold", help="run only these fold numbers (1-based, comma-separated)")
     c.set_defaults(func=cmd_cv)
 
@@ -369,13 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the engine's across-slice smoothing in mm (default: the engine's own, as users get it)")
     e.add_argument("--postprocess", choices=("none", "spine"), default="none",
                    help="clean-up after the network (spine: drop blobs apart from the spinal column)")
-    e.add_argument("--thick-slab", type=float, metavar="MM",
+    e.add_argument("--thick-slab", type=_mm, metavar="MM",
                    help="score clinical-looking stacks instead: slabs of MM averaged across slices, "
                         "0.6 mm in-plane (see --inplane), nearest-neighbour labels")
-    e.add_argument("--inplane", type=float, metavar="MM",
+    e.add_argument("--inplane", type=_mm, metavar="MM",
                    help="in-plane pixel size of the --thick-slab stacks (default 0.6; e.g. 1.6 for a coarse "
                         "2D protocol like the unseen source's)")
-    e.add_argument("--threads", type=int)
+    e.add_argument("--threads", type=_threads, help="CPU threads (1-1024; default: PyTorch's)")
     e.set_defaults(func=cmd_evaluate)
 
     u = sub.add_parser("publish", help="add a package to a registry; default only if at least as good")
@@ -407,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--data", required=True, help="dataset folder of exported cases")
     h.add_argument("--cases", help="hold out these cases' patients (case ids, comma-separated); all others train")
     h.add_argument("--every", type=int, metavar="K", help="draw the split again: every K-th patient held out")
+    h.add_argument("--assign", action="store_true",
+                   help="assign patients not yet in the split by its rule (every k-th held out) and save it in "
+                        "DATA/.holdout.json; publish and evaluate only read the split")
     h.add_argument("--show", action="store_true", help="print the held-out and training cases (the default "
                                                        "without --cases/--every)")
     h.set_defaults(func=cmd_holdout)
@@ -431,6 +500,13 @@ def build_parser() -> argparse.ArgumentParser:
     return show_defaults(p)
 
 
+def _one_line(exc: BaseException) -> str:
+    """An OS error as a sentence (``file: reason``), not a bare ``[Errno N]`` prefix; others as they are."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)
+
+
 def main(argv=None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
@@ -438,16 +514,21 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if a.verbose else (logging.INFO if rank == 0 else logging.WARNING),
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
+        refuse_output_in_dataset(a)
         return int(a.func(a) or 0)
     except KeyboardInterrupt:
-        print("interrupted; continue with the same command plus --resume", file=sys.stderr)
+        if hasattr(a, "resume"):  # the training commands keep checkpoints to resume from
+            print("interrupted; continue with the same command plus --resume", file=sys.stderr)
+        else:  # everything else writes atomically
+            print(f"interrupted; {a.command} did not finish and left nothing half-written; run the same command "
+                  f"again", file=sys.stderr)
         return 130
     except (ValueError, OSError, EngineError) as exc:
         # EngineError covers the device and precision checks (e.g. bf16 asked for on a CPU without it),
         # which are the user's settings, not a bug: a message, not a traceback.
         if a.verbose:
             raise
-        print(f"lumbarseg-train {a.command}: error: {exc}", file=sys.stderr)
+        print(f"lumbarseg-train {a.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

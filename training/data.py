@@ -119,6 +119,9 @@ def load_case_slices(case: _cases.Case, schema: LabelSchema | str, spacing_mm: S
     if not structures:
         raise DataError(f"case {case.case_id} annotates none of the classes of schema {schema.name!r} "
                         f"(it annotates {case.annotated_structures})")
+    from .case_warnings import case_warnings
+
+    case_warnings(case.case_id, image.array, arr, structures)  # NaN/Inf voxels, an empty label: said, not silent
     # training targets are channel indices: values map to channels by class id (schema.values_to_channels)
     lab = preprocess.label_slices(schema.values_to_channels(arr), layout, tuple(stack.shape[1:])).to(torch.uint8)
     fg = (lab > 0).flatten(1).any(1).nonzero().flatten().tolist()

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from LumbarSegmentLib.dataset.cases import Case
-from LumbarSegmentLib.models import build_model, replace_heads, widen_input
+from LumbarSegmentLib.models import replace_heads, widen_input
 from LumbarSegmentLib.registry.packages import (ModelPackage, Registry, default_input_contract, resolve_model,
                                        write_package)
 from LumbarSegmentLib.core.schema import LabelSchema, load_schema
@@ -147,7 +147,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, name: str | No
 
     ck = load_checkpoint(Path(checkpoint))
     cfg = TrainConfig.from_dict(ck["config"])
-    model = build_model(**ck["builder_args"])
+    from LumbarSegmentLib.models.checked import build_checked
+
+    model = build_checked(ck["builder_args"], f"checkpoint {checkpoint}",  # unknown keys, shapes: one line
+                          {k: tuple(v.shape) for k, v in ck["model"].items()})
     model.load_state_dict(ck["model"])
     schema = load_schema(cfg.schema)
     training = {**_run_provenance(Path(checkpoint)), "variant": cfg.variant, "config": ck["config"],

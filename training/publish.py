@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Sequence
 
 from LumbarSegmentLib.dataset.cases import Case
-from LumbarSegmentLib.dataset.holdout import MIN_HOLDOUT_CASES, frozen_split
-from LumbarSegmentLib.registry.packages import (Catalog, ModelPackage, PackageError, Registry, read_package,
+from LumbarSegmentLib.dataset.holdout import MIN_HOLDOUT_CASES, frozen_split_or_refuse
+from LumbarSegmentLib.registry.manifest import check_ensemble_refs, provenance_problem, validate_name
+from LumbarSegmentLib.registry.packages import (Catalog, ModelPackage, PackageError, Registry, _is_shipped, read_package,
                                        user_registry_root)
 
 from .metrics import clean
@@ -174,6 +175,11 @@ def _decide(pkg: ModelPackage, catalog: Catalog, case_list, *, metric, force, ne
         return True, "no registry has a default model", None
     if force and not case_list:
         return True, "forced", None
+    problem = provenance_problem(pkg.manifest, trusted=_is_shipped(pkg.path))
+    if problem:  # without a trustworthy list of its training cases it could be graded on them
+        why = (f"not graded: {problem}, so the gate cannot keep its own training cases out of the grading; "
+               f"export it again from its training run with this version (lumbarseg-train export), or --force")
+        return (True, f"forced; {why}", None) if force else (False, why, None)
     current = catalog.default()
     short = ""
     if case_list is not None:
@@ -217,14 +223,18 @@ def publish_if_better(candidate: ModelPackage | str | Path, registry: Registry, 
     """
     pkg = candidate if isinstance(candidate, ModelPackage) else read_package(candidate)
     pkg.verify()
+    if name:
+        validate_name(name, "--name")
     catalog = Catalog([registry if os.path.realpath(r.root) == os.path.realpath(registry.root) else r
                        for r in registries]) if registries is not None else registry.catalog()
-    make_default, reason, comparison = _decide(pkg, catalog, case_list, metric=metric, force=force,
-                                               never_default=never_default, min_cases=min_cases, device=device,
-                                               amp=amp, max_drop=max_drop)
     line = name or pkg.name
     new_ref = f"{line}@{max(registry.next_version(line), catalog.next_version(line))}"
     ens = None if ensemble is None else [new_ref if r in ("@new", line) else r for r in ensemble]
+    if ens is not None:  # before the (slow) grading and before anything is written
+        check_ensemble_refs(ens, catalog._owners(skip_broken=True), new_ref)
+    make_default, reason, comparison = _decide(pkg, catalog, case_list, metric=metric, force=force,
+                                               never_default=never_default, min_cases=min_cases, device=device,
+                                               amp=amp, max_drop=max_drop)
     published = registry.publish(pkg, make_default=make_default, ensemble=ens, catalog=catalog, name=name)
     out = {"ref": published.ref, "default": catalog.default_ref() == published.ref, "reason": reason,
            "comparison": comparison, "registry": str(registry.root),
@@ -247,8 +257,11 @@ def _append_publish_log(registry: Registry, out: dict, pkg: ModelPackage) -> Non
              "parent": (pkg.manifest.get("parent") or {}).get("ref"),
              "comparison": {k: comp.get(k) for k in ("metric", "candidate", "current", "current_ref", "cases", "per_source")
                             if k in comp}}
-    with open(Path(registry.root) / PUBLISH_LOG, "a", encoding="utf-8") as f:
-        f.write(json.dumps(clean(entry)) + "\n")
+    try:
+        with open(Path(registry.root) / PUBLISH_LOG, "a", encoding="utf-8") as f:
+            f.write(json.dumps(clean(entry)) + "\n")
+    except OSError as exc:  # the model is published and in the index; only the log line is missing
+        log.warning("published, but could not append to %s: %s", PUBLISH_LOG, exc.strerror or exc)
 
 
 def publish_cli(a) -> int:
@@ -265,7 +278,7 @@ def publish_cli(a) -> int:
         if ids:
             case_list = select_cases(a.data, ids)
         else:
-            split = frozen_split(a.data)
+            split = frozen_split_or_refuse(a.data)  # a dataset folder is input: publish never writes into it
             log.info("grading on the dataset's held-out cases: %s", ", ".join(split.holdout_ids) or "none")
             case_list = split.holdout
         if getattr(a, "patients", None):

@@ -113,13 +113,13 @@ def check_unique_stems(cases: list[Path]) -> None:
 
 
 def _folder(value: str | None, out: Path) -> Path | None:
-    """``None``: output not wanted; ``""``: the output folder; else the folder named (created)."""
+    """``None``: output not wanted; ``""``: the output folder; else the folder named (created later, by
+    :func:`prepare_cohort`, once every output has been checked against every input)."""
     if value is None:
         return None
     folder = out if value == "" else Path(value)
     if folder.exists() and not folder.is_dir():
         raise CohortError(f"{folder}: in cohort mode this option takes a folder, and this is a file")
-    folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
@@ -139,12 +139,18 @@ class CohortPlan:
     def from_args(cls, out: Path, args) -> "CohortPlan":
         report = getattr(args, "report", None)
         summary = None if report is None else (out / SUMMARY_NAME if report == "" else Path(report))
-        if summary is not None and (summary.is_dir() or not summary.parent.is_dir()):
+        if summary is not None and (summary.is_dir() or not (summary.parent.is_dir() or summary.parent == out)):
             raise CohortError(f"--report {report}: in cohort mode it names the summary JSON file, in an "
                               f"existing folder")
         return cls(out=out, label_format=args.format, seg_nrrd=_folder(args.seg_nrrd, out),
                    preview=_folder(args.preview, out), confidence=_folder(args.confidence, out),
                    dicom_seg=_folder(getattr(args, "dicom_seg", None), out), summary=summary)
+
+    def folders(self) -> list[tuple[str, Path]]:
+        """Every output folder with its flag (the output folder first)."""
+        named = (("--seg-nrrd", self.seg_nrrd), ("--preview", self.preview), ("--confidence", self.confidence),
+                 ("--dicom-seg", self.dicom_seg))
+        return [("-o/--output", self.out), *((flag, f) for flag, f in named if f is not None)]
 
     def outputs(self, case: Path) -> dict:
         """Every output path of one case (``None`` for the ones not asked for)."""
@@ -155,6 +161,31 @@ class CohortPlan:
                 "preview_out": self.preview / f"{s}_preview.png" if self.preview else None,
                 "conf_out": self.confidence / f"{s}_confidence.nii.gz" if self.confidence else None,
                 "dicom_seg_out": self.dicom_seg / f"{s}_seg.dcm" if self.dicom_seg else None}
+
+
+_KIND_OF = {"label_out": "label", "report_out": "report", "seg_out": "seg_nrrd", "preview_out": "preview",
+            "conf_out": "confidence", "dicom_seg_out": "dicom_seg"}
+
+
+def prepare_cohort(cases: list[Path], out: Path, args) -> CohortPlan:
+    """Check every output of every case against every input, then create the output folders.
+
+    The same rules as for one input (``outputs.check_plans``): each output's type by its name, never an
+    input or inside an input DICOM folder, never two outputs on one file; and no output folder is made
+    inside an input folder. Nothing is created before all of it passed.
+    """
+    from LumbarSegmentLib.cli.outputs import CasePlan, check_output_folders, check_plans, note_replaced
+
+    check_unique_stems(cases)
+    plan = CohortPlan.from_args(out, args)
+    check_output_folders(plan.folders(), cases)
+    plans = [CasePlan(c, {_KIND_OF[k]: v for k, v in plan.outputs(c).items() if v is not None}) for c in cases]
+    extra = CasePlan(Path("summary"), {"summary": plan.summary}) if plan.summary is not None else None
+    check_plans(plans, extra=extra, pending=[f for _, f in plan.folders()])
+    for _, folder in plan.folders():
+        folder.mkdir(parents=True, exist_ok=True)  # exist_ok: torchrun's ranks race to create them
+    note_replaced(plans, extra)
+    return plan
 
 
 def case_row(case: Path, rank: int, seconds: float, report: dict | None = None, error: str | None = None) -> dict:
@@ -181,7 +212,8 @@ def write_summary(path: Path, rows: list[dict], *, world_size: int, wall_s: floa
     return summary
 
 
-def run_cohort(cases: list[Path], out: Path, args, packages, segment_one, print_case) -> int:
+def run_cohort(cases: list[Path], out: Path, args, packages, segment_one, print_case,
+               plan: CohortPlan | None = None) -> int:
     """Segment this process's share of ``cases`` into ``out``; return how many cases failed.
 
     ``segment_one(src, args=, packages=, **outputs)`` does one case (the CLI's, so a cohort case is
@@ -194,8 +226,7 @@ def run_cohort(cases: list[Path], out: Path, args, packages, segment_one, print_
     """
     from LumbarSegmentLib.core import distributed as dist
 
-    check_unique_stems(cases)
-    plan = CohortPlan.from_args(out, args)
+    plan = plan or prepare_cohort(cases, out, args)
     me = dist.current_rank()
     dist.init(me)
     try:

@@ -75,8 +75,9 @@ def _parser() -> argparse.ArgumentParser:
                    "sliding patches; patch; whole; or a square window of PIXELS (>= 32)")
     s.add_argument("--overlap", type=_overlap, default=0.25, metavar="F",
                    help="fraction of a sliding window shared with its neighbour, 0 <= F < 0.95 (default: 0.25)")
-    s.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                   help="CPU threads for PyTorch (default: PyTorch's; under torchrun the node's cores split "
+    _threads = number_arg(1, 1024, kind=int, what="a whole number", use="use 1-1024 CPU threads")
+    s.add_argument("--threads", type=_threads, default=None, metavar="N",
+                   help="CPU threads for PyTorch, 1-1024 (default: PyTorch's; under torchrun the node's cores split "
                    "between its ranks)")
     s.add_argument("--reslice", action="store_true", help="accept axial/coronal stacks (cut sagittal slices)")
     s.add_argument("--series", default=None, help="SeriesInstanceUID to read from a DICOM folder with several")
@@ -255,11 +256,18 @@ def cmd_segment(args) -> int:
     from LumbarSegmentLib.cli.outputs import check_input_folders
 
     check_options(args)
+    if not str(args.output).strip():
+        raise ValueError("-o/--output is empty; give a label-map file name (one input) or a folder (several)")
     out_folders = [Path(v) for v in (args.output, args.seg_nrrd, args.preview, args.confidence,
                                      getattr(args, "dicom_seg", None)) if v]
     check_input_folders(args.inputs, out_folders)
     # --series or a label-file output: a folder of series folders is one study to pick a series from
     inputs = _expand_inputs(args.inputs, series_folders=not (args.series or volume_suffix(Path(args.output))))
+    if args.series:  # --series picks a series of a DICOM folder; on a volume file it would be ignored
+        files = [p for p in inputs if p.is_file()]
+        if files:
+            raise ValueError(f"--series picks a series inside a DICOM folder, but {files[0]} is a volume file; "
+                             f"leave --series out, or give the DICOM folder")
     packages = _resolve_models(args.model, args.mode)
     if args.mode == "fast" and len(packages) > 1:
         raise ValueError("several models were given: use --mode ensemble")
@@ -285,13 +293,12 @@ def cmd_segment(args) -> int:
         return EXIT_OK
     if args.measurements or args.measurements_png:
         raise ValueError("--measurements and --measurements-png take one input; run each input on its own")
-    if not out.exists():
-        out.mkdir(parents=True, exist_ok=True)  # exist_ok: torchrun's ranks race to create it
-    if not out.is_dir():
+    if out.exists() and not out.is_dir():
         raise ValueError(f"output {out} must be a folder when segmenting {len(inputs)} inputs")
-    from LumbarSegmentLib.cli.cohort import run_cohort  # one process or a torchrun shard; see cohort.py / distributed.py
+    from LumbarSegmentLib.cli.cohort import prepare_cohort, run_cohort  # one process or a torchrun shard; see cohort.py
 
-    return EXIT_FAIL if run_cohort(inputs, out, args, packages, _segment_one, _summary) else EXIT_OK
+    plan = prepare_cohort(inputs, out, args)  # every output checked against every input, then folders made
+    return EXIT_FAIL if run_cohort(inputs, out, args, packages, _segment_one, _summary, plan) else EXIT_OK
 
 
 def _summary(rep: dict) -> None:
@@ -312,6 +319,7 @@ def cmd_models(args) -> int:
 
     catalog = Catalog()
     entries = catalog.entries(skip_broken=True)
+    catalog.errors += _missing_refs(catalog, entries)
     for err in catalog.errors:  # list the readable registries, then fail
         print(f"lumbarseg: error: {err}", file=sys.stderr)
     for c in catalog.conflicts:
@@ -331,6 +339,17 @@ def cmd_models(args) -> int:
     for r in rows:
         print(model_line(r))
     return status
+
+
+def _missing_refs(catalog, entries) -> list[str]:
+    """The default or ensemble members that an index names but no registry holds (they fail every segment)."""
+    if catalog.errors:
+        return []
+    held = {e.package.ref for e in entries} | {e.package.name for e in entries}  # a bare name: any version
+    wanted = [("default model", catalog.default_ref(skip_broken=True))]
+    wanted += [("default ensemble member", r) for r in catalog.ensemble_refs()]
+    return [f"the {what} {ref} is named in an index but no registry holds it; publish it again, or choose another "
+            f"(lumbarseg-train publish ... / edit index.json)" for what, ref in wanted if ref and ref not in held]
 
 
 def _terminate_like_ctrl_c(signum, frame):

@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from LumbarSegmentLib.core.files import make_partial, sweep_stale_partials
+from LumbarSegmentLib.core.files import _owner_tag, make_partial, sweep_stale_partials
 from LumbarSegmentLib.formats.io import volume_suffix
 
 VOLUME_OUT = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -35,6 +35,8 @@ KINDS = {
     "report": ("--report", (".json",), "a JSON report"),
     "measurements": ("--measurements", (".csv",), "a CSV table"),  # level_outputs.py
     "measurements_png": ("--measurements-png", (".png",), "a PNG image"),
+    "dicom_seg": ("--dicom-seg", (".dcm",), "a DICOM SEG file"),
+    "summary": ("--report (the cohort summary)", (".json",), "the cohort summary (JSON)"),
 }
 # The order outputs are written (the report last: it lists the others).
 ORDER = ("label", "seg_nrrd", "preview", "confidence", "report")
@@ -58,6 +60,21 @@ def check_name(kind: str, path: Path) -> None:
     if not any(name.endswith(s) for s in suffixes) or name in suffixes:
         raise ValueError(f"{flag} {path}: this output is {what}; give it a name ending in "
                          f"{' or '.join(suffixes)}")
+    room = _name_max(path.parent) - TEMPORARY_NAME_EXTRA - len(_owner_tag())
+    if len(path.name.encode("utf-8", "surrogateescape")) > room:
+        raise ValueError(f"{flag} {path.name[:40]}...: the file name is {len(path.name)} characters long; at most "
+                         f"{room} fit in this folder (each output is first written under a longer hidden "
+                         f"temporary name); choose a shorter name")
+
+
+TEMPORARY_NAME_EXTRA = 32  # ".<name>.<pid@host>.XXXXXXXX.partial.seg.nrrd" beyond the name and the owner tag
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder if folder.is_dir() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 def stem(path: Path) -> str:
@@ -117,11 +134,16 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def check_plans(plans: list[CasePlan], input_folders: list[Path] = ()) -> None:
-    """Refuse, before any work, outputs that would overwrite an input or each other, or cannot be written."""
+def check_plans(plans: list[CasePlan], input_folders: list[Path] = (), extra: CasePlan | None = None,
+                pending: list[Path] = ()) -> None:
+    """Refuse, before any work, outputs that would overwrite an input or each other, or cannot be written.
+
+    ``extra`` holds outputs that belong to no input (the cohort summary); every output is compared
+    with every input of the run, not only with its own.
+    """
     inputs = [(f, plan.src) for plan in plans for f in input_files(plan.src)]
     claimed: list[tuple[Path, str]] = []
-    for plan in plans:
+    for plan in [*plans, *([extra] if extra else [])]:
         for kind, target in plan.ordered():
             flag = KINDS.get(kind, (f"--{kind.replace('_', '-')}",))[0]
             if kind in KINDS:
@@ -129,7 +151,9 @@ def check_plans(plans: list[CasePlan], input_folders: list[Path] = ()) -> None:
             if target.is_dir():
                 raise ValueError(f"{flag} {target} is an existing folder; give a file name")
             folder = target.parent
-            if not folder.is_dir():
+            if not folder.is_dir() and folder in pending:  # made once every check passed: its parent must allow it
+                folder = next((f for f in folder.parents if f.is_dir()), Path("."))
+            elif not folder.is_dir():
                 raise ValueError(f"output folder {folder} does not exist (for {flag} {target}); create it first")
             if not os.access(folder, os.W_OK):
                 raise ValueError(f"output folder {folder} is not writable (for {flag} {target}); choose another "
@@ -305,3 +329,24 @@ def _is_dicom(path: Path) -> bool:
             return f.read(132)[128:132] == b"DICM"
     except OSError:
         return False
+
+
+def check_output_folders(folders: list[tuple[str, Path]], inputs: list[Path]) -> None:
+    """Refuse output folders that are an input file, or are or lie inside an input folder (a DICOM series),
+    before any of them is created: a folder made there would already change the input."""
+    for flag, folder in folders:
+        real = folder.resolve()
+        for src in inputs:
+            if src.is_file() and _same(folder, src):
+                raise ValueError(f"{flag} {folder} is the input {src} itself; choose an output folder")
+            if src.is_dir() and (real == src.resolve() or src.resolve() in real.parents):
+                raise ValueError(f"{flag} {folder} lies inside the input folder {src}; write the outputs somewhere "
+                                 f"else, so that the input is left as it was")
+
+
+def note_replaced(plans: list[CasePlan], extra: CasePlan | None = None) -> None:
+    """Say which existing files this run will replace (replacing an earlier result is allowed, never silent)."""
+    found = [t for plan in [*plans, *([extra] if extra else [])] for _, t in plan.ordered() if t.is_file()]
+    if found:
+        names = ", ".join(t.name for t in found[:3]) + (" ..." if len(found) > 3 else "")
+        note(f"{len(found)} existing output file(s) will be replaced when their input succeeds ({names})")

@@ -41,8 +41,8 @@ def number_arg(lo: float, hi: float = math.inf, *, kind=float, below_hi: bool = 
         try:
             v = kind(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{value!r} is not {what}") from None
-        if not (lo <= v and (v < hi if below_hi else v <= hi)):
+            raise argparse.ArgumentTypeError(f"{value!r} is not {what}" + (f"; {use}" if use else "")) from None
+        if not (math.isfinite(v) and lo <= v and (v < hi if below_hi else v <= hi)):
             raise argparse.ArgumentTypeError(f"{value!r}: {use or f'use {lo:g} to {hi:g}'}")
         return v
 
@@ -65,7 +65,7 @@ def check_options(args) -> None:
     if args.batch_size is not None and not 1 <= args.batch_size <= 1024:
         raise ValueError(f"--batch-size {args.batch_size}: use 1-1024 (or leave it out for automatic)")
     if args.threads is not None and not 1 <= args.threads <= 1024:
-        raise ValueError(f"--threads {args.threads}: use a positive number of CPU threads")
+        raise ValueError(f"--threads {args.threads}: use 1-1024 CPU threads")
 
 
 def check_segmentable(volume: Volume, packages, *, allow_reslice: bool = False) -> None:

@@ -67,8 +67,30 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def pid_namespace() -> str:
+    """This process's PID namespace (the inode of ``/proc/self/ns/pid``), or ``""`` where there is none.
+
+    Two containers may share a host name and a folder while their pids mean different processes:
+    a pid is only checked for liveness by a process in the same namespace."""
+    try:
+        return re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        return ""
+
+
+def boot_id() -> str:
+    """This machine's boot id (Linux), or ``""``: a claim from an earlier boot is dead whatever its pid."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:16]
+    except OSError:
+        return ""
+
+
 def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+    """Host name plus PID namespace: where a pid names one process (used in temporary names)."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+    ns = pid_namespace()
+    return f"{host}-ns{ns}" if ns else host
 
 
 def _owner_tag() -> str:

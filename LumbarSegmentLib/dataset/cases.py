@@ -39,12 +39,13 @@ import json
 import os
 import re
 import socket
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from LumbarSegmentLib.core.files import atomic_path, pid_alive
+from LumbarSegmentLib.core.files import atomic_path, boot_id, pid_alive, pid_namespace
 from LumbarSegmentLib.formats.io import read_volume, write_volume
 from LumbarSegmentLib.core.volume import Volume, VolumeError
 
@@ -121,13 +122,17 @@ def read_case(json_path: str | os.PathLike) -> Case:
         data = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CaseError(f"{p}: cannot read case file: {exc}") from None
+    if not isinstance(data, dict):
+        raise CaseError(f"{p}: holds a JSON {type(data).__name__}, not a case (a JSON object with \"case\", "
+                        f"\"image\", \"label\", ...); move it out of the dataset folder")
     fmt = data.get("format", CASE_FORMAT)
     if fmt != CASE_FORMAT:
         raise CaseError(f"{p}: format is {fmt!r}, expected {CASE_FORMAT!r}")
-    version = int(data.get("format_version", 1))
+    version = _whole_field(p, data, "format_version")
     if version > CASE_FORMAT_VERSION:
         raise CaseError(f"{p}: case format version {version} is newer than supported ({CASE_FORMAT_VERSION}); "
                         f"update LumbarSegment")
+    _check_field_types(p, data)
     try:
         case_id = validate_case_id(str(data["case"]))
         labels = {int(k): str(v) for k, v in data["labels"].items()}
@@ -147,8 +152,48 @@ def read_case(json_path: str | os.PathLike) -> Case:
              "annotated_structures"}
     return Case(case_id=case_id, image_path=p.parent / image_name, label_path=p.parent / label_name,
                 labels=labels, annotated_structures=annotated, patient=str(data.get("patient") or case_id),
-                version=int(data.get("version", 1)), json_path=p,
+                version=_whole_field(p, data, "version"), json_path=p,
                 extra={k: v for k, v in data.items() if k not in known})
+
+
+_FIELD_TYPES = {"case": (str, "a case id"), "image": (str, "a file name"), "label": (str, "a file name"),
+                "labels": (dict, "an object of label value -> structure id"),
+                "annotated_structures": (list, "a list of structure ids")}
+
+
+def _check_field_types(p: Path, data: dict) -> None:
+    """Each required field present and of its type, named in one line (never coerced: str(None) is "None")."""
+    for key, (kind, what) in _FIELD_TYPES.items():
+        value = data.get(key)
+        if not isinstance(value, kind):
+            got = "missing" if key not in data else f"got {value!r:.60}"
+            raise CaseError(f"{p}: \"{key}\" must be {what} ({got}); repair the case file or export the case again")
+    entries = list(data["labels"].values()) + list(data["annotated_structures"])
+    if not all(isinstance(v, str) for v in entries):
+        raise CaseError(f"{p}: structure ids in \"labels\" and \"annotated_structures\" must be text; repair the "
+                        f"case file or export the case again")
+
+
+def _whole_field(p: Path, data: dict, key: str, default: int = 1) -> int:
+    """``data[key]`` as a whole number >= 1 (``default`` when absent), else one line naming the file and field."""
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CaseError(f"{p}: \"{key}\" must be a whole number >= 1, got {value!r}; repair the case file "
+                        f"or export the case again")
+    return value
+
+
+def _newest(cases: list[Case]) -> list[Case]:
+    """The newest export of each case; two files claiming one case id and version are refused, naming both."""
+    newest: dict[str, Case] = {}
+    for c in cases:
+        old = newest.get(c.case_id)
+        if old is not None and old.version == c.version:
+            raise CaseError(f"{old.json_path} and {c.json_path} both hold case {c.case_id} version {c.version}; "
+                            f"one would be dropped without a word. Remove the copy, or give one another case id")
+        if old is None or c.version > old.version:
+            newest[c.case_id] = c
+    return list(newest.values())
 
 
 def list_cases(folder: str | os.PathLike, *, latest_only: bool = True) -> list[Case]:
@@ -162,11 +207,7 @@ def list_cases(folder: str | os.PathLike, *, latest_only: bool = True) -> list[C
             continue
         cases.append(read_case(jp))
     if latest_only:
-        newest: dict[str, Case] = {}
-        for c in cases:
-            if c.case_id not in newest or c.version > newest[c.case_id].version:
-                newest[c.case_id] = c
-        cases = list(newest.values())
+        cases = _newest(cases)
     if not cases:
         raise CaseError(f"dataset folder {folder} holds no case files (<case>.json)")
     return sorted(cases, key=lambda c: (c.case_id, c.version))
@@ -205,13 +246,13 @@ def _claim_version(folder: Path, case_id: str):
                 lock.unlink()
             n += 1
             continue
+        claim = claim_record()
         with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+            f.write(claim)
         try:
             yield n, stem
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
+            _release(lock, claim)
         return
 
 
@@ -222,14 +263,44 @@ def _volumes_exist(folder: Path, stem: str) -> bool:
     return any((folder / f"{stem}{part}").exists() for part in _VOLUME_PARTS)
 
 
+def claim_record() -> str:
+    """What a claim lock holds: ``pid host pid-namespace boot-id claim-id``.
+
+    A pid only names a process for someone on the same host *and* in the same PID namespace (two
+    containers can share a host name and a dataset folder); a random claim id lets the owner
+    release only its own claim, never one that replaced it."""
+    return (f"{os.getpid()} {socket.gethostname()} ns{pid_namespace() or '-'} boot{boot_id() or '-'} "
+            f"{uuid.uuid4().hex}\n")
+
+
+def _claim_is_dead(owner: list[str]) -> bool:
+    """True only when the claim's process is provably gone: same host and PID namespace, and either an
+    earlier boot or a pid that is no longer running. Anything else (another host or namespace, an older
+    record without them, a record not yet written) is not ours to judge."""
+    if len(owner) < 5 or not owner[0].isdigit():
+        return False
+    if owner[1] != socket.gethostname() or owner[2] != f"ns{pid_namespace() or '-'}":
+        return False
+    if owner[3] != "boot-" and owner[3] != f"boot{boot_id() or '-'}":
+        return True  # written before this machine last booted
+    return not pid_alive(int(owner[0]))
+
+
+def _release(lock: Path, claim: str) -> None:
+    """Remove our claim, unless it is no longer ours (it was taken over meanwhile)."""
+    with contextlib.suppress(OSError):
+        if lock.read_text() == claim:
+            lock.unlink()
+
+
 def _reclaim_if_stale(folder: Path, stem: str, lock: Path) -> bool:
     """Remove what a killed export of ``stem`` left behind; True when the claim was stale (retry ``stem``)."""
     try:
         owner = lock.read_text().split()
     except OSError:
         return False
-    if len(owner) < 2 or not owner[0].isdigit() or owner[1] != socket.gethostname() or pid_alive(int(owner[0])):
-        return False  # alive, on another host, or not yet written: not ours to judge
+    if not _claim_is_dead(owner):
+        return False  # alive, on another host or in another PID namespace, or not yet written
     token = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
     try:
         os.rename(lock, token)  # exactly one process wins the take-over

@@ -31,6 +31,7 @@ from LumbarSegmentLib.dataset.cases import Case, list_cases
 
 HOLDOUT_FILE = ".holdout.json"  # hidden: list_cases reads every visible *.json as a case
 HOLDOUT_FORMAT = "lumbarsegment.holdout"
+HOLDOUT_FORMAT_VERSION = 1
 DEFAULT_EVERY = 4
 MIN_HOLDOUT_CASES = 2
 
@@ -70,10 +71,32 @@ def _read(path: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HoldoutError(f"{path}: unreadable ({exc}); repair it or move it aside (a new split is then "
                            f"drawn, and models trained on the old one are no longer graded fairly)") from None
-    if not isinstance(data, dict) or data.get("format") != HOLDOUT_FORMAT \
-            or not isinstance(data.get("patients"), dict) or int(data.get("every", 0)) < 2:
-        raise HoldoutError(f"{path}: not a LumbarSegment holdout file")
+    if not isinstance(data, dict) or data.get("format") != HOLDOUT_FORMAT or not isinstance(data.get("patients"), dict):
+        raise HoldoutError(f"{path}: not a LumbarSegment holdout file (needs \"format\": \"{HOLDOUT_FORMAT}\" "
+                           f"and a \"patients\" object); repair it or move it aside")
+    problem = _malformed(data)
+    if problem:
+        raise HoldoutError(f"{path}: {problem}; repair it, or set the split again with lumbarseg-train holdout "
+                           f"(--cases or --every)")
     return data
+
+
+def _malformed(data: dict) -> str | None:
+    """What is wrong with a holdout file's fields (None when nothing is)."""
+    version = data.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        return f"\"format_version\" must be a whole number >= 1, got {version!r}"
+    if version > HOLDOUT_FORMAT_VERSION:
+        return (f"holdout format version {version} is newer than this LumbarSegment supports "
+                f"({HOLDOUT_FORMAT_VERSION}); update LumbarSegment")
+    every = data.get("every")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 2:
+        return f"\"every\" must be a whole number >= 2 (every k-th patient held out), got {every!r}"
+    bad = [f"{k!r}: {v!r}" for k, v in data["patients"].items() if v not in ("train", "holdout")]
+    if bad:
+        return (f"each patient must be \"train\" or \"holdout\", got {', '.join(bad[:3])}"
+                f"{' ...' if len(bad) > 3 else ''}")
+    return None
 
 
 def _write(path: Path, data: dict) -> None:
@@ -129,3 +152,23 @@ def redraw_holdout(dataset: str | os.PathLike, every: int) -> Split:
     _write(folder / HOLDOUT_FILE, {"format": HOLDOUT_FORMAT, "format_version": 1, "every": int(every),
                                    "patients": {}})
     return frozen_split(folder)
+
+
+def frozen_split_or_refuse(dataset: str | os.PathLike) -> Split:
+    """The frozen split as it is on disk, for commands that only read the dataset (publish, evaluate).
+
+    A patient not yet assigned would have to be assigned and saved, which writes into the dataset
+    folder (maybe shared, read-only data); those commands refuse instead and say which command does it.
+    """
+    folder = Path(dataset)
+    cases = list_cases(folder)
+    data = _read(folder / HOLDOUT_FILE)
+    new = sorted({_patient(c) for c in cases} - set(data["patients"]))
+    if new:
+        what = (f"has no frozen held-out split yet ({HOLDOUT_FILE})" if not (folder / HOLDOUT_FILE).exists() else
+                f"has {len(new)} patient(s) not yet in its held-out split ({', '.join(new[:5])}"
+                f"{', ...' if len(new) > 5 else ''})")
+        raise HoldoutError(f"{folder} {what}; a dataset folder is input and this command never writes into it. "
+                           f"Freeze the split first with: lumbarseg-train holdout --data {folder} --assign "
+                           f"(or name the grading cases with --cases)")
+    return frozen_split(folder, update=False)

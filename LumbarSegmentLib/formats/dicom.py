@@ -264,17 +264,20 @@ def _check_and_sort(items: list[_Slice], folder: Path) -> tuple[list[_Slice], fl
             raise DicomError(
                 f"{where}: inconsistent orientation: {_name(s)} has ImageOrientationPatient "
                 f"{np.round(s.iop, 5).tolist()} but {_name(ref)} has {np.round(ref.iop, 5).tolist()} "
-                f"(a localizer or a mixed series?)"
+                f"(a localizer or a mixed series?). Move the images of the other orientation out of the folder, "
+                f"or export the sagittal series on its own"
             )
         if not np.allclose(s.pixel_spacing, ref.pixel_spacing, rtol=SPACING_TOLERANCE, atol=0):
             raise DicomError(
                 f"{where}: inconsistent pixel spacing: {_name(s)} has PixelSpacing "
-                f"{list(s.pixel_spacing)} but {_name(ref)} has {list(ref.pixel_spacing)}"
+                f"{list(s.pixel_spacing)} but {_name(ref)} has {list(ref.pixel_spacing)}. Move the odd images "
+                f"out of the folder, or export the series again"
             )
         if (s.rows, s.cols) != (ref.rows, ref.cols):
             raise DicomError(
                 f"{where}: inconsistent image size: {_name(s)} is {s.rows}x{s.cols} pixels "
-                f"(rows x columns) but {_name(ref)} is {ref.rows}x{ref.cols}"
+                f"(rows x columns) but {_name(ref)} is {ref.rows}x{ref.cols}. Move the odd images out of the "
+                f"folder, or export the series again"
             )
     normal = ref.normal / np.linalg.norm(ref.normal)
     ordered = sorted(items, key=lambda s: (float(s.ipp @ normal), s.instance, str(s.path)))

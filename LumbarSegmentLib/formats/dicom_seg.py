@@ -39,7 +39,34 @@ def require_dicom_source(volume: Volume, where: str = "input") -> list[str]:
         raise DicomSegError(
             f"{where}: --dicom-seg needs a DICOM series folder as input (a SEG must reference the source "
             f"images it segments); this input is a volume file. Drop --dicom-seg, or segment the DICOM series")
+    _require_attributes(files, where)
     return list(files)
+
+
+#: what every source image must carry for a SEG to reference it (highdicom copies or derives these)
+SEG_SOURCE_ATTRIBUTES = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
+                         "FrameOfReferenceUID", "PixelSpacing", "SliceThickness", "ImageOrientationPatient",
+                         "ImagePositionPatient", "Rows", "Columns")
+
+
+def _require_attributes(files, where: str) -> None:
+    """Refuse, before any inference, a series whose images lack what a DICOM SEG must reference."""
+    import pydicom
+
+    missing: dict[str, str] = {}
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except Exception as exc:  # pydicom raises several types for a damaged header
+            raise DicomSegError(f"{where}: cannot read {Path(f).name} for --dicom-seg ({exc})") from None
+        for key in SEG_SOURCE_ATTRIBUTES:
+            if key not in missing and getattr(ds, key, None) in (None, ""):
+                missing[key] = Path(f).name
+    if missing:
+        shown = ", ".join(f"{k} (e.g. {name})" for k, name in missing.items())
+        raise DicomSegError(f"{where}: --dicom-seg cannot be written for this series: its images lack {shown}, which "
+                            f"a DICOM SEG needs to reference them. Re-export the series with these attributes, or "
+                            f"leave --dicom-seg out")
 
 
 def _segment_descriptions(schema: LabelSchema, model_name: str, model_version: str):

@@ -8,6 +8,7 @@ Each check here refuses such a file with a message that names the problem.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import stat
@@ -30,6 +31,37 @@ def check_volume_header(path: Path, suffix: str) -> None:
     check_declared_size(path)
     if suffix in (".nii", ".nii.gz"):
         check_nifti_orientation(path)
+    check_header_numbers(path, suffix)
+
+
+#: no scanner puts an image more than 100 m from its origin; a larger value is a damaged header
+MAX_POSITION_MM = 1e5
+_GEOMETRY_KEYS = {"offset", "origin", "position", "space origin", "elementspacing", "spacings", "space directions",
+                  "transformmatrix", "rotation", "orientation"}
+
+
+def check_header_numbers(path: Path, suffix: str) -> None:
+    """Refuse a header whose geometry holds NaN, infinity or an absurd position, which the readers turn
+    into 0 or pass on silently (ITK reads an origin of ``inf`` as 0)."""
+    import re
+
+    if suffix in (".nii", ".nii.gz"):
+        aff = nifti_affines(path)  # only the orientations the header marks as valid (ITK ignores the others)
+        values = [] if aff is None else [float(v) for code, m in ((aff[0], aff[1]), (aff[2], aff[3])) if code > 0
+                                         for v in m[:3].ravel()]
+    else:
+        values = []
+        for line in _text_header(path, nrrd=suffix in (".nrrd", ".nhdr")):
+            key, sep, value = line.partition("=" if suffix in (".mha", ".mhd") else ":")
+            if sep and key.strip().lower() in _GEOMETRY_KEYS:
+                for token in re.findall(r"[-+]?(?:nan|inf(?:inity)?|[\d.]*\d(?:e[-+]?\d+)?)", value.lower()):
+                    with contextlib.suppress(ValueError):
+                        values.append(float(token))
+    bad = [v for v in values if not math.isfinite(v) or abs(v) > MAX_POSITION_MM]
+    if bad:
+        raise VolumeReadError(f"{path}: its header places the image at impossible coordinates ({bad[0]:g} mm: "
+                              f"not a finite position within {MAX_POSITION_MM:g} mm); the header is damaged. "
+                              f"Export the image again, or repair its origin/spacing")
 
 
 def is_gzip(path: Path) -> bool:
@@ -191,8 +223,18 @@ def nifti_affines(path: Path):
     return qcode, q, scode, s
 
 
+#: the qform stores its rotation as a float32 quaternion (b, c, d; ``a`` is derived), which near a
+#: 180-degree rotation only pins the angle to a few 1e-4 rad: this much disagreement per mm of distance
+#: from the origin voxel is the writer's rounding (ITK's own files show it), not two orientations
+QFORM_ROUNDING_PER_MM = 1e-3
+
+
 def check_nifti_orientation(path: Path, tol_mm: float = 0.1) -> None:
-    """Refuse a NIfTI file whose qform and sform both claim to be valid but place the voxels differently."""
+    """Refuse a NIfTI file whose qform and sform both claim to be valid but place the voxels differently.
+
+    Disagreement up to ``tol_mm`` plus the qform's float32 rounding (``QFORM_ROUNDING_PER_MM`` per mm of
+    distance) is accepted, so every file this tool writes reads back; a genuine conflict (a shifted,
+    swapped or rotated sform) is far larger."""
     import numpy as np
 
     aff = nifti_affines(path)
@@ -203,8 +245,10 @@ def check_nifti_orientation(path: Path, tol_mm: float = 0.1) -> None:
         return
     # compare where the corners of a 100-voxel cube land: covers rotation, scale and shift at once
     corners = np.array([[i, j, k, 1.0] for i in (0, 100) for j in (0, 100) for k in (0, 100)]).T
-    off = float(np.max(np.linalg.norm((q @ corners - s @ corners)[:3], axis=0)))
-    if off > tol_mm:
+    gaps = np.linalg.norm((q @ corners - s @ corners)[:3], axis=0)
+    reach = np.linalg.norm((s @ corners - s @ corners[:, :1])[:3], axis=0)
+    off = float(np.max(gaps))
+    if np.any(gaps > tol_mm + QFORM_ROUNDING_PER_MM * reach):
         raise VolumeReadError(
             f"{path}: its NIfTI header holds two orientations that disagree (qform and sform place the image up to "
             f"{off:.1f} mm apart); it is not clear which one is right, so the file is refused rather than read "

@@ -58,7 +58,7 @@ def read_volume(path: str | os.PathLike, *, series_uid: str | None = None) -> Vo
         raise VolumeReadError(f"{p}: cannot read the image (corrupt or truncated file?): {detail}. "
                               f"Copy or export the file again") from None
     if volume_suffix(p) in (".nii.gz", ".nii"):
-        _check_nifti_complete(p, array.nbytes)
+        _check_nifti_complete(p, array.nbytes)  # the header's own data size wins (scl_slope scales to float)
     return _volume_from_sitk(image, array, source=str(p))
 
 
@@ -105,12 +105,30 @@ def _check_nifti_complete(path: Path, data_bytes: int) -> None:
         if len(head) >= 4 and struct.unpack(order + "i", head[:4])[0] == 348 and len(head) >= 112:
             offset = struct.unpack(order + "f", head[108:112])[0]
             header_bytes = max(348, int(offset) if math.isfinite(offset) and offset < 2**62 else 0)
+            data_bytes = _stored_bytes(struct.unpack(order + "8h", head[40:56]),
+                                       struct.unpack(order + "h", head[72:74])[0], data_bytes)
         elif len(head) >= 176 and struct.unpack(order + "i", head[:4])[0] == 540:
             header_bytes = max(540, int(struct.unpack(order + "q", head[168:176])[0]))
+            data_bytes = _stored_bytes(struct.unpack(order + "8q", head[16:80]),
+                                       struct.unpack(order + "h", head[14:16])[0], data_bytes)
     if total < header_bytes + data_bytes:
         raise VolumeReadError(f"{path}: cannot read the image (corrupt or truncated file?): it holds "
                               f"{total} bytes of data where the header promises {header_bytes + data_bytes}. "
                               f"Copy or export the file again")
+
+
+def _stored_bytes(dims, bitpix: int, fallback: int) -> int:
+    """The bytes of voxel data a NIfTI header declares (``dim`` and ``bitpix``): what the file must hold.
+
+    Not the size of the array ITK returns: with ``scl_slope``/``scl_inter`` set (dcm2niix writes them)
+    ITK hands back scaled float32 voxels, twice the bytes of the file's int16 ones."""
+    n = int(dims[0]) if dims else 0
+    if not 1 <= n <= 7 or bitpix <= 0 or bitpix % 8 or any(int(d) < 1 for d in dims[1:n + 1]):
+        return fallback
+    count = 1
+    for d in dims[1:n + 1]:
+        count *= int(d)
+    return count * (bitpix // 8)
 
 
 def _volume_from_sitk(image, array: np.ndarray, source: str) -> Volume:

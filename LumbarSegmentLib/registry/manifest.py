@@ -11,8 +11,9 @@ two classes' names and values in ``manifest.json`` would swap the structures in 
 output. So a package also records ``integrity.sha256``, the sha256 of the canonical JSON
 (sorted keys, no spaces) of the fields that decide what the model outputs:
 ``format``, ``format_version``, ``architecture``, ``schema``, ``input`` and ``weights``
-(whose own ``sha256`` ties in the weights). Name, version, metrics, provenance and
-notes are left out, so a registry can number a copy without re-sealing its meaning.
+(whose own ``sha256`` ties in the weights), and (scheme v2) the training provenance the publish
+gate relies on (``training.train_cases``, ``val_cases``, ``data_manifest`` and its sha256). Name,
+version, metrics and notes are left out, so a registry can number a copy without re-sealing its meaning.
 Packages made before this field existed are accepted only from the shipped registry
 (part of the installation); any other package without it must be made or published again.
 """
@@ -24,7 +25,9 @@ import math
 import re
 from pathlib import Path
 
-INTEGRITY_SCHEME = "lumbarsegment.manifest-sha256.v1"
+INTEGRITY_SCHEME = "lumbarsegment.manifest-sha256.v2"  # v2 also seals the training provenance (below)
+LEGACY_SCHEME = "lumbarsegment.manifest-sha256.v1"  # still accepted; its provenance is not sealed
+PROVENANCE_FIELDS = ("train_cases", "val_cases", "data_manifest", "data_manifest_sha256")
 SEMANTIC_FIELDS = ("format", "format_version", "architecture", "schema", "input", "weights")
 _WEIGHT_FIELDS = ("file", "sha256", "dtype")
 SLICE_CONTEXT_MAX = 4  # neighbour slices on each side a 2.5D model may read (input.slice_context)
@@ -111,17 +114,42 @@ def validate_manifest(m, where: str, *, newest_format: int, model_format: str) -
         _obj(m["integrity"], "integrity", where)
 
 
-def semantic_hash(m: dict) -> str:
-    """sha256 of the canonical JSON of the fields that decide what the model outputs (see the module doc)."""
+def semantic_hash(m: dict, scheme: str = INTEGRITY_SCHEME) -> str:
+    """sha256 of the canonical JSON of the fields that decide what the model outputs (see the module doc).
+
+    Scheme v2 also covers the training provenance (which cases trained and validated the model, and
+    their checksums): the publish gate trusts it to keep a candidate's own training cases out of its
+    grading, so removing or editing it must break the seal too.
+    """
     core = {k: m.get(k) for k in SEMANTIC_FIELDS}
     core["weights"] = {k: (m.get("weights") or {}).get(k) for k in _WEIGHT_FIELDS}
+    if scheme != LEGACY_SCHEME:
+        training = m.get("training") if isinstance(m.get("training"), dict) else {}
+        core["provenance"] = {k: training.get(k, "<absent>") for k in PROVENANCE_FIELDS}
     text = json.dumps(core, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
-def seal(m: dict) -> dict:
-    """``m`` with its ``integrity`` record (re)computed; call after the last change to a semantic field."""
-    return {**m, "integrity": {"scheme": INTEGRITY_SCHEME, "sha256": semantic_hash(m)}}
+def seal(m: dict, scheme: str = INTEGRITY_SCHEME) -> dict:
+    """``m`` with its ``integrity`` record (re)computed; call after the last change to a semantic field.
+
+    Re-sealing a copy keeps the original's ``scheme`` (a registry copy of a v1 package stays v1, so
+    its unsealed provenance is never laundered into a sealed one)."""
+    return {**m, "integrity": {"scheme": scheme, "sha256": semantic_hash(m, scheme)}}
+
+
+def provenance_problem(m: dict, *, trusted: bool = False) -> str | None:
+    """Why the manifest's record of its training cases cannot be trusted to keep them out of a grading
+    (None when it can): missing, of the wrong type, or not covered by the seal. ``trusted``: shipped."""
+    training = m.get("training") if isinstance(m.get("training"), dict) else {}
+    if not isinstance(training.get("train_cases"), list):
+        return "its manifest does not record which cases it trained on (training.train_cases)"
+    if trusted:
+        return None
+    if (m.get("integrity") or {}).get("scheme") != INTEGRITY_SCHEME:
+        return ("its record of the cases it trained on is not sealed (made by an older LumbarSegment), so an "
+                "edited list could not be detected")
+    return None
 
 
 def check_integrity(m: dict, where: str, *, legacy_ok: bool) -> None:
@@ -133,11 +161,12 @@ def check_integrity(m: dict, where: str, *, legacy_ok: bool) -> None:
         raise ManifestError(f"{where}: this package has no integrity record, so a changed manifest (classes, "
                             f"architecture, input) could not be detected; it was made by an older LumbarSegment or "
                             f"edited by hand. Export or publish it again with this version")
-    if rec.get("scheme") != INTEGRITY_SCHEME:
+    if rec.get("scheme") not in (INTEGRITY_SCHEME, LEGACY_SCHEME):
         raise ManifestError(f"{where}: unknown integrity scheme {rec.get('scheme')!r}; update LumbarSegment")
-    if rec.get("sha256") != semantic_hash(m):
+    if rec.get("sha256") != semantic_hash(m, rec["scheme"]):
         raise ManifestError(f"{where}: manifest.json was changed after the package was made (its integrity hash "
-                            f"does not match): the classes, architecture or input contract may have been altered. "
+                            f"does not match): the classes, architecture, input contract or the record of its "
+                            f"training cases may have been altered. "
                             f"Reinstall or re-publish this model")
 
 
@@ -190,3 +219,34 @@ def refuse_pickle(path: Path) -> None:
         )
     if len(head) < 9:
         raise ManifestError(f"{path}: weights file is truncated; reinstall or re-publish this model")
+
+
+def registry_write_error(root, exc: OSError) -> str:
+    """One line for an OS error while publishing into ``root``: what happened and what to do."""
+    import errno as _errno
+
+    if exc.errno in (_errno.ENOSPC, getattr(_errno, "EDQUOT", -1)):
+        todo = "free some disk space, or publish into another registry (--registry)"
+    elif exc.errno in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
+        todo = "publish into a registry folder you can write to (--registry), or fix its permissions"
+    else:
+        todo = "check the registry folder and try again"
+    where = exc.filename or root
+    return (f"could not publish into the registry {root}: {exc.strerror or exc} ({where}); {todo}. The registry's "
+            f"index is unchanged")
+
+
+def check_ensemble_refs(refs, owners, new_ref: str) -> list[str]:
+    """Refuse an ensemble that an index would not accept, or that names a model no registry holds
+    (``owners``: the ``(name, version)`` pairs the registries hold; ``new_ref`` is being published)."""
+    refs = list(refs)
+    bad = [r for r in refs if not _is_ref(r) or "@" not in str(r)]
+    if not refs or bad:
+        raise ManifestError(f"--ensemble {','.join(map(str, refs))!r}: each member must be a model ref like "
+                           f"'name@3' (or @new for the version being published), got {bad or refs}; nothing was "
+                           f"published")
+    missing = [r for r in refs if r != new_ref and (r.partition("@")[0], int(r.partition("@")[2])) not in owners]
+    if missing:
+        raise ManifestError(f"--ensemble names {', '.join(missing)}, which no registry holds (see lumbarseg models); "
+                           f"nothing was published")
+    return refs

@@ -35,13 +35,13 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from LumbarSegmentLib.core.files import atomic_path, locked, normal_file_mode, pid_alive, sha256_file, umask  # sha256_file: re-export
-from LumbarSegmentLib.registry.manifest import ManifestError, check_integrity, seal, validate_index, validate_manifest, validate_name
+from LumbarSegmentLib.core.files import _host, atomic_path, locked, normal_file_mode, pid_alive, sha256_file, umask  # sha256_file: re-export
+from LumbarSegmentLib.registry.manifest import (INTEGRITY_SCHEME, ManifestError, check_ensemble_refs, check_integrity, registry_write_error,
+                       seal, validate_index, validate_manifest, validate_name)
 from LumbarSegmentLib.registry.manifest import refuse_pickle as _refuse_pickle  # the old private name stays importable
 from LumbarSegmentLib.core.schema import LabelSchema
 
@@ -149,19 +149,20 @@ class ModelPackage:
         import torch
         from safetensors.torch import load_file
 
-        from LumbarSegmentLib.models import build_model
+        from LumbarSegmentLib.models.checked import ArchitectureError, build_checked, safetensors_shapes
 
         self.verify()
+        wfile = self.path / self.manifest["weights"]["file"]
         try:
-            state = load_file(str(self.path / self.manifest["weights"]["file"]))
+            shapes, state = safetensors_shapes(wfile), load_file(str(wfile))
         except Exception as exc:  # safetensors raises its own error types
             raise PackageError(f"{self.path}: cannot read weights as safetensors: {exc}") from None
-        model = build_model(**self.manifest["architecture"])
+        try:  # unknown keys and shapes checked on the meta device, before a real network is built
+            model = build_checked(self.manifest["architecture"], f"model {self.ref} ({self.path})", shapes)
+        except ArchitectureError as exc:
+            raise PackageError(str(exc)) from None
         state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise PackageError(f"{self.path}: weights do not fit the architecture "
-                               f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+        model.load_state_dict(state, strict=True)  # names and shapes were checked above
         return model.to(device=torch.device(device)).eval()
 
 
@@ -184,16 +185,6 @@ def read_package(path: str | os.PathLike) -> ModelPackage:
         validate_manifest(manifest, str(mpath), newest_format=MODEL_FORMAT_VERSION, model_format=MODEL_FORMAT)
     except ManifestError as exc:
         raise PackageError(str(exc)) from None
-    if manifest.get("format") != MODEL_FORMAT:
-        raise PackageError(f"{mpath}: format is {manifest.get('format')!r}, expected {MODEL_FORMAT!r}")
-    if int(manifest.get("format_version", 0)) > MODEL_FORMAT_VERSION:
-        raise PackageError(
-            f"{mpath}: model format version {manifest.get('format_version')} is newer than this "
-            f"LumbarSegment supports ({MODEL_FORMAT_VERSION}); update LumbarSegment to use this model"
-        )
-    for key in ("name", "version", "architecture", "schema", "input", "weights"):
-        if key not in manifest:
-            raise PackageError(f"{mpath}: manifest lacks '{key}'")
     wname = manifest["weights"].get("file", "")
     if Path(wname).name != wname or not wname.endswith(".safetensors"):
         raise PackageError(f"{mpath}: weights must be a .safetensors file inside the package, got {wname!r}")
@@ -356,17 +347,25 @@ class Registry:
             raise PackageError(f"registry {self.root} is read-only (shipped models); publish to the user registry")
         package.verify()
         catalog = catalog or self.catalog()
-        self.root.mkdir(parents=True, exist_ok=True)
-        with locked(self.root):  # concurrent publishes: one read-modify-write at a time
-            return self._publish_locked(package, make_default, ensemble, catalog,
-                                        validate_name(name, "model name") if name else package.name)
+        name = validate_name(name, "model name") if name else package.name
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with locked(self.root):  # concurrent publishes: one read-modify-write at a time
+                return self._publish_locked(package, make_default, ensemble, catalog, name)
+        except OSError as exc:
+            raise PackageError(registry_write_error(self.root, exc)) from None
 
     def _publish_locked(self, package: ModelPackage, make_default: bool, ensemble, catalog, name: str
                         ) -> ModelPackage:
         version = max(self.next_version(name), catalog.next_version(name))
         final = self.root / name / str(version)
+        if ensemble is not None:  # validated before a byte is written: a refused ref leaves the registry as it was
+            try:
+                check_ensemble_refs(ensemble, catalog._owners(skip_broken=True), f"{name}@{version}")
+            except ManifestError as exc:
+                raise PackageError(str(exc)) from None
         self._remove_abandoned_publishes()
-        tmp = Path(tempfile.mkdtemp(prefix=f".publish+{os.getpid()}+{socket.gethostname()}+{name}+",
+        tmp = Path(tempfile.mkdtemp(prefix=f".publish+{os.getpid()}+{_host()}+{name}+",
                                     dir=self.root))
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700: a shared registry must stay readable
         try:
@@ -375,7 +374,8 @@ class Registry:
             manifest = json.loads(json.dumps(package.manifest))
             manifest["name"], manifest["version"] = name, version
             manifest["weights"]["file"] = WEIGHTS_FILE
-            (tmp / "manifest.json").write_text(json.dumps(seal(manifest), indent=1))  # verified above
+            scheme = (package.manifest.get("integrity") or {}).get("scheme", INTEGRITY_SCHEME)
+            (tmp / "manifest.json").write_text(json.dumps(seal(manifest, scheme), indent=1))  # verified above
             read_package(tmp).verify()
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(tmp, final)
@@ -397,7 +397,7 @@ class Registry:
         """Delete the temporary folders of publishes whose process is gone (killed mid-copy; same host only)."""
         for old in self.root.glob(".publish+*"):
             parts = old.name.split("+")
-            if (len(parts) > 3 and parts[1].isdigit() and parts[2] == socket.gethostname()
+            if (len(parts) > 3 and parts[1].isdigit() and parts[2] == _host()
                     and not pid_alive(int(parts[1]))):
                 shutil.rmtree(old, ignore_errors=True)
 
