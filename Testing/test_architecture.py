@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import configparser
+import logging
 import re
 import sys
 from pathlib import Path
@@ -91,11 +92,18 @@ def test_import_linter_contracts_hold():
     parser = configparser.ConfigParser()
     parser.read(cfg)
     assert len([s for s in parser.sections() if s.startswith("importlinter:contract:")]) >= 3
+    # lint-imports configures logging with disable_existing_loggers: keep the other tests' loggers alive
+    loggers = [lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    enabled = [lg for lg in loggers if not lg.disabled]
+    root_handlers, root_level = list(logging.root.handlers), logging.root.level
     sys.path.insert(0, str(REPO))
     try:
         assert lint_imports(config_filename=str(cfg)) == 0, "import-linter contracts are broken (run lint-imports)"
     finally:
         sys.path.remove(str(REPO))
+        for lg in enabled:
+            lg.disabled = False
+        logging.root.handlers[:], logging.root.level = root_handlers, root_level
 
 
 def test_no_product_file_over_600_lines():

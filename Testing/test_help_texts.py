@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import logging
 import re
 import subprocess
 import sys
@@ -149,8 +148,6 @@ def test_reports_without_matplotlib_write_tables(tmp_path, monkeypatch, caplog):
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     monkeypatch.setattr(report, "_warned", False)
-    # lint-imports (test_architecture) configures logging with disable_existing_loggers: undo that here
-    monkeypatch.setattr(logging.getLogger("lumbarseg.train"), "disabled", False)
     schema = load_schema("starter")
     val = {"dice": {c: 0.8 for c in schema.ids}, "iou": {c: 0.7 for c in schema.ids},
            "mean_dice_fg": 0.8, "mean_iou_fg": 0.7, "mean_dice": 0.8, "mean_iou": 0.7}
