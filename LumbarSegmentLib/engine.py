@@ -76,7 +76,7 @@ class Cancelled(Exception):
 class SegmentOptions:
     device: str = "auto"
     mode: str = "fast"  # fast: one model; tta: + horizontal flip; ensemble: several models (+ flip)
-    batch_size: int | None = None  # windows per forward pass; None = 8 on CPU, 32 on GPU
+    batch_size: int | None = None  # windows per forward pass; None = 4 on CPU (bounds memory), 32 on GPU
     overlap: float = 0.25  # fraction of the window shared by neighbours
     # "auto": the whole slice in one window when no side exceeds twice the model's patch (the nets
     # are fully convolutional), else sliding windows of the patch size; "patch", "whole", or pixels.
@@ -214,7 +214,7 @@ class _Runner:
 
         self.spec, self.options, self.warnings, self.device = spec, options, warnings, device
         self.torch, self.cancelled = torch, cancelled  # ``slices``: the volume's model-space stack [S, H, W]
-        self.batch = options.batch_size or (32 if device.type == "cuda" else 8)
+        self.batch = options.batch_size or (32 if device.type == "cuda" else 4)
         self.group = self.batch  # windows per progress step; fixed, while ``batch`` may shrink on OOM
         adapt = options.bn_adapt > 0
         # BN adaptation changes the statistics: always on a private copy, never on a shared module
