@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="what computes the network: torch (PyTorch), onnx (ONNX Runtime, CPU float32; needs the "
                    "onnxruntime package), auto = torch (default; docs/benchmarks.md compares them)")
     s.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
-                   help="windows per forward pass (default: 4 on CPU, 32 on CUDA; halved on out-of-memory)")
+                   help="windows per forward pass (default: 32 on CUDA, halved on out-of-memory; on a CPU as many as hold 4 x 320 x 320 pixels)")
     s.add_argument("--tile", type=_tile, default="auto", metavar="auto|patch|whole|PIXELS",
                    help="inference window: auto = whole slice when it fits in twice the model's patch, else "
                    "sliding patches; patch; whole; or a square window of PIXELS (>= 32)")

@@ -66,6 +66,9 @@ if "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 MODES = ("fast", "tta", "ensemble")
+# Windows per CPU forward pass: as many as hold this many pixels (4 whole 320 x 320 slices, 2 of 384 x 384):
+# the activations of one batch are most of the run's memory, and fewer, larger batches were not faster.
+CPU_BATCH_PIXELS = 4 * 320 * 320
 
 
 class Cancelled(Exception):
@@ -76,7 +79,7 @@ class Cancelled(Exception):
 class SegmentOptions:
     device: str = "auto"
     mode: str = "fast"  # fast: one model; tta: + horizontal flip; ensemble: several models (+ flip)
-    batch_size: int | None = None  # windows per forward pass; None = 4 on CPU (bounds memory), 32 on GPU
+    batch_size: int | None = None  # windows per forward pass; None = 32 on GPU, on CPU see CPU_BATCH_PIXELS
     overlap: float = 0.25  # fraction of the window shared by neighbours
     # "auto": the whole slice in one window when no side exceeds twice the model's patch (the nets
     # are fully convolutional), else sliding windows of the patch size; "patch", "whole", or pixels.
@@ -214,7 +217,7 @@ class _Runner:
 
         self.spec, self.options, self.warnings, self.device = spec, options, warnings, device
         self.torch, self.cancelled = torch, cancelled  # ``slices``: the volume's model-space stack [S, H, W]
-        self.batch = options.batch_size or (32 if device.type == "cuda" else 4)
+        self.batch = options.batch_size or (32 if device.type == "cuda" else _cpu_batch(slices, spec, options))
         self.group = self.batch  # windows per progress step; fixed, while ``batch`` may shrink on OOM
         adapt = options.bn_adapt > 0
         # BN adaptation changes the statistics: always on a private copy, never on a shared module
@@ -293,6 +296,11 @@ class _Runner:
         with torch.inference_mode(), autocast(self.device, self.dtype):
             logits = self.model(self._to_device(x))
             return torch.softmax(logits.float(), dim=1).cpu()
+
+
+def _cpu_batch(slices, spec: LoadedModel, options: SegmentOptions) -> int:
+    (th, tw), _, _ = _window_grid(tuple(slices.shape[-2:]), spec, options)
+    return max(1, CPU_BATCH_PIXELS // (th * tw))
 
 
 def _window_grid(plane: tuple[int, int], spec: LoadedModel, options: SegmentOptions):
