@@ -140,7 +140,8 @@ class SegmentController:
         if self._ended is not None and self._ended.get("event") == DONE_EVENT:
             self._finish(0)
         else:
-            msg = (self._ended or {}).get("message") or ("the segmentation worker stopped: " + self.worker.last_output())
+            msg = ((self._ended or {}).get("message")
+                   or "the segmentation worker stopped: " + self.worker.last_output())
             self._error = msg.replace(f"{self._paths.get('input')}: ", "")
             self._finish(1)
         return self.status

@@ -111,8 +111,8 @@ def markdown(meta: dict, rows: list[dict], growth: list[dict]) -> str:
     md = [f"CPU: {meta['cpu']} ({meta['cores']} cores; flags {', '.join(meta['isa_flags'])}); 15 x 512 x 512 "
           "clinical stack; each row one fresh process; ratio = nnU-Net time / ours (`fast` against mirroring off, "
           "`tta` against mirroring on), same ISA, same run.", "",
-          "| ISA | configuration | precision | cold (s) | warm (s) | CPU cold (s) | peak (MB) | ratio cold | ratio warm "
-          "| ratio CPU cold |", "|---|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+          "| ISA | configuration | precision | cold (s) | warm (s) | CPU cold (s) | peak (MB) | ratio cold "
+          "| ratio warm | ratio CPU cold |", "|---|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         mine = None
         if r["name"].startswith("nnU-Net"):
