@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from LumbarSegmentLib import engine
+from LumbarSegmentLib.inference import engine
 
 
 def test_cpu_batch_holds_a_fixed_number_of_pixels(tiny_package):

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from LumbarSegmentLib import onnx_runner
-from LumbarSegmentLib.devices import EngineError
-from LumbarSegmentLib.engine import SegmentOptions, segment_volume
-from LumbarSegmentLib.volume import Volume
+from LumbarSegmentLib.inference import onnx_runner
+from LumbarSegmentLib.inference.devices import EngineError
+from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
+from LumbarSegmentLib.core.volume import Volume
 
 SAGITTAL = np.array([[0.0, 0, 1], [1, 0, 0], [0, -1, 0]])
 
@@ -56,7 +56,7 @@ def test_auto_keeps_torch_and_onnx_refuses_what_it_cannot_run(tiny_package, monk
 
 
 def test_cli_takes_runtime():
-    from LumbarSegmentLib.cli import _parser
+    from LumbarSegmentLib.cli.main import _parser
 
     args = _parser().parse_args(["segment", "in.nii.gz", "-o", "o.nii.gz", "--runtime", "onnx"])
     assert args.runtime == "onnx"

@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from LumbarSegmentLib.jobs import DONE, FAILED, alive
-from LumbarSegmentLib.segment_job import SegmentController, SegmentRequest
-from LumbarSegmentLib.volume import Volume
-from LumbarSegmentLib.worker_client import WarmWorker
+from LumbarSegmentLib.slicer.jobs import DONE, FAILED, alive
+from LumbarSegmentLib.slicer.segment_job import SegmentController, SegmentRequest
+from LumbarSegmentLib.core.volume import Volume
+from LumbarSegmentLib.inference.worker_client import WarmWorker
 
 SAGITTAL = np.array([[0.0, 0, 1], [1, 0, 0], [0, -1, 0]])  # i -> P, j -> I, k -> L
 
@@ -38,7 +38,7 @@ def worker(tmp_path):
 
 
 def test_drafts_share_one_warm_process_and_match_the_engine(worker, tiny_package, tmp_path):
-    from LumbarSegmentLib.engine import SegmentOptions, segment_volume
+    from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
 
     ctl = SegmentController(worker=worker, workdir_parent=str(tmp_path))
     request = SegmentRequest(models=[str(tiny_package.path)], device="cpu", threads=1)
@@ -96,9 +96,9 @@ def test_worker_protocol_events(tiny_package, tmp_path):
     """The request/answer contract on its own: JSON lines in, done/error events in the progress file."""
     import subprocess
 
-    from LumbarSegmentLib.io import write_volume
-    from LumbarSegmentLib.jobs import child_environment
-    from LumbarSegmentLib.progress import JsonLinesTail
+    from LumbarSegmentLib.formats.io import write_volume
+    from LumbarSegmentLib.slicer.jobs import child_environment
+    from LumbarSegmentLib.core.progress import JsonLinesTail
 
     src = write_volume(smooth_volume(), tmp_path / "in.nrrd")
     progress = tmp_path / "p.jsonl"
@@ -108,7 +108,7 @@ def test_worker_protocol_events(tiny_package, tmp_path):
             {"job": "b", "argv": ["models"], "progress": str(progress)},
             {"op": "quit"}]
     stdin = "".join(json.dumps(r) + "\n" for r in reqs)
-    proc = subprocess.run([sys.executable, "-m", "LumbarSegmentLib.worker", "serve", "--threads", "1"], input=stdin,
+    proc = subprocess.run([sys.executable, "-m", "LumbarSegmentLib.inference.worker", "serve", "--threads", "1"], input=stdin,
                           capture_output=True, text=True, env=child_environment(), timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     events = JsonLinesTail(progress).flush()

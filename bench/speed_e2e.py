@@ -68,7 +68,7 @@ def isa_flags() -> list[str]:
 
 def run_command(image: Path, out: Path, isa: str, extra: list[str], env: dict, threads: int) -> dict:
     report = out.with_suffix("").with_suffix(".json")
-    argv = [sys.executable, "-m", "LumbarSegmentLib.cli", "segment", str(image), "-o", str(out), "--threads",
+    argv = [sys.executable, "-m", "LumbarSegmentLib.cli.main", "segment", str(image), "-o", str(out), "--threads",
             str(threads), "--no-progress", "--device", "cpu", "--report", str(report), *extra]
     child_env = {**env, **(AVX2_ENV if isa == "avx2" else {})}
     t0 = time.perf_counter()
@@ -118,9 +118,9 @@ def agreement(volumes: dict, work: Path) -> list[dict]:
 
 def bench_drafts(image: Path, drafts: int, env: dict, threads: int, work: Path) -> dict:
     os.environ.update(env)
-    from LumbarSegmentLib.io import read_volume
-    from LumbarSegmentLib.segment_job import SegmentController, SegmentRequest
-    from LumbarSegmentLib.worker_client import WarmWorker
+    from LumbarSegmentLib.formats.io import read_volume
+    from LumbarSegmentLib.slicer.segment_job import SegmentController, SegmentRequest
+    from LumbarSegmentLib.inference.worker_client import WarmWorker
 
     volume = read_volume(image)
     request = SegmentRequest(device="cpu", threads=threads)
