@@ -12,7 +12,7 @@ import pytest
 from LumbarSegmentLib.slicer.jobs import DONE, FAILED, alive
 from LumbarSegmentLib.slicer.segment_job import SegmentController, SegmentRequest
 from LumbarSegmentLib.core.volume import Volume
-from LumbarSegmentLib.inference.worker_client import WarmWorker
+from LumbarSegmentLib.slicer.worker_client import WarmWorker
 
 SAGITTAL = np.array([[0.0, 0, 1], [1, 0, 0], [0, -1, 0]])  # i -> P, j -> I, k -> L
 
@@ -108,7 +108,7 @@ def test_worker_protocol_events(tiny_package, tmp_path):
             {"job": "b", "argv": ["models"], "progress": str(progress)},
             {"op": "quit"}]
     stdin = "".join(json.dumps(r) + "\n" for r in reqs)
-    proc = subprocess.run([sys.executable, "-m", "LumbarSegmentLib.inference.worker", "serve", "--threads", "1"], input=stdin,
+    proc = subprocess.run([sys.executable, "-m", "LumbarSegmentLib.cli.worker", "serve", "--threads", "1"], input=stdin,
                           capture_output=True, text=True, env=child_environment(), timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     events = JsonLinesTail(progress).flush()

@@ -120,7 +120,7 @@ def bench_drafts(image: Path, drafts: int, env: dict, threads: int, work: Path) 
     os.environ.update(env)
     from LumbarSegmentLib.formats.io import read_volume
     from LumbarSegmentLib.slicer.segment_job import SegmentController, SegmentRequest
-    from LumbarSegmentLib.inference.worker_client import WarmWorker
+    from LumbarSegmentLib.slicer.worker_client import WarmWorker
 
     volume = read_volume(image)
     request = SegmentRequest(device="cpu", threads=threads)

@@ -18,7 +18,7 @@ from LumbarSegmentLib.slicer.jobs import (CANCELLED, DONE, FAILED, IDLE, RUNNING
 from LumbarSegmentLib.core.progress import JsonLinesTail, describe, format_duration  # noqa: F401
 from LumbarSegmentLib.slicer.retrain_job import RUN_FILE, RetrainController, publish_command, train_command  # noqa: F401
 from LumbarSegmentLib.slicer.segment_job import SegmentController, SegmentRequest, SegmentRun, segment_command  # noqa: F401
-from LumbarSegmentLib.inference.worker_client import WarmWorker
+from LumbarSegmentLib.slicer.worker_client import WarmWorker
 
 class ModuleLogic:
     """Everything the Slicer module does, given the scene and the Segmentations logic.

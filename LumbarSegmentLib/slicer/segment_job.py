@@ -25,7 +25,7 @@ from typing import Callable
 from LumbarSegmentLib.slicer.jobs import (CANCELLED, DONE, FAILED, RUNNING, WARNING_LINE, BackgroundProcess, ControllerError, Status,
                    child_command, child_environment, error_in, python_executable)
 from LumbarSegmentLib.core.progress import BATCH, DONE as DONE_EVENT, ERROR as ERROR_EVENT, PROGRESS_ENV, JsonLinesTail, fraction
-from LumbarSegmentLib.inference.worker_client import WarmWorker
+from LumbarSegmentLib.slicer.worker_client import WarmWorker
 
 
 @dataclass

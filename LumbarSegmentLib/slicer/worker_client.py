@@ -19,7 +19,7 @@ from typing import Sequence
 
 from LumbarSegmentLib.slicer.jobs import BackgroundProcess, ControllerError, child_command, child_environment, python_executable
 
-WORKER_MODULE = "LumbarSegmentLib.inference.worker"
+WORKER_MODULE = "LumbarSegmentLib.cli.worker"
 
 
 def _pipe_runner(argv: Sequence[str], env: dict, output):

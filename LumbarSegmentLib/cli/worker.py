@@ -4,7 +4,7 @@ A front end (the Slicer module, the browser app) that starts ``lumbarseg segment
 pays the interpreter start, the PyTorch import and the model load each time (seconds). The worker
 pays them once, then serves drafts one after the other:
 
-    python -m LumbarSegmentLib.inference.worker serve [--preload REF[,REF]] [--max-rss-mb M] [--max-jobs N]
+    python -m LumbarSegmentLib.cli.worker serve [--preload REF[,REF]] [--max-rss-mb M] [--max-jobs N]
 
 Requests are JSON lines on stdin; each is the argument list of a ``lumbarseg segment`` command
 (as ``segment_job.segment_command`` builds it, without the interpreter) and the progress file to
@@ -147,7 +147,7 @@ def serve(stdin, *, preload: str | None, max_rss_mb: float, max_jobs: int) -> in
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m LumbarSegmentLib.inference.worker",
+    p = argparse.ArgumentParser(prog="python -m LumbarSegmentLib.cli.worker",
                                 description="a warm segmentation worker (JSON-lines requests on stdin)")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve segment requests from stdin until it ends")
