@@ -562,6 +562,7 @@ class AnnotationSession:
             self.cancel_segmentation()
         if self.retraining:
             self.stop_retrain()
+        getattr(self.logic.segmenter, "close", lambda: None)()  # ends the warm draft worker
         try:
             self.save_draft()
         except (OSError, ControllerError, RuntimeError):

@@ -68,8 +68,11 @@ def _parser() -> argparse.ArgumentParser:
                    f"(default {SLICE_SMOOTHING_MM:g}; 0 = each slice on its own)")
     s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="arithmetic: auto = fp16/bf16 on CUDA, bf16 on CPUs with native bf16, else fp32")
+    s.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"],
+                   help="what computes the network: torch (PyTorch), onnx (ONNX Runtime, CPU float32; needs the "
+                   "onnxruntime package), auto = torch (default; docs/benchmarks.md compares them)")
     s.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
-                   help="windows per forward pass (default: 8 on CPU, 32 on CUDA; halved on out-of-memory)")
+                   help="windows per forward pass (default: 32 on CUDA, halved on out-of-memory; on a CPU as many as hold 4 x 320 x 320 pixels)")
     s.add_argument("--tile", type=_tile, default="auto", metavar="auto|patch|whole|PIXELS",
                    help="inference window: auto = whole slice when it fits in twice the model's patch, else "
                    "sliding patches; patch; whole; or a square window of PIXELS (>= 32)")
@@ -210,7 +213,8 @@ def _segment_one(src: Path, label_out: Path, args, packages, report_out=None, se
     opts = SegmentOptions(device=args.device, mode=args.mode, batch_size=args.batch_size, tile=tile,
                           overlap=args.overlap, allow_reslice=args.reslice, confidence=bool(conf_out),
                           precision=args.precision, threads=args.threads, postprocess=args.postprocess,
-                          slice_smoothing_mm=args.slice_smoothing, bn_adapt=args.bn_adapt)
+                          slice_smoothing_mm=args.slice_smoothing, bn_adapt=args.bn_adapt,
+                          runtime=getattr(args, "runtime", "auto"))
     bar = None
     from LumbarSegmentLib.core.progress import BATCH, ProgressLog
 
@@ -250,7 +254,8 @@ def _segment_one(src: Path, label_out: Path, args, packages, report_out=None, se
     return report
 
 
-def cmd_segment(args) -> int:
+def cmd_segment(args, resolve=None) -> int:
+    """``resolve(model_arg, mode)`` -> models: a warm worker (worker.py) passes its cache of loaded models."""
     from LumbarSegmentLib.core.checks import check_options
     from LumbarSegmentLib.formats.io import volume_suffix
     from LumbarSegmentLib.cli.outputs import check_input_folders
@@ -268,7 +273,7 @@ def cmd_segment(args) -> int:
         if files:
             raise ValueError(f"--series picks a series inside a DICOM folder, but {files[0]} is a volume file; "
                              f"leave --series out, or give the DICOM folder")
-    packages = _resolve_models(args.model, args.mode)
+    packages = (resolve or _resolve_models)(args.model, args.mode)
     if args.mode == "fast" and len(packages) > 1:
         raise ValueError("several models were given: use --mode ensemble")
     out = Path(args.output)

@@ -21,6 +21,10 @@ statistics first re-estimated on the volume's own slices: :mod:`bn_adapt`) is tu
 equivalent, cheaper inference graph (:func:`inference_graph`): BatchNorm folded into the preceding
 convolution and PReLU evaluated as ``max(x, a*x)`` (docs/benchmarks.md says what that buys on a CPU).
 
+Runtimes (``runtime``): PyTorch computes the network, or ONNX Runtime on the CPU in float32
+(:mod:`onnx_runner`: the same inference graph exported, cached per weights and plane size); only
+the network changes hands, every other step above is this module's. The report names the runtime.
+
 Devices: ``auto`` picks CUDA, then MPS, then CPU. On CUDA the model runs in
 channels_last with fp16/bf16 autocast; a CUDA out-of-memory error halves the
 batch and, at batch 1, moves the run to the CPU (reported in ``warnings``).
@@ -44,6 +48,8 @@ import numpy as np
 from LumbarSegmentLib.inference.devices import (DEVICES, PRECISIONS, EngineError, autocast, autocast_dtype, cpu_has_bf16,  # noqa: F401
                       is_oom, pick_device)
 from LumbarSegmentLib.core.geometry import resize_planes
+from LumbarSegmentLib.inference.graph_rewrite import inference_graph  # noqa: F401  (part of the engine's API)
+from LumbarSegmentLib.inference.onnx_runner import RUNTIMES, OnnxModel, choose_runtime
 from LumbarSegmentLib.registry.packages import ModelPackage, PackageError
 from LumbarSegmentLib.inference.preprocess import model_slices
 from LumbarSegmentLib.core.schema import LabelSchema, SchemaError
@@ -60,6 +66,9 @@ if "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 MODES = ("fast", "tta", "ensemble")
+# Windows per CPU forward pass: as many as hold this many pixels (4 whole 320 x 320 slices, 2 of 384 x 384):
+# the activations of one batch are most of the run's memory, and fewer, larger batches were not faster.
+CPU_BATCH_PIXELS = 4 * 320 * 320
 
 
 class Cancelled(Exception):
@@ -70,7 +79,7 @@ class Cancelled(Exception):
 class SegmentOptions:
     device: str = "auto"
     mode: str = "fast"  # fast: one model; tta: + horizontal flip; ensemble: several models (+ flip)
-    batch_size: int | None = None  # windows per forward pass; None = 8 on CPU, 32 on GPU
+    batch_size: int | None = None  # windows per forward pass; None = 32 on GPU, on CPU see CPU_BATCH_PIXELS
     overlap: float = 0.25  # fraction of the window shared by neighbours
     # "auto": the whole slice in one window when no side exceeds twice the model's patch (the nets
     # are fully convolutional), else sliding windows of the patch size; "patch", "whole", or pixels.
@@ -83,6 +92,7 @@ class SegmentOptions:
     postprocess: str = "none"  # "spine": keep the spinal column, drop blobs apart from it (postprocess.py)
     slice_smoothing_mm: float = SLICE_SMOOTHING_MM  # sigma of the across-slice average (0: off)
     bn_adapt: float = 0.0  # weight of the volume's own BatchNorm statistics (bn_adapt.py; 0: off)
+    runtime: str = "auto"  # what computes the network: torch, onnx (ONNX Runtime, CPU fp32), auto (onnx_runner.py)
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -100,6 +110,8 @@ class SegmentOptions:
         if not 0 <= self.slice_smoothing_mm <= SLICE_SMOOTHING_MAX_MM:
             raise EngineError(f"slice smoothing must be 0-{SLICE_SMOOTHING_MAX_MM:g} mm (0: off), "
                               f"got {self.slice_smoothing_mm}")
+        if self.runtime not in RUNTIMES:
+            raise EngineError(f"unknown runtime {self.runtime!r}; choose one of {', '.join(RUNTIMES)}")
         if not 0 <= self.bn_adapt <= 1:
             raise EngineError(f"BatchNorm adaptation weight must be 0 (off) to 1, got {self.bn_adapt}")
         from LumbarSegmentLib.inference.postprocess import MODES as PP_MODES
@@ -135,72 +147,6 @@ def gaussian_weight(h: int, w: int, sigma_frac: float = 0.125):
 
     wmap = g(h)[:, None] * g(w)[None, :]
     return (wmap / wmap.max()).clamp_min(1e-3)
-
-
-_PRELU_AS_MAX = None
-
-
-def _prelu_as_max_class():
-    """``nn.Module`` computing PReLU as ``max(x, a*x)``: the same values when every slope ``a`` is in [0, 1].
-
-    PyTorch's own bf16 PReLU kernel on the CPU is several times slower than a multiply and a
-    maximum (it dominated the non-convolution time of the VGG-encoder models); in float32 the
-    native kernel is kept.
-    """
-    global _PRELU_AS_MAX
-    if _PRELU_AS_MAX is None:
-        import torch
-        import torch.nn.functional as F
-        from torch import nn
-
-        class PReLUAsMax(nn.Module):
-            def __init__(self, prelu):
-                super().__init__()
-                self.weight = nn.Parameter(prelu.weight.detach().clone(), requires_grad=False)
-
-            def forward(self, x):
-                if x.dtype == torch.float32 or x.dim() < 2:
-                    return F.prelu(x, self.weight)
-                a = self.weight.to(x.dtype).view((1, -1) + (1,) * (x.dim() - 2))
-                y = x * a
-                return torch.maximum(x, y, out=y) if not y.requires_grad else torch.maximum(x, y)
-
-        _PRELU_AS_MAX = PReLUAsMax
-    return _PRELU_AS_MAX
-
-
-def inference_graph(model):
-    """Rewrite an eval-mode model in place into an equivalent one that is cheaper to run.
-
-    * ``Conv2d`` immediately followed by ``BatchNorm2d`` inside a plain ``nn.Sequential`` (the
-      ``ConvBNAct`` blocks): the BN's running statistics and affine parameters are folded into
-      the convolution's weights and bias, and the BN becomes ``Identity`` (exact up to float
-      rounding: the output changes by ~1e-5 relative);
-    * ``PReLU`` whose slopes all lie in [0, 1]: computed as ``max(x, a*x)`` outside float32.
-
-    A model in training mode is returned unchanged. Returns ``model``.
-    """
-    from torch import nn
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    if model.training:
-        return model
-    for parent in list(model.modules()):
-        names = list(parent._modules)
-        if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
-            for a, b in zip(names, names[1:]):
-                conv, bn = parent._modules[a], parent._modules[b]
-                if (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.track_running_stats
-                        and bn.running_mean is not None and conv.out_channels == bn.num_features):
-                    parent._modules[a] = fuse_conv_bn_eval(conv, bn)
-                    parent._modules[b] = nn.Identity()
-        for name in names:
-            child = parent._modules[name]
-            if type(child) is nn.PReLU:
-                w = child.weight.detach()
-                if bool(((w >= 0) & (w <= 1)).all()):
-                    parent._modules[name] = _prelu_as_max_class()(child)
-    return model
 
 
 @dataclass
@@ -271,7 +217,7 @@ class _Runner:
 
         self.spec, self.options, self.warnings, self.device = spec, options, warnings, device
         self.torch, self.cancelled = torch, cancelled  # ``slices``: the volume's model-space stack [S, H, W]
-        self.batch = options.batch_size or (32 if device.type == "cuda" else 8)
+        self.batch = options.batch_size or (32 if device.type == "cuda" else _cpu_batch(slices, spec, options))
         self.group = self.batch  # windows per progress step; fixed, while ``batch`` may shrink on OOM
         adapt = options.bn_adapt > 0
         # BN adaptation changes the statistics: always on a private copy, never on a shared module
@@ -282,6 +228,8 @@ class _Runner:
             self._adapt(slices)
             self.model = inference_graph(self.model)
             self._place(device)
+        self.runtime = choose_runtime(options.runtime, self.device.type, self.dtype, spec.sha256, options.bn_adapt)
+        self.onnx = OnnxModel(self.model, spec.sha256, options.threads) if self.runtime == "onnx" else None
 
     def _adapt(self, slices):
         """Test-time BatchNorm adaptation (bn_adapt.py) on windows of the volume's own slices, cut
@@ -310,7 +258,8 @@ class _Runner:
 
         self.device = device
         self.model = self.model.to(device)
-        self.dtype = autocast_dtype(device, self.options.precision)
+        onnx_auto = self.options.runtime == "onnx" and self.options.precision == "auto" and device.type == "cpu"
+        self.dtype = autocast_dtype(device, "fp32" if onnx_auto else self.options.precision)
         if device.type in ("cuda", "cpu"):
             self.model = self.model.to(memory_format=torch.channels_last)
 
@@ -342,9 +291,16 @@ class _Runner:
 
     def _run(self, x):
         torch = self.torch
+        if self.onnx is not None:
+            return torch.from_numpy(self.onnx.probabilities(x.contiguous().numpy()))
         with torch.inference_mode(), autocast(self.device, self.dtype):
             logits = self.model(self._to_device(x))
             return torch.softmax(logits.float(), dim=1).cpu()
+
+
+def _cpu_batch(slices, spec: LoadedModel, options: SegmentOptions) -> int:
+    (th, tw), _, _ = _window_grid(tuple(slices.shape[-2:]), spec, options)
+    return max(1, CPU_BATCH_PIXELS // (th * tw))
 
 
 def _window_grid(plane: tuple[int, int], spec: LoadedModel, options: SegmentOptions):
@@ -458,8 +414,9 @@ def _report(volume, schema, runners, options, layout, info, n_slices, counts, en
     return {
         "labels": {str(c.value): c.id for c in schema.classes},
         "schema": schema.name,
-        "models": [{"ref": r.spec.ref, "variant": r.spec.variant,
+        "models": [{"ref": r.spec.ref, "variant": r.spec.variant, "runtime": r.runtime,
                     "sha256": r.spec.sha256, "path": r.spec.path} for r in runners],
+        "runtime": OnnxModel.version() if r0.onnx is not None else f"torch {torch.__version__}",
         "mode": options.mode,
         "slice_smoothing_mm": options.slice_smoothing_mm,
         "bn_adapt": options.bn_adapt,
@@ -576,6 +533,8 @@ def segment_volume(volume: Volume, packages: Sequence[ModelPackage | LoadedModel
             if conf_c is not None:
                 conf_c[s0:s1] = pmax.numpy()
     timings["inference"] = time.perf_counter() - t_inf
+    if any(r.onnx is not None and r.onnx.exported_s for r in runners):  # inside "inference": the first run only
+        timings["onnx_export"] = sum(r.onnx.exported_s for r in runners if r.onnx is not None)
 
     t = time.perf_counter()
     if options.postprocess != "none":

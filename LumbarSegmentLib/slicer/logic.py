@@ -18,6 +18,7 @@ from LumbarSegmentLib.slicer.jobs import (CANCELLED, DONE, FAILED, IDLE, RUNNING
 from LumbarSegmentLib.core.progress import JsonLinesTail, describe, format_duration  # noqa: F401
 from LumbarSegmentLib.slicer.retrain_job import RUN_FILE, RetrainController, publish_command, train_command  # noqa: F401
 from LumbarSegmentLib.slicer.segment_job import SegmentController, SegmentRequest, SegmentRun, segment_command  # noqa: F401
+from LumbarSegmentLib.slicer.worker_client import WarmWorker
 
 class ModuleLogic:
     """Everything the Slicer module does, given the scene and the Segmentations logic.
@@ -31,7 +32,7 @@ class ModuleLogic:
                  trainer: RetrainController | None = None, installer=None, registries=None):
         self.scene = scene
         self.seg_logic = seg_logic
-        self.segmenter = segmenter or SegmentController()
+        self.segmenter = segmenter or SegmentController(worker=WarmWorker())  # drafts in a warm process
         self.trainer = trainer or RetrainController()
         self.installer = installer
         self.registries = registries

@@ -6,6 +6,11 @@ reading the label map back (a fraction of a second for an MR volume). Progress c
 ``LumbarSegmentLib.core.progress``); warnings and errors from the CLI's ``warning:`` /
 ``lumbarseg: error:`` lines in its output log. No progress-bar text is parsed: a CLI that
 writes no events leaves the fraction unknown (an indeterminate bar), never a wrong one.
+
+With a :class:`worker_client.WarmWorker` (``SegmentController(worker=...)``, what the Slicer module
+and the browser app use for drafts) the same command runs inside a long-lived worker process that
+keeps PyTorch and the models loaded, instead of a new process per draft; its end is a ``done`` or
+``error`` event in the same progress file, and cancel kills the worker (the next draft starts another).
 """
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ from typing import Callable
 
 from LumbarSegmentLib.slicer.jobs import (CANCELLED, DONE, FAILED, RUNNING, WARNING_LINE, BackgroundProcess, ControllerError, Status,
                    child_command, child_environment, error_in, python_executable)
-from LumbarSegmentLib.core.progress import BATCH, PROGRESS_ENV, JsonLinesTail, fraction
+from LumbarSegmentLib.core.progress import BATCH, DONE as DONE_EVENT, ERROR as ERROR_EVENT, PROGRESS_ENV, JsonLinesTail, fraction
+from LumbarSegmentLib.slicer.worker_client import WarmWorker
 
 
 @dataclass
@@ -74,7 +80,11 @@ class SegmentController:
     """Runs one segmentation at a time in a child process; poll it, cancel it, or block on it."""
 
     def __init__(self, *, python: str | None = None, runner: Callable | None = None, env: dict | None = None,
-                 command: Callable[..., list[str]] = segment_command, workdir_parent: str | None = None):
+                 command: Callable[..., list[str]] = segment_command, workdir_parent: str | None = None,
+                 worker: WarmWorker | None = None):
+        self.worker = worker  # None: a new ``lumbarseg segment`` process per run
+        self._job: str | None = None
+        self._ended: dict | None = None  # the worker's done/error event for the current job
         self.python = python or python_executable()
         self.runner = runner
         self.env = env
@@ -113,6 +123,9 @@ class SegmentController:
         env = child_environment(progress_file=p["progress"]) if self.env is None else \
             {**self.env, PROGRESS_ENV: str(p["progress"])}
         self._events = JsonLinesTail(p["progress"])
+        if self.worker is not None:
+            self._submit(argv)
+            return
         try:
             self._process = BackgroundProcess(argv, output=p["log"], env=env, runner=self.runner)
         except OSError as exc:
@@ -120,8 +133,33 @@ class SegmentController:
             raise ControllerError(f"could not start the segmentation process ({argv[0]}): {exc}") from exc
         self.status = Status(RUNNING, None, "starting (loading PyTorch and the model)")
 
+    def _submit(self, argv: list[str]) -> None:
+        self._ended = None
+        try:
+            self._job = self.worker.submit(argv[3:], self._paths["progress"])  # from "segment" on
+        except ControllerError:
+            self._cleanup()
+            raise
+        self.status = Status(RUNNING, None, "segmenting (warm worker)")
+
+    def _poll_worker(self) -> Status:
+        died = not self.worker.alive  # read before the events, so an event written before the exit is seen
+        self._take(self._events.read_new())
+        if self._ended is None and not died:
+            return self.status
+        if self._ended is not None and self._ended.get("event") == DONE_EVENT:
+            self._finish(0)
+        else:
+            msg = ((self._ended or {}).get("message")
+                   or "the segmentation worker stopped: " + self.worker.last_output())
+            self._error = msg.replace(f"{self._paths.get('input')}: ", "")
+            self._finish(1)
+        return self.status
+
     def poll(self) -> Status:
         """Read the child's new events and output and update :attr:`status`; collects the result when it ends."""
+        if self.worker is not None and not self.status.finished and self._job is not None:
+            return self._poll_worker()
         proc = self._process
         if proc is None or self.status.finished:
             return self.status
@@ -130,6 +168,10 @@ class SegmentController:
         self._take(self._events.read_new() if rc is None else self._events.flush())
         if rc is None:
             return self.status
+        self._finish(rc, proc)
+        return self.status
+
+    def _finish(self, rc: int, proc: BackgroundProcess | None = None) -> None:
         if rc == 0:
             try:
                 self._result = self._collect()
@@ -140,14 +182,17 @@ class SegmentController:
             finally:
                 self._cleanup()
         else:
-            msg = self._error or (proc.tail[-1] if proc.tail else f"the segmentation process exited with code {rc}")
+            msg = self._error or (proc.tail[-1] if proc is not None and proc.tail else
+                                  f"the segmentation process exited with code {rc}")
             self._error = msg
             self.status = Status(FAILED, None, msg, self.status.warnings)
             self._cleanup()
-        return self.status
 
     def _take(self, events: list[dict]) -> None:
         for rec in events:
+            if self._job is not None and rec.get("event") in (DONE_EVENT, ERROR_EVENT) and rec.get("job") == self._job:
+                self._ended = rec
+                self.status.warnings.extend(self._report_warnings() if rec["event"] == DONE_EVENT else [])
             if rec.get("event") == BATCH and rec.get("total"):
                 self.status.fraction = fraction(rec)
                 self.status.message = f"segmenting: batch {rec.get('done', 0)} of {rec['total']}"
@@ -183,12 +228,28 @@ class SegmentController:
             raise ControllerError(self._error or f"no result: the segmentation is {self.status.state}")
         return self._result
 
+    def _report_warnings(self) -> list[str]:
+        """A worker prints no ``warning:`` lines for this run: its warnings are read from the report."""
+        try:
+            return list(json.loads(self._paths["report"].read_text()).get("warnings") or [])
+        except (OSError, ValueError, AttributeError):
+            return []
+
     def cancel(self) -> None:
         """Kill the child and everything it started; leaves no files behind."""
-        if self._process is not None and self.running:
+        if self.worker is not None and self.running:
+            self.worker.kill()  # the only way to stop a forward pass at once; the next draft starts a new one
+            self.status = Status(CANCELLED, None, "segmentation cancelled")
+        elif self._process is not None and self.running:
             self._process.kill()
             self.status = Status(CANCELLED, None, "segmentation cancelled")
         self._cleanup()
+
+    def close(self) -> None:
+        """Cancel a running draft and end the warm worker (when the panel or the browser session closes)."""
+        self.cancel()
+        if self.worker is not None:
+            self.worker.close()
 
     def run(self, volume, request: SegmentRequest | None = None, *,
             progress: Callable[[Status], None] | None = None, timeout: float | None = None,

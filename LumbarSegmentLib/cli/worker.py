@@ -1,0 +1,172 @@
+"""A warm segmentation worker: one long-lived process that keeps PyTorch and the models loaded.
+
+A front end (the Slicer module, the browser app) that starts ``lumbarseg segment`` for every draft
+pays the interpreter start, the PyTorch import and the model load each time (seconds). The worker
+pays them once, then serves drafts one after the other:
+
+    python -m LumbarSegmentLib.cli.worker serve [--preload REF[,REF]] [--max-rss-mb M] [--max-jobs N]
+
+Requests are JSON lines on stdin; each is the argument list of a ``lumbarseg segment`` command
+(as ``segment_job.segment_command`` builds it, without the interpreter) and the progress file to
+write to::
+
+    {"job": "3", "argv": ["segment", "in.nrrd", "--output", "out.nrrd", "--report", "r.json", ...],
+     "progress": "/path/progress.jsonl"}
+    {"op": "quit"}
+
+Every request runs exactly the command's own code (``cli.cmd_segment``: the same checks, engine
+call, report and all-or-nothing outputs); only the models come from the worker's cache (keyed by
+package path and weights SHA-256, so a re-published model is loaded again). Into the request's
+progress file go ``batch`` events while it runs, then one ``done`` (``job``, ``report``, ``rss_mb``)
+or ``error`` (``job``, ``message``) event: the schema of ``progress.py``.
+
+Cancel = kill the process (``worker_client.WarmWorker.kill``): nothing is half-written (the command
+commits its outputs at the end) and every byte of memory returns; the next draft starts a fresh
+worker. Memory stays bounded: after a job the worker exits (a clean retirement, announced in the
+``done`` event as ``retiring``) once its resident memory exceeds ``--max-rss-mb`` or it has
+served ``--max-jobs`` requests; the client starts a new one for the next draft. End of stdin (the
+parent went away) ends the worker too.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+
+from LumbarSegmentLib.core.progress import DONE, ERROR, PROGRESS_ENV, ProgressLog
+
+DEFAULT_MAX_RSS_MB = 2048
+DEFAULT_MAX_JOBS = 200
+
+
+def resident_mb() -> float:
+    """This process's resident memory now (MB): psutil, else /proc, else the peak from getrusage."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except Exception:
+        pass
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows without psutil: no bound can be checked
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+class ModelCache:
+    """Models loaded once per worker: ``resolve(arg, mode)`` has the signature of ``cli._resolve_models``."""
+
+    def __init__(self):
+        self._loaded: dict[tuple, object] = {}
+
+    def resolve(self, arg: str | None, mode: str) -> list:
+        from LumbarSegmentLib.cli.main import _resolve_models
+        from LumbarSegmentLib.inference.engine import LoadedModel
+
+        out = []
+        for pkg in _resolve_models(arg, mode):  # reads the registries now: a new default is seen at once
+            key = (str(pkg.path), pkg.sha256)
+            if key not in self._loaded:
+                self._loaded[key] = LoadedModel.from_package(pkg)
+            out.append(self._loaded[key])
+        return out
+
+
+def warm_up(cache: ModelCache, refs: str | None) -> None:
+    """Load ``refs`` (or the default model) and run one small window through each: the first draft
+    then finds the weights, the inference graph and the CPU library's kernels ready."""
+    import numpy as np
+
+    from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
+    from LumbarSegmentLib.core.volume import Volume
+
+    rng = np.random.default_rng(0)
+    vol = Volume(array=(rng.random((64, 64, 3)) * 100).astype(np.float32), spacing=(1.0, 1.0, 1.0),
+                 origin=(0.0, 0.0, 0.0), direction=np.eye(3))
+    for model in cache.resolve(refs, "fast"):
+        segment_volume(vol, [model], SegmentOptions(device="cpu", slice_smoothing_mm=0))
+
+
+def run_request(req: dict, cache: ModelCache) -> dict:
+    """One request: the ``segment`` command with cached models; returns the closing event's fields."""
+    from LumbarSegmentLib.cli.main import _one_line, _parser, cmd_segment
+
+    job = str(req.get("job", ""))
+    argv = req.get("argv")
+    if not isinstance(argv, list) or argv[:1] != ["segment"]:
+        return {"event": ERROR, "job": job, "message": "a worker request must be a 'segment' command"}
+    try:
+        args = _parser().parse_args([str(a) for a in argv])
+    except SystemExit:  # argparse printed its usage line to stderr (the worker's log)
+        return {"event": ERROR, "job": job, "message": "the segment command in the request is not valid"}
+    try:
+        cmd_segment(args, resolve=cache.resolve)
+    except (ValueError, OSError, RuntimeError, MemoryError) as exc:
+        return {"event": ERROR, "job": job, "message": _one_line(exc)}
+    return {"event": DONE, "job": job, "report": args.report}
+
+
+def serve(stdin, *, preload: str | None, max_rss_mb: float, max_jobs: int) -> int:
+    cache = ModelCache()
+    if preload is not None:
+        warm_up(cache, preload or None)
+    print("worker ready", flush=True)
+    served = 0
+    for line in stdin:
+        if not line.strip():
+            continue
+        try:
+            req = json.loads(line)
+        except json.JSONDecodeError:
+            print("worker: error: a request line is not JSON; ignored", flush=True)
+            continue
+        if not isinstance(req, dict) or req.get("op") == "quit":
+            break
+        progress = req.get("progress")
+        if progress:
+            os.environ[PROGRESS_ENV] = str(progress)  # cli._segment_one writes its batch events there
+        closing = run_request(req, cache)
+        served += 1
+        gc.collect()
+        rss = resident_mb()
+        retiring = served >= max_jobs or rss > max_rss_mb
+        ProgressLog(progress).write(closing.pop("event"), **closing, rss_mb=round(rss), retiring=retiring)
+        print(f"worker: job {req.get('job', '')} finished ({rss:.0f} MB resident)", flush=True)
+        if retiring:
+            break
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m LumbarSegmentLib.cli.worker",
+                                description="a warm segmentation worker (JSON-lines requests on stdin)")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve segment requests from stdin until it ends")
+    s.add_argument("--preload", nargs="?", const="", default=None, metavar="REF[,REF]",
+                   help="load these models (no value: the default model) and warm them up before the first request")
+    s.add_argument("--max-rss-mb", type=float, default=DEFAULT_MAX_RSS_MB,
+                   help=f"retire after a job once resident memory exceeds this (default {DEFAULT_MAX_RSS_MB})")
+    s.add_argument("--max-jobs", type=int, default=DEFAULT_MAX_JOBS,
+                   help=f"retire after this many requests (default {DEFAULT_MAX_JOBS})")
+    s.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's)")
+    a = p.parse_args(argv)
+    from LumbarSegmentLib.inference import engine  # noqa: F401  (before torch: the engine chooses the OpenMP wait policy)
+
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    return serve(sys.stdin, preload=a.preload, max_rss_mb=a.max_rss_mb, max_jobs=a.max_jobs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
