@@ -30,6 +30,7 @@ REG=()
 case "$PARENT" in *@*|uvd-*) REG=(--registry Resources/Models);; esac
 exec "$PY" -m LumbarSegmentLib.training.cli finetune --from "$PARENT" "${REG[@]}" --schema spine6 \
   --data "$SHARED/lumbar-mr,$SHARED/spider-t2space,$SHARED/t1-levels" --cases "$CASES" --val-cases "$VAL" \
-  --patch 192 --batch-size 8 --steps-per-epoch 60 --epochs 60 --lr 3e-4 --val-every 100 --val-stride 4 --patience 0 \
+  --patch 192 --batch-size 4 --steps-per-epoch 10 --epochs 360 --warmup-steps 10 --lr 3e-4 --val-every 1000 --val-stride 4 \
+  --patience 0 \
   --unannotated-bg-weight 0.05 --precision bf16 --threads 2 --balance sources --intensity-aug domain \
-  --max-minutes "${MINUTES:-50}" --budget-clock wall --name uvd-spine --out "$OUT" "$@"
+  --max-minutes "${MINUTES:-42}" --budget-clock wall --name uvd-spine --out "$OUT" "$@"
