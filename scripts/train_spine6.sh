@@ -26,6 +26,9 @@ cases += new["spider-t2space"]["train"] + new["t1-levels"]["train"] + val
 print(",".join(cases), ",".join(val))
 PY
 )
+# MINUTES (default 42): wall-clock budget that shortens the schedule to fit; MINUTES=0: the full --epochs
+BUDGET=()
+[ "${MINUTES:-42}" != 0 ] && BUDGET=(--max-minutes "${MINUTES:-42}" --budget-clock wall)
 REG=()
 case "$PARENT" in *@*|uvd-*) REG=(--registry Resources/Models);; esac
 exec "$PY" -m LumbarSegmentLib.training.cli finetune --from "$PARENT" "${REG[@]}" --schema spine6 \
@@ -33,4 +36,4 @@ exec "$PY" -m LumbarSegmentLib.training.cli finetune --from "$PARENT" "${REG[@]}
   --patch 192 --batch-size 4 --steps-per-epoch 10 --epochs 360 --warmup-steps 10 --lr 3e-4 --val-every 1000 --val-stride 4 \
   --patience 0 \
   --unannotated-bg-weight 0.05 --precision bf16 --threads 2 --balance sources --intensity-aug domain \
-  --max-minutes "${MINUTES:-42}" --budget-clock wall --name uvd-spine --out "$OUT" "$@"
+  ${BUDGET[@]+"${BUDGET[@]}"} --name uvd-spine --out "$OUT" "$@"
