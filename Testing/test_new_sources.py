@@ -89,3 +89,30 @@ def test_real_new_sources_load_as_training_slices(shared_data):
     t = load_case_slices(t1, SPINE)
     assert t.num_slices == 1 and not t.annotated[CH["sacrum"]]
     assert {CH["sacrum"], CH["vertebral_body"], IGNORE_INDEX} <= set(torch.unique(t.label).tolist())
+
+
+def test_finetune_into_spine6_starts_new_bone_classes_from_the_body(tmp_path):
+    from conftest import make_package
+
+    from LumbarSegmentLib.training.finetune import prepare_finetune_model
+
+    pkg = make_package(tmp_path / "src", schema="starter")
+    model, target, info = prepare_finetune_model(pkg, SPINE)
+    assert info["started_from_related"] == {"posterior_elements": "vertebral_body", "sacrum": "vertebral_body"}
+    for m in model.head_modules().values():
+        body, sac, pe = CH["vertebral_body"], CH["sacrum"], CH["posterior_elements"]
+        assert torch.equal(m.weight[sac], m.weight[body]) and torch.equal(m.weight[pe], m.weight[body])
+        if m.bias is not None:
+            assert m.bias[sac] < m.bias[body]
+    # the parent's decision is kept: no pixel's arg-max moves to a class that starts from the body
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        old = pkg.load_model().eval()(x)
+        old = old[0] if isinstance(old, (tuple, list)) else old
+    new_arg = out.argmax(1)
+    assert not ((new_arg == CH["sacrum"]) | (new_arg == CH["posterior_elements"])).any()
+    assert torch.equal(out[:, :3].argmax(1), old.argmax(1))
