@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from LumbarSegmentLib.cases import Case
-from LumbarSegmentLib.schema import load_schema
+from LumbarSegmentLib.dataset.cases import Case
+from LumbarSegmentLib.core.schema import load_schema
 from LumbarSegmentLib.training.data import DataError, select_cases
 from LumbarSegmentLib.training.targets import IGNORE_INDEX, SURE_BACKGROUND, case_target, set_code
 

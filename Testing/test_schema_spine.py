@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from LumbarSegmentLib.schema import LabelSchema, SchemaError, check_compatible, load_schema
-from LumbarSegmentLib.terminology import build_terminology
+from LumbarSegmentLib.core.schema import LabelSchema, SchemaError, check_compatible, load_schema
+from LumbarSegmentLib.core.terminology import build_terminology
 
 
 def test_spine6_keeps_the_starter_classes_comparable():

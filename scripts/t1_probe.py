@@ -27,8 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from LumbarSegmentLib.packages import Registry, resolve_model  # noqa: E402
-from LumbarSegmentLib.schema import load_schema  # noqa: E402
+from LumbarSegmentLib.registry.packages import Registry, resolve_model  # noqa: E402
+from LumbarSegmentLib.core.schema import load_schema  # noqa: E402
 from LumbarSegmentLib.training.data import case_source, select_cases  # noqa: E402
 from LumbarSegmentLib.training.evaluate import eval_options, predict  # noqa: E402
 from LumbarSegmentLib.training.targets import IGNORE_INDEX, case_target  # noqa: E402
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from LumbarSegmentLib.volume import Volume
+    from LumbarSegmentLib.core.volume import Volume
 
     regs = [Registry(a.registry, read_only=True)]
     opts = eval_options(device="cpu", mode="fast")
