@@ -85,6 +85,7 @@ class RefineParams:
     block_other: float = 0.5  # another structure this likely stops an intensity-only region
     min_radius_mm: float = 2.0  # a click always edits at least this ball (clipped to its region)
     leftover: float = 0.35  # negative click: pieces under this fraction of the removed part go too
+    local_mm: float = 10.0  # border mode: the edit stays within this in-plane distance of the click
     centre_fraction: float = 0.6  # negative click this deep in its cross-section: the whole section is wrong
 
 

@@ -180,7 +180,8 @@ def _positive_region(ctx: ClickContext, lc: Local) -> np.ndarray:
         grown = np.zeros_like(structure)
         for s in range(structure.shape[0]):
             grown[s] = _union_of_shifts(structure[s], offsets) & ~structure[s]
-        region = _propagate(grown & allowed, lc.voxel)
+        tau = float(np.clip(lc.pk[lc.voxel] - p.prob_margin, 0.0, 0.5))
+        region = _propagate(grown & allowed & _cylinder(lc, sp, p.local_mm) & (lc.pk >= tau), lc.voxel)
     else:
         region = _lateral_fill(ctx, lc, structure, allowed)
     return region if region.any() else lc.ball & allowed  # a click always changes something
@@ -239,8 +240,17 @@ def _negative_region(ctx: ClickContext, lc: Local) -> np.ndarray:
     for s in range(piece.shape[0]):
         if piece[s].any():
             cut[s] = piece[s] & ~_intersection_of_shifts(piece[s], [(-a, -b) for a, b in offsets])
-    region = _propagate(cut, lc.voxel)
+    tau = float(np.clip(lc.pk[lc.voxel] + p.prob_margin, 0.5, 0.97))  # as unsure as the clicked spot, or more
+    region = _propagate(cut & _cylinder(lc, sp, p.local_mm) & (lc.pk <= tau), lc.voxel)
     return region if region.any() else lc.ball & piece
+
+
+def _cylinder(lc: Local, spacing, radius_mm: float) -> np.ndarray:
+    """Voxels of the reach box within ``radius_mm`` of the click in the slice plane (any slice)."""
+    _, r0, c0 = lc.voxel
+    rr, cc = np.ogrid[:lc.work.shape[1], :lc.work.shape[2]]
+    inside = ((rr - r0) * spacing[1]) ** 2 + ((cc - c0) * spacing[2]) ** 2 <= radius_mm ** 2
+    return np.broadcast_to(inside[None], lc.work.shape)
 
 
 def _nearest_in_plane(mask2d: np.ndarray, rc, spacing2):

@@ -2,9 +2,9 @@
 
 For each case: the default model's draft, then up to N simulated clicks (the deepest point of the
 largest remaining error of the case's labelled structure inside its labelled levels:
-``LumbarSegmentLib.training.clicks``), each time refining the DRAFT with all clicks so far, as
-``lumbarseg refine IMAGE --labels DRAFT --click ...`` does (same library call, one warm session per
-case). Prints level-range Dice after 0/1/3/5/10/20 clicks per source, NoC@90 / NoC@95 (clicks to
+``LumbarSegmentLib.training.clicks``), each time refining the last result with all clicks so far,
+as ``lumbarseg refine IMAGE --labels LAST --click ...`` does (same library call, one warm session per
+case: the model's probabilities are computed once per slice). Prints level-range Dice after 0/1/3/5/10/20 clicks per source, NoC@90 / NoC@95 (clicks to
 reach 0.90 / 0.95; N+1 when never reached, counted as such in the mean) and whether every case
 improved; writes the per-case curves as JSON.
 
@@ -48,7 +48,7 @@ def run_case(case, pkg, options, n_clicks: int) -> dict:
             continue
         clicks.append(Click(sim.point_lps, structure, sim.positive))
         t = time.perf_counter()
-        labels = session.refine(draft, clicks).labels
+        labels = session.refine(labels, clicks).labels
         times.append(time.perf_counter() - t)
         curve.append(level_dice(labels, case.truth, case.image, value, channel))
     return {"case": case.case_id, "source": case.source, "structure": structure, "dice": curve,
