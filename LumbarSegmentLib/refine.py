@@ -141,6 +141,11 @@ class RefineSession:
         self.spacing = tuple(float(s) for s in self.layout.spacing_src)
         self.params = params or RefineParams()
 
+    def prefetch(self) -> None:
+        """Compute every slice's probabilities now (a worker can do this while the draft is on screen),
+        so that no later click waits for the model."""
+        self.probs.get(range(self.probs.n_slices))
+
     def refine(self, current: np.ndarray, clicks: Sequence[Click], protect: np.ndarray | None = None) -> RefineResult:
         """Apply ``clicks`` in order to ``current`` (stored order, label values); see the module doc."""
         from .refine_regions import ClickContext, apply_click
