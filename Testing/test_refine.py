@@ -186,3 +186,37 @@ def test_cli_bad_clicks_exit_2_and_write_nothing(real_case, tmp_path, capsys, cl
     assert rc == 2 and msg in err and "Traceback" not in err
     assert err.count("\n") == 1
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------ click to fix on MRML
+def test_click_to_fix_on_a_real_segmentation_node_with_undo_and_hand_edits_protected():
+    pytest.importorskip("slicer", reason="slicer-core (the MRML libraries) is not installed")
+    from LumbarSegmentLib import mrml
+    from LumbarSegmentLib.mrml_refine import ClickToFix
+
+    ctx = mrml.MRMLContext.standalone()
+    schema = load_schema("starter")
+    vol = phantom()
+    node = mrml.volume_to_node(ctx.scene, vol, "MR")
+    draft = truth_of(vol)
+    draft[11:16] = 0
+    draft[3, 12:20, 12:20] = DISC  # drafted disc that the annotator will have edited by hand
+    seg = mrml.labels_to_segmentation(ctx.scene, ctx.seg_logic, vol.with_array(draft), schema, node)
+    disc_id = next(sid for sid, c in mrml.segment_classes(seg, schema).items() if c.id == "intervertebral_disc")
+    hand_disc = np.zeros(draft.shape, bool)
+    hand_disc[3, 12:20, 12:20] = True
+    hand_disc[12, 14:18, 14:18] = True  # painted by hand into the body's missing slices
+    mrml.set_segment_mask(ctx.seg_logic, seg, disc_id, hand_disc, node)
+
+    tool = ClickToFix(ctx.scene, ctx.seg_logic, node, seg, background_model())
+    changed = tool.click(lps(vol, 13, 17, 20), "vertebral_body", True, now=0.0)
+    after = mrml.segmentation_to_labels(ctx.scene, ctx.seg_logic, seg, node, schema).array
+    assert changed == 5 * 16 * 20 - 16
+    assert np.all(after[hand_disc] == DISC)  # the hand-painted disc is untouched
+    assert np.all(after[11:16][~hand_disc[11:16] & (truth_of(vol)[11:16] == BODY)] == BODY)
+    assert tool.ledger.clicks == 1 and tool.ledger.voxels_by_clicks == changed
+    assert tool.undo() and not tool.undo()
+    back = mrml.segmentation_to_labels(ctx.scene, ctx.seg_logic, seg, node, schema).array
+    expected = draft.copy()
+    expected[hand_disc] = DISC
+    assert np.array_equal(back, expected)
