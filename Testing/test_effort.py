@@ -58,3 +58,13 @@ def test_summary_per_drafting_model_and_the_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| uvd-starter@4 | 2 | 1 | 300 |" in out
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_publish_shows_effort_only_when_exports_recorded_it(tmp_path):
+    from LumbarSegmentLib.training.publish import _effort_rows
+
+    _export(tmp_path / "old", "A", "uvd-starter@4", None)
+    assert _effort_rows(tmp_path / "old") == []
+    _export(tmp_path / "new", "A", "uvd-starter@5", {"clicks": 2, "voxels_by_clicks": 80, "active_seconds": 12})
+    (row,) = _effort_rows(tmp_path / "new")
+    assert row["model"] == "uvd-starter@5" and row["median_voxels_corrected"] == 80
