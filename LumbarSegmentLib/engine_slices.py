@@ -51,8 +51,9 @@ class SliceProbabilities:
     def cached(self) -> list[int]:
         return sorted(self._cache)
 
-    def get(self, indices: Sequence[int]) -> np.ndarray:
-        """Probabilities of the canonical slices ``indices`` (computed once each, in batches)."""
+    def get(self, indices: Sequence[int], rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
+        """Probabilities of the canonical slices ``indices`` (computed once each, in batches), optionally
+        only the ``rows`` x ``cols`` part of each slice."""
         idx = [int(i) for i in indices]
         bad = [i for i in idx if not 0 <= i < self.n_slices]
         if bad:
@@ -61,8 +62,8 @@ class SliceProbabilities:
         for run in _runs(missing):
             self._compute(run[0], run[-1] + 1)
         if not idx:
-            return np.zeros((0, self.schema.num_classes) + self.plane, np.float32)
-        return np.stack([self._cache[i] for i in idx])
+            return np.zeros((0, self.schema.num_classes) + self.plane, np.float32)[:, :, rows, cols]
+        return np.stack([self._cache[i][:, rows, cols] for i in idx])
 
     def _compute(self, c0: int, c1: int) -> None:
         step = self.options.chunk_slices

@@ -156,7 +156,7 @@ class RefineSession:
         stored = check_clicks(self.volume, clicks, self.schema)
         work = np.array(self.layout.to_canonical(current))
         values = [c.value for c in self.schema.classes]
-        editable = np.isin(work, values)
+        editable = _is_one_of(work, values)
         if protect is not None:
             editable &= ~np.asarray(self.layout.to_canonical(np.asarray(protect, dtype=bool)))
         reports = []
@@ -167,6 +167,15 @@ class RefineSession:
             reports.append(ClickReport(str(click), voxel, changed, why))
         out = np.ascontiguousarray(self.layout.from_canonical(work)).astype(current.dtype, copy=False)
         return RefineResult(out, int((out != current).sum()), reports)
+
+
+def _is_one_of(array: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    """``np.isin(array, values)``, by table look-up for small unsigned labels (a label map's usual type)."""
+    if array.dtype.kind == "u" and array.dtype.itemsize <= 2:
+        table = np.zeros(1 << (8 * array.dtype.itemsize), bool)
+        table[[v for v in values if 0 <= v < table.size]] = True
+        return table[array]
+    return np.isin(array, values)
 
 
 def _canonical_index(layout, stored_idx: tuple[int, int, int], shape) -> tuple[int, int, int]:

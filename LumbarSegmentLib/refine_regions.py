@@ -51,6 +51,7 @@ def typical_extent(work: np.ndarray, value: int, class_id: str, spacing) -> np.n
     default = np.array(DEFAULT_EXTENT_MM.get(class_id, FALLBACK_EXTENT_MM))
     if mask.sum() < 50:
         return default
+    mask = mask[_bounding_box(mask)]  # the same pieces, less to label
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), False))
     sizes = {lab: stats.GetNumberOfPixels(lab) for lab in stats.GetLabels()}
@@ -63,6 +64,15 @@ def typical_extent(work: np.ndarray, value: int, class_id: str, spacing) -> np.n
     med = np.median(np.array(ext), axis=0)
     # a piece that is really two merged structures, or a sliver, should not set the reach
     return np.clip(med, 0.6 * default, 1.5 * default)
+
+
+def _bounding_box(mask: np.ndarray) -> tuple:
+    """Slices of the smallest box holding every voxel of a non-empty ``mask``."""
+    out = []
+    for axis in range(mask.ndim):
+        hit = np.nonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))[0]
+        out.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(out)
 
 
 def _crop(ctx: ClickContext, voxel, half_mm):
@@ -124,7 +134,7 @@ def _local(ctx: ClickContext, voxel, class_id: str) -> Local:
     extent, spread = class_stats(ctx, class_id)
     half_mm = ctx.params.reach * extent
     box, local, d2 = _crop(ctx, voxel, half_mm)
-    probs = ctx.probs.get(range(box[0].start, box[0].stop))[:, :, box[1], box[2]]
+    probs = ctx.probs.get(range(box[0].start, box[0].stop), box[1], box[2])
     channel = ctx.schema.channel_of()[class_id]
     others = [i for i, c in enumerate(ctx.schema.classes) if i != channel and c.value != 0]
     pk = probs[:, channel]
@@ -322,8 +332,10 @@ def _propagate(candidate: np.ndarray, voxel) -> np.ndarray:
             cur = np.zeros_like(prev)
             if candidate[s].any():
                 lab = _components(candidate[s][None])[0]
-                ids = np.unique(lab[prev & (lab > 0)])
-                cur = np.isin(lab, ids[ids > 0])
+                keep = np.zeros(int(lab.max()) + 1, bool)
+                keep[lab[prev]] = True
+                keep[0] = False
+                cur = keep[lab]
             out[s] = cur
             prev = cur
             s += step
