@@ -220,3 +220,23 @@ def test_click_to_fix_on_a_real_segmentation_node_with_undo_and_hand_edits_prote
     expected = draft.copy()
     expected[hand_disc] = DISC
     assert np.array_equal(back, expected)
+
+
+def test_slice_probabilities_are_the_engine_prediction(tiny_package, small_real_volume):
+    """The cached per-slice probabilities give exactly the engine's label map (without the across-slice
+    average, which needs every slice): one prediction path."""
+    from LumbarSegmentLib.engine import SegmentOptions, segment_volume
+    from LumbarSegmentLib.engine_slices import SliceProbabilities
+    from LumbarSegmentLib.geometry import sagittal_layout
+
+    opts = SegmentOptions(device="cpu", precision="fp32", slice_smoothing_mm=0.0)
+    labels = segment_volume(small_real_volume, [tiny_package], opts).labels.array
+    probs = SliceProbabilities(small_real_volume, tiny_package, opts)
+    n = probs.n_slices
+    p = probs.get([n - 1, 0] + list(range(1, n - 1)))  # any order, each slice computed once
+    p = np.concatenate([p[1:2], p[2:], p[:1]])
+    assert probs.cached == list(range(n))
+    mine = tiny_package.schema.channels_to_values(p.argmax(axis=1))
+    layout = sagittal_layout(small_real_volume)
+    assert np.array_equal(mine, layout.to_canonical(labels))
+    assert probs.get([1], slice(2, 5), slice(0, 3)).shape == (1, tiny_package.schema.num_classes, 3, 3)
