@@ -1,28 +1,25 @@
 """Click-guided correction of a label map, on the CPU, without retraining.
 
 A click names a point (LPS millimetres), a structure (a class id of the model's schema) and a
-sign. A **positive** click says "this is <structure>": the region around the click that the
-model's probabilities or the image's intensities tie to the click is painted as that structure.
-A **negative** click says "this is not <structure>": the part of the drafted structure that holds
-the click and looks like the clicked spot is removed and relabelled with the model's next choice.
+sign: **positive** "this is <structure>", **negative** "this is not". The rules, all on the
+canonical sagittal stack ``[s, r, c]`` (see ``geometry``) and within a reach around the click
+(an ellipsoid of ``reach`` times the structure's typical size in the current labels), live in
+:mod:`refine_regions`; docs/refine.md describes them for users:
 
-How a region is found (all on the canonical sagittal stack ``[s, r, c]``, see ``geometry``):
+* positive, the structure cut short in the clicked slice: its border moved out towards the click
+  by about twice the click's distance from it, near the click, carried across slices;
+* positive, the structure missing in the clicked slice but present in a neighbouring one: its last
+  cross-section carried over the missing slices;
+* positive, nothing of it near: what the model half saw or what looks like the clicked spot;
+* negative: the side slices from a central click on, or the band between the click and the border.
 
-* the probabilities come from the engine (:class:`engine_slices.SliceProbabilities`), only for
-  the slices the click can reach, and stay cached in a :class:`RefineSession` between clicks;
-* the reach is an ellipsoid around the click whose half-axes are ``reach`` times the typical
-  size of the structure in the current labels (median extent of its pieces; anatomical defaults
-  when there are none), so a region cannot run along the whole spine;
-* positive: voxels where the structure's probability is at least ``prob_low``, or whose
-  intensity is within ``intensity_k`` robust standard deviations of the clicked spot's while no
-  other structure is likely there; the 3D connected piece that holds the click is painted;
-* negative: the 3D connected piece of the structure that holds the click, split by intensity
-  as above; pieces of it that the split leaves small are removed as well.
+The model's probabilities come from the engine (:class:`engine_slices.SliceProbabilities`), only
+for the slices a click reaches, and stay cached in a :class:`RefineSession` between clicks.
 
-Edits are made only inside the clicked structure's region and never touch voxels whose value
-is not one of the model's classes (hand-painted other structures) or voxels the caller protects.
-Clicks are applied in order on the current labels; applying the same clicks again to the result
-changes nothing, so a caller may pass either the draft or the last result with all clicks so far.
+Edits never touch voxels whose value is not one of the model's classes (hand-painted other
+structures) or voxels the caller protects. Clicks are applied in order on the current labels; a
+click on a spot that already has the asked-for answer does nothing, so a caller may pass either
+the draft or the last result together with all clicks so far.
 """
 from __future__ import annotations
 
@@ -80,11 +77,8 @@ class RefineParams:
     prob_low: float = 0.25  # probability that ties a voxel to a missed structure
     prob_margin: float = 0.1  # border mode: how far below (above) the clicked spot's probability to reach
     near_mm: float = 4.0  # border mode when the click is this close to the structure's border
-    band_min_mm: float = 1.0  # border mode: the narrowest band along the border that is edited
-    intensity_k: float = 1.5  # intensity window, in robust standard deviations of the structure
     block_other: float = 0.5  # another structure this likely stops an intensity-only region
     min_radius_mm: float = 2.0  # a click always edits at least this ball (clipped to its region)
-    leftover: float = 0.35  # negative click: pieces under this fraction of the removed part go too
     local_mm: float = 10.0  # border mode: the edit stays within this in-plane distance of the click
     centre_fraction: float = 0.6  # negative click this deep in its cross-section: the whole section is wrong
 
