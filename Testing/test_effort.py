@@ -1,13 +1,13 @@
-"""The effort ledger (LumbarSegmentLib/effort.py), its record in exports and ``lumbarseg-train effort``."""
+"""The effort ledger (LumbarSegmentLib/dataset/effort.py), its record in exports and ``lumbarseg-train effort``."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
 
-from LumbarSegmentLib.cases import write_case
-from LumbarSegmentLib.effort import IDLE_S, EffortLedger, summarise
-from LumbarSegmentLib.volume import Volume
+from LumbarSegmentLib.dataset.cases import write_case
+from LumbarSegmentLib.dataset.effort import IDLE_S, EffortLedger, summarise
+from LumbarSegmentLib.core.volume import Volume
 
 
 def test_ledger_counts_hand_edits_clicks_and_active_time_only():
@@ -47,7 +47,7 @@ def test_summary_per_drafting_model_and_the_command(tmp_path, capsys):
     _export(tmp_path, "C", "uvd-starter@5", {"clicks": 1, "voxels_painted": 0, "voxels_erased": 10,
                                              "voxels_by_clicks": 50, "active_seconds": 40})
     _export(tmp_path, "D", "uvd-starter@5", None)
-    from LumbarSegmentLib.cases import list_cases
+    from LumbarSegmentLib.dataset.cases import list_cases
 
     rows = {r["model"]: r for r in summarise(list_cases(tmp_path))}
     assert rows["uvd-starter@4"]["accepted_unedited"] == 1 and rows["uvd-starter@4"]["median_voxels_corrected"] == 300

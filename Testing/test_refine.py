@@ -1,12 +1,12 @@
-"""Click-guided correction (LumbarSegmentLib/refine.py) on synthetic stacks and one real case."""
+"""Click-guided correction (LumbarSegmentLib/inference/refine.py) on synthetic stacks and one real case."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from LumbarSegmentLib.refine import Click, ClickError, RefineSession, check_clicks
-from LumbarSegmentLib.schema import load_schema
-from LumbarSegmentLib.volume import Volume
+from LumbarSegmentLib.inference.refine import Click, ClickError, RefineSession, check_clicks
+from LumbarSegmentLib.core.schema import load_schema
+from LumbarSegmentLib.core.volume import Volume
 
 #: stored [k, j, i] runs as the canonical [s, r, c] stack (right->left, superior->inferior, A->P)
 CANONICAL = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
@@ -18,7 +18,7 @@ def background_model():
     the clicks alone must then say where a structure is."""
     import torch
 
-    from LumbarSegmentLib.engine import LoadedModel
+    from LumbarSegmentLib.inference.engine import LoadedModel
 
     conv = torch.nn.Conv2d(1, 3, 1)
     with torch.no_grad():
@@ -128,7 +128,7 @@ def test_clicks_outside_the_image_or_of_unknown_structures_are_refused():
 @pytest.fixture(scope="module")
 def real_case(shared_data, tmp_path_factory):
     """IVD_25 cropped to its 9 central slices: image and a draft that misses one disc's section."""
-    from LumbarSegmentLib.io import read_volume, write_volume
+    from LumbarSegmentLib.formats.io import read_volume, write_volume
 
     folder = tmp_path_factory.mktemp("refine")
     image = read_volume(shared_data / "lumbar-mr" / "IVD_25_image.mha")
@@ -144,8 +144,8 @@ def real_case(shared_data, tmp_path_factory):
 
 
 def test_cli_refines_a_real_case_on_its_grid(real_case, tmp_path, capsys):
-    from LumbarSegmentLib.cli import main
-    from LumbarSegmentLib.io import read_volume, write_volume
+    from LumbarSegmentLib.cli.main import main
+    from LumbarSegmentLib.formats.io import read_volume, write_volume
 
     folder, img, discs = real_case
     draft = discs.copy()
@@ -174,7 +174,7 @@ def test_cli_refines_a_real_case_on_its_grid(real_case, tmp_path, capsys):
     ("1,2,vertebral_body,+", "expected X,Y,Z"),
 ])
 def test_cli_bad_clicks_exit_2_and_write_nothing(real_case, tmp_path, capsys, click, msg):
-    from LumbarSegmentLib.cli import main
+    from LumbarSegmentLib.cli.main import main
 
     folder, img, _ = real_case
     centre = (img.ijk_to_lps() @ np.array([*(np.array(img.size_ijk) // 2), 1.0]))[:3]
@@ -191,8 +191,8 @@ def test_cli_bad_clicks_exit_2_and_write_nothing(real_case, tmp_path, capsys, cl
 # ------------------------------------------------------------------------------------ click to fix on MRML
 def test_click_to_fix_on_a_real_segmentation_node_with_undo_and_hand_edits_protected():
     pytest.importorskip("slicer", reason="slicer-core (the MRML libraries) is not installed")
-    from LumbarSegmentLib import mrml
-    from LumbarSegmentLib.mrml_refine import ClickToFix
+    from LumbarSegmentLib.slicer import mrml
+    from LumbarSegmentLib.slicer.refine import ClickToFix
 
     ctx = mrml.MRMLContext.standalone()
     schema = load_schema("starter")
@@ -225,9 +225,9 @@ def test_click_to_fix_on_a_real_segmentation_node_with_undo_and_hand_edits_prote
 def test_slice_probabilities_are_the_engine_prediction(tiny_package, small_real_volume):
     """The cached per-slice probabilities give exactly the engine's label map (without the across-slice
     average, which needs every slice): one prediction path."""
-    from LumbarSegmentLib.engine import SegmentOptions, segment_volume
-    from LumbarSegmentLib.engine_slices import SliceProbabilities
-    from LumbarSegmentLib.geometry import sagittal_layout
+    from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
+    from LumbarSegmentLib.inference.engine_slices import SliceProbabilities
+    from LumbarSegmentLib.core.geometry import sagittal_layout
 
     opts = SegmentOptions(device="cpu", precision="fp32", slice_smoothing_mm=0.0)
     labels = segment_volume(small_real_volume, [tiny_package], opts).labels.array

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Per-click latency of click-guided correction (LumbarSegmentLib/refine.py) with a warm model.
+"""Per-click latency of click-guided correction (LumbarSegmentLib/inference/refine.py) with a warm model.
 
 One real case (default: the demo sample VB2_06, 1 mm, and its 4 mm clinical stack), the default
 model loaded once (``RefineSession``), then the protocol's clicks (scripts/click_protocol.py: the
@@ -43,8 +43,8 @@ def _cpu_name() -> str:
 
 
 def measure(case, pkg, options, n_clicks: int, prefetch: bool) -> dict:
-    from LumbarSegmentLib.engine import segment_volume
-    from LumbarSegmentLib.refine import Click, RefineSession
+    from LumbarSegmentLib.inference.engine import segment_volume
+    from LumbarSegmentLib.inference.refine import Click, RefineSession
     from LumbarSegmentLib.training.clicks import next_click
 
     structure = next(s for s in case.structures if s != "background")
@@ -80,8 +80,8 @@ def main(argv=None) -> int:
         os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
         os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"
     sys.path.insert(0, str(REPO))
-    from LumbarSegmentLib.engine import SegmentOptions
-    from LumbarSegmentLib.packages import resolve_model
+    from LumbarSegmentLib.inference.engine import SegmentOptions
+    from LumbarSegmentLib.registry.packages import resolve_model
     from LumbarSegmentLib.training.data import select_cases
     from LumbarSegmentLib.training.evaluate import prepare_cases
 

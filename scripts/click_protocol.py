@@ -23,9 +23,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from LumbarSegmentLib.engine import SegmentOptions, segment_volume  # noqa: E402
-from LumbarSegmentLib.packages import resolve_model  # noqa: E402
-from LumbarSegmentLib.refine import Click, RefineSession  # noqa: E402
+from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume  # noqa: E402
+from LumbarSegmentLib.registry.packages import resolve_model  # noqa: E402
+from LumbarSegmentLib.inference.refine import Click, RefineSession  # noqa: E402
 from LumbarSegmentLib.training.clicks import level_dice, next_click  # noqa: E402
 from LumbarSegmentLib.training.data import select_cases  # noqa: E402
 from LumbarSegmentLib.training.evaluate import prepare_cases  # noqa: E402
