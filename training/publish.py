@@ -292,8 +292,22 @@ def publish_cli(a) -> int:
                             max_drop=None if a.max_source_drop is None or a.max_source_drop < 0 else a.max_source_drop)
     if res["table"]:
         print(res["table"])
+    effort = _effort_rows(a.data) if a.data else []
+    if effort:  # what correcting each model's drafts cost the annotators, next to the scores
+        from LumbarSegmentLib.dataset.effort import markdown
+
+        print("annotation effort per drafting model (this dataset's exports):\n" + markdown(effort))
     print(f"published {res['ref']} to {res['registry']}; "
           f"{'it is now the default' if res['default'] else 'the model in use is unchanged'} ({res['reason']})")
     ProgressLog.from_environment().write("publish", ref=res["ref"], default=res["default"], reason=res["reason"],
-                                         table=res["table"], comparison=res["comparison"])
+                                         table=res["table"], comparison=res["comparison"], effort=effort)
     return 0
+
+
+def _effort_rows(data) -> list[dict]:
+    """The effort ledger's summary of a dataset (empty when no export recorded any effort)."""
+    from LumbarSegmentLib.dataset.cases import list_cases
+    from LumbarSegmentLib.dataset.effort import summarise
+
+    rows = summarise(list_cases(data))
+    return rows if any(r["cases"] for r in rows) else []

@@ -88,13 +88,15 @@ def drafted_by(seg_node) -> dict | None:
 
 def export_case(scene, seg_logic, volume_node, seg_node, schema: LabelSchema, dataset_folder, case_id: str, *,
                 annotated_structures: Iterable[str] | None = None, patient: str | None = None,
-                sequence: str | None = None, note: str | None = None, overlap: str = "last"):
+                sequence: str | None = None, note: str | None = None, overlap: str = "last",
+                effort: dict | None = None):
     """Write the volume and its (corrected) segmentation as a new training case.
 
     Goes through :func:`LumbarSegmentLib.dataset.cases.write_case`: a new version every time,
     never overwriting an earlier export. ``annotated_structures`` defaults to the schema
     classes present as segments (a present but empty segment still counts: "checked,
-    none there"). Records ``drafted_by`` and ``edited_structures``.
+    none there"). Records ``drafted_by``, ``edited_structures`` and, when given, the ``effort``
+    ledger (``effort.EffortLedger.to_dict()``: clicks, voxels painted/erased/changed by clicks, seconds).
     """
     from LumbarSegmentLib.dataset.cases import CaseError, validate_case_id, write_case
 
@@ -123,6 +125,10 @@ def export_case(scene, seg_logic, volume_node, seg_node, schema: LabelSchema, da
     if by:
         extra["drafted_by"] = by
     extra["edited_structures"] = [c for c in edited_segments(seg_node, schema, volume_node) if c != BACKGROUND_ID]
+    if effort is not None:
+        from LumbarSegmentLib.dataset.effort import EffortLedger
+
+        extra["effort"] = EffortLedger.from_dict(effort).to_dict()
     if label.metadata.get("overlaps"):
         extra["overlaps_resolved"] = label.metadata["overlaps"]
     if sequence:
