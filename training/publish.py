@@ -29,8 +29,9 @@ from typing import Sequence
 from LumbarSegmentLib.dataset.cases import Case
 from LumbarSegmentLib.dataset.holdout import MIN_HOLDOUT_CASES, frozen_split_or_refuse
 from LumbarSegmentLib.registry.manifest import check_ensemble_refs, provenance_problem, validate_name
-from LumbarSegmentLib.registry.packages import (Catalog, ModelPackage, PackageError, Registry, _is_shipped, read_package,
-                                       user_registry_root)
+from LumbarSegmentLib.registry.package import ModelPackage, PackageError, is_shipped as _is_shipped, read_package
+from LumbarSegmentLib.registry.registry import Registry, user_registry_root
+from LumbarSegmentLib.registry.catalog import Catalog
 
 from .metrics import clean
 
@@ -219,14 +220,14 @@ def publish_if_better(candidate: ModelPackage | str | Path, registry: Registry, 
     """Publish (as a version of ``name`` when given); returns ``{"ref", "default": bool, "reason", "comparison", "table", "registry"}``.
 
     ``registries`` is the catalogue the model in use and the version number come from
-    (default: ``registry.catalog()``, the user's and the shipped registries).
+    (default: ``Catalog.around(registry)``, the user's and the shipped registries).
     """
     pkg = candidate if isinstance(candidate, ModelPackage) else read_package(candidate)
     pkg.verify()
     if name:
         validate_name(name, "--name")
     catalog = Catalog([registry if os.path.realpath(r.root) == os.path.realpath(registry.root) else r
-                       for r in registries]) if registries is not None else registry.catalog()
+                       for r in registries]) if registries is not None else Catalog.around(registry)
     line = name or pkg.name
     new_ref = f"{line}@{max(registry.next_version(line), catalog.next_version(line))}"
     ens = None if ensemble is None else [new_ref if r in ("@new", line) else r for r in ensemble]
