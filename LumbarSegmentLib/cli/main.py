@@ -319,7 +319,7 @@ def _summary(rep: dict) -> None:
 
 
 def cmd_models(args) -> int:
-    """Each ref once, exactly one default, and where each model comes from (see ``packages.Catalog``)."""
+    """Each ref once, exactly one default, and where each model comes from (see ``registry.catalog.Catalog``)."""
     from LumbarSegmentLib.registry.catalog import Catalog
 
     catalog = Catalog()
