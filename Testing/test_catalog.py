@@ -272,3 +272,21 @@ def test_gate_on_level_range_dice_ignores_levels_nobody_labelled(tmp_path, regis
     assert [c["surface"] for c in recorder.calls] == [(), ()], "the gate reads no surface Dice: it asks for none"
     with pytest.raises(PackageError, match="needs cases"):
         publish.compare(ft, in_use, None, metric="level_range_dice")
+
+
+def test_a_registry_is_numbered_by_the_catalogue_it_is_used_with(registries, tmp_path, monkeypatch):
+    """Registry.publish writes; the version comes from the catalogue (Catalog.around): after every
+    registry of it, with the registry itself standing in for the one in its folder."""
+    user, shipped = registries
+    monkeypatch.setenv("LUMBARSEG_HOME", str(tmp_path / "home"))
+    assert [r.root for r in Catalog.around(user).registries] == [user.root]  # not a default registry: alone
+    cat = Catalog.around(Registry(tmp_path / "user"), [user, shipped])
+    assert cat.registries[1] is shipped and cat.registries[0] is not user and cat.registries[0].root == user.root
+    assert cat.version_for("uvd-tiny", user) == 2 and Catalog.around(user).version_for("uvd-tiny", user) == 1
+    with pytest.raises(PackageError, match="ghost@9"):
+        cat.check_ensemble(["ghost@9"], "uvd-tiny@2")
+    home_user = Registry(tmp_path / "home" / "models")
+    around = Catalog.around(home_user)  # the user's registry: used with the shipped one
+    assert around.registries[0] is home_user and around.registries[1].read_only
+    with pytest.raises(TypeError):
+        home_user.publish(read_package(shipped.root / "uvd-tiny" / "1"))  # no catalogue, no number

@@ -130,3 +130,21 @@ def test_publish_crash_leaves_registry_pointing_at_whole_models(tmp_path):
     assert not (tmp_path / "reg" / "m" / "2").exists()
     # the next publish works and takes a fresh version
     assert reg.publish(read_package(tmp_path / "b"), catalog=Catalog.around(reg)).version == 2
+
+
+def test_write_package_takes_a_typed_description_or_its_fields(tmp_path):
+    from LumbarSegmentLib.models import build_model
+    from LumbarSegmentLib.registry.package import PackageInfo
+
+    torch.manual_seed(0)
+    model = build_model("UD", num_classes=3, init_filters=4).eval()
+    info = PackageInfo(name="typed", schema=load_schema("starter"), version=3, metrics={"x": 1},
+                       training={"init_from": {"package": "base@2", "weights_sha256": "ab" * 32}})
+    typed = write_package(tmp_path / "a", model, info, half=False)
+    by_name = write_package(tmp_path / "b", model, name="typed", schema=load_schema("starter"), version=3,
+                            metrics={"x": 1}, training=info.training, half=False)
+    assert typed.ref == by_name.ref == "typed@3" and typed.sha256 == by_name.sha256
+    assert typed.parent == by_name.parent == {"ref": "base@2", "sha256": "ab" * 32}  # from training["init_from"]
+    assert typed.manifest["metrics"] == {"x": 1} and typed.manifest["weights"]["dtype"] == "float32"
+    with pytest.raises(TypeError):
+        write_package(tmp_path / "c", model, name="typed", schema=load_schema("starter"), versoin=3)
