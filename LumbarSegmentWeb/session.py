@@ -116,7 +116,8 @@ class AnnotationSession:
         The values are package folders, not refs: the job runs in a child process that
         resolves refs in the default registries only, while ``--models`` may name another.
         """
-        from LumbarSegmentLib.registry.packages import Catalog, PackageError
+        from LumbarSegmentLib.registry.package import PackageError
+        from LumbarSegmentLib.registry.catalog import Catalog
 
         catalog = Catalog(self.registries)
         rows = []
@@ -357,7 +358,8 @@ class AnnotationSession:
 
     def _missing_structures(self) -> list[str]:
         from LumbarSegmentLib.slicer import mrml
-        from LumbarSegmentLib.registry.packages import PackageError, resolve_model
+        from LumbarSegmentLib.registry.package import PackageError
+        from LumbarSegmentLib.registry.catalog import resolve_model
 
         try:
             schema = mrml.schema_of_node(self.seg_node) or resolve_model(None, self.registries).schema
@@ -508,7 +510,7 @@ class AnnotationSession:
 
     def start_retrain(self, base_model: str | None = None, extra_args=()) -> Path:
         """Fine-tune ``base_model`` (default: the model in use) on the exported cases in the work folder."""
-        from LumbarSegmentLib.registry.packages import resolve_model
+        from LumbarSegmentLib.registry.catalog import resolve_model
 
         if not self.worklist.exported_ids():
             raise SessionError("no exported case yet: correct and export at least one case before retraining")

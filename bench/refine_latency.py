@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"
     sys.path.insert(0, str(REPO))
     from LumbarSegmentLib.inference.engine import SegmentOptions
-    from LumbarSegmentLib.registry.packages import resolve_model
+    from LumbarSegmentLib.registry.catalog import resolve_model
     from LumbarSegmentLib.training.data import select_cases
     from LumbarSegmentLib.training.evaluate import prepare_cases
 

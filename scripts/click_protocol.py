@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume  # noqa: E402
-from LumbarSegmentLib.registry.packages import resolve_model  # noqa: E402
+from LumbarSegmentLib.registry.catalog import resolve_model  # noqa: E402
 from LumbarSegmentLib.inference.refine import Click, RefineSession  # noqa: E402
 from LumbarSegmentLib.training.clicks import level_dice, next_click  # noqa: E402
 from LumbarSegmentLib.training.data import select_cases  # noqa: E402

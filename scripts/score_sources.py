@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from LumbarSegmentLib.core.geometry import sagittal_layout  # noqa: E402
-from LumbarSegmentLib.registry.packages import Registry, resolve_model  # noqa: E402
+from LumbarSegmentLib.registry.registry import Registry  # noqa: E402
+from LumbarSegmentLib.registry.catalog import resolve_model  # noqa: E402
 from LumbarSegmentLib.core.schema import load_schema  # noqa: E402
 from LumbarSegmentLib.training.data import case_source, select_cases  # noqa: E402
 from LumbarSegmentLib.training.evaluate import eval_options, predict, thick_slab  # noqa: E402

@@ -335,7 +335,8 @@ def cmd_export(a) -> int:
 
 
 def cmd_soup(a) -> int:
-    from LumbarSegmentLib.registry.packages import Registry, resolve_model
+    from LumbarSegmentLib.registry.registry import Registry
+    from LumbarSegmentLib.registry.catalog import resolve_model
 
     from .soup import soup
 

@@ -31,7 +31,7 @@ import torch
 
 from LumbarSegmentLib.dataset import cases as _cases
 from LumbarSegmentLib.inference import preprocess
-from LumbarSegmentLib.registry.packages import sha256_file
+from LumbarSegmentLib.core.files import sha256_file
 from LumbarSegmentLib.core.schema import LabelSchema, SchemaError, load_schema, remap_labels
 
 from .targets import IGNORE_INDEX, SURE_BACKGROUND, case_target  # 255 = "no information"; set codes: targets

@@ -18,8 +18,9 @@ import torch
 
 from LumbarSegmentLib.dataset.cases import Case
 from LumbarSegmentLib.models import build_model, replace_heads, widen_input
-from LumbarSegmentLib.registry.packages import (ModelPackage, Registry, default_input_contract, resolve_model,
-                                       write_package)
+from LumbarSegmentLib.registry.package import ModelPackage, default_input_contract, write_package
+from LumbarSegmentLib.registry.registry import Registry
+from LumbarSegmentLib.registry.catalog import resolve_model
 from LumbarSegmentLib.core.schema import LabelSchema, load_schema
 
 from .config import TrainConfig, config_from_args

@@ -186,7 +186,7 @@ def _expand_inputs(inputs: list[str], series_folders: bool = True) -> list[Path]
 
 
 def _resolve_models(arg: str | None, mode: str):
-    from LumbarSegmentLib.registry.packages import resolve_ensemble, resolve_model
+    from LumbarSegmentLib.registry.catalog import resolve_ensemble, resolve_model
 
     if arg:
         pkgs = [resolve_model(r.strip()) for r in arg.split(",") if r.strip()]
@@ -342,8 +342,8 @@ def cmd_refine(args) -> int:
 
 
 def cmd_models(args) -> int:
-    """Each ref once, exactly one default, and where each model comes from (see ``packages.Catalog``)."""
-    from LumbarSegmentLib.registry.packages import Catalog
+    """Each ref once, exactly one default, and where each model comes from (see ``registry.catalog.Catalog``)."""
+    from LumbarSegmentLib.registry.catalog import Catalog
 
     catalog = Catalog()
     entries = catalog.entries(skip_broken=True)

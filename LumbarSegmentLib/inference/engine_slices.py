@@ -18,7 +18,7 @@ import numpy as np
 from LumbarSegmentLib.inference.devices import pick_device
 from LumbarSegmentLib.inference.engine import LoadedModel, SegmentOptions, _check_models, _predict_chunk, _Runner
 from LumbarSegmentLib.core.geometry import resize_planes
-from LumbarSegmentLib.registry.packages import ModelPackage
+from LumbarSegmentLib.registry.package import ModelPackage
 from LumbarSegmentLib.inference.preprocess import model_slices
 from LumbarSegmentLib.inference.slice_smoothing import neighbour_stack
 from LumbarSegmentLib.core.volume import Volume

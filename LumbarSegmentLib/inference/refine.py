@@ -33,7 +33,7 @@ import numpy as np
 from LumbarSegmentLib.inference.engine import LoadedModel, SegmentOptions
 from LumbarSegmentLib.inference.engine_slices import SliceProbabilities
 from LumbarSegmentLib.core.geometry import sagittal_layout
-from LumbarSegmentLib.registry.packages import ModelPackage
+from LumbarSegmentLib.registry.package import ModelPackage
 from LumbarSegmentLib.core.schema import LabelSchema
 from LumbarSegmentLib.core.volume import Volume
 
@@ -198,7 +198,7 @@ def refine_file(image_path, labels_path, output_path, click_texts: Sequence[str]
     from pathlib import Path
 
     from LumbarSegmentLib.formats.io import read_volume, volume_suffix, write_volume
-    from LumbarSegmentLib.registry.packages import resolve_model
+    from LumbarSegmentLib.registry.catalog import resolve_model
 
     out = Path(output_path)
     if not volume_suffix(out):
