@@ -24,7 +24,7 @@ from LumbarSegmentLib.spine.level_names import BODY
 
 SMALL_LOWEST_DISC = 0.5  # L5-S1 under this share of the L4-L5 disc volume: maybe S1-S2
 TRANSITIONAL_DISC = 0.35  # below this the "transitional" flag already says so
-LARGE_S1 = 0.6  # a drafted S1 this large against L5 may be L5 over a missed L5-S1 disc
+LARGE_S1 = 0.65  # a drafted S1 this large against L5 may be L5 over a missed L5-S1 disc
 FULL_BODY = 0.9  # from this size on the body is read as L5 (levels.ANCHOR_FULL_BODY)
 
 
