@@ -26,13 +26,17 @@ from LumbarSegmentLib.spine import measurements as M  # noqa: E402
 from LumbarSegmentLib.spine.levels import name_levels  # noqa: E402
 
 
+CENTRE_SLICE = M.mid_slice
+
+
 def largest_slice(m: np.ndarray) -> int:
+    """The slice of the largest outline (within 5 % of it: the one nearest the centre)."""
     per = m.reshape(m.shape[0], -1).sum(1)
     near = np.flatnonzero(per >= 0.95 * per.max())
-    return int(near[np.argmin(np.abs(near - M.mid_slice(m)))])
+    return int(near[np.argmin(np.abs(near - CENTRE_SLICE(m)))])
 
 
-SLICES = {"centre": M.mid_slice, "largest": largest_slice}
+SLICES = {"centre": CENTRE_SLICE, "largest": largest_slice}
 
 
 def main(argv=None) -> int:
