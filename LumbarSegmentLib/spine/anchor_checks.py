@@ -15,8 +15,10 @@ renamed here: both raise the ``anchor`` flag with what was seen, and a person de
 shift by one level as a whole). The stronger cases are handled in ``levels`` (a small disc under a
 small body is read as S1-S2; a lowest body as large as L5 is read as L5).
 
-The bounds were chosen on a tuning subset (half of the spider-t2space cases and 33 t1-levels
-slices that the reported numbers leave out), see docs/levels.md.
+The large-S1 bound lies between the largest drafted S1 named right (64 % of L5) and the smallest
+missed-L5-S1 case (68 %) of the tuning subset (the spider-t2space cases at odd positions and 33
+t1-levels slices outside the reported sample); the small-disc bound (half of L4-L5) comes from
+anatomy (the S1-S2 remnant is far smaller than L5-S1). See docs/levels.md.
 """
 from __future__ import annotations
 
