@@ -21,9 +21,10 @@ BODY_V, DISC_V = STARTER["vertebral_body"].value, STARTER["intervertebral_disc"]
 
 
 def spine(n_bodies=7, *, slices=9, body_mm=26.0, disc_mm=9.0, spacing=(1.0, 1.0, 1.0), bottom_s1=True,
-          skip_disc=None, stray=False):
-    """A label volume: ``n_bodies`` bodies (the lowest is S1 drafted in part when ``bottom_s1``) with discs
-    between them, cranial to caudal along a gently curved column. Returns (volume, names top to bottom)."""
+          skip_disc=None, stray=False, s1_fraction=0.45, low_disc_fraction=1.0):
+    """A label volume: ``n_bodies`` bodies (the lowest is S1 drafted in part when ``bottom_s1``: its height
+    ``s1_fraction`` of a body's) with discs between them (the lowest ``low_disc_fraction`` as thick as the
+    others), cranial to caudal along a gently curved column. Returns (volume, names top to bottom)."""
     sx, sy, sz = spacing  # i (x, left-right), j (y, A->P), k (z, I->S)
     nz = int(round((n_bodies * (body_mm + disc_mm) + 40) / sz))
     ny = int(round(90 / sy))
@@ -34,12 +35,13 @@ def spine(n_bodies=7, *, slices=9, body_mm=26.0, disc_mm=9.0, spacing=(1.0, 1.0,
     pos = top
     items = []
     for b in range(n_bodies):
-        h = body_mm * (0.45 if (bottom_s1 and b == n_bodies - 1) else 1.0)
+        h = body_mm * (s1_fraction if (bottom_s1 and b == n_bodies - 1) else 1.0)
         items.append((BODY_V, pos, pos - h, 15.0 + 0.8 * b))  # bodies deepen caudally, as in a real spine
         pos -= h
         if b < n_bodies - 1:
-            items.append((DISC_V, pos, pos - disc_mm, 16.0 + 0.8 * b))
-            pos -= disc_mm
+            t = disc_mm * (low_disc_fraction if b == n_bodies - 2 else 1.0)
+            items.append((DISC_V, pos, pos - t, 16.0 + 0.8 * b))
+            pos -= t
     for n, (value, hi, lo, half_depth) in enumerate(items):
         if value == DISC_V and skip_disc is not None and n == 2 * skip_disc + 1:
             continue
@@ -131,6 +133,33 @@ def test_stray_blob_dropped_and_full_size_bottom_read_as_l5():
     vol, _ = spine(bottom_s1=False)  # the lowest body is full size: L5 over a missed L5-S1 disc
     result = name_levels(vol, STARTER)
     assert _names(result)[-1] == "L5" and "anchor" in [f["code"] for f in result.flags]
+
+
+def _anchor_flags(result):
+    return [f for f in result.flags if f["code"] == "anchor"]
+
+
+def test_small_lowest_disc_is_flagged_as_a_possible_s1_s2_remnant():
+    vol, expected = spine(low_disc_fraction=0.42)  # L5-S1 about 45 % of L4-L5: thin L5-S1 or S1-S2?
+    result = name_levels(vol, STARTER)
+    assert _names(result) == expected  # the evidence is ambiguous: names kept, a person decides
+    flags = _anchor_flags(result)
+    assert len(flags) == 1 and flags[0]["level"] == "L5-S1" and "S1-S2" in flags[0]["message"]
+    assert result.confidence == pytest.approx(0.5)
+    lowest = {lv.name: lv for lv in result.levels}["L5-S1"]
+    assert "anchor" in lowest.flags
+    vol, _ = spine(low_disc_fraction=0.6)  # a thinner L5-S1 alone is common: not flagged
+    assert name_levels(vol, STARTER).flags == []
+
+
+def test_large_drafted_s1_is_flagged_as_a_possible_l5():
+    vol, expected = spine(s1_fraction=0.75)  # S1 about three quarters of L5: S1, or L5 over a missed disc?
+    result = name_levels(vol, STARTER)
+    assert _names(result) == expected
+    flags = _anchor_flags(result)
+    assert len(flags) == 1 and flags[0]["level"] == "S1" and "missed L5-S1" in flags[0]["message"]
+    vol, _ = spine(s1_fraction=0.5)  # S1 drafted in part, as usual: no doubt raised
+    assert name_levels(vol, STARTER).flags == []
 
 
 def test_empty_draft_gives_no_levels():

@@ -47,6 +47,22 @@ def test_tilted_body_measured_along_its_own_axes():
     assert res["depth_mm"] == pytest.approx(38.0, abs=1.0)
 
 
+def test_jagged_border_does_not_decide_a_height():
+    """A 24 mm x 30 mm body whose endplates are ragged (single pixel columns sticking out or cut in,
+    as drafts and hand-drawn polygons have) and with a 1.5 mm wide lump on the upper endplate right
+    over the anterior height line: every height stays the body's 24 mm."""
+    sp = (0.5, 0.5)
+    mask = np.zeros((120, 120), bool)
+    mask[30:78, 30:90] = True  # rows 24 mm (cranio-caudal), columns 30 mm (anterior at the left)
+    mask[27:30, 30:90:4] = True  # every fourth column 1.5 mm higher
+    mask[75:78, 32:90:4] = False  # every fourth column 1.5 mm shorter
+    mask[26:30, 35:38] = True  # a 1.5 mm lump, 2 mm high, at 10 % of the depth from the front
+    res = measure_slice(mask, sp)
+    for key in HEIGHTS:
+        assert res[key] == pytest.approx(24.0, abs=0.6), (key, res[key])
+    assert res["depth_mm"] == pytest.approx(30.0, abs=0.6)
+
+
 def test_levels_rows_volume_and_csv():
     spacing = (3.0, 0.5, 0.5)  # x (slices), y, z
     arr = np.zeros((120, 120, 5), np.uint8)  # [k=z, j=y, i=x]; z runs up

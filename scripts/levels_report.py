@@ -40,20 +40,35 @@ from LumbarSegmentLib.core.schema import load_schema  # noqa: E402
 
 SPLIT = REPO / "scripts" / "recipes" / "lumbar-mr-split-v2.json"
 T1_EVERY = 5  # t1-levels: every fifth case in name order (no shipped model saw any of them)
+T1_TUNE_FROM, T1_TUNE_EVERY = 2, 10  # the tuning sample: every tenth from the third (disjoint from the above)
 
 
-def cases(data: Path, which: str) -> list[tuple[str, str, Path]]:
-    """``(source, case id, folder)``: lumbar-mr test + validation, a t1-levels sample, spider-t2space."""
+def cases(data: Path, which: str, subset: str = "report") -> list[tuple[str, str, Path]]:
+    """``(source, case id, folder)``: lumbar-mr test + validation, a t1-levels sample, spider-t2space.
+
+    ``subset="tune"``: the cases the naming constants were chosen on instead: t1-levels every
+    tenth case from the third (none of them in the reported sample) and spider-t2space at odd
+    positions in name order (which the report also lists, marked ``tuning``).
+    """
+    t1 = sorted(p.name[:-len("_image.mha")] for p in (data / "t1-levels").glob("*_image.mha"))
+    spider = [p.name[:-len("_image.mha")] for p in sorted((data / "spider-t2space").glob("*_image.mha"))]
+    if subset == "tune":
+        return ([("T1L", c, data / "t1-levels") for c in t1[T1_TUNE_FROM::T1_TUNE_EVERY]]
+                + [("SP", c, data / "spider-t2space") for c in spider[1::2]])
     split = json.loads(SPLIT.read_text())
     out = []
     for role in which.split(","):
         for c in split[role]:
             out.append((c.split("_")[0], c, data / "lumbar-mr"))
-    t1 = sorted(p.name[:-len("_image.mha")] for p in (data / "t1-levels").glob("*_image.mha"))
     out += [("T1L", c, data / "t1-levels") for c in t1[::T1_EVERY]]
-    out += [("SP", p.name[:-len("_image.mha")], data / "spider-t2space")
-            for p in sorted((data / "spider-t2space").glob("*_image.mha"))]
+    out += [("SP", c, data / "spider-t2space") for c in spider]
     return out
+
+
+def spider_tuning(data: Path) -> set[str]:
+    """The spider-t2space cases used for tuning (odd positions in name order)."""
+    spider = [p.name[:-len("_image.mha")] for p in sorted((data / "spider-t2space").glob("*_image.mha"))]
+    return set(spider[1::2])
 
 
 def _instances_by_height(arr: np.ndarray, layout, values) -> list[int]:
@@ -147,6 +162,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="folder for report.json, table.md, plots")
     ap.add_argument("--only", default=None, help="comma-separated sources to run (IVD,VB1,VB2,VB3,T1L,SP)")
     ap.add_argument("--tables-only", action="store_true", help="only rewrite the tables from OUT/report.json")
+    ap.add_argument("--subset", choices=("report", "tune"), default="report",
+                    help="the reported cases (default) or the tuning subset the naming constants were chosen on")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.tables_only:
@@ -158,7 +175,8 @@ def main(argv=None) -> int:
         ap.error("--drafts FOLDER is needed (the drafts are cached there)")
     starter = load_schema("starter")
     results = []
-    for source, case, folder in cases(args.data, args.which):
+    tuning = spider_tuning(args.data)
+    for source, case, folder in cases(args.data, args.which, args.subset):
         if args.only and source not in args.only.split(","):
             continue
         ref = reference(source, case, folder)
@@ -166,7 +184,7 @@ def main(argv=None) -> int:
         image = read_volume(folder / f"{case}_image.mha")  # as the CLI: S1 outlined from it where not drafted
         named = name_levels(labels, starter, allow_reslice=True, image=image)
         scored = {DISC} if source in ("IVD", "SP") else {BODY}
-        row = {"source": source, "case": case, **score_case(ref, named, scored),
+        row = {"source": source, "case": case, "tuning": case in tuning, **score_case(ref, named, scored),
                "confidence": named.confidence, "flags": [f["code"] for f in named.flags],
                "draft_levels": [lv.name for lv in named.levels],
                "draft_volumes_mm3": {lv.name: round(lv.volume_mm3) for lv in named.levels}}

@@ -21,7 +21,8 @@ def bland_altman(pairs: list[tuple[float, float]]) -> dict:
         return {"n": 0}
     sd = float(d.std(ddof=1)) if d.size > 1 else 0.0
     bias = float(d.mean())
-    return {"n": int(d.size), "bias": bias, "loa_low": bias - 1.96 * sd, "loa_high": bias + 1.96 * sd}
+    return {"n": int(d.size), "bias": bias, "loa_low": bias - 1.96 * sd, "loa_high": bias + 1.96 * sd,
+            "within_2mm": float(np.mean(np.abs(d) <= 2.0))}
 
 
 def _naming_row(title: str, rows: list[dict], keep=lambda level: True) -> str:
@@ -46,6 +47,9 @@ def _naming_rows(results: list[dict]) -> list[str]:
         if not rows:
             continue
         lines.append(_naming_row(title, rows))
+        held_out = [r for r in rows if not r.get("tuning")]
+        if 0 < len(held_out) < len(rows):
+            lines.append(_naming_row("&nbsp;&nbsp;of which held out from tuning", held_out))
         if any(x["level"] == "S1" for r in rows for x in r["levels"]):
             lines.append(_naming_row("&nbsp;&nbsp;of which L1-L5 (and discs)", rows, lambda lvl: lvl != "S1"))
             lines.append(_naming_row("&nbsp;&nbsp;of which S1", rows, lambda lvl: lvl == "S1"))
@@ -53,8 +57,8 @@ def _naming_rows(results: list[dict]) -> list[str]:
 
 
 def _measure_rows(results: list[dict]) -> tuple[list[str], dict]:
-    lines = ["| source | structure | measurement | pairs | bias (mm) | 95 % limits of agreement (mm) |",
-             "|---|---|---|--:|--:|--:|"]
+    lines = ["| source | structure | measurement | pairs | bias (mm) | 95 % limits of agreement (mm) | within +-2 mm |",
+             "|---|---|---|--:|--:|--:|--:|"]
     stats = {}
     for src, title in SOURCES.items():
         for structure in ("body", "disc"):
@@ -67,7 +71,8 @@ def _measure_rows(results: list[dict]) -> tuple[list[str], dict]:
                 ba = bland_altman(pairs)
                 stats[(src, structure, key)] = (pairs, ba)
                 lines.append(f"| {src} | {structure} | {key.replace('_mm', '').replace('_', ' ')} | {ba['n']} | "
-                             f"{ba['bias']:+.2f} | {ba['loa_low']:+.2f} .. {ba['loa_high']:+.2f} |")
+                             f"{ba['bias']:+.2f} | {ba['loa_low']:+.2f} .. {ba['loa_high']:+.2f} | "
+                             f"{100 * ba['within_2mm']:.0f} % |")
     return lines, stats
 
 

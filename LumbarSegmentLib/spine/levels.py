@@ -36,8 +36,7 @@ FLAGS = {
     "missing_body": (0.6, "two discs with no vertebral body between them"),
     "body_split": (0.8, "one drafted body was as long as two and was split at its waist"),
     "spacing": (0.7, "the distance between neighbouring levels is implausible (a level may be missed or doubled)"),
-    "anchor": (0.5, "the lowest structure is a vertebral body with no disc below it: check that L5-S1 is named "
-                    "right (the L5-S1 disc may be missed, or the lowest body may be S1)"),
+    "anchor": (0.5, "the names may be one level off at the caudal end: check that L5-S1 is named right"),
     "transitional": (0.5, "the L5-S1 disc is much thinner than L4-L5: a possible transitional vertebra "
                           "(sacralised L5 or lumbarised S1); check the count from S1"),
     "six_lumbar": (0.6, "six lumbar-sized bodies above L5-S1: a possible L6 (or a thoracic level counted as lumbar)"),
@@ -381,6 +380,11 @@ def _post_checks(named, flags, voxel_mm3, full_bottom: bool) -> None:
     _check_anchor(named, flags, full_bottom)
     _check_spacing(named, flags)
     _check_anatomy(named, flags, voxel_mm3)
+    if not full_bottom:
+        from LumbarSegmentLib.spine.anchor_checks import anchor_doubts
+
+        for level, detail in anchor_doubts(named):
+            _flag(flags, "anchor", level, detail)
 
 
 def _full_size_bottom(pieces: list[Piece], voxel_mm3: float) -> bool:

@@ -11,8 +11,9 @@ value scheme, so the two can be compared. Method (docs/levels.md has a picture):
 3. the depth ``D`` is the extent of the outline along the depth axis through its centre;
    **anterior, middle and posterior height** are the extents of the outline along the height axis
    on the lines at 10 %, 50 % and 90 % of ``D`` from the anterior margin (inset from the corners,
-   where outlines are rounded), each the median over the lines within +-5 % of ``D`` around that
-   position (one ragged pixel column does not decide a height);
+   where outlines are rounded), each the median over the lines within +-10 % of ``D`` around that
+   position (11 lines; a ragged border, where a few pixel columns stick out or fall short,
+   does not decide a height);
 4. the **volume** is the number of voxels times the voxel volume (all slices).
 
 Heights are measured the same way for discs (anterior/middle/posterior disc height).
@@ -31,7 +32,7 @@ from LumbarSegmentLib.core.volume import Volume
 
 HEIGHTS = ("anterior_height_mm", "middle_height_mm", "posterior_height_mm")
 POSITIONS = (0.10, 0.50, 0.90)  # fraction of the depth from the anterior margin
-BAND = 0.05  # each height is the median over lines within +-5 % of the depth around its position
+BAND = 0.10  # each height is the median over lines within +-10 % of the depth around its position
 STEP_MM = 0.1
 COLUMNS = ("level", "structure", "label", "slice", *HEIGHTS, "depth_mm", "volume_mm3")
 
@@ -120,6 +121,16 @@ def measure_slice(mask: np.ndarray, spacing) -> dict:
     return out
 
 
+def mid_slice(m: np.ndarray) -> int:
+    """The structure's mid-sagittal slice: through its centre (mean slice index of its voxels), or
+    the nearest slice holding it when the centre falls between two pieces."""
+    per_slice = m.reshape(m.shape[0], -1).sum(1)
+    s = int(round(float((np.arange(len(per_slice)) * per_slice).sum() / per_slice.sum())))
+    if not m[s].any():
+        s = int(np.flatnonzero(per_slice)[np.argmin(np.abs(np.flatnonzero(per_slice) - s))])
+    return s
+
+
 def measure_levels(levels: Volume, *, allow_reslice: bool = True, with_lines: bool = False) -> list[dict]:
     """One row per level present in a level label map, cranial to caudal (see :data:`COLUMNS`)."""
     layout = sagittal_layout(levels, allow_reslice=allow_reslice)
@@ -130,10 +141,7 @@ def measure_levels(levels: Volume, *, allow_reslice: bool = True, with_lines: bo
     rows = []
     for v in sorted(values, key=lambda x: sort_key(level_name(x))):
         m = stack == v
-        per_slice = m.reshape(m.shape[0], -1).sum(1)
-        s = int(round(float((np.arange(len(per_slice)) * per_slice).sum() / per_slice.sum())))
-        if not m[s].any():  # a centre between two pieces: the nearest slice holding the structure
-            s = int(np.flatnonzero(per_slice)[np.argmin(np.abs(np.flatnonzero(per_slice) - s))])
+        s = mid_slice(m)
         res = measure_slice(m[s], (sr, sc))
         row = {"level": level_name(v), "structure": structure_of(v), "label": v, "slice": s,
                **{k: res[k] for k in HEIGHTS}, "depth_mm": res["depth_mm"],
