@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from LumbarSegmentLib.dataset import cases as lcases
 from LumbarSegmentLib.dataset.cases import list_cases, write_case
 from LumbarSegmentLib.cli.main import main
-from LumbarSegmentLib.formats.dicom import write_dicom_series
+from LumbarSegmentLib.formats.dicom_write import write_dicom_series
 from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
 from LumbarSegmentLib.formats.io import VolumeReadError, read_volume, write_volume
 from LumbarSegmentLib.registry.packages import PackageError, Registry, read_package, sha256_file
