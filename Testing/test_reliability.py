@@ -656,7 +656,8 @@ def _drafted(ctx):
     schema = load_schema("starter")
     img, lab = _case_pair()
     node = mrml.volume_to_node(ctx.scene, img, "MR")
-    seg = mrml.labels_to_segmentation(ctx.scene, ctx.seg_logic, lab, schema, node, model_ref="uvd-rel@1")
+    seg = mrml.labels_to_segmentation(ctx.scene, ctx.seg_logic, lab, schema, node,
+                                      origin=mrml.DraftOrigin("uvd-rel@1"))
     return node, seg, schema
 
 

@@ -8,6 +8,8 @@ result's ``metadata["overlaps"]``.
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -86,27 +88,64 @@ def drafted_by(seg_node) -> dict | None:
     return out
 
 
-def export_case(scene, seg_logic, volume_node, seg_node, schema: LabelSchema, dataset_folder, case_id: str, *,
-                annotated_structures: Iterable[str] | None = None, patient: str | None = None,
-                sequence: str | None = None, note: str | None = None, overlap: str = "last"):
-    """Write the volume and its (corrected) segmentation as a new training case.
+@dataclass(frozen=True)
+class ExportRequest:
+    """What to write and how: the case's destination and the facts recorded with it.
+
+    ``annotated_structures`` defaults to the schema classes present as segments (a present but
+    empty segment still counts: "checked, none there"); ``overlap`` is ``"last"`` or ``"error"``
+    (see the module doc).
+    """
+
+    dataset_folder: str | os.PathLike
+    case_id: str
+    annotated_structures: Iterable[str] | None = None
+    patient: str | None = None
+    sequence: str | None = None
+    note: str | None = None
+    overlap: str = "last"
+
+
+def export_case(scene, seg_logic, volume_node, seg_node, schema: LabelSchema, request: ExportRequest):
+    """Write the volume and its (corrected) segmentation as a new training case (see :class:`ExportRequest`).
 
     Goes through :func:`LumbarSegmentLib.dataset.cases.write_case`: a new version every time,
-    never overwriting an earlier export. ``annotated_structures`` defaults to the schema
-    classes present as segments (a present but empty segment still counts: "checked,
-    none there"). Records ``drafted_by`` and ``edited_structures``.
+    never overwriting an earlier export. Records ``drafted_by`` and ``edited_structures``.
     """
-    from LumbarSegmentLib.dataset.cases import CaseError, validate_case_id, write_case
+    from LumbarSegmentLib.dataset.cases import validate_case_id, write_case
 
+    case_id = request.case_id
     validate_case_id(case_id)
     image = node_to_volume(volume_node, apply_transform=False)  # the volume as loaded, in its own frame
-    label = segmentation_to_labels(scene, seg_logic, seg_node, volume_node, schema, overlap=overlap)
+    label = segmentation_to_labels(scene, seg_logic, seg_node, volume_node, schema, overlap=request.overlap)
+    annotated = _annotated(seg_node, schema, label, request)
+    extra: dict = {"schema": schema.name, "source_volume": volume_node.GetName()}
+    by = drafted_by(seg_node)
+    if by:
+        extra["drafted_by"] = by
+    extra["edited_structures"] = [c for c in edited_segments(seg_node, schema, volume_node) if c != BACKGROUND_ID]
+    if label.metadata.get("overlaps"):
+        extra["overlaps_resolved"] = label.metadata["overlaps"]
+    if request.sequence:
+        extra["sequence"] = request.sequence
+    if request.note:
+        extra["note"] = request.note
+    labels = {schema[c].value: c for c in annotated}
+    return write_case(request.dataset_folder, case_id, image, image.with_array(label.array),
+                      labels=labels, annotated_structures=annotated, patient=request.patient, extra=extra)
+
+
+def _annotated(seg_node, schema: LabelSchema, label: Volume, request: ExportRequest) -> list[str]:
+    """The structures the case claims to be annotated, refused when empty or when a labelled one is missing."""
+    from LumbarSegmentLib.dataset.cases import CaseError
+
+    case_id = request.case_id
     present = list(dict.fromkeys(c.id for c in segment_classes(seg_node, schema).values()
                                  if c.id != BACKGROUND_ID))
-    if annotated_structures is None:
+    if request.annotated_structures is None:
         annotated = present
     else:
-        annotated = list(dict.fromkeys(annotated_structures))
+        annotated = list(dict.fromkeys(request.annotated_structures))
         for cid in annotated:
             schema[cid]  # SchemaError naming an unknown structure
     annotated = [c for c in annotated if c != BACKGROUND_ID]
@@ -118,17 +157,4 @@ def export_case(scene, seg_logic, volume_node, seg_node, schema: LabelSchema, da
     if stray:
         raise CaseError(f"case {case_id}: segments {stray} hold voxels but are not in annotated_structures "
                         f"{annotated}; list them or remove those segments")
-    extra: dict = {"schema": schema.name, "source_volume": volume_node.GetName()}
-    by = drafted_by(seg_node)
-    if by:
-        extra["drafted_by"] = by
-    extra["edited_structures"] = [c for c in edited_segments(seg_node, schema, volume_node) if c != BACKGROUND_ID]
-    if label.metadata.get("overlaps"):
-        extra["overlaps_resolved"] = label.metadata["overlaps"]
-    if sequence:
-        extra["sequence"] = sequence
-    if note:
-        extra["note"] = note
-    labels = {schema[c].value: c for c in annotated}
-    return write_case(dataset_folder, case_id, image, image.with_array(label.array),
-                      labels=labels, annotated_structures=annotated, patient=patient, extra=extra)
+    return annotated
