@@ -17,7 +17,8 @@ class CasesPanel(SessionCore):
         The values are package folders, not refs: the job runs in a child process that
         resolves refs in the default registries only, while ``--models`` may name another.
         """
-        from LumbarSegmentLib.registry.packages import Catalog, PackageError
+        from LumbarSegmentLib.registry.package import PackageError
+        from LumbarSegmentLib.registry.catalog import Catalog
 
         catalog = Catalog(self.registries)
         rows = []

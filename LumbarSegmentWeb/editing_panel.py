@@ -60,7 +60,8 @@ class EditingPanel(SessionCore):
 
     def _missing_structures(self) -> list[str]:
         from LumbarSegmentLib.slicer import mrml
-        from LumbarSegmentLib.registry.packages import PackageError, resolve_model
+        from LumbarSegmentLib.registry.package import PackageError
+        from LumbarSegmentLib.registry.catalog import resolve_model
 
         try:
             schema = mrml.schema_of_node(self.seg_node) or resolve_model(None, self.registries).schema

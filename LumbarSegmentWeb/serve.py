@@ -127,7 +127,8 @@ def check_folders(args) -> str | None:
     if args.data is not None and not Path(args.data).is_dir():
         return f"--data {args.data}: no such folder; give the folder that holds the volumes to annotate"
     if args.models is not None:
-        from LumbarSegmentLib.registry.packages import PackageError, Registry
+        from LumbarSegmentLib.registry.package import PackageError
+        from LumbarSegmentLib.registry.registry import Registry
 
         if not Path(args.models).is_dir():
             return (f"--models {args.models}: no such folder; give an existing model registry folder "
@@ -152,7 +153,8 @@ def build(args, server=None):
     """Session + page on a trame server (not started): what ``run`` and the tests use."""
     from trame.app import get_server
 
-    from LumbarSegmentLib.registry.packages import Registry, shipped_registry_root
+    from LumbarSegmentLib.registry.package import shipped_registry_root
+    from LumbarSegmentLib.registry.registry import Registry
 
     from .app import LumbarSegmentPage
     from .session import AnnotationSession

@@ -39,7 +39,7 @@ class TrainingPanel(SessionCore):
 
     def start_retrain(self, base_model: str | None = None, extra_args=()) -> Path:
         """Fine-tune ``base_model`` (default: the model in use) on the exported cases in the work folder."""
-        from LumbarSegmentLib.registry.packages import resolve_model
+        from LumbarSegmentLib.registry.catalog import resolve_model
 
         if not self.worklist.exported_ids():
             raise SessionError("no exported case yet: correct and export at least one case before retraining")

@@ -30,7 +30,7 @@ def make_package(folder, variant="UVD", *, schema="starter", init_filters=4, see
     import torch
 
     from LumbarSegmentLib.models import build_model
-    from LumbarSegmentLib.registry.packages import default_input_contract, write_package
+    from LumbarSegmentLib.registry.package import default_input_contract, write_package
     from LumbarSegmentLib.core.schema import LabelSchema, load_schema
 
     schema = schema if isinstance(schema, LabelSchema) else load_schema(schema)

@@ -11,7 +11,9 @@ import pytest
 from conftest import make_package
 from LumbarSegmentLib.dataset.cases import write_case
 from LumbarSegmentLib.dataset.holdout import HOLDOUT_FILE, frozen_split, set_holdout
-from LumbarSegmentLib.registry.packages import Catalog, PackageError, Registry, read_package, resolve_model
+from LumbarSegmentLib.registry.package import PackageError, read_package
+from LumbarSegmentLib.registry.registry import Registry
+from LumbarSegmentLib.registry.catalog import Catalog, resolve_model
 from LumbarSegmentLib.core.volume import Volume
 
 
@@ -68,14 +70,14 @@ def test_a_colliding_ref_keeps_the_shipped_copy_and_sets_the_other_aside(tmp_pat
 
 def test_models_cli_lists_each_ref_once_with_one_default(tmp_path, monkeypatch, capsys):
     from LumbarSegmentLib.cli import main as cli
-    from LumbarSegmentLib.registry import packages
+
 
     monkeypatch.setenv("LUMBARSEG_HOME", str(tmp_path / "home"))
     default, nxt = _shipped_default_and_next()  # whatever the shipped default is today, and the next version
     shipped_pkg = resolve_model(default)  # the real shipped default
     user = Registry(tmp_path / "home" / "models")
     ft = _fine_tune(tmp_path, shipped_pkg)  # named uvd-starter: a fine-tune of the shipped default
-    assert user.publish(ft).ref == nxt
+    assert user.publish(ft, catalog=Catalog.around(user)).ref == nxt
     assert cli.main(["models", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     refs = [r["ref"] for r in rows]
@@ -84,7 +86,7 @@ def test_models_cli_lists_each_ref_once_with_one_default(tmp_path, monkeypatch, 
     by_ref = {r["ref"]: r for r in rows}
     assert by_ref[default]["source"] == "shipped" and by_ref[nxt]["source"] == "user"
     assert by_ref[nxt]["parent"] == default
-    assert packages.resolve_model(default).sha256 == shipped_pkg.sha256
+    assert resolve_model(default).sha256 == shipped_pkg.sha256
 
 
 # --------------------------------------------------------------------------- held-out split
@@ -223,24 +225,25 @@ def test_gate_drops_cases_the_candidate_trained_on_and_force_overrides(tmp_path,
 def test_publish_under_another_name_continues_that_model_line(tmp_path):
     """A run trained under a working name is published as the next version of an existing line."""
     from conftest import make_package
-    from LumbarSegmentLib.registry.packages import Registry
+    from LumbarSegmentLib.registry.registry import Registry
 
     reg = Registry(tmp_path / "reg")
-    first = reg.publish(make_package(tmp_path / "a", name="line-a"), make_default=True)
+    first = reg.publish(make_package(tmp_path / "a", name="line-a"), make_default=True, catalog=Catalog.around(reg))
     assert first.ref == "line-a@1"
     run_pkg = make_package(tmp_path / "b", name="working-name", seed=3)
-    second = reg.publish(run_pkg, name="line-a")
+    second = reg.publish(run_pkg, name="line-a", catalog=Catalog.around(reg))
     assert second.ref == "line-a@2" and second.name == "line-a"
     assert second.sha256 == run_pkg.sha256  # the same weights, the seal still holds
     second.verify()
     assert "working-name" not in reg.index()["models"]
     with pytest.raises(Exception, match="name"):
-        reg.publish(run_pkg, name="../escape")
+        reg.publish(run_pkg, name="../escape", catalog=Catalog.around(reg))
 
 
 def _shipped_default_and_next() -> tuple[str, str]:
     """The shipped registry's default ref and the ref a fine-tune of it gets (versions never restart)."""
-    from LumbarSegmentLib.registry.packages import Registry, shipped_registry_root
+    from LumbarSegmentLib.registry.package import shipped_registry_root
+    from LumbarSegmentLib.registry.registry import Registry
 
     shipped = Registry(shipped_registry_root(), read_only=True)
     default = shipped.default_ref()
@@ -269,3 +272,21 @@ def test_gate_on_level_range_dice_ignores_levels_nobody_labelled(tmp_path, regis
     assert [c["surface"] for c in recorder.calls] == [(), ()], "the gate reads no surface Dice: it asks for none"
     with pytest.raises(PackageError, match="needs cases"):
         publish.compare(ft, in_use, None, metric="level_range_dice")
+
+
+def test_a_registry_is_numbered_by_the_catalogue_it_is_used_with(registries, tmp_path, monkeypatch):
+    """Registry.publish writes; the version comes from the catalogue (Catalog.around): after every
+    registry of it, with the registry itself standing in for the one in its folder."""
+    user, shipped = registries
+    monkeypatch.setenv("LUMBARSEG_HOME", str(tmp_path / "home"))
+    assert [r.root for r in Catalog.around(user).registries] == [user.root]  # not a default registry: alone
+    cat = Catalog.around(Registry(tmp_path / "user"), [user, shipped])
+    assert cat.registries[1] is shipped and cat.registries[0] is not user and cat.registries[0].root == user.root
+    assert cat.version_for("uvd-tiny", user) == 2 and Catalog.around(user).version_for("uvd-tiny", user) == 1
+    with pytest.raises(PackageError, match="ghost@9"):
+        cat.check_ensemble(["ghost@9"], "uvd-tiny@2")
+    home_user = Registry(tmp_path / "home" / "models")
+    around = Catalog.around(home_user)  # the user's registry: used with the shipped one
+    assert around.registries[0] is home_user and around.registries[1].read_only
+    with pytest.raises(TypeError):
+        home_user.publish(read_package(shipped.root / "uvd-tiny" / "1"))  # no catalogue, no number

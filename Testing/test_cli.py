@@ -76,10 +76,12 @@ def test_cohort_folder(tmp_path, small_real_volume, tiny_package, capsys):
 
 
 def test_models_lists_registries(tmp_path, tiny_package, monkeypatch, capsys):
-    from LumbarSegmentLib.registry.packages import Registry
+    from LumbarSegmentLib.registry.registry import Registry
+    from LumbarSegmentLib.registry.catalog import Catalog
 
     monkeypatch.setenv("LUMBARSEG_HOME", str(tmp_path / "home"))
-    Registry(tmp_path / "home" / "models").publish(tiny_package, make_default=True)
+    user = Registry(tmp_path / "home" / "models")
+    user.publish(tiny_package, make_default=True, catalog=Catalog.around(user))
     assert main(["models", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     mine = [r for r in rows if r["registry"] == str(tmp_path / "home" / "models")]

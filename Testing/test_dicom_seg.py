@@ -126,7 +126,7 @@ def test_cli_writes_label_map_and_seg_from_a_dicom_series(series, tmp_path, caps
     labels = read_volume(out / "seg.nii.gz")
     src = read_volume(folder)
     assert labels.same_geometry(src)
-    from LumbarSegmentLib.registry.packages import resolve_model
+    from LumbarSegmentLib.registry.catalog import resolve_model
 
     check_seg_matches(out / "seg.dcm", folder, labels.array, resolve_model(None).schema)
     assert sorted(p.name for p in out.iterdir()) == ["seg.dcm", "seg.nii.gz"]

@@ -83,7 +83,7 @@ def test_storage_order_does_not_change_the_segmentation(small_real_volume, tiny_
 
 def _permuted_twin(pkg, folder):
     """The same network with its output channels and schema classes in another order."""
-    from LumbarSegmentLib.registry.packages import write_package
+    from LumbarSegmentLib.registry.package import write_package
 
     model = pkg.load_model()
     order = [0, 2, 1]

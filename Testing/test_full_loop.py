@@ -16,7 +16,8 @@ import pytest
 from LumbarSegmentLib.slicer import mrml
 from LumbarSegmentLib.dataset.cases import read_case
 from LumbarSegmentLib.dataset.holdout import frozen_split
-from LumbarSegmentLib.registry.packages import Catalog, resolve_model, shipped_registry_root
+from LumbarSegmentLib.registry.package import shipped_registry_root
+from LumbarSegmentLib.registry.catalog import Catalog, resolve_model
 from LumbarSegmentLib.slicer.logic import DONE, ModuleLogic, SegmentRequest
 
 
@@ -87,7 +88,8 @@ def test_fine_tune_of_the_shipped_default_never_shadows_it(small_real_volume, tm
 
 def _shipped_default_and_next() -> tuple[str, str]:
     """The shipped registry's default ref and the ref a fine-tune of it gets (versions never restart)."""
-    from LumbarSegmentLib.registry.packages import Registry, shipped_registry_root
+    from LumbarSegmentLib.registry.package import shipped_registry_root
+    from LumbarSegmentLib.registry.registry import Registry
 
     shipped = Registry(shipped_registry_root(), read_only=True)
     default = shipped.default_ref()

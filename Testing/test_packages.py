@@ -9,8 +9,10 @@ import textwrap
 import pytest
 import torch
 
-from LumbarSegmentLib.registry.packages import (PackageError, Registry, read_package, resolve_model, sha256_file,
-                                       write_package)
+from LumbarSegmentLib.core.files import sha256_file
+from LumbarSegmentLib.registry.package import PackageError, read_package, write_package
+from LumbarSegmentLib.registry.registry import Registry
+from LumbarSegmentLib.registry.catalog import Catalog, resolve_model
 from LumbarSegmentLib.core.schema import load_schema
 from conftest import make_package
 
@@ -82,32 +84,34 @@ def test_newer_manifest_and_foreign_files_are_refused(tmp_path):
 
 def test_registry_versions_default_and_resolution(tmp_path):
     reg = Registry(tmp_path / "reg")
-    a = reg.publish(make_package(tmp_path / "a", name="uvd-x"))
+    a = reg.publish(make_package(tmp_path / "a", name="uvd-x"), catalog=Catalog.around(reg))
     assert a.ref == "uvd-x@1" and reg.default_ref() == "uvd-x@1"
-    b = reg.publish(make_package(tmp_path / "b", name="uvd-x", seed=3))
+    b = reg.publish(make_package(tmp_path / "b", name="uvd-x", seed=3), catalog=Catalog.around(reg))
     assert b.ref == "uvd-x@2" and reg.default_ref() == "uvd-x@1"  # not default unless asked
-    reg.publish(make_package(tmp_path / "c", "UMD", name="umd-x"), make_default=True, ensemble=["uvd-x@2", "umd-x@1"])
+    reg.publish(make_package(tmp_path / "c", "UMD", name="umd-x"), make_default=True, ensemble=["uvd-x@2", "umd-x@1"], catalog=Catalog.around(reg))
     assert reg.default_ref() == "umd-x@1" and reg.ensemble_refs() == ["uvd-x@2", "umd-x@1"]
     assert [p.ref for p in reg.packages()] == ["umd-x@1", "uvd-x@1", "uvd-x@2"]
     assert resolve_model("uvd-x@1", [reg]).version == 1
     assert resolve_model(None, [reg]).ref == "umd-x@1"
     assert resolve_model(str(tmp_path / "a")).name == "uvd-x"
     with pytest.raises(PackageError, match="no version 7"):
-        reg.get("uvd-x@7")
-    with pytest.raises(PackageError, match="no model 'nope'"):
-        reg.get("nope")
+        Catalog([reg]).get("uvd-x@7")
+    with pytest.raises(PackageError, match="cannot find model 'nope'"):
+        Catalog([reg]).get("nope")
     with pytest.raises(PackageError, match="read-only"):
-        Registry(tmp_path / "reg", read_only=True).publish(a)
+        Registry(tmp_path / "reg", read_only=True).publish(a, catalog=Catalog([reg]))
 
 
 def test_publish_crash_leaves_registry_pointing_at_whole_models(tmp_path):
     """Kill the publishing process mid-copy: the index still names only complete packages."""
     reg = Registry(tmp_path / "reg")
-    reg.publish(make_package(tmp_path / "a", name="m"))
+    reg.publish(make_package(tmp_path / "a", name="m"), catalog=Catalog.around(reg))
     make_package(tmp_path / "b", name="m", seed=5)
     script = textwrap.dedent(f"""
         import os, shutil
-        from LumbarSegmentLib.registry.packages import Registry, read_package
+        from LumbarSegmentLib.registry.package import read_package
+        from LumbarSegmentLib.registry.registry import Registry
+        from LumbarSegmentLib.registry.catalog import Catalog
         real = shutil.copy2
         def dying_copy(src, dst, *a, **k):
             real(src, dst, *a, **k)
@@ -115,13 +119,32 @@ def test_publish_crash_leaves_registry_pointing_at_whole_models(tmp_path):
                 f.truncate(100)   # half-written weights
             os._exit(9)           # killed before verify/rename/index
         shutil.copy2 = dying_copy
-        Registry({str(tmp_path / 'reg')!r}).publish(read_package({str(tmp_path / 'b')!r}), make_default=True)
+        reg = Registry({str(tmp_path / 'reg')!r})
+        reg.publish(read_package({str(tmp_path / 'b')!r}), make_default=True, catalog=Catalog.around(reg))
     """)
     r = subprocess.run([sys.executable, "-c", script], cwd=os.getcwd())
     assert r.returncode == 9
     idx = reg.index()
     assert idx["default"] == "m@1" and idx["models"]["m"]["versions"] == [1]
-    reg.get("m").load_model()  # the default still loads and verifies
+    Catalog([reg]).get("m").load_model()  # the default still loads and verifies
     assert not (tmp_path / "reg" / "m" / "2").exists()
     # the next publish works and takes a fresh version
-    assert reg.publish(read_package(tmp_path / "b")).version == 2
+    assert reg.publish(read_package(tmp_path / "b"), catalog=Catalog.around(reg)).version == 2
+
+
+def test_write_package_takes_a_typed_description_or_its_fields(tmp_path):
+    from LumbarSegmentLib.models import build_model
+    from LumbarSegmentLib.registry.package import PackageInfo
+
+    torch.manual_seed(0)
+    model = build_model("UD", num_classes=3, init_filters=4).eval()
+    info = PackageInfo(name="typed", schema=load_schema("starter"), version=3, metrics={"x": 1},
+                       training={"init_from": {"package": "base@2", "weights_sha256": "ab" * 32}})
+    typed = write_package(tmp_path / "a", model, info, half=False)
+    by_name = write_package(tmp_path / "b", model, name="typed", schema=load_schema("starter"), version=3,
+                            metrics={"x": 1}, training=info.training, half=False)
+    assert typed.ref == by_name.ref == "typed@3" and typed.sha256 == by_name.sha256
+    assert typed.parent == by_name.parent == {"ref": "base@2", "sha256": "ab" * 32}  # from training["init_from"]
+    assert typed.manifest["metrics"] == {"x": 1} and typed.manifest["weights"]["dtype"] == "float32"
+    with pytest.raises(TypeError):
+        write_package(tmp_path / "c", model, name="typed", schema=load_schema("starter"), versoin=3)

@@ -15,7 +15,7 @@ import torch
 
 from LumbarSegmentLib.dataset.cases import list_cases, write_case
 from LumbarSegmentLib.models import build_model
-from LumbarSegmentLib.registry.packages import default_input_contract, read_package, write_package
+from LumbarSegmentLib.registry.package import default_input_contract, read_package, write_package
 from LumbarSegmentLib.core.schema import load_schema
 from LumbarSegmentLib.training import pseudo
 from LumbarSegmentLib.training.pseudo import PseudoLabelSettings as Settings

@@ -34,7 +34,10 @@ from LumbarSegmentLib.cli.main import main
 from LumbarSegmentLib.formats.dicom_write import write_dicom_series
 from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
 from LumbarSegmentLib.formats.io import VolumeReadError, read_volume, write_volume
-from LumbarSegmentLib.registry.packages import PackageError, Registry, read_package, sha256_file
+from LumbarSegmentLib.core.files import sha256_file
+from LumbarSegmentLib.registry.package import PackageError, read_package
+from LumbarSegmentLib.registry.registry import Registry
+from LumbarSegmentLib.registry.catalog import Catalog
 from LumbarSegmentLib.core.schema import SchemaError, check_compatible, load_schema
 from LumbarSegmentLib.core.volume import Volume, VolumeError
 from conftest import make_package
@@ -256,14 +259,14 @@ def test_a_safetensors_file_whose_header_length_starts_like_a_pickle_is_accepted
     import torch
     from safetensors.torch import save_file
 
-    from LumbarSegmentLib.registry.packages import _refuse_pickle
+    from LumbarSegmentLib.registry.manifest import refuse_pickle
 
     seen = set()
     for n in range(56, 84):
         p = tmp_path / f"w{n}.safetensors"
         save_file({"w" + "x" * n: torch.zeros(2)}, str(p))
         seen.add(p.read_bytes()[0])
-        _refuse_pickle(p)  # must not raise
+        refuse_pickle(p)  # must not raise
     assert 0x80 in seen
 
 
@@ -311,7 +314,7 @@ import json, re, resource, sys
 import numpy as np, torch
 from LumbarSegmentLib.inference import engine
 from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
-from LumbarSegmentLib.registry.packages import read_package
+from LumbarSegmentLib.registry.package import read_package
 from LumbarSegmentLib.core.volume import Volume
 
 def data_bytes():  # what RLIMIT_DATA counts: heap and private writable mappings (not shared libraries)
@@ -510,7 +513,7 @@ def test_corrupted_registry_index_is_a_clear_error_not_a_silent_fallback(pkg, tm
     home = tmp_path / "home"
     monkeypatch.setenv("LUMBARSEG_HOME", str(home))
     reg = Registry(home / "models")
-    reg.publish(pkg, make_default=True)
+    reg.publish(pkg, make_default=True, catalog=Catalog.around(reg))
     index = home / "models" / "index.json"
     index.write_text(index.read_text()[:40])  # a half-written index (e.g. a full disk, by hand)
     assert main(["models"]) == 1
@@ -527,36 +530,39 @@ def test_corrupted_registry_index_is_a_clear_error_not_a_silent_fallback(pkg, tm
 
 KILL_PUBLISH = r'''
 import os, shutil, sys
-from LumbarSegmentLib.registry.packages import Registry, read_package
+from LumbarSegmentLib.registry.package import read_package
+from LumbarSegmentLib.registry.registry import Registry
+from LumbarSegmentLib.registry.catalog import Catalog
 real = shutil.copy2
 def dying_copy(src, dst, *a, **k):
     real(src, dst, *a, **k)
     os._exit(9)  # killed with the weights half-way into the registry
 shutil.copy2 = dying_copy
-Registry(sys.argv[1]).publish(read_package(sys.argv[2]), make_default=True)
+reg = Registry(sys.argv[1])
+reg.publish(read_package(sys.argv[2]), make_default=True, catalog=Catalog.around(reg))
 '''
 
 
 def test_kill_during_publishing_keeps_the_index_whole_and_the_next_publish_cleans_up(pkg, tmp_path):
     reg = Registry(tmp_path / "reg")
-    reg.publish(pkg)
+    reg.publish(pkg, catalog=Catalog.around(reg))
     index = reg.index_path.read_bytes()
     r = run_py(KILL_PUBLISH, str(reg.root), str(pkg.path))
     assert r.returncode == 9, r.stderr
-    assert reg.index_path.read_bytes() == index and reg.get("uvd-rel").version == 1
+    assert reg.index_path.read_bytes() == index and Catalog([reg]).get("uvd-rel").version == 1
     assert [n for n in everything_in(reg.root) if n.startswith(".publish")]  # the abandoned copy
-    assert reg.publish(pkg).version == 2
+    assert reg.publish(pkg, catalog=Catalog.around(reg)).version == 2
     assert everything_in(reg.root) == ["index.json", "uvd-rel"]
     assert everything_in(reg.root / "uvd-rel") == ["1", "2"]
 
 
 def test_registry_index_of_a_newer_format_asks_for_an_update(pkg, tmp_path):
     reg = Registry(tmp_path / "reg")
-    reg.publish(pkg)
+    reg.publish(pkg, catalog=Catalog.around(reg))
     data = json.loads(reg.index_path.read_text())
     reg.index_path.write_text(json.dumps({**data, "format_version": 5}))
     with pytest.raises(PackageError, match="newer than this LumbarSegment.*update LumbarSegment"):
-        reg.get("uvd-rel")
+        Catalog([reg]).get("uvd-rel")
 
 
 # ============================================================================ training: schema mismatch, kill + resume

@@ -25,7 +25,10 @@ import SimpleITK as sitk
 
 from LumbarSegmentLib.cli.main import main
 from LumbarSegmentLib.formats.io import read_volume, write_volume
-from LumbarSegmentLib.registry.packages import PackageError, Registry, read_package, sha256_file
+from LumbarSegmentLib.core.files import sha256_file
+from LumbarSegmentLib.registry.package import PackageError, read_package
+from LumbarSegmentLib.registry.registry import Registry
+from LumbarSegmentLib.registry.catalog import Catalog
 from LumbarSegmentLib.core.volume import Volume, VolumeError, VolumeReadError
 from conftest import make_package
 from test_reliability import SAGITTAL, everything_in, run_py, sagittal
@@ -96,7 +99,8 @@ def test_an_output_inside_the_input_dicom_folder_is_refused(pkg, tmp_path, capsy
 def test_a_damaged_user_default_model_is_an_error_not_a_fallback(damage, pkg, tmp_path, monkeypatch, capsys):
     home = tmp_path / "home"
     monkeypatch.setenv("LUMBARSEG_HOME", str(home))
-    published = Registry(home / "models").publish(pkg, make_default=True)
+    user = Registry(home / "models")
+    published = user.publish(pkg, make_default=True, catalog=Catalog.around(user))
     if damage == "truncated-manifest":
         m = published.path / "manifest.json"
         m.write_text(m.read_text()[:50])
@@ -335,7 +339,7 @@ def test_a_registry_index_with_wrong_types_is_a_clear_error(kind, change, proble
     home = tmp_path / "home"
     monkeypatch.setenv("LUMBARSEG_HOME", str(home))
     reg = Registry(home / "models")
-    reg.publish(pkg, make_default=True)
+    reg.publish(pkg, make_default=True, catalog=Catalog.around(reg))
     data = json.loads(reg.index_path.read_text())
     reg.index_path.write_text(json.dumps({**data, **change}))
     assert main(["models"]) == 1
@@ -387,7 +391,7 @@ def test_removing_the_integrity_record_is_refused_outside_the_shipped_registry(p
 
 
 def test_the_shipped_packages_still_load():
-    from LumbarSegmentLib.registry.packages import shipped_registry_root
+    from LumbarSegmentLib.registry.package import shipped_registry_root
 
     for name in ("uvd-starter", "umd-starter"):
         read_package(shipped_registry_root() / name / "1").verify()
@@ -410,17 +414,21 @@ def test_publishing_a_package_named_dotdot_is_refused(pkg, tmp_path):
     m = json.loads((bad / "manifest.json").read_text())
     (bad / "manifest.json").write_text(json.dumps({**m, "name": ".."}))
     with pytest.raises(PackageError, match="not allowed"):
-        Registry(tmp_path / "reg" / "inner").publish(read_package(bad))
+        inner = Registry(tmp_path / "reg" / "inner")
+        inner.publish(read_package(bad), catalog=Catalog.around(inner))
     assert not (tmp_path / "reg").exists() or everything_in(tmp_path / "reg") in ([], ["inner"])
 
 
 CONCURRENT_PUBLISH = r'''
 import sys, time
-from LumbarSegmentLib.registry.packages import Registry, read_package
+from LumbarSegmentLib.registry.package import read_package
+from LumbarSegmentLib.registry.registry import Registry
+from LumbarSegmentLib.registry.catalog import Catalog
 start = float(sys.argv[3])
 while time.time() < start:
     time.sleep(0.005)
-Registry(sys.argv[1]).publish(read_package(sys.argv[2]))
+reg = Registry(sys.argv[1])
+reg.publish(read_package(sys.argv[2]), catalog=Catalog.around(reg))
 '''
 
 
@@ -443,7 +451,8 @@ def test_published_files_get_the_usual_permissions(pkg, tmp_path):
     os.chmod(src / "weights.safetensors", 0o600)
     old = os.umask(0o022)
     try:
-        p = Registry(tmp_path / "reg").publish(read_package(src))
+        reg = Registry(tmp_path / "reg")
+        p = reg.publish(read_package(src), catalog=Catalog.around(reg))
     finally:
         os.umask(old)
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (p.path / "weights.safetensors", p.path / "manifest.json",

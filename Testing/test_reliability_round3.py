@@ -17,7 +17,9 @@ import pytest
 
 from LumbarSegmentLib.cli.main import main
 from LumbarSegmentLib.formats.io import read_volume, write_volume
-from LumbarSegmentLib.registry.packages import PackageError, Registry, read_package
+from LumbarSegmentLib.registry.package import PackageError, read_package
+from LumbarSegmentLib.registry.registry import Registry
+from LumbarSegmentLib.registry.catalog import Catalog
 from LumbarSegmentLib.core.volume import Volume
 from conftest import make_package
 from test_reliability import everything_in, sagittal
@@ -273,7 +275,7 @@ def test_a_malformed_holdout_file_is_one_line(edit, problem, tmp_path, capsys):
 # ============================================================================ 3. registry writes validated first
 def _published(tmp_path, pkg) -> Registry:
     reg = Registry(tmp_path / "reg")
-    reg.publish(pkg, make_default=True)
+    reg.publish(pkg, make_default=True, catalog=Catalog.around(reg))
     return reg
 
 
@@ -308,7 +310,7 @@ def test_a_bad_ensemble_is_refused_before_the_candidate_is_graded(pkg, tmp_path,
 def test_models_says_when_the_default_names_a_missing_model(pkg, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LUMBARSEG_HOME", str(tmp_path / "home"))
     user = Registry(tmp_path / "home" / "models")
-    user.publish(pkg, make_default=True)
+    user.publish(pkg, make_default=True, catalog=Catalog.around(user))
     idx = json.loads(user.index_path.read_text())
     idx["default"] = "ghost@1"
     user.index_path.write_text(json.dumps(idx))
@@ -354,7 +356,7 @@ def _with_provenance(tmp_path, name="prov") -> "object":
     import torch
 
     from LumbarSegmentLib.models import build_model
-    from LumbarSegmentLib.registry.packages import write_package
+    from LumbarSegmentLib.registry.package import write_package
     from LumbarSegmentLib.core.schema import load_schema
 
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ import torch
 from LumbarSegmentLib.inference.engine import LoadedModel, SegmentOptions, segment_volume
 from LumbarSegmentLib.registry.manifest import ManifestError, validate_manifest
 from LumbarSegmentLib.models import VARIANTS, build_model, widen_input
-from LumbarSegmentLib.registry.packages import MODEL_FORMAT, MODEL_FORMAT_VERSION, default_input_contract, write_package
+from LumbarSegmentLib.registry.package import MODEL_FORMAT, MODEL_FORMAT_VERSION, default_input_contract, write_package
 from LumbarSegmentLib.core.schema import load_schema
 from LumbarSegmentLib.inference.slice_smoothing import neighbour_stack
 from LumbarSegmentLib.training.config import TrainConfig

@@ -18,7 +18,7 @@ import pytest
 
 from LumbarSegmentLib.slicer import logic as sl
 from LumbarSegmentLib.dataset.cases import CaseError
-from LumbarSegmentLib.registry.packages import default_input_contract
+from LumbarSegmentLib.registry.package import default_input_contract
 from LumbarSegmentLib.core.schema import load_schema
 from LumbarSegmentLib.slicer.deps import DependencyError, DependencyInstaller, installed_version
 from LumbarSegmentLib.core.volume import Volume
@@ -339,7 +339,7 @@ def test_retrain_follows_the_progress_log_and_publishes(fake_trainer, dataset, t
     assert ctl.published and ctl.published.startswith("published uvd-tiny@1"), ctl.status.message
     assert ctl.publish_event["ref"] == "uvd-tiny@1"
     assert "epoch 2" in ctl.status.message and ctl.published in ctl.status.message
-    from LumbarSegmentLib.registry.packages import Registry, user_registry_root
+    from LumbarSegmentLib.registry.registry import Registry, user_registry_root
 
     assert [p.ref for p in Registry(user_registry_root()).packages()] == ["uvd-tiny@1"]
     assert "uvd-tiny@1" in [ref for _, ref in core.model_choices()]

@@ -114,7 +114,7 @@ def test_top_level_cmake_describes_the_extension():
 
 def test_install_layout_matches_how_the_lib_finds_resources():
     """Installed, Resources/ sits beside LumbarSegmentLib/ exactly as in the source tree."""
-    from LumbarSegmentLib.registry.packages import shipped_registry_root
+    from LumbarSegmentLib.registry.package import shipped_registry_root
 
     assert shipped_registry_root() == ROOT / "Resources" / "Models"
     source = MODULE_FILE.read_text()

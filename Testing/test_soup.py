@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from LumbarSegmentLib.models import build_model
-from LumbarSegmentLib.registry.packages import PackageError, read_package, write_package
+from LumbarSegmentLib.registry.package import PackageError, read_package, write_package
+from LumbarSegmentLib.registry.catalog import Catalog
 from LumbarSegmentLib.core.schema import load_schema
 from LumbarSegmentLib.training.cli import main as train_main
 from LumbarSegmentLib.training.evaluate import training_lineage
@@ -140,11 +141,11 @@ def test_a_bad_package_name_is_refused_before_anything_is_written(tmp_path, fami
 def test_lineage_follows_a_parent_ref_only_to_the_weights_the_child_recorded(tmp_path, family):
     """A run folder's package is named like a published model; its child must not inherit the
     training cases of the published model of that name, only say that its ancestor is unknown."""
-    from LumbarSegmentLib.registry.packages import Registry
+    from LumbarSegmentLib.registry.registry import Registry
 
     base, a, _ = family
     reg = Registry(tmp_path / "reg")
-    reg.publish(base)  # the registry's tiny@1: trained on A
+    reg.publish(base, catalog=Catalog.around(reg))  # the registry's tiny@1: trained on A
     imposter = _fine_tune(tmp_path / "run", base, 7, ["Z"])  # a run folder's package...
     child = write_package(tmp_path / "child", build_model("UD", num_classes=3, init_filters=4).eval(), name="tiny",
                           schema=STARTER, training={"train_cases": ["Q"]},
@@ -153,5 +154,5 @@ def test_lineage_follows_a_parent_ref_only_to_the_weights_the_child_recorded(tmp
     assert seen == {"Q"} and len(missing) == 1 and "other weights" in missing[0]
     honest = write_package(tmp_path / "honest", build_model("UD", num_classes=3, init_filters=4).eval(), name="tiny",
                            schema=STARTER, training={"train_cases": ["Q"]},
-                           parent={"ref": "tiny@1", "sha256": reg.get("tiny@1").sha256})
+                           parent={"ref": "tiny@1", "sha256": Catalog([reg]).get("tiny@1").sha256})
     assert training_lineage(read_package(honest.path), [reg]) == ({"Q", "A"}, [])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from LumbarSegmentLib.registry.packages import Registry, shipped_registry_root
+from LumbarSegmentLib.registry.package import shipped_registry_root
+from LumbarSegmentLib.registry.registry import Registry
 from LumbarSegmentLib.core.schema import TERMINOLOGY_CONTEXT, LabelSchema, available_schemas, load_schema
 from LumbarSegmentLib.core.terminology import render, terminology_file
 

@@ -18,7 +18,8 @@ import torch
 
 from LumbarSegmentLib.dataset.cases import list_cases, write_case
 from LumbarSegmentLib.models import build_model
-from LumbarSegmentLib.registry.packages import Registry, read_package, write_package
+from LumbarSegmentLib.registry.package import read_package, write_package
+from LumbarSegmentLib.registry.registry import Registry
 from LumbarSegmentLib.core.schema import LabelSchema, load_schema
 from LumbarSegmentLib.core.volume import Volume
 from LumbarSegmentLib.training.config import TrainConfig
@@ -280,7 +281,7 @@ def test_publish_only_if_at_least_as_good(tmp_path):
     # old versions stay
     assert sorted(p.ref for p in reg.packages()) == ["bad@1", "bad@2", "good@1", "good@2"]
     # without data, packages with no common recorded validation cannot be compared
-    from LumbarSegmentLib.registry.packages import PackageError
+    from LumbarSegmentLib.registry.package import PackageError
 
     with pytest.raises(PackageError, match="--data"):
         publish_if_better(bad, reg)

@@ -22,7 +22,8 @@ def _load():
 
 def test_volume_ratio_reports_the_engines_level_range_dice(shared_data, capsys):
     from LumbarSegmentLib.inference.engine import LoadedModel
-    from LumbarSegmentLib.registry.packages import Registry, resolve_model
+    from LumbarSegmentLib.registry.registry import Registry
+    from LumbarSegmentLib.registry.catalog import resolve_model
     from LumbarSegmentLib.training import evaluate as ev
     from LumbarSegmentLib.training import scoring
     from LumbarSegmentLib.training.data import select_cases

@@ -37,7 +37,7 @@ from speed_e2e import AVX2_ENV, cpu_name, isa_flags  # noqa: E402
 
 
 def ours(work: Path, volume: Path, mode: str, isa: str, calls: int = 2) -> dict:
-    from LumbarSegmentLib.registry.packages import resolve_model
+    from LumbarSegmentLib.registry.catalog import resolve_model
 
     options = {"device": "cpu", "mode": mode, "threads": 2, "precision": "fp32" if isa == "avx2" else "auto"}
     cfg = {"packages": [str(resolve_model(None).path)], "volume": str(volume), "options": options, "calls": calls,

@@ -270,7 +270,7 @@ def build_packages(work: Path, names, init_filters_override: int | None = None) 
     import torch
 
     from LumbarSegmentLib.models import build_model
-    from LumbarSegmentLib.registry.packages import default_input_contract, write_package
+    from LumbarSegmentLib.registry.package import default_input_contract, write_package
     from LumbarSegmentLib.core.schema import load_schema
 
     out = {}
@@ -292,7 +292,8 @@ def build_packages(work: Path, names, init_filters_override: int | None = None) 
 
 def trained_packages() -> tuple[dict[str, str], list[str]]:
     """Packages shipped in Resources/Models (index.json), and its default ensemble."""
-    from LumbarSegmentLib.registry.packages import PackageError, Registry, shipped_registry_root
+    from LumbarSegmentLib.registry.package import PackageError, shipped_registry_root
+    from LumbarSegmentLib.registry.registry import Registry
 
     reg = Registry(shipped_registry_root(), read_only=True)
     if not reg.index_path.exists():
@@ -345,7 +346,7 @@ def worker_ours(cfg: dict) -> dict:
     import torch
     from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
     from LumbarSegmentLib.formats.io import read_volume
-    from LumbarSegmentLib.registry.packages import ModelPackage, read_package
+    from LumbarSegmentLib.registry.package import ModelPackage, read_package
 
     import_s = time.perf_counter() - t_imp
     if not cfg.get("fuse", True):  # the engine as it was before BN folding / PReLU-as-max
@@ -496,7 +497,7 @@ def worker_agreement(cfg: dict) -> dict:
     from LumbarSegmentLib.inference import engine
     from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
     from LumbarSegmentLib.formats.io import read_volume
-    from LumbarSegmentLib.registry.packages import read_package
+    from LumbarSegmentLib.registry.package import read_package
     from LumbarSegmentLib.core.volume import Volume
 
     vol = read_volume(cfg["volume"])
@@ -556,7 +557,7 @@ def worker_graph_ab(cfg: dict) -> dict:
     import torch
 
     from LumbarSegmentLib.inference.engine import autocast_dtype, inference_graph
-    from LumbarSegmentLib.registry.packages import read_package
+    from LumbarSegmentLib.registry.package import read_package
 
     out = {"batch": cfg["batch"], "plane": cfg["plane"], "reps": cfg["reps"], "models": {}}
     dtype = autocast_dtype(torch.device("cpu"), "auto")

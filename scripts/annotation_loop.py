@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         p.error("--work is required (unless --replot)")
     split = json.loads(SPLIT.read_text())
     held = set(split["test"]) | set(split["val"])
-    from LumbarSegmentLib.registry.packages import resolve_model
+    from LumbarSegmentLib.registry.catalog import resolve_model
 
     start_pkg = resolve_model(a.start)
     # cases the start model never trained on, water-fat only, in a fixed order

@@ -26,7 +26,7 @@ from LumbarSegmentLib.formats.io import read_volume  # noqa: E402
 from LumbarSegmentLib.spine.level_names import level_color  # noqa: E402
 from LumbarSegmentLib.spine.levels import name_levels  # noqa: E402
 from LumbarSegmentLib.spine.measurements import measure_levels  # noqa: E402
-from LumbarSegmentLib.registry.packages import resolve_model  # noqa: E402
+from LumbarSegmentLib.registry.catalog import resolve_model  # noqa: E402
 
 
 def _draw_lines(ax, rows, sr, sc, names=None, labels=False):

@@ -104,7 +104,7 @@ def draft(image_path: Path, cache: Path, model: str | None):
     if target.exists():
         return read_volume(target)
     from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
-    from LumbarSegmentLib.registry.packages import resolve_model
+    from LumbarSegmentLib.registry.catalog import resolve_model
 
     vol = read_volume(image_path)
     result = segment_volume(vol, [resolve_model(model)], SegmentOptions(device="cpu", mode="fast"))

@@ -26,6 +26,11 @@
 #   9. uvd-starter@5 (the default since the eleventh round): stage 8 and 480 more steps at lr 1e-4 with
 #      every patch augmented (domain), which gives back the robustness to a never-seen contrast
 #      (docs/validation.md, eleventh round: both tables)
+#  10. uvd-spine (the spine6 schema: body, disc, posterior elements, spinal canal, sacrum): stage 9
+#      fine-tuned into spine6 on every source of ../shared/data (lumbar-mr, spider-t2space, t1-levels;
+#      scripts/train_spine6.sh, the split of the new sources in scripts/recipes/new-sources-split.json).
+#      Not published: the first run (50 steps on a busy CPU) never predicts the canal or the sacrum
+#      (docs/lab/spine6-sources.md); it is the command to run longer, e.g. MINUTES=0 and --device cuda.
 # then publishes 1, 2, 4, 6, 7, 8, 9 into a registry (default: a scratch one; pass Resources/Models to replace
 # the shipped ones). CPU-time budgets make a run stop at the same point on a busy or a quiet machine;
 # on a GPU add --device cuda and drop --threads. Not bit-identical to the shipped weights: those were
@@ -109,3 +114,7 @@ lumbarseg-train publish "$OUT/v3-domain/package" --registry "$REGISTRY" --name u
 lumbarseg-train publish "$OUT/v5-fit/package" --registry "$REGISTRY" --name uvd-fit --no-default
 lumbarseg-train publish "$OUT/v5-tail/package" --registry "$REGISTRY" --name uvd-starter --data "$DATA" --cases "$VAL" \
   --metric level_range_dice --ensemble uvd-starter@5,uvd-fit@1
+# stage 10: the spine6 fine-tune: 5 epochs of 10 steps, what the shipped run's 42-minute budget planned on a busy CPU
+MINUTES=0 SHARED="$(dirname "$DATA")" scripts/train_spine6.sh "$OUT/spine6" "$OUT/v5-tail/package" --epochs 5
+# once it predicts every class on the new sources' validation cases (scripts/score_sources.py --split val):
+# lumbarseg-train publish "$OUT/spine6/package" --registry "$REGISTRY" --name uvd-spine --no-default

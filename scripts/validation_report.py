@@ -30,7 +30,7 @@ if str(REPO) not in sys.path:
 
 from LumbarSegmentLib.inference.bn_adapt import BN_ADAPT_HELP, bn_adapt_arg  # noqa: E402
 from LumbarSegmentLib.dataset.cases import read_patient_map, with_patients  # noqa: E402
-from LumbarSegmentLib.registry.packages import Registry  # noqa: E402
+from LumbarSegmentLib.registry.registry import Registry  # noqa: E402
 from LumbarSegmentLib.inference.slice_smoothing import smoothing_mm_arg  # noqa: E402
 from LumbarSegmentLib.training import evaluate as ev  # noqa: E402
 from LumbarSegmentLib.training.data import select_cases  # noqa: E402

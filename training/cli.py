@@ -335,7 +335,8 @@ def cmd_export(a) -> int:
 
 
 def cmd_soup(a) -> int:
-    from LumbarSegmentLib.registry.packages import Registry, resolve_model
+    from LumbarSegmentLib.registry.registry import Registry
+    from LumbarSegmentLib.registry.catalog import resolve_model
 
     from .soup import soup
 
@@ -349,6 +350,12 @@ def cmd_soup(a) -> int:
                half=not a.fp32_weights)
     print(f"package: {pkg.path} (the average of {', '.join(p.ref for p in pkgs)})")
     return 0
+
+
+def cmd_effort(a) -> int:
+    from .effort_report import effort_cli
+
+    return effort_cli(a)
 
 
 def cmd_holdout(a) -> int:
@@ -479,6 +486,13 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--show", action="store_true", help="print the held-out and training cases (the default "
                                                        "without --cases/--every)")
     h.set_defaults(func=cmd_holdout)
+
+    ef = sub.add_parser("effort", help="what correcting the drafts cost, per drafting model (from the exports' "
+                        "effort records), with a chart")
+    ef.add_argument("data", help="dataset folder of exported cases")
+    ef.add_argument("--chart", metavar="PNG", help="also draw the medians per model into this PNG")
+    ef.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    ef.set_defaults(func=cmd_effort)
 
     x = sub.add_parser("export", help="checkpoint (last.pt/best.pt of a run) -> model package (safetensors)")
     x.add_argument("checkpoint")

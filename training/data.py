@@ -31,13 +31,12 @@ import torch
 
 from LumbarSegmentLib.dataset import cases as _cases
 from LumbarSegmentLib.inference import preprocess
-from LumbarSegmentLib.registry.packages import sha256_file
+from LumbarSegmentLib.core.files import sha256_file
 from LumbarSegmentLib.core.schema import LabelSchema, SchemaError, load_schema, remap_labels
 
-log = logging.getLogger("lumbarseg.train")
+from .targets import IGNORE_INDEX, SURE_BACKGROUND, case_target  # 255 = "no information"; set codes: targets
 
-#: label value for "no information" (never produced by the case format; reserved).
-IGNORE_INDEX = 255
+log = logging.getLogger("lumbarseg.train")
 
 
 class DataError(ValueError):
@@ -115,20 +114,25 @@ def load_case_slices(case: _cases.Case, schema: LabelSchema | str, spacing_mm: S
     schema = as_schema(schema)
     image, label = case.load()
     stack, layout, info = preprocess.model_slices(image, tuple(float(s) for s in spacing_mm))
-    arr, structures = schema_labels(case, label, schema)
+    # training targets are channel indices (mapped by class id), set codes and unknowns (training.targets)
+    codes, structures = case_target(case, label.array, schema, case_source(case))
     if not structures:
         raise DataError(f"case {case.case_id} annotates none of the classes of schema {schema.name!r} "
                         f"(it annotates {case.annotated_structures})")
     from .case_warnings import case_warnings
 
-    case_warnings(case.case_id, image.array, arr, structures)  # NaN/Inf voxels, an empty label: said, not silent
-    # training targets are channel indices: values map to channels by class id (schema.values_to_channels)
-    lab = preprocess.label_slices(schema.values_to_channels(arr), layout, tuple(stack.shape[1:])).to(torch.uint8)
-    fg = (lab > 0).flatten(1).any(1).nonzero().flatten().tolist()
+    case_warnings(case.case_id, image.array, label.array, structures)  # NaN/Inf voxels, an empty label: said, not silent
+    lab = preprocess.label_slices(codes, layout, tuple(stack.shape[1:])).to(torch.uint8)
+    fg = foreground(lab).flatten(1).any(1).nonzero().flatten().tolist()
     return CaseSlices(case_id=case.case_id, patient=case.patient, image=stack.float().contiguous(),
                       label=lab.contiguous(), annotated=annotated_mask(structures, schema),
                       structures=structures, fg_slices=fg, info={"layout": layout.to_dict()},
                       source=case_source(case))
+
+
+def foreground(lab: torch.Tensor) -> torch.Tensor:
+    """Voxels of a target that hold a structure (a class or a set of classes), not background or unknown."""
+    return (lab > 0) & (lab != IGNORE_INDEX) & (lab != SURE_BACKGROUND)
 
 
 def ignore_beyond_levels(data: Sequence[CaseSlices], band_mm: float, row_mm: float = 1.0,
@@ -151,7 +155,7 @@ def ignore_beyond_levels(data: Sequence[CaseSlices], band_mm: float, row_mm: flo
     m, b = int(round(margin_mm / row_mm)), int(round(band_mm / row_mm))
     for c in data:
         lab = c.label
-        rows = ((lab > 0) & (lab != IGNORE_INDEX)).any(dim=2).any(dim=0).nonzero().flatten()
+        rows = foreground(lab).any(dim=2).any(dim=0).nonzero().flatten()
         if not len(rows):
             continue
         top, bottom = int(rows.min()) - m, int(rows.max()) + m + 1  # rows [top, bottom) keep their labels
@@ -174,10 +178,23 @@ def load_dataset(case_list: Sequence[_cases.Case], schema: LabelSchema | str,
     return out
 
 
+def data_folders(folder: str | Path) -> list[Path]:
+    """``--data``: one dataset folder, or several separated by commas (sources kept in their own folders)."""
+    parts = [p.strip() for p in str(folder).split(",") if p.strip()] if "," in str(folder) else [str(folder)]
+    return [Path(p) for p in parts]
+
+
 def select_cases(folder: str | Path, ids: Sequence[str] | None = None, exclude: Sequence[str] = ()
                  ) -> list[_cases.Case]:
-    """Cases of a dataset folder (newest export of each), optionally only ``ids``, minus ``exclude``."""
-    all_cases = {c.case_id: c for c in _cases.list_cases(folder)}
+    """Cases of a dataset folder or of several (``a,b``; newest export of each), optionally only ``ids``,
+    minus ``exclude``. A case id found in two folders is refused (which one would train is unclear)."""
+    all_cases: dict[str, _cases.Case] = {}
+    for f in data_folders(folder):
+        for c in _cases.list_cases(f):
+            if c.case_id in all_cases:
+                raise DataError(f"case {c.case_id} is in two data folders ({all_cases[c.case_id].image_path.parent} "
+                                f"and {f}); give each folder once, or rename one case")
+            all_cases[c.case_id] = c
     unknown = [i for i in list(ids or []) + list(exclude) if i not in all_cases]
     if unknown:
         raise DataError(f"no case(s) {unknown} in {folder} (it has: {', '.join(sorted(all_cases))})")
@@ -291,7 +308,7 @@ class PatchSampler:
         if c.fg_slices and float(torch.rand((), generator=gen)) < self.fg_fraction:
             s = c.fg_slices[r(len(c.fg_slices))]
             lab = c.label[s]
-            pts = ((lab > 0) & (lab != IGNORE_INDEX)).nonzero()  # never empty: fg_slices hold foreground
+            pts = foreground(lab).nonzero()  # never empty: fg_slices hold foreground
             cy, cx = (int(v) for v in pts[r(len(pts))])
             j = int(self.patch * self.jitter)
             if j:

@@ -29,7 +29,9 @@ import torch
 from LumbarSegmentLib.dataset.cases import Case
 from LumbarSegmentLib.inference.engine import LoadedModel, SegmentOptions, segment_volume
 from LumbarSegmentLib.core.geometry import sagittal_layout
-from LumbarSegmentLib.registry.packages import ModelPackage, PackageError, Registry, resolve_model
+from LumbarSegmentLib.registry.package import ModelPackage, PackageError
+from LumbarSegmentLib.registry.registry import Registry
+from LumbarSegmentLib.registry.catalog import resolve_model
 from LumbarSegmentLib.core.schema import LabelSchema
 from LumbarSegmentLib.core.volume import Volume
 

@@ -17,9 +17,10 @@ from typing import Sequence
 import torch
 
 from LumbarSegmentLib.dataset.cases import Case
-from LumbarSegmentLib.models import replace_heads, widen_input
-from LumbarSegmentLib.registry.packages import (ModelPackage, Registry, default_input_contract, resolve_model,
-                                       write_package)
+from LumbarSegmentLib.models import build_model, replace_heads, widen_input
+from LumbarSegmentLib.registry.package import ModelPackage, default_input_contract, write_package
+from LumbarSegmentLib.registry.registry import Registry
+from LumbarSegmentLib.registry.catalog import resolve_model
 from LumbarSegmentLib.core.schema import LabelSchema, load_schema
 
 from .config import TrainConfig, config_from_args
@@ -45,7 +46,10 @@ def adapt_to_schema(model, source: LabelSchema, target: LabelSchema) -> dict:
                     m.weight[t_ch].copy_(w_old[src_ch[cid]])
                     if m.bias is not None and b_old is not None:
                         m.bias[t_ch].copy_(b_old[src_ch[cid]])
-    return {"kept_classes": kept, "new_classes": [c for c in target.ids if c not in src_ch],
+    from .head_init import init_from_related
+
+    related = init_from_related(model, source.ids, target.ids)
+    return {"kept_classes": kept, "started_from_related": related, "new_classes": [c for c in target.ids if c not in src_ch],
             "dropped_classes": [c for c in source.ids if c not in target.ids], "heads_replaced": True}
 
 

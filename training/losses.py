@@ -9,7 +9,9 @@ uses the probability of that union::
     label 0:      -log(p_background + sum of p_k over classes k the case does not annotate)
 
 (computed stably as a ``logsumexp`` of log-probabilities). When a case annotates
-every class this is the ordinary cross-entropy. A plain cross-entropy instead
+every class this is the ordinary cross-entropy. A voxel whose target is a *set code*
+(``training.targets``: "one of these classes", e.g. SPIDER's whole vertebra = vertebral body or
+posterior elements) costs ``-log(sum of p_k over the set)``, the same marginal idea per voxel. A plain cross-entropy instead
 would teach "disc = background" from every vertebra-only case.
 
 The marginal loss leaves the split between background and an unannotated class
@@ -36,7 +38,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX
+from .targets import IGNORE_INDEX, decode_set_codes
 
 #: weights of the auxiliary outputs, finest first (the model returns them coarsest first)
 DEFAULT_DS_WEIGHTS = (0.5, 0.25, 0.125)
@@ -65,7 +67,8 @@ def marginal_cross_entropy(logits: torch.Tensor, target: torch.Tensor, annotated
     merge = merged_background_mask(annotated.to(logits.device))[:, :, None, None]
     logp_bg = torch.logsumexp(logp.masked_fill(~merge, float("-inf")), dim=1)
     valid = target != ignore_index
-    t = torch.where(valid, target, torch.zeros_like(target)).long()
+    is_set, members = decode_set_codes(target, k)
+    t = torch.where(valid & ~is_set, target, torch.zeros_like(target)).long()
     logp_t = logp.gather(1, t[:, None]).squeeze(1)
     if unannotated_bg_weight:
         # -log p_bg = -logp_bg_merged - (logp_0 - logp_bg_merged); weight the second part
@@ -73,6 +76,9 @@ def marginal_cross_entropy(logits: torch.Tensor, target: torch.Tensor, annotated
     else:
         nll_bg = -logp_bg
     nll = torch.where(t == 0, nll_bg, -logp_t)
+    if bool(is_set.any()):
+        logp_set = torch.logsumexp(logp.masked_fill(~members, float("-inf")), dim=1)
+        nll = torch.where(is_set, -logp_set.masked_fill(~is_set, 0.0), nll)
     n = valid.sum()
     return (nll * valid).sum() / n.clamp(min=1)
 
@@ -87,9 +93,15 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, annotated: torch.
     annotated = annotated.to(logits.device)
     prob = F.softmax(logits, dim=1)
     valid = (target != ignore_index)
-    t = torch.where(valid, target, torch.zeros_like(target)).long()
+    is_set, members = decode_set_codes(target, k)
+    t = torch.where(valid & ~is_set, target, torch.zeros_like(target)).long()
     onehot = F.one_hot(t, k).permute(0, 3, 1, 2).to(prob.dtype)
-    w = valid[:, None].to(prob.dtype) * annotated[:, :, None, None].to(prob.dtype)
+    # a set voxel is a sure negative for the classes outside the set and unknown for its members; a
+    # one-member set is a sure positive of that member
+    single = members.sum(1, keepdim=True) == 1
+    onehot = torch.where(is_set[:, None], (members & single).to(prob.dtype), onehot)
+    known = valid[:, None] & ~(members & ~single)
+    w = known.to(prob.dtype) * annotated[:, :, None, None].to(prob.dtype)
     inter = (prob * onehot * w).sum(dim=(0, 2, 3))
     denom = ((prob + onehot) * w).sum(dim=(0, 2, 3))
     dice = (2 * inter + smooth) / (denom + smooth)

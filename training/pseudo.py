@@ -36,7 +36,9 @@ from LumbarSegmentLib.inference import preprocess
 from LumbarSegmentLib.dataset.cases import Case
 from LumbarSegmentLib.core.geometry import sagittal_layout
 from LumbarSegmentLib.formats.io import read_volume
-from LumbarSegmentLib.registry.packages import ModelPackage, resolve_model, sha256_file
+from LumbarSegmentLib.core.files import sha256_file
+from LumbarSegmentLib.registry.package import ModelPackage
+from LumbarSegmentLib.registry.catalog import resolve_model
 from LumbarSegmentLib.core.schema import LabelSchema
 
 from .data import IGNORE_INDEX, CaseSlices, DataError

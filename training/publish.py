@@ -1,7 +1,7 @@
 """Publish a package into a registry; it becomes the default only if it is at least as good
 as the model **in use**, on cases it never trained on.
 
-The model in use is the catalogue's default (``packages.Catalog``: the user registry's
+The model in use is the catalogue's default (``registry.catalog.Catalog``: the user registry's
 default if it names one, else the shipped one), whichever registry holds it, not the
 default of the registry being published into. Both models are run through
 ``evaluate.evaluate_packages`` (the engine's prediction path) on held-out cases: the
@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -29,8 +28,9 @@ from typing import Sequence
 from LumbarSegmentLib.dataset.cases import Case
 from LumbarSegmentLib.dataset.holdout import MIN_HOLDOUT_CASES, frozen_split_or_refuse
 from LumbarSegmentLib.registry.manifest import check_ensemble_refs, provenance_problem, validate_name
-from LumbarSegmentLib.registry.packages import (Catalog, ModelPackage, PackageError, Registry, _is_shipped, read_package,
-                                       user_registry_root)
+from LumbarSegmentLib.registry.package import ModelPackage, PackageError, is_shipped as _is_shipped, read_package
+from LumbarSegmentLib.registry.registry import Registry, user_registry_root
+from LumbarSegmentLib.registry.catalog import Catalog
 
 from .metrics import clean
 
@@ -219,16 +219,15 @@ def publish_if_better(candidate: ModelPackage | str | Path, registry: Registry, 
     """Publish (as a version of ``name`` when given); returns ``{"ref", "default": bool, "reason", "comparison", "table", "registry"}``.
 
     ``registries`` is the catalogue the model in use and the version number come from
-    (default: ``registry.catalog()``, the user's and the shipped registries).
+    (default: ``Catalog.around(registry)``, the user's and the shipped registries).
     """
     pkg = candidate if isinstance(candidate, ModelPackage) else read_package(candidate)
     pkg.verify()
     if name:
         validate_name(name, "--name")
-    catalog = Catalog([registry if os.path.realpath(r.root) == os.path.realpath(registry.root) else r
-                       for r in registries]) if registries is not None else registry.catalog()
+    catalog = Catalog.around(registry, registries)
     line = name or pkg.name
-    new_ref = f"{line}@{max(registry.next_version(line), catalog.next_version(line))}"
+    new_ref = f"{line}@{catalog.version_for(line, registry)}"
     ens = None if ensemble is None else [new_ref if r in ("@new", line) else r for r in ensemble]
     if ens is not None:  # before the (slow) grading and before anything is written
         check_ensemble_refs(ens, catalog._owners(skip_broken=True), new_ref)
@@ -292,8 +291,22 @@ def publish_cli(a) -> int:
                             max_drop=None if a.max_source_drop is None or a.max_source_drop < 0 else a.max_source_drop)
     if res["table"]:
         print(res["table"])
+    effort = _effort_rows(a.data) if a.data else []
+    if effort:  # what correcting each model's drafts cost the annotators, next to the scores
+        from LumbarSegmentLib.dataset.effort import markdown
+
+        print("annotation effort per drafting model (this dataset's exports):\n" + markdown(effort))
     print(f"published {res['ref']} to {res['registry']}; "
           f"{'it is now the default' if res['default'] else 'the model in use is unchanged'} ({res['reason']})")
     ProgressLog.from_environment().write("publish", ref=res["ref"], default=res["default"], reason=res["reason"],
-                                         table=res["table"], comparison=res["comparison"])
+                                         table=res["table"], comparison=res["comparison"], effort=effort)
     return 0
+
+
+def _effort_rows(data) -> list[dict]:
+    """The effort ledger's summary of a dataset (empty when no export recorded any effort)."""
+    from LumbarSegmentLib.dataset.cases import list_cases
+    from LumbarSegmentLib.dataset.effort import summarise
+
+    rows = summarise(list_cases(data))
+    return rows if any(r["cases"] for r in rows) else []

@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from LumbarSegmentLib.registry.packages import ModelPackage, PackageError, write_package
+from LumbarSegmentLib.registry.package import ModelPackage, PackageError, write_package
 from .data import entries_sha256
 
 

@@ -39,7 +39,7 @@ import torch
 
 from LumbarSegmentLib.dataset.cases import Case
 from LumbarSegmentLib.models import build_model, count_parameters
-from LumbarSegmentLib.registry.packages import ModelPackage, code_version, default_input_contract, write_package
+from LumbarSegmentLib.registry.package import ModelPackage, code_version, default_input_contract, write_package
 from LumbarSegmentLib.core.progress import PROGRESS_FILE, ProgressLog  # the event schema lives there
 
 from . import augment as aug
@@ -140,10 +140,6 @@ class TrainResult:
     val_level_range: dict | None = None  # source -> class -> level-range Dice
     train_time_s: float = 0.0  # wall time of the training loop over all (resumed) sessions
     train_cpu_s: float = 0.0  # CPU time of this process's training loop over all sessions
-
-
-def _unwrap(model):
-    return model.module if hasattr(model, "module") else model
 
 
 def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[Case] = (), *,

@@ -108,6 +108,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default=".nii.gz", choices=[".nii.gz", ".nrrd", ".mha"],
                    help="label-map file type in cohort mode (default: .nii.gz)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    r = sub.add_parser("refine", help="correct a label map with clicks (positive: this is STRUCTURE; "
+                       "negative: it is not)")
+    r.add_argument("image", help="the image the labels belong to (volume file or DICOM series folder)")
+    r.add_argument("--labels", required=True, help="the current label map (a draft or the last result)")
+    r.add_argument("-o", "--output", required=True, help="the corrected label map (.nii.gz/.nrrd/.mha)")
+    r.add_argument("--click", action="append", required=True, metavar="X,Y,Z,STRUCTURE,+|-",
+                   help="a click in LPS millimetres with a class id of the model (e.g. vertebral_body) and a "
+                   "sign; repeat it, oldest first, for every click so far")
+    r.add_argument("--model", default=None, help="model NAME[@VERSION] or package folder (default: the default)")
+    r.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="CPU threads for PyTorch")
     m = sub.add_parser("models", help="list the installed models")
     m.add_argument("--json", action="store_true", help="print the models as JSON (ref, variant, schema, "
                    "spacing, registry, default/ensemble flags, metrics)")
@@ -176,7 +186,7 @@ def _expand_inputs(inputs: list[str], series_folders: bool = True) -> list[Path]
 
 
 def _resolve_models(arg: str | None, mode: str):
-    from LumbarSegmentLib.registry.packages import resolve_ensemble, resolve_model
+    from LumbarSegmentLib.registry.catalog import resolve_ensemble, resolve_model
 
     if arg:
         pkgs = [resolve_model(r.strip()) for r in arg.split(",") if r.strip()]
@@ -318,9 +328,22 @@ def _summary(rep: dict) -> None:
         print(f"  warning: {w}")
 
 
+def cmd_refine(args) -> int:
+    """``lumbarseg refine``: the clicks applied to the labels (LumbarSegmentLib/inference/refine.py); exit 2 for bad clicks."""
+    from LumbarSegmentLib.inference.refine import ClickError, refine_file
+
+    try:
+        report = refine_file(args.image, args.labels, args.output, args.click, model=args.model, threads=args.threads)
+    except ClickError as exc:
+        print(f"lumbarseg: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{args.output}: {report['changed_voxels']} voxels changed by {len(args.click)} click(s)")
+    return EXIT_OK
+
+
 def cmd_models(args) -> int:
-    """Each ref once, exactly one default, and where each model comes from (see ``packages.Catalog``)."""
-    from LumbarSegmentLib.registry.packages import Catalog
+    """Each ref once, exactly one default, and where each model comes from (see ``registry.catalog.Catalog``)."""
+    from LumbarSegmentLib.registry.catalog import Catalog
 
     catalog = Catalog()
     entries = catalog.entries(skip_broken=True)
@@ -375,7 +398,7 @@ def main(argv=None) -> int:
     else:
         previous = None
     try:
-        return {"segment": cmd_segment, "models": cmd_models}[args.command](args)
+        return {"segment": cmd_segment, "models": cmd_models, "refine": cmd_refine}[args.command](args)
     except KeyboardInterrupt:
         print("lumbarseg: interrupted; nothing was written for the unfinished input", file=sys.stderr)
         return EXIT_FAIL

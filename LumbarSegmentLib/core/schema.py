@@ -77,6 +77,9 @@ class LabelSchema:
     classes: tuple[LabelClass, ...]
     title: str = ""
     terminology_context: str = TERMINOLOGY_CONTEXT
+    #: structures annotators label that are a union of classes, e.g. ``{"vertebra": ("vertebral_body",
+    #: "posterior_elements")}``: a voxel labelled so is one of the members (training: partial labels)
+    unions: Mapping[str, tuple] = field(default_factory=dict, hash=False)
     _by_id: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -97,6 +100,13 @@ class LabelSchema:
         if not any(c.id == BACKGROUND_ID and c.value == 0 for c in self.classes):
             raise SchemaError(f"schema {self.name!r}: needs a 'background' class with value 0")
         self._by_id.update({c.id: c for c in self.classes})
+        for union, members in self.unions.items():
+            if union in ids:
+                raise SchemaError(f"schema {self.name!r}: union {union!r} has the name of a class")
+            bad = [m for m in members if m not in ids or m == BACKGROUND_ID]
+            if len(members) < 2 or bad:
+                raise SchemaError(f"schema {self.name!r}: union {union!r} needs two or more foreground classes "
+                                  f"of the schema (unknown: {bad})")
 
     # --- lookups -----------------------------------------------------------------
     @property
@@ -135,6 +145,12 @@ class LabelSchema:
             if key in (c.id, c.name.lower().replace(" ", "_")):
                 return c
         return None
+
+    def union_members(self, structure: str) -> tuple[str, ...]:
+        """The classes a labelled structure stands for: itself, or the members of a union."""
+        if structure in self.unions:
+            return tuple(self.unions[structure])
+        return (self[structure].id,)
 
     def value_to_id(self) -> dict[int, str]:
         return {c.value: c.id for c in self.classes}
@@ -189,6 +205,7 @@ class LabelSchema:
             "format": SCHEMA_FORMAT, "format_version": SCHEMA_FORMAT_VERSION, "name": self.name,
             "title": self.title, "terminology_context": self.terminology_context,
             "classes": [c.to_dict() for c in self.classes],
+            **({"unions": {k: list(v) for k, v in self.unions.items()}} if self.unions else {}),
         }
 
     @classmethod
@@ -217,12 +234,16 @@ class LabelSchema:
                 for c in data["classes"]
             )
             name = str(data["name"])
+            raw_unions = data.get("unions") or {}
+            if not isinstance(raw_unions, Mapping):
+                raise TypeError("'unions' must be an object {structure: [class ids]}")
+            unions = {str(k): tuple(str(m) for m in v) for k, v in raw_unions.items()}
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, SchemaError):
                 raise
             raise SchemaError(f"{where}: malformed schema ({exc!r})") from None
         context = str(data.get("terminology_context", TERMINOLOGY_CONTEXT))
-        return cls(name=name, classes=classes, title=str(data.get("title", "")),
+        return cls(name=name, classes=classes, title=str(data.get("title", "")), unions=unions,
                    terminology_context=TERMINOLOGY_CONTEXT if context in _MISNAMED_CONTEXTS else context)
 
 
@@ -278,7 +299,7 @@ def remap_labels(labels, source: Mapping[int, str], target: LabelSchema, *, unkn
 
 def check_compatible(model_schema: LabelSchema, class_ids: Iterable[str]) -> None:
     """Refuse class ids a model's schema cannot produce or learn (dataset/model mismatch)."""
-    missing = [c for c in class_ids if c not in model_schema]
+    missing = [c for c in class_ids if c not in model_schema and c not in model_schema.unions]
     if missing:
         raise SchemaError(
             f"structures {missing} are not in the model's schema {model_schema.name!r} "

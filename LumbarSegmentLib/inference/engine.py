@@ -50,7 +50,7 @@ from LumbarSegmentLib.inference.devices import (DEVICES, PRECISIONS, EngineError
 from LumbarSegmentLib.core.geometry import resize_planes
 from LumbarSegmentLib.inference.graph_rewrite import inference_graph  # noqa: F401  (part of the engine's API)
 from LumbarSegmentLib.inference.onnx_runner import RUNTIMES, OnnxModel, choose_runtime
-from LumbarSegmentLib.registry.packages import ModelPackage, PackageError
+from LumbarSegmentLib.registry.package import ModelPackage, PackageError
 from LumbarSegmentLib.inference.preprocess import model_slices
 from LumbarSegmentLib.core.schema import LabelSchema, SchemaError
 from LumbarSegmentLib.inference.slice_smoothing import SLICE_SMOOTHING_MAX_MM, SLICE_SMOOTHING_MM, SliceSmoother, neighbour_stack

@@ -94,7 +94,8 @@ class ExportRequest:
 
     ``annotated_structures`` defaults to the schema classes present as segments (a present but
     empty segment still counts: "checked, none there"); ``overlap`` is ``"last"`` or ``"error"``
-    (see the module doc).
+    (see the module doc); ``effort``, when given, is the effort ledger recorded with the case
+    (``effort.EffortLedger.to_dict()``: clicks, voxels painted/erased/changed by clicks, seconds).
     """
 
     dataset_folder: str | os.PathLike
@@ -104,13 +105,15 @@ class ExportRequest:
     sequence: str | None = None
     note: str | None = None
     overlap: str = "last"
+    effort: dict | None = None
 
 
 def export_case(scene, seg_logic, volume_node, seg_node, schema: LabelSchema, request: ExportRequest):
     """Write the volume and its (corrected) segmentation as a new training case (see :class:`ExportRequest`).
 
     Goes through :func:`LumbarSegmentLib.dataset.cases.write_case`: a new version every time,
-    never overwriting an earlier export. Records ``drafted_by`` and ``edited_structures``.
+    never overwriting an earlier export. Records ``drafted_by``, ``edited_structures`` and, when given,
+    the ``effort`` ledger.
     """
     from LumbarSegmentLib.dataset.cases import validate_case_id, write_case
 
@@ -124,6 +127,10 @@ def export_case(scene, seg_logic, volume_node, seg_node, schema: LabelSchema, re
     if by:
         extra["drafted_by"] = by
     extra["edited_structures"] = [c for c in edited_segments(seg_node, schema, volume_node) if c != BACKGROUND_ID]
+    if request.effort is not None:
+        from LumbarSegmentLib.dataset.effort import EffortLedger
+
+        extra["effort"] = EffortLedger.from_dict(request.effort).to_dict()
     if label.metadata.get("overlaps"):
         extra["overlaps_resolved"] = label.metadata["overlaps"]
     if request.sequence:

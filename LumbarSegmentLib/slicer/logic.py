@@ -46,7 +46,7 @@ class ModuleLogic:
         The label says where the model comes from (shipped or user registry) and, for a
         fine-tune, its parent. A broken registry is skipped, never a crash.
         """
-        from LumbarSegmentLib.registry.packages import Catalog
+        from LumbarSegmentLib.registry.catalog import Catalog
 
         rows = []
         for e in Catalog(self.registries).entries(skip_broken=True):
@@ -161,7 +161,7 @@ class ModuleLogic:
                schema=None):
         """Write a training case (see ``mrml.export_case``); the schema is the one the node was drafted with."""
         from LumbarSegmentLib.slicer import mrml
-        from LumbarSegmentLib.registry.packages import resolve_model
+        from LumbarSegmentLib.registry.catalog import resolve_model
 
         schema = schema or mrml.schema_of_node(seg_node)
         if schema is None:
@@ -203,7 +203,7 @@ class ModuleLogic:
 
     @staticmethod
     def training_root() -> Path:
-        from LumbarSegmentLib.registry.packages import user_registry_root
+        from LumbarSegmentLib.registry.registry import user_registry_root
 
         return user_registry_root().parent / "training"
 

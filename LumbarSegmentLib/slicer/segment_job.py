@@ -208,7 +208,8 @@ class SegmentController:
 
     def _collect(self) -> SegmentRun:
         from LumbarSegmentLib.formats.io import read_volume
-        from LumbarSegmentLib.registry.packages import read_package, resolve_model
+        from LumbarSegmentLib.registry.package import read_package
+        from LumbarSegmentLib.registry.catalog import resolve_model
 
         report = json.loads(self._paths["report"].read_text())
         labels = read_volume(self._paths["labels"])

@@ -92,7 +92,8 @@ def main(argv=None) -> int:
     if not a.model:
         p.error("--per-level needs --model")
     from LumbarSegmentLib.inference.engine import LoadedModel
-    from LumbarSegmentLib.registry.packages import Registry, resolve_model
+    from LumbarSegmentLib.registry.registry import Registry
+    from LumbarSegmentLib.registry.catalog import resolve_model
     from LumbarSegmentLib.training import evaluate as ev
 
     model = LoadedModel.from_package(resolve_model(a.model, [Registry(a.registry, read_only=True)]))

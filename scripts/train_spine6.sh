@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# uvd-spine: a parent model fine-tuned into the spine6 schema (vertebral body, disc, posterior elements,
+# spinal canal, sacrum) on every source of ../shared/data: lumbar-mr (training cases of
+# scripts/recipes/lumbar-mr-split.json), spider-t2space and t1-levels (training cases of
+# scripts/recipes/new-sources-split.json), sources balanced, `domain` intensity augmentation.
+#   scripts/train_spine6.sh OUT [PARENT] [extra lumbarseg-train options, e.g. --resume]
+# PARENT defaults to the shipped uvd-starter@5. Validates at the end on three lumbar-mr validation cases
+# (one per vertebral-body source); the other validation cases of both splits stay unseen for choosing.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+OUT="$1"; shift
+PARENT="${1:-uvd-starter@5}"; [ $# -gt 0 ] && shift
+SHARED="${SHARED:-../shared/data}"
+PY="${PYTHON:-python}"
+read -r CASES VAL < <("$PY" - "$SHARED" <<'PY'
+import json, sys
+from pathlib import Path
+root = Path(sys.argv[1])
+lm = json.loads(Path("scripts/recipes/lumbar-mr-split.json").read_text())
+new = json.loads(Path("scripts/recipes/new-sources-split.json").read_text())["sources"]
+val = ["VB1_10", "VB2_05", "VB3_04"]
+held = set(lm["test"]) | set(lm["val"])
+cases = [p.stem for p in sorted((root / "lumbar-mr").glob("*.json")) if p.stem not in held]
+cases += new["spider-t2space"]["train"] + new["t1-levels"]["train"] + val
+print(",".join(cases), ",".join(val))
+PY
+)
+# MINUTES (default 42): wall-clock budget that shortens the schedule to fit; MINUTES=0: the full --epochs
+BUDGET=()
+[ "${MINUTES:-42}" != 0 ] && BUDGET=(--max-minutes "${MINUTES:-42}" --budget-clock wall)
+REG=()
+case "$PARENT" in *@*|uvd-*) REG=(--registry Resources/Models);; esac
+exec "$PY" -m LumbarSegmentLib.training.cli finetune --from "$PARENT" "${REG[@]}" --schema spine6 \
+  --data "$SHARED/lumbar-mr,$SHARED/spider-t2space,$SHARED/t1-levels" --cases "$CASES" --val-cases "$VAL" \
+  --patch 192 --batch-size 4 --steps-per-epoch 10 --epochs 360 --warmup-steps 10 --lr 3e-4 --val-every 1000 --val-stride 4 \
+  --patience 0 \
+  --unannotated-bg-weight 0.05 --precision bf16 --threads 2 --balance sources --intensity-aug domain \
+  ${BUDGET[@]+"${BUDGET[@]}"} --name uvd-spine --out "$OUT" "$@"
