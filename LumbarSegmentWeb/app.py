@@ -26,8 +26,10 @@ from pathlib import Path
 from trame.app.file_upload import ClientFile
 from trame.widgets import html
 
+from .editing_panel import EFFECT_NAMES
 from .page_layout import KEY_TRIGGER, PageLayout, tid
-from .session import EFFECT_NAMES, AnnotationSession, SessionError
+from .session import AnnotationSession
+from .session_core import SessionError
 from .shortcuts import HELP_ROWS, action_for
 from .view_controls import WindowLevelDrag, mr_presets, slice_readout, step_slice
 

@@ -17,7 +17,8 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from LumbarSegmentLib.formats.dicom import DicomError, read_dicom_series, write_dicom_series
+from LumbarSegmentLib.formats.dicom import DicomError, read_dicom_series
+from LumbarSegmentLib.formats.dicom_write import write_dicom_series
 from LumbarSegmentLib.core.geometry import axis_codes, sagittal_layout
 from LumbarSegmentLib.formats.io import VolumeReadError, read_volume, to_sitk
 from LumbarSegmentLib.core.volume import Volume, VolumeError

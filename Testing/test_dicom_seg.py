@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from LumbarSegmentLib.cli.main import main
-from LumbarSegmentLib.formats.dicom import write_dicom_series
+from LumbarSegmentLib.formats.dicom_write import write_dicom_series
 from LumbarSegmentLib.formats.dicom_seg import DicomSegError, segment_numbers, write_dicom_seg
 from LumbarSegmentLib.formats.io import read_volume, to_sitk
 from LumbarSegmentLib.core.schema import LabelClass, LabelSchema, load_schema

@@ -41,8 +41,8 @@ def test_fine_tune_of_the_shipped_default_never_shadows_it(small_real_volume, tm
 
     dataset = tmp_path / "dataset"
     for i in range(1, 5):  # four patients: the frozen split holds out the fourth
-        mrml.export_case(ctx.scene, ctx.seg_logic, node, seg, mrml.schema_of_node(seg), dataset, f"case{i}",
-                         patient=f"P{i}")
+        request = mrml.ExportRequest(dataset, f"case{i}", patient=f"P{i}")
+        mrml.export_case(ctx.scene, ctx.seg_logic, node, seg, mrml.schema_of_node(seg), request)
     split = frozen_split(dataset)
     assert split.holdout_ids == ["case4"] and read_case(split.holdout[0].json_path).extra["edited_structures"]
 

@@ -68,7 +68,7 @@ def drafted(ctx, vol=None, schema=None, **kw):
     node = mrml.volume_to_node(ctx.scene, vol, "MR T2")
     lab = starter_labels(vol, schema)
     seg = mrml.labels_to_segmentation(ctx.scene, ctx.seg_logic, lab, schema, node,
-                                      model_ref="uvd-starter@1", model_sha256="ab" * 32, **kw)
+                                      origin=mrml.DraftOrigin("uvd-starter@1", "ab" * 32), **kw)
     return vol, node, lab, seg, schema
 
 
@@ -123,7 +123,7 @@ def test_segmentation_follows_the_volume_transform(ctx, tmp_path):
     seg = mrml.labels_to_segmentation(ctx.scene, ctx.seg_logic, lab, schema, node)  # labels in the node's frame
     assert seg.GetParentTransformNode() is tnode
     assert np.array_equal(mrml.segmentation_to_labels(ctx.scene, ctx.seg_logic, seg, node, schema).array, lab.array)
-    case = mrml.export_case(ctx.scene, ctx.seg_logic, node, seg, schema, tmp_path, "moved")
+    case = mrml.export_case(ctx.scene, ctx.seg_logic, node, seg, schema, mrml.ExportRequest(tmp_path, "moved"))
     image, _ = read_case(case.json_path).load()
     assert image.same_geometry(vol, tol=1e-6)  # exported as loaded, not as moved
     seg.SetAndObserveTransformNodeID(None)
@@ -173,7 +173,7 @@ def test_rotated_and_shifted_volume_draft_edit_export_land_on_the_right_voxels(c
     mask[0, 0, 0] = True
     mrml.set_segment_mask(ctx.seg_logic, seg, "vertebral_body", mask, node)
     assert mrml.edited_segments(seg) == ["vertebral_body"]
-    case = mrml.export_case(ctx.scene, ctx.seg_logic, node, seg, schema, tmp_path, "moved")
+    case = mrml.export_case(ctx.scene, ctx.seg_logic, node, seg, schema, mrml.ExportRequest(tmp_path, "moved"))
     image, label = read_case(case.json_path).load()
     expected = lab.array.copy()
     expected[0, 0, 0] = schema["vertebral_body"].value
@@ -317,7 +317,7 @@ def test_unknown_segment_is_refused_by_name(ctx, tmp_path):
     with pytest.raises(SchemaError, match="'Tumour'"):
         mrml.segmentation_to_labels(ctx.scene, ctx.seg_logic, seg, node, schema)
     with pytest.raises(SchemaError, match="'Tumour'"):
-        mrml.export_case(ctx.scene, ctx.seg_logic, node, seg, schema, tmp_path / "ds", "case1")
+        mrml.export_case(ctx.scene, ctx.seg_logic, node, seg, schema, mrml.ExportRequest(tmp_path / "ds", "case1"))
     assert not (tmp_path / "ds").exists() or not list((tmp_path / "ds").glob("*.json"))
 
 
@@ -436,7 +436,8 @@ def test_export_case_reads_back_and_never_overwrites(ctx, tmp_path):
     mask[9, 11, 6] = True
     mrml.set_segment_mask(ctx.seg_logic, seg, "intervertebral_disc", mask, node)
     ds = tmp_path / "dataset"
-    case = mrml.export_case(ctx.scene, ctx.seg_logic, node, seg, schema, ds, "VB2_06", sequence="T2w")
+    request = mrml.ExportRequest(ds, "VB2_06", sequence="T2w")
+    case = mrml.export_case(ctx.scene, ctx.seg_logic, node, seg, schema, request)
     back = read_case(case.json_path)
     assert back.case_id == "VB2_06" and back.version == 1
     assert back.labels == {1: "vertebral_body", 2: "intervertebral_disc"}
@@ -450,8 +451,8 @@ def test_export_case_reads_back_and_never_overwrites(ctx, tmp_path):
     assert np.array_equal(label.array, expected)
     first_json = case.json_path.read_text()
 
-    again = mrml.export_case(ctx.scene, ctx.seg_logic, node, seg, schema, ds, "VB2_06",
-                             annotated_structures=["vertebral_body", "intervertebral_disc", "background"])
+    again = mrml.export_case(ctx.scene, ctx.seg_logic, node, seg, schema, mrml.ExportRequest(ds, "VB2_06",
+                             annotated_structures=["vertebral_body", "intervertebral_disc", "background"]))
     assert again.version == 2 and again.json_path != case.json_path
     assert case.json_path.read_text() == first_json  # the first export is untouched
     assert [c.version for c in list_cases(ds)] == [2]
@@ -464,8 +465,8 @@ def test_export_refuses_labelled_structures_missing_from_annotated(ctx, tmp_path
     from LumbarSegmentLib.dataset.cases import CaseError
 
     with pytest.raises(CaseError, match="intervertebral_disc"):
-        mrml.export_case(ctx.scene, ctx.seg_logic, node, seg, schema, tmp_path, "c1",
-                         annotated_structures=["vertebral_body"])
+        mrml.export_case(ctx.scene, ctx.seg_logic, node, seg, schema, mrml.ExportRequest(tmp_path, "c1",
+                         annotated_structures=["vertebral_body"]))
     with pytest.raises(SchemaError, match="kidney"):
-        mrml.export_case(ctx.scene, ctx.seg_logic, node, seg, schema, tmp_path, "c1",
-                         annotated_structures=["vertebral_body", "intervertebral_disc", "kidney"])
+        mrml.export_case(ctx.scene, ctx.seg_logic, node, seg, schema, mrml.ExportRequest(tmp_path, "c1",
+                         annotated_structures=["vertebral_body", "intervertebral_disc", "kidney"]))

@@ -9,6 +9,8 @@ import torch
 from LumbarSegmentLib.inference.engine import LoadedModel, SegmentOptions, segment_volume
 from LumbarSegmentLib.core.schema import LabelSchema, load_schema
 from LumbarSegmentLib.training import evaluate as ev
+from LumbarSegmentLib.training import scoring
+from LumbarSegmentLib.training.slab import thick_slab
 from LumbarSegmentLib.training.data import CaseSlices, annotated_mask
 from LumbarSegmentLib.core.volume import Volume
 
@@ -52,7 +54,7 @@ def test_evaluate_scores_what_the_engine_predicts(small_real_volume, tiny_packag
     # a truth that agrees with the prediction on vertebral body except for one slab: Dice is known
     truth_vals = pred.copy()
     truth_vals[:, :, :2] = 0
-    case = ev.EvalCase("c", small_real_volume, schema.values_to_channels(truth_vals),
+    case = scoring.EvalCase("c", small_real_volume, schema.values_to_channels(truth_vals),
                        annotated_mask(["vertebral_body", "intervertebral_disc"], schema), source="S")
     r = ev.score_models([tiny_package], [case], schema, SegmentOptions(device="cpu", precision="fp32"))
     for cid in ("vertebral_body", "intervertebral_disc"):
@@ -72,15 +74,15 @@ def test_level_range_counts_only_rows_the_truth_covers():
     truth[:, 10:20, 5:10] = 1
     pred = truth.copy()
     pred[:, 30:35, 5:10] = 1  # a (correct but unlabelled) structure far outside the labelled levels
-    i, p, t = ev.level_range_counts(pred, truth, img, 1, margin_mm=2)
+    i, p, t = scoring.level_range_counts(pred, truth, img, 1, margin_mm=2)
     assert (i, p, t) == (truth.sum(), truth.sum(), truth.sum())
     pred[:, 21, 5:10] = 1  # within the 2 mm margin: counted
-    assert ev.level_range_counts(pred, truth, img, 1, margin_mm=2)[1] == truth.sum() + 6 * 5
+    assert scoring.level_range_counts(pred, truth, img, 1, margin_mm=2)[1] == truth.sum() + 6 * 5
 
 
 def _surface(pred, truth, slice_mm=1.0, tol=(1.0, 2.0, 4.0)):
     img = Volume(np.ones(truth.shape, np.float32), spacing=(1, 1, slice_mm), direction=ev.CANONICAL_DIRECTION)
-    counts = ev.surface_counts(pred, truth, img, 1, tol, margin_mm=2)
+    counts = scoring.surface_counts(pred, truth, img, 1, tol, margin_mm=2)
     return {t: c / n for t, (c, n) in counts.items()}
 
 
@@ -126,7 +128,7 @@ def test_thick_slab_averages_slices_and_keeps_centre_labels():
     lab[2, 5:10, 5:10] = 2
     img_v = Volume(arr, direction=ev.CANONICAL_DIRECTION)
     lab_v = img_v.with_array(lab)
-    ti, tl = ev.thick_slab(img_v, lab_v, slab_mm=4, inplane_mm=0.5)
+    ti, tl = thick_slab(img_v, lab_v, slab_mm=4, inplane_mm=0.5)
     assert ti.array.shape == (2, 40, 48) and tl.array.shape == (2, 40, 48)
     assert np.allclose(ti.array[0], 1.5) and np.allclose(ti.array[1], 5.5)  # means of 0..3 and 4..7
     assert set(np.unique(tl.array[0])) == {0, 2}  # the label of slice 2 (the slab's centre), not slice 1
@@ -135,7 +137,7 @@ def test_thick_slab_averages_slices_and_keeps_centre_labels():
 
 def test_every_nth_slice_keeps_geometry_consistent():
     arr = np.arange(6 * 4 * 5, dtype=np.float32).reshape(6, 4, 5)
-    case = ev.EvalCase("c", Volume(arr, direction=ev.CANONICAL_DIRECTION), np.zeros(arr.shape, np.uint8),
+    case = scoring.EvalCase("c", Volume(arr, direction=ev.CANONICAL_DIRECTION), np.zeros(arr.shape, np.uint8),
                        torch.tensor([True, True, False]))
     sub = ev.every_nth_slice(case, 2)
     assert sub.image.array.shape == (3, 4, 5) and np.array_equal(sub.image.array, arr[::2])
@@ -184,7 +186,7 @@ def test_scoring_hands_one_options_object_to_the_engine(monkeypatch, small_real_
 
     monkeypatch.setattr(ev, "segment_volume", spy)
     truth = np.zeros(small_real_volume.array.shape, dtype=np.uint8)
-    case = ev.EvalCase("c", small_real_volume, truth, annotated_mask(["vertebral_body"], schema), source="S")
+    case = scoring.EvalCase("c", small_real_volume, truth, annotated_mask(["vertebral_body"], schema), source="S")
     opts = ev.eval_options(device="cpu", precision="fp32", slice_smoothing_mm=0, bn_adapt=0.25, postprocess="spine")
     assert (opts.slice_smoothing_mm, opts.bn_adapt) == (0.0, 0.25)
     assert ev.eval_options().slice_smoothing_mm == SegmentOptions().slice_smoothing_mm  # None: the engine default

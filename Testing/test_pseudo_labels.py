@@ -18,6 +18,7 @@ from LumbarSegmentLib.models import build_model
 from LumbarSegmentLib.registry.package import default_input_contract, read_package, write_package
 from LumbarSegmentLib.core.schema import load_schema
 from LumbarSegmentLib.training import pseudo
+from LumbarSegmentLib.training.pseudo import PseudoLabelSettings as Settings
 from LumbarSegmentLib.training.config import TrainConfig
 from LumbarSegmentLib.training.data import IGNORE_INDEX, DataError, load_dataset
 from LumbarSegmentLib.training.finetune import finetune
@@ -59,7 +60,8 @@ def test_sure_teacher_fills_the_unannotated_class_and_the_manual_label_wins(tmp_
     data = load_dataset(cases, STARTER)
     manual = [d.label.clone() for d in data]
     teacher = _teacher(tmp_path / "t", 6.0)  # p(disc) = e^6 / (2 + e^6) = 0.995
-    summary = pseudo.add_pseudo_labels(data, cases, [str(teacher.path)], STARTER, (1.0, 1.0), threshold=0.8)
+    settings = Settings((str(teacher.path),), threshold=0.8)
+    summary = pseudo.add_pseudo_labels(data, cases, STARTER, (1.0, 1.0), settings)
     disc = STARTER.channel_of()["intervertebral_disc"]
     for d, m in zip(data, manual):
         assert torch.equal(d.label[m == 1], m[m == 1])  # every manual body voxel kept
@@ -75,7 +77,7 @@ def test_unsure_teacher_voxels_are_ignored_not_learnt(tmp_path):
     data = load_dataset(cases, STARTER)
     manual = data[0].label.clone()
     teacher = _teacher(tmp_path / "t", 0.7)  # disc wins (p ~ 0.5) but below the 0.8 threshold
-    pseudo.add_pseudo_labels(data, cases, [str(teacher.path)], STARTER, (1.0, 1.0), threshold=0.8)
+    pseudo.add_pseudo_labels(data, cases, STARTER, (1.0, 1.0), Settings((str(teacher.path),), threshold=0.8))
     lab = data[0].label
     assert bool((lab[manual == 0] == IGNORE_INDEX).all())
     assert torch.equal(lab[manual == 1], manual[manual == 1])
@@ -87,9 +89,9 @@ def test_unknown_teacher_and_bad_threshold_are_refused(tmp_path):
     cases = _dataset(tmp_path / "data", n=1)
     data = load_dataset(cases, STARTER)
     with pytest.raises(DataError, match="teacher 'no-such-model@9'"):
-        pseudo.add_pseudo_labels(data, cases, ["no-such-model@9"], STARTER, (1.0, 1.0))
+        pseudo.add_pseudo_labels(data, cases, STARTER, (1.0, 1.0), Settings(("no-such-model@9",)))
     with pytest.raises(DataError, match="threshold"):
-        pseudo.add_pseudo_labels(data, cases, ["x"], STARTER, (1.0, 1.0), threshold=0.3)
+        pseudo.add_pseudo_labels(data, cases, STARTER, (1.0, 1.0), Settings(("x",), threshold=0.3))
     with pytest.raises(ValueError, match="pseudo_threshold"):
         TrainConfig(pseudo_threshold=1.0)
 
@@ -108,6 +110,6 @@ def test_finetune_with_parent_teacher_records_and_caches_the_drafts(tmp_path, mo
     # the same drafts again come from the run's cache, not from the teacher
     monkeypatch.setattr(pseudo, "draft_case", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     data = load_dataset(cases, STARTER)
-    pseudo.add_pseudo_labels(data, cases, [str(parent.path)], STARTER, (1.0, 1.0), threshold=0.8,
+    pseudo.add_pseudo_labels(data, cases, STARTER, (1.0, 1.0), Settings((str(parent.path),), threshold=0.8),
                              cache_dir=tmp_path / "run" / "pseudo")
     assert bool(data[0].annotated[STARTER.channel_of()["intervertebral_disc"]])

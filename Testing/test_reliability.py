@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from LumbarSegmentLib.dataset import cases as lcases
 from LumbarSegmentLib.dataset.cases import list_cases, write_case
 from LumbarSegmentLib.cli.main import main
-from LumbarSegmentLib.formats.dicom import write_dicom_series
+from LumbarSegmentLib.formats.dicom_write import write_dicom_series
 from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
 from LumbarSegmentLib.formats.io import VolumeReadError, read_volume, write_volume
 from LumbarSegmentLib.core.files import sha256_file
@@ -662,7 +662,8 @@ def _drafted(ctx):
     schema = load_schema("starter")
     img, lab = _case_pair()
     node = mrml.volume_to_node(ctx.scene, img, "MR")
-    seg = mrml.labels_to_segmentation(ctx.scene, ctx.seg_logic, lab, schema, node, model_ref="uvd-rel@1")
+    seg = mrml.labels_to_segmentation(ctx.scene, ctx.seg_logic, lab, schema, node,
+                                      origin=mrml.DraftOrigin("uvd-rel@1"))
     return node, seg, schema
 
 

@@ -84,7 +84,7 @@ def test_an_output_named_twice_is_refused(pkg, tmp_path, capsys):
 
 
 def test_an_output_inside_the_input_dicom_folder_is_refused(pkg, tmp_path, capsys):
-    from LumbarSegmentLib.formats.dicom import write_dicom_series
+    from LumbarSegmentLib.formats.dicom_write import write_dicom_series
 
     d = tmp_path / "series"
     write_dicom_series(sagittal(), d)
@@ -119,7 +119,7 @@ def test_a_damaged_user_default_model_is_an_error_not_a_fallback(damage, pkg, tm
 def _dicom_with(tmp_path: Path, edit) -> Path:
     import pydicom
 
-    from LumbarSegmentLib.formats.dicom import write_dicom_series
+    from LumbarSegmentLib.formats.dicom_write import write_dicom_series
 
     d = tmp_path / "series"
     files = write_dicom_series(sagittal((12, 48, 40)), d)
@@ -168,7 +168,7 @@ def test_two_cohort_inputs_with_the_same_name_are_not_silently_merged(pkg, tmp_p
 
 
 def test_a_dicom_folder_holding_a_volume_file_is_refused_as_ambiguous(pkg, tmp_path, capsys):
-    from LumbarSegmentLib.formats.dicom import write_dicom_series
+    from LumbarSegmentLib.formats.dicom_write import write_dicom_series
 
     d = tmp_path / "series"
     write_dicom_series(sagittal(), d)

@@ -87,7 +87,7 @@ def test_a_cohort_summary_named_like_an_input_json_is_refused(pkg, tmp_path, cap
 @pytest.mark.parametrize("name, problem", [("seg.nii.gz", "DICOM SEG"), ("seg.json", "DICOM SEG"),
                                            ("seg", "DICOM SEG")])
 def test_dicom_seg_output_type_is_checked_like_the_others(name, problem, pkg, tmp_path, capsys, monkeypatch):
-    from LumbarSegmentLib.formats.dicom import write_dicom_series
+    from LumbarSegmentLib.formats.dicom_write import write_dicom_series
 
     no_inference(monkeypatch)
     d = tmp_path / "series"
@@ -103,7 +103,7 @@ def test_dicom_seg_output_type_is_checked_like_the_others(name, problem, pkg, tm
 @pytest.mark.parametrize("flag", ["--dicom-seg", "--preview", "--seg-nrrd", "--confidence", "-o"])
 def test_cohort_output_folders_are_never_made_inside_an_input_dicom_folder(flag, pkg, tmp_path, capsys,
                                                                               monkeypatch):
-    from LumbarSegmentLib.formats.dicom import write_dicom_series
+    from LumbarSegmentLib.formats.dicom_write import write_dicom_series
 
     no_inference(monkeypatch)
     cohort = tmp_path / "dcm"
@@ -578,7 +578,8 @@ def test_an_impossible_header_origin_is_refused_not_segmented(suffix, origin, pk
 def test_a_mixed_orientation_series_says_what_to_do(tmp_path):
     import pydicom
 
-    from LumbarSegmentLib.formats.dicom import DicomError, read_dicom_series, write_dicom_series
+    from LumbarSegmentLib.formats.dicom import DicomError, read_dicom_series
+    from LumbarSegmentLib.formats.dicom_write import write_dicom_series
 
     files = write_dicom_series(sagittal(), tmp_path / "s")
     ds = pydicom.dcmread(files[2])
@@ -591,7 +592,7 @@ def test_a_mixed_orientation_series_says_what_to_do(tmp_path):
 def test_dicom_seg_prerequisites_are_checked_before_inference(pkg, tmp_path, capsys, monkeypatch):
     import pydicom
 
-    from LumbarSegmentLib.formats.dicom import write_dicom_series
+    from LumbarSegmentLib.formats.dicom_write import write_dicom_series
 
     files = write_dicom_series(sagittal(), tmp_path / "s")
     for f in files:

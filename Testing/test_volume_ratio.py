@@ -25,6 +25,7 @@ def test_volume_ratio_reports_the_engines_level_range_dice(shared_data, capsys):
     from LumbarSegmentLib.registry.registry import Registry
     from LumbarSegmentLib.registry.catalog import resolve_model
     from LumbarSegmentLib.training import evaluate as ev
+    from LumbarSegmentLib.training import scoring
     from LumbarSegmentLib.training.data import select_cases
 
     data = shared_data / "lumbar-mr"
@@ -38,7 +39,7 @@ def test_volume_ratio_reports_the_engines_level_range_dice(shared_data, capsys):
     model = LoadedModel.from_package(pkg)
     (case,) = ev.prepare_cases(select_cases(str(data), ["VB3_04"]), model.schema)
     pred = model.schema.values_to_channels(ev.predict([model], case.image))
-    i, q, t = ev.level_range_counts(pred, case.truth, case.image, 1)
+    i, q, t = scoring.level_range_counts(pred, case.truth, case.image, 1)
     assert dice == pytest.approx(2 * i / (q + t), abs=6e-4)
     assert ratio == pytest.approx(q / t, abs=6e-4)
     assert "| **all** | vertebral_body |" in out

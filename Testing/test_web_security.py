@@ -552,7 +552,7 @@ def test_a_draft_never_attaches_to_another_image_and_a_damaged_one_is_set_aside(
 
 
 def test_garbage_upload_is_refused_and_leaves_nothing(session):
-    from LumbarSegmentWeb.session import SessionError
+    from LumbarSegmentWeb.session_core import SessionError
 
     before = [e.case_id for e in session.worklist.entries()]
     with pytest.raises(SessionError, match="not a readable volume"):
@@ -562,7 +562,7 @@ def test_garbage_upload_is_refused_and_leaves_nothing(session):
 
 
 def test_a_client_cannot_pick_a_model_folder_or_mode(session, tmp_path):
-    from LumbarSegmentWeb.session import SessionError
+    from LumbarSegmentWeb.session_core import SessionError
 
     with pytest.raises(SessionError, match="not one this server offers"):
         session.offered_model(str(tmp_path))

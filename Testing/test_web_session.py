@@ -17,7 +17,9 @@ why = missing_dependency()
 if why:
     pytest.skip(f"browser front end not installed: {why}", allow_module_level=True)
 
-from LumbarSegmentWeb.session import NOTHING_CORRECTED, AnnotationSession, SessionError  # noqa: E402
+from LumbarSegmentWeb.session import AnnotationSession  # noqa: E402
+from LumbarSegmentWeb.session_core import SessionError  # noqa: E402
+from LumbarSegmentWeb.training_panel import NOTHING_CORRECTED  # noqa: E402
 from LumbarSegmentWeb.worklist import CORRECTED, DRAFTED, EXPORTED, NEW, Worklist  # noqa: E402
 
 VIEW_W, VIEW_H = 400, 300

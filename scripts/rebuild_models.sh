@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the shipped models from nothing but ../shared/data/lumbar-mr (docs/validation.md says what
-# each stage measured). Three stages, each one `lumbarseg-train` command:
+# each stage measured). Ten stages, each one `lumbarseg-train` command:
 #   0. uvd-starter@1: the starter recipe on the 8 cases of the first release (from scratch)
 #   1. uvd-starter@2 (the default): stage 0 fine-tuned on the 53 training cases of the fixed split
 #      (scripts/recipes/lumbar-mr-split.json) with the generalisation recipe

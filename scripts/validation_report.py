@@ -7,7 +7,7 @@ For each model entry (a registry ref, a package folder, or ``A+B`` for the engin
 * strict Dice and Dice within the labelled spine levels (+-2 mm), per source and pooled;
 * the seed's per-class IoU table (one confusion matrix over the set; means with and without
   background);
-* the same on thick-slab versions of the cases (``training.evaluate.thick_slab``: 4 mm slabs
+* the same on thick-slab versions of the cases (``training.slab.thick_slab``: 4 mm slabs
   averaged across slices, 0.6 mm in-plane, nearest-neighbour labels) and the drop;
 * PNG overlays (truth vs. prediction, central sagittal slice) of the ``--worst`` lowest cases.
 
@@ -35,7 +35,9 @@ from LumbarSegmentLib.inference.slice_smoothing import smoothing_mm_arg  # noqa:
 from LumbarSegmentLib.training import evaluate as ev  # noqa: E402
 from LumbarSegmentLib.training.data import select_cases  # noqa: E402
 from LumbarSegmentLib.training.metrics import clean  # noqa: E402
+from LumbarSegmentLib.training import report  # noqa: E402
 from LumbarSegmentLib.training.report import fmt  # noqa: E402
+from LumbarSegmentLib.training.scoring import EvalCase  # noqa: E402
 
 SPLIT = REPO / "scripts" / "recipes" / "lumbar-mr-split-v2.json"  # patient-grouped (v1 leaked three patients)
 PATIENTS = REPO / "scripts" / "recipes" / "lumbar-mr-patients.json"
@@ -52,7 +54,7 @@ def table_iou(results: dict, ids: list[str]) -> str:
     return "\n".join(lines)
 
 
-def overlay(case: ev.EvalCase, pred_values: np.ndarray, schema, path: Path, title: str) -> None:
+def overlay(case: EvalCase, pred_values: np.ndarray, schema, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,10 +131,10 @@ def main(argv=None) -> int:
           "Patients: " + ("every case's patient is new to every model" if not seen else
                           "**scored although their patient trained a model** (`--allow-seen`): " + "; ".join(seen))
           + (f". Ancestors whose training cases are unknown: {', '.join(unknown)}" if unknown else "") + ".", "",
-          "## Dice per source and structure", "", ev.source_markdown(res, schema.ids, schema, thick=thick, digits=3), "",
+          "## Dice per source and structure", "", report.source_markdown(res, schema.ids, schema, thick=thick, digits=3), "",
           "## Surface Dice per source and structure (level range; share of both borders within the tolerance "
-          "of the other)", "", "1 mm:", "", ev.surface_markdown(res, schema.ids, schema), "",
-          f"{a.slab_mm:g} mm clinical stacks:", "", ev.surface_markdown(thick, schema.ids, schema), "",
+          "of the other)", "", "1 mm:", "", report.surface_markdown(res, schema.ids, schema), "",
+          f"{a.slab_mm:g} mm clinical stacks:", "", report.surface_markdown(thick, schema.ids, schema), "",
           "## The seed's per-class IoU (pooled over the set, 1 mm)", "", table_iou(res, schema.ids), "",
           f"## The same, {a.slab_mm:g} mm clinical stacks", "", table_iou(thick, schema.ids), ""]
     # worst cases of the first entry, by level-range Dice of their annotated structure

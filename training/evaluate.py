@@ -7,29 +7,19 @@ mapping and label values as ``lumbarseg segment``. A model still in memory (a tr
 current weights) goes in as an ``engine.LoadedModel``; an ensemble is the engine's ensemble mode
 (probabilities averaged, flip TTA), exactly what ``--mode ensemble`` gives a user.
 
-Scores (partial labels handled as in ``training.metrics``):
-
-* **strict**: one confusion matrix per case on the case's own voxel grid, pooled over the set;
-* **level range**: the Dice of each annotated class counted only within the superior-inferior
-  rows the manual label covers (+- ``margin_mm``): data sets label different spine levels (VB3
-  only L1-L5, the disc set only L1/L2-L5/S1), so a model that correctly finds T12 is not
-  charged for it there;
-* **per source**: both of the above pooled within each source (``training.data.case_source``).
-
-``thick_slab`` turns a 1 mm case into what a clinical 2D sagittal stack looks like (slabs of
-``slab_mm`` averaged across slices, resampled in-plane), with nearest-neighbour labels, for the
-clinical-robustness rows of the report.
+The scores themselves (strict, level range, surface Dice; overall and per source) are
+``training.scoring``; the clinical-looking thick-slab stacks ``training.slab``; the Markdown
+tables and files of a result ``training.report``.
 
     lumbarseg-train evaluate --model uvd-starter,umd-starter,uvd-starter+umd-starter \\
         --registry Resources/Models --data DATA --cases IVD_25,VB1_08 --out reports/val
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -38,7 +28,7 @@ import torch
 
 from LumbarSegmentLib.dataset.cases import Case
 from LumbarSegmentLib.inference.engine import LoadedModel, SegmentOptions, segment_volume
-from LumbarSegmentLib.core.geometry import resize_planes, sagittal_layout
+from LumbarSegmentLib.core.geometry import sagittal_layout
 from LumbarSegmentLib.registry.package import ModelPackage, PackageError
 from LumbarSegmentLib.registry.registry import Registry
 from LumbarSegmentLib.registry.catalog import resolve_model
@@ -47,64 +37,10 @@ from LumbarSegmentLib.core.volume import Volume
 
 from . import report
 from .data import annotated_mask, case_source, schema_labels, select_cases
-from .metrics import MetricAccumulator, clean
+from .scoring import SURFACE_TOL_MM, EvalCase, Scorer
+from .slab import CLINICAL_INPLANE_MM, spacing_xyz, thick_slab
 
 log = logging.getLogger("lumbarseg.train")
-
-
-@dataclass
-class EvalCase:
-    """A case ready to score: the image, its truth as channel indices of ``schema``, what it annotates."""
-
-    case_id: str
-    image: Volume
-    truth: np.ndarray  # channel indices of the schema, on the image grid
-    annotated: torch.Tensor  # [K] bool
-    source: str = ""
-    structures: tuple = ()
-    info: dict = field(default_factory=dict)
-
-
-def spacing_xyz(layout, canonical_spacing) -> tuple[float, float, float]:
-    """A Volume's ``spacing`` (i, j, k) from spacings along the canonical stack's (s, r, c) axes."""
-    by_array_axis = [0.0, 0.0, 0.0]
-    for canon_axis, array_axis in enumerate(layout.perm):
-        by_array_axis[array_axis] = float(canonical_spacing[canon_axis])
-    return tuple(by_array_axis[::-1])  # the array is stored [k, j, i]
-
-
-#: in-plane pixel of the clinical-looking stacks unless told otherwise (a typical 2D sagittal TSE)
-CLINICAL_INPLANE_MM = 0.6
-
-
-def thick_slab(image: Volume, label: Volume, slab_mm: float = 4.0,
-               inplane_mm: float = CLINICAL_INPLANE_MM) -> tuple[Volume, Volume]:
-    """A clinical-looking 2D stack from a thin-slice sagittal case.
-
-    Across slices: consecutive slices are averaged in slabs of ``slab_mm`` (partial volume, as
-    a thick excitation integrates); the label of a slab is its centre slice's (nearest). In
-    plane: resampled to ``inplane_mm`` pixels (bilinear image, nearest label). The spacing
-    follows, so the engine sees a genuine 4 mm stack; origin and direction are kept (the first
-    voxel's position is off by under half a slab, which no score on this grid depends on).
-    """
-    layout = sagittal_layout(image)
-    img = np.ascontiguousarray(layout.to_canonical(image.array)).astype(np.float32)
-    lab = np.ascontiguousarray(layout.to_canonical(label.array))
-    s_sp, r_sp, c_sp = layout.spacing_src
-    k = max(1, int(round(slab_mm / s_sp)))
-    n = img.shape[0] // k
-    if n < 1:
-        raise ValueError(f"the volume has {img.shape[0]} slices of {s_sp} mm: too few for {slab_mm} mm slabs")
-    img_s = img[:n * k].reshape(n, k, *img.shape[1:]).mean(1)
-    lab_s = lab[:n * k][k // 2::k][:n]
-    size = (max(8, int(round(img.shape[1] * r_sp / inplane_mm))), max(8, int(round(img.shape[2] * c_sp / inplane_mm))))
-    img_t = resize_planes(torch.from_numpy(img_s), size, mode="bilinear").numpy()
-    lab_t = resize_planes(torch.from_numpy(lab_s.astype(np.int64)), size, mode="nearest").numpy().astype(lab.dtype)
-    # stored order back; spacing along each stored axis from the canonical one it became
-    arr_img, arr_lab = layout.from_canonical(img_t), layout.from_canonical(lab_t)
-    canon_sp = (k * s_sp, img.shape[1] * r_sp / size[0], img.shape[2] * c_sp / size[1])
-    geo = dict(spacing=spacing_xyz(layout, canon_sp), origin=image.origin, direction=image.direction)
-    return (Volume(np.ascontiguousarray(arr_img), **geo), Volume(np.ascontiguousarray(arr_lab), **geo))
 
 
 def prepare_cases(case_list: Sequence[Case], schema: LabelSchema, *, slab_mm: float | None = None,
@@ -176,157 +112,6 @@ def predict(models: Sequence[ModelPackage | LoadedModel], image: Volume,
     if len(models) > 1 and options.mode == "fast":
         options = replace(options, mode="ensemble")
     return segment_volume(image, list(models), options).labels.array
-
-
-def _level_rows(truth: np.ndarray, layout, margin_mm: float) -> tuple[int, int]:
-    """The superior-inferior rows ``[lo, hi)`` a canonical truth mask covers, +- ``margin_mm``."""
-    rows = np.nonzero(truth.any(axis=(0, 2)))[0]
-    m = int(round(margin_mm / layout.spacing_src[1]))
-    return max(0, rows.min() - m), rows.max() + m + 1
-
-
-def level_range_counts(pred_ch: np.ndarray, truth_ch: np.ndarray, image: Volume, channel: int,
-                       margin_mm: float = 2.0) -> tuple[int, int, int]:
-    """(intersection, predicted, true) voxels of ``channel`` within the S-I rows the truth covers +- margin."""
-    layout = sagittal_layout(image)
-    t = layout.to_canonical(truth_ch == channel)
-    if not t.any():
-        return 0, 0, 0
-    q = layout.to_canonical(pred_ch == channel)
-    lo, hi = _level_rows(t, layout, margin_mm)
-    t, q = t[:, lo:hi], q[:, lo:hi]
-    return int((t & q).sum()), int(q.sum()), int(t.sum())
-
-
-#: tolerances of the surface Dice (mm): one and two voxels of the 1 mm data
-SURFACE_TOL_MM = (1.0, 2.0)
-
-
-def _border(mask: np.ndarray) -> np.ndarray:
-    """Voxels of ``mask`` with a face neighbour outside it (beyond the array counts as outside)."""
-    p = np.pad(mask, 1, constant_values=False)
-    inner = mask.copy()
-    for ax in range(3):
-        for cut in (slice(0, -2), slice(2, None)):
-            idx = [slice(1, -1)] * 3
-            idx[ax] = cut
-            inner &= p[tuple(idx)]
-    return mask & ~inner
-
-
-def _distance_to(border: np.ndarray, spacing) -> np.ndarray:
-    """Distance in mm from every voxel centre to the nearest voxel centre of ``border`` (inf: none)."""
-    import SimpleITK as sitk
-
-    if not border.any():
-        return np.full(border.shape, np.inf, dtype=np.float32)
-    img = sitk.GetImageFromArray(border.astype(np.uint8))
-    img.SetSpacing(tuple(float(v) for v in spacing[::-1]))  # the array is [s, r, c]; SimpleITK wants (c, r, s)
-    d = sitk.SignedMaurerDistanceMap(img, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
-    return np.maximum(sitk.GetArrayFromImage(d), 0.0)
-
-
-def surface_counts(pred_ch: np.ndarray, truth_ch: np.ndarray, image: Volume, channel: int,
-                   tolerances_mm: Sequence[float] = SURFACE_TOL_MM, margin_mm: float = 2.0) -> dict | None:
-    """``{tol: (close, total)}`` for the surface Dice of ``channel`` within the level range.
-
-    The surface Dice (normalised surface distance; Nikolov et al. 2021) is the share of both borders,
-    the draft's and the manual one, lying within ``tol`` mm of the other: what an annotator has to
-    redraw, where volume Dice also charges a faithful outline for being a voxel off all around. This
-    is the voxel form: borders are the voxels with a face neighbour outside the structure, distances
-    run between voxel centres in millimetres (anisotropic stacks included). Borders are found on the
-    whole stack, then counted only in the superior-inferior rows of :func:`level_range_counts`, so
-    a cut at the range's edge draws no border. ``None`` when the truth lacks ``channel``.
-    """
-    layout = sagittal_layout(image)
-    t = layout.to_canonical(truth_ch == channel)
-    if not t.any():
-        return None
-    q = layout.to_canonical(pred_ch == channel)
-    lo, hi = _level_rows(t, layout, margin_mm)
-    bt, bq = _border(np.ascontiguousarray(t)), _border(np.ascontiguousarray(q))
-    to_t, to_q = _distance_to(bt, layout.spacing_src), _distance_to(bq, layout.spacing_src)
-    for b in (bt, bq):
-        b[:, :lo] = False
-        b[:, hi:] = False
-    total = int(bt.sum() + bq.sum())
-    return {float(tol): (int((to_t[bq] <= tol).sum() + (to_q[bt] <= tol).sum()), total) for tol in tolerances_mm}
-
-
-class Scorer:
-    """Accumulates strict and level-range scores, overall and per source; with ``surface`` also the
-    level-range surface Dice (off for the per-epoch checks of training, which need only the Dice)."""
-
-    def __init__(self, schema: LabelSchema, margin_mm: float = 2.0, surface: Sequence[float] = ()):
-        self.schema = schema
-        self.margin_mm = margin_mm
-        self.surface_tol = tuple(float(t) for t in surface)
-        self.surface: dict[tuple[float, str, str], list[int]] = {}  # (tol, source, class) -> [close, total]
-        self.surface_case: dict[tuple[str, str], dict] = {}  # (case, class) -> {tol: surface Dice}
-        self.all = MetricAccumulator(schema.ids)
-        self.by_source: dict[str, MetricAccumulator] = {}
-        self.level: dict[tuple[str, str], list[int]] = {}  # (source, class) -> [inter, pred, true]
-        self.level_case: dict[tuple[str, str], float] = {}  # (case, class) -> level-range Dice
-
-    def add(self, case: EvalCase, pred_values: np.ndarray) -> None:
-        pred = self.schema.values_to_channels(pred_values)
-        pt, tt = torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(case.truth.astype(np.int64))
-        self.all.add(case.case_id, pt, tt, case.annotated)
-        self.by_source.setdefault(case.source, MetricAccumulator(self.schema.ids)).add(
-            case.case_id, pt, tt, case.annotated)
-        for ch, cid in enumerate(self.schema.ids):
-            if ch == 0 or not bool(case.annotated[ch]):
-                continue
-            i, p, t = level_range_counts(pred, case.truth, case.image, ch, self.margin_mm)
-            if t == 0:
-                continue
-            acc = self.level.setdefault((case.source, cid), [0, 0, 0])
-            acc[0] += i
-            acc[1] += p
-            acc[2] += t
-            self.level_case[(case.case_id, cid)] = 2 * i / max(1, p + t)
-            if self.surface_tol:
-                counts = surface_counts(pred, case.truth, case.image, ch, self.surface_tol, self.margin_mm)
-                for tol, (close, total) in counts.items():
-                    acc = self.surface.setdefault((tol, case.source, cid), [0, 0])
-                    acc[0] += close
-                    acc[1] += total
-                self.surface_case[(case.case_id, cid)] = {tol: c / max(1, n) for tol, (c, n) in counts.items()}
-
-    def level_range(self) -> dict:
-        """``{source: {class: Dice}}`` plus ``"all"`` pooled over the sources."""
-        out: dict[str, dict] = {}
-        tot: dict[str, list[int]] = {}
-        for (src, cid), (i, p, t) in sorted(self.level.items()):
-            out.setdefault(src, {})[cid] = 2 * i / max(1, p + t)
-            a = tot.setdefault(cid, [0, 0, 0])
-            for k, v in enumerate((i, p, t)):
-                a[k] += v
-        out["all"] = {cid: 2 * i / max(1, p + t) for cid, (i, p, t) in tot.items()}
-        return out
-
-    def surface_dice(self) -> dict:
-        """``{"<tol>mm": {source: {class: surface Dice}, "all": {...}}}`` (border voxels pooled)."""
-        out: dict[str, dict] = {}
-        for (tol, src, cid), (close, total) in sorted(self.surface.items()):
-            by_tol = out.setdefault(f"{tol:g}mm", {})
-            by_tol.setdefault(src, {})[cid] = close / max(1, total)
-            pooled = by_tol.setdefault("_pooled", {}).setdefault(cid, [0, 0])
-            pooled[0] += close
-            pooled[1] += total
-        for by_tol in out.values():
-            by_tol["all"] = {cid: c / max(1, n) for cid, (c, n) in by_tol.pop("_pooled").items()}
-        return out
-
-    def results(self) -> dict:
-        surface = {"surface_dice": self.surface_dice(),
-                   "surface_dice_per_case": {f"{c}:{k}": {f"{t:g}mm": v for t, v in d.items()}
-                                             for (c, k), d in sorted(self.surface_case.items())}
-                   } if self.surface_tol else {}
-        return {**surface, "metrics": self.all.compute(), "per_case": self.all.per_case(),
-                "per_source": {s: a.compute() for s, a in sorted(self.by_source.items())},
-                "level_range": self.level_range(),
-                "level_range_per_case": {f"{c}:{k}": v for (c, k), v in sorted(self.level_case.items())}}
 
 
 def score_models(models: Sequence[ModelPackage | LoadedModel], cases: Sequence[EvalCase], schema: LabelSchema,
@@ -430,74 +215,6 @@ def seen_patients(cases: Sequence[Case], entries: Mapping[str, Sequence[ModelPac
     return sorted(lines), sorted(missing)
 
 
-def source_markdown(results: Mapping[str, dict], class_ids: Sequence[str], schema=None, *,
-                    thick: Mapping[str, dict] | None = None, digits: int = 4) -> str:
-    """Per-source table: strict and level-range Dice of each foreground class, models as columns;
-    with ``thick`` (the same models scored on thick-slab stacks) a third column per model."""
-    names = list(results)
-    sources = sorted({s for r in results.values() for s in r["per_source"]})
-    cls = [c for c in class_ids if c != "background"]
-    disp = {c.id: c.name for c in schema.classes} if schema is not None else {c: c.replace("_", " ") for c in cls}
-    cols = ["strict", "level range"] + (["thick-slab level range"] if thick else [])
-    lines = ["| source | class | " + " | ".join(f"{n}: {c}" for n in names for c in cols) + " |",
-             "|---|---|" + "--:|" * (len(cols) * len(names))]
-    for src in sources + ["all"]:
-        for c in cls:
-            cells = []
-            for n in names:
-                r = results[n]
-                strict = (r["metrics"] if src == "all" else r["per_source"].get(src, {})).get("dice", {}).get(c)
-                cells += [report.fmt(strict, digits), report.fmt(r["level_range"].get(src, {}).get(c), digits)]
-                if thick:
-                    cells.append(report.fmt(thick[n]["level_range"].get(src, {}).get(c), digits))
-            if all(x == "–" for x in cells):
-                continue
-            lines.append(f"| {src} | {disp.get(c, c)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def surface_markdown(results: Mapping[str, dict], class_ids: Sequence[str], schema=None, digits: int = 3) -> str:
-    """Per-source table of the level-range surface Dice (:func:`surface_counts`), models x tolerances
-    as columns; empty when no result carries it."""
-    names = [n for n, r in results.items() if r.get("surface_dice")]
-    if not names:
-        return ""
-    tols = list(results[names[0]]["surface_dice"])
-    sources = sorted({s for n in names for by_src in results[n]["surface_dice"].values() for s in by_src} - {"all"})
-    disp = {c.id: c.name for c in schema.classes} if schema is not None else {}
-    lines = ["| source | class | " + " | ".join(f"{n}: within {t.replace('mm', ' mm')}" for n in names for t in tols) + " |",
-             "|---|---|" + "--:|" * (len(tols) * len(names))]
-    for src in sources + ["all"]:
-        for c in (c for c in class_ids if c != "background"):
-            cells = [report.fmt(results[n]["surface_dice"][t].get(src, {}).get(c), digits) for n in names for t in tols]
-            if any(x != "–" for x in cells):
-                lines.append(f"| {src} | {disp.get(c, c.replace('_', ' '))} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_evaluation(results: dict, out: Path, schema=None) -> dict:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    first = next(iter(results.values()))
-    ids = first["class_ids"]
-    agg = {n: r["metrics"] for n, r in results.items()}
-    md = ["# Evaluation", "", f"Cases: {', '.join(first['metrics']['cases'])}", "",
-          "## Per source (Dice: strict, and within the labelled levels)", "", source_markdown(results, ids, schema), "",
-          "## Surface Dice within the labelled levels (share of both borders within the tolerance of the other)",
-          "", surface_markdown(results, ids, schema), "",
-          "## Pooled over the cases (classes as rows, models as columns)", "",
-          report.markdown_table(agg, ids, "dice", schema), "", report.markdown_table(agg, ids, "iou", schema), "",
-          "## Per case", "", report.per_case_markdown({n: r["per_case"] for n, r in results.items()}, ids, schema),
-          ""]
-    text = "\n".join(md)
-    (out / "metrics.md").write_text(text)
-    (out / "metrics.csv").write_text(report.csv_table(agg, ids))
-    (out / "metrics.json").write_text(json.dumps(clean(results), indent=1))
-    report.plot_per_class(agg, ids, out / "per_class_dice.png", "dice", schema, title="Dice per class")
-    report.plot_per_class(agg, ids, out / "per_class_iou.png", "iou", schema, title="IoU per class")
-    return {"markdown": text}
-
-
 def evaluate_cli(a) -> int:
     if a.inplane is not None and not a.thick_slab:
         raise ValueError("--inplane sets the pixel size of the --thick-slab stacks; give --thick-slab too")
@@ -521,9 +238,9 @@ def evaluate_cli(a) -> int:
     schema = first.schema
     agg = {n: r["metrics"] for n, r in results.items()}
     ids_ = first.schema.ids
-    print(source_markdown(results, ids_, schema))
+    print(report.source_markdown(results, ids_, schema))
     print()
-    print(surface_markdown(results, ids_, schema))
+    print(report.surface_markdown(results, ids_, schema))
     print()
     print(report.markdown_table(agg, ids_, "dice", schema))
     print()
@@ -533,6 +250,6 @@ def evaluate_cli(a) -> int:
     for n, r in results.items():
         print(f"\n{n}: {r['seconds']:.1f} s of prediction for {len(case_list)} cases")
     if a.out:
-        write_evaluation(results, Path(a.out), schema)
+        report.write_evaluation(results, Path(a.out), schema)
         print(f"\nwritten to {a.out}")
     return 0

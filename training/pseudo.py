@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -76,18 +77,32 @@ def _key(case: Case, teachers: Sequence[ModelPackage], threshold: float, mode: s
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class PseudoLabelSettings:
+    """How the teachers draft: their refs (or package folders), the confidence a drafted voxel needs
+    (below it: ignored), the engine mode (``auto`` = fast for one teacher, ensemble for several), and the
+    device and precision they run with."""
+
+    refs: tuple[str, ...]
+    threshold: float = 0.8
+    mode: str = "auto"
+    device: str = "cpu"
+    precision: str = "auto"
+
+
 def draft_case(case: Case, teachers: Sequence, schema: LabelSchema, classes: Sequence[int],
-               plane: tuple[int, int], *, threshold: float, mode: str, device: str, precision: str) -> np.ndarray:
+               plane: tuple[int, int], settings: PseudoLabelSettings) -> np.ndarray:
     """``[S, H, W]`` uint8 on the model grid: a channel of ``classes`` where the teacher is sure,
-    ``IGNORE_INDEX`` where it gives that class or background but is not sure, else 0."""
+    ``IGNORE_INDEX`` where it gives that class or background but is not sure, else 0.
+    ``settings.mode`` must already be resolved (not ``auto``)."""
     from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
 
     image = read_volume(case.image_path)  # the label is the trainer's business; only the image is segmented
-    res = segment_volume(image, list(teachers), SegmentOptions(mode=mode, device=device, precision=precision,
-                                                               confidence=True))
+    res = segment_volume(image, list(teachers), SegmentOptions(mode=settings.mode, device=settings.device,
+                                                               precision=settings.precision, confidence=True))
     channels = _value_lut(res.schema, schema)[res.labels.array]
     wanted = np.isin(channels, np.asarray(list(classes), dtype=np.uint8))
-    sure = res.confidence.array >= threshold
+    sure = res.confidence.array >= settings.threshold
     # unsure "background" may be an unsure drafted class: ignore it too (the manual label still wins)
     unsure = ~sure & (wanted | (channels == 0))
     out = np.where(wanted & sure, channels, np.where(unsure, IGNORE_INDEX, 0)).astype(np.uint8)
@@ -95,18 +110,19 @@ def draft_case(case: Case, teachers: Sequence, schema: LabelSchema, classes: Seq
     return preprocess.label_slices(out, layout, plane).to(torch.uint8).numpy()
 
 
-def add_pseudo_labels(data: Sequence[CaseSlices], cases: Sequence[Case], refs: Sequence[str], schema: LabelSchema,
-                      spacing, *, threshold: float = 0.8, mode: str = "auto", device: str = "cpu",
-                      precision: str = "auto", cache_dir: str | Path | None = None) -> dict:
+def add_pseudo_labels(data: Sequence[CaseSlices], cases: Sequence[Case], schema: LabelSchema, spacing,
+                      settings: PseudoLabelSettings, *, cache_dir: str | Path | None = None) -> dict:
     """Merge teacher drafts of each case's unannotated classes into ``data`` (in place); returns a summary."""
+    threshold = settings.threshold
     if not 0.5 <= threshold < 1:
         raise DataError(f"the pseudo-label threshold must be in [0.5, 1), got {threshold}")
-    teachers = resolve_teachers(refs)
+    teachers = resolve_teachers(settings.refs)
     for t in teachers:
         missing = [cid for cid in t.schema.ids if cid != "background" and cid not in schema]
         if missing:
             log.info("teacher %s: classes %s are not in the training schema and are not drafted", t.ref, missing)
-    mode = ("ensemble" if len(teachers) > 1 else "fast") if mode == "auto" else mode
+    mode = ("ensemble" if len(teachers) > 1 else "fast") if settings.mode == "auto" else settings.mode
+    settings = replace(settings, mode=mode)
     by_id = {c.case_id: c for c in cases}
     known = {cid for t in teachers for cid in t.schema.ids}
     summary = {"teachers": [{"ref": t.ref, "weights_sha256": t.sha256} for t in teachers], "threshold": threshold,
@@ -123,34 +139,42 @@ def add_pseudo_labels(data: Sequence[CaseSlices], cases: Sequence[Case], refs: S
         case = by_id[c.case_id]
         key = _key(case, teachers, threshold, mode, spacing, classes)
         hit = cache / f"{c.case_id}.npz" if cache else None
-        pseudo = None
-        if hit is not None and hit.exists():
-            with np.load(hit) as z:
-                if str(z["key"]) == key:
-                    pseudo = z["pseudo"]
+        pseudo = _cached(hit, key)
         if pseudo is None:
             if loaded is None:
                 from LumbarSegmentLib.inference.engine import LoadedModel
 
                 loaded = [LoadedModel.from_package(t) for t in teachers]
-            pseudo = draft_case(case, loaded, schema, classes, tuple(c.label.shape[1:]), threshold=threshold,
-                                mode=mode, device=device, precision=precision)
+            pseudo = draft_case(case, loaded, schema, classes, tuple(c.label.shape[1:]), settings)
             if hit is not None:
                 tmp = hit.with_suffix(".tmp.npz")
                 np.savez_compressed(tmp, pseudo=pseudo, key=np.asarray(key))
                 tmp.replace(hit)
-        p = torch.from_numpy(pseudo)
-        free = c.label == 0  # the manual label wins everywhere it says something
-        c.label = torch.where(free & (p != 0), p, c.label).contiguous()
-        for ch in classes:
-            c.annotated[ch] = True
-        lab = c.label
-        c.fg_slices = ((lab > 0) & (lab != IGNORE_INDEX)).flatten(1).any(1).nonzero().flatten().tolist()
-        stats = {"classes": [schema.classes[ch].id for ch in classes],
-                 "voxels": {schema.classes[ch].id: int((lab == ch).sum()) for ch in classes},
-                 "ignored_voxels": int((lab == IGNORE_INDEX).sum())}
+        stats = _merge(c, pseudo, classes, schema)
         c.info["pseudo"] = stats
         summary["cases"][c.case_id] = stats
     log.info("pseudo-labels from %s (threshold %.2f, %s): %d of %d training cases drafted",
              ", ".join(t.ref for t in teachers), threshold, mode, len(summary["cases"]), len(data))
     return summary
+
+
+def _cached(hit: Path | None, key: str) -> np.ndarray | None:
+    """The cached draft at ``hit`` when it was made with the same ``key``, else ``None``."""
+    if hit is None or not hit.exists():
+        return None
+    with np.load(hit) as z:
+        return z["pseudo"] if str(z["key"]) == key else None
+
+
+def _merge(c: CaseSlices, pseudo: np.ndarray, classes: list[int], schema: LabelSchema) -> dict:
+    """Write ``pseudo`` into the case's label where the manual label is 0; the drafted classes count as annotated."""
+    p = torch.from_numpy(pseudo)
+    free = c.label == 0  # the manual label wins everywhere it says something
+    c.label = torch.where(free & (p != 0), p, c.label).contiguous()
+    for ch in classes:
+        c.annotated[ch] = True
+    lab = c.label
+    c.fg_slices = ((lab > 0) & (lab != IGNORE_INDEX)).flatten(1).any(1).nonzero().flatten().tolist()
+    return {"classes": [schema.classes[ch].id for ch in classes],
+            "voxels": {schema.classes[ch].id: int((lab == ch).sum()) for ch in classes},
+            "ignored_voxels": int((lab == IGNORE_INDEX).sum())}

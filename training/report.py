@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
+
+from .metrics import clean
 
 CLASS_MEAN_ROWS = (("mean (with background)", "mean_{m}"), ("mean (without background)", "mean_{m}_fg"))
 
@@ -204,3 +207,73 @@ def write_run_report(out_dir: Path, history, val_metrics, per_case, schema, name
             md += ["## Per case", "", per_case_markdown({name: per_case}, ids, schema), ""]
         (out_dir / "metrics.md").write_text("\n".join(md))
         (out_dir / "metrics.csv").write_text(csv_table(res, ids))
+
+
+# ----------------------------------------------------------------------------------------
+# evaluation tables (results of training.evaluate.evaluate_packages)
+def source_markdown(results: Mapping[str, dict], class_ids: Sequence[str], schema=None, *,
+                    thick: Mapping[str, dict] | None = None, digits: int = 4) -> str:
+    """Per-source table: strict and level-range Dice of each foreground class, models as columns;
+    with ``thick`` (the same models scored on thick-slab stacks) a third column per model."""
+    names = list(results)
+    sources = sorted({s for r in results.values() for s in r["per_source"]})
+    cls = [c for c in class_ids if c != "background"]
+    disp = {c.id: c.name for c in schema.classes} if schema is not None else {c: c.replace("_", " ") for c in cls}
+    cols = ["strict", "level range"] + (["thick-slab level range"] if thick else [])
+    lines = ["| source | class | " + " | ".join(f"{n}: {c}" for n in names for c in cols) + " |",
+             "|---|---|" + "--:|" * (len(cols) * len(names))]
+    for src in sources + ["all"]:
+        for c in cls:
+            cells = []
+            for n in names:
+                r = results[n]
+                strict = (r["metrics"] if src == "all" else r["per_source"].get(src, {})).get("dice", {}).get(c)
+                cells += [fmt(strict, digits), fmt(r["level_range"].get(src, {}).get(c), digits)]
+                if thick:
+                    cells.append(fmt(thick[n]["level_range"].get(src, {}).get(c), digits))
+            if all(x == "–" for x in cells):
+                continue
+            lines.append(f"| {src} | {disp.get(c, c)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def surface_markdown(results: Mapping[str, dict], class_ids: Sequence[str], schema=None, digits: int = 3) -> str:
+    """Per-source table of the level-range surface Dice (:func:`surface_counts`), models x tolerances
+    as columns; empty when no result carries it."""
+    names = [n for n, r in results.items() if r.get("surface_dice")]
+    if not names:
+        return ""
+    tols = list(results[names[0]]["surface_dice"])
+    sources = sorted({s for n in names for by_src in results[n]["surface_dice"].values() for s in by_src} - {"all"})
+    disp = {c.id: c.name for c in schema.classes} if schema is not None else {}
+    lines = ["| source | class | " + " | ".join(f"{n}: within {t.replace('mm', ' mm')}" for n in names for t in tols) + " |",
+             "|---|---|" + "--:|" * (len(tols) * len(names))]
+    for src in sources + ["all"]:
+        for c in (c for c in class_ids if c != "background"):
+            cells = [fmt(results[n]["surface_dice"][t].get(src, {}).get(c), digits) for n in names for t in tols]
+            if any(x != "–" for x in cells):
+                lines.append(f"| {src} | {disp.get(c, c.replace('_', ' '))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_evaluation(results: dict, out: Path, schema=None) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    first = next(iter(results.values()))
+    ids = first["class_ids"]
+    agg = {n: r["metrics"] for n, r in results.items()}
+    md = ["# Evaluation", "", f"Cases: {', '.join(first['metrics']['cases'])}", "",
+          "## Per source (Dice: strict, and within the labelled levels)", "", source_markdown(results, ids, schema), "",
+          "## Surface Dice within the labelled levels (share of both borders within the tolerance of the other)",
+          "", surface_markdown(results, ids, schema), "",
+          "## Pooled over the cases (classes as rows, models as columns)", "",
+          markdown_table(agg, ids, "dice", schema), "", markdown_table(agg, ids, "iou", schema), "",
+          "## Per case", "", per_case_markdown({n: r["per_case"] for n, r in results.items()}, ids, schema),
+          ""]
+    text = "\n".join(md)
+    (out / "metrics.md").write_text(text)
+    (out / "metrics.csv").write_text(csv_table(agg, ids))
+    (out / "metrics.json").write_text(json.dumps(clean(results), indent=1))
+    plot_per_class(agg, ids, out / "per_class_dice.png", "dice", schema, title="Dice per class")
+    plot_per_class(agg, ids, out / "per_class_iou.png", "iou", schema, title="IoU per class")
+    return {"markdown": text}

@@ -51,7 +51,8 @@ from .checkpoints import (CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint,
                           seed_everything, set_rng_state)
 from .data import CaseSlices, PatchSampler, as_schema, data_manifest, epoch_generator, load_dataset
 from .distributed import broadcast_floats, mean_across, setup_distributed
-from .evaluate import EvalCase, Scorer, eval_case_from_slices, every_nth_slice, predict, prepare_cases
+from .evaluate import eval_case_from_slices, every_nth_slice, predict, prepare_cases
+from .scoring import EvalCase, Scorer
 from .losses import deep_supervision_loss
 from .metrics import clean
 
@@ -249,12 +250,12 @@ class _Run:
 
     def _pseudo_label(self, train_cases) -> dict:
         """Teacher drafts of each training case's unannotated classes (``training.pseudo``)."""
-        from .pseudo import add_pseudo_labels
+        from .pseudo import PseudoLabelSettings, add_pseudo_labels
 
         cfg = self.cfg
-        summary = add_pseudo_labels(self.train_data, train_cases, cfg.pseudo_labels, self.schema, cfg.spacing,
-                                    threshold=cfg.pseudo_threshold, mode=cfg.pseudo_mode,
-                                    device=str(self.device), precision=cfg.precision,
+        settings = PseudoLabelSettings(cfg.pseudo_labels, threshold=cfg.pseudo_threshold, mode=cfg.pseudo_mode,
+                                       device=str(self.device), precision=cfg.precision)
+        summary = add_pseudo_labels(self.train_data, train_cases, self.schema, cfg.spacing, settings,
                                     cache_dir=self.out_dir / "pseudo")
         if self.dist.is_main:
             (self.out_dir / "pseudo_labels.json").write_text(json.dumps(summary, indent=1))

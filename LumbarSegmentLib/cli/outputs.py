@@ -77,42 +77,6 @@ def _name_max(folder: Path) -> int:
         return 255
 
 
-def stem(path: Path) -> str:
-    suf = volume_suffix(path)
-    return path.name[: -len(suf)] if suf else path.name
-
-
-def cohort_plans(inputs: list[Path], out: Path, fmt: str, want: dict[str, bool]) -> list[CasePlan]:
-    """Plans for several inputs into folder ``out``; names made unique when inputs share a stem.
-
-    Inputs with the same file (or DICOM folder) name get their parent folders' names
-    prepended (``siteA_001``), then a counter if that is still not enough.
-    """
-    stems = [stem(p) for p in inputs]
-    for depth in (1, 2, 3):
-        dups = {s for s in stems if stems.count(s) > 1}
-        if not dups:
-            break
-        stems = [("_".join(p.resolve().parts[-1 - depth:-1] + (stem(p),)) if s_old in dups else s_old)
-                 for p, s_old in zip(inputs, stems)]
-    seen: dict[str, int] = {}
-    unique = []
-    for s in stems:
-        seen[s] = seen.get(s, 0) + 1
-        unique.append(s if seen[s] == 1 else f"{s}-{seen[s]}")
-    plans = []
-    for src, s in zip(inputs, unique):
-        t = {"label": out / f"{s}_seg{fmt}", "report": out / f"{s}_report.json"}
-        if want.get("seg_nrrd"):
-            t["seg_nrrd"] = out / f"{s}.seg.nrrd"
-        if want.get("preview"):
-            t["preview"] = out / f"{s}_preview.png"
-        if want.get("confidence"):
-            t["confidence"] = out / f"{s}_confidence.nii.gz"
-        plans.append(CasePlan(src, t))
-    return plans
-
-
 def input_files(src: Path) -> list[Path]:
     """Every file (or folder) an input consists of: the file, a header's data files, a DICOM folder."""
     found = [src]

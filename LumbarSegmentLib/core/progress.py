@@ -13,7 +13,7 @@ the main thread holds the GIL while it idles in the Qt event loop, so a Python r
 thread is starved and progress stalls (and a full pipe can block the child). Reading a
 file from the module's ``QTimer`` runs on the main thread, needs no Qt in the Lib, and
 survives a module reload: the run folder still holds the log, so a new panel reattaches
-to a run it did not start (``retrain_job.RetrainJob.reattach``).
+to a run it did not start (``retrain_job.RetrainController.reattach``).
 
 Events (``"event"`` plus ``"time"``, seconds since the epoch, on every line):
 

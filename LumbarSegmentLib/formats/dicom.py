@@ -22,8 +22,7 @@ The volume's index axes are ``i`` = along a row (``ImageOrientationPatient[0:3]`
 ``ImagePositionPatient`` of the first slice. DICOM patient coordinates are LPS, the
 same as :class:`Volume`, so no axis is flipped anywhere.
 
-:func:`write_dicom_series` writes a plain uncompressed MR series (one file per
-``k`` slice); the tests use it to turn real volumes into DICOM folders.
+Writing a series (for tests and demos) lives in :mod:`LumbarSegmentLib.formats.dicom_write`.
 """
 from __future__ import annotations
 
@@ -46,7 +45,6 @@ SPACING_TOLERANCE = 1e-3
 # Slices may drift sideways (within their own plane) by at most this fraction of a pixel.
 SHEAR_TOLERANCE_PIXELS = 0.25
 
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR file
 
 
@@ -244,8 +242,23 @@ def _where(s: _Slice, folder: Path) -> str:
 
 def _check_and_sort(items: list[_Slice], folder: Path) -> tuple[list[_Slice], float]:
     """Check that ``items`` form one clean stack; return them sorted along the normal and the step (mm)."""
-    uid = items[0].series_uid
-    where = f"{folder}: series {uid}"
+    where = f"{folder}: series {items[0].series_uid}"
+    _check_same_grid(items, where)
+    ref = items[0]
+    normal = ref.normal / np.linalg.norm(ref.normal)
+    ordered = sorted(items, key=lambda s: (float(s.ipp @ normal), s.instance, str(s.path)))
+    pos = np.array([float(s.ipp @ normal) for s in ordered])
+    if len(ordered) == 1:
+        step = _single_slice_thickness(ordered[0])
+        return ordered, step
+    _check_steps(ordered, pos, where)
+    _check_straight_stack(ordered, normal, min(ref.pixel_spacing), where)
+    step = float((pos[-1] - pos[0]) / (len(pos) - 1))
+    return ordered, step
+
+
+def _check_same_grid(items: list[_Slice], where: str) -> None:
+    """One image per file, a valid orientation, and the same orientation, pixel spacing and size throughout."""
     multi = [s for s in items if s.frames > 1]
     if multi:
         raise DicomError(
@@ -279,13 +292,10 @@ def _check_and_sort(items: list[_Slice], folder: Path) -> tuple[list[_Slice], fl
                 f"(rows x columns) but {_name(ref)} is {ref.rows}x{ref.cols}. Move the odd images out of the "
                 f"folder, or export the series again"
             )
-    normal = ref.normal / np.linalg.norm(ref.normal)
-    ordered = sorted(items, key=lambda s: (float(s.ipp @ normal), s.instance, str(s.path)))
-    pos = np.array([float(s.ipp @ normal) for s in ordered])
-    if len(ordered) == 1:
-        step = _single_slice_thickness(ordered[0])
-        return ordered, step
 
+
+def _check_steps(ordered: list[_Slice], pos: np.ndarray, where: str) -> None:
+    """No two slices at one position, no gap, no irregular step along the normal."""
     diffs = np.diff(pos)
     dup = np.nonzero(diffs < DUPLICATE_TOLERANCE_MM)[0]
     if dup.size:
@@ -313,11 +323,14 @@ def _check_and_sort(items: list[_Slice], folder: Path) -> tuple[list[_Slice], fl
             f"{_name(b)} (at {pos[g + 1]:.3f} mm), while the usual step is {median:.3f} mm "
             f"({off.size} irregular step(s) in all). Re-export the complete series."
         )
-    # Slices must be stacked straight along their normal, or one slice step cannot describe them.
+
+
+def _check_straight_stack(ordered: list[_Slice], normal: np.ndarray, pixel: float, where: str) -> None:
+    """Slices must be stacked straight along their normal, or one slice step cannot describe them."""
     offsets = np.array([s.ipp - ordered[0].ipp for s in ordered])
     sideways = offsets - np.outer(offsets @ normal, normal)
     drift = np.linalg.norm(sideways, axis=1)
-    limit = SHEAR_TOLERANCE_PIXELS * min(ref.pixel_spacing)
+    limit = SHEAR_TOLERANCE_PIXELS * pixel
     if drift.max() > limit:
         worst = int(np.argmax(drift))
         raise DicomError(
@@ -325,8 +338,6 @@ def _check_and_sort(items: list[_Slice], folder: Path) -> tuple[list[_Slice], fl
             f"{drift[worst]:.3f} mm sideways relative to {_name(ordered[0])} (sheared or gantry-tilted "
             f"stack); it cannot be represented as a regular grid without resampling."
         )
-    step = float((pos[-1] - pos[0]) / (len(pos) - 1))
-    return ordered, step
 
 
 def _single_slice_thickness(s: _Slice) -> float:
@@ -419,118 +430,3 @@ def _rescale(ds, s: _Slice, folder: Path) -> tuple[float, float]:
     if out[0] == 0:
         out[0] = 1.0  # a zero slope is a common way of writing "no rescale"
     return out[0], out[1]
-
-
-# ----------------------------------------------------------------------------------------
-# writing (for tests and demos)
-def write_dicom_series(volume: Volume, folder: str | os.PathLike, series_uid: str | None = None,
-                       description: str = "LumbarSegment series", *, study_uid: str | None = None,
-                       series_number: int = 1, prefix: str = "IM") -> list[Path]:
-    """Write ``volume`` as an uncompressed MR series, one file per ``k`` slice, into ``folder``.
-
-    Voxels must be integers that fit in int16 or uint16 (bool/uint8/int8 are widened).
-    Each file carries ImagePositionPatient, ImageOrientationPatient (the ``i`` and
-    ``j`` directions), PixelSpacing, SliceThickness and fresh SOP/Study/Series UIDs.
-    Reading the folder back gives the same array and geometry, provided the
-    direction matrix is right-handed (``k`` along ``i x j``); a left-handed volume
-    comes back with its ``k`` axis reversed (same physical image, other storage order).
-    Returns the written paths.
-    """
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    pixels = _integer_pixels(volume.array)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    series_uid = series_uid or generate_uid()
-    study_uid = study_uid or generate_uid()
-    frame_uid = generate_uid()
-    d = np.asarray(volume.direction, dtype=float)
-    sp = volume.spacing
-    iop = [_ds(v) for v in list(d[:, 0]) + list(d[:, 1])]
-    origin = np.asarray(volume.origin, dtype=float)
-    signed = pixels.dtype == np.int16
-    paths = []
-    n = pixels.shape[0]
-    width = max(4, len(str(n)))
-    for k in range(n):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
-        sop_uid = generate_uid()
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        path = folder / f"{prefix}{k + 1:0{width}d}.dcm"
-        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID = MR_IMAGE_STORAGE
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.FrameOfReferenceUID = frame_uid
-        ds.Modality = "MR"
-        ds.ImageType = ["DERIVED", "SECONDARY"]
-        ds.PatientName = "Anonymous^LumbarSegment"
-        ds.PatientID = "LUMBARSEGMENT"
-        ds.PatientBirthDate = ""
-        ds.PatientSex = ""
-        ds.StudyDate = ""
-        ds.StudyTime = ""
-        ds.StudyID = "1"
-        ds.AccessionNumber = ""
-        ds.ReferringPhysicianName = ""
-        ds.Manufacturer = "LumbarSegment"
-        ds.SeriesNumber = int(series_number)
-        ds.SeriesDescription = description[:64]
-        ds.InstanceNumber = k + 1
-        ds.ScanningSequence = "SE"
-        ds.SequenceVariant = "NONE"
-        ds.ScanOptions = ""
-        ds.MRAcquisitionType = "2D"
-        ds.EchoTime = ""
-        ds.RepetitionTime = ""
-        ds.EchoTrainLength = ""
-        ds.PositionReferenceIndicator = ""
-        ds.ImagePositionPatient = [_ds(v) for v in origin + d[:, 2] * sp[2] * k]
-        ds.ImageOrientationPatient = iop
-        ds.PixelSpacing = [_ds(sp[1]), _ds(sp[0])]
-        ds.SliceThickness = _ds(sp[2])
-        ds.SpacingBetweenSlices = _ds(sp[2])
-        ds.SliceLocation = _ds(float((origin + d[:, 2] * sp[2] * k) @ np.cross(d[:, 0], d[:, 1])))
-        ds.Rows, ds.Columns = int(pixels.shape[1]), int(pixels.shape[2])
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1 if signed else 0
-        ds.PixelData = np.ascontiguousarray(pixels[k]).astype("<i2" if signed else "<u2").tobytes()
-        pydicom.dcmwrite(path, ds, enforce_file_format=True)
-        paths.append(path)
-    return paths
-
-
-def _integer_pixels(array: np.ndarray) -> np.ndarray:
-    a = np.asarray(array)
-    if a.dtype == np.bool_:
-        a = a.astype(np.uint8)
-    if a.dtype.kind == "f":
-        if not np.all(np.isfinite(a)) or not np.array_equal(a, np.round(a)):
-            raise VolumeError("write_dicom_series stores integers only; cast or rescale the image first")
-    if a.size == 0:
-        raise VolumeError("empty image")
-    lo, hi = float(a.min()), float(a.max())
-    if lo >= -32768 and hi <= 32767:
-        return a.astype(np.int16)
-    if lo >= 0 and hi <= 65535:
-        return a.astype(np.uint16)
-    raise VolumeError(f"voxel values {lo:g}..{hi:g} do not fit in 16 bits; rescale the image first")
-
-
-def _ds(value: float) -> str:
-    """A decimal string (VR DS) of at most 16 characters, as precise as that allows."""
-    from pydicom.valuerep import format_number_as_ds
-
-    value = float(value)
-    if value == 0:
-        return "0"
-    return format_number_as_ds(value)

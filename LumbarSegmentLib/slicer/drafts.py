@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -87,9 +88,18 @@ def _place_in_study(scene, seg_node, reference_node) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class DraftOrigin:
+    """Where a draft came from, recorded on the segmentation node: the model's ref and weights hash and the
+    run's report (all optional; a hand-made label map has none)."""
+
+    model_ref: str | None = None
+    model_sha256: str | None = None
+    report: dict | None = None
+
+
 def labels_to_segmentation(scene, seg_logic, label_volume: Volume, schema: LabelSchema, reference_node,
-                           name: str | None = None, *, model_ref: str | None = None,
-                           model_sha256: str | None = None, report: dict | None = None):
+                           name: str | None = None, *, origin: DraftOrigin | None = None):
     """A new segmentation node from a label map: one segment per schema class present.
 
     The label map must be on ``reference_node``'s grid in the node's own frame (its parent
@@ -100,6 +110,8 @@ def labels_to_segmentation(scene, seg_logic, label_volume: Volume, schema: Label
     overwritten), its reference geometry is the volume's, and it is placed in the
     volume's study in the subject hierarchy when there is one.
     """
+    origin = origin or DraftOrigin()
+    model_ref, model_sha256, report = origin.model_ref, origin.model_sha256, origin.report
     slicer = _slicer()
     reference = node_geometry(reference_node)
     _check_on_grid(label_volume, reference, "the label map")

@@ -8,6 +8,8 @@ result's ``metadata["overlaps"]``.
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -86,29 +88,71 @@ def drafted_by(seg_node) -> dict | None:
     return out
 
 
-def export_case(scene, seg_logic, volume_node, seg_node, schema: LabelSchema, dataset_folder, case_id: str, *,
-                annotated_structures: Iterable[str] | None = None, patient: str | None = None,
-                sequence: str | None = None, note: str | None = None, overlap: str = "last",
-                effort: dict | None = None):
-    """Write the volume and its (corrected) segmentation as a new training case.
+@dataclass(frozen=True)
+class ExportRequest:
+    """What to write and how: the case's destination and the facts recorded with it.
+
+    ``annotated_structures`` defaults to the schema classes present as segments (a present but
+    empty segment still counts: "checked, none there"); ``overlap`` is ``"last"`` or ``"error"``
+    (see the module doc); ``effort``, when given, is the effort ledger recorded with the case
+    (``effort.EffortLedger.to_dict()``: clicks, voxels painted/erased/changed by clicks, seconds).
+    """
+
+    dataset_folder: str | os.PathLike
+    case_id: str
+    annotated_structures: Iterable[str] | None = None
+    patient: str | None = None
+    sequence: str | None = None
+    note: str | None = None
+    overlap: str = "last"
+    effort: dict | None = None
+
+
+def export_case(scene, seg_logic, volume_node, seg_node, schema: LabelSchema, request: ExportRequest):
+    """Write the volume and its (corrected) segmentation as a new training case (see :class:`ExportRequest`).
 
     Goes through :func:`LumbarSegmentLib.dataset.cases.write_case`: a new version every time,
-    never overwriting an earlier export. ``annotated_structures`` defaults to the schema
-    classes present as segments (a present but empty segment still counts: "checked,
-    none there"). Records ``drafted_by``, ``edited_structures`` and, when given, the ``effort``
-    ledger (``effort.EffortLedger.to_dict()``: clicks, voxels painted/erased/changed by clicks, seconds).
+    never overwriting an earlier export. Records ``drafted_by``, ``edited_structures`` and, when given,
+    the ``effort`` ledger.
     """
-    from LumbarSegmentLib.dataset.cases import CaseError, validate_case_id, write_case
+    from LumbarSegmentLib.dataset.cases import validate_case_id, write_case
 
+    case_id = request.case_id
     validate_case_id(case_id)
     image = node_to_volume(volume_node, apply_transform=False)  # the volume as loaded, in its own frame
-    label = segmentation_to_labels(scene, seg_logic, seg_node, volume_node, schema, overlap=overlap)
+    label = segmentation_to_labels(scene, seg_logic, seg_node, volume_node, schema, overlap=request.overlap)
+    annotated = _annotated(seg_node, schema, label, request)
+    extra: dict = {"schema": schema.name, "source_volume": volume_node.GetName()}
+    by = drafted_by(seg_node)
+    if by:
+        extra["drafted_by"] = by
+    extra["edited_structures"] = [c for c in edited_segments(seg_node, schema, volume_node) if c != BACKGROUND_ID]
+    if request.effort is not None:
+        from LumbarSegmentLib.dataset.effort import EffortLedger
+
+        extra["effort"] = EffortLedger.from_dict(request.effort).to_dict()
+    if label.metadata.get("overlaps"):
+        extra["overlaps_resolved"] = label.metadata["overlaps"]
+    if request.sequence:
+        extra["sequence"] = request.sequence
+    if request.note:
+        extra["note"] = request.note
+    labels = {schema[c].value: c for c in annotated}
+    return write_case(request.dataset_folder, case_id, image, image.with_array(label.array),
+                      labels=labels, annotated_structures=annotated, patient=request.patient, extra=extra)
+
+
+def _annotated(seg_node, schema: LabelSchema, label: Volume, request: ExportRequest) -> list[str]:
+    """The structures the case claims to be annotated, refused when empty or when a labelled one is missing."""
+    from LumbarSegmentLib.dataset.cases import CaseError
+
+    case_id = request.case_id
     present = list(dict.fromkeys(c.id for c in segment_classes(seg_node, schema).values()
                                  if c.id != BACKGROUND_ID))
-    if annotated_structures is None:
+    if request.annotated_structures is None:
         annotated = present
     else:
-        annotated = list(dict.fromkeys(annotated_structures))
+        annotated = list(dict.fromkeys(request.annotated_structures))
         for cid in annotated:
             schema[cid]  # SchemaError naming an unknown structure
     annotated = [c for c in annotated if c != BACKGROUND_ID]
@@ -120,21 +164,4 @@ def export_case(scene, seg_logic, volume_node, seg_node, schema: LabelSchema, da
     if stray:
         raise CaseError(f"case {case_id}: segments {stray} hold voxels but are not in annotated_structures "
                         f"{annotated}; list them or remove those segments")
-    extra: dict = {"schema": schema.name, "source_volume": volume_node.GetName()}
-    by = drafted_by(seg_node)
-    if by:
-        extra["drafted_by"] = by
-    extra["edited_structures"] = [c for c in edited_segments(seg_node, schema, volume_node) if c != BACKGROUND_ID]
-    if effort is not None:
-        from LumbarSegmentLib.dataset.effort import EffortLedger
-
-        extra["effort"] = EffortLedger.from_dict(effort).to_dict()
-    if label.metadata.get("overlaps"):
-        extra["overlaps_resolved"] = label.metadata["overlaps"]
-    if sequence:
-        extra["sequence"] = sequence
-    if note:
-        extra["note"] = note
-    labels = {schema[c].value: c for c in annotated}
-    return write_case(dataset_folder, case_id, image, image.with_array(label.array),
-                      labels=labels, annotated_structures=annotated, patient=patient, extra=extra)
+    return annotated

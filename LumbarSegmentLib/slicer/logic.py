@@ -122,9 +122,9 @@ class ModuleLogic:
                 model_ref=run.model_ref, model_sha256=run.model_sha256)
             seg_node = self._update_node
         else:
+            origin = mrml.DraftOrigin(run.model_ref, run.model_sha256, run.report)
             seg_node = mrml.labels_to_segmentation(self.scene, self.seg_logic, run.labels, run.schema,
-                                                   self._volume_node, model_ref=run.model_ref,
-                                                   model_sha256=run.model_sha256, report=run.report)
+                                                   self._volume_node, origin=origin)
         if run.confidence is not None:  # on the volume's own grid: it goes under the volume's transform too
             conf = mrml.volume_to_node(self.scene, run.confidence, f"{self._volume_node.GetName()} confidence")
             mrml.follow_transform(conf, self._volume_node)
@@ -166,8 +166,8 @@ class ModuleLogic:
         schema = schema or mrml.schema_of_node(seg_node)
         if schema is None:
             schema = resolve_model(None, self.registries).schema
-        return mrml.export_case(self.scene, self.seg_logic, volume_node, seg_node, schema, dataset_folder,
-                                case_id, annotated_structures=annotated_structures)
+        request = mrml.ExportRequest(dataset_folder, case_id, annotated_structures=annotated_structures)
+        return mrml.export_case(self.scene, self.seg_logic, volume_node, seg_node, schema, request)
 
     def edited_structures(self, seg_node) -> list[str]:
         from LumbarSegmentLib.slicer import mrml

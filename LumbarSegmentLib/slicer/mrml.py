@@ -16,15 +16,15 @@ from LumbarSegmentLib.slicer.bridge import (ATTR_PREFIX, BINARY_LABELMAP, DRAFTE
                           class_for_segment, follow_transform, get_tag, ijk_to_ras, load_seg_nrrd,
                           make_color_table, node_geometry, node_to_volume, save_seg_nrrd, segment_ids, segment_mask,
                           set_segment_mask, volume_to_node)
-from LumbarSegmentLib.slicer.drafts import (edited_segments, labels_to_segmentation, schema_of_node, segment_classes,  # noqa: F401
-                          update_unedited_segments)
-from LumbarSegmentLib.slicer.export import drafted_by, export_case, segmentation_to_labels  # noqa: F401
+from LumbarSegmentLib.slicer.drafts import (DraftOrigin, edited_segments, labels_to_segmentation,  # noqa: F401
+                                            schema_of_node, segment_classes, update_unedited_segments)
+from LumbarSegmentLib.slicer.export import ExportRequest, drafted_by, export_case, segmentation_to_labels  # noqa: F401
 from LumbarSegmentLib.formats.segfile import DRAFT_HASH_TAG, MODEL_REF_TAG, MODEL_SHA_TAG, mask_sha1  # noqa: F401
 
 __all__ = [
     "MRMLContext", "MRMLError", "volume_to_node", "node_to_volume", "node_geometry", "follow_transform",
-    "labels_to_segmentation", "segmentation_to_labels", "update_unedited_segments", "edited_segments",
-    "export_case", "save_seg_nrrd", "load_seg_nrrd", "make_color_table", "segment_mask", "set_segment_mask",
-    "mask_sha1", "class_for_segment", "segment_classes", "segment_ids", "drafted_by", "schema_of_node",
+    "DraftOrigin", "labels_to_segmentation", "segmentation_to_labels", "update_unedited_segments",
+    "edited_segments", "ExportRequest", "export_case", "save_seg_nrrd", "load_seg_nrrd", "make_color_table", "segment_mask",
+    "set_segment_mask", "mask_sha1", "class_for_segment", "segment_classes", "segment_ids", "drafted_by", "schema_of_node",
     "DRAFT_HASH_TAG", "MODEL_REF_TAG", "MODEL_SHA_TAG",
 ]

@@ -30,6 +30,7 @@ from LumbarSegmentLib.registry.registry import Registry  # noqa: E402
 from LumbarSegmentLib.registry.catalog import resolve_model  # noqa: E402
 from LumbarSegmentLib.inference.slice_smoothing import smoothing_mm_arg  # noqa: E402
 from LumbarSegmentLib.training import evaluate as ev  # noqa: E402
+from LumbarSegmentLib.training import scoring  # noqa: E402
 from LumbarSegmentLib.training.data import select_cases  # noqa: E402
 
 SPLIT = REPO / "scripts" / "recipes" / "lumbar-mr-split-v2.json"  # patient-grouped
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
             for ch, cid in enumerate(base.schema.ids):
                 if ch == 0 or not bool(c.annotated[ch]):
                     continue
-                i, q, t = ev.level_range_counts(pred, c.truth, c.image, ch)
+                i, q, t = scoring.level_range_counts(pred, c.truth, c.image, ch)
                 if t:
                     print(f"| {c.case_id} | {cid} | {2 * i / (q + t):.3f} | {q / t:.3f} |", flush=True)
                     for key in ((0, c.source, cid), (1, "all", cid)):  # per source, then pooled
