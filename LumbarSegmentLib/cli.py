@@ -275,7 +275,9 @@ def cmd_models(args) -> int:
              "schema": e.package.schema.name, "spacing_mm": list(e.package.spacing), "source": e.source,
              "registry": str(e.registry.root), "default": e.default, "ensemble": e.ensemble,
              "parent": (e.package.parent or {}).get("ref"), "sha256": e.package.sha256,
-             "metrics": e.package.manifest.get("metrics", {}).get("summary", {})} for e in entries]
+             "metrics": e.package.manifest.get("metrics", {}).get("summary", {}),
+             "own_source_only": bool((e.package.manifest.get("publish") or {}).get("own_source_only"))}
+            for e in entries]
     status = EXIT_FAIL if catalog.errors else EXIT_OK
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -285,7 +287,8 @@ def cmd_models(args) -> int:
         return status
     for r in rows:
         flags = ("default " if r["default"] else "") + ("ensemble" if r["ensemble"] else "")
-        origin = r["source"] + (f", fine-tuned from {r['parent']}" if r["parent"] else "")
+        origin = r["source"] + (f", fine-tuned from {r['parent']}" if r["parent"] else "") + \
+            (" [own source only: may have forgotten other sources]" if r["own_source_only"] else "")
         print(f"{r['ref']:<22} {r['variant'] or '?':<6} schema={r['schema']:<9} spacing={r['spacing_mm']} "
               f"{flags:<17} {origin}  sha256 {r['sha256'][:12]}")
     return status

@@ -339,8 +339,11 @@ class Registry:
     # --- publishing --------------------------------------------------------------
     def publish(self, package: ModelPackage, *, make_default: bool = False,
                 ensemble: list[str] | None = None, catalog: "Catalog | None" = None,
-                name: str | None = None) -> ModelPackage:
+                name: str | None = None, record: dict | None = None) -> ModelPackage:
         """Copy ``package`` in as the next version of its name (or of ``name``); atomic (see module doc).
+
+        ``record`` (the publish gate's verdict, e.g. ``own_source_only``) is kept as the published
+        manifest's ``publish`` field, outside the seal like the name.
 
         ``name`` publishes a run's package as a version of an existing model line (a fine-tune of
         ``uvd-starter`` trained under a working name becomes ``uvd-starter@2``); the name is not
@@ -359,10 +362,10 @@ class Registry:
         self.root.mkdir(parents=True, exist_ok=True)
         with locked(self.root):  # concurrent publishes: one read-modify-write at a time
             return self._publish_locked(package, make_default, ensemble, catalog,
-                                        validate_name(name, "model name") if name else package.name)
+                                        validate_name(name, "model name") if name else package.name, record)
 
-    def _publish_locked(self, package: ModelPackage, make_default: bool, ensemble, catalog, name: str
-                        ) -> ModelPackage:
+    def _publish_locked(self, package: ModelPackage, make_default: bool, ensemble, catalog, name: str,
+                        record: dict | None = None) -> ModelPackage:
         version = max(self.next_version(name), catalog.next_version(name))
         final = self.root / name / str(version)
         self._remove_abandoned_publishes()
@@ -375,6 +378,8 @@ class Registry:
             manifest = json.loads(json.dumps(package.manifest))
             manifest["name"], manifest["version"] = name, version
             manifest["weights"]["file"] = WEIGHTS_FILE
+            if record is not None:
+                manifest["publish"] = record
             (tmp / "manifest.json").write_text(json.dumps(seal(manifest), indent=1))  # verified above
             read_package(tmp).verify()
             final.parent.mkdir(parents=True, exist_ok=True)
