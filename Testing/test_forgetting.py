@@ -294,9 +294,15 @@ def test_t1_levels_adapter_crops_the_unlabelled_rows_above_l1(tmp_path):
     src = write_case(tmp_path / "src", "T1L_9", img, img.with_array(arr), labels={1: "vertebral_body", 6: "sacrum"},
                      annotated_structures=["vertebral_body", "sacrum"], extra={"labels_complete_z_range": [5, 29]})
     before = (tmp_path / "src" / src.image_path.name).read_bytes()
-    case = t1_levels_case(src.json_path, tmp_path / "out")
+    case = t1_levels_case(src.json_path, tmp_path / "out", keep_sacrum=True)
     image, label = case.load()
     assert image.array.shape == (30 + T1_TOP_MARGIN, 32, 1)
     assert np.array_equal(image.array, img.array[:30 + T1_TOP_MARGIN]) and image.origin == img.origin
     assert case.extra["source"] == "T1L" and case.labels[6] == "sacrum"
+    ignored = t1_levels_case(src.json_path, tmp_path / "out3")  # a schema without sacrum: S1 not seen
+    image, label = ignored.load()
+    lo = 12 - T1_TOP_MARGIN
+    assert image.array.shape[0] == 30 + T1_TOP_MARGIN - lo and np.array_equal(image.array, img.array[lo:30 + T1_TOP_MARGIN])
+    assert image.origin[2] == pytest.approx(lo * 1.1) and set(np.unique(label.array)) == {0, 1}
+    assert ignored.labels == {1: "vertebral_body"} and ignored.annotated_structures == ["vertebral_body"]
     assert (tmp_path / "src" / src.image_path.name).read_bytes() == before, "the input is never modified"

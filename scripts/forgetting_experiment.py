@@ -55,12 +55,12 @@ BASE = ["--from", "uvd-starter", "--epochs", "3", "--steps-per-epoch", "20", "--
 CANDIDATES = {
     "plain": (["--plain-finetune"], False),
     "keep-bn": (["--keep-bn-stats", "--l2sp", "0", "--distill", "0"], False),
-    "l2sp": (["--no-keep-bn-stats", "--l2sp", "0.01", "--distill", "0"], False),
-    "distill": (["--no-keep-bn-stats", "--l2sp", "0", "--distill", "1"], False),
     "lower-lr": (["--plain-finetune", "--lr", "1e-4"], False),
-    "keep-bn+l2sp": (["--keep-bn-stats", "--l2sp", "0.01", "--distill", "0"], False),
-    "keep-bn+distill": (["--keep-bn-stats", "--l2sp", "0", "--distill", "1"], False),
-    "keep-bn+l2sp+distill": (["--keep-bn-stats", "--l2sp", "0.01", "--distill", "1"], False),
+    "l2sp=1": (["--no-keep-bn-stats", "--l2sp", "1", "--distill", "0"], False),
+    "distill=1": (["--no-keep-bn-stats", "--l2sp", "0", "--distill", "1"], False),
+    "keep-bn+l2sp=1": (["--keep-bn-stats", "--l2sp", "1", "--distill", "0"], False),
+    "keep-bn+distill=1": (["--keep-bn-stats", "--l2sp", "0", "--distill", "1"], False),
+    "keep-bn+l2sp=1+distill=1": (["--keep-bn-stats", "--l2sp", "1", "--distill", "1"], False),
     "default": ([], False),
     "plain+rehearsal": (["--plain-finetune"], True),
     "default+rehearsal": ([], True),
@@ -78,10 +78,18 @@ def prepare_data(shared: Path, out: Path) -> dict:
 
     split = json.loads((ROOT / "scripts/recipes/lumbar-mr-split-v2.json").read_text())
     folders = {k: out / "data" / k for k in ("team", "team+rehearsal", "score")}
-    if not (folders["score"] / "done").exists():
+    def missing(key):
+        return not (folders[key] / "done").exists()
+
+    if missing("team"):
         adapt_cases(shared / "t1-levels", T1_TRAIN, folders["team"])
+        (folders["team"] / "done").write_text("")
+    if missing("team+rehearsal"):
         adapt_cases(shared / "t1-levels", T1_TRAIN, folders["team+rehearsal"])
-        adapt_cases(shared / "lumbar-mr", REHEARSAL, folders["team+rehearsal"])
+        # as the parent trained on them (VB1's S1 as a body): a three-class schema has no sacrum to learn
+        adapt_cases(shared / "lumbar-mr", REHEARSAL, folders["team+rehearsal"], vb1_sacrum=False)
+        (folders["team+rehearsal"] / "done").write_text("")
+    if missing("score"):
         for case in adapt_cases(shared / "lumbar-mr", split["test"], out / "data" / "test-adapted"):
             write_reference_case(case, folders["score"], case.extra["source"], slices=SCORE_SLICES)
         (folders["score"] / "done").write_text("")
