@@ -96,14 +96,14 @@ def prepare_data(shared: Path, out: Path) -> dict:
     return {**{k: str(v) for k, v in folders.items()}, "lumbar_test": split["test"]}
 
 
-def finetune(name: str, data: str, out: Path, precision: str, threads: int) -> float:
+def finetune(name: str, data: str, out: Path, precision: str, threads: int, patch: int = 256) -> float:
     """Run the fine-tune through the command line; returns its wall time in seconds."""
     flags, _ = CANDIDATES[name]
     run = out / name / "run"
     if (run / "package" / "manifest.json").exists():
         return float(json.loads((out / name / "time.json").read_text())["wall_s"])
     cmd = [sys.executable, "-m", "LumbarSegmentLib.training.cli", "finetune", *BASE, "--data", data,
-           "--out", str(run), "--threads", str(threads), "--precision", precision, *flags]
+           "--out", str(run), "--threads", str(threads), "--precision", precision, "--patch", str(patch), *flags]
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     wall = time.time() - t0
@@ -148,6 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="candidates to run, comma-separated (default: all)")
     p.add_argument("--precision", default="auto")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--patch", type=int, default=256,
+                   help="training patch (default 256, the issue's; 128 costs a quarter per step)")
     p.add_argument("--time-only", help="fine-tune these candidates again into <out>/timing/, no scoring")
     a = p.parse_args(argv)
     import torch
@@ -161,7 +163,7 @@ def main(argv=None) -> int:
     data = prepare_data(shared, out)
     if a.time_only:
         for name in a.time_only.split(","):
-            wall = finetune(name, data["team"], out / "timing" / a.precision, a.precision, a.threads)
+            wall = finetune(name, data["team"], out / "timing" / a.precision, a.precision, a.threads, a.patch)
             print(f"{name}: fine-tune {wall:.0f} s (precision {a.precision}, {a.threads} threads)")
         return 0
     from LumbarSegmentLib.packages import read_package, resolve_model
@@ -178,7 +180,7 @@ def main(argv=None) -> int:
             return 2
     for name in names:
         folder = data["team+rehearsal" if CANDIDATES[name][1] else "team"]
-        wall = finetune(name, folder, out, a.precision, a.threads)
+        wall = finetune(name, folder, out, a.precision, a.threads, a.patch)
         sfile = out / name / "scores.json"
         if not sfile.exists():
             sfile.write_text(json.dumps(score(read_package(out / name / "run" / "package"), shared, data)))

@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "LumbarSegment, Resources/Reference)")
     u.add_argument("--max-reference-drop", type=float, default=0.01, metavar="D",
                    help="refuse a candidate that loses more than D level-range Dice on any source of the reference "
-                        "set (default 0.01)")
+                        "set (default 0.01; negative: off)")
     u.add_argument("--own-source-only", action="store_true",
                    help="only the team's own source matters: a loss on the reference set does not refuse the "
                         "candidate (recorded in its manifest, shown by `lumbarseg models`)")

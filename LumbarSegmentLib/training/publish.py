@@ -11,7 +11,10 @@ result is a per-class table (Dice of each, and the difference) plus the mean ove
 foreground classes both schemas have, and the level-range Dice of each source of the held-out
 cases; the candidate becomes the default if its mean is >= the current one's and it loses no
 more than ``DEFAULT_MAX_SOURCE_DROP`` on any source and class (a fine-tune that gains on the
-new cases' source while forgetting another is refused). With fewer than ``holdout.MIN_HOLDOUT_CASES`` held-out cases the
+new cases' source while forgetting another is refused). Both are also run on the shipped reference set
+(``training.reference``: a few slices of every source the shipped models were validated on), and a
+candidate that loses more than ``DEFAULT_MAX_REFERENCE_DROP`` on any of its sources is refused unless the
+team says only its own source matters (``own_source_only``, kept in the published manifest). With fewer than ``holdout.MIN_HOLDOUT_CASES`` held-out cases the
 gate says so and does not promote unless ``--force``. Without a dataset, the metrics
 recorded in the two manifests are compared only if they were computed on the same
 validation cases (same ids and file checksums). Earlier versions are never removed.
@@ -360,7 +363,8 @@ def publish_cli(a) -> int:
                             never_default=a.no_default, ensemble=ensemble, device=resolve_device(a.device),
                             amp=a.precision, name=a.name,
                             max_drop=None if a.max_source_drop is None or a.max_source_drop < 0 else a.max_source_drop,
-                            reference=reference, reference_drop=a.max_reference_drop,
+                            reference=reference,
+                            reference_drop=None if a.max_reference_drop < 0 else a.max_reference_drop,
                             own_source_only=a.own_source_only)
     if res["table"]:
         print(res["table"])
