@@ -127,15 +127,18 @@ def score(package, shared: Path, data: dict) -> dict:
 
 
 def table(rows: dict) -> str:
-    head = "| model | fine-tune s | " + " | ".join(SOURCES) + " | T1L worst | worst drop elsewhere |"
-    lines = [head, "|---|--:|" + "--:|" * (len(SOURCES) + 2)]
+    """Level-range Dice per source; the fine-tune's wall seconds and its training loop's CPU seconds (on a
+    machine shared with other jobs the CPU seconds / threads is what an idle machine would take)."""
+    head = "| model | wall s | CPU s | " + " | ".join(SOURCES) + " | T1L worst | worst drop elsewhere |"
+    lines = [head, "|---|--:|--:|" + "--:|" * (len(SOURCES) + 2)]
     parent = rows.get("parent (uvd-starter)", {}).get("scores", {})
     for name, r in rows.items():
         s = r["scores"]
         drops = [s[k] - parent[k] for k in SOURCES[1:] if parent.get(k) is not None and s.get(k) is not None]
         worst = f"{min(drops):+.3f}" if drops and name != "parent (uvd-starter)" else "-"
         secs = f"{r['wall_s']:.0f}" if r.get("wall_s") else "-"
-        lines.append(f"| {name} | {secs} | " + " | ".join(f"{s[k]:.3f}" if s.get(k) is not None else "-"
+        cpu = f"{r['cpu_s']:.0f}" if r.get("cpu_s") else "-"
+        lines.append(f"| {name} | {secs} | {cpu} | " + " | ".join(f"{s[k]:.3f}" if s.get(k) is not None else "-"
                                                            for k in SOURCES)
                      + f" | {s['T1L_worst']:.3f} | {worst} |")
     return "\n".join(lines)
@@ -184,9 +187,11 @@ def main(argv=None) -> int:
         sfile = out / name / "scores.json"
         if not sfile.exists():
             sfile.write_text(json.dumps(score(read_package(out / name / "run" / "package"), shared, data)))
-        rows[name] = {"scores": json.loads(sfile.read_text()), "wall_s": wall}
+        training = read_package(out / name / "run" / "package").manifest["training"]
+        rows[name] = {"scores": json.loads(sfile.read_text()), "wall_s": wall, "cpu_s": training.get("train_cpu_s"),
+                      "retention": (training.get("init_from") or {}).get("retention")}
         print(table(rows), flush=True)
-    text = table(rows)
+    text = table(rows) + "\n\n" + "\n".join(f"* {n}: {r['retention']}" for n, r in rows.items() if r.get("retention"))
     (out / "table.md").write_text(text + "\n")
     print(text)
     return 0
