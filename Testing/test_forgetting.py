@@ -82,7 +82,7 @@ def test_l2sp_penalty_is_the_squared_distance_to_the_parent():
     with torch.no_grad():
         first = next(model.parameters())
         first.add_(0.5)
-    assert float(l2sp_penalty(model, anchor)) == pytest.approx(0.25 * first.numel(), rel=1e-5)
+    assert float(l2sp_penalty(model, anchor).detach()) == pytest.approx(0.25 * first.numel(), rel=1e-5)
     loss = l2sp_penalty(model, anchor)
     loss.backward()
     assert torch.allclose(first.grad, torch.full_like(first, 1.0)), "gradient 2 (w - w_parent) points back"
