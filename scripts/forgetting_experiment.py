@@ -59,6 +59,7 @@ CANDIDATES = {
     "l2sp=1": (["--no-keep-bn-stats", "--l2sp", "1", "--distill", "0"], False),
     "distill=1": (["--no-keep-bn-stats", "--l2sp", "0", "--distill", "1"], False),
     "keep-bn+l2sp=1": (["--keep-bn-stats", "--l2sp", "1", "--distill", "0"], False),
+    "keep-bn+l2sp=0.3": (["--keep-bn-stats", "--l2sp", "0.3", "--distill", "0"], False),
     "keep-bn+distill=1": (["--keep-bn-stats", "--l2sp", "0", "--distill", "1"], False),
     "keep-bn+l2sp=1+distill=1": (["--keep-bn-stats", "--l2sp", "1", "--distill", "1"], False),
     "default": ([], False),
