@@ -29,7 +29,7 @@ log = logging.getLogger("lumbarseg.train")
 
 #: what a fine-tune does by default to keep what its parent knew (training.retention); measured on
 #: the forgetting experiment (scripts/forgetting_experiment.py, docs/lab/forgetting.md)
-RETENTION_DEFAULT = RetentionSettings(keep_bn_stats=True, l2sp=1.0, distill=1.0)
+RETENTION_DEFAULT = RetentionSettings(keep_bn_stats=False, l2sp=1.0, distill=0.0)
 
 
 def retention_from_args(args) -> RetentionSettings:
