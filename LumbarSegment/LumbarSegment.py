@@ -18,7 +18,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 RESOURCES = _ROOT / "Resources"
 
-from LumbarSegmentLib.slicer_logic import (CANCELLED, DONE, FAILED, RUNNING, ModuleLogic,  # noqa: E402
+from LumbarSegmentLib.slicer.logic import (CANCELLED, DONE, FAILED, RUNNING, ModuleLogic,  # noqa: E402
                                            SegmentRequest, self_test_loop)
 
 
@@ -48,7 +48,7 @@ class LumbarSegment(ScriptedLoadableModule):
 def loadTerminology():
     """Register LumbarSegment's terminology context, so that Slicer's terminology selector knows the
     codes the models' segments carry (Slicer's bundled lists lack some, e.g. "Vertebral body")."""
-    from LumbarSegmentLib.terminology import terminology_file
+    from LumbarSegmentLib.core.terminology import terminology_file
 
     slicer.modules.terminologies.logic().LoadTerminologyFromFile(str(terminology_file()))
 

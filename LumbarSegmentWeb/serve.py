@@ -87,7 +87,7 @@ def build(args, server=None):
     """Session + page on a trame server (not started): what ``run`` and the tests use."""
     from trame.app import get_server
 
-    from LumbarSegmentLib.packages import Registry, shipped_registry_root
+    from LumbarSegmentLib.registry.packages import Registry, shipped_registry_root
 
     from .app import LumbarSegmentPage
     from .session import AnnotationSession

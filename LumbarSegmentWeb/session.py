@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from LumbarSegmentLib.slicer_logic import (
+from LumbarSegmentLib.slicer.logic import (
     CANCELLED, DONE, FAILED, RUNNING, ControllerError, ModuleLogic, SegmentRequest, Status,
 )
 
@@ -114,7 +114,7 @@ class AnnotationSession:
         The values are package folders, not refs: the job runs in a child process that
         resolves refs in the default registries only, while ``--models`` may name another.
         """
-        from LumbarSegmentLib.packages import Catalog, PackageError
+        from LumbarSegmentLib.registry.packages import Catalog, PackageError
 
         catalog = Catalog(self.registries)
         rows = []
@@ -128,8 +128,8 @@ class AnnotationSession:
     # ------------------------------------------------------------------ cases
     def load_case(self, case_id: str) -> None:
         """Open a volume of the worklist (and its saved draft, if any) in the views."""
-        from LumbarSegmentLib import mrml
-        from LumbarSegmentLib.io import read_volume
+        from LumbarSegmentLib.slicer import mrml
+        from LumbarSegmentLib.formats.io import read_volume
 
         if self.segmenting:
             raise SessionError("a segmentation is running: cancel it before opening another case")
@@ -245,7 +245,7 @@ class AnnotationSession:
 
     def save_draft(self) -> Path | None:
         """Write the segmentation to ``<work>/drafts`` with what the worklist needs to know."""
-        from LumbarSegmentLib import mrml
+        from LumbarSegmentLib.slicer import mrml
 
         if self.seg_node is None or self.case_id is None:
             return None
@@ -258,7 +258,7 @@ class AnnotationSession:
     # ------------------------------------------------------------------ editing
     def segments(self) -> list[dict]:
         """One row per segment: id, name, colour, visibility and voxel count (exact, on the volume grid)."""
-        from LumbarSegmentLib import mrml
+        from LumbarSegmentLib.slicer import mrml
 
         if self.seg_node is None:
             return []
@@ -274,7 +274,7 @@ class AnnotationSession:
         return rows
 
     def voxel_count(self, segment_id: str) -> int:
-        from LumbarSegmentLib import mrml
+        from LumbarSegmentLib.slicer import mrml
 
         return int(mrml.segment_mask(self.seg_node, segment_id, self.volume_node).sum())
 
@@ -415,7 +415,7 @@ class AnnotationSession:
 
     def start_retrain(self, base_model: str | None = None, extra_args=()) -> Path:
         """Fine-tune ``base_model`` (default: the model in use) on the exported cases in the work folder."""
-        from LumbarSegmentLib.packages import resolve_model
+        from LumbarSegmentLib.registry.packages import resolve_model
 
         if not self.worklist.exported_ids():
             raise SessionError("no exported case yet: correct and export at least one case before retraining")
@@ -434,7 +434,7 @@ class AnnotationSession:
         """The publish gate's verdict for the last run: ``{"ref", "default", "reason", "table", "rows"}``.
 
         Read from the run's JSON-lines progress file (the contract in
-        ``LumbarSegmentLib.progress``), never scraped from console output.
+        ``LumbarSegmentLib.core.progress``), never scraped from console output.
         """
         if self.retrain_run is None:
             return None

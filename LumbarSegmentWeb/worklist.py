@@ -7,7 +7,7 @@ app writes; the data folder (``--data``) is only read, so it may be read-only or
     <work>/uploads/<case>.<ext>          volumes uploaded through the browser
     <work>/drafts/<case>.seg.nrrd        the latest segmentation (model draft + edits)
     <work>/drafts/<case>.json            what the draft is: model, uncertainty, edited segments
-    <work>/cases/                        exported training cases (LumbarSegmentLib.cases format)
+    <work>/cases/                        exported training cases (LumbarSegmentLib.dataset.cases format)
     <work>/training/run-*/               retraining runs started from the page
 
 State of a case, in the order an annotator moves it along:
@@ -55,7 +55,7 @@ class CaseEntry:
 
 def case_id_for(path: Path) -> str:
     """``VB2_06_image.mha`` -> ``VB2_06``: the name a case is exported under (``cases`` rules)."""
-    from LumbarSegmentLib.io import volume_suffix
+    from LumbarSegmentLib.formats.io import volume_suffix
 
     name = path.name
     suffix = volume_suffix(path) or path.suffix
@@ -68,7 +68,7 @@ def case_id_for(path: Path) -> str:
 
 
 def _is_image(path: Path) -> bool:
-    from LumbarSegmentLib.io import volume_suffix
+    from LumbarSegmentLib.formats.io import volume_suffix
 
     if not path.is_file() or path.name.startswith(".") or path.name.lower().endswith(".seg.nrrd"):
         return False
@@ -119,7 +119,7 @@ class Worklist:
         return dict(sorted(found.items()))
 
     def exported_ids(self) -> set[str]:
-        from LumbarSegmentLib.cases import CaseError, list_cases
+        from LumbarSegmentLib.dataset.cases import CaseError, list_cases
 
         try:
             return {c.case_id for c in list_cases(self.dataset)}
@@ -166,12 +166,12 @@ class Worklist:
     # --- uploads -----------------------------------------------------------------------
     def save_upload(self, name: str, content: bytes) -> Path:
         """Store an uploaded volume under a safe name (never a path the client chose)."""
-        from LumbarSegmentLib.io import volume_suffix
+        from LumbarSegmentLib.formats.io import volume_suffix
 
         base = Path(name).name  # drop any folder part the browser sent
         suffix = volume_suffix(Path(base))
         if not suffix:
-            from LumbarSegmentLib.io import VOLUME_SUFFIXES
+            from LumbarSegmentLib.formats.io import VOLUME_SUFFIXES
 
             raise ValueError(f"{base}: not a volume file; upload one of {', '.join(VOLUME_SUFFIXES)}")
         target = self.uploads / f"{case_id_for(Path(base))}{suffix}"

@@ -30,8 +30,8 @@ def make_package(folder, variant="UVD", *, schema="starter", init_filters=4, see
     import torch
 
     from LumbarSegmentLib.models import build_model
-    from LumbarSegmentLib.packages import default_input_contract, write_package
-    from LumbarSegmentLib.schema import LabelSchema, load_schema
+    from LumbarSegmentLib.registry.packages import default_input_contract, write_package
+    from LumbarSegmentLib.core.schema import LabelSchema, load_schema
 
     schema = schema if isinstance(schema, LabelSchema) else load_schema(schema)
     torch.manual_seed(seed)
@@ -54,8 +54,8 @@ def tiny_umd_package(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_real_volume(shared_data):
     """A real 1 mm sagittal case cropped to a few central slices (fast to segment)."""
-    from LumbarSegmentLib.io import read_volume
-    from LumbarSegmentLib.volume import Volume
+    from LumbarSegmentLib.formats.io import read_volume
+    from LumbarSegmentLib.core.volume import Volume
 
     v = read_volume(shared_data / "lumbar-mr" / "VB3_01_image.mha")
     import numpy as np

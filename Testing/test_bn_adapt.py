@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from LumbarSegmentLib.bn_adapt import MAX_ADAPT_SLICES, adapt_batchnorm, adapt_slices, batchnorm_layers
-from LumbarSegmentLib.engine import EngineError, LoadedModel, SegmentOptions, segment_volume
-from LumbarSegmentLib.volume import Volume
+from LumbarSegmentLib.inference.bn_adapt import MAX_ADAPT_SLICES, adapt_batchnorm, adapt_slices, batchnorm_layers
+from LumbarSegmentLib.inference.engine import EngineError, LoadedModel, SegmentOptions, segment_volume
+from LumbarSegmentLib.core.volume import Volume
 
 
 def _net():
@@ -104,7 +104,7 @@ def test_the_engine_adapts_a_private_copy_so_nothing_leaks_between_volumes(tiny_
 
 
 def test_the_segment_command_refuses_a_bad_weight_in_one_line(tmp_path, capsys):
-    from LumbarSegmentLib.cli import main
+    from LumbarSegmentLib.cli.main import main
 
     with pytest.raises(SystemExit) as exc:
         main(["segment", str(tmp_path / "in.nii.gz"), "-o", str(tmp_path / "out.nii.gz"), "--bn-adapt", "2"])
@@ -139,8 +139,8 @@ def test_a_cancel_stops_the_adaptation_pass_before_its_next_batch(tiny_package, 
     """The adaptation pass can take as long as the draft itself: a cancel must not wait for it."""
     import threading
 
-    from LumbarSegmentLib import bn_adapt
-    from LumbarSegmentLib.engine import Cancelled
+    from LumbarSegmentLib.inference import bn_adapt
+    from LumbarSegmentLib.inference.engine import Cancelled
 
     consumed = []
     real = bn_adapt.adapt_batchnorm

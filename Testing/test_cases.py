@@ -5,8 +5,8 @@ import threading
 import numpy as np
 import pytest
 
-from LumbarSegmentLib.cases import CaseError, list_cases, read_case, validate_case_id, write_case
-from LumbarSegmentLib.volume import Volume
+from LumbarSegmentLib.dataset.cases import CaseError, list_cases, read_case, validate_case_id, write_case
+from LumbarSegmentLib.core.volume import Volume
 
 
 def test_public_cases_read_as_version_1(shared_data):
@@ -61,7 +61,7 @@ def test_concurrent_exports_get_distinct_versions(tmp_path):
 def test_an_export_that_finishes_between_the_look_and_the_claim_is_not_overwritten(tmp_path, monkeypatch):
     """The race behind a rare [1, 2, 2, 3] above: this export sees no version 1, another export then
     writes version 1 completely and releases its claim, and only then does this one claim 1."""
-    from LumbarSegmentLib import cases as cases_mod
+    from LumbarSegmentLib.dataset import cases as cases_mod
 
     img, lab = _vol(fill=3), _vol()
     real_open, raced = cases_mod.os.open, []
@@ -113,7 +113,7 @@ def test_label_geometry_mismatch_on_load(tmp_path, shared_data):
     src = shared_data / "lumbar-mr"
     for f in ("VB3_01.json", "VB3_01_image.mha"):
         shutil.copy(src / f, tmp_path / f)
-    from LumbarSegmentLib.io import read_volume, write_volume
+    from LumbarSegmentLib.formats.io import read_volume, write_volume
 
     lab = read_volume(src / "VB3_01_label.mha")
     write_volume(Volume(lab.array, spacing=(1.0, 1.0, 1.2)), tmp_path / "VB3_01_label.mha")

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import make_package
-from LumbarSegmentLib.cases import write_case
-from LumbarSegmentLib.holdout import HOLDOUT_FILE, frozen_split, set_holdout
-from LumbarSegmentLib.packages import Catalog, PackageError, Registry, read_package, resolve_model
-from LumbarSegmentLib.volume import Volume
+from LumbarSegmentLib.dataset.cases import write_case
+from LumbarSegmentLib.dataset.holdout import HOLDOUT_FILE, frozen_split, set_holdout
+from LumbarSegmentLib.registry.packages import Catalog, PackageError, Registry, read_package, resolve_model
+from LumbarSegmentLib.core.volume import Volume
 
 
 @pytest.fixture()
@@ -67,7 +67,8 @@ def test_a_colliding_ref_keeps_the_shipped_copy_and_sets_the_other_aside(tmp_pat
 
 
 def test_models_cli_lists_each_ref_once_with_one_default(tmp_path, monkeypatch, capsys):
-    from LumbarSegmentLib import cli, packages
+    from LumbarSegmentLib.cli import main as cli
+    from LumbarSegmentLib.registry import packages
 
     monkeypatch.setenv("LUMBARSEG_HOME", str(tmp_path / "home"))
     default, nxt = _shipped_default_and_next()  # whatever the shipped default is today, and the next version
@@ -138,7 +139,7 @@ class _Recorder:
 
 def _cases(folder, n):
     _write_cases(folder, [f"q{i}" for i in range(n)])
-    from LumbarSegmentLib.cases import list_cases
+    from LumbarSegmentLib.dataset.cases import list_cases
 
     return list_cases(folder)
 
@@ -220,7 +221,7 @@ def test_gate_drops_cases_the_candidate_trained_on_and_force_overrides(tmp_path,
 def test_publish_under_another_name_continues_that_model_line(tmp_path):
     """A run trained under a working name is published as the next version of an existing line."""
     from conftest import make_package
-    from LumbarSegmentLib.packages import Registry
+    from LumbarSegmentLib.registry.packages import Registry
 
     reg = Registry(tmp_path / "reg")
     first = reg.publish(make_package(tmp_path / "a", name="line-a"), make_default=True)
@@ -237,7 +238,7 @@ def test_publish_under_another_name_continues_that_model_line(tmp_path):
 
 def _shipped_default_and_next() -> tuple[str, str]:
     """The shipped registry's default ref and the ref a fine-tune of it gets (versions never restart)."""
-    from LumbarSegmentLib.packages import Registry, shipped_registry_root
+    from LumbarSegmentLib.registry.packages import Registry, shipped_registry_root
 
     shipped = Registry(shipped_registry_root(), read_only=True)
     default = shipped.default_ref()

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from LumbarSegmentLib.cli import main
-from LumbarSegmentLib.io import read_volume, write_volume
+from LumbarSegmentLib.cli.main import main
+from LumbarSegmentLib.formats.io import read_volume, write_volume
 
 
 @pytest.fixture()
@@ -76,7 +76,7 @@ def test_cohort_folder(tmp_path, small_real_volume, tiny_package, capsys):
 
 
 def test_models_lists_registries(tmp_path, tiny_package, monkeypatch, capsys):
-    from LumbarSegmentLib.packages import Registry
+    from LumbarSegmentLib.registry.packages import Registry
 
     monkeypatch.setenv("LUMBARSEG_HOME", str(tmp_path / "home"))
     Registry(tmp_path / "home" / "models").publish(tiny_package, make_default=True)
@@ -87,5 +87,5 @@ def test_models_lists_registries(tmp_path, tiny_package, monkeypatch, capsys):
 
 
 def test_console_script_runs():
-    r = subprocess.run([sys.executable, "-m", "LumbarSegmentLib.cli", "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "LumbarSegmentLib.cli.main", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "segment" in r.stdout

@@ -1,4 +1,4 @@
-"""Tests for LumbarSegmentLib.dicom: DICOM series folders -> Volume, and the refusals.
+"""Tests for LumbarSegmentLib.formats.dicom: DICOM series folders -> Volume, and the refusals.
 
 Series are built in tmp_path with ``write_dicom_series`` (from real volumes where the
 shared data exists, otherwise from small synthetic ones), then read back through
@@ -17,10 +17,10 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from LumbarSegmentLib.dicom import DicomError, read_dicom_series, write_dicom_series
-from LumbarSegmentLib.geometry import axis_codes, sagittal_layout
-from LumbarSegmentLib.io import VolumeReadError, read_volume, to_sitk
-from LumbarSegmentLib.volume import Volume, VolumeError
+from LumbarSegmentLib.formats.dicom import DicomError, read_dicom_series, write_dicom_series
+from LumbarSegmentLib.core.geometry import axis_codes, sagittal_layout
+from LumbarSegmentLib.formats.io import VolumeReadError, read_volume, to_sitk
+from LumbarSegmentLib.core.volume import Volume, VolumeError
 
 TOL = 1e-4
 

@@ -13,12 +13,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from LumbarSegmentLib.cli import main
-from LumbarSegmentLib.dicom import write_dicom_series
-from LumbarSegmentLib.dicom_seg import DicomSegError, segment_numbers, write_dicom_seg
-from LumbarSegmentLib.io import read_volume, to_sitk
-from LumbarSegmentLib.schema import LabelClass, LabelSchema, load_schema
-from LumbarSegmentLib.volume import Volume
+from LumbarSegmentLib.cli.main import main
+from LumbarSegmentLib.formats.dicom import write_dicom_series
+from LumbarSegmentLib.formats.dicom_seg import DicomSegError, segment_numbers, write_dicom_seg
+from LumbarSegmentLib.formats.io import read_volume, to_sitk
+from LumbarSegmentLib.core.schema import LabelClass, LabelSchema, load_schema
+from LumbarSegmentLib.core.volume import Volume
 
 hd = pytest.importorskip("highdicom")
 SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "Sample"
@@ -126,7 +126,7 @@ def test_cli_writes_label_map_and_seg_from_a_dicom_series(series, tmp_path, caps
     labels = read_volume(out / "seg.nii.gz")
     src = read_volume(folder)
     assert labels.same_geometry(src)
-    from LumbarSegmentLib.packages import resolve_model
+    from LumbarSegmentLib.registry.packages import resolve_model
 
     check_seg_matches(out / "seg.dcm", folder, labels.array, resolve_model(None).schema)
     assert sorted(p.name for p in out.iterdir()) == ["seg.dcm", "seg.nii.gz"]
@@ -134,7 +134,7 @@ def test_cli_writes_label_map_and_seg_from_a_dicom_series(series, tmp_path, caps
 
 def test_non_dicom_input_is_refused_before_segmenting(tmp_path, tiny_package, capsys):
     src = tmp_path / "case.nii.gz"
-    from LumbarSegmentLib.io import write_volume
+    from LumbarSegmentLib.formats.io import write_volume
 
     write_volume(sagittal_sample(slices=2), src)
     out = tmp_path / "out"

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from LumbarSegmentLib.cli import main
-from LumbarSegmentLib.cohort import CohortError, check_unique_stems, expand_inputs
-from LumbarSegmentLib.distributed import Rank, current_rank, shard
-from LumbarSegmentLib.io import read_volume, write_volume
+from LumbarSegmentLib.cli.main import main
+from LumbarSegmentLib.cli.cohort import CohortError, check_unique_stems, expand_inputs
+from LumbarSegmentLib.core.distributed import Rank, current_rank, shard
+from LumbarSegmentLib.formats.io import read_volume, write_volume
 
 from test_dicom_seg import sagittal_sample, write_sample_series
 
@@ -103,7 +103,7 @@ def test_two_torchrun_processes_split_a_cohort(tmp_path, tiny_package):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-                        "--nproc-per-node", "2", "-m", "LumbarSegmentLib.cli", "segment", str(cohort), "-o", str(out),
+                        "--nproc-per-node", "2", "-m", "LumbarSegmentLib.cli.main", "segment", str(cohort), "-o", str(out),
                         "--model", str(tiny_package.path), "--device", "cpu", "--no-progress"],
                        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     said = f"\n--- stderr ---\n{r.stderr[-4000:]}"
@@ -127,7 +127,7 @@ def test_two_torchrun_processes_split_a_cohort(tmp_path, tiny_package):
 def test_every_option_has_help_and_is_documented():
     import argparse
 
-    from LumbarSegmentLib.cli import _parser
+    from LumbarSegmentLib.cli.main import _parser
 
     doc = (ROOT / "docs" / "cli.md").read_text()
     subs = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))

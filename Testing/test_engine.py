@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from LumbarSegmentLib.engine import (Cancelled, EngineError, SegmentOptions, gaussian_weight, segment_volume,
+from LumbarSegmentLib.inference.engine import (Cancelled, EngineError, SegmentOptions, gaussian_weight, segment_volume,
                                      window_starts)
-from LumbarSegmentLib.geometry import OrientationError, axis_codes
-from LumbarSegmentLib.schema import LabelSchema, SchemaError, load_schema
-from LumbarSegmentLib.volume import Volume, VolumeError
+from LumbarSegmentLib.core.geometry import OrientationError, axis_codes
+from LumbarSegmentLib.core.schema import LabelSchema, SchemaError, load_schema
+from LumbarSegmentLib.core.volume import Volume, VolumeError
 from conftest import make_package
 
 
@@ -83,7 +83,7 @@ def test_storage_order_does_not_change_the_segmentation(small_real_volume, tiny_
 
 def _permuted_twin(pkg, folder):
     """The same network with its output channels and schema classes in another order."""
-    from LumbarSegmentLib.packages import write_package
+    from LumbarSegmentLib.registry.packages import write_package
 
     model = pkg.load_model()
     order = [0, 2, 1]
@@ -158,7 +158,7 @@ def test_progress_and_cancel(small_real_volume, tiny_package):
 
 def test_simulated_cuda_oom_shrinks_batch_then_falls_back_to_cpu(small_real_volume, tiny_package, monkeypatch):
     """Pretend to be on CUDA and run out of memory: the batch halves, then the run moves to the CPU."""
-    from LumbarSegmentLib import engine
+    from LumbarSegmentLib.inference import engine
 
     calls = {"n": 0}
     real_run = engine._Runner._run
@@ -227,7 +227,7 @@ def test_slice_smoothing_streams_exactly_the_whole_stack_average(sigma_mm, slice
     """Fed chunk by chunk, every slice comes out once, equal to the Gaussian average over the whole
     stack (outermost slice repeated beyond the ends), sigma in millimetres; and the same whatever the
     chunk size (the ring buffer wraps at different places for different chunks)."""
-    from LumbarSegmentLib.slice_smoothing import SliceSmoother
+    from LumbarSegmentLib.inference.slice_smoothing import SliceSmoother
 
     p = torch.rand(23, 3, 4, 5, generator=torch.Generator().manual_seed(0)).softmax(dim=1)
     sm = SliceSmoother(p.shape[0], slice_mm, sigma_mm, chunk=min(chunk, 4))  # a bigger chunk grows the ring
@@ -249,7 +249,7 @@ def test_slice_smoothing_streams_exactly_the_whole_stack_average(sigma_mm, slice
 
 
 def test_slice_smoothing_ring_grows_for_a_larger_chunk_without_losing_neighbours():
-    from LumbarSegmentLib.slice_smoothing import SliceSmoother
+    from LumbarSegmentLib.inference.slice_smoothing import SliceSmoother
 
     p = torch.rand(23, 3, 4, 5, generator=torch.Generator().manual_seed(1)).softmax(dim=1)
     whole = torch.cat([b for _, b in SliceSmoother(23, 1.0, 2.0).push(p.clone())])
@@ -262,7 +262,7 @@ def test_slice_smoothing_ring_grows_for_a_larger_chunk_without_losing_neighbours
 
 
 def test_slice_smoothing_off_passes_probabilities_through(small_real_volume, tiny_package):
-    from LumbarSegmentLib.slice_smoothing import SliceSmoother
+    from LumbarSegmentLib.inference.slice_smoothing import SliceSmoother
 
     p = torch.rand(5, 3, 2, 2)
     assert SliceSmoother(5, 1.0, 0.0).push(p) == [(0, p)] and SliceSmoother(1, 1.0, 4.0).r == 0

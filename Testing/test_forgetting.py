@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from conftest import make_package
-from LumbarSegmentLib.cases import list_cases, write_case
+from LumbarSegmentLib.dataset.cases import list_cases, write_case
 from LumbarSegmentLib.models import build_model
-from LumbarSegmentLib.packages import Catalog, Registry, read_package
+from LumbarSegmentLib.registry.packages import Catalog, Registry, read_package
 from LumbarSegmentLib.training.config import TrainConfig
 from LumbarSegmentLib.training.data import CaseSlices, IGNORE_INDEX
 from LumbarSegmentLib.training.retention import (Retention, RetentionSettings, distill_loss, freeze_bn_stats,
                                                  l2sp_penalty)
-from LumbarSegmentLib.volume import Volume
+from LumbarSegmentLib.core.volume import Volume
 
 
 def _tiny(seed=0):
@@ -151,8 +151,8 @@ def registries(tmp_path):
 def _with_head_bias(tmp_path, name, favoured: int, parent=None):
     """A tiny package that paints class channel ``favoured`` everywhere (head biases set), as a
     fine-tune of ``parent``."""
-    from LumbarSegmentLib.packages import default_input_contract, write_package
-    from LumbarSegmentLib.schema import load_schema
+    from LumbarSegmentLib.registry.packages import default_input_contract, write_package
+    from LumbarSegmentLib.core.schema import load_schema
 
     model = _tiny()
     with torch.no_grad():
@@ -222,7 +222,7 @@ class _Levels:
                                                              (False, 0.005, True)])
 def test_own_source_only_promotes_and_is_recorded(tmp_path, registries, monkeypatch, capsys, own_source_only, drop,
                                                   promoted):
-    from LumbarSegmentLib import cli as seg_cli
+    from LumbarSegmentLib.cli import main as seg_cli
     from LumbarSegmentLib.training import evaluate, publish
 
     user, shipped = registries
@@ -246,7 +246,7 @@ def test_own_source_only_promotes_and_is_recorded(tmp_path, registries, monkeypa
     log = json.loads((user.root / "publish_log.jsonl").read_text().splitlines()[-1])
     assert log["own_source_only"] is own_source_only and "reference" in log["comparison"]
     monkeypatch.setenv("LUMBARSEG_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr("LumbarSegmentLib.packages.default_registries", lambda: [user, shipped])
+    monkeypatch.setattr("LumbarSegmentLib.registry.packages.default_registries", lambda: [user, shipped])
     seg_cli.main(["models"])
     shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("uvd-tiny@2")]
     assert shown and (("own source only" in shown[0]) is own_source_only), shown

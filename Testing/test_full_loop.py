@@ -13,11 +13,11 @@ import time
 
 import pytest
 
-from LumbarSegmentLib import mrml
-from LumbarSegmentLib.cases import read_case
-from LumbarSegmentLib.holdout import frozen_split
-from LumbarSegmentLib.packages import Catalog, resolve_model, shipped_registry_root
-from LumbarSegmentLib.slicer_logic import DONE, ModuleLogic, SegmentRequest
+from LumbarSegmentLib.slicer import mrml
+from LumbarSegmentLib.dataset.cases import read_case
+from LumbarSegmentLib.dataset.holdout import frozen_split
+from LumbarSegmentLib.registry.packages import Catalog, resolve_model, shipped_registry_root
+from LumbarSegmentLib.slicer.logic import DONE, ModuleLogic, SegmentRequest
 
 
 def test_fine_tune_of_the_shipped_default_never_shadows_it(small_real_volume, tmp_path, monkeypatch):
@@ -87,7 +87,7 @@ def test_fine_tune_of_the_shipped_default_never_shadows_it(small_real_volume, tm
 
 def _shipped_default_and_next() -> tuple[str, str]:
     """The shipped registry's default ref and the ref a fine-tune of it gets (versions never restart)."""
-    from LumbarSegmentLib.packages import Registry, shipped_registry_root
+    from LumbarSegmentLib.registry.packages import Registry, shipped_registry_root
 
     shipped = Registry(shipped_registry_root(), read_only=True)
     default = shipped.default_ref()

@@ -1,4 +1,4 @@
-"""Tests for LumbarSegmentLib.geometry: storage order -> canonical sagittal stack -> back.
+"""Tests for LumbarSegmentLib.core.geometry: storage order -> canonical sagittal stack -> back.
 
 Real data (SPIDER masks with scanner geometry, lumbar-mr images) is used where it
 exists; those tests skip when ``<workspace>/shared/data`` is absent.
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from LumbarSegmentLib.geometry import (
+from LumbarSegmentLib.core.geometry import (
     MAX_OBLIQUE_DEG,
     OrientationError,
     axis_codes,
@@ -24,9 +24,9 @@ from LumbarSegmentLib.geometry import (
     resize_planes,
     sagittal_layout,
 )
-from LumbarSegmentLib.io import read_volume
-from LumbarSegmentLib.preprocess import normalise
-from LumbarSegmentLib.volume import Volume, VolumeError
+from LumbarSegmentLib.formats.io import read_volume
+from LumbarSegmentLib.inference.preprocess import normalise
+from LumbarSegmentLib.core.volume import Volume, VolumeError
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -211,7 +211,7 @@ def _small_oblique_volume(seed=0):
 def test_restore_as_keeps_every_voxel_in_place(codes):
     import SimpleITK as sitk
 
-    from LumbarSegmentLib.io import to_sitk
+    from LumbarSegmentLib.formats.io import to_sitk
 
     vol = _small_oblique_volume()
     new = restore_as(vol, codes)

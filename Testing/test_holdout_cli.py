@@ -11,10 +11,10 @@ import json
 import numpy as np
 import pytest
 
-from LumbarSegmentLib.cases import write_case
-from LumbarSegmentLib.holdout import HOLDOUT_FILE, frozen_split
+from LumbarSegmentLib.dataset.cases import write_case
+from LumbarSegmentLib.dataset.holdout import HOLDOUT_FILE, frozen_split
 from LumbarSegmentLib.training.cli import main
-from LumbarSegmentLib.volume import Volume
+from LumbarSegmentLib.core.volume import Volume
 
 
 @pytest.fixture

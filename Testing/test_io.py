@@ -1,4 +1,4 @@
-"""Tests for LumbarSegmentLib.io: lossless round trips of real volumes, helpful read errors,
+"""Tests for LumbarSegmentLib.formats.io: lossless round trips of real volumes, helpful read errors,
 and atomic writes that never leave a partial file behind.
 
 Run with:  cd <repo> && python -m pytest Testing/test_io.py -q
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LumbarSegmentLib import io as lio
-from LumbarSegmentLib.io import VolumeReadError, read_volume, write_volume
-from LumbarSegmentLib.volume import Volume, VolumeError
+from LumbarSegmentLib.formats import io as lio
+from LumbarSegmentLib.formats.io import VolumeReadError, read_volume, write_volume
+from LumbarSegmentLib.core.volume import Volume, VolumeError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

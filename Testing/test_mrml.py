@@ -1,4 +1,4 @@
-"""LumbarSegmentLib.mrml against the real MRML and Segmentations logic (slicer-core), no mocks."""
+"""LumbarSegmentLib.slicer.mrml against the real MRML and Segmentations logic (slicer-core), no mocks."""
 from __future__ import annotations
 
 import json
@@ -7,16 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from LumbarSegmentLib.cases import list_cases, read_case
-from LumbarSegmentLib.io import read_volume
-from LumbarSegmentLib.schema import SchemaError, load_schema
-from LumbarSegmentLib.volume import Volume
+from LumbarSegmentLib.dataset.cases import list_cases, read_case
+from LumbarSegmentLib.formats.io import read_volume
+from LumbarSegmentLib.core.schema import SchemaError, load_schema
+from LumbarSegmentLib.core.volume import Volume
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (the MRML libraries) is not installed")
 import vtk  # noqa: E402  (comes with slicer-core)
 import vtk.util.numpy_support  # noqa: E402
 
-from LumbarSegmentLib import mrml  # noqa: E402
+from LumbarSegmentLib.slicer import mrml  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SPIDER = SHARED / "spider-masks"
@@ -147,7 +147,7 @@ def _rotate_and_shift(ctx, node, deg=30.0, shift=(50.0, -20.0, 10.0)):
 
 def test_rotated_and_shifted_volume_draft_edit_export_land_on_the_right_voxels(ctx, tmp_path):
     """Issue 10: the reference geometry was taken before the transform was set, so it was applied twice."""
-    from LumbarSegmentLib.mrml_bridge import _reference_image, _vtk_to_np_image_matrix
+    from LumbarSegmentLib.slicer.bridge import _reference_image, _vtk_to_np_image_matrix
 
     schema = load_schema("starter")
     vol = mr_volume()
@@ -461,7 +461,7 @@ def test_export_case_reads_back_and_never_overwrites(ctx, tmp_path):
 
 def test_export_refuses_labelled_structures_missing_from_annotated(ctx, tmp_path):
     vol, node, lab, seg, schema = drafted(ctx)
-    from LumbarSegmentLib.cases import CaseError
+    from LumbarSegmentLib.dataset.cases import CaseError
 
     with pytest.raises(CaseError, match="intervertebral_disc"):
         mrml.export_case(ctx.scene, ctx.seg_logic, node, seg, schema, tmp_path, "c1",

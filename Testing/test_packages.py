@@ -9,9 +9,9 @@ import textwrap
 import pytest
 import torch
 
-from LumbarSegmentLib.packages import (PackageError, Registry, read_package, resolve_model, sha256_file,
+from LumbarSegmentLib.registry.packages import (PackageError, Registry, read_package, resolve_model, sha256_file,
                                        write_package)
-from LumbarSegmentLib.schema import load_schema
+from LumbarSegmentLib.core.schema import load_schema
 from conftest import make_package
 
 
@@ -107,7 +107,7 @@ def test_publish_crash_leaves_registry_pointing_at_whole_models(tmp_path):
     make_package(tmp_path / "b", name="m", seed=5)
     script = textwrap.dedent(f"""
         import os, shutil
-        from LumbarSegmentLib.packages import Registry, read_package
+        from LumbarSegmentLib.registry.packages import Registry, read_package
         real = shutil.copy2
         def dying_copy(src, dst, *a, **k):
             real(src, dst, *a, **k)

@@ -94,7 +94,7 @@ def test_every_subpackage_and_data_folder_is_listed():
     assert found <= listed, f"packages missing from pyproject: {sorted(found - listed)}"
     assert "LumbarSegmentLib.schemas" in listed and tool["package-data"]["LumbarSegmentLib.schemas"] == ["*.json"]
     assert "LumbarSegmentLib.schemas.terminology" in listed
-    from LumbarSegmentLib.packages import shipped_registry_root
+    from LumbarSegmentLib.registry.packages import shipped_registry_root
 
     mapped = ROOT / tool["package-dir"]["LumbarSegmentLib.shipped_models"]
     assert mapped == shipped_registry_root(), "the wheel must carry the registry the checkout uses"
@@ -134,7 +134,7 @@ def test_wheel_from_a_clean_checkout_installs_lists_models_and_writes_a_dicom_se
     import zipfile
 
     names = set(zipfile.ZipFile(wheel).namelist())
-    from LumbarSegmentLib.packages import shipped_registry_root
+    from LumbarSegmentLib.registry.packages import shipped_registry_root
 
     index = json.loads((shipped_registry_root() / "index.json").read_text())
     for name, entry in index["models"].items():

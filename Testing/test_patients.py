@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from LumbarSegmentLib.cases import CaseError, list_cases, read_patient_map, with_patients, write_case
+from LumbarSegmentLib.dataset.cases import CaseError, list_cases, read_patient_map, with_patients, write_case
 from LumbarSegmentLib.training.data import IGNORE_INDEX, CaseSlices, ignore_beyond_levels
 from LumbarSegmentLib.training.splits import fixed_split
-from LumbarSegmentLib.volume import Volume
+from LumbarSegmentLib.core.volume import Volume
 
 from conftest import load_script
 
@@ -162,7 +162,7 @@ def test_band_option_is_checked():
 def test_publish_gate_skips_cases_of_patients_the_candidate_trained_on():
     from types import SimpleNamespace
 
-    from LumbarSegmentLib.cases import Case
+    from LumbarSegmentLib.dataset.cases import Case
     from LumbarSegmentLib.training.publish import _unseen
 
     cand = SimpleNamespace(manifest={"training": {"train_cases": ["A_1", "B_1"], "data_manifest": [

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from LumbarSegmentLib.engine import EngineError, SegmentOptions
-from LumbarSegmentLib.postprocess import apply, spine_column
+from LumbarSegmentLib.inference.engine import EngineError, SegmentOptions
+from LumbarSegmentLib.inference.postprocess import apply, spine_column
 
 
 def _column(gap: int = 0):
@@ -61,8 +61,8 @@ def test_unknown_mode_is_refused_by_name():
 
 
 def test_engine_applies_it_and_reports_what_it_removed(tiny_package):
-    from LumbarSegmentLib.engine import segment_volume
-    from LumbarSegmentLib.volume import Volume
+    from LumbarSegmentLib.inference.engine import segment_volume
+    from LumbarSegmentLib.core.volume import Volume
 
     rng = np.random.default_rng(0)
     vol = Volume(rng.normal(100, 30, (6, 48, 48)).astype(np.float32), spacing=(1.0, 1.0, 1.0))

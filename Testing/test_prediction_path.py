@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from LumbarSegmentLib.engine import LoadedModel, SegmentOptions, segment_volume
-from LumbarSegmentLib.schema import LabelSchema, load_schema
+from LumbarSegmentLib.inference.engine import LoadedModel, SegmentOptions, segment_volume
+from LumbarSegmentLib.core.schema import LabelSchema, load_schema
 from LumbarSegmentLib.training import evaluate as ev
 from LumbarSegmentLib.training.data import CaseSlices, annotated_mask
-from LumbarSegmentLib.volume import Volume
+from LumbarSegmentLib.core.volume import Volume
 
 
 def test_values_and_channels_convert_by_class_id():
@@ -149,7 +149,7 @@ def test_eval_case_from_slices_is_the_canonical_stack():
     lab[:, 3:9, 4:10] = 2
     c = CaseSlices("x", "x", img, lab, annotated_mask(["intervertebral_disc"], s), ("intervertebral_disc",))
     e = ev.eval_case_from_slices(c, (1.0, 1.0))
-    from LumbarSegmentLib.geometry import sagittal_layout
+    from LumbarSegmentLib.core.geometry import sagittal_layout
 
     layout = sagittal_layout(e.image)
     assert layout.perm == (0, 1, 2) and not any(layout.flip)

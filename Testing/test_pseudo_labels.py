@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from LumbarSegmentLib.cases import list_cases, write_case
+from LumbarSegmentLib.dataset.cases import list_cases, write_case
 from LumbarSegmentLib.models import build_model
-from LumbarSegmentLib.packages import default_input_contract, read_package, write_package
-from LumbarSegmentLib.schema import load_schema
+from LumbarSegmentLib.registry.packages import default_input_contract, read_package, write_package
+from LumbarSegmentLib.core.schema import load_schema
 from LumbarSegmentLib.training import pseudo
 from LumbarSegmentLib.training.config import TrainConfig
 from LumbarSegmentLib.training.data import IGNORE_INDEX, DataError, load_dataset
 from LumbarSegmentLib.training.finetune import finetune
-from LumbarSegmentLib.volume import Volume
+from LumbarSegmentLib.core.volume import Volume
 
 torch.set_num_threads(1)
 STARTER = load_schema("starter")

@@ -6,7 +6,7 @@ models on synthetic cases, so the outcome of each comparison is known in advance
 """
 from __future__ import annotations
 
-from LumbarSegmentLib.packages import Registry
+from LumbarSegmentLib.registry.packages import Registry
 from LumbarSegmentLib.training.cli import main
 
 from test_training_run import _tiny_package, write_synthetic_dataset

@@ -28,15 +28,15 @@ import SimpleITK as sitk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from LumbarSegmentLib import cases as lcases
-from LumbarSegmentLib.cases import list_cases, write_case
-from LumbarSegmentLib.cli import main
-from LumbarSegmentLib.dicom import write_dicom_series
-from LumbarSegmentLib.engine import SegmentOptions, segment_volume
-from LumbarSegmentLib.io import VolumeReadError, read_volume, write_volume
-from LumbarSegmentLib.packages import PackageError, Registry, read_package, sha256_file
-from LumbarSegmentLib.schema import SchemaError, check_compatible, load_schema
-from LumbarSegmentLib.volume import Volume, VolumeError
+from LumbarSegmentLib.dataset import cases as lcases
+from LumbarSegmentLib.dataset.cases import list_cases, write_case
+from LumbarSegmentLib.cli.main import main
+from LumbarSegmentLib.formats.dicom import write_dicom_series
+from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
+from LumbarSegmentLib.formats.io import VolumeReadError, read_volume, write_volume
+from LumbarSegmentLib.registry.packages import PackageError, Registry, read_package, sha256_file
+from LumbarSegmentLib.core.schema import SchemaError, check_compatible, load_schema
+from LumbarSegmentLib.core.volume import Volume, VolumeError
 from conftest import make_package
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,7 +256,7 @@ def test_a_safetensors_file_whose_header_length_starts_like_a_pickle_is_accepted
     import torch
     from safetensors.torch import save_file
 
-    from LumbarSegmentLib.packages import _refuse_pickle
+    from LumbarSegmentLib.registry.packages import _refuse_pickle
 
     seen = set()
     for n in range(56, 84):
@@ -309,10 +309,10 @@ def test_nan_and_inf_voxels_are_zeroed_and_reported(pkg):
 HUGE_CHILD = r'''
 import json, re, resource, sys
 import numpy as np, torch
-from LumbarSegmentLib import engine
-from LumbarSegmentLib.engine import SegmentOptions, segment_volume
-from LumbarSegmentLib.packages import read_package
-from LumbarSegmentLib.volume import Volume
+from LumbarSegmentLib.inference import engine
+from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
+from LumbarSegmentLib.registry.packages import read_package
+from LumbarSegmentLib.core.volume import Volume
 
 def data_bytes():  # what RLIMIT_DATA counts: heap and private writable mappings (not shared libraries)
     return int(re.search(r"VmData:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
@@ -379,7 +379,7 @@ def test_export_into_a_read_only_folder_is_refused_and_keeps_earlier_exports(how
     _export(ds)
     before = _snapshot(ds)
     if how == "no-write-permission":  # as a non-root user sees it (tests run as root: simulated)
-        from LumbarSegmentLib import io as lio
+        from LumbarSegmentLib.formats import io as lio
 
         real_access = os.access
         monkeypatch.setattr(lio.os, "access", lambda p, mode, *a, **k: False if Path(p) == ds and mode & os.W_OK
@@ -410,7 +410,7 @@ def test_disk_full_during_export_removes_what_was_written(tmp_path, monkeypatch)
     def fill_up(volume, path, **kw):
         calls.append(Path(path).name)
         if len(calls) == 2:  # the label map: the disk fills up half-way through its temporary file
-            from LumbarSegmentLib.io import atomic_path
+            from LumbarSegmentLib.formats.io import atomic_path
 
             with atomic_path(path) as tmp:
                 tmp.write_bytes(b"half a label map")
@@ -430,7 +430,7 @@ def test_disk_full_during_export_removes_what_was_written(tmp_path, monkeypatch)
 
 KILL_EXPORT = r'''
 import os, sys
-from LumbarSegmentLib import cases
+from LumbarSegmentLib.dataset import cases
 from test_reliability import _export
 real = cases.atomic_path
 def dying(target):
@@ -527,7 +527,7 @@ def test_corrupted_registry_index_is_a_clear_error_not_a_silent_fallback(pkg, tm
 
 KILL_PUBLISH = r'''
 import os, shutil, sys
-from LumbarSegmentLib.packages import Registry, read_package
+from LumbarSegmentLib.registry.packages import Registry, read_package
 real = shutil.copy2
 def dying_copy(src, dst, *a, **k):
     real(src, dst, *a, **k)
@@ -611,7 +611,7 @@ def test_finetune_refuses_a_dataset_with_structures_the_model_cannot_learn(tmp_p
 
 KILL_TRAINING = r'''
 import os, sys
-from LumbarSegmentLib.cases import list_cases
+from LumbarSegmentLib.dataset.cases import list_cases
 from LumbarSegmentLib.training.trainer import train
 from test_reliability import _tiny_config
 
@@ -645,13 +645,13 @@ def test_training_killed_mid_run_resumes_where_it_stopped(tmp_path):
 @pytest.fixture
 def ctx():
     pytest.importorskip("slicer", reason="slicer-core (the MRML libraries) is not installed")
-    from LumbarSegmentLib import mrml
+    from LumbarSegmentLib.slicer import mrml
 
     return mrml.MRMLContext.standalone()
 
 
 def _drafted(ctx):
-    from LumbarSegmentLib import mrml
+    from LumbarSegmentLib.slicer import mrml
 
     schema = load_schema("starter")
     img, lab = _case_pair()
@@ -661,7 +661,8 @@ def _drafted(ctx):
 
 
 def test_export_with_a_segment_not_in_the_schema_changes_nothing(ctx, tmp_path):
-    from LumbarSegmentLib import mrml, slicer_logic
+    from LumbarSegmentLib.slicer import mrml
+    from LumbarSegmentLib.slicer import logic as slicer_logic
 
     node, seg, schema = _drafted(ctx)
     sid = seg.GetSegmentation().AddEmptySegment("", "Tumour")
@@ -676,7 +677,8 @@ def test_export_with_a_segment_not_in_the_schema_changes_nothing(ctx, tmp_path):
 
 
 def test_export_from_slicer_onto_a_full_disk_changes_nothing(ctx, tmp_path, monkeypatch):
-    from LumbarSegmentLib import mrml, slicer_logic
+    from LumbarSegmentLib.slicer import mrml
+    from LumbarSegmentLib.slicer import logic as slicer_logic
 
     node, seg, schema = _drafted(ctx)
     core = slicer_logic.ModuleLogic(ctx.scene, ctx.seg_logic, registries=[])
@@ -696,7 +698,8 @@ def test_export_from_slicer_onto_a_full_disk_changes_nothing(ctx, tmp_path, monk
 
 def test_module_segment_of_a_bad_volume_reports_why_and_leaves_the_scene(ctx, pkg, tmp_path):
     """The real CLI in a child process, through the module's logic: a constant volume."""
-    from LumbarSegmentLib import mrml, slicer_logic as sl
+    from LumbarSegmentLib.slicer import mrml
+    from LumbarSegmentLib.slicer import logic as sl
 
     node = mrml.volume_to_node(ctx.scene, sagittal().with_array(np.full((6, 48, 40), 9, np.int16)), "flat")
     nodes = ctx.scene.GetNumberOfNodes()
@@ -713,7 +716,7 @@ def test_module_segment_of_a_bad_volume_reports_why_and_leaves_the_scene(ctx, pk
 
 
 def test_loading_a_damaged_seg_nrrd_leaves_the_scene_as_it_was(ctx, tmp_path):
-    from LumbarSegmentLib import mrml
+    from LumbarSegmentLib.slicer import mrml
 
     node, seg, schema = _drafted(ctx)
     path = mrml.save_seg_nrrd(ctx.scene, seg, tmp_path / "c1.seg.nrrd")

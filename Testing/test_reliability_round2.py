@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LumbarSegmentLib.cli import main
-from LumbarSegmentLib.io import read_volume, write_volume
-from LumbarSegmentLib.packages import PackageError, Registry, read_package, sha256_file
-from LumbarSegmentLib.volume import Volume, VolumeError, VolumeReadError
+from LumbarSegmentLib.cli.main import main
+from LumbarSegmentLib.formats.io import read_volume, write_volume
+from LumbarSegmentLib.registry.packages import PackageError, Registry, read_package, sha256_file
+from LumbarSegmentLib.core.volume import Volume, VolumeError, VolumeReadError
 from conftest import make_package
 from test_reliability import SAGITTAL, everything_in, run_py, sagittal
 
@@ -81,7 +81,7 @@ def test_an_output_named_twice_is_refused(pkg, tmp_path, capsys):
 
 
 def test_an_output_inside_the_input_dicom_folder_is_refused(pkg, tmp_path, capsys):
-    from LumbarSegmentLib.dicom import write_dicom_series
+    from LumbarSegmentLib.formats.dicom import write_dicom_series
 
     d = tmp_path / "series"
     write_dicom_series(sagittal(), d)
@@ -115,7 +115,7 @@ def test_a_damaged_user_default_model_is_an_error_not_a_fallback(damage, pkg, tm
 def _dicom_with(tmp_path: Path, edit) -> Path:
     import pydicom
 
-    from LumbarSegmentLib.dicom import write_dicom_series
+    from LumbarSegmentLib.formats.dicom import write_dicom_series
 
     d = tmp_path / "series"
     files = write_dicom_series(sagittal((12, 48, 40)), d)
@@ -164,7 +164,7 @@ def test_two_cohort_inputs_with_the_same_name_are_not_silently_merged(pkg, tmp_p
 
 
 def test_a_dicom_folder_holding_a_volume_file_is_refused_as_ambiguous(pkg, tmp_path, capsys):
-    from LumbarSegmentLib.dicom import write_dicom_series
+    from LumbarSegmentLib.formats.dicom import write_dicom_series
 
     d = tmp_path / "series"
     write_dicom_series(sagittal(), d)
@@ -217,7 +217,7 @@ def test_an_output_at_an_existing_folder_fails_before_any_output_is_written(pkg,
 
 
 def test_a_failed_rename_in_the_commit_restores_every_earlier_file(tmp_path, monkeypatch):
-    from LumbarSegmentLib import outputs
+    from LumbarSegmentLib.cli import outputs
 
     targets = [tmp_path / n for n in ("a.nii.gz", "b.png", "c.json")]
     for t in targets:
@@ -278,7 +278,7 @@ def test_a_fifo_as_data_file_or_input_is_refused_without_hanging(tmp_path):
     os.mkfifo(fifo)
     r = run_py("""
         import sys
-        from LumbarSegmentLib.io import read_volume
+        from LumbarSegmentLib.formats.io import read_volume
         for p in sys.argv[1:]:
             try:
                 read_volume(p)
@@ -387,7 +387,7 @@ def test_removing_the_integrity_record_is_refused_outside_the_shipped_registry(p
 
 
 def test_the_shipped_packages_still_load():
-    from LumbarSegmentLib.packages import shipped_registry_root
+    from LumbarSegmentLib.registry.packages import shipped_registry_root
 
     for name in ("uvd-starter", "umd-starter"):
         read_package(shipped_registry_root() / name / "1").verify()
@@ -416,7 +416,7 @@ def test_publishing_a_package_named_dotdot_is_refused(pkg, tmp_path):
 
 CONCURRENT_PUBLISH = r'''
 import sys, time
-from LumbarSegmentLib.packages import Registry, read_package
+from LumbarSegmentLib.registry.packages import Registry, read_package
 start = float(sys.argv[3])
 while time.time() < start:
     time.sleep(0.005)
@@ -468,7 +468,7 @@ def test_a_nifti_whose_qform_and_sform_disagree_is_refused(tmp_path):
 
 # ============================================================================ 13. fractional labels in training
 def test_a_training_label_map_with_fractional_values_is_refused(tmp_path):
-    from LumbarSegmentLib.cases import CaseError, read_case, write_case
+    from LumbarSegmentLib.dataset.cases import CaseError, read_case, write_case
 
     image = sagittal()
     label = image.with_array(np.zeros(image.shape, np.uint8))
@@ -484,12 +484,12 @@ def test_a_training_label_map_with_fractional_values_is_refused(tmp_path):
 # ============================================================================ 15. SIGTERM and stale temporaries
 SIGTERM_DURING_WRITE = r'''
 import sys, time
-import LumbarSegmentLib.preview as preview
+import LumbarSegmentLib.formats.preview as preview
 def slow(*a, **k):
     print("writing", flush=True)
     time.sleep(60)
 preview.render_preview = slow
-from LumbarSegmentLib.cli import main
+from LumbarSegmentLib.cli.main import main
 sys.exit(main(sys.argv[1:]))
 '''
 
@@ -511,7 +511,7 @@ def test_sigterm_during_the_write_phase_leaves_nothing(pkg, tmp_path):
 
 
 def test_stale_temporaries_of_a_killed_run_are_swept(pkg, tmp_path):
-    from LumbarSegmentLib.files import make_partial
+    from LumbarSegmentLib.core.files import make_partial
 
     out = tmp_path / "out"
     out.mkdir()
@@ -526,7 +526,7 @@ def test_stale_temporaries_of_a_killed_run_are_swept(pkg, tmp_path):
 
 # ============================================================================ 16./17. geometry and sizes
 def test_a_sagittal_stack_with_oblong_pixels_is_not_called_axial(tmp_path):
-    from LumbarSegmentLib.geometry import sagittal_layout
+    from LumbarSegmentLib.core.geometry import sagittal_layout
 
     # i -> posterior (2 mm), j -> inferior (0.5 mm), k -> left (1 mm): sagittal slices, oblong pixels
     v = Volume(np.zeros((8, 40, 20), np.int16), spacing=(2.0, 0.5, 1.0), direction=SAGITTAL)
@@ -538,7 +538,7 @@ def test_a_sagittal_stack_with_oblong_pixels_is_not_called_axial(tmp_path):
 
 
 def test_a_header_spacing_that_would_explode_the_model_plane_is_refused(pkg):
-    from LumbarSegmentLib.checks import ImplausibleInput, check_segmentable
+    from LumbarSegmentLib.core.checks import ImplausibleInput, check_segmentable
 
     big = np.broadcast_to(np.int16(1), (5, 2000, 2000))  # 2000 x 2000 pixels, no memory used
     # 3 mm pixels: a 6 m field of view (the issue's 3.5 GB, 157 s case)
@@ -576,7 +576,7 @@ def test_an_unreadable_model_version_is_a_clear_message(tmp_path, monkeypatch, c
                                                ("--report", "r.nrrd", "a JSON report"),
                                                ("--seg-nrrd", "s.nrrd", "a Slicer segmentation")])
 def test_a_wrong_output_type_is_refused_before_inference(flag, name, problem, pkg, tmp_path, capsys, monkeypatch):
-    import LumbarSegmentLib.engine as engine
+    import LumbarSegmentLib.inference.engine as engine
 
     def never(*a, **k):
         raise AssertionError("inference must not start")
@@ -599,7 +599,7 @@ def test_an_uncompressed_nifti_named_nii_gz_is_read_by_its_content(tmp_path):
 
 
 def test_a_full_disk_is_a_sentence_not_a_bare_errno(pkg, tmp_path, monkeypatch, capsys):
-    import LumbarSegmentLib.io as lio
+    import LumbarSegmentLib.formats.io as lio
 
     def full(*a, **k):
         raise OSError(28, "No space left on device")
@@ -638,7 +638,7 @@ def test_nonsense_volumes_are_refused_not_segmented(kind, problem, pkg, tmp_path
 
 
 def test_an_empty_result_is_flagged():
-    from LumbarSegmentLib.checks import empty_result_warning
+    from LumbarSegmentLib.core.checks import empty_result_warning
 
     v = sagittal()
     assert "the label map is empty" in empty_result_warning(v.with_array(np.zeros(v.shape, np.uint8)))
@@ -696,9 +696,9 @@ def test_train_with_a_precision_the_device_cannot_run_is_one_line_not_a_tracebac
     """The device and precision checks raise EngineError (not ValueError); the training command used to
     let it through as a traceback (seen asking for bf16 on a CPU without it). fp16 on the CPU is refused
     on every machine, so this checks the same path anywhere."""
-    from LumbarSegmentLib.cases import write_case
+    from LumbarSegmentLib.dataset.cases import write_case
     from LumbarSegmentLib.training.cli import main as train_main
-    from LumbarSegmentLib.volume import Volume
+    from LumbarSegmentLib.core.volume import Volume
 
     image = Volume(np.zeros((4, 8, 8), np.int16))
     lab = np.zeros((4, 8, 8), np.uint8)

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from LumbarSegmentLib.schema import LabelSchema, SchemaError, available_schemas, load_schema, remap_labels
+from LumbarSegmentLib.core.schema import LabelSchema, SchemaError, available_schemas, load_schema, remap_labels
 
 
 def test_shipped_schemas():

@@ -1,4 +1,4 @@
-"""LumbarSegmentLib.segfile: .seg.nrrd files written without Slicer, checked with Slicer's own reader.
+"""LumbarSegmentLib.formats.segfile: .seg.nrrd files written without Slicer, checked with Slicer's own reader.
 
 The writer is pure SimpleITK; slicer-core (a test-only dependency) proves that
 Slicer's vtkMRMLSegmentationStorageNode loads the files with the right segments.
@@ -10,17 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from LumbarSegmentLib.io import read_volume
-from LumbarSegmentLib.schema import SchemaError, load_schema
-from LumbarSegmentLib.segfile import (DRAFT_HASH_TAG, SegFileError, mask_sha1, read_seg_nrrd,
+from LumbarSegmentLib.formats.io import read_volume
+from LumbarSegmentLib.core.schema import SchemaError, load_schema
+from LumbarSegmentLib.formats.segfile import (DRAFT_HASH_TAG, SegFileError, mask_sha1, read_seg_nrrd,
                                       read_segments_info, write_seg_nrrd)
-from LumbarSegmentLib.volume import Volume
+from LumbarSegmentLib.core.volume import Volume
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SPIDER = SHARED / "spider-masks"
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is needed to check files against Slicer's reader")
-mrml = pytest.importorskip("LumbarSegmentLib.mrml")
+mrml = pytest.importorskip("LumbarSegmentLib.slicer.mrml")
 
 
 def oblique_direction(deg=17.0):

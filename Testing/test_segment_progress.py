@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from LumbarSegmentLib import progress
-from LumbarSegmentLib.cli import main
-from LumbarSegmentLib.io import write_volume
-from LumbarSegmentLib.volume import Volume
+from LumbarSegmentLib.core import progress
+from LumbarSegmentLib.cli.main import main
+from LumbarSegmentLib.formats.io import write_volume
+from LumbarSegmentLib.core.volume import Volume
 
 
 def tiny_sagittal_volume(slices: int = 3, size: int = 48) -> Volume:

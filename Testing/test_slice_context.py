@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from LumbarSegmentLib.engine import LoadedModel, SegmentOptions, segment_volume
-from LumbarSegmentLib.manifest import ManifestError, validate_manifest
+from LumbarSegmentLib.inference.engine import LoadedModel, SegmentOptions, segment_volume
+from LumbarSegmentLib.registry.manifest import ManifestError, validate_manifest
 from LumbarSegmentLib.models import VARIANTS, build_model, widen_input
-from LumbarSegmentLib.packages import MODEL_FORMAT, MODEL_FORMAT_VERSION, default_input_contract, write_package
-from LumbarSegmentLib.schema import load_schema
-from LumbarSegmentLib.slice_smoothing import neighbour_stack
+from LumbarSegmentLib.registry.packages import MODEL_FORMAT, MODEL_FORMAT_VERSION, default_input_contract, write_package
+from LumbarSegmentLib.core.schema import load_schema
+from LumbarSegmentLib.inference.slice_smoothing import neighbour_stack
 from LumbarSegmentLib.training.config import TrainConfig
 from LumbarSegmentLib.training.data import CaseSlices, PatchSampler, annotated_mask
 from LumbarSegmentLib.training.finetune import finetune
-from LumbarSegmentLib.volume import Volume
+from LumbarSegmentLib.core.volume import Volume
 
 torch.set_num_threads(1)
 STARTER = load_schema("starter")

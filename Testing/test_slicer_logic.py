@@ -1,4 +1,4 @@
-"""LumbarSegmentLib.slicer_logic and slicer_deps: controllers, process trees, progress logs, installs.
+"""LumbarSegmentLib.slicer.logic and slicer_deps: controllers, process trees, progress logs, installs.
 
 Child processes are real (small Python scripts standing in for the CLI and the trainer,
 injected through the controllers' ``command`` / ``runner`` hooks), and one test runs the
@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from LumbarSegmentLib import slicer_logic as sl
-from LumbarSegmentLib.cases import CaseError
-from LumbarSegmentLib.packages import default_input_contract
-from LumbarSegmentLib.schema import load_schema
-from LumbarSegmentLib.slicer_deps import DependencyError, DependencyInstaller, installed_version
-from LumbarSegmentLib.volume import Volume
+from LumbarSegmentLib.slicer import logic as sl
+from LumbarSegmentLib.dataset.cases import CaseError
+from LumbarSegmentLib.registry.packages import default_input_contract
+from LumbarSegmentLib.core.schema import load_schema
+from LumbarSegmentLib.slicer.deps import DependencyError, DependencyInstaller, installed_version
+from LumbarSegmentLib.core.volume import Volume
 
 SAGITTAL = np.array([[0.0, 0, 1], [1, 0, 0], [0, -1, 0]])  # PIR-like: i -> P, j -> I, k -> L
 
@@ -67,7 +67,7 @@ FAKE_CLI = textwrap.dedent(r'''
         print(f"child {child.pid}", flush=True)
         batch(0, 10)
         time.sleep(60)
-    from LumbarSegmentLib.io import read_volume, write_volume
+    from LumbarSegmentLib.formats.io import read_volume, write_volume
     v = read_volume(inp)
     for i in range(1, 5):
         batch(i, 4)
@@ -95,7 +95,7 @@ def fake_command(script, behaviour, package):
 
 # ------------------------------------------------------------------------------------------------ parsing
 def test_progress_events_round_trip_through_the_schema_module(tmp_path):
-    from LumbarSegmentLib import progress
+    from LumbarSegmentLib.core import progress
 
     log = progress.ProgressLog(tmp_path / progress.PROGRESS_FILE)
     log.write(progress.BATCH, done=9, total=20, input="x.nrrd")
@@ -166,7 +166,7 @@ def test_segment_controller_blocking_run(fake_cli, fake_package, tmp_path):
 
     def runner(argv, env, output):  # an injected runner: records, then starts the real process
         seen_argv.append(list(argv))
-        from LumbarSegmentLib.jobs import LIB_PARENT
+        from LumbarSegmentLib.slicer.jobs import LIB_PARENT
 
         assert str(LIB_PARENT) in env["PYTHONPATH"].split(os.pathsep) and env["LUMBARSEG_PROGRESS"]
         return sl.popen_runner(argv, env, output)
@@ -216,14 +216,14 @@ def test_segment_command_options():
     req = sl.SegmentRequest(models=["a@1", "b@2"], device="cuda", mode="ensemble", confidence=True,
                             allow_reslice=True, batch_size=4)
     argv = sl.segment_command("py", Path("in.nrrd"), Path("out.nrrd"), Path("r.json"), req, Path("c.nrrd"))
-    assert argv[:4] == ["py", "-m", "LumbarSegmentLib.cli", "segment"]
+    assert argv[:4] == ["py", "-m", "LumbarSegmentLib.cli.main", "segment"]
     joined = " ".join(argv)
     for part in ("--model a@1,b@2", "--device cuda", "--mode ensemble", "--confidence c.nrrd", "--reslice",
                  "--batch-size 4", "--report r.json", "--output out.nrrd"):
         assert part in joined
     assert "--model" not in sl.segment_command("py", Path("i"), Path("o"), Path("r"), sl.SegmentRequest())
     # the CLI's own parser reads what the job builds
-    from LumbarSegmentLib.cli import _parser
+    from LumbarSegmentLib.cli.main import _parser
 
     a = _parser().parse_args(argv[3:])
     assert (a.model, a.device, a.mode, a.confidence, a.reslice, a.batch_size, a.output, a.report) == \
@@ -232,9 +232,9 @@ def test_segment_command_options():
 
 @pytest.mark.slow
 def test_real_cli_end_to_end_into_a_segmentation_node(tiny_package, tmp_path):
-    """The real `python -m LumbarSegmentLib.cli segment` on a tiny random model, through ModuleLogic."""
+    """The real `python -m LumbarSegmentLib.cli.main segment` on a tiny random model, through ModuleLogic."""
     pytest.importorskip("slicer", reason="slicer-core is needed for the MRML part")
-    from LumbarSegmentLib import mrml
+    from LumbarSegmentLib.slicer import mrml
 
     ctx = mrml.MRMLContext.standalone()
     vol = small_volume()
@@ -252,8 +252,8 @@ def test_real_cli_end_to_end_into_a_segmentation_node(tiny_package, tmp_path):
 
 def test_module_logic_refuses_an_axial_stack_before_starting(tmp_path):
     pytest.importorskip("slicer")
-    from LumbarSegmentLib import mrml
-    from LumbarSegmentLib.geometry import OrientationError
+    from LumbarSegmentLib.slicer import mrml
+    from LumbarSegmentLib.core.geometry import OrientationError
 
     ctx = mrml.MRMLContext.standalone()
     axial = Volume(np.ones((20, 64, 64), np.int16), spacing=(0.5, 0.5, 4.0))  # thick slices along S
@@ -296,7 +296,7 @@ FAKE_TRAINER = textwrap.dedent(r'''
 
 @pytest.fixture
 def dataset(tmp_path):
-    from LumbarSegmentLib.cases import write_case
+    from LumbarSegmentLib.dataset.cases import write_case
 
     vol = small_volume()
     lab = np.zeros(vol.shape, np.uint8)
@@ -339,7 +339,7 @@ def test_retrain_follows_the_progress_log_and_publishes(fake_trainer, dataset, t
     assert ctl.published and ctl.published.startswith("published uvd-tiny@1"), ctl.status.message
     assert ctl.publish_event["ref"] == "uvd-tiny@1"
     assert "epoch 2" in ctl.status.message and ctl.published in ctl.status.message
-    from LumbarSegmentLib.packages import Registry, user_registry_root
+    from LumbarSegmentLib.registry.packages import Registry, user_registry_root
 
     assert [p.ref for p in Registry(user_registry_root()).packages()] == ["uvd-tiny@1"]
     assert "uvd-tiny@1" in [ref for _, ref in core.model_choices()]
@@ -394,7 +394,7 @@ def test_a_new_panel_reattaches_to_a_running_training_and_can_resume_it(fake_tra
 
 
 def test_the_held_out_cases_never_reach_training(dataset, tmp_path):
-    from LumbarSegmentLib.cases import write_case
+    from LumbarSegmentLib.dataset.cases import write_case
 
     vol = small_volume()
     lab = np.zeros(vol.shape, np.uint8)

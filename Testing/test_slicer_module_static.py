@@ -114,7 +114,7 @@ def test_top_level_cmake_describes_the_extension():
 
 def test_install_layout_matches_how_the_lib_finds_resources():
     """Installed, Resources/ sits beside LumbarSegmentLib/ exactly as in the source tree."""
-    from LumbarSegmentLib.packages import shipped_registry_root
+    from LumbarSegmentLib.registry.packages import shipped_registry_root
 
     assert shipped_registry_root() == ROOT / "Resources" / "Models"
     source = MODULE_FILE.read_text()
@@ -193,7 +193,7 @@ def _standins():
 @pytest.fixture
 def module(monkeypatch):
     slicer = pytest.importorskip("slicer", reason="slicer-core is needed for the real MRML scene")
-    from LumbarSegmentLib.mrml import MRMLContext
+    from LumbarSegmentLib.slicer.mrml import MRMLContext
 
     in_slicer = hasattr(slicer, "app")
     if not in_slicer:
@@ -233,8 +233,8 @@ def test_parameter_node_defaults(module):
 def test_logic_hands_scene_and_segmentations_logic_to_the_lib(module, tmp_path):
     import slicer
 
-    from LumbarSegmentLib.cases import read_case
-    from LumbarSegmentLib.slicer_logic import ModuleLogic, self_test_loop
+    from LumbarSegmentLib.dataset.cases import read_case
+    from LumbarSegmentLib.slicer.logic import ModuleLogic, self_test_loop
 
     logic = module.LumbarSegmentLogic()
     assert isinstance(logic.core, ModuleLogic)
@@ -246,7 +246,7 @@ def test_logic_hands_scene_and_segmentations_logic_to_the_lib(module, tmp_path):
 
 
 def test_module_self_test_runs_the_loop(module, monkeypatch):
-    from LumbarSegmentLib import slicer_logic
+    from LumbarSegmentLib.slicer import logic as slicer_logic
 
     monkeypatch.setattr(slicer_logic.ModuleLogic, "model_choices", lambda self: [])  # no model: synthetic draft
     test = module.LumbarSegmentTest("test_loop")
@@ -255,7 +255,7 @@ def test_module_self_test_runs_the_loop(module, monkeypatch):
 
 
 def test_lib_modules_import_without_qt():
-    code = ("import sys, LumbarSegmentLib.slicer_logic, LumbarSegmentLib.slicer_deps, LumbarSegmentLib.segfile; "
+    code = ("import sys, LumbarSegmentLib.slicer.logic, LumbarSegmentLib.slicer.deps, LumbarSegmentLib.formats.segfile; "
             "assert 'qt' not in sys.modules, 'qt imported'")
     import subprocess
 

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from LumbarSegmentLib.models import build_model
-from LumbarSegmentLib.packages import PackageError, read_package, write_package
-from LumbarSegmentLib.schema import load_schema
+from LumbarSegmentLib.registry.packages import PackageError, read_package, write_package
+from LumbarSegmentLib.core.schema import load_schema
 from LumbarSegmentLib.training.cli import main as train_main
 from LumbarSegmentLib.training.evaluate import training_lineage
 from LumbarSegmentLib.training.soup import soup
@@ -140,7 +140,7 @@ def test_a_bad_package_name_is_refused_before_anything_is_written(tmp_path, fami
 def test_lineage_follows_a_parent_ref_only_to_the_weights_the_child_recorded(tmp_path, family):
     """A run folder's package is named like a published model; its child must not inherit the
     training cases of the published model of that name, only say that its ancestor is unknown."""
-    from LumbarSegmentLib.packages import Registry
+    from LumbarSegmentLib.registry.packages import Registry
 
     base, a, _ = family
     reg = Registry(tmp_path / "reg")

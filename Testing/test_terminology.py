@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from LumbarSegmentLib.packages import Registry, shipped_registry_root
-from LumbarSegmentLib.schema import TERMINOLOGY_CONTEXT, LabelSchema, available_schemas, load_schema
-from LumbarSegmentLib.terminology import render, terminology_file
+from LumbarSegmentLib.registry.packages import Registry, shipped_registry_root
+from LumbarSegmentLib.core.schema import TERMINOLOGY_CONTEXT, LabelSchema, available_schemas, load_schema
+from LumbarSegmentLib.core.terminology import render, terminology_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ def _check(schema: LabelSchema, context: str, pairs: set) -> None:
 
 
 def test_term_file_is_generated_from_the_schemas():
-    assert terminology_file().read_text() == render(), "run: python -m LumbarSegmentLib.terminology"
+    assert terminology_file().read_text() == render(), "run: python -m LumbarSegmentLib.core.terminology"
 
 
 def test_shipped_schemas_and_models_use_codes_of_the_context_they_name():

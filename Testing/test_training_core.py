@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from LumbarSegmentLib.cases import Case
+from LumbarSegmentLib.dataset.cases import Case
 from LumbarSegmentLib.training import augment as aug
 from LumbarSegmentLib.training.data import PatchSampler, CaseSlices, annotated_mask, epoch_generator
 from LumbarSegmentLib.training.losses import (deep_supervision_loss, marginal_cross_entropy, partial_label_loss,
@@ -71,7 +71,7 @@ def test_partial_labels_in_metrics():
 
 
 def _schema():
-    from LumbarSegmentLib.schema import LabelSchema, LabelClass
+    from LumbarSegmentLib.core.schema import LabelSchema, LabelClass
 
     return LabelSchema("t", (LabelClass(0, "background", "bg", (0, 0, 0)), LabelClass(1, "vb", "vb", (1, 1, 1)),
                              LabelClass(2, "disc", "disc", (2, 2, 2))))
@@ -250,7 +250,7 @@ def test_kfold_by_patient_never_splits_a_patient():
 
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"shared lumbar-mr data not found at {DATA}")
 def test_kfold_on_the_real_cases():
-    from LumbarSegmentLib.cases import list_cases
+    from LumbarSegmentLib.dataset.cases import list_cases
 
     cs = list_cases(DATA)
     folds = kfold_by_patient(cs, 5, 0)

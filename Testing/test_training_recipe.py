@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from LumbarSegmentLib.cases import Case
-from LumbarSegmentLib.schema import load_schema
+from LumbarSegmentLib.dataset.cases import Case
+from LumbarSegmentLib.core.schema import load_schema
 from LumbarSegmentLib.training import augment as aug
 from LumbarSegmentLib.training.data import CaseSlices, PatchSampler, annotated_mask, case_source
 

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from LumbarSegmentLib.cases import list_cases, write_case
+from LumbarSegmentLib.dataset.cases import list_cases, write_case
 from LumbarSegmentLib.models import build_model
-from LumbarSegmentLib.packages import Registry, read_package, write_package
-from LumbarSegmentLib.schema import LabelSchema, load_schema
-from LumbarSegmentLib.volume import Volume
+from LumbarSegmentLib.registry.packages import Registry, read_package, write_package
+from LumbarSegmentLib.core.schema import LabelSchema, load_schema
+from LumbarSegmentLib.core.volume import Volume
 from LumbarSegmentLib.training.config import TrainConfig
 from LumbarSegmentLib.training.data import CaseSlices, annotated_mask, load_case_slices
 from LumbarSegmentLib.training.finetune import finetune, prepare_finetune_model
@@ -280,7 +280,7 @@ def test_publish_only_if_at_least_as_good(tmp_path):
     # old versions stay
     assert sorted(p.ref for p in reg.packages()) == ["bad@1", "bad@2", "good@1", "good@2"]
     # without data, packages with no common recorded validation cannot be compared
-    from LumbarSegmentLib.packages import PackageError
+    from LumbarSegmentLib.registry.packages import PackageError
 
     with pytest.raises(PackageError, match="--data"):
         publish_if_better(bad, reg)

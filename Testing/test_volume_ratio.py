@@ -21,8 +21,8 @@ def _load():
 
 
 def test_volume_ratio_reports_the_engines_level_range_dice(shared_data, capsys):
-    from LumbarSegmentLib.engine import LoadedModel
-    from LumbarSegmentLib.packages import Registry, resolve_model
+    from LumbarSegmentLib.inference.engine import LoadedModel
+    from LumbarSegmentLib.registry.packages import Registry, resolve_model
     from LumbarSegmentLib.training import evaluate as ev
     from LumbarSegmentLib.training.data import select_cases
 

@@ -74,7 +74,7 @@ def server(tmp_path_factory):
     port = _free_port()
     env = dict(os.environ, VTK_DEFAULT_OPENGL_WINDOW="vtkEGLRenderWindow", LUMBARSEG_HOME=str(base / "home"))
     log = open(base / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "LumbarSegmentLib.cli", "web", "--host", "127.0.0.1",
+    proc = subprocess.Popen([sys.executable, "-m", "LumbarSegmentLib.cli.main", "web", "--host", "127.0.0.1",
                              "--port", str(port), "--data", str(base / "data"), "--work", str(base / "work"),
                              "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=base)
     url = f"http://127.0.0.1:{port}/"

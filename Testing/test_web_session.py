@@ -24,8 +24,8 @@ VIEW_W, VIEW_H = 400, 300
 
 
 def _write_volume(folder, name, seed=0):
-    from LumbarSegmentLib.io import write_volume
-    from LumbarSegmentLib.volume import Volume
+    from LumbarSegmentLib.formats.io import write_volume
+    from LumbarSegmentLib.core.volume import Volume
 
     rng = np.random.default_rng(seed)
     arr = (rng.random((48, 64, 9)) * 50).astype(np.int16)  # [k, j, i]: 9 sagittal slices, 1 mm in-plane
@@ -87,7 +87,7 @@ def _click(session, x=VIEW_W // 2, y=VIEW_H // 2, drag_to=None):
 
 
 def _labels(session, sid):
-    from LumbarSegmentLib import mrml
+    from LumbarSegmentLib.slicer import mrml
 
     return mrml.segment_mask(session.seg_node, sid, session.volume_node)
 
@@ -171,7 +171,7 @@ def test_threshold_islands_smoothing_visibility_window_level(session):
 
 
 def test_segment_export_through_lib_and_reload(session, tiny_model):
-    from LumbarSegmentLib.cases import read_case
+    from LumbarSegmentLib.dataset.cases import read_case
 
     session.load_case("caseA")
     session.start_segmentation(model=str(tiny_model.path))

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         for i in range(a.repeats):
             out = work / f"seg_{i}.nii.gz"
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "LumbarSegmentLib.cli", "segment", str(image), "-o", str(out),
+            subprocess.run([sys.executable, "-m", "LumbarSegmentLib.cli.main", "segment", str(image), "-o", str(out),
                             "--model", model, "--mode", mode, "--threads", str(a.threads), "--no-progress",
                             "--device", "cpu", *shlex.split(extra)], env=env, check=True, capture_output=True)
             times.append(time.perf_counter() - t0)

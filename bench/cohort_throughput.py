@@ -8,9 +8,9 @@ The cohort is the held-out sample case (Resources/Sample/VB2_06), stored as sagi
 amount of work per case. Each configuration is the real command line, timed from start to exit (process
 start, model loading and the summary included), because that is what a site running a cohort waits for:
 
-    1 process:  python -m LumbarSegmentLib.cli segment COHORT -o OUT --threads T
-    N ranks:    python -m torch.distributed.run --standalone --nproc-per-node N -m LumbarSegmentLib.cli ...
-                (each rank gets cores // N threads, see LumbarSegmentLib/distributed.py)
+    1 process:  python -m LumbarSegmentLib.cli.main segment COHORT -o OUT --threads T
+    N ranks:    python -m torch.distributed.run --standalone --nproc-per-node N -m LumbarSegmentLib.cli.main ...
+                (each rank gets cores // N threads, see LumbarSegmentLib/core/distributed.py)
 
 On CPU the ranks share the machine's cores, so N processes mainly remove per-process serial parts; on a
 machine with one GPU per rank the speed-up is close to N. Results go to JSON and are summarised in
@@ -36,8 +36,8 @@ def make_cohort(folder: Path, cases: int, slices: int) -> None:
     import numpy as np
     import SimpleITK as sitk
 
-    from LumbarSegmentLib.io import read_volume, to_sitk, write_volume
-    from LumbarSegmentLib.volume import Volume
+    from LumbarSegmentLib.formats.io import read_volume, to_sitk, write_volume
+    from LumbarSegmentLib.core.volume import Volume
 
     img = sitk.DICOMOrient(to_sitk(read_volume(ROOT / "Resources" / "Sample" / "VB2_06_image.mha")), "PIR")
     vol = Volume(sitk.GetArrayFromImage(img), spacing=img.GetSpacing(), origin=img.GetOrigin(),
@@ -56,10 +56,10 @@ def run(procs: int, cohort: Path, out: Path, args) -> dict:
     if args.model:
         seg += ["--model", args.model]
     if procs == 1:
-        cmd = [sys.executable, "-m", "LumbarSegmentLib.cli", *seg, "--threads", str(cores), "--report"]
+        cmd = [sys.executable, "-m", "LumbarSegmentLib.cli.main", *seg, "--threads", str(cores), "--report"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-               "--nproc-per-node", str(procs), "-m", "LumbarSegmentLib.cli", *seg]
+               "--nproc-per-node", str(procs), "-m", "LumbarSegmentLib.cli.main", *seg]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -270,8 +270,8 @@ def build_packages(work: Path, names, init_filters_override: int | None = None) 
     import torch
 
     from LumbarSegmentLib.models import build_model
-    from LumbarSegmentLib.packages import default_input_contract, write_package
-    from LumbarSegmentLib.schema import load_schema
+    from LumbarSegmentLib.registry.packages import default_input_contract, write_package
+    from LumbarSegmentLib.core.schema import load_schema
 
     out = {}
     for name in names:
@@ -292,7 +292,7 @@ def build_packages(work: Path, names, init_filters_override: int | None = None) 
 
 def trained_packages() -> tuple[dict[str, str], list[str]]:
     """Packages shipped in Resources/Models (index.json), and its default ensemble."""
-    from LumbarSegmentLib.packages import PackageError, Registry, shipped_registry_root
+    from LumbarSegmentLib.registry.packages import PackageError, Registry, shipped_registry_root
 
     reg = Registry(shipped_registry_root(), read_only=True)
     if not reg.index_path.exists():
@@ -340,12 +340,12 @@ def worker_ours(cfg: dict) -> dict:
     t_imp = time.perf_counter()
     if cfg.get("torch_first"):  # torch (libgomp) initialised before the engine can choose the OpenMP wait policy
         import torch
-    from LumbarSegmentLib import engine  # like the CLI: the engine first, then torch
+    from LumbarSegmentLib.inference import engine  # like the CLI: the engine first, then torch
 
     import torch
-    from LumbarSegmentLib.engine import SegmentOptions, segment_volume
-    from LumbarSegmentLib.io import read_volume
-    from LumbarSegmentLib.packages import ModelPackage, read_package
+    from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
+    from LumbarSegmentLib.formats.io import read_volume
+    from LumbarSegmentLib.registry.packages import ModelPackage, read_package
 
     import_s = time.perf_counter() - t_imp
     if not cfg.get("fuse", True):  # the engine as it was before BN folding / PReLU-as-max
@@ -404,8 +404,8 @@ def worker_ours(cfg: dict) -> dict:
 def _profile_call(cfg: dict, packages) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from LumbarSegmentLib.engine import SegmentOptions, segment_volume
-    from LumbarSegmentLib.io import read_volume
+    from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
+    from LumbarSegmentLib.formats.io import read_volume
 
     vol = read_volume(cfg["volume"])
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -493,11 +493,11 @@ def worker_agreement(cfg: dict) -> dict:
     """Label agreement between precisions, tile modes and the pre-change engine on one real case."""
     import numpy as np
 
-    from LumbarSegmentLib import engine
-    from LumbarSegmentLib.engine import SegmentOptions, segment_volume
-    from LumbarSegmentLib.io import read_volume
-    from LumbarSegmentLib.packages import read_package
-    from LumbarSegmentLib.volume import Volume
+    from LumbarSegmentLib.inference import engine
+    from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
+    from LumbarSegmentLib.formats.io import read_volume
+    from LumbarSegmentLib.registry.packages import read_package
+    from LumbarSegmentLib.core.volume import Volume
 
     vol = read_volume(cfg["volume"])
     n = cfg.get("crop_slices")
@@ -551,12 +551,12 @@ def worker_graph_ab(cfg: dict) -> dict:
     """
     import copy
 
-    from LumbarSegmentLib import engine  # noqa: F401  (before torch, as in the CLI)
+    from LumbarSegmentLib.inference import engine  # noqa: F401  (before torch, as in the CLI)
 
     import torch
 
-    from LumbarSegmentLib.engine import autocast_dtype, inference_graph
-    from LumbarSegmentLib.packages import read_package
+    from LumbarSegmentLib.inference.engine import autocast_dtype, inference_graph
+    from LumbarSegmentLib.registry.packages import read_package
 
     out = {"batch": cfg["batch"], "plane": cfg["plane"], "reps": cfg["reps"], "models": {}}
     dtype = autocast_dtype(torch.device("cpu"), "auto")

@@ -41,10 +41,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from LumbarSegmentLib.cases import read_patient_map, write_case  # noqa: E402
-from LumbarSegmentLib.holdout import frozen_split  # noqa: E402
-from LumbarSegmentLib.io import read_volume  # noqa: E402
-from LumbarSegmentLib.schema import load_schema  # noqa: E402
+from LumbarSegmentLib.dataset.cases import read_patient_map, write_case  # noqa: E402
+from LumbarSegmentLib.dataset.holdout import frozen_split  # noqa: E402
+from LumbarSegmentLib.formats.io import read_volume  # noqa: E402
+from LumbarSegmentLib.core.schema import load_schema  # noqa: E402
 from LumbarSegmentLib.training.data import schema_labels, select_cases  # noqa: E402
 
 SPLIT = REPO / "scripts" / "recipes" / "lumbar-mr-split.json"
@@ -65,7 +65,7 @@ def run(cmd, env, log):
 
 
 def model_in_use(env) -> str:
-    out = subprocess.run([sys.executable, "-m", "LumbarSegmentLib.cli", "models", "--json"], env=env,
+    out = subprocess.run([sys.executable, "-m", "LumbarSegmentLib.cli.main", "models", "--json"], env=env,
                          capture_output=True, text=True, check=True).stdout
     defaults = [m["ref"] for m in json.loads(out) if m.get("default")]
     if len(defaults) != 1:
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         p.error("--work is required (unless --replot)")
     split = json.loads(SPLIT.read_text())
     held = set(split["test"]) | set(split["val"])
-    from LumbarSegmentLib.packages import resolve_model
+    from LumbarSegmentLib.registry.packages import resolve_model
 
     start_pkg = resolve_model(a.start)
     # cases the start model never trained on, water-fat only, in a fixed order
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
             case = select_cases(a.data, [cid])[0]
             draft = work / "drafts" / f"{cid}.nii.gz"
             draft.parent.mkdir(exist_ok=True)
-            seg_s += run([sys.executable, "-m", "LumbarSegmentLib.cli", "segment", case.image_path, "-o", draft,
+            seg_s += run([sys.executable, "-m", "LumbarSegmentLib.cli.main", "segment", case.image_path, "-o", draft,
                           "--model", current, "--threads", "1", "--no-progress"], env, log)
             drafted = read_volume(draft).array
             export(case, dataset, schema, {"drafted_by": current, "source": "VB3"}, drafted)

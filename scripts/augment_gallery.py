@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     import matplotlib.pyplot as plt
     import torch
 
-    from LumbarSegmentLib.schema import load_schema
+    from LumbarSegmentLib.core.schema import load_schema
     from LumbarSegmentLib.training import augment as aug
     from LumbarSegmentLib.training.data import _crop, load_case_slices, select_cases  # the sampler's own crop
 

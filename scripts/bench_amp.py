@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:
 from LumbarSegmentLib.models import build_model  # noqa: E402
 from LumbarSegmentLib.training import augment as aug  # noqa: E402
 from LumbarSegmentLib.training.data import PatchSampler, epoch_generator, load_dataset, select_cases  # noqa: E402
-from LumbarSegmentLib.devices import autocast  # noqa: E402
+from LumbarSegmentLib.inference.devices import autocast  # noqa: E402
 from LumbarSegmentLib.training.losses import deep_supervision_loss  # noqa: E402
 
 

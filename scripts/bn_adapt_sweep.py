@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LumbarSegmentLib.bn_adapt import bn_adapt_arg  # noqa: E402
+from LumbarSegmentLib.inference.bn_adapt import bn_adapt_arg  # noqa: E402
 
 
 def table(results: dict[float, dict], structures: list[str]) -> str:

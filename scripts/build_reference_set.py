@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--out", default=str(ROOT / "Resources" / "Reference"))
     a = p.parse_args(argv)
-    from LumbarSegmentLib.cases import read_case
+    from LumbarSegmentLib.dataset.cases import read_case
     from LumbarSegmentLib.training.reference import write_reference_case
     from LumbarSegmentLib.training.sources import vb1_sacrum_case
 

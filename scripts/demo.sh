@@ -14,7 +14,7 @@ lumbarseg segment "$SAMPLE" -o "$OUT/VB2_06_seg.nii.gz" --seg-nrrd "$OUT/VB2_06.
 python - "$OUT/VB2_06_seg.nii.gz" "$ROOT/Resources/Sample/VB2_06_label.mha" <<'PY'
 import sys
 import numpy as np
-from LumbarSegmentLib.io import read_volume
+from LumbarSegmentLib.formats.io import read_volume
 pred, ref = read_volume(sys.argv[1]).array == 1, read_volume(sys.argv[2]).array > 0
 dice = 2 * (pred & ref).sum() / max(1, pred.sum() + ref.sum())
 print(f"vertebral body Dice against the manual mask of this unseen case: {dice:.3f}")

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from LumbarSegmentLib.cases import list_cases  # noqa: E402
+from LumbarSegmentLib.dataset.cases import list_cases  # noqa: E402
 from LumbarSegmentLib.training.data import case_source  # noqa: E402
 
 MAX_STUDY_GRID_CASES = 3  # a grid shared by more cases than this is the source's common grid, not a study's

@@ -114,7 +114,7 @@ def finetune(name: str, data: str, out: Path, precision: str, threads: int, patc
 
 def score(package, shared: Path, data: dict) -> dict:
     """``{source: level-range Dice of the vertebral body (discs for IVD)}`` through the engine."""
-    from LumbarSegmentLib.engine import SegmentOptions
+    from LumbarSegmentLib.inference.engine import SegmentOptions
     from LumbarSegmentLib.training.data import select_cases
     from LumbarSegmentLib.training.evaluate import evaluate_packages
 
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
             wall = finetune(name, data["team"], out / "timing" / a.precision, a.precision, a.threads, a.patch)
             print(f"{name}: fine-tune {wall:.0f} s (precision {a.precision}, {a.threads} threads)")
         return 0
-    from LumbarSegmentLib.packages import read_package, resolve_model
+    from LumbarSegmentLib.registry.packages import read_package, resolve_model
 
     rows = {}
     parent_file = out / "parent_scores.json"

@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from LumbarSegmentLib.geometry import sagittal_layout  # noqa: E402
-from LumbarSegmentLib.slice_smoothing import smoothing_mm_arg  # noqa: E402
+from LumbarSegmentLib.core.geometry import sagittal_layout  # noqa: E402
+from LumbarSegmentLib.inference.slice_smoothing import smoothing_mm_arg  # noqa: E402
 from LumbarSegmentLib.training.data import select_cases  # noqa: E402
 
 SPLIT = REPO / "scripts" / "recipes" / "lumbar-mr-split-v2.json"
@@ -91,8 +91,8 @@ def main(argv=None) -> int:
         return 0
     if not a.model:
         p.error("--per-level needs --model")
-    from LumbarSegmentLib.engine import LoadedModel
-    from LumbarSegmentLib.packages import Registry, resolve_model
+    from LumbarSegmentLib.inference.engine import LoadedModel
+    from LumbarSegmentLib.registry.packages import Registry, resolve_model
     from LumbarSegmentLib.training import evaluate as ev
 
     model = LoadedModel.from_package(resolve_model(a.model, [Registry(a.registry, read_only=True)]))

@@ -28,10 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from LumbarSegmentLib.bn_adapt import BN_ADAPT_HELP, bn_adapt_arg  # noqa: E402
-from LumbarSegmentLib.cases import read_patient_map, with_patients  # noqa: E402
-from LumbarSegmentLib.packages import Registry  # noqa: E402
-from LumbarSegmentLib.slice_smoothing import smoothing_mm_arg  # noqa: E402
+from LumbarSegmentLib.inference.bn_adapt import BN_ADAPT_HELP, bn_adapt_arg  # noqa: E402
+from LumbarSegmentLib.dataset.cases import read_patient_map, with_patients  # noqa: E402
+from LumbarSegmentLib.registry.packages import Registry  # noqa: E402
+from LumbarSegmentLib.inference.slice_smoothing import smoothing_mm_arg  # noqa: E402
 from LumbarSegmentLib.training import evaluate as ev  # noqa: E402
 from LumbarSegmentLib.training.data import select_cases  # noqa: E402
 from LumbarSegmentLib.training.metrics import clean  # noqa: E402
@@ -58,7 +58,7 @@ def overlay(case: ev.EvalCase, pred_values: np.ndarray, schema, path: Path, titl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from LumbarSegmentLib.geometry import sagittal_layout
+    from LumbarSegmentLib.core.geometry import sagittal_layout
 
     layout = sagittal_layout(case.image)
     img = layout.to_canonical(case.image.array.astype(np.float32))

@@ -25,9 +25,9 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from LumbarSegmentLib.engine import LoadedModel  # noqa: E402
-from LumbarSegmentLib.packages import Registry, resolve_model  # noqa: E402
-from LumbarSegmentLib.slice_smoothing import smoothing_mm_arg  # noqa: E402
+from LumbarSegmentLib.inference.engine import LoadedModel  # noqa: E402
+from LumbarSegmentLib.registry.packages import Registry, resolve_model  # noqa: E402
+from LumbarSegmentLib.inference.slice_smoothing import smoothing_mm_arg  # noqa: E402
 from LumbarSegmentLib.training import evaluate as ev  # noqa: E402
 from LumbarSegmentLib.training.data import select_cases  # noqa: E402
 

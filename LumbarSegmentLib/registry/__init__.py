@@ -1,0 +1,2 @@
+"""Model packages (safetensors + sealed manifest) and the registries that list, resolve and
+publish them."""

@@ -1,0 +1,207 @@
+"""The segmentation job: ``lumbarseg segment`` on a temporary copy of the volume, in a child process.
+
+The price of a child (see ``jobs``) is writing the input volume to a temporary file and
+reading the label map back (a fraction of a second for an MR volume). Progress comes as
+``batch`` events in the JSON-lines file named by ``$LUMBARSEG_PROGRESS`` (the schema is in
+``LumbarSegmentLib.core.progress``); warnings and errors from the CLI's ``warning:`` /
+``lumbarseg: error:`` lines in its output log. No progress-bar text is parsed: a CLI that
+writes no events leaves the fraction unknown (an indeterminate bar), never a wrong one.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from LumbarSegmentLib.slicer.jobs import (CANCELLED, DONE, FAILED, RUNNING, WARNING_LINE, BackgroundProcess, ControllerError, Status,
+                   child_command, child_environment, error_in, python_executable)
+from LumbarSegmentLib.core.progress import BATCH, PROGRESS_ENV, JsonLinesTail, fraction
+
+
+@dataclass
+class SegmentRequest:
+    models: list[str] | None = None  # refs or package folders; None = the default in use
+    device: str = "auto"
+    mode: str = "fast"
+    confidence: bool = False
+    allow_reslice: bool = False
+    batch_size: int | None = None
+    threads: int | None = None
+
+
+@dataclass
+class SegmentRun:
+    labels: object  # Volume
+    schema: object  # LabelSchema
+    report: dict
+    confidence: object | None = None  # Volume
+
+    @property
+    def model_ref(self) -> str | None:
+        models = self.report.get("models") or []
+        return ",".join(m["ref"] for m in models) if models else None
+
+    @property
+    def model_sha256(self) -> str | None:
+        models = self.report.get("models") or []
+        return ",".join(m["sha256"] for m in models if m.get("sha256")) if models else None
+
+
+def segment_command(python: str, input_path: Path, output: Path, report: Path, request: SegmentRequest,
+                    confidence: Path | None = None) -> list[str]:
+    """``lumbarseg segment INPUT -o OUTPUT --report REPORT ...`` (checked against the CLI's parser in the tests)."""
+    return child_command(python, "LumbarSegmentLib.cli.main", "segment", [input_path], output=output, report=report,
+                         device=request.device, mode=request.mode, model=request.models or None,
+                         confidence=confidence, reslice=request.allow_reslice, batch_size=request.batch_size,
+                         threads=request.threads)
+
+
+class SegmentController:
+    """Runs one segmentation at a time in a child process; poll it, cancel it, or block on it."""
+
+    def __init__(self, *, python: str | None = None, runner: Callable | None = None, env: dict | None = None,
+                 command: Callable[..., list[str]] = segment_command, workdir_parent: str | None = None):
+        self.python = python or python_executable()
+        self.runner = runner
+        self.env = env
+        self.command = command
+        self.workdir_parent = workdir_parent
+        self.status = Status()
+        self._process: BackgroundProcess | None = None
+        self._events: JsonLinesTail | None = None
+        self._workdir: Path | None = None
+        self._paths: dict[str, Path] = {}
+        self._request: SegmentRequest | None = None
+        self._result: SegmentRun | None = None
+        self._error = ""
+
+    @property
+    def running(self) -> bool:
+        return self.status.state == RUNNING
+
+    def start(self, volume, request: SegmentRequest | None = None) -> None:
+        """Write ``volume`` to a private temporary folder and launch the CLI on it."""
+        from LumbarSegmentLib.formats.io import write_volume
+
+        if self.running:
+            raise ControllerError("a segmentation is already running; cancel it first")
+        self._cleanup()
+        request = request or SegmentRequest()
+        self._request = request
+        self._result, self._error = None, ""
+        self._workdir = Path(tempfile.mkdtemp(prefix="lumbarseg-run-", dir=self.workdir_parent))
+        p = self._paths = {name: self._workdir / f for name, f in (
+            ("input", "input.nrrd"), ("labels", "labels.nrrd"), ("report", "report.json"),
+            ("confidence", "confidence.nrrd"), ("progress", "progress.jsonl"), ("log", "output.log"))}
+        write_volume(volume, p["input"], compress=False)
+        argv = self.command(self.python, p["input"], p["labels"], p["report"], request,
+                            p["confidence"] if request.confidence else None)
+        env = child_environment(progress_file=p["progress"]) if self.env is None else \
+            {**self.env, PROGRESS_ENV: str(p["progress"])}
+        self._events = JsonLinesTail(p["progress"])
+        try:
+            self._process = BackgroundProcess(argv, output=p["log"], env=env, runner=self.runner)
+        except OSError as exc:
+            self._cleanup()
+            raise ControllerError(f"could not start the segmentation process ({argv[0]}): {exc}") from exc
+        self.status = Status(RUNNING, None, "starting (loading PyTorch and the model)")
+
+    def poll(self) -> Status:
+        """Read the child's new events and output and update :attr:`status`; collects the result when it ends."""
+        proc = self._process
+        if proc is None or self.status.finished:
+            return self.status
+        rc = proc.returncode  # read before the output, so nothing written before the exit is missed
+        self._consume(proc.new_lines() if rc is None else proc.remaining_lines())
+        self._take(self._events.read_new() if rc is None else self._events.flush())
+        if rc is None:
+            return self.status
+        if rc == 0:
+            try:
+                self._result = self._collect()
+                self.status = Status(DONE, 1.0, "segmentation finished", self.status.warnings)
+            except Exception as exc:
+                self._error = f"the segmentation finished but its output could not be read: {exc}"
+                self.status = Status(FAILED, None, self._error, self.status.warnings)
+            finally:
+                self._cleanup()
+        else:
+            msg = self._error or (proc.tail[-1] if proc.tail else f"the segmentation process exited with code {rc}")
+            self._error = msg
+            self.status = Status(FAILED, None, msg, self.status.warnings)
+            self._cleanup()
+        return self.status
+
+    def _take(self, events: list[dict]) -> None:
+        for rec in events:
+            if rec.get("event") == BATCH and rec.get("total"):
+                self.status.fraction = fraction(rec)
+                self.status.message = f"segmenting: batch {rec.get('done', 0)} of {rec['total']}"
+
+    def _consume(self, lines: list[str]) -> None:
+        err = error_in(lines)
+        if err:  # the child's input is our temporary copy of the volume: its path means nothing to the user
+            self._error = err.replace(f"{self._paths.get('input')}: ", "")
+        for line in lines:
+            w = WARNING_LINE.search(line)
+            if w and "error:" not in line:
+                self.status.warnings.append(w.group(1).strip())
+
+    def _collect(self) -> SegmentRun:
+        from LumbarSegmentLib.formats.io import read_volume
+        from LumbarSegmentLib.registry.packages import read_package, resolve_model
+
+        report = json.loads(self._paths["report"].read_text())
+        labels = read_volume(self._paths["labels"])
+        confidence = read_volume(self._paths["confidence"]) if self._request.confidence else None
+        models = report.get("models") or []
+        if models and models[0].get("path") and Path(models[0]["path"]).is_dir():
+            schema = read_package(models[0]["path"]).schema
+        elif models:
+            schema = resolve_model(models[0]["ref"]).schema
+        else:
+            raise ControllerError("the run report names no model")
+        return SegmentRun(labels=labels, schema=schema, report=report, confidence=confidence)
+
+    def result(self) -> SegmentRun:
+        if self.status.state != DONE or self._result is None:
+            raise ControllerError(self._error or f"no result: the segmentation is {self.status.state}")
+        return self._result
+
+    def cancel(self) -> None:
+        """Kill the child and everything it started; leaves no files behind."""
+        if self._process is not None and self.running:
+            self._process.kill()
+            self.status = Status(CANCELLED, None, "segmentation cancelled")
+        self._cleanup()
+
+    def run(self, volume, request: SegmentRequest | None = None, *,
+            progress: Callable[[Status], None] | None = None, timeout: float | None = None,
+            interval: float = 0.1) -> SegmentRun:
+        """Blocking mode for scripts and tests: start, wait, return the result (or raise)."""
+        self.start(volume, request)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while not self.poll().finished:
+                if progress:
+                    progress(self.status)
+                if deadline is not None and time.monotonic() > deadline:
+                    self.cancel()
+                    raise ControllerError(f"the segmentation did not finish within {timeout:.0f} s")
+                time.sleep(interval)
+        except BaseException:
+            if self.running:
+                self.cancel()
+            raise
+        if progress:
+            progress(self.status)
+        return self.result()
+
+    def _cleanup(self) -> None:
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None

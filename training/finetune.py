@@ -1,0 +1,179 @@
+"""Fine-tuning a model package, and exporting a training checkpoint as a package.
+
+A fine-tune starts from a package's weights. If the target schema has the same
+classes in the same order, everything is kept. Otherwise the body is kept and every
+class-score layer is replaced (``models.replace_heads``); for classes present in both
+schemas (matched **by class id**, never by position) the new layer's rows are copied
+from the old one, so the model still predicts what it already knew while it learns the
+new classes. Classes that the target schema drops are simply no longer output.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from LumbarSegmentLib.dataset.cases import Case
+from LumbarSegmentLib.models import build_model, replace_heads, widen_input
+from LumbarSegmentLib.registry.packages import (ModelPackage, Registry, default_input_contract, resolve_model,
+                                       write_package)
+from LumbarSegmentLib.core.schema import LabelSchema, load_schema
+
+from .config import TrainConfig, config_from_args
+from .retention import RetentionSettings
+
+log = logging.getLogger("lumbarseg.train")
+
+#: what a fine-tune does by default to keep what its parent knew (training.retention); measured on
+#: the forgetting experiment (scripts/forgetting_experiment.py, docs/lab/forgetting.md)
+RETENTION_DEFAULT = RetentionSettings(keep_bn_stats=False, l2sp=1.0, distill=0.0)
+
+
+def retention_from_args(args) -> RetentionSettings:
+    """The guards a command line asks for: ``--plain-finetune`` none, else the defaults with any of
+    ``--[no-]keep-bn-stats``, ``--l2sp``, ``--distill`` given replacing theirs."""
+    if getattr(args, "plain_finetune", False):
+        return RetentionSettings()
+    d = RETENTION_DEFAULT
+    pick = lambda name: getattr(d, name) if getattr(args, name, None) is None else getattr(args, name)  # noqa: E731
+    return RetentionSettings(keep_bn_stats=bool(pick("keep_bn_stats")), l2sp=float(pick("l2sp")),
+                             distill=float(pick("distill")))
+
+
+def adapt_to_schema(model, source: LabelSchema, target: LabelSchema) -> dict:
+    """Make ``model`` (trained on ``source``) output ``target``'s classes; returns what was kept/added."""
+    if source.ids == target.ids:
+        return {"kept_classes": list(target.ids), "new_classes": [], "dropped_classes": [],
+                "heads_replaced": False}
+    old = {name: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
+           for name, m in model.head_modules().items()}
+    replace_heads(model, target.num_classes)
+    src_ch = source.channel_of()
+    kept = [c for c in target.ids if c in src_ch]
+    with torch.no_grad():
+        for name, m in model.head_modules().items():
+            w_old, b_old = old[name]
+            for t_ch, cid in enumerate(target.ids):
+                if cid in src_ch:
+                    m.weight[t_ch].copy_(w_old[src_ch[cid]])
+                    if m.bias is not None and b_old is not None:
+                        m.bias[t_ch].copy_(b_old[src_ch[cid]])
+    return {"kept_classes": kept, "new_classes": [c for c in target.ids if c not in src_ch],
+            "dropped_classes": [c for c in source.ids if c not in target.ids], "heads_replaced": True}
+
+
+def prepare_finetune_model(package: ModelPackage, target: LabelSchema | None = None):
+    """``(model in train mode, target schema, info)`` starting from ``package``'s weights."""
+    model = package.load_model("cpu").train()
+    target = target or package.schema
+    info = {"package": package.ref, "weights_sha256": package.sha256, **adapt_to_schema(model, package.schema,
+                                                                                           target)}
+    return model, target, info
+
+
+def _context_for(model, requested: int, ref: str) -> dict:
+    """``{"parent": k, "run": k'}``: the slice context of a fine-tune is the parent's unless more is asked
+    for (a one-slice parent is widened to a 2.5D start); fewer neighbours than the parent reads would
+    discard what it learnt."""
+    parent = (model.in_channels - 1) // 2
+    if requested and requested < parent:
+        raise ValueError(f"{ref} reads {parent} neighbour slice(s) on each side; a fine-tune cannot drop to "
+                         f"{requested}: leave --slice-context out, or train a new model")
+    return {"parent": parent, "run": max(int(requested or 0), parent)}
+
+
+def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases: Sequence[Case] = (), *,
+             out_dir, schema: str | LabelSchema | None = None, config: TrainConfig | None = None, args=None,
+             registry: str | None = None, retention: RetentionSettings | None = None, **train_kwargs):
+    """Fine-tune ``source`` (package, folder or registry ref) on the cases; returns a ``TrainResult``.
+
+    The architecture, spacing and patch size come from the source package; ``config`` (or
+    CLI ``args``) sets the rest. With ``schema`` the model is adapted (see module doc).
+    ``retention`` says how the parent's knowledge is kept (``None``: the command line's choice when
+    ``args`` are given, else :data:`RETENTION_DEFAULT`; ``RetentionSettings()`` is a plain fine-tune).
+    """
+    from .trainer import train
+
+    pkg = source if isinstance(source, ModelPackage) else resolve_model(
+        str(source), [Registry(registry, read_only=True)] if registry else None)
+    target = schema if isinstance(schema, LabelSchema) else (load_schema(schema) if schema else pkg.schema)
+    # Structures the annotators labelled but the target schema lacks would silently become
+    # background: refuse, naming them (a schema with more classes keeps the body, new heads).
+    from LumbarSegmentLib.core.schema import check_compatible
+
+    check_compatible(target, sorted({s for c in [*train_cases, *val_cases] for s in c.annotated_structures}))
+    model, target, info = prepare_finetune_model(pkg, target)
+    asked = config.slice_context if config is not None else getattr(args, "slice_context", None)
+    context = _context_for(model, asked or 0, pkg.ref)  # before anything is written
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    schema_path = out_dir / "schema.json"
+    schema_path.write_text(json.dumps(target.to_dict(), indent=1))
+    arch = pkg.manifest["architecture"]
+    fixed = {"variant": arch["variant"], "init_filters": arch["init_filters"], "activation": arch["activation"],
+             "deep_supervision": arch["deep_supervision"], "schema": str(schema_path)}
+    if config is None:
+        if args is not None:
+            spacing_given = getattr(args, "spacing", None) not in (None, (1.0, 1.0))
+            cfg = config_from_args(args, **fixed)
+            if not spacing_given:
+                cfg = cfg.replace(spacing=tuple(pkg.spacing))
+        else:
+            cfg = TrainConfig(**fixed, spacing=tuple(pkg.spacing), patch=pkg.patch_size[0], epochs=15)
+    else:
+        cfg = config.replace(**fixed)
+    cfg = cfg.replace(slice_context=context["run"])
+    keep = retention or (retention_from_args(args) if args is not None else RETENTION_DEFAULT)
+    cfg = cfg.replace(keep_bn_stats=keep.keep_bn_stats, l2sp=keep.l2sp, distill=keep.distill)
+    info["retention"] = {"keep_bn_stats": keep.keep_bn_stats, "l2sp": keep.l2sp, "distill": keep.distill}
+    info["slice_context"] = context
+    widen_input(model, 2 * context["run"] + 1)
+    if cfg.pseudo_labels and "parent" in cfg.pseudo_labels:  # the model as it was before this fine-tune
+        cfg = cfg.replace(pseudo_labels=tuple(str(pkg.path) if r == "parent" else r for r in cfg.pseudo_labels))
+    if cfg.name is None:
+        cfg = cfg.replace(name=pkg.name if target.ids == pkg.schema.ids else f"{pkg.name}-{target.name}")
+    log.info("fine-tuning %s: kept %s, new %s", pkg.ref, info["kept_classes"], info["new_classes"])
+    return train(cfg, train_cases, val_cases, out_dir=out_dir, init_model=model, init_info=info, **train_kwargs)
+
+
+#: what a run's own package says about its data and origin, true of every checkpoint of that run
+_RUN_FIELDS = ("code_version", "data_manifest_sha256", "data_manifest", "train_cases", "val_cases", "init_from",
+               "command", "seed", "precision", "torch_version", "loss", "epochs_configured", "steps_per_epoch")
+
+
+def _run_provenance(checkpoint: Path) -> dict:
+    """The training provenance of the run the checkpoint belongs to (from ``<run>/package/manifest.json``),
+    so an exported checkpoint keeps its data manifest, parent and command; ``{}`` when there is none."""
+    manifest = checkpoint.parent / "package" / "manifest.json"
+    try:
+        training = json.loads(manifest.read_text()).get("training", {})
+    except (OSError, ValueError):
+        return {}
+    return {k: training[k] for k in _RUN_FIELDS if k in training}
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, name: str | None = None,
+                      half: bool = True) -> ModelPackage:
+    """A run's ``last.pt`` or ``best.pt`` -> a model package (safetensors) in the new folder ``out``.
+
+    The checkpoint is read with ``weights_only=True`` (tensors and plain data only), so a file
+    made to run code when unpickled is refused instead. When the run wrote its own package, the
+    export carries that package's provenance (data manifest, parent, command): a run's last epoch
+    shipped instead of its best validated one still says what it learnt from.
+    """
+    from .checkpoints import load_checkpoint
+
+    ck = load_checkpoint(Path(checkpoint))
+    cfg = TrainConfig.from_dict(ck["config"])
+    model = build_model(**ck["builder_args"])
+    model.load_state_dict(ck["model"])
+    schema = load_schema(cfg.schema)
+    training = {**_run_provenance(Path(checkpoint)), "variant": cfg.variant, "config": ck["config"],
+                "checkpoint": Path(checkpoint).name, "epochs": int(ck["epoch"]) + 1}
+    metrics = {"checkpoint_metric": ck["metric"]} if "metric" in ck else {}
+    return write_package(out, model, name=name or cfg.package_name, schema=schema,
+                         input_contract=default_input_contract(cfg.spacing, (cfg.patch, cfg.patch), cfg.slice_context),
+                         training=training, metrics=metrics, half=half)
