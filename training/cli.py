@@ -180,6 +180,8 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
                    help="teacher probability needed for a pseudo-labelled voxel (default 0.8)")
     g.add_argument("--pseudo-mode", choices=("auto", "fast", "tta", "ensemble"), default="auto",
                    help="how the teacher runs (auto: fast for one model, ensemble for several)")
+    if finetune:
+        _add_retention_args(p)
     g.add_argument("--plain-ce", dest="marginal", action="store_false",
                    help="treat unannotated structures as background (wrong for partial labels; for comparison)")
     g.add_argument("--dice-weight", type=_nonneg, default=1.0)
@@ -195,6 +197,26 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
     g.add_argument("--fp32-weights", dest="half_weights", action="store_false",
                    help="store the package weights in float32 (default float16)")
     g.add_argument("--progress", dest="progress_bar", action="store_true", default=None, help="force tqdm bars")
+
+
+def _add_retention_args(p: argparse.ArgumentParser) -> None:
+    """What keeps a fine-tune from forgetting the parent's other sources (training.retention; the
+    defaults are training.finetune.RETENTION_DEFAULT, measured in docs/lab/forgetting.md)."""
+    from .finetune import RETENTION_DEFAULT as d
+
+    g = p.add_argument_group("keeping what the parent knew (defaults on; docs/training.md)")
+    g.add_argument("--keep-bn-stats", dest="keep_bn_stats", action="store_true", default=None,
+                   help=f"BatchNorm keeps the parent's statistics (default {'on' if d.keep_bn_stats else 'off'})")
+    g.add_argument("--no-keep-bn-stats", dest="keep_bn_stats", action="store_false",
+                   help="let BatchNorm statistics follow the new cases")
+    g.add_argument("--l2sp", type=_weight, metavar="W", help=f"pull towards the parent's weights (default {d.l2sp:g}; 0 off)")
+    g.add_argument("--distill", type=_weight, metavar="W",
+                   help=f"keep the parent's answers where the labels say nothing (default {d.distill:g}; 0 off)")
+    g.add_argument("--plain-finetune", action="store_true",
+                   help="none of these guards (the model may forget every source it is not fine-tuned on)")
+
+
+_weight = number_arg(0, 1e6, what="a weight", use="use a number >= 0 (0 turns it off)")
 
 
 def _select(a):
@@ -468,6 +490,15 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--max-source-drop", type=float, default=0.02, metavar="D",
                    help="refuse a candidate that loses more than D level-range Dice on any source and class of "
                         "the held-out cases, even if its mean is better (default 0.02; negative: off)")
+    u.add_argument("--reference", metavar="DIR",
+                   help="reference cases of every source the model in use knows (default: the set shipped with "
+                        "LumbarSegment, Resources/Reference)")
+    u.add_argument("--max-reference-drop", type=float, default=0.01, metavar="D",
+                   help="refuse a candidate that loses more than D level-range Dice on any source of the reference "
+                        "set (default 0.01; negative: off)")
+    u.add_argument("--own-source-only", action="store_true",
+                   help="only the team's own source matters: a loss on the reference set does not refuse the "
+                        "candidate (recorded in its manifest, shown by `lumbarseg models`)")
     u.add_argument("--force", action="store_true", help="make it the default even if worse")
     u.add_argument("--no-default", action="store_true", help="never make it the default")
     u.add_argument("--ensemble", help="set the registry's default ensemble (refs, comma-separated; "

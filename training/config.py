@@ -55,6 +55,9 @@ class TrainConfig:
     pseudo_labels: Optional[tuple] = None  # teacher refs/folders that draft unannotated classes (training.pseudo)
     pseudo_threshold: float = 0.8  # teacher confidence needed for a pseudo-labelled voxel (below: ignored)
     pseudo_mode: str = "auto"  # engine mode of the teacher: auto = fast for one teacher, ensemble for several
+    keep_bn_stats: bool = False  # fine-tunes: BatchNorm keeps the parent's statistics (training.retention)
+    l2sp: float = 0.0  # fine-tunes: weight of the pull towards the parent's weights (training.retention)
+    distill: float = 0.0  # fine-tunes: weight of the parent's answers where labels say nothing (training.retention)
     marginal: bool = True
     dice_weight: float = 1.0
     ds_weights: tuple = (0.5, 0.25, 0.125)
@@ -174,7 +177,7 @@ def config_from_args(a, **overrides) -> TrainConfig:
             "weight_decay", "epochs", "steps_per_epoch", "batch_size", "patch", "spacing", "fg_fraction",
             "balance", "augment", "zoom", "rotation_deg", "intensity_aug", "resolution_p", "augment_p", "slab_p",
             "slice_context",
-            "unannotated_bg_weight", "beyond_levels_mm", "marginal",
+            "unannotated_bg_weight", "beyond_levels_mm", "marginal", "keep_bn_stats", "l2sp", "distill",
             "pseudo_labels", "pseudo_threshold", "pseudo_mode",
             "dice_weight", "schedule", "warmup_steps",
             "grad_clip", "patience", "metric", "val_every", "val_stride", "device", "precision", "threads", "seed",

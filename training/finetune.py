@@ -24,8 +24,24 @@ from LumbarSegmentLib.registry.catalog import resolve_model
 from LumbarSegmentLib.core.schema import LabelSchema, load_schema
 
 from .config import TrainConfig, config_from_args
+from .retention import RetentionSettings
 
 log = logging.getLogger("lumbarseg.train")
+
+#: what a fine-tune does by default to keep what its parent knew (training.retention); measured on
+#: the forgetting experiment (scripts/forgetting_experiment.py, docs/lab/forgetting.md)
+RETENTION_DEFAULT = RetentionSettings(keep_bn_stats=False, l2sp=1.0, distill=0.0)
+
+
+def retention_from_args(args) -> RetentionSettings:
+    """The guards a command line asks for: ``--plain-finetune`` none, else the defaults with any of
+    ``--[no-]keep-bn-stats``, ``--l2sp``, ``--distill`` given replacing theirs."""
+    if getattr(args, "plain_finetune", False):
+        return RetentionSettings()
+    d = RETENTION_DEFAULT
+    pick = lambda name: getattr(d, name) if getattr(args, name, None) is None else getattr(args, name)  # noqa: E731
+    return RetentionSettings(keep_bn_stats=bool(pick("keep_bn_stats")), l2sp=float(pick("l2sp")),
+                             distill=float(pick("distill")))
 
 
 def adapt_to_schema(model, source: LabelSchema, target: LabelSchema) -> dict:
@@ -75,11 +91,13 @@ def _context_for(model, requested: int, ref: str) -> dict:
 
 def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases: Sequence[Case] = (), *,
              out_dir, schema: str | LabelSchema | None = None, config: TrainConfig | None = None, args=None,
-             registry: str | None = None, **train_kwargs):
+             registry: str | None = None, retention: RetentionSettings | None = None, **train_kwargs):
     """Fine-tune ``source`` (package, folder or registry ref) on the cases; returns a ``TrainResult``.
 
     The architecture, spacing and patch size come from the source package; ``config`` (or
     CLI ``args``) sets the rest. With ``schema`` the model is adapted (see module doc).
+    ``retention`` says how the parent's knowledge is kept (``None``: the command line's choice when
+    ``args`` are given, else :data:`RETENTION_DEFAULT`; ``RetentionSettings()`` is a plain fine-tune).
     """
     from .trainer import train
 
@@ -112,6 +130,9 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
     else:
         cfg = config.replace(**fixed)
     cfg = cfg.replace(slice_context=context["run"])
+    keep = retention or (retention_from_args(args) if args is not None else RETENTION_DEFAULT)
+    cfg = cfg.replace(keep_bn_stats=keep.keep_bn_stats, l2sp=keep.l2sp, distill=keep.distill)
+    info["retention"] = {"keep_bn_stats": keep.keep_bn_stats, "l2sp": keep.l2sp, "distill": keep.distill}
     info["slice_context"] = context
     widen_input(model, 2 * context["run"] + 1)
     if cfg.pseudo_labels and "parent" in cfg.pseudo_labels:  # the model as it was before this fine-tune

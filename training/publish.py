@@ -11,7 +11,10 @@ result is a per-class table (Dice of each, and the difference) plus the mean ove
 foreground classes both schemas have, and the level-range Dice of each source of the held-out
 cases; the candidate becomes the default if its mean is >= the current one's and it loses no
 more than ``DEFAULT_MAX_SOURCE_DROP`` on any source and class (a fine-tune that gains on the
-new cases' source while forgetting another is refused). With fewer than ``holdout.MIN_HOLDOUT_CASES`` held-out cases the
+new cases' source while forgetting another is refused). Both are also run on the shipped reference set
+(``training.reference``: a few slices of every source the shipped models were validated on), and a
+candidate that loses more than ``DEFAULT_MAX_REFERENCE_DROP`` on any of its sources is refused unless the
+team says only its own source matters (``own_source_only``, kept in the published manifest). With fewer than ``holdout.MIN_HOLDOUT_CASES`` held-out cases the
 gate says so and does not promote unless ``--force``. Without a dataset, the metrics
 recorded in the two manifests are compared only if they were computed on the same
 validation cases (same ids and file checksums). Earlier versions are never removed.
@@ -33,6 +36,7 @@ from LumbarSegmentLib.registry.registry import Registry, user_registry_root
 from LumbarSegmentLib.registry.catalog import Catalog
 
 from .metrics import clean
+from .reference import DEFAULT_MAX_REFERENCE_DROP
 
 log = logging.getLogger("lumbarseg.train")
 
@@ -125,6 +129,8 @@ def format_comparison(comparison: dict, schema=None) -> str:
     """The per-class table a person reads before trusting the gate (plain text, one class a line)."""
     kind = "Dice" if "dice" in comparison.get("metric", "dice") else "IoU"
     rows = [f"{'class':<28} {'in use':>8} {'candidate':>9} {'change':>8}"]
+    if "per_class" not in comparison:  # only the reference set was graded
+        return "\n".join(rows + _reference_rows(comparison["reference"], schema))
     for cid, r in comparison["per_class"].items():
         name = schema[cid].name if schema is not None and cid in schema.ids else cid
 
@@ -139,7 +145,22 @@ def format_comparison(comparison: dict, schema=None) -> str:
             rows.append(f"{(src + ': ' + name)[:28]:<28} {r['current']:>8.3f} {r['candidate']:>9.3f} "
                         f"{r['delta']:>+8.3f}   (level range)")
     rows.append(f"in use: {comparison['current_ref']}; cases ({comparison['source']}): {', '.join(comparison['cases'])}")
+    if comparison.get("reference"):
+        rows += _reference_rows(comparison["reference"], schema)
     return "\n".join(rows)
+
+
+def _reference_rows(ref: dict, schema=None) -> list[str]:
+    """The reference set's per-source lines of the gate's table."""
+    rows = []
+    for src, by_class in ref.get("per_source", {}).items():
+        for cid, r in by_class.items():
+            name = schema[cid].name if schema is not None and cid in schema.ids else cid
+            rows.append(f"{('ref ' + src + ': ' + name)[:28]:<28} {r['current']:>8.3f} {r['candidate']:>9.3f} "
+                        f"{r['delta']:>+8.3f}   (reference set, level range)")
+    rows.append(f"reference set ({len(ref.get('cases', []))} cases, allowed drop {ref.get('max_drop') or 0:.3f} per "
+                f"source): {', '.join(ref.get('cases', []))}")
+    return rows
 
 
 def _unseen(candidate: ModelPackage, case_list: Sequence[Case]) -> tuple[list[Case], list[str]]:
@@ -161,18 +182,65 @@ def _forgotten(comparison: dict, max_drop: float | None) -> list[str]:
             for cid, r in by_class.items() if r["delta"] < -max_drop]
 
 
+def grade_reference(candidate: ModelPackage, current: ModelPackage, reference: Sequence[Case], *, device="cpu",
+                    amp: str = "off", max_drop: float | None = DEFAULT_MAX_REFERENCE_DROP) -> dict:
+    """Both models on the reference set (``training.reference``): level-range Dice per source, and the
+    (source, class) pairs the candidate loses more than ``max_drop`` on (``"lost"``). Every reference
+    case counts, trained on or not: a drop on a case it rehearsed is forgetting too."""
+    comp = compare(candidate, current, list(reference), metric="level_range_dice", device=device, amp=amp)
+    return {"per_source": comp["per_source"], "cases": comp["cases"], "current_ref": current.ref,
+            "max_drop": max_drop, "lost": _forgotten(comp, max_drop)}
+
+
+def _reference_verdict(ref: dict | None, own_source_only: bool) -> str:
+    """What the reference set adds to the gate's reason ("" when nothing)."""
+    if not ref:
+        return ""
+    if not ref["lost"]:
+        return f"; on the reference set of {', '.join(sorted(ref['per_source']))} it loses no more than " \
+               f"{ref['max_drop']:.3f} on any source"
+    lost = ", ".join(ref["lost"])
+    if own_source_only:
+        return f"; on the reference set it loses {lost}, accepted because only the team's own source matters " \
+               f"(--own-source-only)"
+    return f"; but on the reference set it loses more than {ref['max_drop']:.3f} on {lost} (it forgot what the model " \
+           f"in use knew; publish with --own-source-only if only your own source matters)"
+
+
 def _decide(pkg: ModelPackage, catalog: Catalog, case_list, *, metric, force, never_default, min_cases,
-            device, amp, max_drop: float | None = None) -> tuple[bool, str, dict | None]:
+            device, amp, max_drop: float | None = None, reference: Sequence[Case] | None = None,
+            reference_drop: float | None = DEFAULT_MAX_REFERENCE_DROP, own_source_only: bool = False
+            ) -> tuple[bool, str, dict | None]:
     """(make it the default?, why, comparison or None): the gate itself.
 
     A better mean is not enough when ``max_drop`` is set: a candidate that gains on one source
-    and loses more than ``max_drop`` on another (a fine-tune that forgets) is refused too.
+    and loses more than ``max_drop`` on another (a fine-tune that forgets) is refused too. With
+    ``reference`` cases (the shipped reference set) the candidate is also refused when it loses more
+    than ``reference_drop`` on any of their sources, unless ``own_source_only``; the comparison then
+    holds their result under ``"reference"``.
     """
     current_ref = catalog.default_ref()
     if never_default:
         return False, "--no-default", None
     if not current_ref:
         return True, "no registry has a default model", None
+    current = catalog.default()
+    ref = grade_reference(pkg, current, reference, device=device, amp=amp, max_drop=reference_drop) \
+        if reference else None
+    refused = bool(ref and ref["lost"] and not own_source_only)
+    make, why, comparison = _decide_held_out(pkg, current, current_ref, case_list, metric=metric, force=force,
+                                             min_cases=min_cases, device=device, amp=amp, max_drop=max_drop)
+    why += _reference_verdict(ref, own_source_only)
+    if ref:
+        comparison = {**(comparison or {}), "reference": ref}
+    if refused and not force:
+        make = False
+    return make, why, comparison
+
+
+def _decide_held_out(pkg: ModelPackage, current: ModelPackage, current_ref: str, case_list, *, metric, force,
+                     min_cases, device, amp, max_drop) -> tuple[bool, str, dict | None]:
+    """The verdict of the team's held-out cases (or the recorded metrics)."""
     if force and not case_list:
         return True, "forced", None
     problem = provenance_problem(pkg.manifest, trusted=_is_shipped(pkg.path))
@@ -180,7 +248,6 @@ def _decide(pkg: ModelPackage, catalog: Catalog, case_list, *, metric, force, ne
         why = (f"not graded: {problem}, so the gate cannot keep its own training cases out of the grading; "
                f"export it again from its training run with this version (lumbarseg-train export), or --force")
         return (True, f"forced; {why}", None) if force else (False, why, None)
-    current = catalog.default()
     short = ""
     if case_list is not None:
         case_list, seen = _unseen(pkg, case_list)
@@ -215,11 +282,17 @@ def publish_if_better(candidate: ModelPackage | str | Path, registry: Registry, 
                       never_default: bool = False, ensemble: Sequence[str] | None = None, device="cpu",
                       amp: str = "off", registries: list[Registry] | None = None,
                       min_cases: int = MIN_HOLDOUT_CASES, name: str | None = None,
-                      max_drop: float | None = DEFAULT_MAX_SOURCE_DROP) -> dict:
+                      max_drop: float | None = DEFAULT_MAX_SOURCE_DROP, reference: Sequence[Case] | None = None,
+                      reference_drop: float | None = DEFAULT_MAX_REFERENCE_DROP,
+                      own_source_only: bool = False) -> dict:
     """Publish (as a version of ``name`` when given); returns ``{"ref", "default": bool, "reason", "comparison", "table", "registry"}``.
 
     ``registries`` is the catalogue the model in use and the version number come from
-    (default: ``Catalog.around(registry)``, the user's and the shipped registries).
+    (default: ``Catalog.around(registry)``, the user's and the shipped registries). ``reference``: cases
+    of every source the model in use knows (``training.reference.reference_cases()``, what the
+    command line passes); a candidate that loses more than ``reference_drop`` on one of their
+    sources is not made the default unless ``own_source_only``, which the published manifest records
+    (``publish.own_source_only``) with the reference set's per-source change.
     """
     pkg = candidate if isinstance(candidate, ModelPackage) else read_package(candidate)
     pkg.verify()
@@ -233,14 +306,26 @@ def publish_if_better(candidate: ModelPackage | str | Path, registry: Registry, 
         check_ensemble_refs(ens, catalog._owners(skip_broken=True), new_ref)
     make_default, reason, comparison = _decide(pkg, catalog, case_list, metric=metric, force=force,
                                                never_default=never_default, min_cases=min_cases, device=device,
-                                               amp=amp, max_drop=max_drop)
-    published = registry.publish(pkg, make_default=make_default, ensemble=ens, catalog=catalog, name=name)
+                                               amp=amp, max_drop=max_drop, reference=reference,
+                                               reference_drop=reference_drop, own_source_only=own_source_only)
+    record = publish_record(comparison, own_source_only, reason)
+    published = registry.publish(pkg, make_default=make_default, ensemble=ens, catalog=catalog, name=name,
+                                 record=record)
     out = {"ref": published.ref, "default": catalog.default_ref() == published.ref, "reason": reason,
            "comparison": comparison, "registry": str(registry.root),
-           "table": format_comparison(comparison, pkg.schema) if comparison else ""}
+           "table": format_comparison(comparison, pkg.schema) if comparison else "", "record": record}
     log.info("published %s (%s): %s", published.ref, "default" if out["default"] else "not default", reason)
     _append_publish_log(registry, out, pkg)
     return out
+
+
+def publish_record(comparison: dict | None, own_source_only: bool, reason: str) -> dict:
+    """What the published manifest keeps of the gate (its ``publish`` field): whether the team said
+    only its own source matters, and the reference set's per-source change."""
+    ref = (comparison or {}).get("reference") or {}
+    return clean({"own_source_only": bool(own_source_only), "reason": reason,
+                  "reference": {"per_source": ref.get("per_source"), "lost": ref.get("lost"),
+                                "max_drop": ref.get("max_drop"), "cases": ref.get("cases")} if ref else None})
 
 
 PUBLISH_LOG = "publish_log.jsonl"
@@ -254,8 +339,9 @@ def _append_publish_log(registry: Registry, out: dict, pkg: ModelPackage) -> Non
     entry = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ref": out["ref"], "default": out["default"],
              "reason": out["reason"], "weights_sha256": pkg.manifest.get("weights", {}).get("sha256"),
              "parent": (pkg.manifest.get("parent") or {}).get("ref"),
-             "comparison": {k: comp.get(k) for k in ("metric", "candidate", "current", "current_ref", "cases", "per_source")
-                            if k in comp}}
+             "comparison": {k: comp.get(k) for k in ("metric", "candidate", "current", "current_ref", "cases", "per_source",
+                                                     "reference") if k in comp},
+             "own_source_only": bool((out.get("record") or {}).get("own_source_only"))}
     try:
         with open(Path(registry.root) / PUBLISH_LOG, "a", encoding="utf-8") as f:
             f.write(json.dumps(clean(entry)) + "\n")
@@ -285,10 +371,14 @@ def publish_cli(a) -> int:
 
             case_list = with_patients(list(case_list), read_patient_map(a.patients))
     ensemble = [s.strip() for s in a.ensemble.split(",")] if a.ensemble else None
+    reference = _reference_for(a)
     res = publish_if_better(pkg, registry, case_list=case_list, metric=a.metric, force=a.force,
                             never_default=a.no_default, ensemble=ensemble, device=resolve_device(a.device),
                             amp=a.precision, name=a.name,
-                            max_drop=None if a.max_source_drop is None or a.max_source_drop < 0 else a.max_source_drop)
+                            max_drop=None if a.max_source_drop is None or a.max_source_drop < 0 else a.max_source_drop,
+                            reference=reference,
+                            reference_drop=None if a.max_reference_drop < 0 else a.max_reference_drop,
+                            own_source_only=a.own_source_only)
     if res["table"]:
         print(res["table"])
     effort = _effort_rows(a.data) if a.data else []
@@ -310,3 +400,16 @@ def _effort_rows(data) -> list[dict]:
 
     rows = summarise(list_cases(data))
     return rows if any(r["cases"] for r in rows) else []
+
+
+def _reference_for(a) -> list[Case]:
+    """The reference cases of a publish command: ``--reference DIR``, else the shipped set."""
+    from .reference import reference_cases, reference_root
+
+    cases = reference_cases(getattr(a, "reference", None))
+    if cases:
+        log.info("grading on the reference set too: %s", ", ".join(c.case_id for c in cases))
+    else:
+        where = getattr(a, "reference", None) or reference_root()
+        log.warning("no reference cases in %s: the gate sees only the held-out cases", where)
+    return cases

@@ -242,6 +242,7 @@ class _Run:
             raise ValueError(f"the model reads {model.builder_args.get('in_channels', 1)} slice(s) but slice_context "
                              f"{cfg.slice_context} feeds {2 * cfg.slice_context + 1}")
         self.model = model.to(self.device)
+        self.retention = _retention(cfg, self.model) if init_model is not None else None
         self.opt = make_optimizer(cfg.resolved_optimizer, self.model.parameters(), cfg.resolved_lr, cfg.weight_decay)
         self.planned_epochs = cfg.epochs  # may shrink to fit cfg.max_minutes (recorded in the checkpoint)
         self.total_holder = [self.steps * cfg.epochs]
@@ -345,6 +346,8 @@ class _Run:
         cfg, dev, steps = self.cfg, self.device, self.steps
         self.t_epoch = self.clock()
         self.ddp_model.train()
+        if self.retention is not None:
+            self.retention.train_mode(self.model)
         gen = epoch_generator(cfg.seed, epoch, self.dist.rank)
         losses = []
         bar = None
@@ -360,6 +363,9 @@ class _Run:
                 out = self.ddp_model(x)
             loss = deep_supervision_loss(out, y, ann.to(dev), ds_weights=cfg.ds_weights, dice_weight=cfg.dice_weight,
                                          marginal=cfg.marginal, unannotated_bg_weight=cfg.unannotated_bg_weight)
+            if self.retention is not None:
+                extra = self.retention.penalty(self.model, x, y, out, lambda: autocast(dev, self.amp_dtype))
+                loss = loss if extra is None else loss + extra
             self._optimise(loss)
             lv = float(loss.detach())
             if not math.isfinite(lv):
@@ -522,6 +528,14 @@ class _Run:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def _retention(cfg: TrainConfig, model):
+    """The fine-tune's guards (``training.retention``) bound to the starting weights, or None."""
+    from .retention import Retention, RetentionSettings
+
+    settings = RetentionSettings(cfg.keep_bn_stats, cfg.l2sp, cfg.distill)
+    return Retention(settings, model) if settings.active else None
 
 
 def _eta(step_times, remaining_steps, val_time, planned_epochs, val_every, epoch) -> float:

@@ -34,7 +34,8 @@ def model_row(entry, installed: set[str]) -> dict:
     row = {"ref": pkg.ref, "variant": pkg.manifest["architecture"].get("variant"), "schema": pkg.schema.name,
            "spacing_mm": list(pkg.spacing), "source": entry.source, "registry": str(entry.registry.root),
            "default": entry.default, "ensemble": entry.ensemble, "parent": parent,
-           "parent_installed": None if parent is None else parent in installed, "sha256": pkg.sha256}
+           "parent_installed": None if parent is None else parent in installed, "sha256": pkg.sha256,
+           "own_source_only": bool((pkg.manifest.get("publish") or {}).get("own_source_only"))}
     summary = validation_summary(pkg.manifest)
     if summary:
         row["metrics"] = summary
@@ -47,6 +48,8 @@ def model_line(row: dict) -> str:
     origin = row["source"]
     if row["parent"]:
         origin += f", fine-tuned from {row['parent']}" + ("" if row["parent_installed"] else " (not installed)")
+    if row.get("own_source_only"):
+        origin += " [own source only: may have forgotten other sources]"
     dice = (row.get("metrics") or {}).get("mean_dice_fg")
     score = f"val Dice {dice:.3f}" if isinstance(dice, (int, float)) else "val Dice -    "
     return (f"{row['ref']:<22} {row['variant'] or '?':<6} schema={row['schema']:<9} spacing={row['spacing_mm']} "

@@ -99,8 +99,12 @@ class Registry:
 
     # --- publishing --------------------------------------------------------------
     def publish(self, package: ModelPackage, *, catalog: Numbering, make_default: bool = False,
-                ensemble: list[str] | None = None, name: str | None = None) -> ModelPackage:
+                ensemble: list[str] | None = None, name: str | None = None,
+                record: dict | None = None) -> ModelPackage:
         """Copy ``package`` in as the next version of its name (or of ``name``); atomic (see module doc).
+
+        ``record`` (the publish gate's verdict, e.g. ``own_source_only``) is kept as the published
+        manifest's ``publish`` field, outside the seal like the name.
 
         ``name`` publishes a run's package as a version of an existing model line (a fine-tune of
         ``uvd-starter`` trained under a working name becomes ``uvd-starter@2``); the name is not
@@ -123,7 +127,7 @@ class Registry:
                 version = catalog.version_for(name, self)
                 if ensemble is not None:  # validated before a byte is written
                     catalog.check_ensemble(ensemble, f"{name}@{version}")
-                final = self._copy_in(package, name, version)
+                final = self._copy_in(package, name, version, record)
                 idx = self.index()
                 entry = idx.setdefault("models", {}).setdefault(name, {"versions": []})
                 entry["versions"] = sorted(set(int(v) for v in entry["versions"]) | {version})
@@ -136,7 +140,7 @@ class Registry:
         except OSError as exc:
             raise PackageError(registry_write_error(self.root, exc)) from None
 
-    def _copy_in(self, package: ModelPackage, name: str, version: int) -> Path:
+    def _copy_in(self, package: ModelPackage, name: str, version: int, record: dict | None = None) -> Path:
         """Copy the package to ``<root>/<name>/<version>`` through a verified temporary folder."""
         final = self.root / name / str(version)
         self._remove_abandoned_publishes()
@@ -148,6 +152,8 @@ class Registry:
             manifest = json.loads(json.dumps(package.manifest))
             manifest["name"], manifest["version"] = name, version
             manifest["weights"]["file"] = WEIGHTS_FILE
+            if record is not None:
+                manifest["publish"] = record
             scheme = (package.manifest.get("integrity") or {}).get("scheme", INTEGRITY_SCHEME)
             (tmp / "manifest.json").write_text(json.dumps(seal(manifest, scheme), indent=1))  # verified above
             read_package(tmp).verify()

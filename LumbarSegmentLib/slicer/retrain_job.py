@@ -9,6 +9,10 @@ use (training/publish.py). :attr:`RetrainController.status` stays ``running`` th
   (``LumbarSegmentLib.dataset.holdout``); its cases are excluded from training (``--exclude``) and
   are the cases the gate grades on (``publish --cases``). A model is never graded on
   cases it trained on.
+* **Keeping what the model knew.** ``finetune`` keeps the parent's knowledge by default
+  (``training.finetune.RETENTION_DEFAULT``) and the publish gate grades on the shipped reference set
+  of every source as well, so a team with only its own cases gets the same protection as one that
+  rehearses with other data; :attr:`RetrainController.own_source_only` waives the reference check.
 * **Progress** is the run folder's ``progress.jsonl`` (trainer and publish step both
   write it; schema in ``LumbarSegmentLib.core.progress``), read from the caller's timer.
 * **Surviving the panel.** The run folder holds ``run.json`` (the child's pid, phase,
@@ -47,10 +51,12 @@ def train_command(python: str, dataset: Path, output: Path, extra: Sequence[str]
 
 
 def publish_command(python: str, package: Path, dataset: Path | None = None,
-                    cases: Sequence[str] = ()) -> list[str]:
-    """``lumbarseg-train publish PACKAGE --data DATASET --cases HELD-OUT``: into the user registry, gated."""
+                    cases: Sequence[str] = (), *, own_source_only: bool = False) -> list[str]:
+    """``lumbarseg-train publish PACKAGE --data DATASET --cases HELD-OUT``: into the user registry, gated
+    on the held-out cases and on the shipped reference set of every source the model in use knows
+    (``--own-source-only``: a loss there does not refuse it; recorded in the manifest)."""
     return child_command(python, TRAIN_CLI, "publish", [package], data=dataset,
-                         cases=list(cases) if dataset and cases else None)
+                         cases=list(cases) if dataset and cases else None, own_source_only=own_source_only)
 
 
 class RetrainController:
@@ -65,6 +71,7 @@ class RetrainController:
         self.command = command
         self.publish_command = publish
         self.auto_publish = auto_publish and publish is not None
+        self.own_source_only = False  # the team said only its own source matters (publish --own-source-only)
         self.log_name = log_name
         self.status = Status()
         self.records: list[dict] = []
@@ -185,7 +192,8 @@ class RetrainController:
         summary = "training finished: " + describe(last)
         if self.auto_publish and self.package_path is not None:
             self._phase = "publish"
-            argv = self.publish_command(self.python, self.package_path, self.dataset, self.holdout)
+            extra = {"own_source_only": True} if self.own_source_only else {}
+            argv = self.publish_command(self.python, self.package_path, self.dataset, self.holdout, **extra)
             try:
                 self._process = self._launch(argv, "publish.log")
             except ControllerError as exc:
