@@ -227,9 +227,12 @@ class SegmentOptions:
         return self
 
     @classmethod
-    def add_arguments(cls, parser) -> None:
-        """Register every option's flag on ``parser`` (argparse; the defaults are the fields')."""
+    def add_arguments(cls, parser, only: tuple[str, ...] | None = None) -> None:
+        """Register every option's flag (or those of the fields named in ``only``) on an argparse
+        ``parser``; the defaults are the fields', the help ends with the range."""
         for name, o in cls.options().items():
+            if only is not None and name not in only:
+                continue
             if o.switch:
                 parser.add_argument(o.flag, action="store_true", help=o.help)
                 continue
