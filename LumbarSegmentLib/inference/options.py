@@ -236,9 +236,11 @@ class SegmentOptions:
             if o.switch:
                 parser.add_argument(o.flag, action="store_true", help=o.help)
                 continue
+            default = cls.default(name)
             shown = o.help if o.lo is None else f"{o.help}; {o.use}"
-            parser.add_argument(o.flag, type=o.argparse_type(), default=cls.default(name), metavar=o.shown_metavar(),
-                                help=shown)
+            if default is not None and "default" not in shown:
+                shown += f" (default: {default})"
+            parser.add_argument(o.flag, type=o.argparse_type(), default=default, metavar=o.shown_metavar(), help=shown)
 
     @classmethod
     def from_namespace(cls, ns, **fixed) -> "SegmentOptions":
