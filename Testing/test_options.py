@@ -44,7 +44,7 @@ def _value(o: Option):
     if o.kind is int and o.lo is not None:
         parts.append(st.integers(int(o.lo), int(o.hi)))
     elif o.kind is float:
-        parts.append(st.floats(o.lo, o.hi, exclude_max=o.below_hi, allow_nan=False))
+        parts.append(st.floats(o.lo, o.hi, allow_nan=False))
     if o.automatic:
         parts.append(st.none())
     return st.one_of(parts)

@@ -52,8 +52,8 @@ class Option:
     """What a user may give for one field: its flag, its help, and its choices or range.
 
     ``kind`` is the value's type (``str``, ``int`` or ``float``). A ``str`` option takes one of
-    ``choices`` (or text matching ``pattern``); a number lies in ``lo`` .. ``hi`` (``hi`` excluded
-    with ``below_hi``), and may also be one of the words in ``choices`` (``--tile auto``).
+    ``choices`` (or text matching ``pattern``); a number lies in ``lo`` .. ``hi`` (both included),
+    and may also be one of the words in ``choices`` (``--tile auto``).
     ``automatic``: ``None`` is allowed too (the flag left out: the engine chooses). ``switch``: a
     bare flag that sets ``True``. ``use`` says what to give, in every message and in the help.
     """
@@ -64,7 +64,6 @@ class Option:
     choices: tuple = ()
     lo: float | None = None
     hi: float | None = None
-    below_hi: bool = False
     pattern: str | None = None
     automatic: bool = False
     switch: bool = False
@@ -95,7 +94,7 @@ class Option:
         if self.kind is int and not isinstance(value, numbers.Integral):
             return False
         v = float(value)
-        return math.isfinite(v) and self.lo <= v and (v < self.hi if self.below_hi else v <= self.hi)
+        return math.isfinite(v) and self.lo <= v <= self.hi
 
     def check(self, value) -> None:
         if not self.accepts(value):
