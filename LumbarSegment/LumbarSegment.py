@@ -7,7 +7,7 @@ from typing import Annotated
 import qt
 import slicer
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
@@ -18,8 +18,14 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 RESOURCES = _ROOT / "Resources"
 
+from LumbarSegmentLib.inference.options import SegmentOptions  # noqa: E402
 from LumbarSegmentLib.slicer.logic import (CANCELLED, DONE, FAILED, RUNNING, ModuleLogic,  # noqa: E402
                                            SegmentRequest, self_test_loop)
+
+# The "Advanced" section: parameter -> segment option; choices, ranges, defaults and tooltips are the options' own.
+ADVANCED = {"precision": "precision", "sliceSmoothing": "slice_smoothing_mm", "bnAdapt": "bn_adapt",
+            "postprocess": "postprocess", "tile": "tile", "overlap": "overlap"}
+_OPTION, _DEFAULT = SegmentOptions.options(), SegmentOptions.default
 
 
 class LumbarSegment(ScriptedLoadableModule):
@@ -63,6 +69,13 @@ class LumbarSegmentParameterNode:
     levels: bool = False
     allowReslice: bool = False
     updateUnedited: bool = False
+    precision: Annotated[str, Choice(list(_OPTION["precision"].choices))] = _DEFAULT("precision")
+    sliceSmoothing: Annotated[float, WithinRange(_OPTION["slice_smoothing_mm"].lo,
+                                                 _OPTION["slice_smoothing_mm"].hi)] = _DEFAULT("slice_smoothing_mm")
+    bnAdapt: Annotated[float, WithinRange(_OPTION["bn_adapt"].lo, _OPTION["bn_adapt"].hi)] = _DEFAULT("bn_adapt")
+    postprocess: Annotated[str, Choice(list(_OPTION["postprocess"].choices))] = _DEFAULT("postprocess")
+    tile: str = str(_DEFAULT("tile"))
+    overlap: Annotated[float, WithinRange(_OPTION["overlap"].lo, _OPTION["overlap"].hi)] = _DEFAULT("overlap")
     exportFolder: Path = Path.home() / "LumbarSegment" / "dataset"
     caseId: str = ""
     datasetFolder: Path = Path.home() / "LumbarSegment" / "dataset"
@@ -99,6 +112,9 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                              (self.ui.levelsDownButton, lambda: self.onShiftLevels(1))):
             button.connect("clicked(bool)", lambda _=False, s=slot: s())
         self.ui.datasetPathLineEdit.connect("currentPathChanged(QString)", self.onDatasetChanged)
+        for widget in self.ui.advancedCollapsibleButton.findChildren(qt.QWidget):
+            if widget.property("SlicerParameterName") in ADVANCED:
+                widget.toolTip = _OPTION[ADVANCED[widget.property("SlicerParameterName")]].help
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, lambda *a: self.onCancel())
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, lambda *a: self.initializeParameterNode())
         self.initializeParameterNode()
@@ -148,9 +164,10 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     slicer.util.restart()
                 return
             ref = self.ui.modelComboBox.currentData
-            request = SegmentRequest(models=[ref] if ref and p.mode != "ensemble" else None, device=p.device,
-                                     mode=p.mode, confidence=p.confidence, allow_reslice=p.allowReslice,
-                                     levels=p.levels)
+            request = SegmentRequest.of(models=[ref] if ref and p.mode != "ensemble" else None, levels=p.levels,
+                                        device=p.device, mode=p.mode, confidence=p.confidence,
+                                        allow_reslice=p.allowReslice,
+                                        **{option: getattr(p, name) for name, option in ADVANCED.items()})
             notes = self.logic.core.start_segmentation(p.inputVolume, request,
                                                        p.segmentation if p.updateUnedited else None)
             self.status("Segmenting..." + "".join(f"\nNote: {n}" for n in notes))

@@ -27,6 +27,7 @@ from trame.app.file_upload import ClientFile
 from trame.widgets import html
 
 from .editing_panel import EFFECT_NAMES
+from . import advanced
 from .page_layout import KEY_TRIGGER, PageLayout, tid
 from .session import AnnotationSession
 from .session_core import SessionError
@@ -100,7 +101,7 @@ class LumbarSegmentPage(PageLayout):
             "smoothing_mm": 3.0, "message": "", "error": "", "export_result": None, "upload_file": None,
             "retrain": {"state": "idle", "fraction": None, "message": ""}, "comparison": None,
             "readiness": "", "retrain_warning": None, "can_resume": False, "show_keys": False,
-            "key_rows": [{"keys": k, "does": d} for k, d in HELP_ROWS],
+            "key_rows": [{"keys": k, "does": d} for k, d in HELP_ROWS], **advanced.initial_state(),
             "effect_items": [{"title": TOOL_TITLES[n], "value": n, "icon": TOOL_ICONS[n]} for n in EFFECT_NAMES],
         })
         self.refresh_cases()
@@ -283,7 +284,8 @@ class LumbarSegmentPage(PageLayout):
 
     def segment(self) -> None:
         def go():
-            notes = self.session.start_segmentation(self.session.offered_model(self.state.model), self.state.mode)
+            notes = self.session.start_segmentation(self.session.offered_model(self.state.model), self.state.mode,
+                                                    advanced=advanced.values_from_state(self.state))
             self._job_t0 = time.monotonic()
             self.state.job = {"state": "running", "fraction": 0.0, "message": "starting", "warnings": notes}
             self.state.job_eta = "reading the volume and loading the model"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
-from LumbarSegmentLib.slicer.logic import CANCELLED, DONE, FAILED, RUNNING, SegmentRequest
+from LumbarSegmentLib.slicer.logic import CANCELLED, DONE, FAILED, RUNNING
 
+from .advanced import segment_request
 from .session_core import JobView, SessionCore, SessionError
 
 SEGMENT_MODES = ("fast", "tta", "ensemble")
@@ -20,18 +21,20 @@ class DraftingPanel(SessionCore):
     def segmenting(self) -> bool:
         return self.logic.segmenter.running
 
-    def start_segmentation(self, model: str | None = None, mode: str = "fast", levels: bool = False) -> list[str]:
+    def start_segmentation(self, model: str | None = None, mode: str = "fast", levels: bool = False,
+                           advanced: dict | None = None) -> list[str]:
         """Launch the Lib's segmentation job on the open volume; returns orientation notes.
 
-        With a segmentation already open, the run updates it: segments the annotator
-        edited are kept, the others are replaced by the new draft.
+        ``advanced``: the page's Advanced values (:data:`.advanced.FIELDS` only; the server chose the
+        device and threads), checked like ``lumbarseg segment``'s flags. With a segmentation already
+        open, the run updates it: segments the annotator edited are kept, the others are replaced.
         """
         if self.volume_node is None:
             raise SessionError("open a case first")
-        if mode not in SEGMENT_MODES:
-            raise SessionError(f"unknown mode {mode!r}; one of {', '.join(SEGMENT_MODES)}")
-        request = SegmentRequest(models=[model] if model else None, mode=mode, device=self.device,
-                                 threads=self.threads, levels=levels)
+        try:
+            request = segment_request(model, mode, levels, advanced, device=self.device, threads=self.threads)
+        except ValueError as exc:  # OptionError: names the setting and what to give
+            raise SessionError(str(exc)) from None
         notes = self.logic.start_segmentation(self.volume_node, request, update_node=self.seg_node)
         self._segmenting_case = self.case_id
         return notes

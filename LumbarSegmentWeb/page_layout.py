@@ -146,6 +146,7 @@ class PageLayout:
                            hide_details=True, classes="mb-1")
                 v3.VSelect(label="Mode", items=("['fast', 'tta', 'ensemble']",), v_model=("mode",),
                            density="compact", hide_details=True, classes="mb-1")
+                self._advanced_settings()
                 with html.Div(classes="d-flex"):
                     v3.VBtn("Segment", click=self.segment, color="primary", size="small",
                             disabled=("job.state === 'running' || !case_id",), **tid("segment"))
@@ -156,6 +157,24 @@ class PageLayout:
                 html.Div("{{ job.message || (job.state === 'idle' ? '' : job.state) }}", classes="ls-small",
                          **tid("job", state=("job.state",)))
                 html.Div("{{ job_eta }}", v_if="job_eta", classes="ls-small text-grey-darken-1", **tid("job-eta"))
+
+    def _advanced_settings(self) -> None:
+        """Precision, smoothing, BN adaptation, post-processing, tile, overlap: drawn from the options' specs
+        (:mod:`.advanced`); checked on Segment, with the same messages as the command line's."""
+        from .advanced import widgets
+
+        with v3.VExpansionPanels(classes="mb-1", **tid("advanced")):
+            with v3.VExpansionPanel(title="Advanced"):
+                with v3.VExpansionPanelText():
+                    for row in widgets():
+                        common = dict(label=row["label"], v_model=(row["key"],), density="compact", classes="mb-1",
+                                      title=row["help"], hint=row["hint"], **tid(f"advanced-{row['name']}"))
+                        if row["widget"] == "select":
+                            v3.VSelect(items=(repr(row["items"]),), hide_details=True, **common)
+                        elif row["widget"] == "combobox":
+                            v3.VCombobox(items=(repr(row["items"]),), persistent_hint=False, **common)
+                        else:
+                            v3.VTextField(type="number", min=row["min"], max=row["max"], step=row["step"], **common)
 
     def _correct_panel(self) -> None:
         with v3.VExpansionPanel(title="Correct"):

@@ -82,8 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=None, metavar="REGISTRY",
                    help="model registry folder to offer and publish retrained models into "
                         "(default: the user registry, then the shipped models)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for each segmentation")
+    from LumbarSegmentLib.inference.options import SegmentOptions
+
+    SegmentOptions.add_arguments(p, only=("device", "threads"))  # for every draft: `lumbarseg segment`'s own flags
     p.add_argument("--allow-remote", action="store_true",
                    help="required to listen on an address other than loopback")
     p.add_argument("--token", default=None, help=f"access token the page link must carry: required for a "

@@ -82,7 +82,7 @@ def test_a_weight_outside_zero_to_one_is_refused(w):
     with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
         adapt_batchnorm(_net(), [torch.randn(2, 1, 4, 4)], w)
     if w != 0.0:
-        with pytest.raises(EngineError, match="BatchNorm adaptation weight must be 0 \\(off\\) to 1"):
+        with pytest.raises(EngineError, match="--bn-adapt .*: use 0 \\(off\\) to 1"):
             SegmentOptions(bn_adapt=w).validate()
 
 

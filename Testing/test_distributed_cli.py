@@ -73,7 +73,7 @@ def test_cohort_option_values_are_folders_and_dicom_seg_only_for_dicom(tmp_path,
 
 def test_bad_option_values_are_usage_errors(capsys):
     for bad, says in ((["--tile", "abc"], "use auto, patch, whole or a window size"),
-                      (["--overlap", "1.5"], "below 0.95"), (["--batch-size", "0"], "at least 1"),
+                      (["--overlap", "1.5"], "use a fraction from 0 to 0.9"), (["--batch-size", "0"], "use a whole number from 1 to 1024"),
                       (["--slice-smoothing", "-2"], "use 0 (off) to 50 mm")):
         with pytest.raises(SystemExit) as e:
             main(["segment", "x.nii.gz", "-o", "y.nii.gz", *bad])

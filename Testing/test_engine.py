@@ -270,5 +270,5 @@ def test_slice_smoothing_off_passes_probabilities_through(small_real_volume, tin
     on = segment_volume(small_real_volume, [tiny_package], SegmentOptions(precision="fp32"))
     assert (off.report["slice_smoothing_mm"], on.report["slice_smoothing_mm"]) == (0, 4.0)
     assert (off.labels.array != on.labels.array).any()  # neighbours' opinions do change some voxels
-    with pytest.raises(EngineError, match="slice smoothing must be 0-50 mm"):
+    with pytest.raises(EngineError, match="--slice-smoothing .*: use 0 \\(off\\) to 50 mm"):
         segment_volume(small_real_volume, [tiny_package], SegmentOptions(slice_smoothing_mm=-1))

@@ -30,7 +30,7 @@ def test_fine_tune_of_the_shipped_default_never_shadows_it(small_real_volume, tm
     core = ModuleLogic(ctx.scene, ctx.seg_logic)
 
     node = mrml.volume_to_node(ctx.scene, small_real_volume, "VB3_01 centre")
-    seg, _ = core.segment(node, SegmentRequest(device="cpu", threads=1), timeout=600)
+    seg, _ = core.segment(node, SegmentRequest.of(device="cpu", threads=1), timeout=600)
     assert mrml.drafted_by(seg) == {"model": default, "sha256": shipped.sha256}
     assert core.export_warning(seg), "an untouched draft must be flagged before export"
     first = mrml.segment_ids(seg)[0]
@@ -76,9 +76,9 @@ def test_fine_tune_of_the_shipped_default_never_shadows_it(small_real_volume, tm
     assert len(labels) == len(set(ref for _, ref in core.model_choices()))
 
     # segment again: the shipped ref with its own weights, the fine-tune with its own
-    again, _ = core.segment(node, SegmentRequest(models=[default], device="cpu", threads=1), timeout=600)
+    again, _ = core.segment(node, SegmentRequest.of(models=[default], device="cpu", threads=1), timeout=600)
     assert mrml.drafted_by(again) == {"model": default, "sha256": shipped.sha256}
-    tuned, _ = core.segment(node, SegmentRequest(models=[nxt], device="cpu", threads=1), timeout=600)
+    tuned, _ = core.segment(node, SegmentRequest.of(models=[nxt], device="cpu", threads=1), timeout=600)
     assert mrml.drafted_by(tuned)["sha256"] == resolve_model(nxt).sha256 != shipped.sha256
     assert mrml.edited_segments(seg) == [first]  # new nodes: the annotator's edits are untouched
     name, version = nxt.split("@")

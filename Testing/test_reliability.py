@@ -713,7 +713,7 @@ def test_module_segment_of_a_bad_volume_reports_why_and_leaves_the_scene(ctx, pk
     work = tmp_path / "work"
     work.mkdir()
     core = sl.ModuleLogic(ctx.scene, ctx.seg_logic, segmenter=sl.SegmentController(workdir_parent=str(work)))
-    request = sl.SegmentRequest(models=[str(pkg.path)], device="cpu", threads=1)
+    request = sl.SegmentRequest.of(models=[str(pkg.path)], device="cpu", threads=1)
     with pytest.raises(sl.ControllerError) as info:
         core.segment(node, request, timeout=120)
     msg = str(info.value)

@@ -213,8 +213,9 @@ def test_segment_controller_cancel_kills_the_process_tree(fake_cli, fake_package
 
 
 def test_segment_command_options():
-    req = sl.SegmentRequest(models=["a@1", "b@2"], device="cuda", mode="ensemble", confidence=True,
-                            allow_reslice=True, batch_size=4)
+    req = sl.SegmentRequest.of(models=["a@1", "b@2"], device="cuda", mode="ensemble", confidence=True,
+                               allow_reslice=True, batch_size=4, precision="fp32", tile="256", overlap="0.5",
+                               slice_smoothing_mm=2, bn_adapt=0.5, postprocess="spine")
     argv = sl.segment_command("py", Path("in.nrrd"), Path("out.nrrd"), Path("r.json"), req, Path("c.nrrd"))
     assert argv[:4] == ["py", "-m", "LumbarSegmentLib.cli.main", "segment"]
     joined = " ".join(argv)
@@ -228,6 +229,19 @@ def test_segment_command_options():
     a = _parser().parse_args(argv[3:])
     assert (a.model, a.device, a.mode, a.confidence, a.reslice, a.batch_size, a.output, a.report) == \
         ("a@1,b@2", "cuda", "ensemble", "c.nrrd", True, 4, "out.nrrd", "r.json")
+    # ... and the options it reads back are the request's (the confidence map is named by --confidence)
+    from LumbarSegmentLib.inference.options import SegmentOptions
+
+    assert SegmentOptions.from_namespace(a, confidence=a.confidence is not None) == req.options
+
+
+def test_a_bad_option_is_refused_before_the_volume_is_written(tmp_path):
+    from LumbarSegmentLib.inference.options import OptionError, SegmentOptions
+
+    ctl = sl.SegmentController(workdir_parent=str(tmp_path), runner=lambda *a: pytest.fail("no process"))
+    with pytest.raises(OptionError, match="--overlap 0.92: use a fraction from 0 to 0.9"):
+        ctl.start(small_volume(), sl.SegmentRequest(options=SegmentOptions(overlap=0.92)))
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
@@ -240,7 +254,7 @@ def test_real_cli_end_to_end_into_a_segmentation_node(tiny_package, tmp_path):
     vol = small_volume()
     node = mrml.volume_to_node(ctx.scene, vol, "tiny")
     core = sl.ModuleLogic(ctx.scene, ctx.seg_logic, segmenter=sl.SegmentController(workdir_parent=str(tmp_path)))
-    request = sl.SegmentRequest(models=[str(tiny_package.path)], device="cpu", threads=1)
+    request = sl.SegmentRequest.of(models=[str(tiny_package.path)], device="cpu", threads=1)
     seg, info = core.segment(node, request, timeout=300)
     assert seg.GetName() == "tiny segmentation"
     assert info["report"]["models"][0]["sha256"] == tiny_package.sha256
@@ -263,7 +277,7 @@ def test_module_logic_refuses_an_axial_stack_before_starting(tmp_path):
     with pytest.raises(OrientationError, match="axial"):
         core.start_segmentation(node, sl.SegmentRequest())
     assert not started
-    notes = core.start_segmentation(node, sl.SegmentRequest(allow_reslice=True))
+    notes = core.start_segmentation(node, sl.SegmentRequest.of(allow_reslice=True))
     assert started and "not a sagittal stack" in notes[0]
 
 

@@ -77,6 +77,35 @@ def test_ui_parameter_names_match_the_parameter_node():
             "caseId", "datasetFolder"} <= bound
 
 
+def test_the_advanced_section_offers_exactly_the_segment_options_choices_and_ranges():
+    """Precision, smoothing, BN adaptation, post-processing, tile and overlap: the widgets bound in the .ui
+    offer the choices and ranges of ``SegmentOptions`` (the command line's), and the parameters the
+    module maps them to are option fields."""
+    from LumbarSegmentLib.inference.options import SegmentOptions
+
+    tree = ast.parse(MODULE_FILE.read_text())
+    advanced = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                    and getattr(n.targets[0], "id", "") == "ADVANCED")
+    options = SegmentOptions.options()
+    assert set(advanced.values()) == {"precision", "slice_smoothing_mm", "bn_adapt", "postprocess", "tile", "overlap"}
+    section = next(w for w in ET.parse(UI_FILE).iter("widget") if w.get("name") == "advancedCollapsibleButton")
+    bound = {}
+    for w in section.iter("widget"):
+        for prop in w.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[prop.find("string").text] = w
+    assert set(bound) == set(advanced)
+    for param, name in advanced.items():
+        w, option = bound[param], options[name]
+        if w.get("class") == "QComboBox":
+            assert tuple(i.find("property/string").text for i in w.findall("item")) == option.choices, param
+        elif w.get("class") == "QDoubleSpinBox":
+            lo, hi = (float(w.find(f"property[@name='{k}']/double").text) for k in ("minimum", "maximum"))
+            assert (lo, hi) == (option.lo, option.hi), param
+        else:
+            assert w.get("class") == "QLineEdit" and name == "tile"
+
+
 def test_icon_is_a_128px_png():
     from PIL import Image
 
@@ -179,13 +208,17 @@ def _standins():
         def __init__(self, choices):
             self.choices = list(choices)
 
+    class WithinRange:
+        def __init__(self, minimum, maximum):
+            self.minimum, self.maximum = minimum, maximum
+
     def parameterNodeWrapper(cls):
         def __init__(self, node=None):
             self.parameterNode = node
         cls.__init__ = __init__
         return cls
 
-    pnw.Choice, pnw.parameterNodeWrapper = Choice, parameterNodeWrapper
+    pnw.Choice, pnw.WithinRange, pnw.parameterNodeWrapper = Choice, WithinRange, parameterNodeWrapper
     mods["slicer.parameterNodeWrapper"] = pnw
     return mods
 
@@ -225,9 +258,30 @@ def test_module_metadata(module):
 
 
 def test_parameter_node_defaults(module):
+    from LumbarSegmentLib.inference.options import SegmentOptions
+
     choices = module.LumbarSegmentParameterNode.__annotations__
     assert set(choices) >= {"inputVolume", "segmentation", "device", "mode", "exportFolder", "datasetFolder"}
     assert module.LumbarSegmentParameterNode.mode == "fast"
+    node, defaults = module.LumbarSegmentParameterNode, SegmentOptions()
+    for param, name in module.ADVANCED.items():  # the panel starts where the command line does
+        assert str(getattr(node, param)) == str(getattr(defaults, name)), param
+
+
+def test_the_panel_values_become_the_same_request_the_command_line_would_get(module):
+    """What onSegment hands the Lib: the advanced values (the tile as typed) through the options contract."""
+    from LumbarSegmentLib.inference.options import OptionError
+    from LumbarSegmentLib.slicer.logic import SegmentRequest
+
+    node = module.LumbarSegmentParameterNode
+    values = {name: getattr(node, param) for param, name in module.ADVANCED.items()}
+    assert SegmentRequest.of(**values).options.to_argv() == []  # the defaults: no flag at all
+    values.update(tile="256", overlap=0.5, precision="fp32")
+    request = SegmentRequest.of(**values)
+    assert request.options.tile == 256 and request.options.to_argv() == ["--precision", "fp32", "--tile", "256",
+                                                                          "--overlap", "0.5"]
+    with pytest.raises(OptionError, match="--tile 'big': use auto, patch, whole or a window size of 32-2048"):
+        SegmentRequest.of(**{**values, "tile": "big"})
 
 
 def test_logic_hands_scene_and_segmentations_logic_to_the_lib(module, tmp_path):

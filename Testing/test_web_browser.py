@@ -170,6 +170,27 @@ def test_segment_can_be_cancelled(page):
     assert page.locator("tr[data-testid^=segment-]").count() == 0  # nothing half-made in the scene
 
 
+def test_advanced_settings_are_checked_like_the_command_line(page):
+    """Segment > Advanced: an out-of-range overlap is refused with the command line's advice, nothing runs;
+    a valid one starts the draft."""
+    _upload_sample(page)
+    page.click("[data-testid=advanced] button")
+    field = page.locator("[data-testid=advanced-overlap] input")
+    field.fill("0.92")
+    page.click("[data-testid=segment]")
+    page.wait_for_selector("[data-testid=error]", timeout=20_000)
+    assert "--overlap '0.92': use a fraction from 0 to 0.9" in page.text_content("[data-testid=error]")
+    _shot(page, "00_advanced_refused.png")
+    assert _job_state(page) != "running"
+    field.fill("0.5")
+    page.click("[data-testid=segment]")
+    page.wait_for_function("document.querySelector('[data-testid=job]').dataset.state === 'running'",
+                           timeout=20_000)
+    page.click("[data-testid=cancel]")
+    page.wait_for_function("document.querySelector('[data-testid=job]').dataset.state === 'cancelled'",
+                           timeout=20_000)
+
+
 def test_upload_segment_paint_erase_undo_export(page, server):
     _upload_sample(page)
     _shot(page, "01_uploaded.png")

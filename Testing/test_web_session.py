@@ -223,3 +223,23 @@ def test_cancel_leaves_the_scene_unchanged(session, tiny_model):
     assert session.seg_node is None and not session.segmenting
     with pytest.raises(SessionError):
         session.export()
+
+
+def test_the_advanced_settings_reach_the_draft_through_the_options_contract(session, tiny_model):
+    """The page's Advanced values (text as typed) are checked like the command line's flags, the device
+    and threads stay the server's, and what was asked is what the child ran (its report)."""
+    session.load_case("caseB")
+    for bad, says in (({"overlap": "0.92"}, "--overlap '0.92': use a fraction from 0 to 0.9"),
+                      ({"tile": "8"}, "--tile '8': use auto, patch, whole or a window size of 32-2048 pixels"),
+                      ({"device": "cuda"}, "not a setting of this page: device")):
+        with pytest.raises(SessionError, match=says.replace("(", r"\(").replace(")", r"\)")):
+            session.start_segmentation(model=str(tiny_model.path), advanced=bad)
+        assert not session.segmenting
+    session.start_segmentation(model=str(tiny_model.path), advanced={
+        "precision": "fp32", "slice_smoothing_mm": "2", "bn_adapt": "0.5", "postprocess": "spine", "tile": "whole",
+        "overlap": "0.5"})
+    job = session.wait_segmentation(timeout=240)
+    assert job.state == "done", job.message
+    report = session.logic.segmenter.result().report
+    assert (report["slice_smoothing_mm"], report["bn_adapt"], report["precision"], report["device"]) == \
+        (2.0, 0.5, "float32", "cpu")

@@ -41,7 +41,7 @@ def test_drafts_share_one_warm_process_and_match_the_engine(worker, tiny_package
     from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
 
     ctl = SegmentController(worker=worker, workdir_parent=str(tmp_path))
-    request = SegmentRequest(models=[str(tiny_package.path)], device="cpu", threads=1)
+    request = SegmentRequest.of(models=[str(tiny_package.path)], device="cpu", threads=1)
     runs = []
     for shift in (0, 3):
         runs.append(ctl.run(smooth_volume(shift), request, timeout=300, interval=0.02))
@@ -56,19 +56,19 @@ def test_drafts_share_one_warm_process_and_match_the_engine(worker, tiny_package
 
 def test_a_bad_request_fails_that_draft_only(worker, tiny_package, tmp_path):
     ctl = SegmentController(worker=worker, workdir_parent=str(tmp_path))
-    bad = SegmentRequest(models=[str(tmp_path / "no-such-model")], device="cpu", threads=1)
+    bad = SegmentRequest.of(models=[str(tmp_path / "no-such-model")], device="cpu", threads=1)
     ctl.start(smooth_volume(), bad)
     wait_until(lambda: ctl.poll().finished)
     assert ctl.status.state == FAILED and "no-such-model" in ctl.status.message
     assert "Traceback" not in ctl.status.message
-    good = SegmentRequest(models=[str(tiny_package.path)], device="cpu", threads=1)
+    good = SegmentRequest.of(models=[str(tiny_package.path)], device="cpu", threads=1)
     ctl.run(smooth_volume(), good, timeout=300, interval=0.02)
     assert ctl.status.state == DONE and worker.starts == 1
 
 
 def test_cancel_kills_the_worker_and_the_next_draft_starts_another(worker, tiny_package, tmp_path):
     ctl = SegmentController(worker=worker, workdir_parent=str(tmp_path))
-    request = SegmentRequest(models=[str(tiny_package.path)], device="cpu", threads=1)
+    request = SegmentRequest.of(models=[str(tiny_package.path)], device="cpu", threads=1)
     ctl.start(smooth_volume(), request)
     pid = worker.pid
     ctl.cancel()
@@ -83,7 +83,7 @@ def test_the_worker_retires_at_its_memory_bound(tiny_package, tmp_path):
     w = WarmWorker(preload=None, threads=1, max_rss_mb=1, workdir_parent=str(tmp_path))  # every job is over 1 MB
     try:
         ctl = SegmentController(worker=w, workdir_parent=str(tmp_path))
-        request = SegmentRequest(models=[str(tiny_package.path)], device="cpu", threads=1)
+        request = SegmentRequest.of(models=[str(tiny_package.path)], device="cpu", threads=1)
         ctl.run(smooth_volume(), request, timeout=300, interval=0.02)
         wait_until(lambda: not w.alive, timeout=30)
         ctl.run(smooth_volume(1), request, timeout=300, interval=0.02)

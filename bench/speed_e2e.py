@@ -123,7 +123,7 @@ def bench_drafts(image: Path, drafts: int, env: dict, threads: int, work: Path) 
     from LumbarSegmentLib.slicer.worker_client import WarmWorker
 
     volume = read_volume(image)
-    request = SegmentRequest(device="cpu", threads=threads)
+    request = SegmentRequest.of(device="cpu", threads=threads)
     out = {}
     for name in ("new process per draft", "warm worker"):
         worker = WarmWorker(threads=threads, workdir_parent=str(work)) if name == "warm worker" else None

@@ -19,28 +19,9 @@ from pathlib import Path
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
-def _tile(value: str):
-    if value in ("auto", "patch", "whole"):
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r}: use auto, patch, whole or a window size in pixels "
-                                         f"(e.g. 256)") from None
-    if n < 32:
-        raise argparse.ArgumentTypeError(f"{value!r}: a window must be at least 32 pixels")
-    return n
-
-
 def _parser() -> argparse.ArgumentParser:
-    from LumbarSegmentLib.inference.bn_adapt import BN_ADAPT_HELP, bn_adapt_arg
-    from LumbarSegmentLib.core.checks import number_arg
-    from LumbarSegmentLib.inference.slice_smoothing import SLICE_SMOOTHING_MM, smoothing_mm_arg
-
-    _positive_int = number_arg(1, kind=int, what="a whole number", use="must be at least 1")
-    _overlap = number_arg(0, 0.95, below_hi=True, use="must be at least 0 and below 0.95")
-
     from LumbarSegmentLib.core.help_format import DOCS_NOTE
+    from LumbarSegmentLib.inference.options import SegmentOptions
 
     p = _Parser(prog="lumbarseg", description="Lumbar-spine MRI segmentation (LumbarSegment).", epilog=DOCS_NOTE)
     sub = p.add_subparsers(dest="command", required=True)
@@ -51,38 +32,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="label map file for one input (.nii.gz/.nrrd/.mha); a folder for several")
     s.add_argument("--model", default=None, help="model NAME[@VERSION] or package folder; comma-separated for "
                    "an ensemble (default: the registry's default model / default ensemble)")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="where to run: auto = CUDA GPU, else Apple MPS, else CPU (default: auto; under "
-                   "torchrun each rank takes cuda:LOCAL_RANK)")
-    s.add_argument("--mode", default="fast", choices=["fast", "tta", "ensemble"],
-                   help="fast: one model, one pass; tta: also the anterior-posterior flip (2 forwards per "
-                   "window); ensemble: each model x 2 flips (the default ensemble: 2 x 2 = 4 forwards per window); "
-                   "default: fast")
-    s.add_argument("--postprocess", default="none", choices=["none", "spine"],
-                   help="clean-up: spine = drop foreground blobs that are not connected to the spinal column "
-                   "(default none; on the validation cases it changed Dice by less than 0.001 and removed "
-                   "stray blobs outside the spine)")
-    s.add_argument("--bn-adapt", type=bn_adapt_arg, default=0.0, metavar="W", help=BN_ADAPT_HELP)
-    s.add_argument("--slice-smoothing", type=smoothing_mm_arg, default=SLICE_SMOOTHING_MM, metavar="MM",
-                   help="sigma in mm of the Gaussian average of probabilities across neighbouring slices "
-                   f"(default {SLICE_SMOOTHING_MM:g}; 0 = each slice on its own)")
-    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="arithmetic: auto = fp16/bf16 on CUDA, bf16 on CPUs with native bf16, else fp32")
-    s.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"],
-                   help="what computes the network: torch (PyTorch), onnx (ONNX Runtime, CPU float32; needs the "
-                   "onnxruntime package), auto = torch (default; docs/benchmarks.md compares them)")
-    s.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
-                   help="windows per forward pass (default: 32 on CUDA, halved on out-of-memory; on a CPU as many as hold 4 x 320 x 320 pixels)")
-    s.add_argument("--tile", type=_tile, default="auto", metavar="auto|patch|whole|PIXELS",
-                   help="inference window: auto = whole slice when it fits in twice the model's patch, else "
-                   "sliding patches; patch; whole; or a square window of PIXELS (>= 32)")
-    s.add_argument("--overlap", type=_overlap, default=0.25, metavar="F",
-                   help="fraction of a sliding window shared with its neighbour, 0 <= F < 0.95 (default: 0.25)")
-    _threads = number_arg(1, 1024, kind=int, what="a whole number", use="use 1-1024 CPU threads")
-    s.add_argument("--threads", type=_threads, default=None, metavar="N",
-                   help="CPU threads for PyTorch, 1-1024 (default: PyTorch's; under torchrun the node's cores split "
-                   "between its ranks)")
-    s.add_argument("--reslice", action="store_true", help="accept axial/coronal stacks (cut sagittal slices)")
+    SegmentOptions.add_arguments(s)  # device, mode, windows, precision...: flags, help and ranges in one place
     s.add_argument("--series", default=None, help="SeriesInstanceUID to read from a DICOM folder with several")
     # One input: each of these names a file. A cohort: each takes an optional folder (none, or "": the
     # output folder) and --report names the cohort summary; see LumbarSegmentLib/cli/cohort.py and docs/cli.md.
@@ -202,7 +152,8 @@ def _segment_one(src: Path, label_out: Path, args, packages, report_out=None, se
     import time
 
     from LumbarSegmentLib.core.checks import check_segmentable, empty_result_warning
-    from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
+    from LumbarSegmentLib.inference.engine import segment_volume
+    from LumbarSegmentLib.inference.options import SegmentOptions
     from LumbarSegmentLib.formats.io import read_volume
     from LumbarSegmentLib.cli.outputs import CasePlan, check_plans, write_case_outputs
 
@@ -219,12 +170,7 @@ def _segment_one(src: Path, label_out: Path, args, packages, report_out=None, se
 
         require_dicom_source(volume, str(src))  # before inference: a SEG needs source instances to reference
     t_read = time.perf_counter() - t0
-    tile = args.tile if args.tile in ("auto", "patch", "whole") else int(args.tile)
-    opts = SegmentOptions(device=args.device, mode=args.mode, batch_size=args.batch_size, tile=tile,
-                          overlap=args.overlap, allow_reslice=args.reslice, confidence=bool(conf_out),
-                          precision=args.precision, threads=args.threads, postprocess=args.postprocess,
-                          slice_smoothing_mm=args.slice_smoothing, bn_adapt=args.bn_adapt,
-                          runtime=getattr(args, "runtime", "auto"))
+    opts = SegmentOptions.from_namespace(args, confidence=bool(conf_out))  # a cohort rank set its device
     bar = None
     from LumbarSegmentLib.core.progress import BATCH, ProgressLog
 
@@ -266,11 +212,11 @@ def _segment_one(src: Path, label_out: Path, args, packages, report_out=None, se
 
 def cmd_segment(args, resolve=None) -> int:
     """``resolve(model_arg, mode)`` -> models: a warm worker (worker.py) passes its cache of loaded models."""
-    from LumbarSegmentLib.core.checks import check_options
     from LumbarSegmentLib.formats.io import volume_suffix
     from LumbarSegmentLib.cli.outputs import check_input_folders
+    from LumbarSegmentLib.inference.options import SegmentOptions
 
-    check_options(args)
+    SegmentOptions.from_namespace(args)  # refused before any work (a Namespace built by a caller, not argparse)
     if not str(args.output).strip():
         raise ValueError("-o/--output is empty; give a label-map file name (one input) or a folder (several)")
     out_folders = [Path(v) for v in (args.output, args.seg_nrrd, args.preview, args.confidence,

@@ -157,7 +157,9 @@ def main(argv=None) -> int:
                    help=f"retire after a job once resident memory exceeds this (default {DEFAULT_MAX_RSS_MB})")
     s.add_argument("--max-jobs", type=int, default=DEFAULT_MAX_JOBS,
                    help=f"retire after this many requests (default {DEFAULT_MAX_JOBS})")
-    s.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's)")
+    from LumbarSegmentLib.inference.options import SegmentOptions
+
+    SegmentOptions.add_arguments(s, only=("threads",))  # the range of `lumbarseg segment --threads`
     a = p.parse_args(argv)
     from LumbarSegmentLib.inference import engine  # noqa: F401  (before torch: the engine chooses the OpenMP wait policy)
 

@@ -1,4 +1,4 @@
-"""Is this input worth segmenting, and are the run's options sane? Checked before any inference.
+"""Is this input worth segmenting? Checked before any inference (the options check themselves: inference/options.py).
 
 The engine segments whatever array it is given. A 1 x 1 x 2 volume, pure noise, pixels
 of a millionth of a millimetre, a label map passed as the image, or a header whose
@@ -22,7 +22,6 @@ MAX_PLANE_PIXELS = 2048 * 2048  # one slice at the model's spacing
 MAX_MODEL_VOXELS = 1 << 28  # all slices at the model's spacing (about 1 GiB as float32)
 MIN_NEIGHBOUR_CORRELATION = 0.15  # MR voxels resemble their neighbours; noise does not
 LABEL_MAP_MAX_VALUES = 8
-TILE_RANGE = (32, 2048)
 
 
 class ImplausibleInput(VolumeError):
@@ -33,8 +32,8 @@ def number_arg(lo: float, hi: float = math.inf, *, kind=float, below_hi: bool = 
                use: str = ""):
     """An argparse ``type`` for a bounded number: a value that does not parse, or lies outside ``lo`` ..
     ``hi`` (``hi`` itself excluded with ``below_hi``), becomes a usage message that names the value and
-    says what to give (``use``), never a traceback from deep inside a run. Every number option of the
-    command lines goes through this one shape."""
+    says what to give (``use``), never a traceback from deep inside a run. The training command's
+    number options go through this one shape; ``lumbarseg segment``'s come from ``inference.options``."""
     import argparse
 
     def parse(value: str):
@@ -47,25 +46,6 @@ def number_arg(lo: float, hi: float = math.inf, *, kind=float, below_hi: bool = 
         return v
 
     return parse
-
-
-def check_options(args) -> None:
-    """Validate the numeric ``segment`` options before any work (argparse only checks their type)."""
-    tile = str(args.tile)
-    if tile not in ("auto", "patch", "whole"):
-        try:
-            value = int(tile)
-        except ValueError:
-            raise ValueError(f"--tile {tile!r}: use 'auto', 'patch', 'whole' or a window size in pixels") from None
-        if not TILE_RANGE[0] <= value <= TILE_RANGE[1]:
-            raise ValueError(f"--tile {value}: a window must be {TILE_RANGE[0]}-{TILE_RANGE[1]} pixels; "
-                             f"or use 'auto', 'patch' or 'whole'")
-    if not 0.0 <= float(args.overlap) <= 0.9 or args.overlap != args.overlap:
-        raise ValueError(f"--overlap {args.overlap}: use a fraction from 0 to 0.9 (default 0.25)")
-    if args.batch_size is not None and not 1 <= args.batch_size <= 1024:
-        raise ValueError(f"--batch-size {args.batch_size}: use 1-1024 (or leave it out for automatic)")
-    if args.threads is not None and not 1 <= args.threads <= 1024:
-        raise ValueError(f"--threads {args.threads}: use 1-1024 CPU threads")
 
 
 def check_segmentable(volume: Volume, packages, *, allow_reslice: bool = False) -> None:

@@ -49,11 +49,12 @@ from LumbarSegmentLib.inference.devices import (DEVICES, PRECISIONS, EngineError
                       is_oom, pick_device)
 from LumbarSegmentLib.core.geometry import resize_planes
 from LumbarSegmentLib.inference.graph_rewrite import inference_graph  # noqa: F401  (part of the engine's API)
-from LumbarSegmentLib.inference.onnx_runner import RUNTIMES, OnnxModel, choose_runtime
+from LumbarSegmentLib.inference.onnx_runner import OnnxModel, choose_runtime
+from LumbarSegmentLib.inference.options import MODES, SegmentOptions  # noqa: F401  (part of the engine's API)
 from LumbarSegmentLib.registry.package import ModelPackage, PackageError
 from LumbarSegmentLib.inference.preprocess import model_slices
 from LumbarSegmentLib.core.schema import LabelSchema, SchemaError
-from LumbarSegmentLib.inference.slice_smoothing import SLICE_SMOOTHING_MAX_MM, SLICE_SMOOTHING_MM, SliceSmoother, neighbour_stack
+from LumbarSegmentLib.inference.slice_smoothing import SliceSmoother, neighbour_stack
 from LumbarSegmentLib.core.volume import Volume
 
 # OpenMP threads that busy-wait between operations (libgomp's default) are badly hurt when other
@@ -65,7 +66,6 @@ from LumbarSegmentLib.core.volume import Volume
 if "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-MODES = ("fast", "tta", "ensemble")
 # Windows per CPU forward pass: as many as hold this many pixels (4 whole 320 x 320 slices, 2 of 384 x 384):
 # the activations of one batch are most of the run's memory, and fewer, larger batches were not faster.
 CPU_BATCH_PIXELS = 4 * 320 * 320
@@ -73,51 +73,6 @@ CPU_BATCH_PIXELS = 4 * 320 * 320
 
 class Cancelled(Exception):
     """The user cancelled the run; nothing was produced."""
-
-
-@dataclass
-class SegmentOptions:
-    device: str = "auto"
-    mode: str = "fast"  # fast: one model; tta: + horizontal flip; ensemble: several models (+ flip)
-    batch_size: int | None = None  # windows per forward pass; None = 32 on GPU, on CPU see CPU_BATCH_PIXELS
-    overlap: float = 0.25  # fraction of the window shared by neighbours
-    # "auto": the whole slice in one window when no side exceeds twice the model's patch (the nets
-    # are fully convolutional), else sliding windows of the patch size; "patch", "whole", or pixels.
-    tile: str | int = "auto"
-    allow_reslice: bool = False  # accept axial/coronal stacks (cut sagittal slices anyway)
-    confidence: bool = False  # also return the per-voxel max probability
-    precision: str = "auto"  # auto: fp16/bf16 autocast on CUDA, bf16 on CPUs that have it, else fp32
-    chunk_slices: int = 16  # slices processed together (bounds memory for huge volumes)
-    threads: int | None = None  # CPU threads for torch (None: leave torch's default)
-    postprocess: str = "none"  # "spine": keep the spinal column, drop blobs apart from it (postprocess.py)
-    slice_smoothing_mm: float = SLICE_SMOOTHING_MM  # sigma of the across-slice average (0: off)
-    bn_adapt: float = 0.0  # weight of the volume's own BatchNorm statistics (bn_adapt.py; 0: off)
-    runtime: str = "auto"  # what computes the network: torch, onnx (ONNX Runtime, CPU fp32), auto (onnx_runner.py)
-
-    def validate(self) -> None:
-        if self.mode not in MODES:
-            raise EngineError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
-            raise EngineError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
-        if self.precision not in PRECISIONS:
-            raise EngineError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
-        if not 0 <= self.overlap < 0.95:
-            raise EngineError(f"overlap must be in [0, 0.95), got {self.overlap}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise EngineError("batch_size must be at least 1")
-        if self.chunk_slices < 1:
-            raise EngineError("chunk_slices must be at least 1")
-        if not 0 <= self.slice_smoothing_mm <= SLICE_SMOOTHING_MAX_MM:
-            raise EngineError(f"slice smoothing must be 0-{SLICE_SMOOTHING_MAX_MM:g} mm (0: off), "
-                              f"got {self.slice_smoothing_mm}")
-        if self.runtime not in RUNTIMES:
-            raise EngineError(f"unknown runtime {self.runtime!r}; choose one of {', '.join(RUNTIMES)}")
-        if not 0 <= self.bn_adapt <= 1:
-            raise EngineError(f"BatchNorm adaptation weight must be 0 (off) to 1, got {self.bn_adapt}")
-        from LumbarSegmentLib.inference.postprocess import MODES as PP_MODES
-
-        if self.postprocess not in PP_MODES:
-            raise EngineError(f"unknown post-processing {self.postprocess!r}; choose one of {', '.join(PP_MODES)}")
 
 
 @dataclass

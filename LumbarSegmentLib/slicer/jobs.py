@@ -68,13 +68,17 @@ def child_command(python: str, module: str, subcommand: str, positional: Sequenc
     """The one way a command line for a child is built: ``python -m MODULE SUBCOMMAND POS... --opt value``.
 
     ``options`` map to ``--option-name``: ``None``/``False`` are left out, ``True`` is a bare
-    flag, a list or tuple is joined with commas (the CLIs' list syntax), anything else is
-    ``str()``-ed. The tests parse every command built here with the target CLI's own
-    ``argparse`` parser, so a renamed option fails a test rather than a user's run.
+    flag, a list or tuple is joined with commas (the CLIs' list syntax), a value with a
+    ``to_argv()`` (``SegmentOptions``) gives its own flags, anything else is ``str()``-ed. The
+    tests parse every command built here with the target CLI's own ``argparse`` parser, so a
+    renamed option fails a test rather than a user's run.
     """
     argv = [python, "-m", module, subcommand, *map(str, positional)]
     for key, value in options.items():
         if value is None or value is False:
+            continue
+        if hasattr(value, "to_argv"):
+            argv += value.to_argv()
             continue
         flag = "--" + key.rstrip("_").replace("_", "-")
         if value is True:

@@ -73,7 +73,7 @@ class ModuleLogic:
         from LumbarSegmentLib.core.geometry import axis_codes, sagittal_layout
 
         volume = mrml.node_to_volume(volume_node, apply_transform=False)  # the frame mrml works in
-        layout = sagittal_layout(volume, allow_reslice=request.allow_reslice)  # OrientationError: clear message
+        layout = sagittal_layout(volume, allow_reslice=request.options.allow_reslice)  # OrientationError: clear message
         notes = []
         if layout.resliced:
             notes.append("not a sagittal stack: sagittal slices are cut from it (coarse in-plane resolution)")
@@ -247,7 +247,7 @@ def self_test_loop(core: ModuleLogic, folder, *, use_model: bool = True, timeout
     node = mrml.volume_to_node(core.scene, volume, "synthetic sagittal")
     seg = None
     if use_model and core.model_choices():
-        seg, _ = core.segment(node, SegmentRequest(device="cpu"), timeout=timeout)
+        seg, _ = core.segment(node, SegmentRequest.of(device="cpu"), timeout=timeout)
     if seg is None or not mrml.segment_ids(seg):  # no model, or it found nothing in noise
         labels = np.zeros(volume.shape, np.uint8)
         labels[10:30, 10:30, 4:8], labels[35:40, 10:30, 4:8] = 1, 2

@@ -18,26 +18,31 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from LumbarSegmentLib.slicer.jobs import (CANCELLED, DONE, FAILED, RUNNING, WARNING_LINE, BackgroundProcess, ControllerError, Status,
                    child_command, child_environment, error_in, python_executable)
+from LumbarSegmentLib.inference.options import SegmentOptions
 from LumbarSegmentLib.core.progress import BATCH, DONE as DONE_EVENT, ERROR as ERROR_EVENT, PROGRESS_ENV, JsonLinesTail, fraction
 from LumbarSegmentLib.slicer.worker_client import WarmWorker
 
 
-@dataclass
+@dataclass(frozen=True)
 class SegmentRequest:
+    """One draft: which models, how (:class:`SegmentOptions`: the same contract as ``lumbarseg segment``'s
+    flags), and whether to name the levels. ``options.confidence`` asks for the confidence map too."""
+
     models: list[str] | None = None  # refs or package folders; None = the default in use
-    device: str = "auto"
-    mode: str = "fast"
-    confidence: bool = False
-    allow_reslice: bool = False
-    batch_size: int | None = None
-    threads: int | None = None
+    options: SegmentOptions = field(default_factory=SegmentOptions)
     levels: bool = False  # one segment per level (L1, L4-L5, ...) and the ordering check in the report
+
+    @classmethod
+    def of(cls, models: list[str] | None = None, levels: bool = False, **values) -> "SegmentRequest":
+        """A request from a form (the Slicer panel, the browser page): ``values`` are option fields, numbers
+        or text as typed, read and checked by :meth:`SegmentOptions.from_values` (``OptionError`` if not)."""
+        return cls(models=models, options=SegmentOptions.from_values(**values), levels=levels)
 
 
 @dataclass
@@ -60,11 +65,11 @@ class SegmentRun:
 
 def segment_command(python: str, input_path: Path, output: Path, report: Path, request: SegmentRequest,
                     confidence: Path | None = None) -> list[str]:
-    """``lumbarseg segment INPUT -o OUTPUT --report REPORT ...`` (checked against the CLI's parser in the tests)."""
+    """``lumbarseg segment INPUT -o OUTPUT --report REPORT ...``: the options' own flags (``to_argv``), the
+    models, the files and ``--levels`` (checked against the CLI's parser in the tests)."""
     return child_command(python, "LumbarSegmentLib.cli.main", "segment", [input_path], output=output, report=report,
-                         device=request.device, mode=request.mode, model=request.models or None,
-                         confidence=confidence, reslice=request.allow_reslice, batch_size=request.batch_size,
-                         threads=request.threads, levels=request.levels)
+                         options=request.options, model=request.models or None, confidence=confidence,
+                         levels=request.levels)
 
 
 def schema_for_report(report: dict, model_schema):
@@ -111,6 +116,7 @@ class SegmentController:
             raise ControllerError("a segmentation is already running; cancel it first")
         self._cleanup()
         request = request or SegmentRequest()
+        request.options.validate()  # a bad value is refused here, in one line, before any file is written
         self._request = request
         self._result, self._error = None, ""
         self._workdir = Path(tempfile.mkdtemp(prefix="lumbarseg-run-", dir=self.workdir_parent))
@@ -119,7 +125,7 @@ class SegmentController:
             ("confidence", "confidence.nrrd"), ("progress", "progress.jsonl"), ("log", "output.log"))}
         write_volume(volume, p["input"], compress=False)
         argv = self.command(self.python, p["input"], p["labels"], p["report"], request,
-                            p["confidence"] if request.confidence else None)
+                            p["confidence"] if request.options.confidence else None)
         env = child_environment(progress_file=p["progress"]) if self.env is None else \
             {**self.env, PROGRESS_ENV: str(p["progress"])}
         self._events = JsonLinesTail(p["progress"])
@@ -213,7 +219,7 @@ class SegmentController:
 
         report = json.loads(self._paths["report"].read_text())
         labels = read_volume(self._paths["labels"])
-        confidence = read_volume(self._paths["confidence"]) if self._request.confidence else None
+        confidence = read_volume(self._paths["confidence"]) if self._request.options.confidence else None
         models = report.get("models") or []
         if models and models[0].get("path") and Path(models[0]["path"]).is_dir():
             schema = read_package(models[0]["path"]).schema

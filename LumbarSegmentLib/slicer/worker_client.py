@@ -36,6 +36,9 @@ class WarmWorker:
     def __init__(self, *, python: str | None = None, env: dict | None = None, preload: str | None = "",
                  max_rss_mb: float | None = None, max_jobs: int | None = None, threads: int | None = None,
                  workdir_parent: str | None = None):
+        from LumbarSegmentLib.inference.options import SegmentOptions
+
+        SegmentOptions.options()["threads"].check(threads)  # refused here, not by a worker that fails to start
         self.python = python or python_executable()
         self.env = env
         self.argv = child_command(self.python, WORKER_MODULE, "serve", preload=preload if preload else None,
