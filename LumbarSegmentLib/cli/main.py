@@ -20,8 +20,9 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
+    from LumbarSegmentLib.core.checks import number_arg
     from LumbarSegmentLib.core.help_format import DOCS_NOTE
-    from LumbarSegmentLib.inference.options import SegmentOptions
+    from LumbarSegmentLib.inference.options import MAX_THREADS, SegmentOptions
 
     p = _Parser(prog="lumbarseg", description="Lumbar-spine MRI segmentation (LumbarSegment).", epilog=DOCS_NOTE)
     sub = p.add_subparsers(dest="command", required=True)
@@ -67,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="a click in LPS millimetres with a class id of the model (e.g. vertebral_body) and a "
                    "sign; repeat it, oldest first, for every click so far")
     r.add_argument("--model", default=None, help="model NAME[@VERSION] or package folder (default: the default)")
-    r.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="CPU threads for PyTorch")
+    r.add_argument("--threads", type=number_arg(1, MAX_THREADS, kind=int, what="a whole number",
+                                                use=f"use 1-{MAX_THREADS} CPU threads"),
+                   default=None, metavar="N", help="CPU threads for PyTorch")
     m = sub.add_parser("models", help="list the installed models")
     m.add_argument("--json", action="store_true", help="print the models as JSON (ref, variant, schema, "
                    "spacing, registry, default/ensemble flags, metrics)")
