@@ -76,3 +76,15 @@ def load_script(path, name: str):
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def stop_server(proc, log) -> None:
+    """End a server the test started (terminate, then kill if it lingers) and close its log."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()

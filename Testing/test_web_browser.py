@@ -27,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "Resources" / "Sample" / "VB2_06_image.mha"
@@ -90,12 +91,7 @@ def server(tmp_path_factory):
                 pytest.fail(f"the web server did not start:\n{(base / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
     yield {"url": url, "work": base / "work", "log": base / "server.log"}
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    stop_server(proc, log)
 
 
 @pytest.fixture(scope="module")
@@ -159,14 +155,19 @@ def _shot(pg, name: str) -> None:
     pg.screenshot(path=str(ARTIFACTS / name))
 
 
-def test_segment_can_be_cancelled(page):
-    _upload_sample(page)
+def _segment_then_cancel(page) -> None:
+    """Click Segment, wait until the draft runs, cancel it and wait until it says so."""
     page.click("[data-testid=segment]")
     page.wait_for_function("document.querySelector('[data-testid=job]').dataset.state === 'running'",
                            timeout=20_000)
     page.click("[data-testid=cancel]")
     page.wait_for_function("document.querySelector('[data-testid=job]').dataset.state === 'cancelled'",
                            timeout=20_000)
+
+
+def test_segment_can_be_cancelled(page):
+    _upload_sample(page)
+    _segment_then_cancel(page)
     assert page.locator("tr[data-testid^=segment-]").count() == 0  # nothing half-made in the scene
 
 
@@ -183,12 +184,7 @@ def test_advanced_settings_are_checked_like_the_command_line(page):
     _shot(page, "00_advanced_refused.png")
     assert _job_state(page) != "running"
     field.fill("0.5")
-    page.click("[data-testid=segment]")
-    page.wait_for_function("document.querySelector('[data-testid=job]').dataset.state === 'running'",
-                           timeout=20_000)
-    page.click("[data-testid=cancel]")
-    page.wait_for_function("document.querySelector('[data-testid=job]').dataset.state === 'cancelled'",
-                           timeout=20_000)
+    _segment_then_cancel(page)
 
 
 def test_upload_segment_paint_erase_undo_export(page, server):

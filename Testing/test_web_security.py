@@ -20,6 +20,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
+from conftest import stop_server
 
 from LumbarSegmentWeb import missing_dependency
 
@@ -74,12 +75,7 @@ def server(tmp_path_factory):
     proc, port, log = _start(base, "--token", TOKEN, "--max-upload-mb", str(UPLOAD_MB))
     _wait_up(proc, port, base / "server.log")
     yield {"port": port, "proc": proc, "log": base / "server.log", "own": f"127.0.0.1:{port}"}
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    stop_server(proc, log)
 
 
 def _run(coro):
