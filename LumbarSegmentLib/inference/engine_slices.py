@@ -16,8 +16,9 @@ from typing import Sequence
 import numpy as np
 
 from LumbarSegmentLib.inference.devices import pick_device
-from LumbarSegmentLib.inference.options import SegmentOptions
-from LumbarSegmentLib.inference.runners import LoadedModel, Runner, check_models
+# through the engine, which chooses the OpenMP wait policy when it is imported before torch (``lumbarseg refine``)
+from LumbarSegmentLib.inference.engine import LoadedModel, SegmentOptions
+from LumbarSegmentLib.inference.runners import Runner, check_models
 from LumbarSegmentLib.inference.windows import predict_chunk
 from LumbarSegmentLib.core.geometry import resize_planes
 from LumbarSegmentLib.registry.package import ModelPackage
