@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from LumbarSegmentLib.inference.bn_adapt import MAX_ADAPT_SLICES, adapt_batchnorm, adapt_slices, batchnorm_layers
-from LumbarSegmentLib.inference.engine import EngineError, LoadedModel, SegmentOptions, segment_volume
+from LumbarSegmentLib.inference.devices import EngineError
+from LumbarSegmentLib.inference.engine import LoadedModel, SegmentOptions, segment_volume
 from LumbarSegmentLib.core.volume import Volume
 
 
@@ -140,7 +141,7 @@ def test_a_cancel_stops_the_adaptation_pass_before_its_next_batch(tiny_package, 
     import threading
 
     from LumbarSegmentLib.inference import bn_adapt
-    from LumbarSegmentLib.inference.engine import Cancelled
+    from LumbarSegmentLib.inference.runners import Cancelled
 
     consumed = []
     real = bn_adapt.adapt_batchnorm

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from LumbarSegmentLib.inference.engine import (Cancelled, EngineError, SegmentOptions, gaussian_weight, segment_volume,
-                                     window_starts)
+from LumbarSegmentLib.inference.devices import EngineError
+from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
+from LumbarSegmentLib.inference.runners import Cancelled
+from LumbarSegmentLib.inference.windows import gaussian_weight, window_starts
 from LumbarSegmentLib.core.geometry import OrientationError, axis_codes
 from LumbarSegmentLib.core.schema import LabelSchema, SchemaError, load_schema
 from LumbarSegmentLib.core.volume import Volume, VolumeError
@@ -158,10 +160,10 @@ def test_progress_and_cancel(small_real_volume, tiny_package):
 
 def test_simulated_cuda_oom_shrinks_batch_then_falls_back_to_cpu(small_real_volume, tiny_package, monkeypatch):
     """Pretend to be on CUDA and run out of memory: the batch halves, then the run moves to the CPU."""
-    from LumbarSegmentLib.inference import engine
+    from LumbarSegmentLib.inference import engine, runners
 
     calls = {"n": 0}
-    real_run = engine._Runner._run
+    real_run = runners.Runner._run
 
     def fake_run(self, x):
         if self.device.type == "cuda":
@@ -179,8 +181,8 @@ def test_simulated_cuda_oom_shrinks_batch_then_falls_back_to_cpu(small_real_volu
         self.device = device
         self.dtype = None
 
-    monkeypatch.setattr(engine._Runner, "_run", fake_run)
-    monkeypatch.setattr(engine._Runner, "_place", fake_place)
+    monkeypatch.setattr(runners.Runner, "_run", fake_run)
+    monkeypatch.setattr(runners.Runner, "_place", fake_place)
     monkeypatch.setattr(engine, "pick_device", lambda name: FakeCuda())
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     res = segment_volume(small_real_volume, [tiny_package], SegmentOptions(batch_size=4, precision="fp32"))

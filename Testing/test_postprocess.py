@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from LumbarSegmentLib.inference.engine import EngineError, SegmentOptions
+from LumbarSegmentLib.inference.devices import EngineError
+from LumbarSegmentLib.inference.engine import SegmentOptions
 from LumbarSegmentLib.inference.postprocess import apply, spine_column
 
 

@@ -312,7 +312,7 @@ def test_nan_and_inf_voxels_are_zeroed_and_reported(pkg):
 HUGE_CHILD = r'''
 import json, re, resource, sys
 import numpy as np, torch
-from LumbarSegmentLib.inference import engine
+from LumbarSegmentLib.inference import runners
 from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
 from LumbarSegmentLib.registry.package import read_package
 from LumbarSegmentLib.core.volume import Volume
@@ -324,7 +324,7 @@ class Cheap(torch.nn.Module):  # stands in for the network: the engine's own mem
     def forward(self, x):
         return torch.cat([x, -x, torch.zeros_like(x)], 1)
 
-engine.inference_graph = lambda model: Cheap()
+runners.inference_graph = lambda model: Cheap()
 package = read_package(sys.argv[1])
 options = SegmentOptions(device="cpu", precision="fp32", chunk_slices=4, threads=2)
 warm = np.random.default_rng(0).integers(1, 500, (8, 64, 64)).astype(np.int16)  # lazy imports, thread pools

@@ -322,9 +322,9 @@ def dataset(tmp_path):
 
 
 def trainer_command(script, behaviour, package="none"):
-    def command(python, dataset, output, extra, base_model=None):
-        return [sys.executable, str(script), "--data", str(dataset), "--out", str(output), "--pkg", str(package),
-                behaviour]
+    def command(python, request):
+        return [sys.executable, str(script), "--data", str(request.dataset), "--out", str(request.output),
+                "--pkg", str(package), behaviour]
     return command
 
 
@@ -434,16 +434,17 @@ def test_retrain_refuses_a_folder_without_cases(tmp_path):
 
 
 def test_train_and_publish_commands_parse_with_the_training_cli():
+    from LumbarSegmentLib.slicer.retrain_job import TrainRequest
     from LumbarSegmentLib.training.cli import build_parser
 
     parser = build_parser()
-    argv = sl.train_command("py", Path("d"), Path("o"), ["--threads", "1"], "uvd-starter@1", epochs=3,
-                            max_minutes=7.5, exclude=["c03", "c07"], resume=True)
+    argv = sl.train_command("py", TrainRequest(Path("d"), Path("o"), ("--threads", "1"), "uvd-starter@1", epochs=3,
+                                               max_minutes=7.5, exclude=("c03", "c07"), resume=True))
     assert argv[:3] == ["py", "-m", "LumbarSegmentLib.training.cli"]
     a = parser.parse_args(argv[3:])
     assert (a.command, a.source, a.data, a.out, a.epochs, a.max_minutes, a.exclude, a.resume, a.threads) == \
         ("finetune", "uvd-starter@1", "d", "o", 3, 7.5, "c03,c07", True, 1)
-    a = parser.parse_args(sl.train_command("py", Path("d"), Path("o"))[3:])
+    a = parser.parse_args(sl.train_command("py", TrainRequest(Path("d"), Path("o")))[3:])
     assert a.command == "train" and a.epochs == 40 and a.exclude is None
     a = parser.parse_args(sl.publish_command("py", Path("pkg"), Path("d"), ["c03"])[3:])
     assert (a.command, a.package, a.data, a.cases) == ("publish", "pkg", "d", "c03")

@@ -341,16 +341,17 @@ def worker_ours(cfg: dict) -> dict:
     t_imp = time.perf_counter()
     if cfg.get("torch_first"):  # torch (libgomp) initialised before the engine can choose the OpenMP wait policy
         import torch
-    from LumbarSegmentLib.inference import engine  # like the CLI: the engine first, then torch
+    from LumbarSegmentLib.inference import engine  # noqa: F401  (like the CLI: the engine first, then torch)
 
     import torch
+    from LumbarSegmentLib.inference import runners
     from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
     from LumbarSegmentLib.formats.io import read_volume
     from LumbarSegmentLib.registry.package import ModelPackage, read_package
 
     import_s = time.perf_counter() - t_imp
     if not cfg.get("fuse", True):  # the engine as it was before BN folding / PReLU-as-max
-        engine.inference_graph = lambda model: model
+        runners.inference_graph = lambda model: model
     shapes: dict[str, list] = {}
     real_load = ModelPackage.load_model
 
@@ -494,7 +495,8 @@ def worker_agreement(cfg: dict) -> dict:
     """Label agreement between precisions, tile modes and the pre-change engine on one real case."""
     import numpy as np
 
-    from LumbarSegmentLib.inference import engine
+    from LumbarSegmentLib.inference import runners
+    from LumbarSegmentLib.inference.devices import cpu_has_bf16
     from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
     from LumbarSegmentLib.formats.io import read_volume
     from LumbarSegmentLib.registry.package import read_package
@@ -510,17 +512,17 @@ def worker_agreement(cfg: dict) -> dict:
                      direction=vol.direction)
     pkg = read_package(cfg["package"])
     runs = {}
-    real_graph = engine.inference_graph
+    real_graph = runners.inference_graph
     for name, opts, fuse in (("fp32/whole", dict(precision="fp32", tile="whole"), True),
                              ("bf16/whole", dict(precision="bf16", tile="whole"), True),
                              ("fp32/patch", dict(precision="fp32", tile="patch"), True),
                              ("bf16/patch", dict(precision="bf16", tile="patch"), True),
                              ("fp32/whole/unfused", dict(precision="fp32", tile="whole"), False)):
-        if opts["precision"] == "bf16" and not engine.cpu_has_bf16():
+        if opts["precision"] == "bf16" and not cpu_has_bf16():
             continue
-        engine.inference_graph = real_graph if fuse else (lambda model: model)
+        runners.inference_graph = real_graph if fuse else (lambda model: model)
         runs[name] = segment_volume(vol, [pkg], SegmentOptions(device="cpu", **opts)).labels.array
-    engine.inference_graph = real_graph
+    runners.inference_graph = real_graph
     schema = pkg.schema
     pairs = [("bf16/whole", "fp32/whole"), ("fp32/patch", "fp32/whole"), ("bf16/patch", "bf16/whole"),
              ("fp32/whole/unfused", "fp32/whole"), ("bf16/whole/unfused", "bf16/whole")]
@@ -548,7 +550,7 @@ def worker_graph_ab(cfg: dict) -> dict:
 
     End-to-end runs in separate processes are too noisy on a shared machine to resolve a 10-20 %
     difference; here the same batch goes through the loaded model and through its rewritten copy
-    (``engine.inference_graph``) alternately, in the engine's precision and memory format.
+    (``graph_rewrite.inference_graph``) alternately, in the engine's precision and memory format.
     """
     import copy
 
@@ -556,7 +558,8 @@ def worker_graph_ab(cfg: dict) -> dict:
 
     import torch
 
-    from LumbarSegmentLib.inference.engine import autocast_dtype, inference_graph
+    from LumbarSegmentLib.inference.devices import autocast_dtype
+    from LumbarSegmentLib.inference.graph_rewrite import inference_graph
     from LumbarSegmentLib.registry.package import read_package
 
     out = {"batch": cfg["batch"], "plane": cfg["plane"], "reps": cfg["reps"], "models": {}}

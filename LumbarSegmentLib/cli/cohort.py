@@ -152,19 +152,18 @@ class CohortPlan:
                  ("--dicom-seg", self.dicom_seg))
         return [("-o/--output", self.out), *((flag, f) for flag, f in named if f is not None)]
 
-    def outputs(self, case: Path) -> dict:
-        """Every output path of one case (``None`` for the ones not asked for)."""
+    def case(self, case: Path):
+        """One case and every output it will produce, by kind (an ``outputs.CasePlan``)."""
+        from LumbarSegmentLib.cli.outputs import CasePlan
+
         s = case_stem(case)
-        return {"label_out": self.out / f"{s}_seg{self.label_format}",
-                "report_out": self.out / f"{s}_report.json",
-                "seg_out": self.seg_nrrd / f"{s}.seg.nrrd" if self.seg_nrrd else None,
-                "preview_out": self.preview / f"{s}_preview.png" if self.preview else None,
-                "conf_out": self.confidence / f"{s}_confidence.nii.gz" if self.confidence else None,
-                "dicom_seg_out": self.dicom_seg / f"{s}_seg.dcm" if self.dicom_seg else None}
-
-
-_KIND_OF = {"label_out": "label", "report_out": "report", "seg_out": "seg_nrrd", "preview_out": "preview",
-            "conf_out": "confidence", "dicom_seg_out": "dicom_seg"}
+        targets = {"label": self.out / f"{s}_seg{self.label_format}",
+                   "report": self.out / f"{s}_report.json",
+                   "seg_nrrd": self.seg_nrrd / f"{s}.seg.nrrd" if self.seg_nrrd else None,
+                   "preview": self.preview / f"{s}_preview.png" if self.preview else None,
+                   "confidence": self.confidence / f"{s}_confidence.nii.gz" if self.confidence else None,
+                   "dicom_seg": self.dicom_seg / f"{s}_seg.dcm" if self.dicom_seg else None}
+        return CasePlan(case, {k: v for k, v in targets.items() if v is not None})
 
 
 def prepare_cohort(cases: list[Path], out: Path, args) -> CohortPlan:
@@ -179,7 +178,7 @@ def prepare_cohort(cases: list[Path], out: Path, args) -> CohortPlan:
     check_unique_stems(cases)
     plan = CohortPlan.from_args(out, args)
     check_output_folders(plan.folders(), cases)
-    plans = [CasePlan(c, {_KIND_OF[k]: v for k, v in plan.outputs(c).items() if v is not None}) for c in cases]
+    plans = [plan.case(c) for c in cases]
     extra = CasePlan(Path("summary"), {"summary": plan.summary}) if plan.summary is not None else None
     check_plans(plans, extra=extra, pending=[f for _, f in plan.folders()])
     for _, folder in plan.folders():
@@ -216,7 +215,7 @@ def run_cohort(cases: list[Path], out: Path, args, packages, segment_one, print_
                plan: CohortPlan | None = None) -> int:
     """Segment this process's share of ``cases`` into ``out``; return how many cases failed.
 
-    ``segment_one(src, args=, packages=, **outputs)`` does one case (the CLI's, so a cohort case is
+    ``segment_one(case_plan, args=, packages=)`` does one case (the CLI's, so a cohort case is
     exactly a single-input run); ``print_case(report)`` prints its one-line result. One bad case is
     reported and the others still run. Under torchrun every rank runs this on the same list and keeps
     its shard; rank 0 gathers the rows and writes the summary (always when distributed, else only
@@ -240,7 +239,7 @@ def run_cohort(cases: list[Path], out: Path, args, packages, segment_one, print_
         for src in mine:
             t0 = time.perf_counter()
             try:
-                report = segment_one(src, args=args, packages=packages, **plan.outputs(src))
+                report = segment_one(plan.case(src), args=args, packages=packages)
                 print_case(report)
                 rows.append(case_row(src, me.rank, time.perf_counter() - t0, report))
             except Exception as exc:  # one bad case must not stop a cohort

@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     from LumbarSegmentLib.core.help_format import DOCS_NOTE
     from LumbarSegmentLib.inference.options import MAX_THREADS, SegmentOptions
 
+    _positive_int = number_arg(1, kind=int, what="a whole number", use="must be at least 1")
+
     p = _Parser(prog="lumbarseg", description="Lumbar-spine MRI segmentation (LumbarSegment).", epilog=DOCS_NOTE)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("segment", help="segment one or more sagittal lumbar MR volumes")
@@ -150,30 +152,27 @@ def _resolve_models(arg: str | None, mode: str):
     return pkgs
 
 
-def _segment_one(src: Path, label_out: Path, args, packages, report_out=None, seg_out=None, preview_out=None,
-                 conf_out=None, dicom_seg_out=None, measurements_out=None, measurements_png_out=None) -> dict:
+def _segment_one(plan, args, packages) -> dict:
+    """Segment one input and write the outputs ``plan`` (an ``outputs.CasePlan``) names, by kind."""
     import time
 
     from LumbarSegmentLib.core.checks import check_segmentable, empty_result_warning
     from LumbarSegmentLib.inference.engine import segment_volume
     from LumbarSegmentLib.inference.options import SegmentOptions
     from LumbarSegmentLib.formats.io import read_volume
-    from LumbarSegmentLib.cli.outputs import CasePlan, check_plans, write_case_outputs
+    from LumbarSegmentLib.cli.outputs import check_plans, write_case_outputs
 
-    wanted = {"label": label_out, "report": report_out, "seg_nrrd": seg_out, "preview": preview_out,
-              "confidence": conf_out, "dicom_seg": dicom_seg_out, "measurements": measurements_out,
-              "measurements_png": measurements_png_out}
-    plan = CasePlan(Path(src), {k: Path(v) for k, v in wanted.items() if v})
+    src, wanted = plan.src, plan.targets
     check_plans([plan])  # before any work: no output may be an input, or another output
     t0 = time.perf_counter()
     volume = read_volume(src, series_uid=args.series)
     check_segmentable(volume, packages, allow_reslice=args.reslice)  # nonsense in, refused, not "segmented"
-    if dicom_seg_out:
+    if "dicom_seg" in wanted:
         from LumbarSegmentLib.formats.dicom_seg import require_dicom_source
 
         require_dicom_source(volume, str(src))  # before inference: a SEG needs source instances to reference
     t_read = time.perf_counter() - t0
-    opts = SegmentOptions.from_namespace(args, confidence=bool(conf_out))  # a cohort rank set its device
+    opts = SegmentOptions.from_namespace(args, confidence="confidence" in wanted)  # a cohort rank set its device
     bar = None
     from LumbarSegmentLib.core.progress import BATCH, ProgressLog
 
@@ -206,7 +205,7 @@ def _segment_one(src: Path, label_out: Path, args, packages, report_out=None, se
         report["warnings"] = [*report.get("warnings", []), warning]
     from LumbarSegmentLib.spine.level_outputs import LevelRequest, apply_levels  # --levels / --measurements; no-op without them
 
-    request = LevelRequest(getattr(args, "levels", False), bool(measurements_out), bool(measurements_png_out))
+    request = LevelRequest(getattr(args, "levels", False), "measurements" in wanted, "measurements_png" in wanted)
     result, extra = apply_levels(request, result, volume, report, allow_reslice=args.reslice)
     # every output under a hidden temporary name first, then all renamed together (outputs.commit)
     write_case_outputs(plan, result, volume, report, allow_reslice=args.reslice, mode=args.mode, extra_writers=extra)
@@ -251,8 +250,12 @@ def cmd_segment(args, resolve=None) -> int:
             raise ValueError(f"output folder {out.parent} does not exist; create it first")
         if not volume_suffix(out):
             raise ValueError(f"output {out}: use a .nii.gz, .nrrd or .mha file name (or an existing folder)")
-        rep = _segment_one(inputs[0], out, args, packages, args.report, args.seg_nrrd, args.preview, args.confidence,
-                           args.dicom_seg, args.measurements, args.measurements_png)
+        from LumbarSegmentLib.cli.outputs import CasePlan
+
+        wanted = {"label": out, "report": args.report, "seg_nrrd": args.seg_nrrd, "preview": args.preview,
+                  "confidence": args.confidence, "dicom_seg": args.dicom_seg, "measurements": args.measurements,
+                  "measurements_png": args.measurements_png}
+        rep = _segment_one(CasePlan(Path(inputs[0]), {k: Path(v) for k, v in wanted.items() if v}), args, packages)
         _summary(rep)
         return EXIT_OK
     if args.measurements or args.measurements_png:

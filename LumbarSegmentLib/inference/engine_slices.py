@@ -16,7 +16,10 @@ from typing import Sequence
 import numpy as np
 
 from LumbarSegmentLib.inference.devices import pick_device
-from LumbarSegmentLib.inference.engine import LoadedModel, SegmentOptions, _check_models, _predict_chunk, _Runner
+# through the engine, which chooses the OpenMP wait policy when it is imported before torch (``lumbarseg refine``)
+from LumbarSegmentLib.inference.engine import LoadedModel, SegmentOptions
+from LumbarSegmentLib.inference.runners import Runner, check_models
+from LumbarSegmentLib.inference.windows import predict_chunk
 from LumbarSegmentLib.core.geometry import resize_planes
 from LumbarSegmentLib.registry.package import ModelPackage
 from LumbarSegmentLib.inference.preprocess import model_slices
@@ -35,14 +38,14 @@ class SliceProbabilities:
         import torch
 
         options = options or SegmentOptions()
-        (spec,), self.schema = _check_models([model], options)
+        (spec,), self.schema = check_models([model], options)
         if options.threads:
             torch.set_num_threads(int(options.threads))
         self.options = options
         self.stack, self.layout, _ = model_slices(volume, spec.spacing, allow_reslice=options.allow_reslice,
                                                   normalisation=spec.normalisation)
         self.warnings: list[str] = []
-        self.runner = _Runner(spec, pick_device(options.device), options, self.warnings, self.stack, lambda: False)
+        self.runner = Runner(spec, pick_device(options.device), options, self.warnings, self.stack, lambda: False)
         self.plane = tuple(self.layout.to_canonical(volume.array).shape[1:])
         self.n_slices = int(self.stack.shape[0])
         self._cache: dict[int, np.ndarray] = {}
@@ -70,7 +73,7 @@ class SliceProbabilities:
         for a in range(c0, c1, step):
             b = min(c1, a + step)
             stack = neighbour_stack(self.stack, a, b, self.runner.spec.slice_context)
-            probs = _predict_chunk(self.runner, stack, (False,), self.options, lambda: None)
+            probs = predict_chunk(self.runner, stack, (False,), self.options, lambda: None)
             probs = resize_planes(probs, self.plane, mode="bilinear").numpy()
             for k in range(b - a):
                 self._cache[a + k] = np.ascontiguousarray(probs[k], dtype=np.float32)

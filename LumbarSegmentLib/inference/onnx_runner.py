@@ -1,6 +1,6 @@
 """ONNX Runtime as a runner behind the engine: the same network, the same windows, another CPU library.
 
-The engine (``engine._Runner``) hands a window batch to either PyTorch or this runner; everything
+The engine (``runners.Runner``) hands a window batch to either PyTorch or this runner; everything
 else in the prediction path (preprocessing, windows, flips, resampling, ensemble, smoothing,
 labels) is shared, and the run report's ``runtime`` says which one computed the network.
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -39,15 +40,28 @@ RUN_FILE = "run.json"
 TRAIN_CLI = "LumbarSegmentLib.training.cli"
 
 
-def train_command(python: str, dataset: Path, output: Path, extra: Sequence[str] = (),
-                  base_model: str | None = None, *, epochs: int | None = None, max_minutes: float | None = None,
-                  exclude: Sequence[str] = (), resume: bool = False) -> list[str]:
+@dataclass(frozen=True)
+class TrainRequest:
+    """One training run of the retrain job: the cases, where the run goes, what it starts from and for how long."""
+
+    dataset: Path
+    output: Path
+    extra: tuple[str, ...] = ()  # more ``lumbarseg-train`` arguments, passed as they are
+    base_model: str | None = None  # fine-tune this model; None: train from scratch
+    epochs: int | None = None
+    max_minutes: float | None = None
+    exclude: tuple[str, ...] = ()  # case ids never trained on (the held-out cases)
+    resume: bool = False
+
+
+def train_command(python: str, request: TrainRequest) -> list[str]:
     """``lumbarseg-train finetune --from MODEL`` (or ``train`` from scratch) ``--data DATASET --out OUTPUT``."""
-    head = {"from_": base_model} if base_model else {}
-    argv = child_command(python, TRAIN_CLI, "finetune" if base_model else "train", **head, data=dataset,
-                         out=output, exclude=list(exclude) or None, epochs=epochs, max_minutes=max_minutes,
-                         resume=resume)
-    return argv + list(extra)
+    r = request
+    head = {"from_": r.base_model} if r.base_model else {}
+    argv = child_command(python, TRAIN_CLI, "finetune" if r.base_model else "train", **head, data=r.dataset,
+                         out=r.output, exclude=list(r.exclude) or None, epochs=r.epochs, max_minutes=r.max_minutes,
+                         resume=r.resume)
+    return argv + list(r.extra)
 
 
 def publish_command(python: str, package: Path, dataset: Path | None = None,
@@ -103,10 +117,9 @@ class RetrainController:
         if not split.train:
             raise ControllerError(f"all {len(split.holdout)} case(s) in {dataset} are held out for grading; "
                                   f"export cases of more patients first")
-        kwargs = {"epochs": epochs, "max_minutes": max_minutes, "exclude": split.holdout_ids}
-        if self.command is not train_command:  # an injected command keeps the simple signature
-            kwargs = {}
-        argv = self.command(self.python, dataset, Path(output_folder), list(extra_args), base_model, **kwargs)
+        request = TrainRequest(dataset, Path(output_folder), tuple(extra_args), base_model, epochs=epochs,
+                               max_minutes=max_minutes, exclude=tuple(split.holdout_ids))
+        argv = self.command(self.python, request)
         self._begin(dataset, Path(output_folder), argv, split.holdout_ids, skip_old_log=True)
         self.status.message = (f"training on {len(split.train)} cases ({len(split.holdout)} held out for "
                                f"grading): starting")
