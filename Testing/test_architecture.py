@@ -129,8 +129,6 @@ PARAMETERS_OVER = {
     "LumbarSegmentLib/slicer/retrain_job.py:train_command": 9,
     "training/data.py:PatchSampler.__init__": 9,
     "training/finetune.py:finetune": 9,
-    "training/publish.py:_decide": 10,
-    "training/publish.py:publish_if_better": 13,
     "training/trainer.py:train": 11,
     "training/trainer.py:_write_outputs": 13,
 }

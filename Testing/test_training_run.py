@@ -27,7 +27,7 @@ from LumbarSegmentLib.training.data import CaseSlices, annotated_mask, load_case
 from LumbarSegmentLib.training.finetune import finetune, prepare_finetune_model
 from LumbarSegmentLib.training.losses import deep_supervision_loss
 from LumbarSegmentLib.training.metrics import MetricAccumulator
-from LumbarSegmentLib.training.publish import publish_if_better
+from LumbarSegmentLib.training.publish import GatePolicy, publish_if_better
 from LumbarSegmentLib.training.trainer import train
 
 torch.set_num_threads(1)  # tiny tensors; avoids oversubscribing a shared machine
@@ -269,14 +269,14 @@ def test_publish_only_if_at_least_as_good(tmp_path):
     reg = Registry(tmp_path / "registry")
     good = _tiny_package(tmp_path / "good", "good", bias=[0.0, 0.0, 10.0])  # "disc everywhere": some overlap
     bad = _tiny_package(tmp_path / "bad", "bad", bias=[10.0, 0.0, 0.0])  # background everywhere: Dice 0
-    r = publish_if_better(good, reg, case_list=frozen)
+    r = publish_if_better(good, reg, cases=frozen)
     assert r["default"] and reg.default_ref() == "good@1"
-    r = publish_if_better(bad, reg, case_list=frozen)
+    r = publish_if_better(bad, reg, cases=frozen)
     assert not r["default"] and reg.default_ref() == "good@1"
     assert r["comparison"]["candidate"] < r["comparison"]["current"]
-    r = publish_if_better(bad, reg, case_list=frozen, force=True)
+    r = publish_if_better(bad, reg, GatePolicy(force=True), cases=frozen)
     assert r["default"] and reg.default_ref() == "bad@2"
-    r = publish_if_better(good, reg, case_list=frozen, ensemble=["@new", "bad@2"])
+    r = publish_if_better(good, reg, cases=frozen, ensemble=["@new", "bad@2"])
     assert r["default"] and reg.default_ref() == "good@2" and reg.ensemble_refs() == ["good@2", "bad@2"]
     # old versions stay
     assert sorted(p.ref for p in reg.packages()) == ["bad@1", "bad@2", "good@1", "good@2"]

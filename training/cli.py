@@ -26,7 +26,7 @@ from LumbarSegmentLib.inference.devices import EngineError
 from LumbarSegmentLib.models import VARIANTS
 from LumbarSegmentLib.inference.slice_smoothing import smoothing_mm_arg
 
-from .config import INTENSITY_MODES, METRICS, OPTIMIZERS, PRECISIONS, SCHEDULES, config_from_args
+from .config import INTENSITY_MODES, METRICS, OPTIMIZERS, PRECISIONS, SCHEDULES, config_from_args, precision_from_amp
 
 log = logging.getLogger("lumbarseg.train")
 
@@ -90,7 +90,7 @@ def add_precision_arg(p, default: str = "auto") -> None:
     p.add_argument("--precision", choices=PRECISIONS, default=default,
                    help="autocast precision: auto = bf16 on CUDA and on CPUs with native bf16, else fp32 "
                         f"(default {default})")
-    p.add_argument("--amp", dest="precision", type=lambda v: {"off": "fp32"}.get(v, v), choices=PRECISIONS,
+    p.add_argument("--amp", dest="precision", type=precision_from_amp, choices=PRECISIONS,
                    help=argparse.SUPPRESS)
 
 
