@@ -46,12 +46,14 @@ def _slices(n=2, size=48, seed=0):
 
 
 def _fine_tune(tmp_path, model, **retention):
+    from LumbarSegmentLib.training.run_outputs import CachedSlices, RunOutputs, StartFrom
     from LumbarSegmentLib.training.trainer import train
 
     cfg = TrainConfig(variant="UVD", init_filters=4, epochs=1, steps_per_epoch=3, batch_size=2, patch=32,
                       lr=1e-2, warmup_steps=0, augment=False, threads=1, device="cpu", precision="fp32",
                       patience=0, **retention)
-    return train(cfg, [], [], out_dir=tmp_path, init_model=model, train_data=_slices(), write_pkg=False)
+    return train(cfg, [], [], out_dir=tmp_path, start=StartFrom(model), slices=CachedSlices(_slices()),
+                 outputs=RunOutputs(write_package=False))
 
 
 def _bn_stats(model):
