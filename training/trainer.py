@@ -136,8 +136,8 @@ class _Run:
         self.cfg, self.out_dir, self.callbacks = cfg, out_dir, list(callbacks)
         self.dist = setup_distributed(cfg.device)
         self.device = resolve_device(cfg.device, self.dist.local_rank)
-        self.amp_dtype = autocast_dtype(self.device, cfg.precision)
-        self.amp = precision_name(self.amp_dtype)
+        self.autocast_dtype = autocast_dtype(self.device, cfg.precision)
+        self.precision = precision_name(self.autocast_dtype)
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
         if self.dist.is_main:
@@ -196,7 +196,7 @@ class _Run:
         self.planned_epochs = cfg.epochs  # may shrink to fit cfg.max_minutes (recorded in the checkpoint)
         self.total_holder = [self.steps * cfg.epochs]
         self.sched = make_scheduler(self.opt, self.total_holder, cfg)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
 
     def _pseudo_label(self, train_cases) -> dict:
         """Teacher drafts of each training case's unannotated classes (``training.pseudo``)."""
@@ -263,10 +263,10 @@ class _Run:
             self.tb = _tensorboard(self.out_dir)
             (self.out_dir / "config.json").write_text(json.dumps(
                 {**cfg.to_dict(), "builder_args": model.builder_args, "device": str(self.device),
-                 "precision": self.amp, "world_size": self.dist.world, "steps_per_epoch": self.steps,
+                 "precision": self.precision, "world_size": self.dist.world, "steps_per_epoch": self.steps,
                  "train_cases": [c.case_id for c in self.train_data], "val_cases": self.val_ids}, indent=1))
             log.info("%s: %d parameters, %s, precision %s, %d train / %d val cases, %d steps x %d epochs, "
-                     "batch %d x %d process(es)", cfg.variant, count_parameters(model), self.device, self.amp,
+                     "batch %d x %d process(es)", cfg.variant, count_parameters(model), self.device, self.precision,
                      len(self.train_data), len(self.val_ids), self.steps, cfg.epochs, cfg.batch_size,
                      self.dist.world)
         self.use_bar = cfg.progress_bar if cfg.progress_bar is not None else sys.stderr.isatty()
@@ -308,12 +308,12 @@ class _Run:
             t0 = time.time()
             img, lab, ann = self.sampler.sample(cfg.batch_size, gen)
             x, y = aug.augment_batch(img, lab, self.aug_cfg, cfg.patch, gen, dev)
-            with autocast(dev, self.amp_dtype):
+            with autocast(dev, self.autocast_dtype):
                 out = self.ddp_model(x)
             loss = deep_supervision_loss(out, y, ann.to(dev), ds_weights=cfg.ds_weights, dice_weight=cfg.dice_weight,
                                          marginal=cfg.marginal, unannotated_bg_weight=cfg.unannotated_bg_weight)
             if self.retention is not None:
-                extra = self.retention.penalty(self.model, x, y, out, lambda: autocast(dev, self.amp_dtype))
+                extra = self.retention.penalty(self.model, x, y, out, lambda: autocast(dev, self.autocast_dtype))
                 loss = loss if extra is None else loss + extra
             self._optimise(loss)
             lv = float(loss.detach())
@@ -453,7 +453,7 @@ class _Run:
                     "cases": sorted(self.pseudo["cases"])}}
             if outputs.write_package:
                 facts = RunFacts(self.schema, [c.case_id for c in self.train_data], self.val_ids, str(self.device),
-                                 self.amp, self.dist.world, self.steps)
+                                 self.precision, self.dist.world, self.steps)
                 result.package = write_outputs(result, cfg, facts, (train_cases, val_cases), provenance)
             self.plog.write("done", epoch=result.epochs_run, step=result.epochs_run * self.steps,
                             loss=self.history[-1]["loss"] if self.history else None, val=result.val_metrics,
