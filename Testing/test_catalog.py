@@ -156,7 +156,7 @@ def test_gate_grades_against_the_model_in_use_on_unseen_cases(tmp_path, registri
     rec = _Recorder({"vertebral_body": 0.8 if better else 0.6}, {"vertebral_body": 0.7})
     monkeypatch.setattr(evaluate, "evaluate_packages", rec)
     ft = _fine_tune(tmp_path, in_use)
-    res = publish.publish_if_better(ft, user, case_list=_cases(tmp_path / "data", n_cases),
+    res = publish.publish_if_better(ft, user, cases=_cases(tmp_path / "data", n_cases),
                                     registries=[user, shipped])
     assert rec.calls and rec.calls[0]["current"] == [in_use.path], "compared with the model in use"
     assert res["default"] is promoted, res["reason"]
@@ -184,8 +184,8 @@ def test_gate_refuses_a_candidate_that_forgets_another_source(tmp_path, registri
     monkeypatch.setattr(evaluate, "evaluate_packages",
                         _Recorder({"vertebral_body": 0.85}, {"vertebral_body": 0.79}, levels))
     ft = _fine_tune(tmp_path, in_use)
-    res = publish.publish_if_better(ft, user, case_list=_cases(tmp_path / "data", 3), registries=[user, shipped],
-                                    max_drop=max_drop)
+    res = publish.publish_if_better(ft, user, publish.GatePolicy(max_drop=max_drop),
+                                    cases=_cases(tmp_path / "data", 3), registries=[user, shipped])
     assert res["default"] is promoted, res["reason"]
     assert res["comparison"]["per_source"]["VB1"]["vertebral_body"]["delta"] == pytest.approx(-other_source_drop)
     assert "VB1: Vertebral body" in res["table"]
@@ -207,9 +207,9 @@ def test_gate_drops_cases_the_candidate_trained_on_and_force_overrides(tmp_path,
 
     (ft.path / "manifest.json").write_text(json.dumps(seal(manifest)))  # the training cases are under the seal
     cases = _cases(tmp_path / "data", 3)
-    res = publish.publish_if_better(read_package(ft.path), user, case_list=cases, registries=[user, shipped])
+    res = publish.publish_if_better(read_package(ft.path), user, cases=cases, registries=[user, shipped])
     assert rec.calls[0]["cases"] == ["c02"] and not res["default"] and "only 1 held-out" in res["reason"]
-    forced = publish.publish_if_better(read_package(ft.path), user, case_list=cases, force=True,
+    forced = publish.publish_if_better(read_package(ft.path), user, publish.GatePolicy(force=True), cases=cases,
                                        registries=[user, shipped])
     assert forced["default"] and forced["ref"] == "uvd-tiny@3"
     # forcing still grades, so the record says what was overridden
@@ -263,10 +263,10 @@ def test_gate_on_level_range_dice_ignores_levels_nobody_labelled(tmp_path, regis
     recorder = _Recorder({"vertebral_body": 0.80}, {"vertebral_body": 0.81}, levels)
     monkeypatch.setattr(evaluate, "evaluate_packages", recorder)
     ft = _fine_tune(tmp_path, in_use)
-    strict = publish.publish_if_better(ft, user, case_list=_cases(tmp_path / "data", 3), registries=[user, shipped])
+    strict = publish.publish_if_better(ft, user, cases=_cases(tmp_path / "data", 3), registries=[user, shipped])
     assert not strict["default"]
-    ranged = publish.publish_if_better(ft, user, case_list=_cases(tmp_path / "data", 3), registries=[user, shipped],
-                                       metric="level_range_dice")
+    ranged = publish.publish_if_better(ft, user, publish.GatePolicy(metric="level_range_dice"),
+                                       cases=_cases(tmp_path / "data", 3), registries=[user, shipped])
     assert ranged["default"], ranged["reason"]
     assert ranged["comparison"]["per_class"]["vertebral_body"]["delta"] == pytest.approx(0.03)
     assert [c["surface"] for c in recorder.calls] == [(), ()], "the gate reads no surface Dice: it asks for none"

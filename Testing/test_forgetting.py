@@ -46,12 +46,14 @@ def _slices(n=2, size=48, seed=0):
 
 
 def _fine_tune(tmp_path, model, **retention):
+    from LumbarSegmentLib.training.run_outputs import CachedSlices, RunOutputs, StartFrom
     from LumbarSegmentLib.training.trainer import train
 
     cfg = TrainConfig(variant="UVD", init_filters=4, epochs=1, steps_per_epoch=3, batch_size=2, patch=32,
                       lr=1e-2, warmup_steps=0, augment=False, threads=1, device="cpu", precision="fp32",
                       patience=0, **retention)
-    return train(cfg, [], [], out_dir=tmp_path, init_model=model, train_data=_slices(), write_pkg=False)
+    return train(cfg, [], [], out_dir=tmp_path, start=StartFrom(model), slices=CachedSlices(_slices()),
+                 outputs=RunOutputs(write_package=False))
 
 
 def _bn_stats(model):
@@ -184,7 +186,7 @@ def _reference(folder, sources=("VB3", "IVD")):
 
 def test_gate_refuses_a_candidate_that_loses_a_reference_source(tmp_path, registries):
     """For real, through the engine: the model in use paints bodies, the candidate paints nothing."""
-    from LumbarSegmentLib.training.publish import publish_if_better
+    from LumbarSegmentLib.training.publish import GatePolicy, publish_if_better
 
     user, shipped = registries
     in_use = _with_head_bias(tmp_path, "painter", 1)
@@ -192,8 +194,8 @@ def test_gate_refuses_a_candidate_that_loses_a_reference_source(tmp_path, regist
     current = Catalog([user, shipped]).default()
     forgetful = _with_head_bias(tmp_path, "forgetful", 0, parent=current)
     ref = _reference(tmp_path / "ref", ("VB3",))
-    res = publish_if_better(forgetful, user, registries=[user, shipped], reference=ref,
-                            case_list=_reference(tmp_path / "heldout", ("T1L", "T1L")), min_cases=1)
+    res = publish_if_better(forgetful, user, GatePolicy(min_cases=1), registries=[user, shipped], reference=ref,
+                            cases=_reference(tmp_path / "heldout", ("T1L", "T1L")))
     r = res["comparison"]["reference"]
     assert r["per_source"]["VB3"]["vertebral_body"]["current"] > 0.5
     assert r["per_source"]["VB3"]["vertebral_body"]["candidate"] == 0.0
@@ -236,9 +238,9 @@ def test_own_source_only_promotes_and_is_recorded(tmp_path, registries, monkeypa
                       "T1L": {"vertebral_body": 0.95}}}))
     ft = _with_head_bias(tmp_path, "ft", 1, parent=in_use)
     ref = _reference(tmp_path / "ref")
-    res = publish.publish_if_better(ft, user, registries=[user, shipped], reference=ref, force=False,
-                                    case_list=_reference(tmp_path / "heldout", ("T1L", "T1L")), min_cases=1,
-                                    own_source_only=own_source_only)
+    policy = publish.GatePolicy(force=False, min_cases=1, own_source_only=own_source_only)
+    res = publish.publish_if_better(ft, user, policy, registries=[user, shipped], reference=ref,
+                                    cases=_reference(tmp_path / "heldout", ("T1L", "T1L")))
     assert res["default"] is promoted, res["reason"]
     published = read_package(user.root / "uvd-tiny" / "2")
     record = published.manifest["publish"]
@@ -259,8 +261,8 @@ def test_publish_command_line_passes_own_source_only_and_the_reference(tmp_path,
 
     seen = {}
 
-    def fake(pkg, registry, **kw):
-        seen.update(kw)
+    def fake(pkg, registry, policy, **kw):
+        seen.update(kw, policy=policy)
         return {"ref": "x@2", "default": False, "reason": "r", "table": "", "comparison": None,
                 "registry": str(registry.root)}
 
@@ -269,8 +271,8 @@ def test_publish_command_line_passes_own_source_only_and_the_reference(tmp_path,
     ref = _reference(tmp_path / "ref")
     assert cli.main(["publish", str(tmp_path), "--registry", str(tmp_path / "reg"), "--own-source-only",
                      "--reference", str(tmp_path / "ref")]) == 0
-    assert seen["own_source_only"] is True and [c.case_id for c in seen["reference"]] == [c.case_id for c in ref]
-    assert seen["reference_drop"] == pytest.approx(0.01)
+    assert seen["policy"].own_source_only is True and [c.case_id for c in seen["reference"]] == [c.case_id for c in ref]
+    assert seen["policy"].reference_drop == pytest.approx(0.01)
 
 
 def test_shipped_reference_set_covers_every_validated_source():

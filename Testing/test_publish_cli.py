@@ -37,3 +37,32 @@ def test_publish_prints_the_per_class_table_and_the_decision(tmp_path, capsys):
     assert "Intervertebral disc" in out and "in use: good@1" in out
     assert "the model in use is unchanged" in out and ">=" not in out.splitlines()[-1], out
     assert Registry(reg).default_ref() == "good@1"
+
+
+def test_the_command_lines_gate_settings_reach_one_frozen_policy(tmp_path, monkeypatch):
+    """Every gate flag lands in the GatePolicy the gate reads; the old ``--amp off`` arrives as the
+    precision name the rest of the project uses (fp32), and a negative drop switches that check off."""
+    import dataclasses
+
+    import pytest
+
+    from LumbarSegmentLib.training import publish
+
+    seen = {}
+
+    def fake(pkg, registry, policy, **kw):
+        seen.update(kw, policy=policy)
+        return {"ref": "x@2", "default": False, "reason": "r", "table": "", "comparison": None,
+                "registry": str(registry.root)}
+
+    monkeypatch.setattr(publish, "publish_if_better", fake)
+    monkeypatch.setattr(publish, "read_package", lambda p: None)
+    assert main(["publish", str(tmp_path), "--registry", str(tmp_path / "reg"), "--amp", "off", "--device", "cpu",
+                 "--metric", "level_range_dice", "--max-source-drop", "-1", "--no-default", "--force",
+                 "--name", "team"]) == 0
+    p = seen["policy"]
+    assert (p.precision, p.device, p.metric, p.max_drop, p.never_default, p.force, p.own_source_only) == (
+        "fp32", "cpu", "level_range_dice", None, True, True, False)
+    assert seen["name"] == "team" and seen["cases"] is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.force = False

@@ -303,7 +303,7 @@ def test_a_bad_ensemble_is_refused_before_the_candidate_is_graded(pkg, tmp_path,
     monkeypatch.setattr(evaluate, "evaluate_packages", lambda *a, **k: graded.append(a) or {})
     cases = list_cases(_dataset(tmp_path / "data", n=3))
     with pytest.raises(ManifestError, match="ghost@9"):
-        publish.publish_if_better(pkg, reg, case_list=cases, ensemble=["@new", "ghost@9"], registries=[reg])
+        publish.publish_if_better(pkg, reg, cases=cases, ensemble=["@new", "ghost@9"], registries=[reg])
     assert graded == [] and reg.index()["ensemble"] == []
 
 
@@ -391,7 +391,7 @@ def test_a_package_without_sealed_provenance_is_not_graded_as_clean(pkg, tmp_pat
     cases = _dataset(tmp_path / "data", n=3)
     from LumbarSegmentLib.dataset.cases import list_cases
 
-    res = publish.publish_if_better(read_package(cand.path), reg, case_list=list_cases(cases), registries=[reg])
+    res = publish.publish_if_better(read_package(cand.path), reg, cases=list_cases(cases), registries=[reg])
     assert not res["default"] and "not graded" in res["reason"] and "trained on" in res["reason"], res["reason"]
     assert graded == [] and reg.default_ref() == "uvd-rel3@1"
 

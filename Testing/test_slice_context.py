@@ -20,8 +20,9 @@ from LumbarSegmentLib.registry.package import MODEL_FORMAT, MODEL_FORMAT_VERSION
 from LumbarSegmentLib.core.schema import load_schema
 from LumbarSegmentLib.inference.slice_smoothing import neighbour_stack
 from LumbarSegmentLib.training.config import TrainConfig
-from LumbarSegmentLib.training.data import CaseSlices, PatchSampler, annotated_mask
+from LumbarSegmentLib.training.data import CaseSlices, PatchSampler, ThickSlabs, annotated_mask
 from LumbarSegmentLib.training.finetune import finetune
+from LumbarSegmentLib.training.run_outputs import CachedSlices
 from LumbarSegmentLib.core.volume import Volume
 
 torch.set_num_threads(1)
@@ -76,8 +77,8 @@ def test_sampler_feeds_the_neighbours_and_thick_slabs_one_slab_apart():
     assert torch.equal(mid[:, 0], (centre - 1).clamp(min=0)) and torch.equal(mid[:, 2], (centre + 1).clamp(max=8))
     assert {0.0, 8.0} <= set(centre.tolist())  # the edge slices are drawn, and stand in for themselves
 
-    thick = PatchSampler([_ramp_case(20)], 16, fg_fraction=1.0, jitter=0.0, slice_context=1, slab_p=1.0,
-                         slab_max=3)
+    thick = PatchSampler([_ramp_case(20)], 16, fg_fraction=1.0, jitter=0.0, slice_context=1,
+                         slabs=ThickSlabs(1.0, 3))
     img, _, _ = thick.sample(64, torch.Generator().manual_seed(1))
     mid = img[:, :, 16, 16]
     inner = (mid[:, 1] >= 6) & (mid[:, 1] <= 13)  # far enough from the ends for whole neighbour slabs
@@ -89,8 +90,8 @@ def test_sampler_feeds_the_neighbours_and_thick_slabs_one_slab_apart():
 def test_sampler_without_context_draws_what_it_drew_before():
     """slice_context 0 keeps the one-channel input and the random stream of earlier runs (resume)."""
     c = _ramp_case()
-    a, _, _ = PatchSampler([c], 16, slab_p=0.5).sample(16, torch.Generator().manual_seed(4))
-    b, _, _ = PatchSampler([c], 16, slab_p=0.5, slice_context=0).sample(16, torch.Generator().manual_seed(4))
+    a, _, _ = PatchSampler([c], 16, slabs=ThickSlabs(0.5)).sample(16, torch.Generator().manual_seed(4))
+    b, _, _ = PatchSampler([c], 16, slabs=ThickSlabs(0.5), slice_context=0).sample(16, torch.Generator().manual_seed(4))
     assert a.shape == (16, 1, 32, 32) and torch.equal(a, b)
 
 
@@ -168,7 +169,7 @@ def test_finetune_widens_a_one_slice_parent_and_the_package_reads_three(tmp_path
     parent = write_package(tmp_path / "parent", build_model("UD", num_classes=3, init_filters=4).eval(),
                            name="parent", schema=STARTER)
     r = finetune(parent, [], [], out_dir=tmp_path / "ft", config=TrainConfig(**TINY, slice_context=1),
-                 train_data=_synth_cases(), val_data=_synth_cases(1))
+                 slices=CachedSlices(_synth_cases(), _synth_cases(1)))
     pkg = r.package
     assert pkg.manifest["input"]["channels"] == 3 and pkg.manifest["input"]["slice_context"] == 1
     assert pkg.manifest["architecture"]["in_channels"] == 3
@@ -180,10 +181,10 @@ def test_finetune_widens_a_one_slice_parent_and_the_package_reads_three(tmp_path
     assert res.labels.same_geometry(vol)
     # its own fine-tune keeps three slices without being told; asking for fewer is refused before any file
     again = finetune(pkg, [], [], out_dir=tmp_path / "ft2", config=TrainConfig(**TINY),
-                     train_data=_synth_cases(), val_data=_synth_cases(1))
+                     slices=CachedSlices(_synth_cases(), _synth_cases(1)))
     assert again.package.manifest["input"]["slice_context"] == 1
     wide = finetune(pkg, [], [], out_dir=tmp_path / "ft3", config=TrainConfig(**TINY, slice_context=2),
-                    train_data=_synth_cases(), val_data=_synth_cases(1))
+                    slices=CachedSlices(_synth_cases(), _synth_cases(1)))
     assert wide.package.manifest["input"]["channels"] == 5
 
 
@@ -193,15 +194,15 @@ def test_a_fine_tune_cannot_drop_neighbours(tmp_path):
     pkg = _package(tmp_path / "five", m, 2)
     with pytest.raises(ValueError, match="cannot drop"):
         finetune(pkg, [], [], out_dir=tmp_path / "ft", config=TrainConfig(**TINY, slice_context=1),
-                 train_data=_synth_cases(), val_data=_synth_cases(1))
+                 slices=CachedSlices(_synth_cases(), _synth_cases(1)))
     assert not (tmp_path / "ft").exists()
 
 
 def test_training_a_2p5d_model_from_scratch(tmp_path):
     from LumbarSegmentLib.training.trainer import train
 
-    r = train(TrainConfig(**TINY, slice_context=1), [], [], out_dir=tmp_path / "run", train_data=_synth_cases(),
-              val_data=_synth_cases(1))
+    r = train(TrainConfig(**TINY, slice_context=1), [], [], out_dir=tmp_path / "run",
+              slices=CachedSlices(_synth_cases(), _synth_cases(1)))
     assert r.package.manifest["input"]["channels"] == 3
     for bad in (-1, 5, True, 1.0):
         with pytest.raises(ValueError, match="slice_context"):

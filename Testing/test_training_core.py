@@ -14,7 +14,7 @@ from LumbarSegmentLib.training.losses import (deep_supervision_loss, marginal_cr
                              soft_dice_loss)
 from LumbarSegmentLib.training.metrics import MetricAccumulator, confusion_matrix, iou_dice_from_cm
 from LumbarSegmentLib.training.splits import SplitError, fixed_split, kfold_by_patient
-from LumbarSegmentLib.training.trainer import lr_factor
+from LumbarSegmentLib.training.optim import lr_factor
 
 torch.set_num_threads(1)  # tiny tensors; avoids oversubscribing a shared machine
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lumbar-mr"

@@ -8,7 +8,7 @@ import torch
 from LumbarSegmentLib.dataset.cases import Case
 from LumbarSegmentLib.core.schema import load_schema
 from LumbarSegmentLib.training import augment as aug
-from LumbarSegmentLib.training.data import CaseSlices, PatchSampler, annotated_mask, case_source
+from LumbarSegmentLib.training.data import CaseSlices, PatchSampler, ThickSlabs, annotated_mask, case_source
 
 
 def _slices(cid, source, n=6, size=64, structures=("vertebral_body",)):
@@ -38,8 +38,8 @@ def test_sources_balance_gives_each_source_the_same_share():
 
 def test_thick_slab_patches_average_neighbouring_slices_and_keep_the_label():
     c = _slices("A_0", "A", n=8)
-    always = PatchSampler([c], 32, fg_fraction=1.0, slab_p=1.0, jitter=0.0)
-    never = PatchSampler([c], 32, fg_fraction=1.0, slab_p=0.0, jitter=0.0)
+    always = PatchSampler([c], 32, fg_fraction=1.0, slabs=ThickSlabs(1.0), jitter=0.0)
+    never = PatchSampler([c], 32, fg_fraction=1.0, slabs=ThickSlabs(0.0), jitter=0.0)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     img_s, lab_s, _ = always.sample(16, g1)
     img_n, lab_n, _ = never.sample(16, g2)

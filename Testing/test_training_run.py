@@ -27,8 +27,11 @@ from LumbarSegmentLib.training.data import CaseSlices, annotated_mask, load_case
 from LumbarSegmentLib.training.finetune import finetune, prepare_finetune_model
 from LumbarSegmentLib.training.losses import deep_supervision_loss
 from LumbarSegmentLib.training.metrics import MetricAccumulator
-from LumbarSegmentLib.training.publish import publish_if_better
+from LumbarSegmentLib.training.publish import GatePolicy, publish_if_better
+from LumbarSegmentLib.training.run_outputs import CachedSlices, RunOutputs
 from LumbarSegmentLib.training.trainer import train
+
+NO_PACKAGE = RunOutputs(write_package=False)
 
 torch.set_num_threads(1)  # tiny tensors; avoids oversubscribing a shared machine
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +133,7 @@ def test_tiny_model_overfits_a_few_real_slices():
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
     cfg = TrainConfig(**TINY)
     tr, va = synth_slices(seed=0), synth_slices(n_cases=2, seed=1)
-    full = train(cfg, [], [], out_dir=tmp_path / "full", train_data=tr, val_data=va, write_pkg=False)
+    full = train(cfg, [], [], out_dir=tmp_path / "full", slices=CachedSlices(tr, va), outputs=NO_PACKAGE)
 
     class Kill(Exception):
         pass
@@ -140,13 +143,13 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
             raise Kill()
 
     with pytest.raises(Kill):
-        train(cfg, [], [], out_dir=tmp_path / "cut", train_data=tr, val_data=va, callbacks=[kill_after_two],
-              write_pkg=False)
+        train(cfg, [], [], out_dir=tmp_path / "cut", slices=CachedSlices(tr, va), callbacks=[kill_after_two],
+              outputs=NO_PACKAGE)
     events = [json.loads(line)["event"] for line in (tmp_path / "cut" / "progress.jsonl").read_text().splitlines()]
     assert events[-1] == "error"
     assert torch.load(tmp_path / "cut" / "last.pt", weights_only=False)["epoch"] == 1  # 0-based: 2 epochs done
-    resumed = train(cfg.replace(resume=True), [], [], out_dir=tmp_path / "cut", train_data=tr, val_data=va,
-                    write_pkg=False)
+    resumed = train(cfg.replace(resume=True), [], [], out_dir=tmp_path / "cut", slices=CachedSlices(tr, va),
+                    outputs=NO_PACKAGE)
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
     assert a["epoch"] == b["epoch"] == 3
@@ -159,8 +162,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
 
 def test_time_budget_shortens_the_schedule(tmp_path):
     cfg = TrainConfig(**{**TINY, "epochs": 5, "max_minutes": 1e-6})
-    r = train(cfg, [], [], out_dir=tmp_path, train_data=synth_slices(), val_data=synth_slices(2, seed=1),
-              write_pkg=False)
+    r = train(cfg, [], [], out_dir=tmp_path, slices=CachedSlices(synth_slices(), synth_slices(2, seed=1)),
+              outputs=NO_PACKAGE)
     assert r.epochs_run == 1 and len(r.history) == 1
     ck = torch.load(tmp_path / "last.pt", weights_only=False)
     assert ck["planned_epochs"] == 1 and ck["train_cpu_s"] > 0
@@ -168,7 +171,7 @@ def test_time_budget_shortens_the_schedule(tmp_path):
 
 def test_progress_log_is_json_lines_with_the_documented_events(tmp_path):
     cfg = TrainConfig(**{**TINY, "epochs": 2})
-    train(cfg, [], [], out_dir=tmp_path, train_data=synth_slices(), val_data=synth_slices(2, seed=1))
+    train(cfg, [], [], out_dir=tmp_path, slices=CachedSlices(synth_slices(), synth_slices(2, seed=1)))
     recs = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
     assert {r["event"] for r in recs} == {"step", "epoch", "done"}
     for r in recs:
@@ -256,7 +259,7 @@ def test_finetune_with_an_added_class_keeps_the_body(tmp_path, reorder):
     # and it trains end to end into a package with the new schema
     r = finetune(pkg, [], [], out_dir=tmp_path / "ft", schema=target,
                  config=TrainConfig(**{**TINY, "epochs": 1}),
-                 train_data=synth_slices(schema=target), val_data=synth_slices(2, seed=1, schema=target))
+                 slices=CachedSlices(synth_slices(schema=target), synth_slices(2, seed=1, schema=target)))
     assert r.package.schema.ids == target.ids
     assert r.package.manifest["training"]["init_from"]["kept_classes"] == [c for c in target.ids
                                                                             if c != "spinal_canal"]
@@ -269,14 +272,14 @@ def test_publish_only_if_at_least_as_good(tmp_path):
     reg = Registry(tmp_path / "registry")
     good = _tiny_package(tmp_path / "good", "good", bias=[0.0, 0.0, 10.0])  # "disc everywhere": some overlap
     bad = _tiny_package(tmp_path / "bad", "bad", bias=[10.0, 0.0, 0.0])  # background everywhere: Dice 0
-    r = publish_if_better(good, reg, case_list=frozen)
+    r = publish_if_better(good, reg, cases=frozen)
     assert r["default"] and reg.default_ref() == "good@1"
-    r = publish_if_better(bad, reg, case_list=frozen)
+    r = publish_if_better(bad, reg, cases=frozen)
     assert not r["default"] and reg.default_ref() == "good@1"
     assert r["comparison"]["candidate"] < r["comparison"]["current"]
-    r = publish_if_better(bad, reg, case_list=frozen, force=True)
+    r = publish_if_better(bad, reg, GatePolicy(force=True), cases=frozen)
     assert r["default"] and reg.default_ref() == "bad@2"
-    r = publish_if_better(good, reg, case_list=frozen, ensemble=["@new", "bad@2"])
+    r = publish_if_better(good, reg, cases=frozen, ensemble=["@new", "bad@2"])
     assert r["default"] and reg.default_ref() == "good@2" and reg.ensemble_refs() == ["good@2", "bad@2"]
     # old versions stay
     assert sorted(p.ref for p in reg.packages()) == ["bad@1", "bad@2", "good@1", "good@2"]

@@ -17,6 +17,12 @@ INTENSITY_MODES = ("off", "light", "strong", "domain", "remap", "tissue", "gin")
 METRICS = ("mean_dice_fg", "mean_iou_fg", "mean_dice", "mean_iou")
 
 
+def precision_from_amp(value: str) -> str:
+    """The precision a value of the setting's old name ``amp`` means (``"off"`` -> ``"fp32"``; the others
+    are already precisions): the one place old configs and the old ``--amp`` flag are read."""
+    return {"off": "fp32"}.get(value, value)
+
+
 @dataclass
 class TrainConfig:
     """Everything that decides a training run (stored in checkpoints and package manifests).
@@ -164,7 +170,7 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         if "amp" in d and "precision" not in d:  # configs written before the setting had one name
-            d = {**d, "precision": {"off": "fp32"}.get(d["amp"], d["amp"])}
+            d = {**d, "precision": precision_from_amp(d["amp"])}
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
 
     def replace(self, **kw) -> "TrainConfig":

@@ -20,6 +20,7 @@ from .config import TrainConfig
 from .data import as_schema
 from .metrics import MetricAccumulator, clean
 from .splits import kfold_by_patient
+from .run_outputs import RunOutputs
 from .trainer import train
 
 log = logging.getLogger("lumbarseg.train")
@@ -42,7 +43,7 @@ def cross_validate(cfg: TrainConfig, case_list: Sequence[Case], *, k: int = 5, o
             continue
         log.info("fold %d/%d: validating on %s", i, k, ", ".join(c.case_id for c in va))
         r = train(cfg.replace(name=f"{cfg.package_name}-fold{i}"), tr, va, out_dir=out_dir / f"fold{i}",
-                  extra_provenance={"folds": {"k": k, "fold": i, "seed": cfg.seed, "plan": plan}})
+                  outputs=RunOutputs(provenance={"folds": {"k": k, "fold": i, "seed": cfg.seed, "plan": plan}}))
         if r.val_metrics is None:
             continue
         per_fold[f"fold {i}"] = r.val_metrics

@@ -243,6 +243,14 @@ def _slab(image: torch.Tensor, centre: int, width: int) -> torch.Tensor:
     return image[a:a + width].mean(0)
 
 
+@dataclass(frozen=True)
+class ThickSlabs:
+    """Thick-slice augmentation of :class:`PatchSampler`: with probability ``p`` a patch is the mean of
+    ``w`` neighbouring slices, ``w`` uniform in 2..``max_width``."""
+    p: float = 0.0
+    max_width: int = 5
+
+
 class PatchSampler:
     """Draws batches of context crops (2x patch) with their labels and annotated masks.
 
@@ -250,8 +258,8 @@ class PatchSampler:
     same share; ``sources`` gives every (source, structures) group the same share, so 39 water-fat
     cases do not drown four mixed-sequence ones; ``cases`` and ``slices`` weigh uniformly.
 
-    ``slab_p`` (thick-slice augmentation): with that probability the image crop is the mean of
-    ``w`` neighbouring slices (``w`` uniform in 2..``slab_max``) around the labelled one: the
+    ``slabs`` (:class:`ThickSlabs`, thick-slice augmentation): with probability ``slabs.p`` the image crop
+    is the mean of ``w`` neighbouring slices (``w`` uniform in 2..``slabs.max_width``) around the labelled one: the
     partial-volume look of a 3-5 mm clinical stack when the cases are 1 mm. The label stays the
     centre slice's, as the nearest-neighbour label of a thick slice would be.
 
@@ -266,7 +274,8 @@ class PatchSampler:
 
     def __init__(self, data: Sequence[CaseSlices], patch: int = 256, fg_fraction: float = 0.67,
                  balance: str = "structures", context: float = 2.0, jitter: float = 0.25,
-                 slab_p: float = 0.0, slab_max: int = 5, slice_context: int = 0):
+                 slabs: ThickSlabs = ThickSlabs(), slice_context: int = 0):
+        slab_p, slab_max = slabs.p, slabs.max_width
         if not data:
             raise DataError("no training cases")
         if balance not in self.BALANCES:

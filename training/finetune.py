@@ -19,12 +19,12 @@ import torch
 from LumbarSegmentLib.dataset.cases import Case
 from LumbarSegmentLib.models import build_model, replace_heads, widen_input
 from LumbarSegmentLib.registry.package import ModelPackage, default_input_contract, write_package
-from LumbarSegmentLib.registry.registry import Registry
 from LumbarSegmentLib.registry.catalog import resolve_model
 from LumbarSegmentLib.core.schema import LabelSchema, load_schema
 
-from .config import TrainConfig, config_from_args
+from .config import TrainConfig
 from .retention import RetentionSettings
+from .run_outputs import StartFrom
 
 log = logging.getLogger("lumbarseg.train")
 
@@ -90,19 +90,19 @@ def _context_for(model, requested: int, ref: str) -> dict:
 
 
 def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases: Sequence[Case] = (), *,
-             out_dir, schema: str | LabelSchema | None = None, config: TrainConfig | None = None, args=None,
-             registry: str | None = None, retention: RetentionSettings | None = None, **train_kwargs):
-    """Fine-tune ``source`` (package, folder or registry ref) on the cases; returns a ``TrainResult``.
+             out_dir, schema: str | LabelSchema | None = None, config: TrainConfig | None = None,
+             retention: RetentionSettings | None = None, **train_kwargs):
+    """Fine-tune ``source`` (package, folder or ref in the catalogue) on the cases; returns a ``TrainResult``.
 
-    The architecture, spacing and patch size come from the source package; ``config`` (or
-    CLI ``args``) sets the rest. With ``schema`` the model is adapted (see module doc).
-    ``retention`` says how the parent's knowledge is kept (``None``: the command line's choice when
-    ``args`` are given, else :data:`RETENTION_DEFAULT`; ``RetentionSettings()`` is a plain fine-tune).
+    The architecture comes from the source package, and its spacing and patch size unless ``config``
+    is given; ``config`` sets the rest. With ``schema`` the model is adapted (see module doc).
+    ``retention`` says how the parent's knowledge is kept (``None``: :data:`RETENTION_DEFAULT`;
+    ``RetentionSettings()`` is a plain fine-tune). ``train_kwargs`` go to ``trainer.train`` (``slices``,
+    ``outputs``, ``callbacks``).
     """
     from .trainer import train
 
-    pkg = source if isinstance(source, ModelPackage) else resolve_model(
-        str(source), [Registry(registry, read_only=True)] if registry else None)
+    pkg = source if isinstance(source, ModelPackage) else resolve_model(str(source))
     target = schema if isinstance(schema, LabelSchema) else (load_schema(schema) if schema else pkg.schema)
     # Structures the annotators labelled but the target schema lacks would silently become
     # background: refuse, naming them (a schema with more classes keeps the body, new heads).
@@ -110,7 +110,7 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
 
     check_compatible(target, sorted({s for c in [*train_cases, *val_cases] for s in c.annotated_structures}))
     model, target, info = prepare_finetune_model(pkg, target)
-    asked = config.slice_context if config is not None else getattr(args, "slice_context", None)
+    asked = config.slice_context if config is not None else None
     context = _context_for(model, asked or 0, pkg.ref)  # before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,17 +120,11 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
     fixed = {"variant": arch["variant"], "init_filters": arch["init_filters"], "activation": arch["activation"],
              "deep_supervision": arch["deep_supervision"], "schema": str(schema_path)}
     if config is None:
-        if args is not None:
-            spacing_given = getattr(args, "spacing", None) not in (None, (1.0, 1.0))
-            cfg = config_from_args(args, **fixed)
-            if not spacing_given:
-                cfg = cfg.replace(spacing=tuple(pkg.spacing))
-        else:
-            cfg = TrainConfig(**fixed, spacing=tuple(pkg.spacing), patch=pkg.patch_size[0], epochs=15)
+        cfg = TrainConfig(**fixed, spacing=tuple(pkg.spacing), patch=pkg.patch_size[0], epochs=15)
     else:
         cfg = config.replace(**fixed)
     cfg = cfg.replace(slice_context=context["run"])
-    keep = retention or (retention_from_args(args) if args is not None else RETENTION_DEFAULT)
+    keep = retention or RETENTION_DEFAULT
     cfg = cfg.replace(keep_bn_stats=keep.keep_bn_stats, l2sp=keep.l2sp, distill=keep.distill)
     info["retention"] = {"keep_bn_stats": keep.keep_bn_stats, "l2sp": keep.l2sp, "distill": keep.distill}
     info["slice_context"] = context
@@ -140,7 +134,7 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
     if cfg.name is None:
         cfg = cfg.replace(name=pkg.name if target.ids == pkg.schema.ids else f"{pkg.name}-{target.name}")
     log.info("fine-tuning %s: kept %s, new %s", pkg.ref, info["kept_classes"], info["new_classes"])
-    return train(cfg, train_cases, val_cases, out_dir=out_dir, init_model=model, init_info=info, **train_kwargs)
+    return train(cfg, train_cases, val_cases, out_dir=out_dir, start=StartFrom(model, info), **train_kwargs)
 
 
 #: what a run's own package says about its data and origin, true of every checkpoint of that run

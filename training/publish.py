@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -43,6 +44,36 @@ log = logging.getLogger("lumbarseg.train")
 #: the gate refuses a candidate that loses more than this (level-range Dice) on any source and class
 #: of the held-out cases, even when its mean is better (``--max-source-drop``; negative = off)
 DEFAULT_MAX_SOURCE_DROP = 0.02
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    """How the gate judges a candidate against the model in use.
+
+    ``metric``: what is compared on the held-out cases; ``max_drop``: the most level-range Dice the
+    candidate may lose on any source and class of those cases (None = not checked);
+    ``reference_drop``: the same on the reference set; ``min_cases``: held-out cases needed to
+    replace the model in use; ``force``: promote whatever the numbers say (they are still recorded);
+    ``never_default``: publish without making it the default; ``own_source_only``: a loss on the
+    reference set is accepted (recorded in the manifest); ``device`` and ``precision`` run both models.
+    """
+    metric: str = "mean_dice_fg"
+    max_drop: float | None = DEFAULT_MAX_SOURCE_DROP
+    reference_drop: float | None = DEFAULT_MAX_REFERENCE_DROP
+    min_cases: int = MIN_HOLDOUT_CASES
+    force: bool = False
+    never_default: bool = False
+    own_source_only: bool = False
+    device: str = "cpu"
+    precision: str = "fp32"
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    """The gate's answer: make the candidate the default?, why, and the comparison behind it (or None)."""
+    promote: bool
+    reason: str
+    comparison: dict | None = None
 
 
 def _score(metrics: dict, class_ids: Sequence[str], metric: str) -> float:
@@ -84,7 +115,7 @@ def _per_source(cand: dict, cur: dict, class_ids: Sequence[str]) -> dict:
 
 
 def compare(candidate: ModelPackage, current: ModelPackage, case_list: Sequence[Case] | None, *,
-            metric: str = "mean_dice_fg", device="cpu", amp: str = "off") -> dict:
+            metric: str = "mean_dice_fg", device="cpu", precision: str = "fp32") -> dict:
     """Both models scored on the same cases.
 
     Returns ``{"candidate", "current" (means), "current_ref", "classes", "per_class": {id: {"candidate",
@@ -101,7 +132,7 @@ def compare(candidate: ModelPackage, current: ModelPackage, case_list: Sequence[
 
         from .evaluate import evaluate_packages
 
-        options = SegmentOptions(device=str(device), precision={"off": "fp32"}.get(amp, amp))
+        options = SegmentOptions(device=str(device), precision=precision)
         res = evaluate_packages({"candidate": [candidate], "current": [current]}, case_list, options, surface=())
         cm, dm = res["candidate"]["metrics"], res["current"]["metrics"]
         if metric == "level_range_dice":  # Dice inside the spine levels each manual label covers
@@ -183,11 +214,12 @@ def _forgotten(comparison: dict, max_drop: float | None) -> list[str]:
 
 
 def grade_reference(candidate: ModelPackage, current: ModelPackage, reference: Sequence[Case], *, device="cpu",
-                    amp: str = "off", max_drop: float | None = DEFAULT_MAX_REFERENCE_DROP) -> dict:
+                    precision: str = "fp32", max_drop: float | None = DEFAULT_MAX_REFERENCE_DROP) -> dict:
     """Both models on the reference set (``training.reference``): level-range Dice per source, and the
     (source, class) pairs the candidate loses more than ``max_drop`` on (``"lost"``). Every reference
     case counts, trained on or not: a drop on a case it rehearsed is forgetting too."""
-    comp = compare(candidate, current, list(reference), metric="level_range_dice", device=device, amp=amp)
+    comp = compare(candidate, current, list(reference), metric="level_range_dice", device=device,
+                   precision=precision)
     return {"per_source": comp["per_source"], "cases": comp["cases"], "current_ref": current.ref,
             "max_drop": max_drop, "lost": _forgotten(comp, max_drop)}
 
@@ -207,59 +239,54 @@ def _reference_verdict(ref: dict | None, own_source_only: bool) -> str:
            f"in use knew; publish with --own-source-only if only your own source matters)"
 
 
-def _decide(pkg: ModelPackage, catalog: Catalog, case_list, *, metric, force, never_default, min_cases,
-            device, amp, max_drop: float | None = None, reference: Sequence[Case] | None = None,
-            reference_drop: float | None = DEFAULT_MAX_REFERENCE_DROP, own_source_only: bool = False
-            ) -> tuple[bool, str, dict | None]:
-    """(make it the default?, why, comparison or None): the gate itself.
+def _decide(pkg: ModelPackage, catalog: Catalog, case_list, policy: GatePolicy,
+            reference: Sequence[Case] | None = None) -> GateVerdict:
+    """The gate itself.
 
-    A better mean is not enough when ``max_drop`` is set: a candidate that gains on one source
+    A better mean is not enough when ``policy.max_drop`` is set: a candidate that gains on one source
     and loses more than ``max_drop`` on another (a fine-tune that forgets) is refused too. With
     ``reference`` cases (the shipped reference set) the candidate is also refused when it loses more
-    than ``reference_drop`` on any of their sources, unless ``own_source_only``; the comparison then
-    holds their result under ``"reference"``.
+    than ``policy.reference_drop`` on any of their sources, unless ``policy.own_source_only``; the
+    comparison then holds their result under ``"reference"``.
     """
     current_ref = catalog.default_ref()
-    if never_default:
-        return False, "--no-default", None
+    if policy.never_default:
+        return GateVerdict(False, "--no-default")
     if not current_ref:
-        return True, "no registry has a default model", None
+        return GateVerdict(True, "no registry has a default model")
     current = catalog.default()
-    ref = grade_reference(pkg, current, reference, device=device, amp=amp, max_drop=reference_drop) \
-        if reference else None
-    refused = bool(ref and ref["lost"] and not own_source_only)
-    make, why, comparison = _decide_held_out(pkg, current, current_ref, case_list, metric=metric, force=force,
-                                             min_cases=min_cases, device=device, amp=amp, max_drop=max_drop)
-    why += _reference_verdict(ref, own_source_only)
-    if ref:
-        comparison = {**(comparison or {}), "reference": ref}
-    if refused and not force:
-        make = False
-    return make, why, comparison
+    ref = grade_reference(pkg, current, reference, device=policy.device, precision=policy.precision,
+                          max_drop=policy.reference_drop) if reference else None
+    refused = bool(ref and ref["lost"] and not policy.own_source_only)
+    held_out = _decide_held_out(pkg, current, current_ref, case_list, policy)
+    why = held_out.reason + _reference_verdict(ref, policy.own_source_only)
+    comparison = {**(held_out.comparison or {}), "reference": ref} if ref else held_out.comparison
+    return GateVerdict(held_out.promote and not (refused and not policy.force), why, comparison)
 
 
-def _decide_held_out(pkg: ModelPackage, current: ModelPackage, current_ref: str, case_list, *, metric, force,
-                     min_cases, device, amp, max_drop) -> tuple[bool, str, dict | None]:
+def _decide_held_out(pkg: ModelPackage, current: ModelPackage, current_ref: str, case_list,
+                     policy: GatePolicy) -> GateVerdict:
     """The verdict of the team's held-out cases (or the recorded metrics)."""
+    force, metric, max_drop = policy.force, policy.metric, policy.max_drop
     if force and not case_list:
-        return True, "forced", None
+        return GateVerdict(True, "forced")
     problem = provenance_problem(pkg.manifest, trusted=_is_shipped(pkg.path))
     if problem:  # without a trustworthy list of its training cases it could be graded on them
         why = (f"not graded: {problem}, so the gate cannot keep its own training cases out of the grading; "
                f"export it again from its training run with this version (lumbarseg-train export), or --force")
-        return (True, f"forced; {why}", None) if force else (False, why, None)
+        return GateVerdict(True, f"forced; {why}") if force else GateVerdict(False, why)
     short = ""
     if case_list is not None:
         case_list, seen = _unseen(pkg, case_list)
         if seen:
             log.warning("not grading on %s: the candidate trained on them or on their patients", ", ".join(seen))
-        if len(case_list) < min_cases:
-            short = (f"only {len(case_list)} held-out case(s) the candidate never trained on (at least {min_cases} "
-                     f"needed to replace {current_ref}); export more cases, hold 2 of yours out before fine-tuning "
-                     f"(lumbarseg-train holdout --data DATA --cases A,B), or --force")
+        if len(case_list) < policy.min_cases:
+            short = (f"only {len(case_list)} held-out case(s) the candidate never trained on (at least "
+                     f"{policy.min_cases} needed to replace {current_ref}); export more cases, hold 2 of yours out "
+                     f"before fine-tuning (lumbarseg-train holdout --data DATA --cases A,B), or --force")
             if not case_list:
-                return (True, f"forced; {short}", None) if force else (False, short, None)
-    comparison = compare(pkg, current, case_list, metric=metric, device=device, amp=amp)
+                return GateVerdict(True, f"forced; {short}") if force else GateVerdict(False, short)
+    comparison = compare(pkg, current, case_list, metric=metric, device=policy.device, precision=policy.precision)
     c, d = comparison["candidate"], comparison["current"]
     better = (not math.isnan(c)) and (math.isnan(d) or c >= d)
     why = (f"{metric} {c:.4f} {'>=' if better else '<'} {d:.4f} of {current_ref} (in use) on "
@@ -271,29 +298,28 @@ def _decide_held_out(pkg: ModelPackage, current: ModelPackage, current_ref: str,
     if force:
         # promoted anyway, but the record keeps what the held-out cases said (a forced choice
         # should be one made with the numbers in view, e.g. for robustness the gate cannot see)
-        return True, f"forced; the gate said: {why}", comparison
+        return GateVerdict(True, f"forced; the gate said: {why}", comparison)
     if short:
-        return False, f"{short}; {why}", comparison
-    return better, why, comparison
+        return GateVerdict(False, f"{short}; {why}", comparison)
+    return GateVerdict(better, why, comparison)
 
 
-def publish_if_better(candidate: ModelPackage | str | Path, registry: Registry, *,
-                      case_list: Sequence[Case] | None = None, metric: str = "mean_dice_fg", force: bool = False,
-                      never_default: bool = False, ensemble: Sequence[str] | None = None, device="cpu",
-                      amp: str = "off", registries: list[Registry] | None = None,
-                      min_cases: int = MIN_HOLDOUT_CASES, name: str | None = None,
-                      max_drop: float | None = DEFAULT_MAX_SOURCE_DROP, reference: Sequence[Case] | None = None,
-                      reference_drop: float | None = DEFAULT_MAX_REFERENCE_DROP,
-                      own_source_only: bool = False) -> dict:
+def publish_if_better(candidate: ModelPackage | str | Path, registry: Registry, policy: GatePolicy | None = None, *,
+                      cases: Sequence[Case] | None = None, reference: Sequence[Case] | None = None,
+                      ensemble: Sequence[str] | None = None, name: str | None = None,
+                      registries: list[Registry] | None = None) -> dict:
     """Publish (as a version of ``name`` when given); returns ``{"ref", "default": bool, "reason", "comparison", "table", "registry"}``.
 
-    ``registries`` is the catalogue the model in use and the version number come from
-    (default: ``Catalog.around(registry)``, the user's and the shipped registries). ``reference``: cases
-    of every source the model in use knows (``training.reference.reference_cases()``, what the
-    command line passes); a candidate that loses more than ``reference_drop`` on one of their
-    sources is not made the default unless ``own_source_only``, which the published manifest records
-    (``publish.own_source_only``) with the reference set's per-source change.
+    ``policy`` (default ``GatePolicy()``) says how the candidate is judged; ``cases`` are the held-out
+    cases it is graded on (None: the manifests' recorded metrics). ``registries`` is the catalogue the
+    model in use and the version number come from (default: ``Catalog.around(registry)``, the user's and
+    the shipped registries). ``reference``: cases of every source the model in use knows
+    (``training.reference.reference_cases()``, what the command line passes); a candidate that loses
+    more than ``policy.reference_drop`` on one of their sources is not made the default unless
+    ``policy.own_source_only``, which the published manifest records (``publish.own_source_only``) with
+    the reference set's per-source change.
     """
+    policy = policy or GatePolicy()
     pkg = candidate if isinstance(candidate, ModelPackage) else read_package(candidate)
     pkg.verify()
     if name:
@@ -304,12 +330,10 @@ def publish_if_better(candidate: ModelPackage | str | Path, registry: Registry, 
     ens = None if ensemble is None else [new_ref if r in ("@new", line) else r for r in ensemble]
     if ens is not None:  # before the (slow) grading and before anything is written
         check_ensemble_refs(ens, catalog._owners(skip_broken=True), new_ref)
-    make_default, reason, comparison = _decide(pkg, catalog, case_list, metric=metric, force=force,
-                                               never_default=never_default, min_cases=min_cases, device=device,
-                                               amp=amp, max_drop=max_drop, reference=reference,
-                                               reference_drop=reference_drop, own_source_only=own_source_only)
-    record = publish_record(comparison, own_source_only, reason)
-    published = registry.publish(pkg, make_default=make_default, ensemble=ens, catalog=catalog, name=name,
+    verdict = _decide(pkg, catalog, cases, policy, reference)
+    reason, comparison = verdict.reason, verdict.comparison
+    record = publish_record(comparison, policy.own_source_only, reason)
+    published = registry.publish(pkg, make_default=verdict.promote, ensemble=ens, catalog=catalog, name=name,
                                  record=record)
     out = {"ref": published.ref, "default": catalog.default_ref() == published.ref, "reason": reason,
            "comparison": comparison, "registry": str(registry.root),
@@ -372,13 +396,13 @@ def publish_cli(a) -> int:
             case_list = with_patients(list(case_list), read_patient_map(a.patients))
     ensemble = [s.strip() for s in a.ensemble.split(",")] if a.ensemble else None
     reference = _reference_for(a)
-    res = publish_if_better(pkg, registry, case_list=case_list, metric=a.metric, force=a.force,
-                            never_default=a.no_default, ensemble=ensemble, device=resolve_device(a.device),
-                            amp=a.precision, name=a.name,
-                            max_drop=None if a.max_source_drop is None or a.max_source_drop < 0 else a.max_source_drop,
-                            reference=reference,
-                            reference_drop=None if a.max_reference_drop < 0 else a.max_reference_drop,
-                            own_source_only=a.own_source_only)
+    policy = GatePolicy(
+        metric=a.metric, force=a.force, never_default=a.no_default, device=str(resolve_device(a.device)),
+        precision=a.precision, own_source_only=a.own_source_only,
+        max_drop=None if a.max_source_drop is None or a.max_source_drop < 0 else a.max_source_drop,
+        reference_drop=None if a.max_reference_drop < 0 else a.max_reference_drop)
+    res = publish_if_better(pkg, registry, policy, cases=case_list, reference=reference, ensemble=ensemble,
+                            name=a.name)
     if res["table"]:
         print(res["table"])
     effort = _effort_rows(a.data) if a.data else []

@@ -4,7 +4,7 @@
 ``lumbarseg-train train``. One call:
 
 1. caches the cases' model-plane slices in memory (``LumbarSegmentLib.training.data``);
-2. builds the variant (or takes ``init_model``, e.g. a fine-tuning start) with the
+2. builds the variant (or starts from ``start``, e.g. a fine-tune's parent) with the
    variant's optimiser / learning rate unless overridden, a warm-up + cosine (or
    poly) schedule stepped per iteration;
 3. per epoch draws ``steps_per_epoch`` batches of foreground-aware patches,
@@ -30,7 +30,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -39,7 +38,7 @@ import torch
 
 from LumbarSegmentLib.dataset.cases import Case
 from LumbarSegmentLib.models import build_model, count_parameters
-from LumbarSegmentLib.registry.package import ModelPackage, code_version, default_input_contract, write_package
+from LumbarSegmentLib.registry.package import code_version
 from LumbarSegmentLib.core.progress import PROGRESS_FILE, ProgressLog  # the event schema lives there
 
 from . import augment as aug
@@ -49,12 +48,13 @@ from LumbarSegmentLib.inference.engine import LoadedModel, SegmentOptions
 
 from .checkpoints import (CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint, rng_state,  # noqa: F401
                           seed_everything, set_rng_state)
-from .data import CaseSlices, PatchSampler, as_schema, data_manifest, epoch_generator, load_dataset
+from .data import PatchSampler, ThickSlabs, as_schema, epoch_generator, load_dataset
 from .distributed import broadcast_floats, mean_across, setup_distributed
 from .evaluate import eval_case_from_slices, every_nth_slice, predict, prepare_cases
 from .scoring import EvalCase, Scorer
 from .losses import deep_supervision_loss
-from .metrics import clean
+from .optim import make_optimizer, make_scheduler
+from .run_outputs import CachedSlices, RunFacts, RunOutputs, StartFrom, TrainResult, write_outputs
 
 log = logging.getLogger("lumbarseg.train")
 
@@ -67,36 +67,6 @@ class TrainingInterrupted(RuntimeError):
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """The training device (``devices.pick_device``; under torchrun CUDA rank i uses GPU i)."""
     return pick_device(name, local_rank)
-
-
-def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay)
-    if name == "adadelta":
-        return torch.optim.Adadelta(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}")
-
-
-def lr_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float) -> float:
-    """Multiplier of the base learning rate at ``step`` (linear warm-up, then cosine/poly/constant)."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant" or total <= warmup:
-        return 1.0
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    if kind == "cosine":
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-    return min_ratio + (1 - min_ratio) * (1 - t) ** 0.9  # poly
-
-
-def make_scheduler(opt, total_steps, cfg: TrainConfig):
-    """LambdaLR over ``total_steps`` (an int, or a one-element list the caller may shrink later)."""
-    holder = total_steps if isinstance(total_steps, list) else [int(total_steps)]
-    warm = min(cfg.warmup_steps, max(0, holder[0] // 10))
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, holder[0], warm, cfg.schedule, cfg.min_lr_ratio))
 
 
 def _tensorboard(out_dir: Path):
@@ -122,35 +92,13 @@ def validate(model, cases: Sequence[EvalCase], schema, spacing, patch, *, stride
     return scorer
 
 
-@dataclass
-class TrainResult:
-    out_dir: Path
-    package: ModelPackage | None
-    model: torch.nn.Module
-    history: list = field(default_factory=list)
-    best_epoch: int | None = None
-    best_metric: float | None = None
-    val_metrics: dict | None = None
-    val_per_case: dict | None = None
-    epochs_run: int = 0
-    wall_s: float = 0.0
-    stopped_early: bool = False
-    val_confusion: dict | None = None  # case -> (confusion matrix, annotated mask), for pooled CV metrics
-    val_by_source: dict | None = None  # source -> metrics (strict)
-    val_level_range: dict | None = None  # source -> class -> level-range Dice
-    train_time_s: float = 0.0  # wall time of the training loop over all (resumed) sessions
-    train_cpu_s: float = 0.0  # CPU time of this process's training loop over all sessions
-
-
 def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[Case] = (), *,
-          out_dir: str | os.PathLike, init_model: torch.nn.Module | None = None, init_info: dict | None = None,
-          train_data: Sequence[CaseSlices] | None = None, val_data: Sequence[CaseSlices] | None = None,
-          callbacks: Sequence[Callable[[dict], None]] = (), write_pkg: bool = True,
-          extra_provenance: dict | None = None) -> TrainResult:
+          out_dir: str | os.PathLike, start: StartFrom | None = None, slices: CachedSlices | None = None,
+          callbacks: Sequence[Callable[[dict], None]] = (), outputs: RunOutputs = RunOutputs()) -> TrainResult:
     """Train one model; see the module docstring. Returns a :class:`TrainResult`.
 
-    ``train_data``/``val_data`` may pass already cached slices (they must match the
-    cases and ``config.spacing``); ``init_model`` starts from given weights (fine-tuning);
+    ``slices`` may pass already cached slices (:class:`CachedSlices`); ``start`` starts from given
+    weights (fine-tuning); ``outputs`` says whether a package is written and what provenance it gets;
     ``callbacks`` are called with each "epoch" record (an exception there interrupts the
     run after that epoch's checkpoint, as a kill would).
 
@@ -159,7 +107,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
     """
     run = _Run(config, Path(out_dir), callbacks)
     try:
-        run.setup(train_cases, val_cases, train_data, val_data, init_model)
+        run.setup(train_cases, val_cases, slices or CachedSlices(), start)
         run.resume()
         run.announce()
         for epoch in range(run.start_epoch, run.cfg.epochs):
@@ -173,7 +121,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
                 run.stopped_early = True
                 log.info("early stop: no %s improvement in %d validations", run.cfg.metric, run.cfg.patience)
                 break
-        return run.finish(train_cases, val_cases, write_pkg, init_info, extra_provenance)
+        return run.finish(train_cases, val_cases, start, outputs)
     except BaseException as exc:
         run.record_failure(exc)
         raise
@@ -188,8 +136,8 @@ class _Run:
         self.cfg, self.out_dir, self.callbacks = cfg, out_dir, list(callbacks)
         self.dist = setup_distributed(cfg.device)
         self.device = resolve_device(cfg.device, self.dist.local_rank)
-        self.amp_dtype = autocast_dtype(self.device, cfg.precision)
-        self.amp = precision_name(self.amp_dtype)
+        self.autocast_dtype = autocast_dtype(self.device, cfg.precision)
+        self.precision = precision_name(self.autocast_dtype)
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
         if self.dist.is_main:
@@ -209,9 +157,10 @@ class _Run:
         self.clock = time.process_time if cfg.budget_clock == "cpu" else time.time
 
     # --- setup -----------------------------------------------------------------------
-    def setup(self, train_cases, val_cases, train_data, val_data, init_model) -> None:
+    def setup(self, train_cases, val_cases, slices: CachedSlices, start: StartFrom | None) -> None:
         """Data, sampler, model, optimiser and schedule."""
-        cfg = self.cfg
+        cfg, train_data, val_data = self.cfg, slices.train, slices.val
+        init_model = start.model if start is not None else None
         self.schema = schema = as_schema(cfg.schema)
         self.train_data = train_data if train_data is not None else load_dataset(train_cases, schema, cfg.spacing)
         if cfg.beyond_levels_mm > 0:
@@ -228,8 +177,8 @@ class _Run:
         else:
             self.val_eval = [eval_case_from_slices(c, cfg.spacing) for c in val_data]
             self.val_ids = [c.case_id for c in val_data]
-        self.sampler = PatchSampler(self.train_data, cfg.patch, cfg.fg_fraction, cfg.balance, slab_p=cfg.slab_p,
-                                    slice_context=cfg.slice_context)
+        self.sampler = PatchSampler(self.train_data, cfg.patch, cfg.fg_fraction, cfg.balance,
+                                    slabs=ThickSlabs(cfg.slab_p), slice_context=cfg.slice_context)
         self.steps = cfg.steps_per_epoch or max(1, math.ceil(self.sampler.num_fg_slices / cfg.batch_size))
         self.aug_cfg = aug.AugmentConfig(cfg.augment, cfg.rotation_deg, cfg.zoom, cfg.flip_p, cfg.shift,
                                          cfg.intensity_aug, cfg.resolution_p, cfg.augment_p)
@@ -247,7 +196,7 @@ class _Run:
         self.planned_epochs = cfg.epochs  # may shrink to fit cfg.max_minutes (recorded in the checkpoint)
         self.total_holder = [self.steps * cfg.epochs]
         self.sched = make_scheduler(self.opt, self.total_holder, cfg)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
 
     def _pseudo_label(self, train_cases) -> dict:
         """Teacher drafts of each training case's unannotated classes (``training.pseudo``)."""
@@ -314,10 +263,10 @@ class _Run:
             self.tb = _tensorboard(self.out_dir)
             (self.out_dir / "config.json").write_text(json.dumps(
                 {**cfg.to_dict(), "builder_args": model.builder_args, "device": str(self.device),
-                 "precision": self.amp, "world_size": self.dist.world, "steps_per_epoch": self.steps,
+                 "precision": self.precision, "world_size": self.dist.world, "steps_per_epoch": self.steps,
                  "train_cases": [c.case_id for c in self.train_data], "val_cases": self.val_ids}, indent=1))
             log.info("%s: %d parameters, %s, precision %s, %d train / %d val cases, %d steps x %d epochs, "
-                     "batch %d x %d process(es)", cfg.variant, count_parameters(model), self.device, self.amp,
+                     "batch %d x %d process(es)", cfg.variant, count_parameters(model), self.device, self.precision,
                      len(self.train_data), len(self.val_ids), self.steps, cfg.epochs, cfg.batch_size,
                      self.dist.world)
         self.use_bar = cfg.progress_bar if cfg.progress_bar is not None else sys.stderr.isatty()
@@ -359,12 +308,12 @@ class _Run:
             t0 = time.time()
             img, lab, ann = self.sampler.sample(cfg.batch_size, gen)
             x, y = aug.augment_batch(img, lab, self.aug_cfg, cfg.patch, gen, dev)
-            with autocast(dev, self.amp_dtype):
+            with autocast(dev, self.autocast_dtype):
                 out = self.ddp_model(x)
             loss = deep_supervision_loss(out, y, ann.to(dev), ds_weights=cfg.ds_weights, dice_weight=cfg.dice_weight,
                                          marginal=cfg.marginal, unannotated_bg_weight=cfg.unannotated_bg_weight)
             if self.retention is not None:
-                extra = self.retention.penalty(self.model, x, y, out, lambda: autocast(dev, self.amp_dtype))
+                extra = self.retention.penalty(self.model, x, y, out, lambda: autocast(dev, self.autocast_dtype))
                 loss = loss if extra is None else loss + extra
             self._optimise(loss)
             lv = float(loss.detach())
@@ -478,7 +427,7 @@ class _Run:
         return self.cpu_before + (time.process_time() - self.t_loop_cpu)
 
     # --- the end -----------------------------------------------------------------------
-    def finish(self, train_cases, val_cases, write_pkg: bool, init_info, extra_provenance) -> TrainResult:
+    def finish(self, train_cases, val_cases, start: StartFrom | None, outputs: RunOutputs) -> TrainResult:
         """Best weights back, a full validation (all slices), the package and the "done" event."""
         cfg, best, model = self.cfg, self.best, self.model
         result = TrainResult(out_dir=self.out_dir, package=None, model=model, history=self.history,
@@ -497,14 +446,15 @@ class _Run:
                 result.val_level_range = scorer.level_range()
                 result.val_confusion = {k: (cm.tolist(), ann.tolist()) for k, (cm, ann) in acc.cases.items()}
             result.wall_s = time.time() - self.t_start
+            provenance = {"init_from": start.info if start is not None else None, **(outputs.provenance or {})}
             if self.pseudo is not None:  # which teacher drafted what: part of what the model learnt from
-                extra_provenance = {**(extra_provenance or {}), "pseudo_labels": {
+                provenance = {**provenance, "pseudo_labels": {
                     k: self.pseudo[k] for k in ("teachers", "threshold", "mode")} | {
                     "cases": sorted(self.pseudo["cases"])}}
-            if write_pkg:
-                result.package = _write_outputs(result, cfg, self.schema, train_cases, val_cases, self.train_data,
-                                                self.val_ids, self.device, self.amp, self.dist, self.steps, init_info,
-                                                extra_provenance)
+            if outputs.write_package:
+                facts = RunFacts(self.schema, [c.case_id for c in self.train_data], self.val_ids, str(self.device),
+                                 self.precision, self.dist.world, self.steps)
+                result.package = write_outputs(result, cfg, facts, (train_cases, val_cases), provenance)
             self.plog.write("done", epoch=result.epochs_run, step=result.epochs_run * self.steps,
                             loss=self.history[-1]["loss"] if self.history else None, val=result.val_metrics,
                             best_epoch=result.best_epoch, best_metric=result.best_metric,
@@ -544,48 +494,3 @@ def _eta(step_times, remaining_steps, val_time, planned_epochs, val_every, epoch
     per = float(np.mean(step_times[-50:]))
     remaining_epochs = max(0, planned_epochs - epoch - 1)
     return per * max(0, remaining_steps) + val_time * remaining_epochs / max(1, val_every)
-
-
-def _write_outputs(result: TrainResult, cfg: TrainConfig, schema, train_cases, val_cases, train_data, val_ids,
-                   device, amp, dist_info, steps, init_info, extra_provenance) -> ModelPackage:
-    from . import report
-
-    out_dir = result.out_dir
-    manifest = data_manifest(list(train_cases) + list(val_cases)) if (train_cases or val_cases) else None
-    (out_dir / "data_manifest.json").write_text(json.dumps(manifest, indent=1)) if manifest else None
-    training = {
-        "variant": cfg.variant, "config": cfg.to_dict(),
-        "data_manifest_sha256": manifest["sha256"] if manifest else None,
-        "data_manifest": manifest["cases"] if manifest else None,
-        "train_cases": [c.case_id for c in train_data], "val_cases": list(val_ids),
-        "epochs": result.epochs_run, "epochs_configured": cfg.epochs, "steps_per_epoch": steps,
-        "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
-        "folds": None, "seed": cfg.seed, "device": str(device), "precision": amp, "world_size": dist_info.world,
-        "wall_time_s": round(result.wall_s, 1), "train_time_s": round(result.train_time_s, 1),
-        "train_cpu_s": round(result.train_cpu_s, 1), "threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "loss": ("marginal cross-entropy + soft Dice over annotated classes"
-                 + (f", unannotated->background weight {cfg.unannotated_bg_weight}" if cfg.unannotated_bg_weight
-                    else "")) if cfg.marginal
-        else "cross-entropy + soft Dice (all classes treated as annotated)",
-        "init_from": init_info,
-        **(extra_provenance or {}),
-    }
-    metrics = {"validation": {**clean(result.val_metrics), "per_case": clean(result.val_per_case),
-                              "per_source": clean(result.val_by_source), "level_range": clean(result.val_level_range),
-                              "primary": cfg.metric, "predicted_by": "engine.segment_volume"}} \
-        if result.val_metrics else {}
-    pkg_dir = out_dir / "package"
-    if pkg_dir.exists():
-        import shutil
-
-        shutil.rmtree(pkg_dir)
-    pkg = write_package(pkg_dir, result.model, name=cfg.package_name, version=1, schema=schema,
-                        input_contract=default_input_contract(cfg.spacing, (cfg.patch, cfg.patch), cfg.slice_context),
-                        training=training, metrics=metrics, half=cfg.half_weights)
-    try:
-        report.write_run_report(out_dir, result.history, result.val_metrics, result.val_per_case, schema,
-                                name=cfg.package_name)
-    except Exception as exc:  # a failed plot must not lose a trained model
-        log.warning("could not write the run report: %s", exc)
-    return pkg

@@ -24,8 +24,6 @@ def _parser() -> argparse.ArgumentParser:
     from LumbarSegmentLib.core.help_format import DOCS_NOTE
     from LumbarSegmentLib.inference.options import MAX_THREADS, SegmentOptions
 
-    _positive_int = number_arg(1, kind=int, what="a whole number", use="must be at least 1")
-
     p = _Parser(prog="lumbarseg", description="Lumbar-spine MRI segmentation (LumbarSegment).", epilog=DOCS_NOTE)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("segment", help="segment one or more sagittal lumbar MR volumes")
