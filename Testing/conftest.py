@@ -15,6 +15,21 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def _quiet_vtk() -> None:
+    """VTK's own logger prints its errors in red straight to the terminal (e.g. a slice view asked to
+    colour a volume before its lookup table is set, harmless to what the tests check); in a test run they
+    read like failures. The tests check what the code does, not VTK's chatter: keep it off the terminal."""
+    if importlib.util.find_spec("vtkmodules") is None:
+        return
+    from vtkmodules.vtkCommonCore import vtkLogger, vtkObject
+
+    vtkLogger.SetStderrVerbosity(vtkLogger.VERBOSITY_OFF)
+    vtkObject.GlobalWarningDisplayOff()
+
+
+_quiet_vtk()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The folder holding ``lumbar-mr/`` and ``spider-masks/``; skips the test when it is missing."""

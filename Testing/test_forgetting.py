@@ -164,7 +164,8 @@ def _with_head_bias(tmp_path, name, favoured: int, parent=None):
             m.bias.zero_()
             m.bias[favoured] = 50.0
     pkg = write_package(tmp_path / name, model.eval(), name="uvd-tiny", schema=load_schema("starter"),
-                        input_contract=default_input_contract(spacing_mm=(1.0, 1.0)))
+                        input_contract=default_input_contract(spacing_mm=(1.0, 1.0)),
+                        training={"train_cases": [], "val_cases": []})  # sealed provenance: the gate grades it
     if parent is not None:
         manifest = json.loads((pkg.path / "manifest.json").read_text())
         manifest["parent"] = {"ref": parent.ref, "sha256": parent.sha256}
@@ -250,7 +251,7 @@ def test_own_source_only_promotes_and_is_recorded(tmp_path, registries, monkeypa
     log = json.loads((user.root / "publish_log.jsonl").read_text().splitlines()[-1])
     assert log["own_source_only"] is own_source_only and "reference" in log["comparison"]
     monkeypatch.setenv("LUMBARSEG_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr("LumbarSegmentLib.registry.registry.default_registries", lambda: [user, shipped])
+    monkeypatch.setattr("LumbarSegmentLib.registry.catalog.default_registries", lambda: [user, shipped])
     seg_cli.main(["models"])
     shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("uvd-tiny@2")]
     assert shown and (("own source only" in shown[0]) is own_source_only), shown

@@ -6,7 +6,6 @@ Screenshots go to Testing/artifacts/web/ (not committed); docs/img/ holds copies
 """
 from __future__ import annotations
 
-import shutil
 import time
 
 import pytest
@@ -181,12 +180,22 @@ def test_5_small_team_retrain_warns_then_stop_and_resume(page):
                            timeout=60_000)
 
 
+def _another_volume(path) -> None:
+    """The sample with one voxel changed: another image, so the page does not reopen the earlier upload
+    of the same bytes (an upload of identical bytes opens the case already uploaded)."""
+    from LumbarSegmentLib.formats.io import read_volume, write_volume
+
+    vol = read_volume(SAMPLE)
+    vol.array.flat[0] = vol.array.flat[0] + 1
+    write_volume(vol, path)
+
+
 def test_6_another_case_leaves_nothing_stale_and_filters(page, server, tmp_path):  # noqa: F811
     data = server["work"].parent / "data"  # the server's --data folder: 30 more cases to list
     for i in range(30):
         (data / f"A{i:02d}_image.mha").symlink_to(SAMPLE)
     other = tmp_path / "Other_01_image.mha"
-    shutil.copyfile(SAMPLE, other)
+    _another_volume(other)
     assert page.get_attribute("[data-testid=job]", "data-state") == "done"
     _upload(page, other, "Other_01")
     # the open case is the 31st of 32: the list scrolls to keep it in sight
