@@ -106,9 +106,10 @@ def click_voxel(volume: Volume, click: Click) -> tuple[int, int, int]:
     if np.any(idx < 0) or np.any(idx >= size):
         lo = volume.ijk_to_lps() @ np.array([0, 0, 0, 1.0])
         hi = volume.ijk_to_lps() @ np.array([*(size - 1), 1.0])
+        span = ", ".join(f"{min(a, b):g} to {max(a, b):g}" for a, b in zip(lo[:3], hi[:3]))
         raise ClickError(f"click {click}: the point lies outside the image (voxel index {tuple(int(v) for v in idx)}"
-                         f" of {tuple(int(v) for v in size)}; the image spans LPS {tuple(round(v, 1) for v in lo[:3])}"
-                         f" to {tuple(round(v, 1) for v in hi[:3])} mm)")
+                         f" of {tuple(int(v) for v in size)}); the image spans LPS x, y, z = {span} mm: "
+                         f"give a point inside it")
     return int(idx[2]), int(idx[1]), int(idx[0])
 
 
