@@ -7,6 +7,7 @@ with the reason, when it is absent (e.g. on a CI runner without the data).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def _quiet_vtk() -> None:
+def _quiet_libraries() -> None:
     """VTK's own logger prints its errors in red straight to the terminal (e.g. a slice view asked to
     colour a volume before its lookup table is set, harmless to what the tests check); in a test run they
     read like failures. The tests check what the code does, not VTK's chatter: keep it off the terminal."""
@@ -25,9 +26,12 @@ def _quiet_vtk() -> None:
 
     vtkLogger.SetStderrVerbosity(vtkLogger.VERBOSITY_OFF)
     vtkObject.GlobalWarningDisplayOff()
+    # trame-slicer's preview task is still pending when the in-process web tests' event loop is gone; asyncio
+    # reports it ("Task was destroyed but it is pending!") as the interpreter exits
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
-_quiet_vtk()
+_quiet_libraries()
 
 
 @pytest.fixture(scope="session")

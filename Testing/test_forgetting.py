@@ -97,7 +97,7 @@ def test_l2sp_keeps_a_fine_tune_closer_to_its_parent(tmp_path):
         model = _tiny()
         parent = {n: p.detach().clone() for n, p in model.named_parameters()}
         _fine_tune(tmp_path / str(kw), model, **kw)
-        return float(l2sp_penalty(model, parent))
+        return float(l2sp_penalty(model, parent).detach())
 
     free, pulled = distance(l2sp=0.0), distance(l2sp=100.0)
     assert free > 0

@@ -669,6 +669,7 @@ def test_train_into_an_existing_run_folder_without_resume_is_refused(tmp_path, c
 
 
 # ============================================================================ checkpoints: tensors only
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the hostile pickle is made that way
 def test_a_checkpoint_made_to_run_code_is_refused_without_running_it(tmp_path):
     from LumbarSegmentLib.training.trainer import load_checkpoint
 
