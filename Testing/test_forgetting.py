@@ -125,7 +125,7 @@ def test_retention_penalty_is_none_without_a_loss_guard_and_distills_from_the_st
     model.eval()
     from contextlib import nullcontext
 
-    assert float(ret.penalty(model, x, y, model(x), nullcontext)) == pytest.approx(0.0, abs=1e-6)
+    assert float(ret.penalty(model, x, y, model(x), nullcontext).detach()) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_finetune_command_line_defaults_and_plain_finetune():

@@ -29,7 +29,7 @@ fi
 # The test and web extras (the browser front end and its Chromium tests via Playwright). Reinstalls
 # when a venv still holds another slicer-core than pyproject's pin (5.11.0.6, see pyproject.toml), or
 # when its command entry points no longer load (a checkout whose modules moved since the install).
-if ! "$PY" -c "import LumbarSegmentLib, LumbarSegmentWeb, slicer, pytest, trame_slicer, playwright
+if ! "$PY" -c "import LumbarSegmentLib, LumbarSegmentWeb, slicer, pytest, xdist, onnxruntime, onnx, trame_slicer, playwright
 from importlib.metadata import version, entry_points; assert version('slicer-core') == '5.11.0.6'
 [e.load() for e in entry_points(group='console_scripts') if e.name in ('lumbarseg', 'lumbarseg-train')]" 2>/dev/null; then
   "$PY" -m pip install -q -e "$ROOT[test,web]" playwright
