@@ -170,16 +170,9 @@ def build(args, server=None):
     if args.models:
         # Segmentation and fine-tuning get package folders (see AnnotationSession.model_choices), so the
         # child processes need no registry; publishing is pointed at this registry.
-        session.logic.trainer.publish_command = _publish_into(args.models, session.logic.trainer.publish_command)
+        session.logic.trainer.publish_registry = Path(args.models).resolve()
     page = LumbarSegmentPage(server, session)
     return server, session, page
-
-
-def _publish_into(registry: str, publish_command):
-    """The Lib's publish command, aimed at ``registry`` instead of the user registry."""
-    def command(*a, **kw):
-        return [*publish_command(*a, **kw), "--registry", str(Path(registry).resolve())]
-    return command
 
 
 def _add_idle_exit(server, idle) -> None:

@@ -449,6 +449,11 @@ def test_train_and_publish_commands_parse_with_the_training_cli():
     a = parser.parse_args(sl.publish_command("py", Path("pkg"), Path("d"), ["c03"])[3:])
     assert (a.command, a.package, a.data, a.cases) == ("publish", "pkg", "d", "c03")
     assert parser.parse_args(sl.publish_command("py", Path("pkg"))[3:]).data is None
+    # the browser's --models REGISTRY: publishing goes there, named by the command, not patched in
+    a = parser.parse_args(sl.publish_command("py", Path("pkg"), registry=Path("reg"))[3:])
+    assert a.registry == "reg"
+    ctl = sl.RetrainController(publish_registry=Path("reg"))
+    assert ctl.publish_registry == Path("reg")
 
 
 # ------------------------------------------------------------------------------------------------ dependencies

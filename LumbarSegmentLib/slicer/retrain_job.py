@@ -65,12 +65,14 @@ def train_command(python: str, request: TrainRequest) -> list[str]:
 
 
 def publish_command(python: str, package: Path, dataset: Path | None = None,
-                    cases: Sequence[str] = (), *, own_source_only: bool = False) -> list[str]:
-    """``lumbarseg-train publish PACKAGE --data DATASET --cases HELD-OUT``: into the user registry, gated
-    on the held-out cases and on the shipped reference set of every source the model in use knows
-    (``--own-source-only``: a loss there does not refuse it; recorded in the manifest)."""
+                    cases: Sequence[str] = (), *, own_source_only: bool = False,
+                    registry: Path | None = None) -> list[str]:
+    """``lumbarseg-train publish PACKAGE --data DATASET --cases HELD-OUT``: into the user registry (or
+    ``registry``), gated on the held-out cases and on the shipped reference set of every source the
+    model in use knows (``--own-source-only``: a loss there does not refuse it; recorded in the manifest)."""
     return child_command(python, TRAIN_CLI, "publish", [package], data=dataset,
-                         cases=list(cases) if dataset and cases else None, own_source_only=own_source_only)
+                         cases=list(cases) if dataset and cases else None, own_source_only=own_source_only,
+                         registry=registry)
 
 
 class RetrainController:
@@ -78,12 +80,14 @@ class RetrainController:
 
     def __init__(self, *, python: str | None = None, runner: Callable | None = None, env: dict | None = None,
                  command: Callable[..., list[str]] = train_command, log_name: str = PROGRESS_FILE,
-                 publish: Callable[..., list[str]] | None = publish_command, auto_publish: bool = True):
+                 publish: Callable[..., list[str]] | None = publish_command, auto_publish: bool = True,
+                 publish_registry: Path | None = None):
         self.python = python or python_executable()
         self.runner = runner
         self.env = env
         self.command = command
         self.publish_command = publish
+        self.publish_registry = publish_registry  # None: the user registry (the browser's --models names another)
         self.auto_publish = auto_publish and publish is not None
         self.own_source_only = False  # the team said only its own source matters (publish --own-source-only)
         self.log_name = log_name
@@ -206,6 +210,8 @@ class RetrainController:
         if self.auto_publish and self.package_path is not None:
             self._phase = "publish"
             extra = {"own_source_only": True} if self.own_source_only else {}
+            if self.publish_registry is not None:
+                extra["registry"] = self.publish_registry
             argv = self.publish_command(self.python, self.package_path, self.dataset, self.holdout, **extra)
             try:
                 self._process = self._launch(argv, "publish.log")
