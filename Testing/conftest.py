@@ -107,3 +107,21 @@ def stop_server(proc, log) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+@pytest.fixture
+def publish_spy(monkeypatch):
+    """The publish gate replaced by a recorder: what ``lumbarseg-train publish`` hands to
+    ``publish_if_better`` (the policy and the keyword arguments), without grading anything."""
+    from LumbarSegmentLib.training import publish
+
+    seen: dict = {}
+
+    def fake(pkg, registry, policy, **kw):
+        seen.update(kw, policy=policy)
+        return {"ref": "x@2", "default": False, "reason": "r", "table": "", "comparison": None,
+                "registry": str(registry.root)}
+
+    monkeypatch.setattr(publish, "publish_if_better", fake)
+    monkeypatch.setattr(publish, "read_package", lambda p: None)
+    return seen

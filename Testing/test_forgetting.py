@@ -257,18 +257,10 @@ def test_own_source_only_promotes_and_is_recorded(tmp_path, registries, monkeypa
     assert shown and (("own source only" in shown[0]) is own_source_only), shown
 
 
-def test_publish_command_line_passes_own_source_only_and_the_reference(tmp_path, monkeypatch):
-    from LumbarSegmentLib.training import cli, publish
+def test_publish_command_line_passes_own_source_only_and_the_reference(tmp_path, publish_spy):
+    from LumbarSegmentLib.training import cli
 
-    seen = {}
-
-    def fake(pkg, registry, policy, **kw):
-        seen.update(kw, policy=policy)
-        return {"ref": "x@2", "default": False, "reason": "r", "table": "", "comparison": None,
-                "registry": str(registry.root)}
-
-    monkeypatch.setattr(publish, "publish_if_better", fake)
-    monkeypatch.setattr(publish, "read_package", lambda p: None)
+    seen = publish_spy
     ref = _reference(tmp_path / "ref")
     assert cli.main(["publish", str(tmp_path), "--registry", str(tmp_path / "reg"), "--own-source-only",
                      "--reference", str(tmp_path / "ref")]) == 0

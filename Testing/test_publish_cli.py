@@ -39,24 +39,14 @@ def test_publish_prints_the_per_class_table_and_the_decision(tmp_path, capsys):
     assert Registry(reg).default_ref() == "good@1"
 
 
-def test_the_command_lines_gate_settings_reach_one_frozen_policy(tmp_path, monkeypatch):
+def test_the_command_lines_gate_settings_reach_one_frozen_policy(tmp_path, publish_spy):
     """Every gate flag lands in the GatePolicy the gate reads; the old ``--amp off`` arrives as the
     precision name the rest of the project uses (fp32), and a negative drop switches that check off."""
     import dataclasses
 
     import pytest
 
-    from LumbarSegmentLib.training import publish
-
-    seen = {}
-
-    def fake(pkg, registry, policy, **kw):
-        seen.update(kw, policy=policy)
-        return {"ref": "x@2", "default": False, "reason": "r", "table": "", "comparison": None,
-                "registry": str(registry.root)}
-
-    monkeypatch.setattr(publish, "publish_if_better", fake)
-    monkeypatch.setattr(publish, "read_package", lambda p: None)
+    seen = publish_spy
     assert main(["publish", str(tmp_path), "--registry", str(tmp_path / "reg"), "--amp", "off", "--device", "cpu",
                  "--metric", "level_range_dice", "--max-source-drop", "-1", "--no-default", "--force",
                  "--name", "team"]) == 0
