@@ -73,3 +73,25 @@ def test_a_missing_dataset_is_one_line_exit_2(tmp_path, capsys):
     assert main(["holdout", "--data", str(tmp_path / "absent")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_finetune_leaves_the_held_out_cases_out_unless_told(dataset, caplog):
+    """The gate grades on the held-out cases, so a fine-tune must not train on them, whoever starts it."""
+    import argparse
+
+    from LumbarSegmentLib.dataset.cases import list_cases
+    from LumbarSegmentLib.dataset.holdout import held_out_ids
+    from LumbarSegmentLib.training.cli import _without_held_out
+
+    cases = list_cases(dataset)
+    assert held_out_ids(dataset) == set()  # no frozen split yet: nothing is held out, nothing written
+    assert not (dataset / HOLDOUT_FILE).exists()
+    assert main(["holdout", "--data", str(dataset), "--cases", "c4"]) == 0
+    assert held_out_ids(dataset) == {"c4"}
+    args = argparse.Namespace(data=str(dataset), use_held_out=False)
+    with caplog.at_level("WARNING"):
+        kept = _without_held_out(args, cases)
+    assert [c.case_id for c in kept] == ["c0", "c1", "c2", "c3", "c5"]
+    assert "not training on c4" in caplog.text
+    args.use_held_out = True
+    assert len(_without_held_out(args, cases)) == 6

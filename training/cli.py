@@ -47,6 +47,22 @@ def _select(a):
     return [c for c in cases if c.patient not in gone]
 
 
+def _without_held_out(a, cases):
+    """The cases minus those the dataset's frozen split holds out for the publish gate (``--use-held-out``
+    keeps them): a fine-tune that saw them would be graded on its own training cases."""
+    from LumbarSegmentLib.dataset.holdout import held_out_ids
+
+    if getattr(a, "use_held_out", False):
+        return cases
+    held = set().union(*(held_out_ids(d) for d in str(a.data).split(",") if Path(d).is_dir()))
+    kept = [c for c in cases if c.case_id not in held]
+    if len(kept) < len(cases):
+        log.warning("not training on %s: held out for the publish gate (lumbarseg-train holdout --show; "
+                    "--use-held-out trains on them anyway)", ", ".join(sorted(c.case_id for c in cases
+                                                                             if c.case_id in held)))
+    return kept
+
+
 def _split(a, cases):
     from .splits import fixed_split
 
@@ -153,7 +169,7 @@ def cmd_finetune(a) -> int:
     from .run_outputs import RunOutputs
 
     refuse_existing_run(a)
-    cases = _select(a)
+    cases = _without_held_out(a, _select(a))
     tr, va = _split(a, cases)
     parent = resolve_model(a.source, [Registry(a.registry, read_only=True)] if a.registry else None)
     r = finetune(parent, tr, va, out_dir=a.out, schema=a.schema, config=_finetune_config(a, parent),
@@ -271,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--registry", help="registry folder to resolve --from in (default: user, then shipped)")
     _add_data_args(f)
     _add_train_args(f, finetune=True)
+    f.add_argument("--use-held-out", action="store_true",
+                   help="also train on the cases DATA/.holdout.json holds out for the publish gate (by default "
+                        "they are left out, so the gate never grades a model on its own training cases)")
     f.set_defaults(func=cmd_finetune)
 
     e = sub.add_parser("evaluate", help="per-class Dice/IoU of models on cases (tables + charts)")

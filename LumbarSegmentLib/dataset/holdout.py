@@ -126,6 +126,17 @@ def frozen_split(dataset: str | os.PathLike, *, every: int | None = None, update
     return Split(train=[c for c in cases if c not in held], holdout=held, every=k)
 
 
+def held_out_ids(dataset: str | os.PathLike) -> set[str]:
+    """The case ids the dataset's frozen split holds out (empty when it has none); writes nothing.
+
+    Training reads this so that no command trains on the cases the publish gate grades on, whether a
+    panel or a person started it; patients the split has not seen yet are not assigned here."""
+    folder = Path(dataset)
+    if not (folder / HOLDOUT_FILE).is_file():
+        return set()
+    return {c.case_id for c in frozen_split(folder, update=False).holdout}
+
+
 def set_holdout(dataset: str | os.PathLike, patients: list[str]) -> Split:
     """Choose the held-out patients by hand (everyone else trains); replaces the drawn split."""
     folder = Path(dataset)
