@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
+from LumbarSegmentLib.core.checks import number_arg
+
 from .guard import is_loopback, is_wildcard  # noqa: F401  (is_loopback: part of this module's API)
 
 TOKEN_ENV = "LUMBARSEG_WEB_TOKEN"
@@ -37,24 +39,9 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _megabytes(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of megabytes") from None
-    if not 1 <= value <= 65536:
-        raise argparse.ArgumentTypeError(f"{value}: give 1 to 65536 megabytes")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value}: a port is 1 to 65535")
-    return value
+# the command lines' one bounded-number parser (a usage message naming the value and the range)
+_megabytes = number_arg(1, 65536, kind=int, what="a whole number of megabytes", use="give 1 to 65536 megabytes")
+_port = number_arg(1, 65535, kind=int, what="a port number", use="a port is 1 to 65535")
 
 
 def _origin(text: str) -> str:
