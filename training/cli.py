@@ -52,9 +52,11 @@ def _without_held_out(a, cases):
     keeps them): a fine-tune that saw them would be graded on its own training cases."""
     from LumbarSegmentLib.dataset.holdout import held_out_ids
 
+    from .data import data_folders
+
     if getattr(a, "use_held_out", False):
         return cases
-    held = set().union(*(held_out_ids(d) for d in str(a.data).split(",") if Path(d).is_dir()))
+    held = set().union(*(held_out_ids(d) for d in data_folders(a.data) if d.is_dir()))
     kept = [c for c in cases if c.case_id not in held]
     if len(kept) < len(cases):
         log.warning("not training on %s: held out for the publish gate (lumbarseg-train holdout --show; "
