@@ -34,11 +34,9 @@ def reference_root() -> Path:
     env = os.environ.get(REFERENCE_ENV)
     if env is not None:
         return Path(env)
-    import LumbarSegmentLib  # the Lib's folder, not this file's: training/ may sit apart from it (a checkout)
+    from LumbarSegmentLib.core.files import shipped_folder
 
-    here = Path(LumbarSegmentLib.__file__).resolve().parent
-    packaged = here / "shipped_reference"
-    return packaged if packaged.is_dir() else here.parent / "Resources" / "Reference"
+    return shipped_folder("shipped_reference", "Reference")
 
 
 def reference_cases(root: str | Path | None = None) -> list[Case]:

@@ -217,3 +217,16 @@ def locked(lock_file: str | os.PathLike, timeout_s: float = 600.0):
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def shipped_folder(packaged: str, resources: str, marker: str | None = None) -> Path:
+    """A folder of data that ships with LumbarSegment: in a wheel the data-only package
+    ``LumbarSegmentLib/<packaged>`` (pyproject maps ``Resources/<resources>`` there); in a source checkout
+    and the installed Slicer extension ``Resources/<resources>`` beside ``LumbarSegmentLib/``. The
+    in-package copy wins when it exists (holding ``marker``, when one is named), so an unrelated
+    ``Resources/`` folder next to an installed package is never mistaken for it."""
+    lib = Path(__file__).resolve().parents[1]  # LumbarSegmentLib/
+    inside = lib / packaged
+    if (inside / marker).is_file() if marker else inside.is_dir():
+        return inside
+    return lib.parent / "Resources" / resources

@@ -30,7 +30,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from LumbarSegmentLib.core.files import normal_file_mode, sha256_file
+from LumbarSegmentLib.core.files import normal_file_mode, sha256_file, shipped_folder
 from LumbarSegmentLib.core.schema import LabelSchema
 from LumbarSegmentLib.registry.manifest import ManifestError, check_integrity, refuse_pickle, seal, validate_manifest, validate_name
 
@@ -51,11 +51,7 @@ def shipped_registry_root() -> Path:
     ``Resources/Models`` beside ``LumbarSegmentLib/``. The in-package copy wins when it has an index,
     so an unrelated ``Resources/`` folder next to an installed package is never mistaken for it.
     """
-    here = Path(__file__).resolve().parent.parent  # LumbarSegmentLib/
-    packaged = here / "shipped_models"
-    if (packaged / "index.json").is_file():
-        return packaged
-    return here.parent / "Resources" / "Models"
+    return shipped_folder("shipped_models", "Models", marker="index.json")
 
 
 def code_version() -> str:
