@@ -127,10 +127,10 @@ def test_two_torchrun_processes_split_a_cohort(tmp_path, tiny_package):
 def test_every_option_has_help_and_is_documented():
     import argparse
 
-    from LumbarSegmentLib.cli.main import _parser
+    from LumbarSegmentLib.cli.main import build_parser
 
     doc = (ROOT / "docs" / "cli.md").read_text()
-    subs = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    subs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for name in ("segment", "models"):
         for action in subs.choices[name]._actions:
             if isinstance(action, argparse._HelpAction):

@@ -44,7 +44,7 @@ def test_train_help_has_no_rest_markup_and_names_readable_docs():
 
 @pytest.mark.parametrize("make, name", [(train_cli.build_parser, n) for n in
                                         ("train", "cv", "finetune", "evaluate", "publish", "holdout", "export",
-                                         "soup")] + [(cli._parser, "segment")])
+                                         "soup")] + [(cli.build_parser, "segment")])
 def test_every_option_with_a_default_shows_it(make, name):
     parser = make()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]

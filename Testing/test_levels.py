@@ -232,11 +232,11 @@ def test_slicer_job_asks_for_levels_and_reads_their_schema(tmp_path):
     """The Slicer/browser segment job passes --levels and reads the label map with the level schema."""
     from pathlib import Path
 
-    from LumbarSegmentLib.cli.main import _parser
+    from LumbarSegmentLib.cli.main import build_parser
     from LumbarSegmentLib.slicer.segment_job import SegmentRequest, schema_for_report, segment_command
 
     argv = segment_command("py", Path("in.nrrd"), Path("out.nrrd"), Path("r.json"), SegmentRequest(levels=True))
-    assert _parser().parse_args(argv[3:]).levels is True
+    assert build_parser().parse_args(argv[3:]).levels is True
     assert "--levels" not in segment_command("py", Path("i"), Path("o"), Path("r"), SegmentRequest())
     vol, _ = spine()
     result = name_levels(vol, STARTER)

@@ -56,9 +56,9 @@ def test_auto_keeps_torch_and_onnx_refuses_what_it_cannot_run(tiny_package, monk
 
 
 def test_cli_takes_runtime():
-    from LumbarSegmentLib.cli.main import _parser
+    from LumbarSegmentLib.cli.main import build_parser
 
-    args = _parser().parse_args(["segment", "in.nii.gz", "-o", "o.nii.gz", "--runtime", "onnx"])
+    args = build_parser().parse_args(["segment", "in.nii.gz", "-o", "o.nii.gz", "--runtime", "onnx"])
     assert args.runtime == "onnx"
     with pytest.raises(SystemExit):
-        _parser().parse_args(["segment", "in.nii.gz", "-o", "o.nii.gz", "--runtime", "tvm"])
+        build_parser().parse_args(["segment", "in.nii.gz", "-o", "o.nii.gz", "--runtime", "tvm"])

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from LumbarSegmentLib.cli.main import _parser, main
+from LumbarSegmentLib.cli.main import build_parser, main
 from LumbarSegmentLib.inference.options import Option, OptionError, SegmentOptions
 
 OPTIONS = SegmentOptions.options()
@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _parse(argv: list[str]):
-    return _parser().parse_args(["segment", "in.nii.gz", "-o", "out.nii.gz", *argv])
+    return build_parser().parse_args(["segment", "in.nii.gz", "-o", "out.nii.gz", *argv])
 
 
 def _segment_parser() -> argparse.ArgumentParser:
-    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices["segment"]
 
 

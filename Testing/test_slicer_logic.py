@@ -224,9 +224,9 @@ def test_segment_command_options():
         assert part in joined
     assert "--model" not in sl.segment_command("py", Path("i"), Path("o"), Path("r"), sl.SegmentRequest())
     # the CLI's own parser reads what the job builds
-    from LumbarSegmentLib.cli.main import _parser
+    from LumbarSegmentLib.cli.main import build_parser
 
-    a = _parser().parse_args(argv[3:])
+    a = build_parser().parse_args(argv[3:])
     assert (a.model, a.device, a.mode, a.confidence, a.reslice, a.batch_size, a.output, a.report) == \
         ("a@1,b@2", "cuda", "ensemble", "c.nrrd", True, 4, "out.nrrd", "r.json")
     # ... and the options it reads back are the request's (the confidence map is named by --confidence)

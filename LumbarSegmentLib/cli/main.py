@@ -19,7 +19,7 @@ from pathlib import Path
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     from LumbarSegmentLib.core.checks import number_arg
     from LumbarSegmentLib.core.help_format import DOCS_NOTE
     from LumbarSegmentLib.inference.options import MAX_THREADS, SegmentOptions
@@ -138,7 +138,7 @@ def _expand_inputs(inputs: list[str], series_folders: bool = True) -> list[Path]
     return expand_inputs(inputs, series_folders=series_folders)
 
 
-def _resolve_models(arg: str | None, mode: str):
+def resolve_models(arg: str | None, mode: str):
     from LumbarSegmentLib.registry.catalog import resolve_ensemble, resolve_model
 
     if arg:
@@ -229,7 +229,7 @@ def cmd_segment(args, resolve=None) -> int:
         if files:
             raise ValueError(f"--series picks a series inside a DICOM folder, but {files[0]} is a volume file; "
                              f"leave --series out, or give the DICOM folder")
-    packages = (resolve or _resolve_models)(args.model, args.mode)
+    packages = (resolve or resolve_models)(args.model, args.mode)
     if args.mode == "fast" and len(packages) > 1:
         raise ValueError("several models were given: use --mode ensemble")
     out = Path(args.output)
@@ -342,7 +342,7 @@ def main(argv=None) -> int:
     if raw[:1] == ["web"]:
         return cmd_web(raw[1:])
     _argv_seen[:] = raw
-    args = _parser().parse_args(raw)
+    args = build_parser().parse_args(raw)
     if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM"):
         previous = signal.signal(signal.SIGTERM, _terminate_like_ctrl_c)
     else:
@@ -356,7 +356,7 @@ def main(argv=None) -> int:
         _quiet_stdout()
         return EXIT_OK
     except (ValueError, OSError, RuntimeError, MemoryError) as exc:
-        print(f"lumbarseg: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"lumbarseg: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_FAIL
     finally:
         if previous is not None:
@@ -374,7 +374,7 @@ def _quiet_stdout() -> None:
         pass
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     """The error as the user should read it: an OS error's own message, not a bare '[Errno N]' prefix."""
     if isinstance(exc, MemoryError):
         return "not enough memory for this image; close other programs, or crop or downsample the image"

@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from LumbarSegmentLib.core.files import _owner_tag, make_partial, sweep_stale_partials
+from LumbarSegmentLib.core.files import owner_tag, make_partial, sweep_stale_partials
 from LumbarSegmentLib.formats.io import volume_suffix
 
 VOLUME_OUT = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -60,7 +60,7 @@ def check_name(kind: str, path: Path) -> None:
     if not any(name.endswith(s) for s in suffixes) or name in suffixes:
         raise ValueError(f"{flag} {path}: this output is {what}; give it a name ending in "
                          f"{' or '.join(suffixes)}")
-    room = _name_max(path.parent) - TEMPORARY_NAME_EXTRA - len(_owner_tag())
+    room = _name_max(path.parent) - TEMPORARY_NAME_EXTRA - len(owner_tag())
     if len(path.name.encode("utf-8", "surrogateescape")) > room:
         raise ValueError(f"{flag} {path.name[:40]}...: the file name is {len(path.name)} characters long; at most "
                          f"{room} fit in this folder (each output is first written under a longer hidden "

@@ -63,17 +63,17 @@ def resident_mb() -> float:
 
 
 class ModelCache:
-    """Models loaded once per worker: ``resolve(arg, mode)`` has the signature of ``cli._resolve_models``."""
+    """Models loaded once per worker: ``resolve(arg, mode)`` has the signature of ``cli.resolve_models``."""
 
     def __init__(self):
         self._loaded: dict[tuple, object] = {}
 
     def resolve(self, arg: str | None, mode: str) -> list:
-        from LumbarSegmentLib.cli.main import _resolve_models
+        from LumbarSegmentLib.cli.main import resolve_models
         from LumbarSegmentLib.inference.engine import LoadedModel
 
         out = []
-        for pkg in _resolve_models(arg, mode):  # reads the registries now: a new default is seen at once
+        for pkg in resolve_models(arg, mode):  # reads the registries now: a new default is seen at once
             key = (str(pkg.path), pkg.sha256)
             if key not in self._loaded:
                 self._loaded[key] = LoadedModel.from_package(pkg)
@@ -98,20 +98,20 @@ def warm_up(cache: ModelCache, refs: str | None) -> None:
 
 def run_request(req: dict, cache: ModelCache) -> dict:
     """One request: the ``segment`` command with cached models; returns the closing event's fields."""
-    from LumbarSegmentLib.cli.main import _one_line, _parser, cmd_segment
+    from LumbarSegmentLib.cli.main import build_parser, cmd_segment, one_line
 
     job = str(req.get("job", ""))
     argv = req.get("argv")
     if not isinstance(argv, list) or argv[:1] != ["segment"]:
         return {"event": ERROR, "job": job, "message": "a worker request must be a 'segment' command"}
     try:
-        args = _parser().parse_args([str(a) for a in argv])
+        args = build_parser().parse_args([str(a) for a in argv])
     except SystemExit:  # argparse printed its usage line to stderr (the worker's log)
         return {"event": ERROR, "job": job, "message": "the segment command in the request is not valid"}
     try:
         cmd_segment(args, resolve=cache.resolve)
     except (ValueError, OSError, RuntimeError, MemoryError) as exc:
-        return {"event": ERROR, "job": job, "message": _one_line(exc)}
+        return {"event": ERROR, "job": job, "message": one_line(exc)}
     return {"event": DONE, "job": job, "report": args.report}
 
 

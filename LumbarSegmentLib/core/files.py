@@ -86,15 +86,15 @@ def boot_id() -> str:
         return ""
 
 
-def _host() -> str:
+def host_tag() -> str:
     """Host name plus PID namespace: where a pid names one process (used in temporary names)."""
     host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
     ns = pid_namespace()
     return f"{host}-ns{ns}" if ns else host
 
 
-def _owner_tag() -> str:
-    return f"{os.getpid()}@{_host()}"
+def owner_tag() -> str:
+    return f"{os.getpid()}@{host_tag()}"
 
 
 @contextlib.contextmanager
@@ -131,7 +131,7 @@ def make_partial(target: Path, *, suffix: str | None = None, mark: str = PARTIAL
     if suffix is None:
         suffix = "".join(target.suffixes[-2:]) if target.name.lower().endswith((".nii.gz", ".seg.nrrd")) \
             else (target.suffix or ".tmp")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{_owner_tag()}.", suffix=mark + suffix, dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{owner_tag()}.", suffix=mark + suffix, dir=folder)
     os.close(fd)
     os.chmod(tmp, normal_file_mode())  # mkstemp makes 0600 files; outputs get the usual permissions
     return Path(tmp)
@@ -155,7 +155,7 @@ def sweep_stale_partials(folder: str | os.PathLike, names: list[str] | None = No
             m = _PARTIAL.match(p.name)
             if not m or (names is not None and m.group("name") not in names):
                 continue
-            if m.group("host") != _host() or pid_alive(int(m.group("pid"))):
+            if m.group("host") != host_tag() or pid_alive(int(m.group("pid"))):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()

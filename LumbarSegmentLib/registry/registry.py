@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from LumbarSegmentLib.core.files import _host, atomic_path, locked, normal_file_mode, pid_alive, umask
+from LumbarSegmentLib.core.files import host_tag, atomic_path, locked, normal_file_mode, pid_alive, umask
 from LumbarSegmentLib.registry.manifest import INTEGRITY_SCHEME, ManifestError, registry_write_error, seal, validate_index, validate_name
 from LumbarSegmentLib.registry.package import WEIGHTS_FILE, ModelPackage, PackageError, read_package, shipped_registry_root
 
@@ -144,7 +144,7 @@ class Registry:
         """Copy the package to ``<root>/<name>/<version>`` through a verified temporary folder."""
         final = self.root / name / str(version)
         self._remove_abandoned_publishes()
-        tmp = Path(tempfile.mkdtemp(prefix=f".publish+{os.getpid()}+{_host()}+{name}+", dir=self.root))
+        tmp = Path(tempfile.mkdtemp(prefix=f".publish+{os.getpid()}+{host_tag()}+{name}+", dir=self.root))
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700: a shared registry must stay readable
         try:
             shutil.copy2(package.path / package.manifest["weights"]["file"], tmp / WEIGHTS_FILE)
@@ -175,7 +175,7 @@ class Registry:
         """Delete the temporary folders of publishes whose process is gone (killed mid-copy; same host only)."""
         for old in self.root.glob(".publish+*"):
             parts = old.name.split("+")
-            if (len(parts) > 3 and parts[1].isdigit() and parts[2] == _host()
+            if (len(parts) > 3 and parts[1].isdigit() and parts[2] == host_tag()
                     and not pid_alive(int(parts[1]))):
                 shutil.rmtree(old, ignore_errors=True)
 

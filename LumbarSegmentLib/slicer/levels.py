@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from LumbarSegmentLib.spine.level_names import level_class, levels_schema, shift_name, sort_key, structure_of
 from LumbarSegmentLib.slicer.bridge import get_tag, segment_ids
-from LumbarSegmentLib.slicer.drafts import _style_segment
+from LumbarSegmentLib.slicer.drafts import style_segment
 from LumbarSegmentLib.core.schema import SchemaError
 
 FLAGS_TAG = "LumbarSegment.LevelFlags"
@@ -58,7 +58,7 @@ def tag_flags(seg_node, levels_report: list[dict]) -> None:
 
 
 def _restyle(segment, name: str) -> None:
-    _style_segment(segment, levels_schema([name]), level_class(name))
+    style_segment(segment, levels_schema([name]), level_class(name))
 
 
 def shift_level_names(seg_node, steps: int) -> list[str]:

@@ -46,7 +46,7 @@ class Line:
     length_mm: float
 
 
-def _axes(pts_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def structure_axes(pts_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(height axis, depth axis)``: unit vectors in (row, col) mm, pointing caudal and posterior.
 
     The outline's orientation is that of its smallest enclosing rectangle (the 2nd-98th percentile
@@ -90,7 +90,7 @@ def measure_slice(mask: np.ndarray, spacing) -> dict:
     if len(pts) == 0:
         return {k: None for k in HEIGHTS} | {"depth_mm": None, "lines": []}
     centre = pts.mean(0)
-    height_ax, depth_ax = _axes(pts)
+    height_ax, depth_ax = structure_axes(pts)
     along_d = (pts - centre) @ depth_ax
     along_h = (pts - centre) @ height_ax
     pixel = float(np.hypot(*sp))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from LumbarSegmentLib.spine.measurements import _axes
+from LumbarSegmentLib.spine.measurements import structure_axes
 
 DEPTH_OF_BODY = 1.1  # S1 searched down to this fraction of the L5 body height below the disc
 MIN_FRACTION = 0.15  # of the L5 volume; a smaller find is no S1
@@ -35,7 +35,7 @@ def s1_from_image(image: np.ndarray, labels: np.ndarray, disc_idx: np.ndarray, l
     disc, body = _coords(disc_idx, shape, spacing), _coords(l5_idx, shape, spacing)
     s_mid = int(round(np.median(disc[:, 0]) / spacing[0]))
     on_mid = disc[np.abs(disc[:, 0] - s_mid * spacing[0]) < 0.5 * spacing[0]][:, 1:]
-    height_ax, depth_ax = _axes(on_mid if len(on_mid) > 2 else disc[:, 1:])
+    height_ax, depth_ax = structure_axes(on_mid if len(on_mid) > 2 else disc[:, 1:])
     centre = disc[:, 1:].mean(0)
     d_disc = (disc[:, 1:] - centre) @ depth_ax
     h_disc = (disc[:, 1:] - centre) @ height_ax
