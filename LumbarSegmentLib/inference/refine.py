@@ -141,8 +141,13 @@ class RefineSession:
         so that no later click waits for the model."""
         self.probs.get(range(self.probs.n_slices))
 
-    def refine(self, current: np.ndarray, clicks: Sequence[Click], protect: np.ndarray | None = None) -> RefineResult:
-        """Apply ``clicks`` in order to ``current`` (stored order, label values); see the module doc."""
+    def refine(self, current: np.ndarray, clicks: Sequence[Click], protect: np.ndarray | None = None,
+               new: int | None = None) -> RefineResult:
+        """Apply ``clicks`` in order to ``current`` (stored order, label values); see the module doc.
+
+        ``new``: only the last ``new`` clicks edit ``current`` (an interactive tool passes every click
+        of the case so far, so that a guidance model sees them all, and ``new=1``); None: all of them.
+        """
         from LumbarSegmentLib.inference.refine_regions import ClickContext, apply_click
 
         current = np.asarray(current)
@@ -156,7 +161,8 @@ class RefineSession:
             editable &= ~np.asarray(self.layout.to_canonical(np.asarray(protect, dtype=bool)))
         reports = []
         ctx = ClickContext(self.image, work, editable, self.spacing, self.schema, self.params, self.probs)
-        for click, idx in zip(clicks, stored):
+        first = 0 if new is None else max(0, len(clicks) - int(new))
+        for click, idx in list(zip(clicks, stored))[first:]:
             voxel = _canonical_index(self.layout, idx, current.shape)
             changed, why = apply_click(ctx, voxel, click.structure, click.positive)
             reports.append(ClickReport(str(click), voxel, changed, why))
