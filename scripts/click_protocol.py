@@ -33,8 +33,8 @@ from LumbarSegmentLib.training.evaluate import prepare_cases  # noqa: E402
 REPORT_AT = (0, 1, 3, 5, 10, 20)
 
 
-def run_case(case, pkg, options, n_clicks: int) -> dict:
-    draft = segment_volume(case.image, [pkg], options).labels.array
+def run_case(case, pkg, options, n_clicks: int, draft_pkg=None) -> dict:
+    draft = segment_volume(case.image, [draft_pkg or pkg], options).labels.array
     schema = pkg.schema
     structure = next(s for s in case.structures if s != "background")
     value, channel = schema[structure].value, schema.channel_of()[structure]
@@ -80,7 +80,9 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "lumbar-mr"))
     p.add_argument("--split", default=str(ROOT / "scripts" / "recipes" / "lumbar-mr-split-v2.json"))
     p.add_argument("--cases", default=None, help="comma-separated case ids (default: the split's test cases)")
-    p.add_argument("--model", default=None, help="model ref (default: the registry's default)")
+    p.add_argument("--model", default=None, help="model that refines (default: the registry's default)")
+    p.add_argument("--draft-model", default=None, help="model that drafts (default: --model; a guidance model "
+                   "is given the default's drafts this way)")
     p.add_argument("--clicks", type=int, default=20)
     p.add_argument("--slab", type=float, default=None, help="make clinical stacks of this slab (mm), e.g. 4")
     p.add_argument("--threads", type=int, default=2)
@@ -88,18 +90,19 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     ids = a.cases.split(",") if a.cases else json.loads(Path(a.split).read_text())["test"]
     pkg = resolve_model(a.model)
+    draft_pkg = resolve_model(a.draft_model) if a.draft_model else None
     options = SegmentOptions(device="cpu", threads=a.threads)
     rows = []
     for case in select_cases(a.data, ids):
         (ec,) = prepare_cases([case], pkg.schema, slab_mm=a.slab)
-        row = run_case(ec, pkg, options, a.clicks)
+        row = run_case(ec, pkg, options, a.clicks, draft_pkg)
         rows.append(row)
         print(f"{row['case']:>8} {row['structure'][:4]}: " + " ".join(f"{d:.3f}" for d in row["dice"])
               + f"  ({np.median(row['refine_s'] or [0]):.3f} s/refine)", flush=True)
     table = summarise(rows, a.clicks)
-    print(f"model {pkg.ref}, {'%g mm stacks' % a.slab if a.slab else 'as stored'}\n{table}")
+    print(f"model {pkg.ref}" + (f" on drafts of {draft_pkg.ref}" if draft_pkg else "") + f", {'%g mm stacks' % a.slab if a.slab else 'as stored'}\n{table}")
     if a.out:
-        Path(a.out).write_text(json.dumps({"model": pkg.ref, "slab_mm": a.slab, "cases": rows,
+        Path(a.out).write_text(json.dumps({"model": pkg.ref, "draft_model": draft_pkg.ref if draft_pkg else pkg.ref, "slab_mm": a.slab, "cases": rows,
                                            "table": table}, indent=1))
     return 0
 

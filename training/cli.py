@@ -372,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     ef.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     ef.set_defaults(func=cmd_effort)
 
+    from .guidance_run import add_parser as add_guidance_parser
+
+    add_guidance_parser(sub)
     x = sub.add_parser("export", help="checkpoint (last.pt/best.pt of a run) -> model package (safetensors)")
     x.add_argument("checkpoint")
     x.add_argument("--out", required=True)

@@ -128,18 +128,34 @@ class RefineSession:
 
     def __init__(self, volume: Volume, model: ModelPackage | LoadedModel, options: SegmentOptions | None = None,
                  params: RefineParams | None = None):
+        from LumbarSegmentLib.inference.runners import check_models
+
         self.volume = volume
-        self.probs = SliceProbabilities(volume, model, options)
-        self.schema = self.probs.schema
-        self.layout = sagittal_layout(volume, allow_reslice=self.probs.options.allow_reslice)
+        options = options or SegmentOptions()
+        (loaded,), self.schema = check_models([model], options)
+        self.guided = None
+        if loaded.guidance is not None:  # a click-guided model: the network redraws around each click
+            from LumbarSegmentLib.inference.guided import GuidedRefiner
+
+            self.guided = GuidedRefiner(volume, loaded, options)
+            self.probs = None
+        else:
+            self.probs = SliceProbabilities(volume, loaded, options)
+        self.layout = sagittal_layout(volume, allow_reslice=options.allow_reslice)
         self.image = np.ascontiguousarray(self.layout.to_canonical(volume.array), dtype=np.float32)
         self.spacing = tuple(float(s) for s in self.layout.spacing_src)
         self.params = params or RefineParams()
 
+    @property
+    def method(self) -> str:
+        """``guided`` (a click-guided model redraws around clicks) or ``rules`` (the training-free rules)."""
+        return "guided" if self.guided is not None else "rules"
+
     def prefetch(self) -> None:
         """Compute every slice's probabilities now (a worker can do this while the draft is on screen),
         so that no later click waits for the model."""
-        self.probs.get(range(self.probs.n_slices))
+        if self.probs is not None:
+            self.probs.get(range(self.probs.n_slices))
 
     def refine(self, current: np.ndarray, clicks: Sequence[Click], protect: np.ndarray | None = None,
                new: int | None = None) -> RefineResult:
@@ -160,12 +176,18 @@ class RefineSession:
         if protect is not None:
             editable &= ~np.asarray(self.layout.to_canonical(np.asarray(protect, dtype=bool)))
         reports = []
-        ctx = ClickContext(self.image, work, editable, self.spacing, self.schema, self.params, self.probs)
         first = 0 if new is None else max(0, len(clicks) - int(new))
-        for click, idx in list(zip(clicks, stored))[first:]:
-            voxel = _canonical_index(self.layout, idx, current.shape)
-            changed, why = apply_click(ctx, voxel, click.structure, click.positive)
-            reports.append(ClickReport(str(click), voxel, changed, why))
+        voxels = [_canonical_index(self.layout, idx, current.shape) for idx in stored]
+        if self.guided is not None:
+            from LumbarSegmentLib.inference.guided import apply_guided
+
+            done = apply_guided(self.guided, work, editable, self.schema, voxels, list(clicks), first)
+            reports = [ClickReport(str(c), v, n, why) for c, v, (n, why) in zip(clicks[first:], voxels[first:], done)]
+        else:
+            ctx = ClickContext(self.image, work, editable, self.spacing, self.schema, self.params, self.probs)
+            for click, voxel in list(zip(clicks, voxels))[first:]:
+                changed, why = apply_click(ctx, voxel, click.structure, click.positive)
+                reports.append(ClickReport(str(click), voxel, changed, why))
         out = np.ascontiguousarray(self.layout.from_canonical(work)).astype(current.dtype, copy=False)
         return RefineResult(out, int((out != current).sum()), reports)
 

@@ -52,27 +52,38 @@ class LoadedModel:
     variant: str | None = None
     path: str | None = None
     owned: bool = False  # True: the engine may rewrite ``module`` in place (nobody else holds it)
+    guidance: object = None  # core.guidance.GuidanceSpec of a click-guided model (its click maps follow the image)
+
+    @property
+    def image_channels(self) -> int:
+        """Input channels that carry the image (the rest are click maps, empty when drafting)."""
+        return self.channels - (self.guidance.channels if self.guidance is not None else 0)
 
     @classmethod
     def from_package(cls, package: ModelPackage) -> "LoadedModel":
         """Load a package's weights (verified against its sha256) on the CPU."""
+        from LumbarSegmentLib.core.guidance import GuidanceSpec
+
         inp = package.manifest["input"]
+        guidance = GuidanceSpec.from_dict(inp["guidance"], package.schema.ids) if "guidance" in inp else None
         return cls(module=package.load_model("cpu"), schema=package.schema, spacing=tuple(package.spacing),
                    patch_size=tuple(package.patch_size),
                    normalisation=inp.get("normalisation", {}).get("method", "zscore_nonzero"),
                    channels=int(inp.get("channels", 1)), slice_context=int(inp.get("slice_context", 0)),
                    ref=package.ref, sha256=package.sha256,
-                   variant=package.manifest["architecture"].get("variant"), path=str(package.path), owned=True)
+                   variant=package.manifest["architecture"].get("variant"), path=str(package.path), owned=True,
+                   guidance=guidance)
 
     @classmethod
     def from_module(cls, module, schema: LabelSchema, spacing, patch_size, *, ref: str = "in-memory model",
-                    variant: str | None = None) -> "LoadedModel":
+                    variant: str | None = None, guidance=None) -> "LoadedModel":
         """Wrap a network held by someone else (e.g. a training loop); the engine runs a copy."""
         sp = tuple(float(x) for x in (spacing if len(spacing) == 2 else tuple(spacing) * 2))
         ps = tuple(int(x) for x in (patch_size if isinstance(patch_size, (tuple, list)) else (patch_size,) * 2))
         c = int(getattr(module, "in_channels", 1))
-        return cls(module=module, schema=schema, spacing=sp, patch_size=ps, channels=c, slice_context=(c - 1) // 2,
-                   ref=ref, variant=variant, owned=False)
+        k = (c - (guidance.channels if guidance is not None else 0) - 1) // 2
+        return cls(module=module, schema=schema, spacing=sp, patch_size=ps, channels=c, slice_context=k,
+                   ref=ref, variant=variant, owned=False, guidance=guidance)
 
     def snapshot(self) -> "LoadedModel":
         """An eval-mode copy the engine may own: one copy for many volumes (a validation pass over
@@ -109,7 +120,7 @@ def check_models(packages, options: SegmentOptions) -> tuple[list[LoadedModel], 
     if options.mode == "ensemble" and len(packages) < 2:
         raise EngineError("mode 'ensemble' needs at least two models")
     for p in packages:
-        if p.channels != 2 * p.slice_context + 1:
+        if p.image_channels != 2 * p.slice_context + 1:
             raise PackageError(f"{p.ref} expects {p.channels} input channels, which is not a slice and "
                                f"{p.slice_context} neighbour(s) on each side; re-export or re-publish the model")
     return packages, _check_ensemble(packages)
@@ -206,6 +217,8 @@ class Runner:
 
     def _run(self, x):
         torch = self.torch
+        if x.shape[1] < self.spec.channels:  # a click-guided model drafting: its click maps are empty
+            x = torch.cat([x, x.new_zeros((x.shape[0], self.spec.channels - x.shape[1]) + tuple(x.shape[2:]))], 1)
         if self.onnx is not None:
             return torch.from_numpy(self.onnx.probabilities(x.contiguous().numpy()))
         with torch.inference_mode(), autocast(self.device, self.dtype):

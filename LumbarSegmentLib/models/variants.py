@@ -413,6 +413,33 @@ def widen_input(model: SegmentationNet, in_channels: int) -> SegmentationNet:
     return model
 
 
+def append_input_channels(model: SegmentationNet, extra: int) -> SegmentationNet:
+    """Let a model read ``extra`` more input channels after its own (a click-guided model's click maps):
+    the convs that read the input get zero weights for them, so the output is exactly the old one's
+    until training teaches the network to use them. In place; returns ``model``."""
+    extra = _check_int("extra", extra, 0)
+    if not extra:
+        return model
+    old_in = model.in_channels
+    readers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels == old_in]
+    if not readers:
+        raise ValueError(f"no conv of {type(model).__name__} reads its {old_in} input channel(s)")
+    for qualname, old in readers:
+        new = nn.Conv2d(old_in + extra, old.out_channels, old.kernel_size, stride=old.stride, padding=old.padding,
+                        dilation=old.dilation, groups=old.groups, bias=old.bias is not None,
+                        padding_mode=old.padding_mode).to(device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight.zero_()
+            new.weight[:, :old_in].copy_(old.weight)
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
+        parent_name, _, attr = qualname.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    model.in_channels = old_in + extra
+    model.builder_args = dict(model.builder_args, in_channels=old_in + extra)
+    return model
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements (optionally only those requiring grad)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -96,9 +96,10 @@ def validate_manifest(m, where: str, *, newest_format: int, model_format: str) -
         raise ManifestError(f"{where}: input.slice_context must be an integer 0-{SLICE_CONTEXT_MAX} (neighbour slices "
                             f"on each side), got {k!r}")
     channels = inp.get("channels", 1)
-    if isinstance(channels, bool) or channels != 2 * k + 1:
-        raise ManifestError(f"{where}: input.channels must be the number {2 * k + 1} (one MR slice and {k} "
-                            f"neighbour(s) on each side), got {channels!r}")
+    guides = _guidance_channels(inp, m["schema"], where)
+    if isinstance(channels, bool) or channels != 2 * k + 1 + guides:
+        raise ManifestError(f"{where}: input.channels must be the number {2 * k + 1 + guides} (one MR slice, {k} "
+                            f"neighbour(s) on each side and {guides} click map(s)), got {channels!r}")
     if m["architecture"].get("in_channels", channels) != channels:
         raise ManifestError(f"{where}: architecture.in_channels ({m['architecture'].get('in_channels')!r}) is not "
                             f"input.channels ({channels})")
@@ -112,6 +113,19 @@ def validate_manifest(m, where: str, *, newest_format: int, model_format: str) -
             _obj(m[key], key, where)
     if "integrity" in m:
         _obj(m["integrity"], "integrity", where)
+
+
+def _guidance_channels(inp: dict, schema, where: str) -> int:
+    """Click maps a click-guided model reads after its image channels (``input.guidance``; 0: none)."""
+    if "guidance" not in inp:
+        return 0
+    from LumbarSegmentLib.core.guidance import GuidanceError, GuidanceSpec
+
+    ids = [c.get("id") for c in schema.get("classes", []) if isinstance(c, dict)] if isinstance(schema, dict) else []
+    try:
+        return GuidanceSpec.from_dict(inp["guidance"], ids, where).channels
+    except GuidanceError as exc:
+        raise ManifestError(str(exc)) from None
 
 
 def semantic_hash(m: dict, scheme: str = INTEGRITY_SCHEME) -> str:

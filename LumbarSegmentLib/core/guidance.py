@@ -1,0 +1,124 @@
+"""Click maps: how a click-guided model is told where the annotator clicked.
+
+A guidance model is a segmentation network with extra input channels, one per (structure, sign)
+pair of its schema (``vertebral_body+``, ``vertebral_body-``, ...). A click is drawn into its channel
+as a filled disk around the clicked point, on the model's own in-plane grid. The click is a ball in
+the patient: the slice it was made in gets a disk of ``radius_mm``, a slice ``d`` millimetres away a
+smaller one, ``radius_mm * sqrt(1 - (d / reach_mm)^2)``, and slices ``reach_mm`` or farther away get
+nothing. So on a 1 mm stack a click steers a few neighbouring slices, on a 4 mm clinical stack only
+its own, as an annotator expects. Training draws disks of random radii up to ``radius_mm`` so the
+network knows the smaller cross-sections too.
+
+The manifest of such a package declares this under ``input.guidance`` (see :class:`GuidanceSpec`);
+``input.channels`` counts the image channels plus one per map. With every map empty the network is
+asked "no clicks": a guidance model fine-tuned from a drafting model with zero-initialised click
+weights starts out as exactly that drafting model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+RADIUS_MM = 3.0
+REACH_MM = 4.0
+
+
+class GuidanceError(ValueError):
+    """A manifest's guidance section that cannot be used."""
+
+
+@dataclass(frozen=True)
+class GuidanceSpec:
+    maps: tuple[tuple[str, bool], ...]  # (class id, positive) per extra input channel, in channel order
+    radius_mm: float = RADIUS_MM  # in-plane radius of a click's disk in the slice it was made in
+    reach_mm: float = REACH_MM  # a click reaches slices closer than this (the ball's half-depth)
+
+    @property
+    def channels(self) -> int:
+        return len(self.maps)
+
+    def channel(self, structure: str, positive: bool) -> int:
+        """The input channel (counted from the first guidance map) of a click, or -1 when there is none."""
+        try:
+            return self.maps.index((structure, bool(positive)))
+        except ValueError:
+            return -1
+
+    def to_dict(self) -> dict:
+        return {"maps": [f"{c}{'+' if p else '-'}" for c, p in self.maps], "radius_mm": self.radius_mm,
+                "reach_mm": self.reach_mm}
+
+    @classmethod
+    def from_dict(cls, d, class_ids: Iterable[str] = (), where: str = "manifest") -> "GuidanceSpec":
+        if not isinstance(d, dict) or not isinstance(d.get("maps"), list) or not d["maps"]:
+            raise GuidanceError(f"{where}: input.guidance must be an object with a non-empty list 'maps'")
+        ids = set(class_ids)
+        maps = []
+        for m in d["maps"]:
+            if not isinstance(m, str) or len(m) < 2 or m[-1] not in "+-" or (ids and m[:-1] not in ids):
+                raise GuidanceError(f"{where}: input.guidance.maps entry {m!r} is not <class id of the schema>+ or -")
+            maps.append((m[:-1], m[-1] == "+"))
+        if len(set(maps)) != len(maps):
+            raise GuidanceError(f"{where}: input.guidance.maps lists a map twice")
+        out = []
+        for key, default in (("radius_mm", RADIUS_MM), ("reach_mm", REACH_MM)):
+            v = d.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.5 <= float(v) <= 50:
+                raise GuidanceError(f"{where}: input.guidance.{key} must be a number from 0.5 to 50 mm, got {v!r}")
+            out.append(float(v))
+        return cls(tuple(maps), *out)
+
+    @classmethod
+    def for_classes(cls, class_ids: Sequence[str], radius_mm: float = RADIUS_MM,
+                    reach_mm: float = REACH_MM) -> "GuidanceSpec":
+        """A positive and a negative map for each structure (background excluded)."""
+        return cls(tuple((c, s) for c in class_ids if c != "background" for s in (True, False)),
+                   float(radius_mm), float(reach_mm))
+
+
+@dataclass(frozen=True)
+class ModelClick:
+    """A click on the model's grid: canonical slice index, row and column in model pixels (floats)."""
+    slice_mm: float  # position along the slice axis, millimetres
+    row: float
+    col: float
+    channel: int  # guidance channel (from 0), see :meth:`GuidanceSpec.channel`
+
+
+def disk_radius_px(spec: GuidanceSpec, distance_mm: float, pixel_mm: float) -> float:
+    """The radius (model pixels) of a click's disk in a slice ``distance_mm`` from it; 0: not reached."""
+    d = abs(float(distance_mm))
+    if d >= spec.reach_mm:
+        return 0.0
+    return spec.radius_mm * math.sqrt(1.0 - (d / spec.reach_mm) ** 2) / pixel_mm
+
+
+def draw_maps(spec: GuidanceSpec, shape: tuple[int, int], slice_mm: float, clicks: Sequence[ModelClick],
+              pixel_mm: float, origin: tuple[int, int] = (0, 0)):
+    """The ``[G, H, W]`` float32 click maps of one slice (at ``slice_mm``) of a region of the model grid
+    starting at ``origin`` (row, col): each click reaching it drawn as a disk of ones."""
+    import torch
+
+    out = torch.zeros((spec.channels,) + tuple(shape), dtype=torch.float32)
+    rows = torch.arange(shape[0], dtype=torch.float32)[:, None] + origin[0]
+    cols = torch.arange(shape[1], dtype=torch.float32)[None, :] + origin[1]
+    for c in clicks:
+        r = disk_radius_px(spec, slice_mm - c.slice_mm, pixel_mm)
+        if r <= 0 or not 0 <= c.channel < spec.channels:
+            continue
+        r = max(r, 0.75)  # at least the clicked pixel
+        out[c.channel] = torch.maximum(out[c.channel], (((rows - c.row) ** 2 + (cols - c.col) ** 2) <= r * r).float())
+    return out
+
+
+def draw_batch_disks(maps, batch_index: int, channel: int, row: int, col: int, radius_px: float) -> None:
+    """Draw one disk into ``maps [B, G, H, W]`` in place (training's simulated clicks)."""
+    import torch
+
+    h, w = maps.shape[-2:]
+    r = max(float(radius_px), 0.75)
+    rr = torch.arange(h, dtype=torch.float32, device=maps.device)[:, None] - row
+    cc = torch.arange(w, dtype=torch.float32, device=maps.device)[None, :] - col
+    disk = ((rr * rr + cc * cc) <= r * r).to(maps.dtype)
+    maps[batch_index, channel] = torch.maximum(maps[batch_index, channel], disk)

@@ -1,0 +1,137 @@
+"""Click correction with a click-guided model: the network itself redraws the structures around a click.
+
+A guidance model (``core.guidance``) reads the image and one map per (structure, sign) with the
+annotator's clicks drawn in. After a click, the slices the click reaches (its ball, ``reach_mm``)
+are predicted again in a window of ``crop_mm`` around it, with every click of the case so far drawn
+in, and the label map is replaced there by the new prediction, but only:
+
+* within ``edit_mm`` (in-plane) of the click, in the slices it reaches;
+* where the clicked structure appears or disappears (a voxel that stays another structure's, or
+  becomes one without having been the clicked one, is left alone: the annotator's brush work on
+  other structures is never touched);
+* on voxels the caller did not protect, whose value is one of the model's classes.
+
+Predicting a window instead of whole slices keeps a click near 0.1-0.2 s of CPU: the network runs on
+a few 128 x 128 windows. The result does not depend on whether the caller passes the draft or the
+last result together with all clicks: each click's region is redrawn from the image and the clicks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from LumbarSegmentLib.core.guidance import ModelClick, disk_radius_px, draw_maps
+from LumbarSegmentLib.inference.devices import pick_device
+from LumbarSegmentLib.inference.options import SegmentOptions
+from LumbarSegmentLib.inference.preprocess import model_slices
+from LumbarSegmentLib.inference.runners import LoadedModel, Runner
+
+
+@dataclass
+class GuidedParams:
+    crop_mm: float = 128.0  # side of the window the network sees around a click
+    edit_mm: float = 30.0  # in-plane radius around the click within which labels may change
+
+
+class GuidedRefiner:
+    """One volume and one click-guided model, warm between clicks."""
+
+    def __init__(self, volume, model: LoadedModel, options: SegmentOptions, params: GuidedParams | None = None):
+        self.spec, self.options = model, options
+        self.guidance = model.guidance
+        self.params = params or GuidedParams()
+        self.stack, self.layout, _ = model_slices(volume, model.spacing, allow_reslice=options.allow_reslice,
+                                                  normalisation=model.normalisation)
+        self.warnings: list[str] = []
+        self.runner = Runner(model, pick_device(options.device), options, self.warnings, self.stack, lambda: False)
+        self.plane = tuple(self.layout.to_canonical(volume.array).shape[1:])
+        self.mplane = tuple(int(n) for n in self.stack.shape[1:])
+        self.spacing = tuple(float(s) for s in self.layout.spacing_src)
+        self.pixel_mm = float(np.mean(model.spacing))
+        side = int(round(self.params.crop_mm / self.pixel_mm))
+        self.crop = max(32, -(-side // 32) * 32)
+
+    def model_click(self, voxel: tuple[int, int, int], structure: str, positive: bool) -> ModelClick:
+        """A canonical ``[s, r, c]`` voxel as a click on the model's grid."""
+        s, r, c = voxel
+        return ModelClick(s * self.spacing[0], (r + 0.5) * self.mplane[0] / self.plane[0] - 0.5,
+                          (c + 0.5) * self.mplane[1] / self.plane[1] - 0.5,
+                          self.guidance.channel(structure, positive))
+
+    def reached_slices(self, s: int) -> list[int]:
+        """Canonical slices a click in slice ``s`` reaches (always ``s`` itself)."""
+        n = int(self.stack.shape[0])
+        k = int(np.ceil(self.guidance.reach_mm / self.spacing[0]))
+        return [i for i in range(max(0, s - k), min(n, s + k + 1))
+                if i == s or disk_radius_px(self.guidance, (i - s) * self.spacing[0], self.pixel_mm) > 0]
+
+    def predict(self, slices: Sequence[int], centre: ModelClick, clicks: Sequence[ModelClick]):
+        """Class probabilities ``[n, K, C, C]`` of a window centred on ``centre`` in ``slices``, and the
+        window's origin (row, col) on the model grid."""
+        import torch
+
+        c = self.crop
+        y0 = int(round(centre.row)) - c // 2
+        x0 = int(round(centre.col)) - c // 2
+        img = torch.zeros((len(slices), self.spec.image_channels, c, c), dtype=torch.float32)
+        ys0, xs0 = max(0, y0), max(0, x0)
+        ys1, xs1 = min(self.mplane[0], y0 + c), min(self.mplane[1], x0 + c)
+        for n, s in enumerate(slices):
+            img[n, :, ys0 - y0:ys1 - y0, xs0 - x0:xs1 - x0] = self.stack[s, ys0:ys1, xs0:xs1]
+        maps = torch.stack([draw_maps(self.guidance, (c, c), s * self.spacing[0], clicks, self.pixel_mm, (y0, x0))
+                            for s in slices])
+        probs = self.runner.forward(torch.cat([img, maps], 1))
+        return probs, (y0, x0)
+
+    def region(self, voxel: tuple[int, int, int], clicks: Sequence[ModelClick], centre: ModelClick):
+        """``(slices, rows, cols, labels)``: the canonical region one click may edit and the network's
+        labels there (channel indices ``[n, h, w]``), with every click in ``clicks`` drawn in."""
+        import torch
+        import torch.nn.functional as F
+
+        slices = self.reached_slices(voxel[0])
+        probs, (y0, x0) = self.predict(slices, centre, clicks)
+        e_r = int(np.ceil(self.params.edit_mm / self.spacing[1]))
+        e_c = int(np.ceil(self.params.edit_mm / self.spacing[2]))
+        rows = np.arange(max(0, voxel[1] - e_r), min(self.plane[0], voxel[1] + e_r + 1))
+        cols = np.arange(max(0, voxel[2] - e_c), min(self.plane[1], voxel[2] + e_c + 1))
+        # the model-grid position of each voxel centre, relative to the window, as grid_sample wants it
+        my = (rows + 0.5) * self.mplane[0] / self.plane[0] - 0.5 - y0
+        mx = (cols + 0.5) * self.mplane[1] / self.plane[1] - 0.5 - x0
+        gy = torch.from_numpy(2 * my / (self.crop - 1) - 1).float()
+        gx = torch.from_numpy(2 * mx / (self.crop - 1) - 1).float()
+        grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), -1)[None].expand(len(slices), -1, -1, -1)
+        sampled = F.grid_sample(probs, grid, mode="bilinear", align_corners=True)
+        labels = sampled.argmax(1).numpy()
+        inside = ((rows[:, None] - voxel[1]) * self.spacing[1]) ** 2 + ((cols[None, :] - voxel[2]) * self.spacing[2]) ** 2
+        return slices, rows, cols, labels, inside <= self.params.edit_mm ** 2
+
+
+def apply_guided(refiner: GuidedRefiner, work: np.ndarray, editable: np.ndarray, schema, voxels, clicks,
+                 first: int) -> list[tuple[int, str]]:
+    """Apply clicks ``first..`` (canonical ``voxels``, :class:`refine.Click` ``clicks``) to the canonical
+    label map ``work`` in place, every click drawn in as guidance; ``(changed, why)`` per applied click."""
+    mclicks = [refiner.model_click(v, c.structure, c.positive) for v, c in zip(voxels, clicks)]
+    values = np.array([cls.value for cls in schema.classes])
+    out = []
+    for i in range(first, len(clicks)):
+        click, voxel = clicks[i], voxels[i]
+        if mclicks[i].channel < 0:
+            out.append((0, f"the model reads no {'positive' if click.positive else 'negative'} clicks on "
+                           f"{click.structure}"))
+            continue
+        target = schema[click.structure].value
+        slices, rows, cols, labels, disk = refiner.region(voxel, mclicks, mclicks[i])
+        changed = 0
+        for n, s in enumerate(slices):
+            old = work[s][np.ix_(rows, cols)]
+            new = values[labels[n]].astype(work.dtype)
+            ok = editable[s][np.ix_(rows, cols)] & disk & (new != old) & ((old == target) | (new == target))
+            if ok.any():
+                old[ok] = new[ok]
+                work[s][np.ix_(rows, cols)] = old
+                changed += int(ok.sum())
+        out.append((changed, "" if changed else "the model's answer there is already the current one"))
+    return out
