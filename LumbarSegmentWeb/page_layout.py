@@ -185,6 +185,7 @@ class PageLayout:
                                  size="small", **tid(("'tool-' + t.value",))):
                         v3.VIcon("{{ t.icon }}", size="small")
                         html.Span("{{ t.title }}")
+                self._click_controls()
                 v3.VSlider(label="Brush", v_model=("brush_mm",), min=1, max=40, step=1, thumb_label=True,
                            density="compact", hide_details=True, classes="mt-2", **tid("brush"))
                 html.Div("brush {{ brush_mm }} mm ([ and ] change it)", classes="ls-small", **tid("brush-value"))
