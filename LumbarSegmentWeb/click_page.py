@@ -8,7 +8,9 @@ it to the volume and applies the click. Shift (or Ctrl) with the click turns the
 
 State keys: ``click_mode`` (on/off), ``click_sign`` (``"+"`` or ``"-"``; checked again on every click,
 since a client may set any value), ``click_effort`` (clicks counted, voxels they changed, clicks Undo
-click can take back), ``click_message``.
+click can take back); what a click did goes to the drawer's ``message`` line. The controls share the
+line of Add segment under the segment list (the selected segment is what a click fixes), so that the
+page still shows everything at a desktop size.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ class ClickControls:
 
     def _init_click_state(self) -> None:
         self._view_clicks: list[ViewClicks] = []
-        self.state.update({"click_mode": False, "click_sign": "+", "click_message": "",
+        self.state.update({"click_mode": False, "click_sign": "+",
                            "click_effort": {"clicks": 0, "voxels_by_clicks": 0, "undoable": 0}})
 
     def clicks_on(self) -> bool:
@@ -58,7 +60,6 @@ class ClickControls:
     def _reset_clicks(self) -> None:
         """Another case is open: the tool is off and the counts are that case's."""
         self.state.click_mode = False
-        self.state.click_message = ""
         self.state.click_effort = self.session.click_effort()
 
     def toggle_clicks(self, on) -> None:
@@ -70,7 +71,7 @@ class ClickControls:
         self.state.click_mode = structures is not None
         if structures is not None:
             self.state.effect = "none"
-            self.state.click_message = (f"select the segment to fix ({', '.join(structures)}), then click in a "
+            self.state.message = (f"select the segment to fix ({', '.join(structures)}), then click in a "
                                         f"slice view: + adds it there, - removes it (Shift+click: the other sign)")
 
     def set_click_sign(self, sign) -> None:
@@ -86,7 +87,7 @@ class ClickControls:
                 sign = "-" if sign == "+" else "+"
             changed = self._guard(self.session.click_in_view, view, x, y, sign)
             if changed is not None:
-                self.state.click_message = (f"{'added' if sign == '+' else 'removed'}: {changed} voxels changed"
+                self.state.message = (f"{'added' if sign == '+' else 'removed'}: {changed} voxels changed"
                                             if changed else "nothing to change there")
             self.state.click_effort = self.session.click_effort()
             self.refresh_segments()
@@ -94,23 +95,23 @@ class ClickControls:
     def undo_click(self) -> None:
         undone = self._guard(self.session.undo_click)
         if undone is not None:
-            self.state.click_message = "last click undone" if undone else "no click to undo"
+            self.state.message = "last click undone" if undone else "no click to undo"
         self.state.click_effort = self.session.click_effort()
         self.refresh_segments()
 
     def _click_controls(self) -> None:
-        """The tool's row in the Correct panel: the switch, + and -, Undo click, and what the last click did."""
-        with html.Div(classes="d-flex align-center mt-2", style="gap: 4px", **tid("click-to-fix")):
-            v3.VBtn("Click to fix", size="small", prepend_icon="mdi-cursor-default-click",
-                    color=("click_mode ? 'primary' : ''",), click=(self.toggle_clicks, "[!click_mode]"),
-                    disabled=("!segments.length",), title="Correct with clicks in the slice views",
-                    **tid("click-toggle", on=("click_mode",)))
-            with v3.VBtnToggle(v_model=("click_sign",), mandatory=True, density="compact", divided=True,
-                               update_modelValue=(self.set_click_sign, "[$event]")):
-                v3.VBtn("+", value="+", size="small", title="this is the selected structure", **tid("click-plus"))
-                v3.VBtn("\u2212", value="-", size="small", title="this is not the selected structure",
-                        **tid("click-minus"))
-            v3.VBtn("Undo click", size="small", click=self.undo_click, disabled=("!click_effort.undoable",),
-                    **tid("click-undo"))
-        html.Div("{{ click_message }} ({{ click_effort.clicks }} clicks on this case)", v_if="click_mode",
-                 classes="ls-small", **tid("click-status", clicks=("click_effort.clicks",)))
+        """Beside Add segment, under the segment list: the switch, + and -, Undo click, the clicks counted."""
+        v3.VBtn("Click to fix", size="x-small", color=("click_mode ? 'primary' : ''",),
+                click=(self.toggle_clicks, "[!click_mode]"), disabled=("!segments.length",),
+                title="Correct the selected segment with clicks in the slice views",
+                **tid("click-toggle", on=("click_mode",)))
+        with v3.VBtnToggle(v_model=("click_sign",), mandatory=True, density="compact", divided=True,
+                           style="height: 20px", update_modelValue=(self.set_click_sign, "[$event]")):
+            v3.VBtn("+", value="+", size="x-small", title="a click says: this is the selected structure",
+                    **tid("click-plus"))
+            v3.VBtn("\u2212", value="-", size="x-small", title="a click says: this is not the selected structure",
+                    **tid("click-minus"))
+        v3.VBtn(icon="mdi-undo-variant", size="x-small", variant="text", click=self.undo_click,
+                disabled=("!click_effort.undoable",), title="Undo click", **tid("click-undo"))
+        html.Span("{{ click_effort.clicks }} clicks", v_if="click_mode", classes="ls-small",
+                  **tid("click-status", clicks=("click_effort.clicks",)))

@@ -185,7 +185,6 @@ class PageLayout:
                                  size="small", **tid(("'tool-' + t.value",))):
                         v3.VIcon("{{ t.icon }}", size="small")
                         html.Span("{{ t.title }}")
-                self._click_controls()
                 v3.VSlider(label="Brush", v_model=("brush_mm",), min=1, max=40, step=1, thumb_label=True,
                            density="compact", hide_details=True, classes="mt-2", **tid("brush"))
                 html.Div("brush {{ brush_mm }} mm ([ and ] change it)", classes="ls-small", **tid("brush-value"))
@@ -255,7 +254,9 @@ class PageLayout:
                                 title="remove this segment", click=(self.remove_segment, "[s.id]"),
                                 **tid(("'remove-' + s.id",)))
         html.Div("no segmentation yet: Segment drafts one", v_if="!segments.length && case_id", classes="ls-small")
-        v3.VBtn("Add segment", size="x-small", click=self.add_segment, prepend_icon="mdi-plus")
+        with html.Div(classes="d-flex flex-wrap align-center", style="gap: 4px"):
+            v3.VBtn("Add segment", size="x-small", click=self.add_segment, prepend_icon="mdi-plus")
+            self._click_controls()  # beside the list: the selected segment is what a click fixes
 
     def _export_box(self) -> None:
         v3.VBtn("Export case", click=(self.export, "[false]"), color="primary", size="small",
