@@ -91,6 +91,7 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode, self._guiConnection = None, None
         self._segmenting = self._training = False
         self._lastMetrics = ""
+        self._clickObservations = []  # (interactor, tag) of the slice views while click to fix is on
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -108,14 +109,17 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                              (self.ui.retrainStartButton, self.onRetrainStart),
                              (self.ui.retrainStopButton, self.onRetrainStop),
                              (self.ui.retrainResumeButton, self.onRetrainResume),
+                             (self.ui.clickUndoButton, self.onClickUndo),
                              (self.ui.levelsUpButton, lambda: self.onShiftLevels(-1)),
                              (self.ui.levelsDownButton, lambda: self.onShiftLevels(1))):
             button.connect("clicked(bool)", lambda _=False, s=slot: s())
         self.ui.datasetPathLineEdit.connect("currentPathChanged(QString)", self.onDatasetChanged)
+        self.ui.clickToFixButton.connect("toggled(bool)", self.onClickToFix)
         for widget in self.ui.advancedCollapsibleButton.findChildren(qt.QWidget):
             if widget.property("SlicerParameterName") in ADVANCED:
                 widget.toolTip = _OPTION[ADVANCED[widget.property("SlicerParameterName")]].help
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, lambda *a: self.onCancel())
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent,
+                         lambda *a: (self._endClicks(), self.onCancel()))
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, lambda *a: self.initializeParameterNode())
         self.initializeParameterNode()
         self.reattachTraining()
@@ -124,6 +128,7 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Training is left running: it lives in its own process and run folder, and the next
         # panel (a module reload, or Slicer started again) reattaches to it.
         self.removeObservers()
+        self._endClicks()
         self.timer.stop()
         self.logic.core.cancel_segmentation()
 
@@ -226,6 +231,65 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if seg:
             editor.setSegmentationNode(seg)
             getattr(editor, "setSourceVolumeNode", getattr(editor, "setMasterVolumeNode", None))(vol)
+
+    # --- click to fix: left click adds to the selected segment's structure, Shift/Ctrl+left click removes
+    def onClickToFix(self, on):
+        """Switch the tool on for the chosen volume and segmentation (the model is the one picked above)."""
+        if not on:
+            self._endClicks()
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not start click to fix.", waitCursor=True):
+            structures = self.logic.core.clicks.start(p.inputVolume, p.segmentation,
+                                                      self.ui.modelComboBox.currentData or None)
+            self._observeSliceViews()
+            self.ui.clickStatusLabel.text = (f"Select a segment ({', '.join(structures)}) in the Segment Editor, "
+                                             f"then click in a slice view: left click adds, Shift+click removes")
+            return
+        self.ui.clickToFixButton.checked = False
+
+    def _observeSliceViews(self):
+        """Watch left clicks in every slice view, ahead of the view's own handling (higher priority)."""
+        self._forgetSliceViews()
+        manager = slicer.app.layoutManager()
+        for name in manager.sliceViewNames():
+            widget = manager.sliceWidget(name)
+            interactor = widget.sliceView().interactorStyle().GetInteractor()
+            holder = []
+            tag = interactor.AddObserver("LeftButtonPressEvent",
+                                         lambda caller, event, w=widget, h=holder: self.onSliceClick(w, caller, h[0]),
+                                         2.0)
+            holder.append(tag)
+            self._clickObservations.append((interactor, tag))
+
+    def _forgetSliceViews(self):
+        for interactor, tag in self._clickObservations:
+            interactor.RemoveObserver(tag)
+        self._clickObservations = []
+
+    def _endClicks(self):
+        self._forgetSliceViews()
+        self.logic.core.clicks.stop()
+        if self.ui.clickToFixButton.checked:
+            self.ui.clickToFixButton.checked = False
+
+    def onSliceClick(self, sliceWidget, interactor, tag):
+        """One click to fix; the press is consumed so that no window/level drag or effect starts with it."""
+        x, y = interactor.GetEventPosition()
+        positive = not (interactor.GetShiftKey() or interactor.GetControlKey())
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        with slicer.util.tryWithErrorDisplay("Click to fix failed.", waitCursor=True):
+            xyToRas = sliceWidget.sliceLogic().GetSliceNode().GetXYToRAS()
+            changed = self.logic.core.clicks.click_in_view(xyToRas, x, y, editor.currentSegmentID(), positive)
+            effort = self.logic.core.clicks.effort(self._parameterNode.segmentation) or {}
+            self.ui.clickStatusLabel.text = (f"{'Added' if positive else 'Removed'}: {changed} voxels changed "
+                                             f"(clicks on this segmentation: {effort.get('clicks', 0)})")
+        interactor.GetCommand(tag).SetAbortFlag(1)
+
+    def onClickUndo(self):
+        with slicer.util.tryWithErrorDisplay("Could not undo the click.", waitCursor=True):
+            undone = self.logic.core.clicks.undo()
+            self.ui.clickStatusLabel.text = "Last click undone" if undone else "No click to undo"
 
     def onExport(self):
         p = self._parameterNode

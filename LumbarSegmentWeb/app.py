@@ -26,6 +26,7 @@ from pathlib import Path
 from trame.app.file_upload import ClientFile
 from trame.widgets import html
 
+from .click_page import ClickControls
 from .editing_panel import EFFECT_NAMES
 from . import advanced
 from .page_layout import KEY_TRIGGER, PageLayout, tid
@@ -58,7 +59,7 @@ def _state_key(view_id: str) -> str:
     return "ls_ro_" + re.sub(r"[^A-Za-z0-9_]", "_", str(view_id))
 
 
-class LumbarSegmentPage(PageLayout):
+class LumbarSegmentPage(ClickControls, PageLayout):
     """Builds the UI on ``server`` for ``session`` and keeps the state in step with it."""
 
     def __init__(self, server, session: AnnotationSession):
@@ -104,6 +105,7 @@ class LumbarSegmentPage(PageLayout):
             "key_rows": [{"keys": k, "does": d} for k, d in HELP_ROWS], **advanced.initial_state(),
             "effect_items": [{"title": TOOL_TITLES[n], "value": n, "icon": TOOL_ICONS[n]} for n in EFFECT_NAMES],
         })
+        self._init_click_state()
         self.refresh_cases()
         self.refresh_models()
         self.refresh_readiness()
@@ -154,10 +156,12 @@ class LumbarSegmentPage(PageLayout):
         self.state[key] = None
         view.modified.connect(lambda *_: self._update_readout(view_id))
         self._drags.append(WindowLevelDrag(
-            view, active=lambda: self.session.effect == "none" and self.session.volume_node is not None,
+            view, active=lambda: self.session.effect == "none" and self.session.volume_node is not None
+            and not self.state.click_mode,
             get_wl=self.session.window_level, set_wl=self.session.set_window_level,
             span=lambda: float(self.state.intensity_max) - float(self.state.intensity_min),
             on_change=self._on_wl_dragged))
+        self._watch_clicks(view)
         ro = f"{key} || {{}}"
         with html.Div(v_if=key, classes="ls-overlay", style="top: 6px; right: 8px; text-align: right;",
                       **tid(("'readout-' + " + f"({ro}).name",), view=view_id, index=(f"({ro}).index",),
@@ -277,6 +281,7 @@ class LumbarSegmentPage(PageLayout):
         self.state.job = {"state": "idle", "fraction": None, "message": "", "warnings": []}
         self.state.job_eta = ""
         self.state.message = f"opened {s.case_id}"
+        self._reset_clicks()
         self.refresh_segments()
         self.refresh_cases()
         for view_id in self.views:
@@ -298,6 +303,7 @@ class LumbarSegmentPage(PageLayout):
         self.state.job_eta = ""
 
     def set_effect(self, name: str) -> None:
+        self.state.click_mode = self.state.click_mode and name == "none"  # a tool puts click to fix down
         if self._guard(self.session.set_effect, name) is None and self.state.error:
             self.state.effect = self.session.effect
         else:

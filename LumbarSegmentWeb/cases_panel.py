@@ -71,6 +71,7 @@ class CasesPanel(SessionCore):
             else:
                 try:
                     self._activate(mrml.load_seg_nrrd(self.app.scene, draft, f"{case_id} segmentation"))
+                    self._restore_effort(info.get("effort"))
                 except Exception as exc:  # noqa: BLE001 - any damage: set the file aside, keep the case usable
                     aside = self.worklist.set_aside(case_id)
                     notes.append(f"the saved draft of {case_id} could not be read ({exc}); it was moved to {aside} "
@@ -78,6 +79,13 @@ class CasesPanel(SessionCore):
                     info = {}
         self.last_run = info.get("run", {})
         return notes
+
+    def _restore_effort(self, saved) -> None:
+        """The clicks already made on this draft (saved with it) count on; a damaged record starts afresh."""
+        try:
+            self.logic.clicks.restore(self.seg_node, saved)
+        except (TypeError, ValueError):
+            pass
 
     def upload(self, name: str, content: bytes) -> str:
         """Store an uploaded volume in the work folder and open it; returns its case id.
@@ -112,6 +120,7 @@ class CasesPanel(SessionCore):
                         self.app.scene.RemoveNode(dn)
                 self.app.scene.RemoveNode(node)
         self.editor.deactivate_effect()
+        self.logic.clicks.stop()  # the warm model belongs to the case being closed
         self.effect = "none"
         self.undo_stack.clear()
         self.seg_node = self.volume_node = None

@@ -254,7 +254,9 @@ class PageLayout:
                                 title="remove this segment", click=(self.remove_segment, "[s.id]"),
                                 **tid(("'remove-' + s.id",)))
         html.Div("no segmentation yet: Segment drafts one", v_if="!segments.length && case_id", classes="ls-small")
-        v3.VBtn("Add segment", size="x-small", click=self.add_segment, prepend_icon="mdi-plus")
+        with html.Div(classes="d-flex flex-wrap align-center", style="gap: 4px"):
+            v3.VBtn("Add segment", size="x-small", click=self.add_segment, prepend_icon="mdi-plus")
+            self._click_controls()  # beside the list: the selected segment is what a click fixes
 
     def _export_box(self) -> None:
         v3.VBtn("Export case", click=(self.export, "[false]"), color="primary", size="small",

@@ -79,6 +79,6 @@ class SessionCore:
         path = mrml.save_seg_nrrd(self.app.scene, self.seg_node, self.worklist.draft_path(self.case_id))
         info = {"case_id": self.case_id, "edited": self.edited_segments(), "run": self.last_run,
                 "uncertainty": self.last_run.get("uncertainty"), "saved": time.time(),
-                "image_sha256": self.fingerprint}
+                "image_sha256": self.fingerprint, "effort": self.logic.clicks.effort(self.seg_node)}
         self.worklist.write_info(self.case_id, info)
         return path

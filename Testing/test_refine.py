@@ -222,6 +222,42 @@ def test_click_to_fix_on_a_real_segmentation_node_with_undo_and_hand_edits_prote
     assert np.array_equal(back, expected)
 
 
+
+def test_click_to_fix_hands_the_session_every_click_and_lets_only_the_last_edit():
+    """The whole history goes to the session (a guidance model reads it), ``new=1`` so the older clicks do
+    not edit again; undo drops the click from the history, so the next click does not see it."""
+    pytest.importorskip("slicer", reason="slicer-core (the MRML libraries) is not installed")
+    from LumbarSegmentLib.slicer import mrml
+    from LumbarSegmentLib.slicer.refine import ClickToFix
+
+    ctx = mrml.MRMLContext.standalone()
+    vol = phantom()
+    node = mrml.volume_to_node(ctx.scene, vol, "MR")
+    draft = truth_of(vol)
+    draft[11:16] = 0
+    seg = mrml.labels_to_segmentation(ctx.scene, ctx.seg_logic, vol.with_array(draft), load_schema("starter"), node)
+    tool = ClickToFix(ctx.scene, ctx.seg_logic, node, seg, background_model())
+    seen = []
+    real = tool.session.refine
+
+    def spy(current, clicks, protect=None, new=None):
+        seen.append((list(clicks), new))
+        return real(current, clicks, protect=protect, new=new)
+
+    tool.session.refine = spy
+    first = Click(lps(vol, 13, 17, 20), "vertebral_body", True)
+    second = Click(lps(vol, 17, 17, 20), "vertebral_body", False)  # outside the body: changes nothing
+    assert tool.click(first.point_lps, first.structure, first.positive, now=0.0) == 5 * 16 * 20
+    assert tool.click(second.point_lps, second.structure, second.positive, now=1.0) == 0
+    assert seen == [([first], 1), ([first, second], 1)]
+    assert tool.history == [first, second]
+    assert tool.undo() and tool.history == [first]  # the click that changed nothing is taken back too
+    third = Click(lps(vol, 9, 17, 28), "vertebral_body", True)
+    tool.click(third.point_lps, third.structure, third.positive, now=2.0)
+    assert seen[-1] == ([first, third], 1)
+    assert tool.ledger.clicks == 3  # effort spent stays counted after an undo
+
+
 def test_slice_probabilities_are_the_engine_prediction(tiny_package, small_real_volume):
     """The cached per-slice probabilities give exactly the engine's label map (without the across-slice
     average, which needs every slice): one prediction path."""

@@ -331,3 +331,77 @@ def test_retrain_panel_checks_dependencies_reattaches_and_warns_before_exporting
     assert export.index("export_warning") < export.index(".export(")
     for w in ("fromScratchCheckBox", "epochsSpinBox", "maxMinutesSpinBox", "retrainResumeButton"):
         assert w in ui_widgets(), w
+
+
+def test_click_to_fix_panel_watches_the_slice_views_and_lets_go_of_them():
+    """The shell's click to fix: left clicks observed on every slice view (ahead of the view's own handling),
+    Shift or Ctrl for a negative click, the observers removed when the tool, the panel or the scene closes."""
+    source = MODULE_FILE.read_text()
+    methods = {n.name: ast.get_source_segment(source, n) for n in ast.walk(ast.parse(source))
+               if isinstance(n, ast.FunctionDef)}
+    assert '"LeftButtonPressEvent"' in methods["_observeSliceViews"] and "sliceViewNames" in methods["_observeSliceViews"]
+    click = methods["onSliceClick"]
+    assert "GetShiftKey" in click and "GetControlKey" in click and "click_in_view" in click
+    assert "GetXYToRAS" in click and "SetAbortFlag" in click and "currentSegmentID" in click
+    assert "_endClicks" in methods["cleanup"] and "_endClicks" in methods["setup"]
+    assert "RemoveObserver" in methods["_forgetSliceViews"] and "clicks.stop()" in methods["_endClicks"]
+    assert "clicks.undo()" in methods["onClickUndo"]
+    for w in ("clickToFixCollapsibleButton", "clickToFixButton", "clickUndoButton", "clickStatusLabel"):
+        assert w in ui_widgets(), w
+
+
+def test_a_slice_view_click_reaches_the_segmentation_through_the_shell(module, monkeypatch):
+    """onSliceClick with stand-ins for the Qt/VTK view (pixel, keys, XY-to-RAS) and the Segment Editor's
+    selected segment, over the real module logic and scene: the segmentation changes, the press is consumed."""
+    import contextlib
+
+    import numpy as np
+    import slicer
+
+    from test_refine import background_model, lps, phantom, truth_of
+
+    from LumbarSegmentLib.core.schema import load_schema
+    from LumbarSegmentLib.slicer import mrml
+
+    logic = module.LumbarSegmentLogic()
+    core = logic.core
+    vol = phantom()
+    node = mrml.volume_to_node(core.scene, vol, "MR")
+    draft = truth_of(vol)
+    draft[11:16] = 0
+    seg = mrml.labels_to_segmentation(core.scene, core.seg_logic, vol.with_array(draft), load_schema("starter"), node)
+    core.clicks.start(node, seg, background_model())
+    body = next(sid for sid, c in mrml.segment_classes(seg, load_schema("starter")).items() if c.id == "vertebral_body")
+    errors = []
+
+    @contextlib.contextmanager
+    def shown(message, waitCursor=False):
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - what Slicer would show in a dialog
+            errors.append(f"{message} {exc}")
+
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", shown)
+    editor = types.SimpleNamespace(currentSegmentID=lambda: body)
+    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(segmenteditor=types.SimpleNamespace(
+        widgetRepresentation=lambda: types.SimpleNamespace(self=lambda: types.SimpleNamespace(editor=editor)))),
+        raising=False)
+    xy = np.eye(4)
+    xy[:3, 3] = np.array(lps(vol, 13, 17, 20)) * [-1, -1, 1]  # pixel (0, 0) lies on the missed slices
+    view = types.SimpleNamespace(sliceLogic=lambda: types.SimpleNamespace(
+        GetSliceNode=lambda: types.SimpleNamespace(GetXYToRAS=lambda: xy)))
+    aborted = []
+    interactor = types.SimpleNamespace(GetEventPosition=lambda: (0, 0), GetShiftKey=lambda: 0, GetControlKey=lambda: 0,
+                                       GetCommand=lambda tag: types.SimpleNamespace(SetAbortFlag=aborted.append))
+    widget = module.LumbarSegmentWidget.__new__(module.LumbarSegmentWidget)
+    widget.logic = logic
+    widget.ui = types.SimpleNamespace(clickStatusLabel=types.SimpleNamespace(text=""))
+    widget._parameterNode = types.SimpleNamespace(segmentation=seg)
+    widget.onSliceClick(view, interactor, 7)
+    assert not errors, errors
+    assert aborted == [1]
+    assert widget.ui.clickStatusLabel.text == "Added: 1600 voxels changed (clicks on this segmentation: 1)"
+    labels = mrml.segmentation_to_labels(core.scene, core.seg_logic, seg, node, load_schema("starter")).array
+    assert np.array_equal(labels, truth_of(vol))
+    widget.onClickUndo()
+    assert widget.ui.clickStatusLabel.text == "Last click undone"

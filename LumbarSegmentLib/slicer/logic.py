@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from LumbarSegmentLib.slicer.click_tool import ClickTool
 from LumbarSegmentLib.slicer.jobs import (CANCELLED, DONE, FAILED, IDLE, RUNNING, BackgroundProcess, ControllerError,  # noqa: F401
                    PidHandle, Status, alive, child_command, child_environment, descendants, kill_process_tree,
                    popen_runner, python_executable)
@@ -38,6 +39,7 @@ class ModuleLogic:
         self.registries = registries
         self._volume_node = None
         self._update_node = None
+        self.clicks = ClickTool(scene, seg_logic, registries)  # "click to fix" and the effort ledgers
 
     # --- models -------------------------------------------------------------------------
     def model_choices(self) -> list[tuple[str, str]]:
@@ -159,14 +161,18 @@ class ModuleLogic:
     # --- export ---------------------------------------------------------------------------
     def export(self, volume_node, seg_node, dataset_folder, case_id: str, *, annotated_structures=None,
                schema=None):
-        """Write a training case (see ``mrml.export_case``); the schema is the one the node was drafted with."""
+        """Write a training case (see ``mrml.export_case``); the schema is the one the node was drafted with.
+
+        The segmentation's effort ledger (the clicks to fix, see ``click_tool``) goes with it, the same
+        from the Slicer panel and from the browser page, which both export through here."""
         from LumbarSegmentLib.slicer import mrml
         from LumbarSegmentLib.registry.catalog import resolve_model
 
         schema = schema or mrml.schema_of_node(seg_node)
         if schema is None:
             schema = resolve_model(None, self.registries).schema
-        request = mrml.ExportRequest(dataset_folder, case_id, annotated_structures=annotated_structures)
+        request = mrml.ExportRequest(dataset_folder, case_id, annotated_structures=annotated_structures,
+                                     effort=self.clicks.effort(seg_node))
         return mrml.export_case(self.scene, self.seg_logic, volume_node, seg_node, schema, request)
 
     def edited_structures(self, seg_node) -> list[str]:

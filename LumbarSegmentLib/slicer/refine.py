@@ -7,6 +7,11 @@ segments whose voxels changed are replaced, each with an undo step. Segments of 
 that the annotator edited by hand are protected: a click never changes their voxels. Every click
 is entered in the case's effort ledger (``effort.EffortLedger``), which the export records.
 
+The tool keeps the case's click history: every click hands the session all the clicks so far plus
+the new one, with only the new one editing the labels (``new=1``). Rules ignore the older clicks;
+a guidance model needs them all to know what the annotator has already said. Undo takes the
+last click out of the history as well as out of the segmentation.
+
 Like every MRML function here it takes the scene and the logics as arguments, so it is tested on a
 real scene (slicer-core) without the Qt application.
 """
@@ -30,7 +35,8 @@ class ClickToFix:
         self.session = RefineSession(self.volume, model, options)
         self.schema = self.session.schema
         self.ledger = ledger or EffortLedger()
-        self._undo: list[list[tuple[str, np.ndarray]]] = []
+        self.history: list[Click] = []  # every click of this case still in force, oldest first
+        self._undo: list[list[tuple[str, np.ndarray]]] = []  # one entry per click of the history
 
     def _segment_of(self) -> dict[str, str]:
         return {cls.id: sid for sid, cls in segment_classes(self.seg_node, self.schema).items()}
@@ -42,13 +48,15 @@ class ClickToFix:
         labels = segmentation_to_labels(self.scene, self.seg_logic, self.seg_node, self.volume_node, self.schema).array
         hand = set(edited_segments(self.seg_node, self.schema, self.volume_node)) - {structure}
         protect = np.isin(labels, [self.schema[c].value for c in hand if c in self.schema])
-        result = self.session.refine(labels, [click], protect=protect)
+        result = self.session.refine(labels, [*self.history, click], protect=protect, new=1)
         self.ledger.add_click(result.changed_voxels)
         self.ledger.touch(time.monotonic() if now is None else now)
+        self.history.append(click)
+        step: list[tuple[str, np.ndarray]] = []
+        self._undo.append(step)  # also for a click that changed nothing: undo must drop it from the history
         if not result.changed_voxels:
             return 0
         segments = self._segment_of()
-        step = []
         for cls in self.schema.foreground:
             before, after = labels == cls.value, result.labels == cls.value
             if np.array_equal(before, after):
@@ -58,15 +66,20 @@ class ClickToFix:
                 sid = self.seg_node.GetSegmentation().AddEmptySegment(cls.id, cls.name, list(cls.color_float))
             step.append((sid, before))
             set_segment_mask(self.seg_logic, self.seg_node, sid, after, self.volume_node)
-        self._undo.append(step)
         return result.changed_voxels
 
     def undo(self) -> bool:
-        """Take back the last click that changed something; False when there is none."""
+        """Take back the last click (its voxels and its place in the history); False when there is none.
+
+        The ledger keeps counting it: the click was effort spent, whether or not it stayed."""
         if not self._undo:
             return False
-        for sid, mask in self._undo.pop():
+        step = self._undo[-1]
+        for sid, _mask in step:
             if self.seg_node.GetSegmentation().GetSegment(sid) is None:
                 raise MRMLError(f"segment {sid!r} was deleted since the click; nothing was undone")
+        for sid, mask in step:
             set_segment_mask(self.seg_logic, self.seg_node, sid, mask, self.volume_node)
+        self._undo.pop()
+        self.history.pop()
         return True
