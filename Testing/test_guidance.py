@@ -168,3 +168,39 @@ def test_simulated_clicks_land_on_the_errors_with_the_right_sign():
     false = (label == 0).clone()
     false[:, :, 32:] = False
     assert (pos <= missed).all() and (neg <= false).all()
+
+
+def test_the_refine_role_names_the_click_guided_model_and_publish_refine_sets_it(tmp_path):
+    from types import SimpleNamespace
+
+    from LumbarSegmentLib.models.variants import append_input_channels, build_model
+    from LumbarSegmentLib.registry.catalog import resolve_refine_model
+    from LumbarSegmentLib.registry.package import PackageError, default_input_contract, write_package
+    from LumbarSegmentLib.registry.registry import Registry
+    from LumbarSegmentLib.training.publish import publish_cli
+
+    schema = load_schema("starter")
+    plain = write_package(tmp_path / "plain", build_model("UVD", in_channels=1, num_classes=3, init_filters=4).eval(),
+                          name="plain", schema=schema, input_contract=default_input_contract((1.0, 1.0), (64, 64)))
+    net = append_input_channels(build_model("UVD", in_channels=1, num_classes=3, init_filters=4), SPEC.channels)
+    guide = write_package(tmp_path / "guide", net.eval(), name="guide", schema=schema,
+                          input_contract={**default_input_contract((1.0, 1.0), (64, 64)), "channels": 5,
+                                          "guidance": SPEC.to_dict()})
+    reg = tmp_path / "reg"
+
+    def args(pkg, refine):
+        return SimpleNamespace(package=str(pkg.path), registry=str(reg), data=None, cases=None, patients=None,
+                               metric="mean_dice_fg", name=None, max_source_drop=-1, reference=None,
+                               max_reference_drop=-1, own_source_only=False, force=False, no_default=False,
+                               refine=refine, ensemble=None, device="cpu", precision="fp32")
+
+    assert publish_cli(args(plain, False)) == 0
+    registries = [Registry(reg)]
+    assert resolve_refine_model(None, registries).ref == "plain@1"  # no click-guided model: the default
+    with pytest.raises(PackageError, match="not a click-guided model"):
+        publish_cli(args(plain, True))
+    assert publish_cli(args(guide, True)) == 0
+    idx = Registry(reg).index()
+    assert idx["refine"] == "guide@1" and idx["default"] == "plain@1"  # never the drafting default
+    assert resolve_refine_model(None, registries).ref == "guide@1"
+    assert resolve_refine_model("plain@1", registries).ref == "plain@1"

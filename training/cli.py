@@ -348,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "candidate (recorded in its manifest, shown by `lumbarseg models`)")
     u.add_argument("--force", action="store_true", help="make it the default even if worse")
     u.add_argument("--no-default", action="store_true", help="never make it the default")
+    u.add_argument("--refine", action="store_true",
+                   help="a click-guided model (lumbarseg-train guidance): publish it as the one click correction "
+                        "uses (lumbarseg refine, click to fix); it never becomes the drafting default")
     u.add_argument("--ensemble", help="set the registry's default ensemble (refs, comma-separated; "
                                       "'@new' = the version being published)")
     u.add_argument("--device", default="auto")

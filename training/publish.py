@@ -395,14 +395,20 @@ def publish_cli(a) -> int:
 
             case_list = with_patients(list(case_list), read_patient_map(a.patients))
     ensemble = [s.strip() for s in a.ensemble.split(",")] if a.ensemble else None
+    refine = bool(getattr(a, "refine", False))
+    if refine and "guidance" not in pkg.manifest["input"]:
+        raise PackageError(f"{pkg.path} is not a click-guided model (its manifest has no input.guidance); "
+                           f"--refine publishes models trained with lumbarseg-train guidance")
     reference = _reference_for(a)
     policy = GatePolicy(
-        metric=a.metric, force=a.force, never_default=a.no_default, device=str(resolve_device(a.device)),
+        metric=a.metric, force=a.force and not refine, never_default=a.no_default or refine, device=str(resolve_device(a.device)),
         precision=a.precision, own_source_only=a.own_source_only,
         max_drop=None if a.max_source_drop is None or a.max_source_drop < 0 else a.max_source_drop,
         reference_drop=None if a.max_reference_drop < 0 else a.max_reference_drop)
     res = publish_if_better(pkg, registry, policy, cases=case_list, reference=reference, ensemble=ensemble,
                             name=a.name)
+    if refine:
+        registry.set_refine(res["ref"])
     if res["table"]:
         print(res["table"])
     effort = _effort_rows(a.data) if a.data else []

@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--click", action="append", required=True, metavar="X,Y,Z,STRUCTURE,+|-",
                    help="a click in LPS millimetres with a class id of the model (e.g. vertebral_body) and a "
                    "sign; repeat it, oldest first, for every click so far")
-    r.add_argument("--model", default=None, help="model NAME[@VERSION] or package folder (default: the default)")
+    r.add_argument("--model", default=None, help="model NAME[@VERSION] or package folder (default: the installed "
+                   "click-guided model, else the default model with the training-free rules)")
     r.add_argument("--threads", type=number_arg(1, MAX_THREADS, kind=int, what="a whole number",
                                                 use=f"use 1-{MAX_THREADS} CPU threads"),
                    default=None, metavar="N", help="CPU threads for PyTorch")
@@ -287,7 +288,8 @@ def cmd_refine(args) -> int:
     except ClickError as exc:
         print(f"lumbarseg: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"{args.output}: {report['changed_voxels']} voxels changed by {len(args.click)} click(s)")
+    print(f"{args.output}: {report['changed_voxels']} voxels changed by {len(args.click)} click(s) "
+          f"({report['model']}, {report['method']})")
     return EXIT_OK
 
 

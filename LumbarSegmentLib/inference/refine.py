@@ -227,7 +227,7 @@ def refine_file(image_path, labels_path, output_path, click_texts: Sequence[str]
     from pathlib import Path
 
     from LumbarSegmentLib.formats.io import read_volume, volume_suffix, write_volume
-    from LumbarSegmentLib.registry.catalog import resolve_model
+    from LumbarSegmentLib.registry.catalog import resolve_refine_model
 
     out = Path(output_path)
     if not volume_suffix(out):
@@ -242,8 +242,10 @@ def refine_file(image_path, labels_path, output_path, click_texts: Sequence[str]
     if not image.same_geometry(labels):
         raise ValueError(f"{labels_path} is not on the image's grid ({labels.describe_geometry()} vs "
                          f"{image.describe_geometry()}); resample the labels onto the image first")
-    pkg = resolve_model(model)
+    pkg = resolve_refine_model(model)
     check_clicks(image, clicks, pkg.schema)  # before the model runs
-    result = refine_labels(image, labels.array, clicks, pkg, SegmentOptions(threads=threads))
+    session = RefineSession(image, pkg, SegmentOptions(threads=threads))
+    result = session.refine(labels.array, clicks)
     write_volume(labels.with_array(result.labels), out)
-    return {"changed_voxels": result.changed_voxels, "clicks": [c.__dict__ for c in result.clicks]}
+    return {"changed_voxels": result.changed_voxels, "clicks": [c.__dict__ for c in result.clicks],
+            "model": pkg.ref, "method": session.method}

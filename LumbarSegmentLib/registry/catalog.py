@@ -105,6 +105,14 @@ class Catalog:
                 return idx["default"]
         return None
 
+    def refine_ref(self) -> str | None:
+        """The model click correction uses when none is named (the index's ``refine``, a click-guided model),
+        from the first registry that names one."""
+        for _, idx in self._indexes(True):
+            if idx.get("refine"):
+                return idx["refine"]
+        return None
+
     def ensemble_refs(self) -> list[str]:
         for _, idx in self._indexes(False):
             if idx.get("ensemble"):
@@ -184,6 +192,16 @@ def resolve_model(ref: str | None, registries: list[Registry] | None = None) -> 
         return read_package(ref)
     catalog = Catalog(registries)
     return catalog.get(ref) if ref else catalog.default()
+
+
+def resolve_refine_model(ref: str | None, registries: list[Registry] | None = None) -> ModelPackage:
+    """The model that corrects drafts with clicks: ``ref`` when given, else the catalogue's click-guided
+    model (its ``refine`` role), else the default model (which then corrects with the training-free rules)."""
+    if ref:
+        return resolve_model(ref, registries)
+    catalog = Catalog(registries)
+    refine = catalog.refine_ref()
+    return catalog.get(refine) if refine else catalog.default()
 
 
 def resolve_ensemble(registries: list[Registry] | None = None) -> list[ModelPackage]:

@@ -200,6 +200,9 @@ def validate_index(data, where: str, fix: str) -> None:
     default = data.get("default")
     if default is not None and not _is_ref(default):
         raise ManifestError(f"{where}: 'default' must be a model ref like 'name@1' (or null), got {default!r}; {fix}")
+    refine = data.get("refine")
+    if refine is not None and not _is_ref(refine):
+        raise ManifestError(f"{where}: 'refine' must be a model ref like 'name@1' (or null), got {refine!r}; {fix}")
     ensemble = data.get("ensemble", [])
     if not isinstance(ensemble, list) or not all(_is_ref(r) for r in ensemble):
         raise ManifestError(f"{where}: 'ensemble' must be a list of model refs like 'name@1', got {ensemble!r:.80}; "

@@ -140,6 +140,21 @@ class Registry:
         except OSError as exc:
             raise PackageError(registry_write_error(self.root, exc)) from None
 
+    def set_refine(self, ref: str) -> None:
+        """Make ``ref`` (a model of this registry) the one click correction uses when none is named."""
+        if self.read_only:
+            raise PackageError(f"registry {self.root} is read-only (shipped models); publish to the user registry")
+        name, _, ver = ref.partition("@")
+        try:
+            with locked(self.root):
+                idx = self.index()
+                if int(ver or 0) not in idx.get("models", {}).get(name, {}).get("versions", []):
+                    raise PackageError(f"registry {self.root} holds no {ref}; publish it first")
+                idx["refine"] = ref
+                self._write_index(idx)
+        except OSError as exc:
+            raise PackageError(registry_write_error(self.root, exc)) from None
+
     def _copy_in(self, package: ModelPackage, name: str, version: int, record: dict | None = None) -> Path:
         """Copy the package to ``<root>/<name>/<version>`` through a verified temporary folder."""
         final = self.root / name / str(version)

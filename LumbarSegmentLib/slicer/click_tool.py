@@ -53,15 +53,15 @@ class ClickTool:
 
     def start(self, volume_node, seg_node, model=None) -> list[str]:
         """Get ready to click on ``seg_node`` over ``volume_node`` with ``model`` (a package folder, a ref,
-        a loaded package; ``None``: the default model); returns the structures a click may name."""
-        from LumbarSegmentLib.registry.catalog import resolve_model
+        a loaded package; ``None``: the click-guided model of the registries, else the default model); returns the structures a click may name."""
+        from LumbarSegmentLib.registry.catalog import resolve_refine_model
         from LumbarSegmentLib.slicer.refine import ClickToFix
 
         if volume_node is None or seg_node is None:
             raise ClickToolError("open a case and draft (or load) its segmentation before clicking to fix")
         key = (volume_node.GetID(), seg_node.GetID(), model if isinstance(model, (str, type(None))) else id(model))
         if self.fix is None or key != self._key:
-            package = model if hasattr(model, "schema") else resolve_model(model, self.registries)
+            package = model if hasattr(model, "schema") else resolve_refine_model(model, self.registries)
             self.fix = ClickToFix(self.scene, self.seg_logic, volume_node, seg_node, package,
                                   ledger=self.ledger(seg_node, create=True))
             self._key = key
