@@ -226,6 +226,8 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSegmentEditor(self):
         seg, vol = self._parameterNode.segmentation, self._parameterNode.inputVolume
+        if seg:
+            self.logic.core.watch(seg, vol)  # the effort ledger counts the edits made there
         slicer.util.selectModule("SegmentEditor")
         editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
         if seg:

@@ -71,7 +71,7 @@ class CasesPanel(SessionCore):
             else:
                 try:
                     self._activate(mrml.load_seg_nrrd(self.app.scene, draft, f"{case_id} segmentation"))
-                    self._restore_effort(info.get("effort"))
+                    self._restore_effort(info.get("effort"), info.get("effort_state"))
                 except Exception as exc:  # noqa: BLE001 - any damage: set the file aside, keep the case usable
                     aside = self.worklist.set_aside(case_id)
                     notes.append(f"the saved draft of {case_id} could not be read ({exc}); it was moved to {aside} "
@@ -80,12 +80,15 @@ class CasesPanel(SessionCore):
         self.last_run = info.get("run", {})
         return notes
 
-    def _restore_effort(self, saved) -> None:
-        """The clicks already made on this draft (saved with it) count on; a damaged record starts afresh."""
+    def _restore_effort(self, saved, state) -> None:
+        """The effort already spent on this draft (saved with it) counts on, and the hand edits are still
+        counted from the model's draft; a damaged record starts afresh."""
         try:
             self.logic.clicks.restore(self.seg_node, saved)
         except (TypeError, ValueError):
             pass
+        if isinstance(state, dict):
+            self.logic.effort.restore(self.seg_node, state)
 
     def upload(self, name: str, content: bytes) -> str:
         """Store an uploaded volume in the work folder and open it; returns its case id.
@@ -121,6 +124,8 @@ class CasesPanel(SessionCore):
                 self.app.scene.RemoveNode(node)
         self.editor.deactivate_effect()
         self.logic.clicks.stop()  # the warm model belongs to the case being closed
+        if self.seg_node is not None:
+            self.logic.effort.forget(self.seg_node)  # saved with the draft file already
         self.effect = "none"
         self.undo_stack.clear()
         self.seg_node = self.volume_node = None

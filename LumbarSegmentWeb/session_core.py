@@ -64,6 +64,7 @@ class SessionCore:
             seg_node.CreateDefaultDisplayNodes()
         self.editor.set_active_segmentation(seg_node, self.volume_node)
         self.editor.set_surface_representation_enabled(False)
+        self.logic.watch(seg_node, self.volume_node)  # brush strokes and other edits count as active time
         if self.effect != "none":
             self.set_effect(self.effect)  # the editing panel's
 
@@ -79,6 +80,7 @@ class SessionCore:
         path = mrml.save_seg_nrrd(self.app.scene, self.seg_node, self.worklist.draft_path(self.case_id))
         info = {"case_id": self.case_id, "edited": self.edited_segments(), "run": self.last_run,
                 "uncertainty": self.last_run.get("uncertainty"), "saved": time.time(),
-                "image_sha256": self.fingerprint, "effort": self.logic.clicks.effort(self.seg_node)}
+                "image_sha256": self.fingerprint, "effort": self.logic.clicks.effort(self.seg_node),
+                "effort_state": self.logic.effort.state(self.seg_node)}  # the draft the hand edits count from
         self.worklist.write_info(self.case_id, info)
         return path

@@ -68,14 +68,15 @@ def test_the_export_records_the_clicks(case, tmp_path):
     assert "vertebral_body" in exported.extra["edited_structures"]
 
 
-def test_a_segmentation_never_clicked_on_exports_without_a_record(tmp_path):
+def test_a_segmentation_never_clicked_on_exports_a_record_of_zeros(tmp_path):
     ctx = mrml.MRMLContext.standalone()
     core = ModuleLogic(ctx.scene, ctx.seg_logic, registries=[])
     vol = phantom()
     node = mrml.volume_to_node(ctx.scene, vol, "MR")
     seg = mrml.labels_to_segmentation(ctx.scene, ctx.seg_logic, vol.with_array(truth_of(vol)),
                                       load_schema("starter"), node)
-    assert "effort" not in core.export(node, seg, tmp_path, "case2").extra
+    assert core.export(node, seg, tmp_path, "case2").extra["effort"] == {
+        "clicks": 0, "voxels_painted": 0, "voxels_erased": 0, "voxels_by_clicks": 0, "active_seconds": 0.0}
 
 
 @pytest.mark.parametrize("call, msg", [

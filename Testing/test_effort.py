@@ -56,7 +56,9 @@ def test_summary_per_drafting_model_and_the_command(tmp_path, capsys):
     chart = tmp_path / "effort.png"
     assert main(["effort", str(tmp_path), "--chart", str(chart)]) == 0
     out = capsys.readouterr().out
-    assert "| uvd-starter@4 | 2 | 1 | 300 |" in out
+    # per version: cases, accepted unedited, median voxels corrected, median clicks, median active minutes
+    assert "| uvd-starter@4 | 2 | 1 | 300 | 1.5 | 1.0 | 0 |" in out
+    assert "| uvd-starter@5 | 1 | 0 | 60 | 1 | 0.7 | 1 |" in out
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -68,3 +70,24 @@ def test_publish_shows_effort_only_when_exports_recorded_it(tmp_path):
     _export(tmp_path / "new", "A", "uvd-starter@5", {"clicks": 2, "voxels_by_clicks": 80, "active_seconds": 12})
     (row,) = _effort_rows(tmp_path / "new")
     assert row["model"] == "uvd-starter@5" and row["median_voxels_corrected"] == 80
+    assert _effort_rows(tmp_path / "new", ["uvd-starter@4"]) == []  # only the models the gate compares
+
+
+def test_the_gates_report_shows_the_effort_of_the_model_in_use_next_to_dice(tmp_path, capsys):
+    from LumbarSegmentLib.training.cli import main
+
+    from test_training_run import _tiny_package, write_synthetic_dataset
+
+    data = tmp_path / "data"
+    ids = write_synthetic_dataset(data, n_cases=2, size=40)
+    _export(data, "E1", "bad@1", {"clicks": 2, "voxels_painted": 30, "voxels_by_clicks": 70, "active_seconds": 90})
+    _export(data, "E2", "elsewhere@3", {"clicks": 0, "active_seconds": 5})
+    bad = _tiny_package(tmp_path / "bad", "bad", bias=[10.0, 0.0, 0.0])
+    good = _tiny_package(tmp_path / "good", "good", bias=[0.0, 0.0, 10.0])
+    common = ["--registry", str(tmp_path / "reg"), "--data", str(data), "--cases", ",".join(ids), "--device", "cpu"]
+    assert main(["publish", str(bad.path), *common]) == 0
+    capsys.readouterr()
+    assert main(["publish", str(good.path), *common]) == 0
+    report = capsys.readouterr().out.rpartition("published ")[0]
+    assert report.index("mean Dice") < report.index("annotation effort")
+    assert "| bad@1 | 1 | 0 | 100 | 2 | 1.5 | 0 |" in report and "elsewhere@3" not in report

@@ -409,13 +409,15 @@ def publish_cli(a) -> int:
                             name=a.name)
     if refine:
         registry.set_refine(res["ref"])
-    if res["table"]:
-        print(res["table"])
-    effort = _effort_rows(a.data) if a.data else []
-    if effort:  # what correcting each model's drafts cost the annotators, next to the scores
+    compared = [(res["comparison"] or {}).get("current_ref"), (pkg.manifest.get("parent") or {}).get("ref")]
+    effort = _effort_rows(a.data, [m for m in compared if m]) if a.data else []
+    if effort:  # what correcting the drafts of the model in use and of the parent cost, next to the scores
         from LumbarSegmentLib.dataset.effort import markdown
 
-        print("annotation effort per drafting model (this dataset's exports):\n" + markdown(effort))
+        section = "annotation effort per drafting model (this dataset's exports):\n" + markdown(effort)
+        res["table"] = f"{res['table']}\n\n{section}" if res["table"] else section
+    if res["table"]:
+        print(res["table"])
     print(f"published {res['ref']} to {res['registry']}; "
           f"{'it is now the default' if res['default'] else 'the model in use is unchanged'} ({res['reason']})")
     ProgressLog.from_environment().write("publish", ref=res["ref"], default=res["default"], reason=res["reason"],
@@ -423,12 +425,16 @@ def publish_cli(a) -> int:
     return 0
 
 
-def _effort_rows(data) -> list[dict]:
-    """The effort ledger's summary of a dataset (empty when no export recorded any effort)."""
+def _effort_rows(data, models: Sequence[str] = ()) -> list[dict]:
+    """The effort ledger's summary of a dataset, limited to ``models`` when given (the model in use and the
+    candidate's parent: the drafts a person corrected before this candidate existed); empty when none of
+    those exports recorded any effort."""
     from LumbarSegmentLib.dataset.cases import list_cases
     from LumbarSegmentLib.dataset.effort import summarise
 
     rows = summarise(list_cases(data))
+    if models:
+        rows = [r for r in rows if r["model"] in models]
     return rows if any(r["cases"] for r in rows) else []
 
 

@@ -3,14 +3,18 @@
 A case's ``case.json`` carries ``"effort"`` next to ``"drafted_by"``::
 
     {"clicks": 4,                       click-to-fix clicks used
-     "voxels_painted": 1520,            voxels the annotator added by hand (brush, fill, ...)
-     "voxels_erased": 310,              voxels the annotator removed by hand
+     "voxels_painted": 1520,            voxels that hold a structure the draft did not give them
+     "voxels_erased": 310,              voxels whose drafted structure was removed
      "voxels_by_clicks": 2290,          voxels the clicks changed
      "active_seconds": 184.0}           time spent on the case while active (gaps over IDLE_S not counted)
 
 :func:`summarise` turns the cases of a dataset into one row per drafting model: how many drafts
 were accepted without any edit, the median number of voxels corrected per case and the median
 active time - the loop's own measure of whether a newer model saves work.
+
+The hand counts are not tallied stroke by stroke (undo, redo and tools that rewrite a whole segment
+would make that fragile): at export the front end compares the exported label map with the draft
+(:func:`hand_edits`), leaving out the voxels a click changed, which the clicks already count.
 """
 from __future__ import annotations
 
@@ -60,9 +64,26 @@ class EffortLedger:
         self.voxels_painted += int((after & ~before).sum())
         self.voxels_erased += int((before & ~after).sum())
 
+    def set_hand_edits(self, draft: np.ndarray, final: np.ndarray, clicked: np.ndarray | None = None) -> None:
+        """The hand counts of an export (replacing earlier ones, so exporting twice does not add up)."""
+        self.voxels_painted, self.voxels_erased = hand_edits(draft, final, clicked)
+
     def add_click(self, changed_voxels: int) -> None:
         self.clicks += 1
         self.voxels_by_clicks += int(changed_voxels)
+
+
+def hand_edits(draft: np.ndarray, final: np.ndarray, clicked: np.ndarray | None = None) -> tuple[int, int]:
+    """``(painted, erased)`` between two label maps of one grid: painted voxels now hold a structure they
+    did not hold in ``draft``, erased voxels lost the structure ``draft`` gave them (a voxel moved from
+    one structure to another is both). Voxels in ``clicked`` are left out: they count for the clicks."""
+    draft, final = np.asarray(draft), np.asarray(final)
+    if draft.shape != final.shape:
+        raise ValueError(f"the draft {draft.shape} and the exported label map {final.shape} differ in shape")
+    moved = draft != final
+    if clicked is not None:
+        moved &= ~np.asarray(clicked, dtype=bool)
+    return int((moved & (final != 0)).sum()), int((moved & (draft != 0)).sum())
 
 
 def summarise(cases: Iterable) -> list[dict]:
@@ -92,12 +113,16 @@ def summarise(cases: Iterable) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     head = ("| drafting model | cases | accepted unedited | median voxels corrected | median clicks | "
-            "median active time (s) | exports without a record |\n|---|---|---|---|---|---|---|")
+            "median active minutes | exports without a record |\n|---|---|---|---|---|---|---|")
     body = [f"| {r['model']} | {r['cases']} | {r['accepted_unedited']} | {_show(r['median_voxels_corrected'])} | "
-            f"{_show(r['median_clicks'])} | {_show(r['median_active_seconds'])} | {r['without_record']} |"
+            f"{_show(r['median_clicks'])} | {_minutes(r['median_active_seconds'])} | {r['without_record']} |"
             for r in rows]
     return "\n".join([head, *body])
 
 
 def _show(v) -> str:
     return "-" if v is None else f"{v:g}"
+
+
+def _minutes(seconds) -> str:
+    return "-" if seconds is None else f"{seconds / 60:.1f}"

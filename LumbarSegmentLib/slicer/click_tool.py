@@ -13,7 +13,9 @@ module logic (``logic.ModuleLogic.clicks``), so the two behave alike and export 
 * The effort ledger lives per segmentation node: in memory while the tool runs, and copied onto the
   node as an attribute after every click, so a saved scene keeps it. ``ModuleLogic.export`` records
   :meth:`ClickTool.effort` with the case; the page saves it with its draft and puts it back with
-  :meth:`ClickTool.restore`.
+  :meth:`ClickTool.restore`. Next to it the tool keeps the mask of voxels the clicks changed
+  (:meth:`ClickTool.clicked`), which the export leaves out of the hand edits.
+* ``clock`` (seconds, monotonic) stamps the clicks that come without a time; tests replace it.
 
 :func:`view_xy_to_lps` turns a click in a slice view (its XY-to-RAS matrix and the pixel) into the
 point the tool wants: LPS millimetres in the volume's own frame (parent transform taken off).
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from typing import Callable
 
 import numpy as np
 
@@ -41,11 +45,17 @@ class ClickToolError(ValueError):
 class ClickTool:
     """One :class:`refine.ClickToFix` at a time, and the effort ledgers of the segmentations clicked on."""
 
-    def __init__(self, scene, seg_logic, registries=None):
+    def __init__(self, scene, seg_logic, registries=None, clock: Callable[[], float] = time.monotonic):
         self.scene, self.seg_logic, self.registries = scene, seg_logic, registries
+        self.clock = clock
         self.fix = None  # the warm refine.ClickToFix of the open case
+        self.applying = False  # True while a click or an undo writes into the segmentation
         self._key: tuple | None = None
         self._ledgers: dict[str, EffortLedger] = {}
+        self._clicked: dict[str, np.ndarray] = {}
+        # Called with (segmentation, volume) before the first click on a segmentation: the effort watch
+        # learns its draft there, before a click changes it.
+        self.on_start: Callable | None = None
 
     @property
     def active(self) -> bool:
@@ -61,9 +71,12 @@ class ClickTool:
             raise ClickToolError("open a case and draft (or load) its segmentation before clicking to fix")
         key = (volume_node.GetID(), seg_node.GetID(), model if isinstance(model, (str, type(None))) else id(model))
         if self.fix is None or key != self._key:
+            if self.on_start is not None:
+                self.on_start(seg_node, volume_node)
             package = model if hasattr(model, "schema") else resolve_refine_model(model, self.registries)
             self.fix = ClickToFix(self.scene, self.seg_logic, volume_node, seg_node, package,
-                                  ledger=self.ledger(seg_node, create=True))
+                                  ledger=self.ledger(seg_node, create=True), changed=self._clicked.get(seg_node.GetID()))
+            self._clicked[seg_node.GetID()] = self.fix.changed
             self._key = key
         return self.structures()
 
@@ -114,8 +127,12 @@ class ClickTool:
             raise ClickToolError("click to fix: the point must be three numbers (LPS millimetres)") from None
         if len(point) != 3 or not all(math.isfinite(v) for v in point):
             raise ClickToolError("click to fix: the point must be three finite numbers (LPS millimetres)")
-        changed = self.fix.click(point, structure, positive, now=now)
-        self._keep(self.fix.seg_node)
+        self.applying = True
+        try:
+            changed = self.fix.click(point, structure, positive, now=self.clock() if now is None else now)
+        finally:
+            self.applying = False
+        self.keep(self.fix.seg_node)
         return changed
 
     def click_in_view(self, xy_to_ras, x: float, y: float, segment_id, positive, now: float | None = None) -> int:
@@ -129,9 +146,16 @@ class ClickTool:
 
     def undo(self) -> bool:
         """Take back the open case's last click; False when there is none."""
-        if self.fix is None or not self.fix.undo():
+        if self.fix is None:
             return False
-        self._keep(self.fix.seg_node)
+        self.applying = True
+        try:
+            if not self.fix.undo():
+                return False
+        finally:
+            self.applying = False
+        self.ledger(self.fix.seg_node, create=True).touch(self.clock())
+        self.keep(self.fix.seg_node)
         return True
 
     @property
@@ -157,6 +181,13 @@ class ClickTool:
                 self._ledgers[seg_node.GetID()] = found
         return found
 
+    def clicked(self, seg_node) -> np.ndarray | None:
+        """The voxels of ``seg_node`` that clicks still in force changed (``None``: never clicked on here)."""
+        return self._clicked.get(seg_node.GetID()) if seg_node is not None else None
+
+    def restore_clicked(self, seg_node, mask: np.ndarray) -> None:
+        self._clicked[seg_node.GetID()] = np.asarray(mask, dtype=bool)
+
     def effort(self, seg_node) -> dict | None:
         """What the export records (``None``: no click was ever made on this segmentation)."""
         led = self.ledger(seg_node)
@@ -167,9 +198,10 @@ class ClickTool:
         if seg_node is None or not isinstance(data, dict):
             return
         self._ledgers[seg_node.GetID()] = EffortLedger.from_dict(data)
-        self._keep(seg_node)
+        self.keep(seg_node)
 
-    def _keep(self, seg_node) -> None:
+    def keep(self, seg_node) -> None:
+        """Copy the ledger onto the node (a saved scene keeps it)."""
         led = self._ledgers.get(seg_node.GetID())
         if led is not None:
             seg_node.SetAttribute(EFFORT_ATTR, json.dumps(led.to_dict()))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from LumbarSegmentLib.slicer.click_tool import ClickTool
+from LumbarSegmentLib.slicer.effort_watch import EffortWatch, was_drafted
 from LumbarSegmentLib.slicer.jobs import (CANCELLED, DONE, FAILED, IDLE, RUNNING, BackgroundProcess, ControllerError,  # noqa: F401
                    PidHandle, Status, alive, child_command, child_environment, descendants, kill_process_tree,
                    popen_runner, python_executable)
@@ -40,6 +41,7 @@ class ModuleLogic:
         self._volume_node = None
         self._update_node = None
         self.clicks = ClickTool(scene, seg_logic, registries)  # "click to fix" and the effort ledgers
+        self.effort = EffortWatch(self.clicks)  # drafts and active time: the hand side of the ledgers
 
     # --- models -------------------------------------------------------------------------
     def model_choices(self) -> list[tuple[str, str]]:
@@ -118,15 +120,10 @@ class ModuleLogic:
 
         run = self.segmenter.result()
         info = {"report": run.report}
-        if self._update_node is not None:
-            info["update"] = mrml.update_unedited_segments(
-                self.scene, self.seg_logic, self._update_node, run.labels, run.schema, self._volume_node,
-                model_ref=run.model_ref, model_sha256=run.model_sha256)
-            seg_node = self._update_node
-        else:
-            origin = mrml.DraftOrigin(run.model_ref, run.model_sha256, run.report)
-            seg_node = mrml.labels_to_segmentation(self.scene, self.seg_logic, run.labels, run.schema,
-                                                   self._volume_node, origin=origin)
+        with self.effort.quiet():  # the model's work, not the annotator's
+            seg_node = self._draft_node(run, info)
+        self.effort.remember_draft(seg_node, run.labels.array)  # what the export's hand edits are counted from
+        self.effort.watch(seg_node)
         if run.confidence is not None:  # on the volume's own grid: it goes under the volume's transform too
             conf = mrml.volume_to_node(self.scene, run.confidence, f"{self._volume_node.GetName()} confidence")
             mrml.follow_transform(conf, self._volume_node)
@@ -142,6 +139,19 @@ class ModuleLogic:
                            + (f"; your edits were kept: {', '.join(kept)}" if kept else "")
                            + _levels_summary(run.report))
         return seg_node, info
+
+    def _draft_node(self, run, info: dict):
+        """The run's labels as a new segmentation node, or as the update of the one being re-drafted."""
+        from LumbarSegmentLib.slicer import mrml
+
+        if self._update_node is not None:
+            info["update"] = mrml.update_unedited_segments(
+                self.scene, self.seg_logic, self._update_node, run.labels, run.schema, self._volume_node,
+                model_ref=run.model_ref, model_sha256=run.model_sha256)
+            return self._update_node
+        origin = mrml.DraftOrigin(run.model_ref, run.model_sha256, run.report)
+        return mrml.labels_to_segmentation(self.scene, self.seg_logic, run.labels, run.schema,
+                                           self._volume_node, origin=origin)
 
     def segment(self, volume_node, request: SegmentRequest | None = None, *, update_node=None,
                 timeout: float | None = None, progress: Callable[[Status], None] | None = None):
@@ -163,17 +173,27 @@ class ModuleLogic:
                schema=None):
         """Write a training case (see ``mrml.export_case``); the schema is the one the node was drafted with.
 
-        The segmentation's effort ledger (the clicks to fix, see ``click_tool``) goes with it, the same
-        from the Slicer panel and from the browser page, which both export through here."""
+        The segmentation's effort ledger goes with it, the same from the Slicer panel and from the browser
+        page, which both export through here: clicks and active time as counted, voxels painted and erased
+        by hand from the exported label map against the draft (see ``effort_watch``)."""
         from LumbarSegmentLib.slicer import mrml
         from LumbarSegmentLib.registry.catalog import resolve_model
 
         schema = schema or mrml.schema_of_node(seg_node)
         if schema is None:
             schema = resolve_model(None, self.registries).schema
+        self.effort.watch(seg_node, volume_node)  # a draft exported untouched, never watched: its draft is now
+        labels = mrml.segmentation_to_labels(self.scene, self.seg_logic, seg_node, volume_node, schema).array
+        effort = self.effort.record(seg_node, labels, drafted=was_drafted(seg_node))
         request = mrml.ExportRequest(dataset_folder, case_id, annotated_structures=annotated_structures,
-                                     effort=self.clicks.effort(seg_node))
+                                     effort=effort)
         return mrml.export_case(self.scene, self.seg_logic, volume_node, seg_node, schema, request)
+
+    def watch(self, seg_node, volume_node=None) -> None:
+        """Count the annotator's edits of ``seg_node`` as active time and know its draft (see ``effort_watch``).
+
+        The front ends call it when a segmentation becomes the one being edited; calling it again is harmless."""
+        self.effort.watch(seg_node, volume_node)
 
     def edited_structures(self, seg_node) -> list[str]:
         from LumbarSegmentLib.slicer import mrml

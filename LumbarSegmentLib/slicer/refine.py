@@ -5,7 +5,9 @@ the probabilities of a slice are computed once, the first time a click reaches i
 applied to the segmentation as it is now - the annotator's brush work included - and only the
 segments whose voxels changed are replaced, each with an undo step. Segments of other structures
 that the annotator edited by hand are protected: a click never changes their voxels. Every click
-is entered in the case's effort ledger (``effort.EffortLedger``), which the export records.
+is entered in the case's effort ledger (``effort.EffortLedger``), which the export records, and the
+voxels it changed join :attr:`ClickToFix.changed`, so that the export does not count them again as
+hand edits.
 
 The tool keeps the case's click history: every click hands the session all the clicks so far plus
 the new one, with only the new one editing the labels (``new=1``). Rules ignore the older clicks;
@@ -29,7 +31,8 @@ from LumbarSegmentLib.inference.refine import Click, RefineSession
 
 
 class ClickToFix:
-    def __init__(self, scene, seg_logic, volume_node, seg_node, model, options=None, ledger: EffortLedger | None = None):
+    def __init__(self, scene, seg_logic, volume_node, seg_node, model, options=None, ledger: EffortLedger | None = None,
+                 changed: np.ndarray | None = None):
         self.scene, self.seg_logic, self.volume_node, self.seg_node = scene, seg_logic, volume_node, seg_node
         self.volume = node_to_volume(volume_node, apply_transform=False)  # the frame the segmentation lives in
         self.session = RefineSession(self.volume, model, options)
@@ -37,6 +40,11 @@ class ClickToFix:
         self.ledger = ledger or EffortLedger()
         self.history: list[Click] = []  # every click of this case still in force, oldest first
         self._undo: list[list[tuple[str, np.ndarray]]] = []  # one entry per click of the history
+        # Voxels some click in force changed (shared with the click tool, so it outlives this tool), and
+        # per click the flat indices it added to that mask: undo takes them out again.
+        self.changed = changed if changed is not None and changed.shape == self.volume.shape \
+            else np.zeros(self.volume.shape, dtype=bool)
+        self._added: list[np.ndarray] = []
 
     def _segment_of(self) -> dict[str, str]:
         return {cls.id: sid for sid, cls in segment_classes(self.seg_node, self.schema).items()}
@@ -54,6 +62,9 @@ class ClickToFix:
         self.history.append(click)
         step: list[tuple[str, np.ndarray]] = []
         self._undo.append(step)  # also for a click that changed nothing: undo must drop it from the history
+        added = np.flatnonzero((result.labels != labels) & ~self.changed)
+        self.changed.flat[added] = True
+        self._added.append(added)
         if not result.changed_voxels:
             return 0
         segments = self._segment_of()
@@ -82,4 +93,5 @@ class ClickToFix:
             set_segment_mask(self.seg_logic, self.seg_node, sid, mask, self.volume_node)
         self._undo.pop()
         self.history.pop()
+        self.changed.flat[self._added.pop()] = False
         return True
