@@ -145,7 +145,7 @@ def test_a_guidance_package_round_trips_and_drafts_with_empty_click_maps(tmp_pat
 
 
 def test_simulated_clicks_land_on_the_errors_with_the_right_sign():
-    from LumbarSegmentLib.training.guidance import ClickSim, simulate
+    from LumbarSegmentLib.training.guidance import ClickSetup, ClickSim, simulate
 
     class Draft(torch.nn.Module):  # says body in the left half of every patch, background elsewhere
         def forward(self, x):
@@ -159,8 +159,8 @@ def test_simulated_clicks_land_on_the_errors_with_the_right_sign():
     ann = torch.tensor([[True, True, False]] * 2)
     gen = torch.Generator().manual_seed(0)
     sim = ClickSim(max_clicks=4, iterate_p=0.0)
-    maps = simulate(Draft(), torch.zeros(2, 1, 64, 64), label, ann, SPEC, sim, 2.0, gen, ["background", "vertebral_body",
-                                                                                            "intervertebral_disc"], None)
+    setup = ClickSetup(SPEC, sim, 2.0, ("background", "vertebral_body", "intervertebral_disc"))
+    maps = simulate(Draft(), torch.zeros(2, 1, 64, 64), label, ann, setup, gen, None)
     pos, neg = maps[:, 0] > 0, maps[:, 1] > 0
     assert not (maps[:, 2:] > 0).any()  # discs are not annotated: never clicked
     missed = (label == 1).clone()

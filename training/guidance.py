@@ -44,6 +44,15 @@ class ClickSim:
     max_depth: int = 16  # erosion steps of the depth map
 
 
+@dataclass(frozen=True)
+class ClickSetup:
+    """What simulating clicks needs besides the batch: the maps, the protocol and the schema's class ids."""
+    spec: GuidanceSpec
+    sim: ClickSim
+    radius_px: float  # a click's disk in the slice it was made in, model pixels
+    schema_ids: tuple[str, ...]
+
+
 def guided_model(parent_module, spec: GuidanceSpec):
     """A copy of ``parent_module`` that also reads ``spec``'s click maps (zero weights: same output)."""
     import copy
@@ -80,14 +89,15 @@ def _errors(pred: torch.Tensor, truth: list, fg: list[int]):
     return {c: (is_c & (pred != c), not_c & (pred == c)) for c, (is_c, not_c) in zip(fg, truth)}
 
 
-def add_clicks(maps, pred, truth, fg, spec: GuidanceSpec, sim: ClickSim, wanted, radius_px, gen, schema_ids):
+def add_clicks(maps, pred, truth, fg, setup: ClickSetup, wanted, gen):
     """One more click per sample whose ``wanted`` count is not reached, at the deepest point of its
     largest-depth error, drawn into ``maps [B, G, H, W]``; returns how many samples got one."""
+    spec, sim = setup.spec, setup.sim
     errs = _errors(pred, truth, fg)
     cand = []  # per (channel, sign): depth maps
     for c in fg:
         for positive, err in ((True, errs[c][0]), (False, errs[c][1])):
-            ch = spec.channel(schema_ids[c], positive)
+            ch = spec.channel(setup.schema_ids[c], positive)
             if ch >= 0:
                 cand.append((ch, depth_map(err, sim.max_depth)))
     if not cand:
@@ -106,14 +116,15 @@ def add_clicks(maps, pred, truth, fg, spec: GuidanceSpec, sim: ClickSim, wanted,
         k, pos = divmod(int(idx[i]), h * w)
         y, x = divmod(pos, w)
         scale = 0.5 + 0.5 * float(torch.rand((), generator=gen))
-        draw_batch_disks(maps, i, cand[k][0], y, x, radius_px * scale)
+        draw_batch_disks(maps, i, cand[k][0], y, x, setup.radius_px * scale)
         wanted[i] -= 1
         added += 1
     return added
 
 
-def simulate(model, x, label, ann, spec: GuidanceSpec, sim: ClickSim, radius_px: float, gen, schema_ids, dtype):
+def simulate(model, x, label, ann, setup: ClickSetup, gen, dtype):
     """Click maps ``[B, G, H, W]`` for a batch ``x [B, C, H, W]`` from ``model``'s own errors."""
+    spec, sim, schema_ids = setup.spec, setup.sim, setup.schema_ids
     b, _, h, w = x.shape
     k = len(schema_ids)
     fg = [c for c in range(k) if schema_ids[c] != "background"]
@@ -129,11 +140,11 @@ def simulate(model, x, label, ann, spec: GuidanceSpec, sim: ClickSim, radius_px:
         pred = model(torch.cat([x, maps], 1)).argmax(1)
         first = [max(0, n - 1) if iterate else n for n in wanted]
         last = [n - f for n, f in zip(wanted, first)]
-        while any(first) and add_clicks(maps, pred, truth, fg, spec, sim, first, radius_px, gen, schema_ids):
+        while any(first) and add_clicks(maps, pred, truth, fg, setup, first, gen):
             pass
         if any(last):
             pred = model(torch.cat([x, maps], 1)).argmax(1)
-            add_clicks(maps, pred, truth, fg, spec, sim, last, radius_px, gen, schema_ids)
+            add_clicks(maps, pred, truth, fg, setup, last, gen)
     model.train(was)
     return maps
 

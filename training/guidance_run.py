@@ -20,7 +20,7 @@ import torch
 from LumbarSegmentLib.core.guidance import GuidanceSpec
 from LumbarSegmentLib.registry.package import PackageInfo, default_input_contract, write_package
 
-from .guidance import Budget, ClickSim, guided_model, simulate
+from .guidance import Budget, ClickSetup, ClickSim, guided_model, simulate
 
 log = logging.getLogger("lumbarseg.train")
 
@@ -110,8 +110,8 @@ def train(parent, cases, a, out: Path):
         opt.load_state_dict(st["opt"])
         step = int(st["step"])
         log.info("resumed at step %d", step)
-    sim, radius_px = ClickSim(max_clicks=a.max_clicks), a.radius_mm / float(parent.spacing[0])
-    budget, ids = Budget(a.max_minutes), list(schema.ids)
+    setup = ClickSetup(spec, ClickSim(max_clicks=a.max_clicks), a.radius_mm / float(parent.spacing[0]), tuple(schema.ids))
+    budget = Budget(a.max_minutes)
     running = None
     while step < a.steps and not budget.over():
         for g in opt.param_groups:
@@ -120,7 +120,7 @@ def train(parent, cases, a, out: Path):
         img, lab, ann = sampler.sample(a.batch_size, gen)
         x, y = aug.augment_batch(img, lab, cfg, a.patch, gen, device)
         ann = ann.to(device)
-        maps = simulate(model, x, y, ann, spec, sim, radius_px, gen, ids, dtype)
+        maps = simulate(model, x, y, ann, setup, gen, dtype)
         with autocast_ctx(device, dtype):
             outp = model(torch.cat([x, maps], 1))
             loss = deep_supervision_loss(outp, y, ann, unannotated_bg_weight=0.05)
