@@ -22,8 +22,9 @@ is turned into an equivalent, cheaper inference graph (:func:`graph_rewrite.infe
 folded into the preceding convolution and PReLU evaluated as ``max(x, a*x)`` (docs/benchmarks.md says
 what that buys on a CPU).
 
-Runtimes (``runtime``): PyTorch computes the network, or ONNX Runtime on the CPU in float32
-(:mod:`onnx_runner`: the same inference graph exported, cached per weights and plane size); only
+Runtimes (``runtime``): PyTorch computes the network, or ONNX Runtime or OpenVINO on the CPU in float32
+(:mod:`onnx_runner`, :mod:`openvino_runner`: the same inference graph exported, cached per weights and
+plane size); only
 the network changes hands, every other step above is the same. The report (:mod:`run_report`) names
 the runtime.
 

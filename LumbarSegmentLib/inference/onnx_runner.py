@@ -31,9 +31,10 @@ from pathlib import Path
 
 from LumbarSegmentLib.inference.devices import EngineError
 
-RUNTIMES = ("auto", "torch", "onnx")
+RUNTIMES = ("auto", "torch", "onnx", "openvino")
 CACHE_ENV = "LUMBARSEG_CACHE"  # folder for derived files (ONNX graphs); default: the user cache folder
 INSTALL_HINT = "pip install onnxruntime onnx (or the 'fast' extra of lumbarsegment)"
+OPENVINO_HINT = "pip install openvino onnx (or the 'fast' extra of lumbarsegment)"
 OPSET = 17
 _MAX_SESSIONS = 8  # per process: (model, plane size, threads) combinations kept loaded
 _SESSIONS: OrderedDict = OrderedDict()
@@ -45,6 +46,11 @@ def onnxruntime_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
 
 
+def openvino_available() -> bool:
+    """OpenVINO runs the network (openvino_runner); it reads the graph PyTorch's ONNX exporter writes."""
+    return all(importlib.util.find_spec(m) is not None for m in ("openvino", "onnx"))
+
+
 def cache_dir() -> Path:
     """Where exported graphs are kept: ``$LUMBARSEG_CACHE``, else ``$XDG_CACHE_HOME``/``~/.cache``."""
     if os.environ.get(CACHE_ENV):
@@ -54,26 +60,30 @@ def cache_dir() -> Path:
 
 
 def choose_runtime(requested: str, device_type: str, dtype, sha256: str | None, bn_adapt: float) -> str:
-    """``torch`` or ``onnx`` for one model; ``auto`` keeps PyTorch (see docs/benchmarks.md for why).
+    """``torch``, ``onnx`` or ``openvino`` for one model; ``auto`` keeps PyTorch (docs/benchmarks.md says why).
 
-    ``onnx`` is refused, with what to do instead, where it cannot run the request as asked.
+    ``onnx`` and ``openvino`` are refused, with what to do instead, where they cannot run the request as asked.
     """
     if requested not in RUNTIMES:
         raise EngineError(f"unknown runtime {requested!r}; choose one of {', '.join(RUNTIMES)}")
-    if requested != "onnx":
+    if requested in ("auto", "torch"):
         return "torch"
-    if not onnxruntime_available():
+    if requested == "onnx" and not onnxruntime_available():
         raise EngineError(f"runtime 'onnx' needs ONNX Runtime, which is not installed: {INSTALL_HINT}; "
                           "or use --runtime torch")
+    if requested == "openvino" and not openvino_available():
+        raise EngineError(f"runtime 'openvino' needs OpenVINO, which is not installed: {OPENVINO_HINT}; "
+                          "or use --runtime torch")
     if device_type != "cpu":
-        raise EngineError(f"runtime 'onnx' runs on the CPU, not on {device_type}; use --device cpu or --runtime torch")
-    if dtype is not None:
-        raise EngineError("runtime 'onnx' computes in float32; use --precision fp32 (or auto on a CPU without "
-                          "bf16) or --runtime torch")
-    if bn_adapt > 0:
-        raise EngineError("runtime 'onnx' runs the weights as stored; BatchNorm adaptation (--bn-adapt) needs "
+        raise EngineError(f"runtime {requested!r} runs on the CPU, not on {device_type}; use --device cpu or "
                           "--runtime torch")
-    return "onnx"
+    if dtype is not None:
+        raise EngineError(f"runtime {requested!r} computes in float32; use --precision fp32 (or auto on a CPU "
+                          "without bf16) or --runtime torch")
+    if bn_adapt > 0:
+        raise EngineError(f"runtime {requested!r} runs the weights as stored; BatchNorm adaptation (--bn-adapt) "
+                          "needs --runtime torch")
+    return requested
 
 
 def _code_tag() -> str:
@@ -133,9 +143,7 @@ class OnnxModel:
 
     def _graph(self, shape: tuple):
         """The serialised graph for ``shape``: from the cache when there, else exported (and cached)."""
-        if self._tag is None:
-            self._tag = _code_tag()
-        path = cache_dir() / f"{self.sha256[:32]}-{self._tag}-{'x'.join(map(str, shape))}.onnx"
+        path = cache_dir() / f"{self.cache_name(shape)}.onnx"
         try:
             return path.read_bytes()
         except OSError:
@@ -150,6 +158,12 @@ class OnnxModel:
         except OSError:
             pass
         return data
+
+    def cache_name(self, shape: tuple) -> str:
+        """The cache key of ``shape``'s graph: weights, network code and exporter, plane size."""
+        if self._tag is None:
+            self._tag = _code_tag()
+        return f"{self.sha256[:32]}-{self._tag}-{'x'.join(map(str, shape))}"
 
     def _export(self, shape: tuple) -> bytes:
         import io

@@ -178,7 +178,8 @@ class SegmentOptions:
         choices=PRECISIONS, use=f"unknown precision; choose one of {', '.join(PRECISIONS)}"))
     runtime: str = _opt("auto", Option(
         "--runtime", "what computes the network: torch (PyTorch), onnx (ONNX Runtime, CPU float32; needs the "
-        "onnxruntime package), auto = torch (docs/benchmarks.md compares them)", choices=RUNTIMES,
+        "onnxruntime package), openvino (OpenVINO, CPU float32; needs the openvino package), auto = torch "
+        "(docs/benchmarks.md compares them)", choices=RUNTIMES,
         use=f"unknown runtime; choose one of {', '.join(RUNTIMES)}"))
     batch_size: int | None = _opt(None, Option(
         "--batch-size", "windows per forward pass (default: 32 on CUDA, halved on out-of-memory; on a CPU as many "

@@ -9,7 +9,6 @@ import numpy as np
 
 from LumbarSegmentLib.core.schema import LabelSchema
 from LumbarSegmentLib.core.volume import Volume
-from LumbarSegmentLib.inference.onnx_runner import OnnxModel
 from LumbarSegmentLib.inference.options import SegmentOptions
 
 
@@ -65,7 +64,7 @@ def run_report(run: RunRecord) -> dict:
         "schema": schema.name,
         "models": [{"ref": r.spec.ref, "variant": r.spec.variant, "runtime": r.runtime,
                     "sha256": r.spec.sha256, "path": r.spec.path} for r in run.runners],
-        "runtime": OnnxModel.version() if r0.onnx is not None else f"torch {torch.__version__}",
+        "runtime": r0.onnx.version() if r0.onnx is not None else f"torch {torch.__version__}",
         "mode": run.options.mode,
         "slice_smoothing_mm": run.options.slice_smoothing_mm,
         "bn_adapt": run.options.bn_adapt,

@@ -132,8 +132,20 @@ def cpu_batch(slices, spec: LoadedModel, options: SegmentOptions) -> int:
     return max(1, CPU_BATCH_PIXELS // (th * tw))
 
 
+def _external_model(runtime: str, module, sha256: str | None, threads: int | None):
+    """The network on another library than PyTorch (``probabilities(numpy) -> numpy``), or None for PyTorch."""
+    if runtime == "onnx":
+        return OnnxModel(module, sha256, threads)
+    if runtime == "openvino":
+        from LumbarSegmentLib.inference.openvino_runner import OpenVinoModel
+
+        return OpenVinoModel(module, sha256, threads)
+    return None
+
+
 class Runner:
-    """One model on one device, with the batching / OOM policy."""
+    """One model on one device, with the batching / OOM policy; ``onnx``: the network when another library
+    (ONNX Runtime or OpenVINO) computes it, None when PyTorch does."""
 
     def __init__(self, spec: LoadedModel, device, options: SegmentOptions, warnings: list, slices,
                  cancelled: Callable[[], bool]):
@@ -155,7 +167,7 @@ class Runner:
             self.model = inference_graph(self.model)
             self._place(device)
         self.runtime = choose_runtime(options.runtime, self.device.type, self.dtype, spec.sha256, options.bn_adapt)
-        self.onnx = OnnxModel(self.model, spec.sha256, options.threads) if self.runtime == "onnx" else None
+        self.onnx = _external_model(self.runtime, self.model, spec.sha256, options.threads)
 
     def _adapt(self, slices):
         """Test-time BatchNorm adaptation (bn_adapt.py) on windows of the volume's own slices, cut
@@ -184,7 +196,7 @@ class Runner:
 
         self.device = device
         self.model = self.model.to(device)
-        onnx_auto = self.options.runtime == "onnx" and self.options.precision == "auto" and device.type == "cpu"
+        onnx_auto = self.options.runtime in ("onnx", "openvino") and self.options.precision == "auto" and device.type == "cpu"
         self.dtype = autocast_dtype(device, "fp32" if onnx_auto else self.options.precision)
         if device.type in ("cuda", "cpu"):
             self.model = self.model.to(memory_format=torch.channels_last)

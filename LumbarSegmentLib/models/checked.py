@@ -53,7 +53,9 @@ def check_shapes(args: dict, shapes: dict[str, tuple], where: str) -> None:
     """Refuse weights whose tensor names or shapes differ from the network's, before building it for real."""
     import torch
 
-    with torch.device("meta"):
+    from .variants import shapes_only
+
+    with torch.device("meta"), shapes_only():
         skeleton = _build(args, where)
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     missing = sorted(set(expected) - set(shapes))

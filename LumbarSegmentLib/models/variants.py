@@ -27,6 +27,8 @@ the input is padded (replicate, centred) to the next multiple of
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -318,6 +320,24 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+_INITIALISE = contextvars.ContextVar("lumbarseg_initialise_weights", default=True)
+
+
+@contextlib.contextmanager
+def shapes_only():
+    """Build networks without drawing initial weights: for a skeleton whose shapes alone are read.
+
+    On PyTorch's meta device the random initialisers run through PyTorch's reference implementations,
+    whose first use imports the whole compiler stack (``torch._dynamo``: over a second of every
+    ``lumbarseg segment`` start-up on a busy 2-core machine) to draw numbers nobody reads.
+    """
+    token = _INITIALISE.set(False)
+    try:
+        yield
+    finally:
+        _INITIALISE.reset(token)
+
+
 def build_model(variant: str, *, in_channels: int = 1, num_classes: int = 12,
                 init_filters: Optional[int] = None, activation: Optional[str] = None,
                 deep_supervision: Optional[bool] = None) -> SegmentationNet:
@@ -344,9 +364,10 @@ def build_model(variant: str, *, in_channels: int = 1, num_classes: int = 12,
 
     net_cls = FCN8Net if spec.fcn8 else UNetFamilyNet
     model = net_cls(spec, in_channels, num_classes)
-    model.apply(init_weights)
-    for conv in model.head_modules().values():
-        conv.reset_parameters()  # PyTorch default init for the class-score layers
+    if _INITIALISE.get():
+        model.apply(init_weights)
+        for conv in model.head_modules().values():
+            conv.reset_parameters()  # PyTorch default init for the class-score layers
     model.builder_args = {
         "variant": spec.name,
         "in_channels": in_channels,

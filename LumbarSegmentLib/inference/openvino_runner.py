@@ -1,0 +1,142 @@
+"""OpenVINO as a runner behind the engine, next to PyTorch and ONNX Runtime.
+
+Same contract as :mod:`onnx_runner`: the engine hands a window batch over and gets softmax
+probabilities back; preprocessing, windows, flips, resampling, ensembles, smoothing and labels stay
+the engine's, and the run report's ``runtime`` names OpenVINO.
+
+Why a third runtime: OpenVINO's CPU plugin fuses the U-Net's convolution + bias + activation chains
+and plans its memory once per shape, which is where PyTorch's eager mode loses time on CPUs without
+bf16 arithmetic (docs/benchmarks.md has the side-by-side figures).
+
+How a model gets here: the ONNX graph that :mod:`onnx_runner` exports (and caches) per plane size is
+converted once into OpenVINO's own format (``.xml`` + ``.bin``, weights kept in float32) and cached
+next to it under the same key (weights SHA-256, network code, PyTorch version, plane size); a later
+process reads that file and only compiles it. Compiled models live in a small process-wide table, so
+the warm worker keeps them between drafts. OpenVINO is told to compute in float32
+(``INFERENCE_PRECISION_HINT``): left alone it would pick bf16 on a CPU that has it, a lossy step this
+project only takes when asked (``--precision bf16`` stays on PyTorch).
+
+Optional dependency: ``pip install openvino onnx`` (the ``fast`` extra).
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from LumbarSegmentLib.inference.onnx_runner import OnnxModel, cache_dir
+
+_MAX_COMPILED = 8  # per process: (model, plane size, threads) combinations kept compiled
+_COMPILED: OrderedDict = OrderedDict()
+_LOCK = threading.Lock()
+_CORE = None
+
+
+def ir_dir() -> Path:
+    """Converted models live beside the ONNX graphs they came from."""
+    return cache_dir().parent / "openvino"
+
+
+def _core():
+    """One OpenVINO Core per process: creating it loads the plugins (tens of milliseconds)."""
+    global _CORE
+    if _CORE is None:
+        import openvino as ov
+
+        _CORE = ov.Core()
+    return _CORE
+
+
+def compile_config(threads: int) -> dict:
+    """CPU plugin settings: float32, one stream tuned for latency, no pinning (shared desktop cores)."""
+    return {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
+            "INFERENCE_NUM_THREADS": str(int(threads or 0)), "ENABLE_CPU_PINNING": "NO"}
+
+
+class OpenVinoModel:
+    """One network as compiled OpenVINO models, one per input shape; ``probabilities(x)`` = softmax(net(x))."""
+
+    def __init__(self, module, sha256: str | None, threads: int | None = None):
+        self.threads = int(threads or 0)  # 0: OpenVINO's default (its own count of physical cores)
+        self.sha256 = sha256
+        self.graphs = OnnxModel(module, sha256, threads)  # the exporter (and the ONNX cache) this runner reads
+        self._own = {}  # compiled models of a network without a SHA-256: never shared by key
+        self._requests = {}  # one inference request per compiled model, reused batch after batch
+
+    @property
+    def exported_s(self) -> float:
+        """Seconds spent exporting (ONNX) in this run: 0 when every graph came from a cache."""
+        return self.graphs.exported_s
+
+    @staticmethod
+    def version() -> str:
+        import openvino as ov
+
+        return f"openvino {ov.__version__.split('-')[0]}"
+
+    def probabilities(self, x):
+        """Softmax probabilities, float32 numpy ``[B, K, H, W]``, for windows ``x`` (numpy float32 [B, C, H, W])."""
+        import numpy as np
+
+        shape = tuple(int(n) for n in x.shape[1:])
+        request = self._requests.get(shape)
+        if request is None:
+            request = self._requests[shape] = self._compiled(shape).create_infer_request()
+        request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
+        return request.get_output_tensor(0).data.copy()  # the request's buffer is reused by the next batch
+
+    def _compiled(self, shape: tuple):
+        if self.sha256 is None:
+            if shape not in self._own:
+                self._own[shape] = self._compile(self._convert(self.graphs._export(shape)))
+            return self._own[shape]
+        key = (self.sha256, shape, self.threads)
+        with _LOCK:
+            if key in _COMPILED:
+                _COMPILED.move_to_end(key)
+                return _COMPILED[key]
+        compiled = self._compile(self._model(shape))
+        with _LOCK:
+            _COMPILED[key] = compiled
+            while len(_COMPILED) > _MAX_COMPILED:
+                _COMPILED.popitem(last=False)
+        return compiled
+
+    def _model(self, shape: tuple):
+        """OpenVINO's model for ``shape``: read from the cache when there, else converted (and cached)."""
+        graph_tag = self.graphs.cache_name(shape)
+        xml = ir_dir() / f"{graph_tag}.xml"
+        if xml.is_file() and xml.with_suffix(".bin").is_file():
+            try:
+                return _core().read_model(str(xml))
+            except RuntimeError:
+                pass  # a damaged cache entry: convert again
+        model = self._convert(self.graphs._graph(shape))
+        try:  # a cache that cannot be written costs the conversion next time, nothing else
+            import openvino as ov
+
+            xml.parent.mkdir(parents=True, exist_ok=True)
+            tmp = xml.with_name(f".{xml.stem}.{threading.get_ident()}.xml")
+            ov.save_model(model, str(tmp), compress_to_fp16=False)  # float32 weights: no lossy step
+            tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
+            tmp.replace(xml)
+        except (OSError, RuntimeError):
+            pass
+        return model
+
+    @staticmethod
+    def _convert(graph: bytes):
+        import io
+
+        import openvino as ov
+
+        return ov.convert_model(io.BytesIO(graph))
+
+    def _compile(self, model):
+        return _core().compile_model(model, "CPU", compile_config(self.threads))
+
+
+def clear_compiled() -> None:
+    """Drop every compiled model (tests; a worker asked to release memory)."""
+    with _LOCK:
+        _COMPILED.clear()
