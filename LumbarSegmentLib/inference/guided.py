@@ -54,6 +54,12 @@ class GuidedRefiner:
         side = int(round(self.params.crop_mm / self.pixel_mm))
         self.crop = max(32, -(-side // 32) * 32)
 
+    def warm_up(self) -> None:
+        """Run the network once on a window of the middle slice with no clicks (kernels chosen, memory
+        allocated), so that the first real click costs what every later one does."""
+        mid = ModelClick(0.0, self.mplane[0] / 2, self.mplane[1] / 2, -1)
+        self.predict([int(self.stack.shape[0]) // 2], mid, [])
+
     def model_click(self, voxel: tuple[int, int, int], structure: str, positive: bool) -> ModelClick:
         """A canonical ``[s, r, c]`` voxel as a click on the model's grid."""
         s, r, c = voxel

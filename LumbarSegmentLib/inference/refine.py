@@ -156,6 +156,8 @@ class RefineSession:
         so that no later click waits for the model."""
         if self.probs is not None:
             self.probs.get(range(self.probs.n_slices))
+        else:  # a guidance model: one window through the network, so the first click does not set it up
+            self.guided.warm_up()
 
     def refine(self, current: np.ndarray, clicks: Sequence[Click], protect: np.ndarray | None = None,
                new: int | None = None) -> RefineResult:
