@@ -88,6 +88,6 @@ class LevelsControls:
                     **tid("levels-save"))
             v3.VBtn("Download", size="x-small", disabled=("!levels_csv",),
                     click="utils.download(levels_csv.name, levels_csv.text, 'text/csv')", **tid("levels-download"))
-        v3.VTextField(v_if="levels_csv", v_model=("levels_csv_name",), label="file name (default: <case>_levels.csv)",
+        v3.VTextField(v_if="levels_csv", v_model=("levels_csv_name",), label="file name (default: CASE_levels.csv)",
                       density="compact", hide_details=True, classes="mt-1", **tid("levels-csv-name"))
         html.Div("{{ levels_saved }}", v_if="levels_saved", classes="ls-small", **tid("levels-saved"))

@@ -217,3 +217,25 @@ def test_page_levels_handlers_fill_the_state(web_session):
     assert "not a file name" in page.state.error
     page.shift_levels(5)
     assert page.state.error and page.state.level_rows[0]["level"] == web_session.level_table()[0]["level"]
+
+
+def test_slicer_module_levels_section_calls_the_lib():
+    """The module's Levels section, read statically (desktop Slicer cannot run here): its widgets in the .ui,
+    the Lib's functions behind its buttons."""
+    import ast
+    import xml.etree.ElementTree as ET
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    source = (root / "LumbarSegment" / "LumbarSegment.py").read_text()
+    methods = {n.name: ast.get_source_segment(source, n) for n in ast.walk(ast.parse(source))
+               if isinstance(n, ast.FunctionDef)}
+    assert "measure_segmentation(p.segmentation, p.inputVolume)" in methods["onMeasureLevels"]
+    assert "save_csv(self._measured" in methods["onSaveMeasurements"] and ".csv" in methods["onSaveMeasurements"]
+    assert "table_rows" in methods["refreshLevels"] and "QTableWidgetItem" in methods["refreshLevels"]
+    assert "onMeasureLevels" in methods["onShiftLevels"] and "refreshLevels" in methods["onTimer"]
+    ui = ET.parse(root / "Resources" / "UI" / "LumbarSegment.ui")
+    widgets = {w.get("name"): w.get("class") for w in ui.iter("widget")}
+    assert widgets["levelsTableWidget"] == "QTableWidget"
+    for name in ("levelsUpButton", "levelsDownButton", "measureLevelsButton", "saveMeasurementsButton"):
+        assert widgets[name] == "QPushButton", name
