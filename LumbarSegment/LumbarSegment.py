@@ -92,6 +92,7 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._segmenting = self._training = False
         self._lastMetrics = ""
         self._clickObservations = []  # (interactor, tag) of the slice views while click to fix is on
+        self._measured = []  # the levels table's last measurements (rows of the --measurements CSV)
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -111,10 +112,13 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                              (self.ui.retrainResumeButton, self.onRetrainResume),
                              (self.ui.clickUndoButton, self.onClickUndo),
                              (self.ui.levelsUpButton, lambda: self.onShiftLevels(-1)),
-                             (self.ui.levelsDownButton, lambda: self.onShiftLevels(1))):
+                             (self.ui.levelsDownButton, lambda: self.onShiftLevels(1)),
+                             (self.ui.measureLevelsButton, self.onMeasureLevels),
+                             (self.ui.saveMeasurementsButton, self.onSaveMeasurements)):
             button.connect("clicked(bool)", lambda _=False, s=slot: s())
         self.ui.datasetPathLineEdit.connect("currentPathChanged(QString)", self.onDatasetChanged)
         self.ui.clickToFixButton.connect("toggled(bool)", self.onClickToFix)
+        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", lambda *_: self.refreshLevels())
         for widget in self.ui.advancedCollapsibleButton.findChildren(qt.QWidget):
             if widget.property("SlicerParameterName") in ADVANCED:
                 widget.toolTip = _OPTION[ADVANCED[widget.property("SlicerParameterName")]].help
@@ -200,6 +204,9 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     with slicer.util.tryWithErrorDisplay("Could not add the segmentation to the scene."):
                         self._parameterNode.segmentation, info = core.finish_segmentation()
                         self.status(info["summary"])
+                        self.refreshLevels()
+                    if self._parameterNode.segmentation and self.ui.levelsTableWidget.rowCount:
+                        self.onMeasureLevels()  # a draft with levels: its table is measured at once
                 elif st.state == FAILED:
                     slicer.util.errorDisplay(f"Segmentation failed: {st.message}")
         if self._training:
@@ -223,6 +230,50 @@ class LumbarSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Could not rename the levels.", waitCursor=True):
             names = self.logic.core.shift_level_names(self._parameterNode.segmentation, steps)
             self.status("Levels: " + " ".join(names))
+        if self._measured:  # the rows are keyed by level name: measure again under the new names
+            self.onMeasureLevels()
+        else:
+            self.refreshLevels()
+
+    def refreshLevels(self, measured=None):
+        """Fill the levels table from the selected segmentation: names and flags, and the measurements if any."""
+        from LumbarSegmentLib.slicer.level_table import COLUMNS, table_rows
+
+        self._measured = list(measured or [])
+        seg = self._parameterNode.segmentation if self._parameterNode else None
+        rows = table_rows(seg, self._measured)
+        table = self.ui.levelsTableWidget
+        table.clear()
+        table.setColumnCount(len(COLUMNS))
+        table.setRowCount(len(rows))
+        table.setHorizontalHeaderLabels([header for _, header in COLUMNS])
+        for r, row in enumerate(rows):
+            for c, (key, _) in enumerate(COLUMNS):
+                table.setItem(r, c, qt.QTableWidgetItem(row[key]))
+        self.ui.saveMeasurementsButton.enabled = bool(self._measured)
+
+    def onMeasureLevels(self):
+        """Measure the level segments of the selected segmentation (a draft or a manual one) on the input volume."""
+        from LumbarSegmentLib.slicer.level_table import measure_segmentation
+
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not measure the levels.", waitCursor=True):
+            self.refreshLevels(measure_segmentation(p.segmentation, p.inputVolume))
+            self.status(f"Measured {len(self._measured)} levels of {p.segmentation.GetName()}")
+
+    def onSaveMeasurements(self):
+        """Write the table as the --measurements CSV, where the person chooses."""
+        from LumbarSegmentLib.slicer.level_table import save_csv
+
+        seg = self._parameterNode.segmentation
+        suggested = Path.home() / f"{seg.GetName() if seg else 'levels'}_measurements.csv"
+        path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), "Save level measurements",
+                                              str(suggested), "CSV table (*.csv)")
+        if not path:
+            return
+        path = path if path.lower().endswith(".csv") else path + ".csv"
+        with slicer.util.tryWithErrorDisplay("Could not save the measurements.", waitCursor=True):
+            self.status(f"Measurements saved to {save_csv(self._measured, path)}")
 
     def onSegmentEditor(self):
         seg, vol = self._parameterNode.segmentation, self._parameterNode.inputVolume

@@ -28,6 +28,7 @@ from trame.widgets import html
 
 from .click_page import ClickControls
 from .editing_panel import EFFECT_NAMES
+from .levels_page import LevelsControls
 from . import advanced
 from .page_layout import KEY_TRIGGER, PageLayout, tid
 from .session import AnnotationSession
@@ -59,7 +60,7 @@ def _state_key(view_id: str) -> str:
     return "ls_ro_" + re.sub(r"[^A-Za-z0-9_]", "_", str(view_id))
 
 
-class LumbarSegmentPage(ClickControls, PageLayout):
+class LumbarSegmentPage(ClickControls, LevelsControls, PageLayout):
     """Builds the UI on ``server`` for ``session`` and keeps the state in step with it."""
 
     def __init__(self, server, session: AnnotationSession):
@@ -106,6 +107,7 @@ class LumbarSegmentPage(ClickControls, PageLayout):
             "effect_items": [{"title": TOOL_TITLES[n], "value": n, "icon": TOOL_ICONS[n]} for n in EFFECT_NAMES],
         })
         self._init_click_state()
+        self._init_levels_state()
         self.refresh_cases()
         self.refresh_models()
         self.refresh_readiness()
@@ -123,6 +125,7 @@ class LumbarSegmentPage(ClickControls, PageLayout):
         self.state.segments = self.session.segments()
         self.state.active_segment = self.session.active_segment or None
         self._segments_dirty = False
+        self.refresh_levels()
 
     def refresh_readiness(self) -> None:
         from LumbarSegmentLib.dataset.readiness import readiness
@@ -290,6 +293,7 @@ class LumbarSegmentPage(ClickControls, PageLayout):
     def segment(self) -> None:
         def go():
             notes = self.session.start_segmentation(self.session.offered_model(self.state.model), self.state.mode,
+                                                    levels=self.state.levels_on is True,
                                                     advanced=advanced.values_from_state(self.state))
             self._job_t0 = time.monotonic()
             self.state.job = {"state": "running", "fraction": 0.0, "message": "starting", "warnings": notes}

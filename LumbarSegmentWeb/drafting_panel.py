@@ -48,6 +48,8 @@ class DraftingPanel(SessionCore):
             self._activate(seg_node)
             self.last_run = self._run_summary(info)
             self.save_draft()
+            if info.get("levels"):  # a draft with levels: the table is measured at once (the levels panel's)
+                self.measure_levels()
             return JobView(DONE, 1.0, info.get("summary", status.message), list(status.warnings))
         if status.state in (FAILED, CANCELLED):
             self._segmenting_case = None
@@ -92,4 +94,6 @@ class DraftingPanel(SessionCore):
             raise SessionError("open a case first")
         names = shift_level_names(self.seg_node, steps)
         self.save_draft()
+        if self.measured():  # the rows are keyed by level name: measure again under the new names
+            self.measure_levels()
         return names

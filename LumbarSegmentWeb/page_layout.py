@@ -146,6 +146,8 @@ class PageLayout:
                            hide_details=True, classes="mb-1")
                 v3.VSelect(label="Mode", items=("['fast', 'tta', 'ensemble']",), v_model=("mode",),
                            density="compact", hide_details=True, classes="mb-1")
+                v3.VCheckbox(label="Levels (one segment per level, L1..L5, L4-L5, ...)", v_model=("levels_on",),
+                             density="compact", hide_details=True, **tid("levels-on"))
                 self._advanced_settings()
                 with html.Div(classes="d-flex"):
                     v3.VBtn("Segment", click=self.segment, color="primary", size="small",
@@ -224,11 +226,14 @@ class PageLayout:
                          "window, up/down raises/lowers the level.", classes="ls-small mt-1")
 
     def _right_panel(self) -> None:
-        with v3.VExpansionPanels(multiple=True, model_value=("right_panels", [0, 1, 2]), classes="ls-panel",
+        with v3.VExpansionPanels(multiple=True, model_value=("right_panels", [0, 1, 2, 3]), classes="ls-panel",
                                  variant="accordion"):
             with v3.VExpansionPanel(title="Segments"):
                 with v3.VExpansionPanelText():
                     self._segments_table()
+            with v3.VExpansionPanel(title="Levels", **tid("levels-panel")):
+                with v3.VExpansionPanelText():
+                    self._levels_box()  # levels_page.py
             with v3.VExpansionPanel(title="Export"):
                 with v3.VExpansionPanelText():
                     self._export_box()

@@ -7,8 +7,9 @@ events, exactly like the browser's mouse does through trame-slicer's remote view
 
 One mixin per panel of the page holds that panel's actions, over the state they share
 (:class:`.session_core.SessionCore`): cases and display (:mod:`.cases_panel`), the model's
-draft and its levels (:mod:`.drafting_panel`), segments and effects (:mod:`.editing_panel`),
-click to fix (:mod:`.click_panel`), export and retraining (:mod:`.training_panel`).
+draft and its levels (:mod:`.drafting_panel`), the levels table and its CSV (:mod:`.levels_panel`),
+segments and effects (:mod:`.editing_panel`), click to fix (:mod:`.click_panel`), export and
+retraining (:mod:`.training_panel`).
 
 What comes from where, on purpose:
 
@@ -34,11 +35,12 @@ from .cases_panel import CasesPanel
 from .click_panel import ClickPanel
 from .drafting_panel import DraftingPanel
 from .editing_panel import EditingPanel
+from .levels_panel import LevelsPanel
 from .training_panel import TrainingPanel
 from .worklist import Worklist
 
 
-class AnnotationSession(CasesPanel, DraftingPanel, EditingPanel, ClickPanel, TrainingPanel):
+class AnnotationSession(CasesPanel, DraftingPanel, LevelsPanel, EditingPanel, ClickPanel, TrainingPanel):
     """Everything one annotator does, on trame-slicer's scene and the Lib's logic.
 
     ``slicer_app`` is a ``trame_slicer.core.SlicerApp``; views are created by whoever
