@@ -6,6 +6,9 @@
 #   scripts/train_spine6.sh OUT [PARENT] [extra lumbarseg-train options, e.g. --resume]
 # PARENT defaults to the shipped uvd-starter@5. Validates at the end on three lumbar-mr validation cases
 # (one per vertebral-body source); the other validation cases of both splits stay unseen for choosing.
+# --l2sp 0: every source the parent knew is in the training data, so the fine-tune default's spring back
+# to the parent's weights (made for a team's 20-slice fine-tune) is not needed, and with it the new
+# classes were not learned at all (1300 steps: spinal canal and sacrum Dice 0.00; docs/lab/spine6-sources.md).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -34,6 +37,6 @@ case "$PARENT" in *@*|uvd-*) REG=(--registry Resources/Models);; esac
 exec "$PY" -m LumbarSegmentLib.training.cli finetune --from "$PARENT" "${REG[@]}" --schema spine6 \
   --data "$SHARED/lumbar-mr,$SHARED/spider-t2space,$SHARED/t1-levels" --cases "$CASES" --val-cases "$VAL" \
   --patch 192 --batch-size 4 --steps-per-epoch 10 --epochs 360 --warmup-steps 10 --lr 3e-4 --val-every 1000 --val-stride 4 \
-  --patience 0 \
+  --patience 0 --l2sp 0 \
   --unannotated-bg-weight 0.05 --precision bf16 --threads 2 --balance sources --intensity-aug domain \
   ${BUDGET[@]+"${BUDGET[@]}"} --name uvd-spine --out "$OUT" "$@"
