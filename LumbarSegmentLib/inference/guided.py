@@ -12,6 +12,10 @@ in, and the label map is replaced there by the new prediction, but only:
   never touched;
 * on voxels the caller did not protect, whose value is one of the model's classes.
 
+The clicked spot itself (the voxel and its in-slice neighbours within ``FORCE_MM``) always takes the
+click's answer (the structure for a positive click, background for a negative one), so a click the
+network ignores still changes something and a repeated click is never stuck.
+
 Predicting a window instead of whole slices keeps a click near 0.1-0.2 s of CPU: the network runs on
 a few 128 x 128 windows. The result does not depend on whether the caller passes the draft or the
 last result together with all clicks: each click's region is redrawn from the image and the clicks.
@@ -28,6 +32,9 @@ from LumbarSegmentLib.inference.devices import pick_device
 from LumbarSegmentLib.inference.options import SegmentOptions
 from LumbarSegmentLib.inference.preprocess import model_slices
 from LumbarSegmentLib.inference.runners import LoadedModel, Runner
+
+
+FORCE_MM = 1.0  # the clicked spot that always takes the click's answer (radius, in-slice)
 
 
 @dataclass
@@ -142,5 +149,25 @@ def apply_guided(refiner: GuidedRefiner, work: np.ndarray, editable: np.ndarray,
                 old[ok] = new[ok]
                 work[s][np.ix_(rows, cols)] = old
                 changed += int(ok.sum())
+        changed += _force_clicked_spot(refiner, work, editable, voxel, target if click.positive else
+                                       schema.classes[0].value, click.positive, target)
         out.append((changed, "" if changed else "the model's answer there is already the current one"))
     return out
+
+
+def _force_clicked_spot(refiner: GuidedRefiner, work, editable, voxel, value: int, positive: bool, target: int) -> int:
+    """The clicked voxel and its in-slice neighbours within ``FORCE_MM`` get the click's answer whatever the
+    network says: a click always changes the spot it was made on, so a protocol (or an annotator)
+    repeating a click the network ignores is not stuck."""
+    s, r, c = voxel
+    rr = int(FORCE_MM // refiner.spacing[1])
+    cc = int(FORCE_MM // refiner.spacing[2])
+    n = 0
+    for i in range(max(0, r - rr), min(work.shape[1], r + rr + 1)):
+        for j in range(max(0, c - cc), min(work.shape[2], c + cc + 1)):
+            d2 = ((i - r) * refiner.spacing[1]) ** 2 + ((j - c) * refiner.spacing[2]) ** 2
+            wrong = (work[s, i, j] != target) if positive else (work[s, i, j] == target)
+            if d2 <= FORCE_MM ** 2 and editable[s, i, j] and wrong:
+                work[s, i, j] = value
+                n += 1
+    return n
