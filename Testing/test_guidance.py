@@ -160,7 +160,7 @@ def test_simulated_clicks_land_on_the_errors_with_the_right_sign():
     gen = torch.Generator().manual_seed(0)
     sim = ClickSim(max_clicks=4, iterate_p=0.0)
     setup = ClickSetup(SPEC, sim, 2.0, ("background", "vertebral_body", "intervertebral_disc"))
-    maps = simulate(Draft(), torch.zeros(2, 1, 64, 64), label, ann, setup, gen, None)
+    maps = simulate(Draft(), None, torch.zeros(2, 1, 64, 64), label, ann, setup, gen, None)
     pos, neg = maps[:, 0] > 0, maps[:, 1] > 0
     assert not (maps[:, 2:] > 0).any()  # discs are not annotated: never clicked
     missed = (label == 1).clone()
@@ -204,3 +204,63 @@ def test_the_refine_role_names_the_click_guided_model_and_publish_refine_sets_it
     assert idx["refine"] == "guide@1" and idx["default"] == "plain@1"  # never the drafting default
     assert resolve_refine_model(None, registries).ref == "guide@1"
     assert resolve_refine_model("plain@1", registries).ref == "plain@1"
+
+
+PRIOR = GuidanceSpec.for_classes(["background", "vertebral_body", "intervertebral_disc"], prior=True)
+
+
+def test_a_prior_reading_model_sees_the_current_labels_and_is_refused_for_drafting(tmp_path):
+    """A 1x1 network that answers 'body' wherever the current labels say body, unless a negative body
+    click is there: the correction keeps the labels and removes only near the click."""
+    from LumbarSegmentLib.inference.devices import EngineError
+    from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
+    from LumbarSegmentLib.inference.runners import LoadedModel
+
+    assert PRIOR.channels == 6 and PRIOR.to_dict()["prior"] == ["vertebral_body", "intervertebral_disc"]
+    assert GuidanceSpec.from_dict(PRIOR.to_dict(), ["background", "vertebral_body", "intervertebral_disc"]) == PRIOR
+    with pytest.raises(GuidanceError, match="prior"):
+        GuidanceSpec.from_dict({**PRIOR.to_dict(), "prior": ["background"]}, ["background", "vertebral_body",
+                                                                           "intervertebral_disc"])
+    conv = torch.nn.Conv2d(1 + PRIOR.channels, 3, 1)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+        conv.weight[1, 1] = 4.0  # the body mask of the current labels
+        conv.weight[1, 1 + 2 + PRIOR.channel("vertebral_body", False)] = -10.0
+    model = LoadedModel.from_module(conv.eval(), load_schema("starter"), (1.0, 1.0), (64, 64), guidance=PRIOR)
+    vol = phantom()
+    current = np.zeros(vol.array.shape, np.uint8)
+    current[5:15, 10:30, 10:30] = 1
+    res = RefineSession(vol, model).refine(current, [Click(lps(vol, 10, 20, 20), "vertebral_body", False)])
+    removed = (current == 1) & (res.labels == 0)
+    assert removed[10, 20, 20] and not removed[10, 20, 25] and removed.sum() == res.changed_voxels
+    assert (res.labels[current == 1] == 1).sum() > 0.9 * (current == 1).sum()
+    with pytest.raises(EngineError, match="does not draft"):
+        segment_volume(vol, [model], SegmentOptions(device="cpu", threads=1))
+
+
+def test_prior_simulation_shows_a_draft_or_a_made_wrong_truth_and_clicks_its_errors():
+    from LumbarSegmentLib.training.guidance import ClickSetup, ClickSim, perturb, simulate
+
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.zeros(64, 64, dtype=torch.bool)
+    mask[20:40, 20:40] = True
+    changed = [bool((perturb(mask, gen) != mask).any()) for _ in range(20)]
+    assert sum(changed) >= 15
+
+    class Empty(torch.nn.Module):  # a parent that drafts nothing, a model that answers background
+        def forward(self, x):
+            out = torch.zeros(x.shape[0], 3, *x.shape[2:])
+            out[:, 0] = 1.0
+            return out
+
+    label = torch.zeros(4, 64, 64, dtype=torch.long)
+    label[:, 20:40, 20:40] = 1
+    ann = torch.tensor([[True, True, False]] * 4)
+    setup = ClickSetup(PRIOR, ClickSim(max_clicks=3, iterate_p=0.0, synthetic_p=1.0), 2.0,
+                       ("background", "vertebral_body", "intervertebral_disc"))
+    ch = simulate(Empty(), Empty(), torch.zeros(4, 1, 64, 64), label, ann, setup, gen, None)
+    assert ch.shape == (4, 6, 64, 64)
+    body_prior = ch[:, 0] > 0
+    overlap = (body_prior & (label == 1)).sum() / (label == 1).sum()
+    assert overlap > 0.5 and not (ch[:, 1] > 0).any()  # a made-wrong truth, no discs anywhere

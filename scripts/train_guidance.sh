@@ -29,4 +29,4 @@ case "$PARENT" in *@*|uvd-*) REG=(--registry Resources/Models);; esac
 exec "$PY" -m LumbarSegmentLib.training.cli guidance --from "$PARENT" "${REG[@]}" \
   --data "$SHARED/lumbar-mr,$SHARED/spider-t2space,$SHARED/t1-levels" --cases "$CASES" \
   --steps "${STEPS:-2400}" --batch-size 4 --patch 192 --lr 2e-4 --max-clicks 4 --radius-mm 3 --reach-mm 4 \
-  --precision auto --threads "${THREADS:-2}" --max-minutes "${MINUTES:-45}" --name uvd-guide --out "$OUT" "$@"
+  --precision auto --threads "${THREADS:-2}" --max-minutes "${MINUTES:-45}" --name uvd-guide --out "$OUT" --prior "$@"

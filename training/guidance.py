@@ -42,6 +42,7 @@ class ClickSim:
     min_error_px: int = 4  # an error region needs at least this depth-weighted size to be clicked
     suppress_px: int = 12  # after a click, no other click of the same kind this close
     max_depth: int = 16  # erosion steps of the depth map
+    synthetic_p: float = 0.5  # a prior-reading model: share of samples shown a made-wrong truth
 
 
 @dataclass(frozen=True)
@@ -122,31 +123,76 @@ def add_clicks(maps, pred, truth, fg, setup: ClickSetup, wanted, gen):
     return added
 
 
-def simulate(model, x, label, ann, setup: ClickSetup, gen, dtype):
-    """Click maps ``[B, G, H, W]`` for a batch ``x [B, C, H, W]`` from ``model``'s own errors."""
+def perturb(mask: torch.Tensor, gen) -> torch.Tensor:
+    """A structure's true mask ``[H, W]`` made wrong the way drafts are: its border moved out or in by
+    1-3 pixels, or the whole mask shifted by 1-3 pixels, on all of it or on one side of a random line."""
+    k = 1 + int(torch.randint(3, (1,), generator=gen))
+    op = int(torch.randint(3, (1,), generator=gen))
+    m = mask.float()[None, None]
+    if op == 0:
+        out = F.max_pool2d(m, 2 * k + 1, 1, k)
+    elif op == 1:
+        out = -F.max_pool2d(-m, 2 * k + 1, 1, k)
+    else:
+        dy, dx = (int(v) for v in torch.randint(-k, k + 1, (2,), generator=gen))
+        out = torch.roll(m, (dy, dx), (2, 3))
+    out = out[0, 0] > 0.5
+    if float(torch.rand((), generator=gen)) < 0.5:  # only on one side of a line through the patch
+        h, w = mask.shape
+        a = float(torch.rand((), generator=gen)) * 6.2832
+        yy, xx = torch.meshgrid(torch.arange(h, device=mask.device), torch.arange(w, device=mask.device), indexing="ij")
+        side = (yy - h / 2) * torch.cos(torch.tensor(a)) + (xx - w / 2) * torch.sin(torch.tensor(a)) > 0
+        out = torch.where(side, out, mask)
+    return out
+
+
+def _prior_labels(draft, truth, fg, sim: ClickSim, gen):
+    """The label map a prior-reading model is shown: the parent's draft, and for about half of the samples
+    the annotated structures replaced by their truth made wrong (:func:`perturb`): errors of every size
+    and side, which the draft on training cases (known by heart) seldom has."""
+    out = draft.clone()
+    for i in range(out.shape[0]):
+        if float(torch.rand((), generator=gen)) >= sim.synthetic_p:
+            continue
+        for c, (is_c, not_c) in zip(fg, truth):
+            known = is_c[i] | not_c[i]
+            if not bool(is_c[i].any()):
+                continue
+            out[i][(out[i] == c) & known] = 0
+            out[i][perturb(is_c[i], gen) & (known | (out[i] == 0))] = c
+    return out
+
+
+def simulate(model, parent, x, label, ann, setup: ClickSetup, gen, dtype):
+    """The guidance channels ``[B, P + M, H, W]`` (prior masks, then click maps) for a batch
+    ``x [B, C, H, W]``: clicks on the errors of what the model is shown (a model without prior: its own
+    answer; with one: the ``parent``'s draft or a made-wrong truth), see the module doc."""
     spec, sim, schema_ids = setup.spec, setup.sim, setup.schema_ids
     b, _, h, w = x.shape
     k = len(schema_ids)
     fg = [c for c in range(k) if schema_ids[c] != "background"]
     truth = [truth_masks(label, ann, k, c) for c in fg]
     wanted = torch.randint(0, sim.max_clicks + 1, (b,), generator=gen).tolist()
-    maps = x.new_zeros((b, spec.channels, h, w))
-    if not any(wanted):
-        return maps
-    iterate = float(torch.rand((), generator=gen)) < sim.iterate_p
+    maps = x.new_zeros((b, len(spec.maps), h, w))
+    prior = x.new_zeros((b, 0, h, w))
     was = model.training
     model.eval()
     with torch.no_grad(), autocast(x.device, dtype):
-        pred = model(torch.cat([x, maps], 1)).argmax(1)
+        if spec.prior:
+            shown = _prior_labels(parent(x).argmax(1), truth, fg, sim, gen)
+            prior = torch.stack([shown == schema_ids.index(c) for c in spec.prior], 1).to(x.dtype)
+        else:
+            shown = model(torch.cat([x, maps], 1)).argmax(1) if any(wanted) else None
+        iterate = float(torch.rand((), generator=gen)) < sim.iterate_p
         first = [max(0, n - 1) if iterate else n for n in wanted]
         last = [n - f for n, f in zip(wanted, first)]
-        while any(first) and add_clicks(maps, pred, truth, fg, setup, first, gen):
+        while any(first) and add_clicks(maps, shown, truth, fg, setup, first, gen):
             pass
         if any(last):
-            pred = model(torch.cat([x, maps], 1)).argmax(1)
+            pred = model(torch.cat([x, prior, maps], 1)).argmax(1)
             add_clicks(maps, pred, truth, fg, setup, last, gen)
     model.train(was)
-    return maps
+    return torch.cat([prior, maps], 1)
 
 
 def precision_dtype(device, precision: str):

@@ -39,6 +39,8 @@ def add_parser(sub) -> None:
     g.add_argument("--max-clicks", type=int, default=4)
     g.add_argument("--radius-mm", type=float, default=3.0)
     g.add_argument("--reach-mm", type=float, default=4.0)
+    g.add_argument("--prior", action="store_true",
+                   help="the model also reads the current label map (a mask per structure): it corrects, not drafts")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget; the run stops and saves")
@@ -75,11 +77,22 @@ def _start(parent, spec: GuidanceSpec):
     from LumbarSegmentLib.inference.runners import LoadedModel
 
     loaded = LoadedModel.from_package(parent)
-    if loaded.guidance is not None:  # continue a guidance model
-        if loaded.guidance.maps != spec.maps:
-            raise SystemExit(f"{parent.ref} reads click maps {loaded.guidance.to_dict()['maps']}, not {spec.to_dict()['maps']}")
-        return loaded.module
-    return guided_model(loaded.module, spec)
+    if loaded.guidance is not None:  # continue a guidance model; its drafts come from its own parent
+        if loaded.guidance != spec:
+            raise SystemExit(f"{parent.ref} reads {loaded.guidance.to_dict()}, not {spec.to_dict()}")
+        return loaded.module, _drafter_of(parent)
+    return guided_model(loaded.module, spec), loaded.module.eval()
+
+
+def _drafter_of(package):
+    """The drafting model a guidance package was trained from (its parent), to draft the priors."""
+    from LumbarSegmentLib.inference.runners import LoadedModel
+    from LumbarSegmentLib.registry.catalog import resolve_model
+
+    ref = (package.manifest.get("parent") or {}).get("ref")
+    if not ref:
+        raise SystemExit(f"{package.ref} does not name the drafting model it was trained from (manifest 'parent')")
+    return LoadedModel.from_package(resolve_model(ref)).module.eval()
 
 
 def train(parent, cases, a, out: Path):
@@ -94,10 +107,11 @@ def train(parent, cases, a, out: Path):
     if a.threads:
         torch.set_num_threads(int(a.threads))
     schema = parent.schema
-    spec = GuidanceSpec.for_classes(schema.ids, a.radius_mm, a.reach_mm)
-    model = _start(parent, spec)
+    spec = GuidanceSpec.for_classes(schema.ids, a.radius_mm, a.reach_mm, prior=getattr(a, "prior", False))
+    model, drafter = _start(parent, spec)
     device = pick_device("auto")
     model.to(device).train()
+    drafter.to(device)
     dtype = precision_dtype(device, a.precision)
     data = load_dataset(cases, schema, parent.spacing)
     sampler = PatchSampler(data, patch=a.patch, fg_fraction=0.9, balance="sources")
@@ -120,7 +134,7 @@ def train(parent, cases, a, out: Path):
         img, lab, ann = sampler.sample(a.batch_size, gen)
         x, y = aug.augment_batch(img, lab, cfg, a.patch, gen, device)
         ann = ann.to(device)
-        maps = simulate(model, x, y, ann, setup, gen, dtype)
+        maps = simulate(model, drafter, x, y, ann, setup, gen, dtype)
         with autocast_ctx(device, dtype):
             outp = model(torch.cat([x, maps], 1))
             loss = deep_supervision_loss(outp, y, ann, unannotated_bg_weight=0.05)
@@ -140,6 +154,7 @@ def train(parent, cases, a, out: Path):
     contract["channels"] = contract["channels"] + spec.channels
     training = {"kind": "click-guidance", "steps": step, "batch_size": a.batch_size, "patch": a.patch, "lr": a.lr,
                 "max_clicks": a.max_clicks, "precision": str(dtype), "command": getattr(a, "command", None),
+                "synthetic_p": setup.sim.synthetic_p if spec.prior else 0.0,
                 "init_from": {"package": parent.ref, "weights_sha256": parent.sha256},
                 "data_manifest": data_manifest(cases)["cases"], "train_cases": [c.case_id for c in cases]}
     target = out / "package"

@@ -9,8 +9,14 @@ nothing. So on a 1 mm stack a click steers a few neighbouring slices, on a 4 mm 
 its own, as an annotator expects. Training draws disks of random radii up to ``radius_mm`` so the
 network knows the smaller cross-sections too.
 
+A guidance model may also read the current label map (``prior``: one mask per listed structure,
+between the image and the click maps), as RITM does: it then sees what the draft already says and
+learns to move a border the click says is wrong, along the whole structure, instead of drawing the
+structure anew. Such a model corrects; it does not draft (without a label map it has nothing to
+read), and the engine refuses it for drafting.
+
 The manifest of such a package declares this under ``input.guidance`` (see :class:`GuidanceSpec`);
-``input.channels`` counts the image channels plus one per map. With every map empty the network is
+``input.channels`` counts the image channels plus one per prior mask and per click map. With every map empty the network is
 asked "no clicks": a guidance model fine-tuned from a drafting model with zero-initialised click
 weights starts out as exactly that drafting model.
 """
@@ -33,21 +39,24 @@ class GuidanceSpec:
     maps: tuple[tuple[str, bool], ...]  # (class id, positive) per extra input channel, in channel order
     radius_mm: float = RADIUS_MM  # in-plane radius of a click's disk in the slice it was made in
     reach_mm: float = REACH_MM  # a click reaches slices closer than this (the ball's half-depth)
+    prior: tuple[str, ...] = ()  # class ids whose current masks the model reads (before the click maps)
 
     @property
     def channels(self) -> int:
-        return len(self.maps)
+        """Input channels after the image: the prior masks, then the click maps."""
+        return len(self.prior) + len(self.maps)
 
     def channel(self, structure: str, positive: bool) -> int:
-        """The input channel (counted from the first guidance map) of a click, or -1 when there is none."""
+        """The click map (counted from the first click map) of a click, or -1 when there is none."""
         try:
             return self.maps.index((structure, bool(positive)))
         except ValueError:
             return -1
 
     def to_dict(self) -> dict:
-        return {"maps": [f"{c}{'+' if p else '-'}" for c, p in self.maps], "radius_mm": self.radius_mm,
-                "reach_mm": self.reach_mm}
+        out = {"maps": [f"{c}{'+' if p else '-'}" for c, p in self.maps], "radius_mm": self.radius_mm,
+               "reach_mm": self.reach_mm}
+        return {**out, "prior": list(self.prior)} if self.prior else out
 
     @classmethod
     def from_dict(cls, d, class_ids: Iterable[str] = (), where: str = "manifest") -> "GuidanceSpec":
@@ -67,14 +76,21 @@ class GuidanceSpec:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.5 <= float(v) <= 50:
                 raise GuidanceError(f"{where}: input.guidance.{key} must be a number from 0.5 to 50 mm, got {v!r}")
             out.append(float(v))
-        return cls(tuple(maps), *out)
+        prior = d.get("prior", [])
+        if not isinstance(prior, list) or len(set(map(str, prior))) != len(prior) or any(
+                not isinstance(c, str) or (ids and c not in ids) or c == "background" for c in prior):
+            raise GuidanceError(f"{where}: input.guidance.prior must list class ids of the schema (no background), "
+                                f"each once, got {prior!r:.80}")
+        return cls(tuple(maps), *out, tuple(prior))
 
     @classmethod
     def for_classes(cls, class_ids: Sequence[str], radius_mm: float = RADIUS_MM,
-                    reach_mm: float = REACH_MM) -> "GuidanceSpec":
-        """A positive and a negative map for each structure (background excluded)."""
-        return cls(tuple((c, s) for c in class_ids if c != "background" for s in (True, False)),
-                   float(radius_mm), float(reach_mm))
+                    reach_mm: float = REACH_MM, prior: bool = False) -> "GuidanceSpec":
+        """A positive and a negative map for each structure (background excluded), and with ``prior`` a
+        mask of each structure from the current label map."""
+        fg = [c for c in class_ids if c != "background"]
+        return cls(tuple((c, s) for c in fg for s in (True, False)), float(radius_mm), float(reach_mm),
+                   tuple(fg) if prior else ())
 
 
 @dataclass(frozen=True)
@@ -96,16 +112,16 @@ def disk_radius_px(spec: GuidanceSpec, distance_mm: float, pixel_mm: float) -> f
 
 def draw_maps(spec: GuidanceSpec, shape: tuple[int, int], slice_mm: float, clicks: Sequence[ModelClick],
               pixel_mm: float, origin: tuple[int, int] = (0, 0)):
-    """The ``[G, H, W]`` float32 click maps of one slice (at ``slice_mm``) of a region of the model grid
+    """The ``[M, H, W]`` float32 click maps of one slice (at ``slice_mm``) of a region of the model grid
     starting at ``origin`` (row, col): each click reaching it drawn as a disk of ones."""
     import torch
 
-    out = torch.zeros((spec.channels,) + tuple(shape), dtype=torch.float32)
+    out = torch.zeros((len(spec.maps),) + tuple(shape), dtype=torch.float32)
     rows = torch.arange(shape[0], dtype=torch.float32)[:, None] + origin[0]
     cols = torch.arange(shape[1], dtype=torch.float32)[None, :] + origin[1]
     for c in clicks:
         r = disk_radius_px(spec, slice_mm - c.slice_mm, pixel_mm)
-        if r <= 0 or not 0 <= c.channel < spec.channels:
+        if r <= 0 or not 0 <= c.channel < len(spec.maps):
             continue
         r = max(r, 0.75)  # at least the clicked pixel
         out[c.channel] = torch.maximum(out[c.channel], (((rows - c.row) ** 2 + (cols - c.col) ** 2) <= r * r).float())

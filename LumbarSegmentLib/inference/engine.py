@@ -54,7 +54,7 @@ import numpy as np
 from LumbarSegmentLib.core.geometry import resize_planes
 from LumbarSegmentLib.core.schema import LabelSchema
 from LumbarSegmentLib.core.volume import Volume
-from LumbarSegmentLib.inference.devices import pick_device
+from LumbarSegmentLib.inference.devices import EngineError, pick_device
 from LumbarSegmentLib.inference.options import MODES, SegmentOptions  # noqa: F401  (part of the engine's API)
 from LumbarSegmentLib.inference.preprocess import model_slices
 from LumbarSegmentLib.inference.run_report import LabelTally, RunRecord, run_report
@@ -212,6 +212,10 @@ def segment_volume(volume: Volume, packages: Sequence[ModelPackage | LoadedModel
 
     options = options or SegmentOptions()
     models, schema = check_models(packages, options)
+    for m in models:
+        if m.guidance is not None and m.guidance.prior:
+            raise EngineError(f"{m.ref} corrects a label map with clicks (it reads the current labels); it does "
+                              f"not draft: segment with a drafting model and correct with lumbarseg refine")
     is_cancelled = (cancel.is_set if isinstance(cancel, threading.Event) else cancel) or (lambda: False)
     if options.threads:
         torch.set_num_threads(int(options.threads))

@@ -49,6 +49,7 @@ class GuidedRefiner:
     def __init__(self, volume, model: LoadedModel, options: SegmentOptions, params: GuidedParams | None = None):
         self.spec, self.options = model, options
         self.guidance = model.guidance
+        self.prior_values = [model.schema[c].value for c in self.guidance.prior]
         self.params = params or GuidedParams()
         self.stack, self.layout, _ = model_slices(volume, model.spacing, allow_reslice=options.allow_reslice,
                                                   normalisation=model.normalisation)
@@ -81,9 +82,28 @@ class GuidedRefiner:
         return [i for i in range(max(0, s - k), min(n, s + k + 1))
                 if i == s or disk_radius_px(self.guidance, (i - s) * self.spacing[0], self.pixel_mm) > 0]
 
-    def predict(self, slices: Sequence[int], centre: ModelClick, clicks: Sequence[ModelClick]):
-        """Class probabilities ``[n, K, C, C]`` of a window centred on ``centre`` in ``slices``, and the
-        window's origin (row, col) on the model grid."""
+    def prior(self, labels: np.ndarray, slices: Sequence[int], y0: int, x0: int):
+        """The current labels' masks of the prior structures ``[n, P, C, C]`` in the window at (y0, x0) of the
+        model grid (each model pixel takes the volume voxel it falls in; outside the slice: nothing)."""
+        import torch
+
+        c = self.crop
+        ys, xs = np.arange(y0, y0 + c), np.arange(x0, x0 + c)
+        ri = np.clip(np.floor((ys + 0.5) * self.plane[0] / self.mplane[0]).astype(int), 0, self.plane[0] - 1)
+        ci = np.clip(np.floor((xs + 0.5) * self.plane[1] / self.mplane[1]).astype(int), 0, self.plane[1] - 1)
+        inside = ((ys >= 0) & (ys < self.mplane[0]))[:, None] & ((xs >= 0) & (xs < self.mplane[1]))[None, :]
+        out = np.zeros((len(slices), len(self.prior_values), c, c), np.float32)
+        for n, s in enumerate(slices):
+            sub = labels[s][np.ix_(ri, ci)]
+            for k, v in enumerate(self.prior_values):
+                out[n, k] = (sub == v) & inside
+        return torch.from_numpy(out)
+
+    def predict(self, slices: Sequence[int], centre: ModelClick, clicks: Sequence[ModelClick],
+                labels: np.ndarray | None = None):
+        """Class probabilities ``[n, K, C, C]`` of a window centred on ``centre`` in ``slices`` (``labels``:
+        the current canonical label map, read by a model with prior masks), and the window's origin
+        (row, col) on the model grid."""
         import torch
 
         c = self.crop
@@ -96,17 +116,23 @@ class GuidedRefiner:
             img[n, :, ys0 - y0:ys1 - y0, xs0 - x0:xs1 - x0] = self.stack[s, ys0:ys1, xs0:xs1]
         maps = torch.stack([draw_maps(self.guidance, (c, c), s * self.spacing[0], clicks, self.pixel_mm, (y0, x0))
                             for s in slices])
-        probs = self.runner.forward(torch.cat([img, maps], 1))
+        parts = [img, maps]
+        if self.prior_values:
+            if labels is None:
+                labels = np.zeros((int(self.stack.shape[0]),) + self.plane, np.uint8)
+            parts.insert(1, self.prior(labels, slices, y0, x0))
+        probs = self.runner.forward(torch.cat(parts, 1))
         return probs, (y0, x0)
 
-    def region(self, voxel: tuple[int, int, int], clicks: Sequence[ModelClick], centre: ModelClick):
+    def region(self, voxel: tuple[int, int, int], clicks: Sequence[ModelClick], centre: ModelClick,
+               labels: np.ndarray | None = None):
         """``(slices, rows, cols, labels)``: the canonical region one click may edit and the network's
         labels there (channel indices ``[n, h, w]``), with every click in ``clicks`` drawn in."""
         import torch
         import torch.nn.functional as F
 
         slices = self.reached_slices(voxel[0])
-        probs, (y0, x0) = self.predict(slices, centre, clicks)
+        probs, (y0, x0) = self.predict(slices, centre, clicks, labels)
         e_r = int(np.ceil(self.params.edit_mm / self.spacing[1]))
         e_c = int(np.ceil(self.params.edit_mm / self.spacing[2]))
         rows = np.arange(max(0, voxel[1] - e_r), min(self.plane[0], voxel[1] + e_r + 1))
@@ -137,7 +163,7 @@ def apply_guided(refiner: GuidedRefiner, work: np.ndarray, editable: np.ndarray,
                            f"{click.structure}"))
             continue
         target = schema[click.structure].value
-        slices, rows, cols, labels, disk = refiner.region(voxel, mclicks, mclicks[i])
+        slices, rows, cols, labels, disk = refiner.region(voxel, mclicks, mclicks[i], work)
         changed = 0
         for n, s in enumerate(slices):
             old = work[s][np.ix_(rows, cols)]
