@@ -134,6 +134,10 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
     if cfg.name is None:
         cfg = cfg.replace(name=pkg.name if target.ids == pkg.schema.ids else f"{pkg.name}-{target.name}")
     log.info("fine-tuning %s: kept %s, new %s", pkg.ref, info["kept_classes"], info["new_classes"])
+    if info["new_classes"] and keep.l2sp:
+        log.warning("the L2-SP spring (--l2sp %g) holds the network near %s, which has no features for the new "
+                    "classes %s: they may not be learned at all; when the cases replay every source the parent "
+                    "knew, fine-tune with --l2sp 0", keep.l2sp, pkg.ref, ", ".join(info["new_classes"]))
     return train(cfg, train_cases, val_cases, out_dir=out_dir, start=StartFrom(model, info), **train_kwargs)
 
 
