@@ -409,7 +409,8 @@ def publish_cli(a) -> int:
                             name=a.name)
     if refine:
         registry.set_refine(res["ref"])
-    compared = [(res["comparison"] or {}).get("current_ref"), (pkg.manifest.get("parent") or {}).get("ref")]
+    parent = ((getattr(pkg, "manifest", None) or {}).get("parent") or {}).get("ref")
+    compared = [(res["comparison"] or {}).get("current_ref"), parent]
     effort = _effort_rows(a.data, [m for m in compared if m]) if a.data else []
     if effort:  # what correcting the drafts of the model in use and of the parent cost, next to the scores
         from LumbarSegmentLib.dataset.effort import markdown
