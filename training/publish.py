@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Sequence
 
 from LumbarSegmentLib.dataset.cases import Case
-from LumbarSegmentLib.dataset.holdout import MIN_HOLDOUT_CASES, frozen_split_or_refuse
+from LumbarSegmentLib.dataset.dataset import Dataset
+from LumbarSegmentLib.dataset.holdout import MIN_HOLDOUT_CASES
 from LumbarSegmentLib.registry.manifest import check_ensemble_refs, provenance_problem, validate_name
 from LumbarSegmentLib.registry.package import ModelPackage, PackageError, is_shipped as _is_shipped, read_package
 from LumbarSegmentLib.registry.registry import Registry, user_registry_root
@@ -376,24 +377,19 @@ def _append_publish_log(registry: Registry, out: dict, pkg: ModelPackage) -> Non
 def publish_cli(a) -> int:
     from LumbarSegmentLib.core.progress import ProgressLog
 
-    from .data import select_cases
     from .trainer import resolve_device
 
     pkg = read_package(a.package)
     registry = Registry(a.registry or user_registry_root())
     case_list = None
     if a.data:
+        dataset = Dataset(a.data, getattr(a, "patients", None) or None)
         ids = [s.strip() for s in (a.cases or "").split(",") if s.strip()]
         if ids:
-            case_list = select_cases(a.data, ids)
+            case_list = dataset.cases(ids)
         else:
-            split = frozen_split_or_refuse(a.data)  # a dataset folder is input: publish never writes into it
-            log.info("grading on the dataset's held-out cases: %s", ", ".join(split.holdout_ids) or "none")
-            case_list = split.holdout
-        if getattr(a, "patients", None):
-            from LumbarSegmentLib.dataset.cases import read_patient_map, with_patients
-
-            case_list = with_patients(list(case_list), read_patient_map(a.patients))
+            case_list = dataset.held_out()  # a dataset folder is input: publish never writes into it
+            log.info("grading on the dataset's held-out cases: %s", ", ".join(c.case_id for c in case_list) or "none")
     ensemble = [s.strip() for s in a.ensemble.split(",")] if a.ensemble else None
     refine = bool(getattr(a, "refine", False))
     if refine and "guidance" not in pkg.manifest["input"]:

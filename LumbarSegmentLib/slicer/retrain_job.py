@@ -112,12 +112,12 @@ class RetrainController:
     def start(self, dataset_folder, output_folder, extra_args: Sequence[str] = (), base_model: str | None = None,
               *, epochs: int | None = None, max_minutes: float | None = None) -> None:
         """Launch training on the dataset's training split into ``output_folder`` (fine-tuning ``base_model``)."""
-        from LumbarSegmentLib.dataset.holdout import frozen_split
+        from LumbarSegmentLib.dataset.dataset import Dataset
 
         if self.running:
             raise ControllerError("a training run is already going; stop it first")
         dataset = Path(dataset_folder)
-        split = frozen_split(dataset)  # CaseError for a folder without cases: a clear message now
+        split = Dataset(dataset).split()  # CaseError for a folder without cases: a clear message now
         if not split.train:
             raise ControllerError(f"all {len(split.holdout)} case(s) in {dataset} are held out for grading; "
                                   f"export cases of more patients first")
