@@ -2,12 +2,11 @@
 progress, Cancel), and the levels of a ``--levels`` draft."""
 from __future__ import annotations
 
-import time
-
-from LumbarSegmentLib.slicer.logic import CANCELLED, DONE, FAILED, RUNNING
+from LumbarSegmentLib.slicer.jobs import JobTimeout, wait_for
+from LumbarSegmentLib.slicer.logic import CANCELLED, DONE, FAILED, RUNNING, Status
 
 from .advanced import segment_request
-from .session_core import JobView, SessionCore, SessionError
+from .session_core import SessionCore, SessionError
 
 SEGMENT_MODES = ("fast", "tta", "ensemble")
 
@@ -39,7 +38,7 @@ class DraftingPanel(SessionCore):
         self._segmenting_case = self.case_id
         return notes
 
-    def poll_segmentation(self) -> JobView:
+    def poll_segmentation(self) -> Status:
         """Advance the job; when it has just finished, put its result in the scene."""
         status = self.logic.poll_segmentation()
         if status.state == DONE and self._segmenting_case is not None:
@@ -50,26 +49,24 @@ class DraftingPanel(SessionCore):
             self.save_draft()
             if info.get("levels"):  # a draft with levels: the table is measured at once (the levels panel's)
                 self.measure_levels()
-            return JobView(DONE, 1.0, info.get("summary", status.message), list(status.warnings))
+            return Status(DONE, 1.0, info.get("summary", status.message), list(status.warnings))
         if status.state in (FAILED, CANCELLED):
             self._segmenting_case = None
-        return JobView.of(status)
+        return status
 
     def cancel_segmentation(self) -> None:
         self.logic.cancel_segmentation()
         self._segmenting_case = None
 
-    def wait_segmentation(self, timeout: float = 300.0, interval: float = 0.2) -> JobView:
-        """Block until the job ends (scripts and tests); raises on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            view = self.poll_segmentation()
-            if view.state not in (RUNNING,):
-                return view
-            if time.monotonic() > deadline:
-                self.cancel_segmentation()
-                raise SessionError(f"the segmentation did not finish within {timeout:.0f} s")
-            time.sleep(interval)
+    def wait_segmentation(self, timeout: float = 300.0, interval: float = 0.2) -> Status:
+        """Block until the job ends (scripts and tests); raises on timeout. The jobs' one poll loop,
+        around this panel's poll (which also puts a finished draft into the scene)."""
+        try:
+            return wait_for(self.poll_segmentation, timeout=timeout, interval=interval,
+                            on_timeout=self.cancel_segmentation, finished=lambda st: st.state != RUNNING,
+                            what="the segmentation")
+        except JobTimeout as exc:
+            raise SessionError(str(exc)) from None
 
     @staticmethod
     def _run_summary(info: dict) -> dict:

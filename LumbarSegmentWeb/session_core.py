@@ -1,4 +1,4 @@
-"""What every panel of the annotation session shares: the error it raises, how a job shows, the open
+"""What every panel of the annotation session shares: the error it raises, the open
 case's state, and the draft that keeps it (saved to ``<work>/drafts`` after every change that matters).
 
 The panels (:mod:`.cases_panel`, :mod:`.drafting_panel`, :mod:`.editing_panel`, :mod:`.training_panel`)
@@ -7,34 +7,15 @@ are mixins over :class:`SessionCore`; :class:`.session.AnnotationSession` puts t
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from LumbarSegmentLib.slicer.logic import ModuleLogic, Status
+from LumbarSegmentLib.slicer.logic import ModuleLogic
 
 from .worklist import Worklist
 
 
 class SessionError(RuntimeError):
     """An action the current state does not allow (no case loaded, a job running...)."""
-
-
-@dataclass
-class JobView:
-    """A background job as the page shows it."""
-
-    state: str = "idle"
-    fraction: float | None = None
-    message: str = ""
-    warnings: list[str] = field(default_factory=list)
-
-    @classmethod
-    def of(cls, status: Status) -> "JobView":
-        return cls(status.state, status.fraction, status.message, list(status.warnings))
-
-    def to_dict(self) -> dict:
-        return {"state": self.state, "fraction": self.fraction, "message": self.message,
-                "warnings": self.warnings}
 
 
 class SessionCore:

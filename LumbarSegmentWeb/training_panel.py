@@ -7,7 +7,9 @@ import json
 import time
 from pathlib import Path
 
-from .session_core import JobView, SessionCore, SessionError
+from LumbarSegmentLib.slicer.logic import Status
+
+from .session_core import SessionCore, SessionError
 
 NOTHING_CORRECTED = ("nothing was corrected: every segment is exactly what the model drafted. Exporting it "
                      "teaches the model nothing new; export anyway only if the draft is right as it is")
@@ -48,8 +50,8 @@ class TrainingPanel(SessionCore):
         self.retrain_run = self.logic.start_retrain(self.worklist.dataset, run, list(extra_args), base_model=base)
         return self.retrain_run
 
-    def poll_retrain(self) -> JobView:
-        return JobView.of(self.logic.poll_retrain())
+    def poll_retrain(self) -> Status:
+        return self.logic.poll_retrain()
 
     def stop_retrain(self) -> None:
         self.logic.stop_retrain()

@@ -117,6 +117,12 @@ class Worklist:
         """The exported cases: what retraining trains on."""
         return self.work / "cases"
 
+    def exported(self):
+        """The exported cases as the Lib's one dataset view (cases, held-out split, patients)."""
+        from LumbarSegmentLib.dataset.dataset import Dataset
+
+        return Dataset(self.dataset)
+
     def draft_path(self, case_id: str) -> Path:
         return self.drafts / f"{case_id}.seg.nrrd"
 
@@ -141,20 +147,12 @@ class Worklist:
         A file named ``<id>__v<N>.json`` claims its id even when it cannot be read, so an
         upload never takes it.
         """
-        from LumbarSegmentLib.dataset.cases import read_case
-
-        ids: set[str] = set()
-        for jp in sorted(self.dataset.glob("*.json")) if self.dataset.is_dir() else ():
-            if jp.name.startswith("."):
-                continue
-            if "__v" in jp.stem:
-                ids.add(jp.stem.rsplit("__v", 1)[0])
-            try:
-                ids.add(read_case(jp).case_id)
-            except Exception as exc:  # noqa: BLE001 - any damage: skip this file, keep the app usable
-                if jp not in _WARNED:
-                    _WARNED.add(jp)
-                    log.warning("%s: not a readable case file (%s); skipped", jp, exc)
+        damaged: list = []
+        ids = self.exported().claimed_ids(damaged)
+        for jp, exc in damaged:
+            if jp not in _WARNED:
+                _WARNED.add(jp)
+                log.warning("%s: not a readable case file (%s); skipped", jp, exc)
         return ids
 
     def read_info(self, case_id: str) -> dict:

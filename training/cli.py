@@ -30,38 +30,36 @@ from .config import config_from_args
 log = logging.getLogger("lumbarseg.train")
 
 
+def _dataset(a):
+    """The ``--data`` folder(s) of a command with its ``--patients`` map: the one view of the dataset."""
+    from LumbarSegmentLib.dataset.dataset import Dataset
+
+    return Dataset(a.data, getattr(a, "patients", None) or None)
+
+
 def _select(a):
-    from LumbarSegmentLib.dataset.cases import read_patient_map, with_patients
+    from LumbarSegmentLib.dataset.dataset import SelectionError
 
-    from .data import select_cases
+    from .data import DataError
 
-    if not getattr(a, "patients", None):
-        return select_cases(a.data, id_list(a.cases) or None, id_list(a.exclude))
-    patient_of = read_patient_map(a.patients)
-    cases = with_patients(select_cases(a.data, id_list(a.cases) or None), patient_of)
-    excluded = id_list(a.exclude)
-    gone = {c.patient for c in with_patients(select_cases(a.data, excluded), patient_of)} if excluded else set()
-    also = sorted(c.case_id for c in cases if c.patient in gone and c.case_id not in excluded)
+    try:
+        cases, also = _dataset(a).select(id_list(a.cases) or None, id_list(a.exclude))
+    except SelectionError as exc:
+        raise DataError(str(exc)) from None
     if also:
         log.warning("not using %s: same patient as an excluded case", ", ".join(also))
-    return [c for c in cases if c.patient not in gone]
+    return cases
 
 
 def _without_held_out(a, cases):
     """The cases minus those the dataset's frozen split holds out for the publish gate (``--use-held-out``
     keeps them): a fine-tune that saw them would be graded on its own training cases."""
-    from LumbarSegmentLib.dataset.holdout import held_out_ids
-
-    from .data import data_folders
-
     if getattr(a, "use_held_out", False):
         return cases
-    held = set().union(*(held_out_ids(d) for d in data_folders(a.data) if d.is_dir()))
-    kept = [c for c in cases if c.case_id not in held]
-    if len(kept) < len(cases):
+    kept, held = _dataset(a).without_held_out(cases)
+    if held:
         log.warning("not training on %s: held out for the publish gate (lumbarseg-train holdout --show; "
-                    "--use-held-out trains on them anyway)", ", ".join(sorted(c.case_id for c in cases
-                                                                             if c.case_id in held)))
+                    "--use-held-out trains on them anyway)", ", ".join(held))
     return kept
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from LumbarSegmentLib.dataset import cases as _cases
+from LumbarSegmentLib.dataset import dataset as _dataset
 from LumbarSegmentLib.inference import preprocess
 from LumbarSegmentLib.core.files import sha256_file
 from LumbarSegmentLib.core.schema import LabelSchema, SchemaError, load_schema, remap_labels
@@ -180,26 +181,17 @@ def load_dataset(case_list: Sequence[_cases.Case], schema: LabelSchema | str,
 
 def data_folders(folder: str | Path) -> list[Path]:
     """``--data``: one dataset folder, or several separated by commas (sources kept in their own folders)."""
-    parts = [p.strip() for p in str(folder).split(",") if p.strip()] if "," in str(folder) else [str(folder)]
-    return [Path(p) for p in parts]
+    return _dataset.data_folders(folder)
 
 
 def select_cases(folder: str | Path, ids: Sequence[str] | None = None, exclude: Sequence[str] = ()
                  ) -> list[_cases.Case]:
     """Cases of a dataset folder or of several (``a,b``; newest export of each), optionally only ``ids``,
-    minus ``exclude``. A case id found in two folders is refused (which one would train is unclear)."""
-    all_cases: dict[str, _cases.Case] = {}
-    for f in data_folders(folder):
-        for c in _cases.list_cases(f):
-            if c.case_id in all_cases:
-                raise DataError(f"case {c.case_id} is in two data folders ({all_cases[c.case_id].image_path.parent} "
-                                f"and {f}); give each folder once, or rename one case")
-            all_cases[c.case_id] = c
-    unknown = [i for i in list(ids or []) + list(exclude) if i not in all_cases]
-    if unknown:
-        raise DataError(f"no case(s) {unknown} in {folder} (it has: {', '.join(sorted(all_cases))})")
-    chosen = [all_cases[i] for i in ids] if ids else list(all_cases.values())
-    return [c for c in chosen if c.case_id not in set(exclude)]
+    minus ``exclude`` (:meth:`dataset.Dataset.cases`). A case id found in two folders is refused."""
+    try:
+        return _dataset.Dataset(folder).cases(ids, exclude)
+    except _dataset.SelectionError as exc:
+        raise DataError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from LumbarSegmentLib.core.geometry import sagittal_layout
 from LumbarSegmentLib.registry.package import ModelPackage, PackageError
 from LumbarSegmentLib.registry.registry import Registry
 from LumbarSegmentLib.registry.catalog import resolve_model
+from LumbarSegmentLib.registry.lineage import trained_patients
 from LumbarSegmentLib.core.schema import LabelSchema
 from LumbarSegmentLib.core.volume import Volume
 
@@ -168,29 +169,10 @@ def resolve_entries(spec: str, registry: str | None = None) -> dict[str, list[Mo
 
 def training_lineage(pkg: ModelPackage, registries: Sequence[Registry] | None = None
                      ) -> tuple[set[str], list[str]]:
-    """Every case id ``pkg`` and its ancestors (``parent`` refs, followed while they resolve) trained on,
-    and the ancestors that could not be found (their cases are then unknown).
-
-    A parent is followed only when the package its ref resolves to has the weights the child recorded:
-    a run folder's package is often named like a published model (a fine-tune of ``uvd-starter@4``
-    writes ``uvd-starter@1`` into its folder), and a child of that folder must not inherit the
-    training cases of the unrelated published ``uvd-starter@1``."""
-    seen, missing, cur, hops = set(), [], pkg, 0
-    while cur is not None and hops < 50:
-        seen |= set((cur.manifest.get("training") or {}).get("train_cases") or [])
-        parent = cur.manifest.get("parent") or {}
-        ref, sha = parent.get("ref"), parent.get("sha256")
-        cur, hops = None, hops + 1
-        if ref:
-            try:
-                cur = resolve_model(ref, list(registries) if registries else None)
-            except PackageError:  # an ancestor that was never published (a run folder): say so, go on
-                missing.append(ref)
-                continue
-            if sha and cur.sha256 != sha:
-                missing.append(f"{ref} (an unpublished model of that name; {ref} in the registry has other weights)")
-                cur = None
-    return seen, missing
+    """Every case id ``pkg`` and its ancestors trained on, and the ancestors that could not be found
+    (``registry.lineage.trained_patients``, the rule the publish gate follows too)."""
+    lineage = trained_patients(pkg, registries)
+    return set(lineage.cases), list(lineage.missing)
 
 
 def seen_patients(cases: Sequence[Case], entries: Mapping[str, Sequence[ModelPackage]],
@@ -198,18 +180,15 @@ def seen_patients(cases: Sequence[Case], entries: Mapping[str, Sequence[ModelPac
                   ) -> tuple[list[str], list[str]]:
     """Why scoring ``cases`` on ``entries`` would not measure new patients: (``"case: its patient
     trained X (as Y)"`` lines, ancestors whose training cases are unknown). ``patient_of`` maps case
-    ids to patients (``cases.read_patient_map``); a case missing from it is its own patient."""
-    patient_of = patient_of or {}
+    ids to patients (``cases.read_patient_map``); a case missing from it is its own patient. Whether a
+    model saw a patient is :func:`registry.lineage.trained_patients`'s answer, as at the publish gate."""
     lines, missing = set(), set()
     distinct = {id(pkg): pkg for pkgs in entries.values() for pkg in pkgs}  # "A" and "A+B" share A
     for pkg in distinct.values():
-        trained, lost = training_lineage(pkg, registries)
-        missing |= {f"{pkg.ref} <- {m}" for m in lost}
-        trained_by_patient: dict[str, list[str]] = {}
-        for t in sorted(trained):
-            trained_by_patient.setdefault(patient_of.get(t, t), []).append(t)
+        lineage = trained_patients(pkg, registries, patient_of)
+        missing |= {f"{pkg.ref} <- {m}" for m in lineage.missing}
         for c in cases:
-            via = trained_by_patient.get(patient_of.get(c.case_id, c.patient))
+            via = lineage.via(c)
             if via:
                 lines.add(f"{c.case_id}: its patient trained {pkg.ref} (as {', '.join(via)})")
     return sorted(lines), sorted(missing)

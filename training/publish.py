@@ -30,11 +30,13 @@ from pathlib import Path
 from typing import Sequence
 
 from LumbarSegmentLib.dataset.cases import Case
-from LumbarSegmentLib.dataset.holdout import MIN_HOLDOUT_CASES, frozen_split_or_refuse
+from LumbarSegmentLib.dataset.dataset import Dataset
+from LumbarSegmentLib.dataset.holdout import MIN_HOLDOUT_CASES
 from LumbarSegmentLib.registry.manifest import check_ensemble_refs, provenance_problem, validate_name
 from LumbarSegmentLib.registry.package import ModelPackage, PackageError, is_shipped as _is_shipped, read_package
 from LumbarSegmentLib.registry.registry import Registry, user_registry_root
 from LumbarSegmentLib.registry.catalog import Catalog
+from LumbarSegmentLib.registry.lineage import trained_patients
 
 from .metrics import clean
 from .reference import DEFAULT_MAX_REFERENCE_DROP
@@ -194,15 +196,14 @@ def _reference_rows(ref: dict, schema=None) -> list[str]:
     return rows
 
 
-def _unseen(candidate: ModelPackage, case_list: Sequence[Case]) -> tuple[list[Case], list[str]]:
-    """The cases whose patient the candidate did not train on, and the ids dropped. The patients of its
-    training cases come from its manifest's data manifest (recorded with the run's patient map)."""
-    training = candidate.manifest.get("training", {})
-    trained = set(training.get("train_cases") or [])
-    patients = trained | {e.get("patient") for e in training.get("data_manifest") or []
-                          if isinstance(e, dict) and e.get("case") in trained and e.get("patient")}
-    seen = {c.case_id for c in case_list if c.case_id in trained or c.patient in patients}
-    return [c for c in case_list if c.case_id not in seen], [c.case_id for c in case_list if c.case_id in seen]
+def _unseen(candidate: ModelPackage, case_list: Sequence[Case], catalog: Catalog | None = None
+            ) -> tuple[list[Case], list[str]]:
+    """The cases whose patient neither the candidate nor any model it was fine-tuned from trained on, and
+    the ids dropped (``registry.lineage.trained_patients``: the rule the validation report follows too)."""
+    lineage = trained_patients(candidate, catalog)
+    if lineage.missing:
+        log.warning("the training cases of %s are unknown: their patients may be graded on", ", ".join(lineage.missing))
+    return [c for c in case_list if not lineage.saw(c)], [c.case_id for c in case_list if lineage.saw(c)]
 
 
 def _forgotten(comparison: dict, max_drop: float | None) -> list[str]:
@@ -258,14 +259,14 @@ def _decide(pkg: ModelPackage, catalog: Catalog, case_list, policy: GatePolicy,
     ref = grade_reference(pkg, current, reference, device=policy.device, precision=policy.precision,
                           max_drop=policy.reference_drop) if reference else None
     refused = bool(ref and ref["lost"] and not policy.own_source_only)
-    held_out = _decide_held_out(pkg, current, current_ref, case_list, policy)
+    held_out = _decide_held_out(pkg, current, current_ref, case_list, policy, catalog)
     why = held_out.reason + _reference_verdict(ref, policy.own_source_only)
     comparison = {**(held_out.comparison or {}), "reference": ref} if ref else held_out.comparison
     return GateVerdict(held_out.promote and not (refused and not policy.force), why, comparison)
 
 
 def _decide_held_out(pkg: ModelPackage, current: ModelPackage, current_ref: str, case_list,
-                     policy: GatePolicy) -> GateVerdict:
+                     policy: GatePolicy, catalog: Catalog | None = None) -> GateVerdict:
     """The verdict of the team's held-out cases (or the recorded metrics)."""
     force, metric, max_drop = policy.force, policy.metric, policy.max_drop
     if force and not case_list:
@@ -277,7 +278,7 @@ def _decide_held_out(pkg: ModelPackage, current: ModelPackage, current_ref: str,
         return GateVerdict(True, f"forced; {why}") if force else GateVerdict(False, why)
     short = ""
     if case_list is not None:
-        case_list, seen = _unseen(pkg, case_list)
+        case_list, seen = _unseen(pkg, case_list, catalog)
         if seen:
             log.warning("not grading on %s: the candidate trained on them or on their patients", ", ".join(seen))
         if len(case_list) < policy.min_cases:
@@ -376,24 +377,19 @@ def _append_publish_log(registry: Registry, out: dict, pkg: ModelPackage) -> Non
 def publish_cli(a) -> int:
     from LumbarSegmentLib.core.progress import ProgressLog
 
-    from .data import select_cases
     from .trainer import resolve_device
 
     pkg = read_package(a.package)
     registry = Registry(a.registry or user_registry_root())
     case_list = None
     if a.data:
+        dataset = Dataset(a.data, getattr(a, "patients", None) or None)
         ids = [s.strip() for s in (a.cases or "").split(",") if s.strip()]
         if ids:
-            case_list = select_cases(a.data, ids)
+            case_list = dataset.cases(ids)
         else:
-            split = frozen_split_or_refuse(a.data)  # a dataset folder is input: publish never writes into it
-            log.info("grading on the dataset's held-out cases: %s", ", ".join(split.holdout_ids) or "none")
-            case_list = split.holdout
-        if getattr(a, "patients", None):
-            from LumbarSegmentLib.dataset.cases import read_patient_map, with_patients
-
-            case_list = with_patients(list(case_list), read_patient_map(a.patients))
+            case_list = dataset.held_out()  # a dataset folder is input: publish never writes into it
+            log.info("grading on the dataset's held-out cases: %s", ", ".join(c.case_id for c in case_list) or "none")
     ensemble = [s.strip() for s in a.ensemble.split(",")] if a.ensemble else None
     refine = bool(getattr(a, "refine", False))
     if refine and "guidance" not in pkg.manifest["input"]:

@@ -62,6 +62,114 @@ class Status:
     def finished(self) -> bool:
         return self.state in (DONE, FAILED, CANCELLED)
 
+    def to_dict(self) -> dict:
+        """Plain JSON types, for a page's state (the warnings list is a copy)."""
+        return {"state": self.state, "fraction": self.fraction, "message": self.message,
+                "warnings": list(self.warnings)}
+
+
+class JobTimeout(ControllerError):
+    """A job waited for did not finish in time (it was cancelled)."""
+
+
+class Signal:
+    """A list of callbacks, each called with the job's :class:`Status`: enough for a panel or a page to
+    follow a job without polling it itself, and no Qt (the Lib imports none)."""
+
+    def __init__(self):
+        self._slots: list[Callable] = []
+
+    def connect(self, slot: Callable) -> Callable:
+        self._slots.append(slot)
+        return slot
+
+    def disconnect(self, slot: Callable) -> None:
+        with contextlib.suppress(ValueError):
+            self._slots.remove(slot)
+
+    def emit(self, *args) -> None:
+        for slot in list(self._slots):
+            slot(*args)
+
+
+def wait_for(poll: Callable[[], Status], *, timeout: float | None = None, interval: float = 0.1,
+             progress: Callable[[Status], None] | None = None, on_timeout: Callable[[], None] | None = None,
+             finished: Callable[[Status], bool] = lambda st: st.finished, what: str = "the job") -> Status:
+    """The one blocking poll loop (scripts, tests, the blocking helpers of both front ends): call ``poll``
+    every ``interval`` seconds until ``finished``, showing each status to ``progress`` (the last one too);
+    past ``timeout`` seconds ``on_timeout`` runs (a cancel) and :class:`JobTimeout` is raised."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        status = poll()
+        if finished(status):
+            break
+        if progress:
+            progress(status)
+        if deadline is not None and time.monotonic() > deadline:
+            if on_timeout is not None:
+                on_timeout()
+            raise JobTimeout(f"{what} did not finish within {timeout:.0f} s")
+        time.sleep(interval)
+    if progress:
+        progress(status)
+    return status
+
+
+class Job:
+    """What every background job offers: :attr:`status` (one :class:`Status`), :meth:`poll` (read what
+    is new, from the caller's timer), :meth:`cancel`, :meth:`wait` (block until it ends), and two
+    :class:`Signal` lists, ``on_progress`` (each change of the status) and ``on_finish`` (its end).
+
+    A job advances only when polled, so callbacks run on the poller's thread (the Qt main thread in
+    Slicer, the event loop in the browser app): no locking anywhere. Subclasses implement
+    :meth:`_advance` and :meth:`cancel`; :meth:`_announce` tells the callbacks what changed."""
+
+    what = "the job"  # how a timeout message names it
+
+    def __init__(self):
+        self.status = Status()
+        self.on_progress = Signal()
+        self.on_finish = Signal()
+        self._said: tuple | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.status.state == RUNNING
+
+    def poll(self) -> Status:
+        """Read the job's new output and events; returns (and keeps) its status."""
+        self._advance()
+        self._announce()
+        return self.status
+
+    def _advance(self) -> None:  # pragma: no cover - every job has its own
+        raise NotImplementedError
+
+    def cancel(self) -> None:  # pragma: no cover - every job has its own
+        raise NotImplementedError
+
+    def wait(self, timeout: float | None = None, *, interval: float = 0.1,
+             progress: Callable[[Status], None] | None = None) -> Status:
+        """Block until the job ends; past ``timeout`` it is cancelled and :class:`JobTimeout` raised. An
+        interrupt (Ctrl-C in a script) cancels it too: a job nobody follows must not run on."""
+        try:
+            return wait_for(self.poll, timeout=timeout, interval=interval, progress=progress,
+                            on_timeout=self.cancel, what=self.what)
+        except BaseException:
+            if self.running:
+                self.cancel()
+            raise
+
+    def _announce(self) -> None:
+        status = self.status
+        seen = (status.state, status.fraction, status.message, len(status.warnings))
+        if seen == self._said:
+            return
+        self._said = seen
+        self.on_progress.emit(status)
+        if status.finished:
+            self.on_finish.emit(status)
+
 
 # =========================================================================== command lines
 def child_command(python: str, module: str, subcommand: str, positional: Sequence = (), **options) -> list[str]:

@@ -158,14 +158,7 @@ class ModuleLogic:
         """Blocking: segment ``volume_node`` and return ``(segmentation node, info)``."""
         request = request or SegmentRequest()
         self.start_segmentation(volume_node, request, update_node)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.poll_segmentation().finished:
-            if progress:
-                progress(self.segmenter.status)
-            if deadline is not None and time.monotonic() > deadline:
-                self.cancel_segmentation()
-                raise ControllerError(f"the segmentation did not finish within {timeout:.0f} s")
-            time.sleep(0.1)
+        self.segmenter.wait(timeout, progress=progress)  # the jobs' one poll loop (Job.wait)
         return self.finish_segmentation()
 
     # --- export ---------------------------------------------------------------------------

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from LumbarSegmentLib.slicer.jobs import (CANCELLED, DONE, FAILED, RUNNING, BackgroundProcess, ControllerError, PidHandle, Status,
-                   alive, child_command, child_environment, error_in, python_executable)
+from LumbarSegmentLib.slicer.jobs import (CANCELLED, DONE, FAILED, RUNNING, BackgroundProcess, ControllerError, Job, PidHandle,
+                   Status, alive, child_command, child_environment, error_in, python_executable)
 from LumbarSegmentLib.core.progress import DONE as DONE_EVENT
 from LumbarSegmentLib.core.progress import ERROR as ERROR_EVENT
 from LumbarSegmentLib.core.progress import PROGRESS_FILE, PUBLISH, JsonLinesTail, describe, fraction
@@ -75,13 +75,16 @@ def publish_command(python: str, package: Path, dataset: Path | None = None,
                          registry=registry)
 
 
-class RetrainController:
-    """Runs training then publishing in the background, following the run folder's progress log."""
+class RetrainController(Job):
+    """Runs training then publishing in the background, following the run folder's progress log (a :class:`Job`)."""
+
+    what = "the training run"
 
     def __init__(self, *, python: str | None = None, runner: Callable | None = None, env: dict | None = None,
                  command: Callable[..., list[str]] = train_command, log_name: str = PROGRESS_FILE,
                  publish: Callable[..., list[str]] | None = publish_command, auto_publish: bool = True,
                  publish_registry: Path | None = None):
+        super().__init__()
         self.python = python or python_executable()
         self.runner = runner
         self.env = env
@@ -91,7 +94,6 @@ class RetrainController:
         self.auto_publish = auto_publish and publish is not None
         self.own_source_only = False  # the team said only its own source matters (publish --own-source-only)
         self.log_name = log_name
-        self.status = Status()
         self.records: list[dict] = []
         self.latest: dict = {}
         self.output: Path | None = None
@@ -104,20 +106,16 @@ class RetrainController:
         self._tail: JsonLinesTail | None = None
         self._argv: list[str] = []
 
-    @property
-    def running(self) -> bool:
-        return self.status.state == RUNNING
-
     # --- starting ------------------------------------------------------------------------------
     def start(self, dataset_folder, output_folder, extra_args: Sequence[str] = (), base_model: str | None = None,
               *, epochs: int | None = None, max_minutes: float | None = None) -> None:
         """Launch training on the dataset's training split into ``output_folder`` (fine-tuning ``base_model``)."""
-        from LumbarSegmentLib.dataset.holdout import frozen_split
+        from LumbarSegmentLib.dataset.dataset import Dataset
 
         if self.running:
             raise ControllerError("a training run is already going; stop it first")
         dataset = Path(dataset_folder)
-        split = frozen_split(dataset)  # CaseError for a folder without cases: a clear message now
+        split = Dataset(dataset).split()  # CaseError for a folder without cases: a clear message now
         if not split.train:
             raise ControllerError(f"all {len(split.holdout)} case(s) in {dataset} are held out for grading; "
                                   f"export cases of more patients first")
@@ -182,7 +180,7 @@ class RetrainController:
         return self.poll()
 
     # --- polling -------------------------------------------------------------------------------
-    def poll(self) -> Status:
+    def _advance(self) -> Status:
         proc = self._process
         if proc is None or self.status.finished:
             return self.status
@@ -262,11 +260,16 @@ class RetrainController:
             if self._phase == "publish":
                 self.status = Status(CANCELLED, 1.0, f"publishing stopped; the model package is in "
                                                      f"{self.package_path}")
-                return
-            self._take(self._tail.flush())
-            self.status = Status(CANCELLED, self.status.fraction,
-                                 f"training stopped; Resume (or `lumbarseg-train ... --out {self.output} --resume`) "
-                                 f"continues it")
+            else:
+                self._take(self._tail.flush())
+                self.status = Status(CANCELLED, self.status.fraction,
+                                     f"training stopped; Resume (or `lumbarseg-train ... --out {self.output} "
+                                     f"--resume`) continues it")
+        self._announce()
+
+    def cancel(self) -> None:
+        """:meth:`stop` (the :class:`Job` name): a stopped training run can be resumed."""
+        self.stop()
 
 
 class _Ended:

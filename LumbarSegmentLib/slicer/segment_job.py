@@ -17,13 +17,12 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from LumbarSegmentLib.slicer.jobs import (CANCELLED, DONE, FAILED, RUNNING, WARNING_LINE, BackgroundProcess, ControllerError, Status,
-                   child_command, child_environment, error_in, python_executable)
+from LumbarSegmentLib.slicer.jobs import (CANCELLED, DONE, FAILED, RUNNING, WARNING_LINE, BackgroundProcess, ControllerError, Job,
+                   Status, child_command, child_environment, error_in, python_executable)
 from LumbarSegmentLib.inference.options import SegmentOptions
 from LumbarSegmentLib.core.progress import BATCH, DONE as DONE_EVENT, ERROR as ERROR_EVENT, PROGRESS_ENV, JsonLinesTail, fraction
 from LumbarSegmentLib.slicer.worker_client import WarmWorker
@@ -81,12 +80,15 @@ def schema_for_report(report: dict, model_schema):
     return levels_schema([lv["name"] for lv in report["levels"]])
 
 
-class SegmentController:
-    """Runs one segmentation at a time in a child process; poll it, cancel it, or block on it."""
+class SegmentController(Job):
+    """Runs one segmentation at a time in a child process; poll it, cancel it, or block on it (a :class:`Job`)."""
+
+    what = "the segmentation"
 
     def __init__(self, *, python: str | None = None, runner: Callable | None = None, env: dict | None = None,
                  command: Callable[..., list[str]] = segment_command, workdir_parent: str | None = None,
                  worker: WarmWorker | None = None):
+        super().__init__()
         self.worker = worker  # None: a new ``lumbarseg segment`` process per run
         self._job: str | None = None
         self._ended: dict | None = None  # the worker's done/error event for the current job
@@ -95,7 +97,6 @@ class SegmentController:
         self.env = env
         self.command = command
         self.workdir_parent = workdir_parent
-        self.status = Status()
         self._process: BackgroundProcess | None = None
         self._events: JsonLinesTail | None = None
         self._workdir: Path | None = None
@@ -103,10 +104,6 @@ class SegmentController:
         self._request: SegmentRequest | None = None
         self._result: SegmentRun | None = None
         self._error = ""
-
-    @property
-    def running(self) -> bool:
-        return self.status.state == RUNNING
 
     def start(self, volume, request: SegmentRequest | None = None) -> None:
         """Write ``volume`` to a private temporary folder and launch the CLI on it."""
@@ -148,11 +145,11 @@ class SegmentController:
             raise
         self.status = Status(RUNNING, None, "segmenting (warm worker)")
 
-    def _poll_worker(self) -> Status:
+    def _poll_worker(self) -> None:
         died = not self.worker.alive  # read before the events, so an event written before the exit is seen
         self._take(self._events.read_new())
         if self._ended is None and not died:
-            return self.status
+            return
         if self._ended is not None and self._ended.get("event") == DONE_EVENT:
             self._finish(0)
         else:
@@ -160,22 +157,20 @@ class SegmentController:
                    or "the segmentation worker stopped: " + self.worker.last_output())
             self._error = msg.replace(f"{self._paths.get('input')}: ", "")
             self._finish(1)
-        return self.status
 
-    def poll(self) -> Status:
+    def _advance(self) -> None:
         """Read the child's new events and output and update :attr:`status`; collects the result when it ends."""
         if self.worker is not None and not self.status.finished and self._job is not None:
-            return self._poll_worker()
+            self._poll_worker()
+            return
         proc = self._process
         if proc is None or self.status.finished:
-            return self.status
+            return
         rc = proc.returncode  # read before the output, so nothing written before the exit is missed
         self._consume(proc.new_lines() if rc is None else proc.remaining_lines())
         self._take(self._events.read_new() if rc is None else self._events.flush())
-        if rc is None:
-            return self.status
-        self._finish(rc, proc)
-        return self.status
+        if rc is not None:
+            self._finish(rc, proc)
 
     def _finish(self, rc: int, proc: BackgroundProcess | None = None) -> None:
         if rc == 0:
@@ -251,6 +246,7 @@ class SegmentController:
             self._process.kill()
             self.status = Status(CANCELLED, None, "segmentation cancelled")
         self._cleanup()
+        self._announce()
 
     def close(self) -> None:
         """Cancel a running draft and end the warm worker (when the panel or the browser session closes)."""
@@ -261,23 +257,9 @@ class SegmentController:
     def run(self, volume, request: SegmentRequest | None = None, *,
             progress: Callable[[Status], None] | None = None, timeout: float | None = None,
             interval: float = 0.1) -> SegmentRun:
-        """Blocking mode for scripts and tests: start, wait, return the result (or raise)."""
+        """Blocking mode for scripts and tests: start, wait (:meth:`Job.wait`), return the result (or raise)."""
         self.start(volume, request)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            while not self.poll().finished:
-                if progress:
-                    progress(self.status)
-                if deadline is not None and time.monotonic() > deadline:
-                    self.cancel()
-                    raise ControllerError(f"the segmentation did not finish within {timeout:.0f} s")
-                time.sleep(interval)
-        except BaseException:
-            if self.running:
-                self.cancel()
-            raise
-        if progress:
-            progress(self.status)
+        self.wait(timeout, interval=interval, progress=progress)
         return self.result()
 
     def _cleanup(self) -> None:
