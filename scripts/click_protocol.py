@@ -33,12 +33,12 @@ from LumbarSegmentLib.training.evaluate import prepare_cases  # noqa: E402
 REPORT_AT = (0, 1, 3, 5, 10, 20)
 
 
-def run_case(case, pkg, options, n_clicks: int, draft_pkg=None) -> dict:
+def run_case(case, pkg, options, n_clicks: int, draft_pkg=None, guided=None) -> dict:
     draft = segment_volume(case.image, [draft_pkg or pkg], options).labels.array
     schema = pkg.schema
     structure = next(s for s in case.structures if s != "background")
     value, channel = schema[structure].value, schema.channel_of()[structure]
-    session = RefineSession(case.image, pkg, options)
+    session = RefineSession(case.image, pkg, options, guided=guided)
     clicks, curve, times = [], [level_dice(draft, case.truth, case.image, value, channel)], []
     labels = draft
     for _ in range(n_clicks):
@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     p.add_argument("--draft-model", default=None, help="model that drafts (default: --model; a guidance model "
                    "is given the default's drafts this way)")
     p.add_argument("--clicks", type=int, default=20)
+    p.add_argument("--edit-mm", type=float, default=None, help="a click-guided model: in-plane edit radius (mm)")
+    p.add_argument("--reach-mm", type=float, default=None, help="a click-guided model: reach across slices (mm)")
     p.add_argument("--slab", type=float, default=None, help="make clinical stacks of this slab (mm), e.g. 4")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="JSON file for the per-case curves")
@@ -91,11 +93,16 @@ def main(argv=None) -> int:
     ids = a.cases.split(",") if a.cases else json.loads(Path(a.split).read_text())["test"]
     pkg = resolve_model(a.model)
     draft_pkg = resolve_model(a.draft_model) if a.draft_model else None
+    guided = None
+    if a.edit_mm is not None or a.reach_mm is not None:
+        from LumbarSegmentLib.inference.guided import GuidedParams
+
+        guided = GuidedParams(**({"edit_mm": a.edit_mm} if a.edit_mm is not None else {}), reach_mm=a.reach_mm)
     options = SegmentOptions(device="cpu", threads=a.threads)
     rows = []
     for case in select_cases(a.data, ids):
         (ec,) = prepare_cases([case], pkg.schema, slab_mm=a.slab)
-        row = run_case(ec, pkg, options, a.clicks, draft_pkg)
+        row = run_case(ec, pkg, options, a.clicks, draft_pkg, guided)
         rows.append(row)
         print(f"{row['case']:>8} {row['structure'][:4]}: " + " ".join(f"{d:.3f}" for d in row["dice"])
               + f"  ({np.median(row['refine_s'] or [0]):.3f} s/refine)", flush=True)

@@ -22,7 +22,7 @@ last result together with all clicks: each click's region is redrawn from the im
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -41,6 +41,7 @@ FORCE_MM = 1.0  # the clicked spot that always takes the click's answer (radius,
 class GuidedParams:
     crop_mm: float = 128.0  # side of the window the network sees around a click
     edit_mm: float = 30.0  # in-plane radius around the click within which labels may change
+    reach_mm: float | None = None  # how far across slices a click reaches (None: the model's own, its manifest)
 
 
 class GuidedRefiner:
@@ -48,9 +49,11 @@ class GuidedRefiner:
 
     def __init__(self, volume, model: LoadedModel, options: SegmentOptions, params: GuidedParams | None = None):
         self.spec, self.options = model, options
-        self.guidance = model.guidance
-        self.prior_values = [model.schema[c].value for c in self.guidance.prior]
         self.params = params or GuidedParams()
+        self.guidance = model.guidance
+        if self.params.reach_mm is not None:
+            self.guidance = replace(self.guidance, reach_mm=float(self.params.reach_mm))
+        self.prior_values = [model.schema[c].value for c in self.guidance.prior]
         self.stack, self.layout, _ = model_slices(volume, model.spacing, allow_reslice=options.allow_reslice,
                                                   normalisation=model.normalisation)
         self.warnings: list[str] = []

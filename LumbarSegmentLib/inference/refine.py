@@ -127,7 +127,9 @@ class RefineSession:
     """One volume and one model kept warm: probabilities are computed once per slice, then reused."""
 
     def __init__(self, volume: Volume, model: ModelPackage | LoadedModel, options: SegmentOptions | None = None,
-                 params: RefineParams | None = None):
+                 params: RefineParams | None = None, guided=None):
+        """``params``: the training-free rules' settings; ``guided`` (``guided.GuidedParams``): a click-guided
+        model's (window, edit radius, reach)."""
         from LumbarSegmentLib.inference.runners import check_models
 
         self.volume = volume
@@ -137,7 +139,7 @@ class RefineSession:
         if loaded.guidance is not None:  # a click-guided model: the network redraws around each click
             from LumbarSegmentLib.inference.guided import GuidedRefiner
 
-            self.guided = GuidedRefiner(volume, loaded, options)
+            self.guided = GuidedRefiner(volume, loaded, options, guided)
             self.probs = None
         else:
             self.probs = SliceProbabilities(volume, loaded, options)
