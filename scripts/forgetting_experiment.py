@@ -57,6 +57,8 @@ CANDIDATES = {
     "keep-bn": (["--keep-bn-stats", "--l2sp", "0", "--distill", "0"], False),
     "lower-lr": (["--plain-finetune", "--lr", "1e-4"], False),
     "l2sp=1": (["--no-keep-bn-stats", "--l2sp", "1", "--distill", "0"], False),
+    "l2sp=0.5": (["--no-keep-bn-stats", "--l2sp", "0.5", "--distill", "0"], False),
+    "l2sp=0.3": (["--no-keep-bn-stats", "--l2sp", "0.3", "--distill", "0"], False),
     "distill=1": (["--no-keep-bn-stats", "--l2sp", "0", "--distill", "1"], False),
     "keep-bn+l2sp=1": (["--keep-bn-stats", "--l2sp", "1", "--distill", "0"], False),
     "keep-bn+l2sp=0.3": (["--keep-bn-stats", "--l2sp", "0.3", "--distill", "0"], False),
