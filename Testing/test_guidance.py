@@ -204,6 +204,17 @@ def test_the_refine_role_names_the_click_guided_model_and_publish_refine_sets_it
     assert idx["refine"] == "guide@1" and idx["default"] == "plain@1"  # never the drafting default
     assert resolve_refine_model(None, registries).ref == "guide@1"
     assert resolve_refine_model("plain@1", registries).ref == "plain@1"
+    # the front ends' drafting choice: the click-guided model only when it was trained from that model
+    from LumbarSegmentLib.registry.catalog import corrector_for, resolve_model
+
+    drafting = resolve_model("plain@1", registries)
+    assert corrector_for(drafting, registries).ref == "plain@1"  # guide@1 names no parent
+    child = write_package(tmp_path / "guide2", net.eval(), name="guide", schema=schema,
+                          input_contract={**default_input_contract((1.0, 1.0), (64, 64)), "channels": 5,
+                                          "guidance": SPEC.to_dict()},
+                          parent={"ref": "plain@1", "sha256": drafting.sha256})
+    assert publish_cli(args(child, True)) == 0
+    assert corrector_for(drafting, registries).ref == "guide@2"
 
 
 PRIOR = GuidanceSpec.for_classes(["background", "vertebral_body", "intervertebral_disc"], prior=True)

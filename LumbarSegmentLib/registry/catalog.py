@@ -204,5 +204,23 @@ def resolve_refine_model(ref: str | None, registries: list[Registry] | None = No
     return catalog.get(refine) if refine else catalog.default()
 
 
+def corrector_for(package: ModelPackage, registries: list[Registry] | None = None) -> ModelPackage:
+    """The model that corrects ``package``'s drafts with clicks in the front ends: the catalogue's click-guided
+    model when it was trained from ``package`` (its manifest's parent), else ``package`` itself (the rules)."""
+    if "guidance" in package.manifest.get("input", {}):
+        return package
+    catalog = Catalog(registries)
+    ref = catalog.refine_ref()
+    if not ref:
+        return package
+    try:
+        guide = catalog.get(ref)
+    except PackageError:
+        return package
+    parent = guide.parent or {}
+    same = parent.get("ref") == package.ref and parent.get("sha256") in (None, package.sha256)
+    return guide if same else package
+
+
 def resolve_ensemble(registries: list[Registry] | None = None) -> list[ModelPackage]:
     return Catalog(registries).ensemble()

@@ -63,8 +63,10 @@ class ClickTool:
 
     def start(self, volume_node, seg_node, model=None) -> list[str]:
         """Get ready to click on ``seg_node`` over ``volume_node`` with ``model`` (a package folder, a ref,
-        a loaded package; ``None``: the click-guided model of the registries, else the default model); returns the structures a click may name."""
-        from LumbarSegmentLib.registry.catalog import resolve_refine_model
+        a loaded package; ``None``: the click-guided model of the registries, else the default model; a drafting
+        model: the click-guided model trained from it when the registries hold one); returns the structures a
+        click may name."""
+        from LumbarSegmentLib.registry.catalog import corrector_for, resolve_model, resolve_refine_model
         from LumbarSegmentLib.slicer.refine import ClickToFix
 
         if volume_node is None or seg_node is None:
@@ -73,7 +75,12 @@ class ClickTool:
         if self.fix is None or key != self._key:
             if self.on_start is not None:
                 self.on_start(seg_node, volume_node)
-            package = model if hasattr(model, "schema") else resolve_refine_model(model, self.registries)
+            if hasattr(model, "schema"):
+                package = model
+            elif model is None:
+                package = resolve_refine_model(None, self.registries)
+            else:  # the drafting model picked in the panel: its click-guided model when one was made from it
+                package = corrector_for(resolve_model(model, self.registries), self.registries)
             self.fix = ClickToFix(self.scene, self.seg_logic, volume_node, seg_node, package,
                                   ledger=self.ledger(seg_node, create=True), changed=self._clicked.get(seg_node.GetID()))
             self._clicked[seg_node.GetID()] = self.fix.changed
