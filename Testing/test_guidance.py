@@ -208,13 +208,20 @@ def test_the_refine_role_names_the_click_guided_model_and_publish_refine_sets_it
     from LumbarSegmentLib.registry.catalog import corrector_for, resolve_model
 
     drafting = resolve_model("plain@1", registries)
-    assert corrector_for(drafting, registries).ref == "plain@1"  # guide@1 names no parent
-    child = write_package(tmp_path / "guide2", net.eval(), name="guide", schema=schema,
-                          input_contract={**default_input_contract((1.0, 1.0), (64, 64)), "channels": 5,
-                                          "guidance": SPEC.to_dict()},
-                          parent={"ref": "plain@1", "sha256": drafting.sha256})
-    assert publish_cli(args(child, True)) == 0
-    assert corrector_for(drafting, registries).ref == "guide@2"
+    assert corrector_for(drafting, registries).ref == "guide@1"  # same structures, same values
+    spine = write_package(tmp_path / "spine", build_model("UVD", in_channels=1, num_classes=6, init_filters=4).eval(),
+                          name="spine", schema=load_schema("spine6"),
+                          input_contract=default_input_contract((1.0, 1.0), (64, 64)))
+    assert corrector_for(spine, registries).ref == "guide@1"  # spine6 keeps the starter's values
+    assert corrector_for(guide, registries).path == guide.path  # a guidance model corrects as itself
+    from LumbarSegmentLib.core.schema import LabelSchema
+
+    swapped = schema.to_dict()
+    swapped["classes"][1]["value"], swapped["classes"][2]["value"] = 2, 1
+    odd = write_package(tmp_path / "odd", build_model("UVD", in_channels=1, num_classes=3, init_filters=4).eval(),
+                        name="odd", schema=LabelSchema.from_dict(swapped),
+                        input_contract=default_input_contract((1.0, 1.0), (64, 64)))
+    assert corrector_for(odd, registries).path == odd.path  # other values: its own rules
 
 
 PRIOR = GuidanceSpec.for_classes(["background", "vertebral_body", "intervertebral_disc"], prior=True)

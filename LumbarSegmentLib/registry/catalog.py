@@ -206,7 +206,8 @@ def resolve_refine_model(ref: str | None, registries: list[Registry] | None = No
 
 def corrector_for(package: ModelPackage, registries: list[Registry] | None = None) -> ModelPackage:
     """The model that corrects ``package``'s drafts with clicks in the front ends: the catalogue's click-guided
-    model when it was trained from ``package`` (its manifest's parent), else ``package`` itself (the rules)."""
+    model when it labels the same structures with the same values as ``package`` (it then reads and edits
+    those drafts as its own), else ``package`` itself (the training-free rules)."""
     if "guidance" in package.manifest.get("input", {}):
         return package
     catalog = Catalog(registries)
@@ -217,9 +218,9 @@ def corrector_for(package: ModelPackage, registries: list[Registry] | None = Non
         guide = catalog.get(ref)
     except PackageError:
         return package
-    parent = guide.parent or {}
-    same = parent.get("ref") == package.ref and parent.get("sha256") in (None, package.sha256)
-    return guide if same else package
+    mine = {c.id: c.value for c in package.schema.classes}
+    fits = all(mine.get(c.id) == c.value for c in guide.schema.classes)
+    return guide if fits else package
 
 
 def resolve_ensemble(registries: list[Registry] | None = None) -> list[ModelPackage]:
