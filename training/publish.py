@@ -429,7 +429,9 @@ def _effort_rows(data, models: Sequence[str] = ()) -> list[dict]:
     from LumbarSegmentLib.dataset.cases import list_cases
     from LumbarSegmentLib.dataset.effort import summarise
 
-    rows = summarise(list_cases(data))
+    from .data import data_folders
+
+    rows = summarise([c for folder in data_folders(data) for c in list_cases(folder)])
     if models:
         rows = [r for r in rows if r["model"] in models]
     return rows if any(r["cases"] for r in rows) else []
