@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the shipped models from nothing but ../shared/data/lumbar-mr (docs/validation.md says what
-# each stage measured). Ten stages, each one `lumbarseg-train` command:
+# each stage measured). Thirteen stages, each one `lumbarseg-train` command (or a script around one):
 #   0. uvd-starter@1: the starter recipe on the 8 cases of the first release (from scratch)
 #   1. uvd-starter@2 (the default): stage 0 fine-tuned on the 53 training cases of the fixed split
 #      (scripts/recipes/lumbar-mr-split.json) with the generalisation recipe
@@ -29,8 +29,9 @@
 #  10. uvd-spine (the spine6 schema: body, disc, posterior elements, spinal canal, sacrum): stage 9
 #      fine-tuned into spine6 on every source of ../shared/data (lumbar-mr, spider-t2space, t1-levels;
 #      scripts/train_spine6.sh, the split of the new sources in scripts/recipes/new-sources-split.json).
-#      Not published: the first run (50 steps on a busy CPU) never predicts the canal or the sacrum
-#      (docs/lab/spine6-sources.md); it is the command to run longer, e.g. MINUTES=0 and --device cuda.
+#      Published as an option: it labels the canal and whole vertebrae; no sacrum yet (docs/lab/spine6-sources.md).
+#  11. uvd-starter@6 (the default): stages 10 and 9 interpolated halfway (scripts/interpolate_weights.py)
+#  12. uvd-guide@1: the click-guided model (click maps and the current labels as inputs), from stage 9
 # then publishes 1, 2, 4, 6, 7, 8, 9 into a registry (default: a scratch one; pass Resources/Models to replace
 # the shipped ones). CPU-time budgets make a run stop at the same point on a busy or a quiet machine;
 # on a GPU add --device cuda and drop --threads. Not bit-identical to the shipped weights: those were
@@ -114,7 +115,19 @@ lumbarseg-train publish "$OUT/v3-domain/package" --registry "$REGISTRY" --name u
 lumbarseg-train publish "$OUT/v5-fit/package" --registry "$REGISTRY" --name uvd-fit --no-default
 lumbarseg-train publish "$OUT/v5-tail/package" --registry "$REGISTRY" --name uvd-starter --data "$DATA" --cases "$VAL" \
   --metric level_range_dice --ensemble uvd-starter@5,uvd-fit@1
-# stage 10: the spine6 fine-tune: 5 epochs of 10 steps, what the shipped run's 42-minute budget planned on a busy CPU
-MINUTES=0 SHARED="$(dirname "$DATA")" scripts/train_spine6.sh "$OUT/spine6" "$OUT/v5-tail/package" --epochs 5
-# once it predicts every class on the new sources' validation cases (scripts/score_sources.py --split val):
-# lumbarseg-train publish "$OUT/spine6/package" --registry "$REGISTRY" --name uvd-spine --no-default
+# stage 10: uvd-spine@1: the spine6 fine-tune on every source. The shipped run: --resolution-aug 0.3, a 75-minute
+# wall budget that shortened the 360-epoch schedule to 171 epochs of 10 steps on a CPU shared with stage 12
+SHARED="$(dirname "$DATA")"
+MINUTES=75 SHARED="$SHARED" scripts/train_spine6.sh "$OUT/spine6" "$OUT/v5-tail/package" --resolution-aug 0.3
+lumbarseg-train publish "$OUT/spine6/package" --registry "$REGISTRY" --name uvd-spine --no-default
+# stage 11: uvd-starter@6 (the default): stage 10 and stage 9 halfway on one line, in the starter schema, through
+# the gate on the new sources' validation cases (SPIDER, and the first 20 T1 slices) and the reference set
+python scripts/interpolate_weights.py "$OUT/spine6/package" "$OUT/v5-tail/package" 0.5 "$OUT/wise-starter-0.5" \
+  --schema starter --name uvd-starter
+NEWVAL=$(python -c "import json; d=json.load(open('scripts/recipes/new-sources-split.json'))['sources']; \
+print(','.join(d['spider-t2space']['val'] + d['t1-levels']['val'][:20]))")
+lumbarseg-train publish "$OUT/wise-starter-0.5" --registry "$REGISTRY" --name uvd-starter \
+  --data "$SHARED/spider-t2space,$SHARED/t1-levels" --cases "$NEWVAL" --metric level_range_dice
+# stage 12: uvd-guide@1, the click-guided model (experimental; docs/refine.md): 2400 steps from stage 9, one thread
+THREADS=1 MINUTES=70 STEPS=2400 SHARED="$SHARED" scripts/train_guidance.sh "$OUT/guide" "$OUT/v5-tail/package"
+lumbarseg-train publish "$OUT/guide/package" --registry "$REGISTRY" --name uvd-guide --no-default
