@@ -144,10 +144,12 @@ class PageLayout:
             with v3.VExpansionPanelText():
                 v3.VSelect(label="Model", items=("models",), v_model=("model",), density="compact",
                            hide_details=True, classes="mb-1")
-                v3.VSelect(label="Mode", items=("['fast', 'tta', 'ensemble']",), v_model=("mode",),
-                           density="compact", hide_details=True, classes="mb-1")
-                v3.VCheckbox(label="Levels (one segment per level, L1..L5, L4-L5, ...)", v_model=("levels_on",),
-                             density="compact", hide_details=True, **tid("levels-on"))
+                with html.Div(classes="d-flex align-center mb-1"):  # one row: the left column's height is tight
+                    v3.VSelect(label="Mode", items=("['fast', 'tta', 'ensemble']",), v_model=("mode",),
+                               density="compact", hide_details=True)
+                    v3.VCheckbox(label="Levels", v_model=("levels_on",), density="compact", hide_details=True,
+                                 classes="ml-2 flex-grow-0", title="one segment per level: L1..L5, L4-L5, ...",
+                                 **tid("levels-on"))
                 self._advanced_settings()
                 with html.Div(classes="d-flex"):
                     v3.VBtn("Segment", click=self.segment, color="primary", size="small",

@@ -97,6 +97,26 @@ def load_script(path, name: str):
     return mod
 
 
+def wait_for_server(proc, url: str, log_path, log=None, timeout: float = 90) -> None:
+    """Wait until a server the test started answers ``url``; fail with the end of its log if it exits or
+    does not answer within ``timeout`` seconds (the process is killed and ``log`` closed then)."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                if log is not None:
+                    log.close()
+                pytest.fail(f"the web server did not start:\n{Path(log_path).read_text()[-3000:]}")
+            time.sleep(0.5)
+
+
 def stop_server(proc, log) -> None:
     """End a server the test started (terminate, then kill if it lingers) and close its log."""
     import subprocess

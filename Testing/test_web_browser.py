@@ -23,11 +23,10 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import stop_server
+from conftest import stop_server, wait_for_server
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "Resources" / "Sample" / "VB2_06_image.mha"
@@ -79,17 +78,7 @@ def server(tmp_path_factory):
                              "--port", str(port), "--data", str(base / "data"), "--work", str(base / "work"),
                              "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=base)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                log.close()
-                pytest.fail(f"the web server did not start:\n{(base / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+    wait_for_server(proc, url, base / "server.log", log)
     yield {"url": url, "work": base / "work", "log": base / "server.log"}
     stop_server(proc, log)
 

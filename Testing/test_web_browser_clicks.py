@@ -13,12 +13,10 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 
 import numpy as np
 import pytest
-from conftest import make_package, stop_server
+from conftest import make_package, stop_server, wait_for_server
 
 from test_web_browser import ARTIFACTS, SAMPLE, _free_port, _voxels, _wait_voxels, browser  # noqa: F401
 
@@ -59,17 +57,7 @@ def server(tmp_path_factory):
                              str(base / "models"), "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT,
                             env=env, cwd=base)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                log.close()
-                pytest.fail(f"the web server did not start:\n{(base / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+    wait_for_server(proc, url, base / "server.log", log)
     yield {"url": url, "work": base / "work", "log": base / "server.log"}
     stop_server(proc, log)
 

@@ -40,7 +40,8 @@ class EffortLedger:
     def from_dict(cls, data: Mapping | None) -> "EffortLedger":
         data = dict(data or {})
         known = {f.name for f in fields(cls) if not f.name.startswith("_")}
-        return cls(**{k: type(getattr(cls, k))(v) for k, v in data.items() if k in known})
+        # None: a count that is not known (hand edits of a draft the front end never saw); read as 0
+        return cls(**{k: type(getattr(cls, k))(v) for k, v in data.items() if k in known and v is not None})
 
     def to_dict(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
@@ -90,6 +91,7 @@ def summarise(cases: Iterable) -> list[dict]:
     """One row per drafting model (``case.extra['drafted_by']['model']``, or 'by hand') over the cases'
     effort records: cases, drafts accepted unedited, median voxels corrected, median active seconds."""
     groups: dict[str, list[EffortLedger]] = {}
+    unknown_hand: set[int] = set()  # ids of ledgers whose hand edits were not known: never "accepted"
     unrecorded: dict[str, int] = {}
     for case in cases:
         extra = getattr(case, "extra", {}) or {}
@@ -97,13 +99,17 @@ def summarise(cases: Iterable) -> list[dict]:
         if "effort" not in extra:
             unrecorded[model] = unrecorded.get(model, 0) + 1
             continue
-        groups.setdefault(model, []).append(EffortLedger.from_dict(extra["effort"]))
+        ledger = EffortLedger.from_dict(extra["effort"])
+        if any((extra["effort"] or {}).get(k, 0) is None for k in ("voxels_painted", "voxels_erased")):
+            unknown_hand.add(id(ledger))
+        groups.setdefault(model, []).append(ledger)
     rows = []
     for model in sorted(set(groups) | set(unrecorded)):
         led = groups.get(model, [])
         rows.append({
             "model": model, "cases": len(led), "without_record": unrecorded.get(model, 0),
-            "accepted_unedited": sum(e.voxels_corrected == 0 and e.clicks == 0 for e in led),
+            "accepted_unedited": sum(e.voxels_corrected == 0 and e.clicks == 0 and id(e) not in unknown_hand
+                                     for e in led),
             "median_voxels_corrected": statistics.median(e.voxels_corrected for e in led) if led else None,
             "median_clicks": statistics.median(e.clicks for e in led) if led else None,
             "median_active_seconds": round(statistics.median(e.active_seconds for e in led), 1) if led else None,

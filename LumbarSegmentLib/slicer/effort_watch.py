@@ -94,11 +94,15 @@ class EffortWatch:
     # --- the export's record ----------------------------------------------------------------
     def record(self, seg_node, labels: np.ndarray, drafted: bool) -> dict | None:
         """The effort to record with an export whose label map is ``labels``: the ledger with its hand counts
-        set; ``None`` when ``seg_node`` was drafted by a model but its draft is not known here."""
+        set. When ``seg_node`` was drafted by a model whose draft is not known here: the clicks and the time
+        with the hand counts ``None`` (unknown), or ``None`` when nothing was counted at all."""
         draft = self.draft(seg_node)
         if draft is None or draft.shape != labels.shape:
-            if drafted:
-                return None
+            if drafted:  # the clicks and the time are known, the hand edits are not: said, not guessed
+                ledger = self.clicks.ledger(seg_node, create=False)
+                if ledger is None or not (ledger.clicks or ledger.active_seconds):
+                    return None
+                return {**ledger.to_dict(), "voxels_painted": None, "voxels_erased": None}
             draft = np.zeros(labels.shape, np.uint8)  # annotated from scratch: everything was painted
         ledger = self.clicks.ledger(seg_node, create=True)
         ledger.set_hand_edits(draft, labels, self.clicks.clicked(seg_node))
