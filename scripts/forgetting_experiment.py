@@ -2,7 +2,7 @@
 """Does a fine-tune on a team's own cases forget every other source? The experiment, rerunnable.
 
 A team with a new scanner corrects 20 T1 mid-sagittal slices (shared/data/t1-levels, fixed list
-below) and runs ``lumbarseg-train finetune --from uvd-starter`` for 3 epochs of 20 steps. Each
+below) and runs ``lumbarseg-train finetune --from uvd-starter@5`` (the default when the problem was found: it had never seen a T1 slice) for 3 epochs of 20 steps. Each
 candidate guard against forgetting is one set of extra command-line flags. Every model is scored
 through the engine (``training.evaluate.evaluate_packages``, what ``lumbarseg-train evaluate`` runs) on
 
@@ -50,7 +50,7 @@ T1_EVAL = ["T1L_0007", "T1L_0017", "T1L_0027", "T1L_0031", "T1L_0042", "T1L_0061
 #: a team with rehearsal data adds cases the parent trained on (as scripts/annotation_loop.py re-exports)
 REHEARSAL = ["IVD_11", "VB1_07", "VB2_02", "VB2_04", "VB3_01", "VB3_02", "VB3_05", "VB3_06"]
 
-BASE = ["--from", "uvd-starter", "--epochs", "3", "--steps-per-epoch", "20", "--patience", "0"]
+BASE = ["--from", "uvd-starter@5", "--epochs", "3", "--steps-per-epoch", "20", "--patience", "0"]
 #: candidate -> (extra finetune flags, rehearsal cases in the team's data?)
 CANDIDATES = {
     "plain": (["--plain-finetune"], False),
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     rows = {}
     parent_file = out / "parent_scores.json"
     if not parent_file.exists():
-        parent_file.write_text(json.dumps(score(resolve_model("uvd-starter"), shared, data)))
+        parent_file.write_text(json.dumps(score(resolve_model("uvd-starter@5"), shared, data)))
     rows["parent (uvd-starter)"] = {"scores": json.loads(parent_file.read_text())}
     names = a.only.split(",") if a.only else list(CANDIDATES)
     for name in names:
