@@ -36,9 +36,34 @@ CACHE_ENV = "LUMBARSEG_CACHE"  # folder for derived files (ONNX graphs); default
 INSTALL_HINT = "pip install onnxruntime onnx (or the 'fast' extra of lumbarsegment)"
 OPENVINO_HINT = "pip install openvino onnx (or the 'fast' extra of lumbarsegment)"
 OPSET = 17
-_MAX_SESSIONS = 8  # per process: (model, plane size, threads) combinations kept loaded
-_SESSIONS: OrderedDict = OrderedDict()
-_LOCK = threading.Lock()
+
+
+class ProcessCache:
+    """Loaded runtimes kept for the life of the process, most recently used last, at most ``size`` of them:
+    a warm worker reuses a session or compiled model between drafts instead of building it again."""
+
+    def __init__(self, size: int):
+        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key, make):
+        """The entry for ``key``, made by ``make()`` (outside the lock) when absent."""
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        made = make()
+        with self.lock:
+            self.items[key] = made
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+        return made
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+
+
+_SESSIONS = ProcessCache(8)  # per process: (model, plane size, threads) combinations kept loaded
 
 
 def onnxruntime_available() -> bool:
@@ -129,17 +154,7 @@ class OnnxModel:
             if shape not in self._own:
                 self._own[shape] = self._new_session(self._export(shape))
             return self._own[shape]
-        key = (self.sha256, shape, self.threads)
-        with _LOCK:
-            if key in _SESSIONS:
-                _SESSIONS.move_to_end(key)
-                return _SESSIONS[key]
-        session = self._new_session(self._graph(shape))
-        with _LOCK:
-            _SESSIONS[key] = session
-            while len(_SESSIONS) > _MAX_SESSIONS:
-                _SESSIONS.popitem(last=False)
-        return session
+        return _SESSIONS.get((self.sha256, shape, self.threads), lambda: self._new_session(self._graph(shape)))
 
     def _graph(self, shape: tuple):
         """The serialised graph for ``shape``: from the cache when there, else exported (and cached)."""
@@ -212,5 +227,4 @@ def _with_softmax(module):
 
 def clear_sessions() -> None:
     """Drop every loaded session (tests; a worker asked to release memory)."""
-    with _LOCK:
-        _SESSIONS.clear()
+    _SESSIONS.clear()

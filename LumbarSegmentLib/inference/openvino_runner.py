@@ -21,14 +21,11 @@ Optional dependency: ``pip install openvino onnx`` (the ``fast`` extra).
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from pathlib import Path
 
-from LumbarSegmentLib.inference.onnx_runner import OnnxModel, cache_dir
+from LumbarSegmentLib.inference.onnx_runner import OnnxModel, ProcessCache, cache_dir
 
-_MAX_COMPILED = 8  # per process: (model, plane size, threads) combinations kept compiled
-_COMPILED: OrderedDict = OrderedDict()
-_LOCK = threading.Lock()
+_COMPILED = ProcessCache(8)  # per process: (model, plane size, threads) combinations kept compiled
 _CORE = None
 
 
@@ -90,17 +87,7 @@ class OpenVinoModel:
             if shape not in self._own:
                 self._own[shape] = self._compile(self._convert(self.graphs._export(shape)))
             return self._own[shape]
-        key = (self.sha256, shape, self.threads)
-        with _LOCK:
-            if key in _COMPILED:
-                _COMPILED.move_to_end(key)
-                return _COMPILED[key]
-        compiled = self._compile(self._model(shape))
-        with _LOCK:
-            _COMPILED[key] = compiled
-            while len(_COMPILED) > _MAX_COMPILED:
-                _COMPILED.popitem(last=False)
-        return compiled
+        return _COMPILED.get((self.sha256, shape, self.threads), lambda: self._compile(self._model(shape)))
 
     def _model(self, shape: tuple):
         """OpenVINO's model for ``shape``: read from the cache when there, else converted (and cached)."""
@@ -138,5 +125,4 @@ class OpenVinoModel:
 
 def clear_compiled() -> None:
     """Drop every compiled model (tests; a worker asked to release memory)."""
-    with _LOCK:
-        _COMPILED.clear()
+    _COMPILED.clear()
