@@ -204,7 +204,11 @@ def test_two_process_gloo_ddp_run_completes(tmp_path):
                "--val-cases", ids[-1], "--variant", "UD", "--init-filters", "4", "--epochs", "2",
                "--steps-per-epoch", "2", "--batch-size", "2", "--patch", "32", "--threads", "1", "--out", str(run_out)]
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-        if p.returncode == 0 or "address already in use" not in (p.stdout + p.stderr).lower():
+        said = (p.stdout + p.stderr).lower()
+        # one more try also when a rank aborted in PyTorch's own teardown after the run had finished (gloo's
+        # threads on a loaded machine: "terminate called without an active exception" once the package was written)
+        teardown = "terminate called without an active exception" in said and (run_out / "package").is_dir()
+        if p.returncode == 0 or not ("address already in use" in said or teardown):
             break
     out = run_out
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]

@@ -477,6 +477,10 @@ class _Run:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                try:  # every rank reaches the end before any tears the group down (the store lives in rank 0)
+                    dist.barrier()
+                except RuntimeError:
+                    pass  # a peer already failed: its error is the one to report
                 dist.destroy_process_group()
 
 
