@@ -13,14 +13,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import msgpack
 import numpy as np
 import pytest
-from conftest import stop_server
+from conftest import stop_server, wait_for_server
 
 from LumbarSegmentWeb import missing_dependency
 
@@ -55,16 +53,7 @@ def _start(base: Path, *extra: str, name: str = "server"):
 
 
 def _wait_up(proc, port, log_path: Path, path: str = "/lumbarseg/favicon.png") -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2)
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"the web server did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+    wait_for_server(proc, f"http://127.0.0.1:{port}{path}", log_path, timeout=120)
 
 
 @pytest.fixture(scope="module")

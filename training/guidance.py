@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from LumbarSegmentLib.core.guidance import GuidanceSpec, draw_batch_disks
-from LumbarSegmentLib.inference.devices import autocast, autocast_dtype
+from LumbarSegmentLib.inference.devices import autocast
 from LumbarSegmentLib.models.variants import append_input_channels
 
 from .targets import IGNORE_INDEX, decode_set_codes
@@ -193,10 +193,6 @@ def simulate(model, parent, x, label, ann, setup: ClickSetup, gen, dtype):
             add_clicks(maps, pred, truth, fg, setup, last, gen)
     model.train(was)
     return torch.cat([prior, maps], 1)
-
-
-def precision_dtype(device, precision: str):
-    return autocast_dtype(device, precision)
 
 
 class Budget:

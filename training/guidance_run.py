@@ -96,11 +96,10 @@ def _drafter_of(package):
 
 
 def train(parent, cases, a, out: Path):
-    from LumbarSegmentLib.inference.devices import pick_device
+    from LumbarSegmentLib.inference.devices import autocast, autocast_dtype, pick_device, precision_name
 
     from . import augment as aug
     from .data import PatchSampler, data_manifest, epoch_generator, load_dataset
-    from .guidance import precision_dtype
     from .losses import deep_supervision_loss
     from .optim import lr_factor
 
@@ -112,7 +111,7 @@ def train(parent, cases, a, out: Path):
     device = pick_device("auto")
     model.to(device).train()
     drafter.to(device)
-    dtype = precision_dtype(device, a.precision)
+    dtype = autocast_dtype(device, a.precision)
     data = load_dataset(cases, schema, parent.spacing)
     sampler = PatchSampler(data, patch=a.patch, fg_fraction=0.9, balance="sources")
     cfg = aug.AugmentConfig(intensity="domain")
@@ -135,7 +134,7 @@ def train(parent, cases, a, out: Path):
         x, y = aug.augment_batch(img, lab, cfg, a.patch, gen, device)
         ann = ann.to(device)
         maps = simulate(model, drafter, x, y, ann, setup, gen, dtype)
-        with autocast_ctx(device, dtype):
+        with autocast(device, dtype):
             outp = model(torch.cat([x, maps], 1))
             loss = deep_supervision_loss(outp, y, ann, unannotated_bg_weight=0.05)
         opt.zero_grad(set_to_none=True)
@@ -153,7 +152,7 @@ def train(parent, cases, a, out: Path):
     contract["guidance"] = spec.to_dict()
     contract["channels"] = contract["channels"] + spec.channels
     training = {"kind": "click-guidance", "steps": step, "batch_size": a.batch_size, "patch": a.patch, "lr": a.lr,
-                "max_clicks": a.max_clicks, "precision": str(dtype), "command": getattr(a, "command", None),
+                "max_clicks": a.max_clicks, "precision": precision_name(dtype), "command": getattr(a, "command", None),
                 "synthetic_p": setup.sim.synthetic_p if spec.prior else 0.0,
                 "init_from": {"package": parent.ref, "weights_sha256": parent.sha256},
                 "data_manifest": data_manifest(cases)["cases"], "train_cases": [c.case_id for c in cases]}
@@ -165,12 +164,6 @@ def train(parent, cases, a, out: Path):
     model.eval()
     return write_package(target, model.cpu(), PackageInfo(name=a.name, schema=schema, input_contract=contract,
                                                           training=training))
-
-
-def autocast_ctx(device, dtype):
-    from LumbarSegmentLib.inference.devices import autocast
-
-    return autocast(device, dtype)
 
 
 def build_standalone_parser() -> argparse.ArgumentParser:

@@ -110,6 +110,18 @@ def disk_radius_px(spec: GuidanceSpec, distance_mm: float, pixel_mm: float) -> f
     return spec.radius_mm * math.sqrt(1.0 - (d / spec.reach_mm) ** 2) / pixel_mm
 
 
+def _stamp_disk(plane, row: float, col: float, radius_px: float, origin: tuple[int, int] = (0, 0)) -> None:
+    """Set to 1 the pixels of ``plane [H, W]`` (a region of the model grid starting at ``origin``) within
+    ``radius_px`` of (``row``, ``col``), in place; a disk is never smaller than its clicked pixel."""
+    import torch
+
+    r = max(float(radius_px), 0.75)
+    h, w = plane.shape
+    rr = torch.arange(h, dtype=torch.float32, device=plane.device)[:, None] + (origin[0] - row)
+    cc = torch.arange(w, dtype=torch.float32, device=plane.device)[None, :] + (origin[1] - col)
+    plane.copy_(torch.maximum(plane, (rr * rr + cc * cc <= r * r).to(plane.dtype)))
+
+
 def draw_maps(spec: GuidanceSpec, shape: tuple[int, int], slice_mm: float, clicks: Sequence[ModelClick],
               pixel_mm: float, origin: tuple[int, int] = (0, 0)):
     """The ``[M, H, W]`` float32 click maps of one slice (at ``slice_mm``) of a region of the model grid
@@ -117,24 +129,13 @@ def draw_maps(spec: GuidanceSpec, shape: tuple[int, int], slice_mm: float, click
     import torch
 
     out = torch.zeros((len(spec.maps),) + tuple(shape), dtype=torch.float32)
-    rows = torch.arange(shape[0], dtype=torch.float32)[:, None] + origin[0]
-    cols = torch.arange(shape[1], dtype=torch.float32)[None, :] + origin[1]
     for c in clicks:
         r = disk_radius_px(spec, slice_mm - c.slice_mm, pixel_mm)
-        if r <= 0 or not 0 <= c.channel < len(spec.maps):
-            continue
-        r = max(r, 0.75)  # at least the clicked pixel
-        out[c.channel] = torch.maximum(out[c.channel], (((rows - c.row) ** 2 + (cols - c.col) ** 2) <= r * r).float())
+        if r > 0 and 0 <= c.channel < len(spec.maps):
+            _stamp_disk(out[c.channel], c.row, c.col, r, origin)
     return out
 
 
 def draw_batch_disks(maps, batch_index: int, channel: int, row: int, col: int, radius_px: float) -> None:
     """Draw one disk into ``maps [B, G, H, W]`` in place (training's simulated clicks)."""
-    import torch
-
-    h, w = maps.shape[-2:]
-    r = max(float(radius_px), 0.75)
-    rr = torch.arange(h, dtype=torch.float32, device=maps.device)[:, None] - row
-    cc = torch.arange(w, dtype=torch.float32, device=maps.device)[None, :] - col
-    disk = ((rr * rr + cc * cc) <= r * r).to(maps.dtype)
-    maps[batch_index, channel] = torch.maximum(maps[batch_index, channel], disk)
+    _stamp_disk(maps[batch_index, channel], row, col, radius_px)
