@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Build the publish gate's reference set (Resources/Reference) from the shared lumbar-mr cases.
+"""Build the publish gate's reference set (Resources/Reference) or the fine-tune's replay set (Resources/Replay).
 
 Two cases per source the shipped models were validated on (the water-fat, T2w TSE and mixed
 sources from the validation split of scripts/recipes/lumbar-mr-split-v2.json; the disc source has
@@ -7,7 +7,14 @@ no validation case, so two of its training cases), five sagittal slices around t
 each, cropped to the labelled levels + 40 mm. VB1's lowest instance (the S1 segment) is labelled
 sacrum. Rerun to rebuild; the folder is replaced.
 
+The replay set (``--replay``, training.replay) holds training cases of the shipped models only, never a
+validation, test or reference case: two per lumbar-mr source (five midline slices; the disc source has
+only two training cases, both in the reference set, so its replay slabs lie beside the reference ones),
+two SPIDER cases (discs only, so that a schema without SPIDER's whole-vertebra label can replay them)
+and four t1-levels slices (S1 cropped, as for the three-class schema).
+
     python scripts/build_reference_set.py [--shared ../shared/data] [--out Resources/Reference]
+    python scripts/build_reference_set.py --replay [--out Resources/Replay]
 """
 from __future__ import annotations
 
@@ -23,13 +30,53 @@ sys.path.insert(0, str(ROOT))
 #: source -> cases (validation split where the source has one)
 REFERENCE = {"VB1": ["VB1_10", "VB1_15"], "VB2": ["VB2_05", "VB2_17"], "VB3": ["VB3_04", "VB3_15"],
              "IVD": ["IVD_11", "IVD_20"]}
+#: source -> training cases of the shipped models replayed by a fine-tune (none in a test, validation or
+#: reference list, none in the forgetting experiment's t1-levels lists)
+REPLAY = {"VB1": ["VB1_07", "VB1_17"], "VB2": ["VB2_02", "VB2_04"], "VB3": ["VB3_01", "VB3_02"],
+          "IVD": ["IVD_11", "IVD_20"], "SP": ["SP_127", "SP_129"],
+          "T1L": ["T1L_0002", "T1L_0008", "T1L_0010", "T1L_0014"]}
+#: the disc cases' replay slabs sit this many slices lateral of their reference slabs
+IVD_REPLAY_OFFSET = 7
+
+
+def _spider_discs(case, out_dir):
+    """A SPIDER case with its discs only (vertebra and canal voxels become 0)."""
+    import numpy as np
+
+    from LumbarSegmentLib.core.volume import Volume
+    from LumbarSegmentLib.dataset.cases import write_case
+
+    image, label = case.load()
+    disc = [int(v) for v, n in case.labels.items() if n == "intervertebral_disc"]
+    lab = np.where(np.isin(label.array, disc), label.array, 0).astype(np.uint8)
+    geo = dict(spacing=label.spacing, origin=label.origin, direction=label.direction)
+    return write_case(out_dir, case.case_id, image, Volume(lab, **geo),
+                      labels={v: "intervertebral_disc" for v in disc}, annotated_structures=["intervertebral_disc"],
+                      patient=case.patient, extra={**case.extra, "source": "SP",
+                                                   "adapted": "discs only; vertebra and spinal canal not labelled"})
+
+
+def _replay_case(source, cid, shared, tmp, built):
+    from LumbarSegmentLib.dataset.cases import read_case
+    from LumbarSegmentLib.training.reference import write_reference_case
+    from LumbarSegmentLib.training.sources import t1_levels_case
+
+    if source == "SP":
+        case = _spider_discs(read_case(shared / "spider-t2space" / f"{cid}.json"), tmp / "adapted")
+    elif source == "T1L":
+        case = t1_levels_case(shared / "t1-levels" / f"{cid}.json", tmp / "adapted")
+    else:
+        case = read_case(shared / "lumbar-mr" / f"{cid}.json")
+    return write_reference_case(case, built, source, offset=IVD_REPLAY_OFFSET if source == "IVD" else 0)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
-    p.add_argument("--out", default=str(ROOT / "Resources" / "Reference"))
+    p.add_argument("--out", help="default Resources/Reference, or Resources/Replay with --replay")
+    p.add_argument("--replay", action="store_true", help="build the fine-tune's replay set instead")
     a = p.parse_args(argv)
+    a.out = a.out or str(ROOT / "Resources" / ("Replay" if a.replay else "Reference"))
     from LumbarSegmentLib.dataset.cases import read_case
     from LumbarSegmentLib.training.reference import write_reference_case
     from LumbarSegmentLib.training.sources import vb1_sacrum_case
@@ -42,8 +89,12 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="reference-"))
     try:
         built = tmp / "set"
-        for source, ids in REFERENCE.items():
+        for source, ids in (REPLAY if a.replay else REFERENCE).items():
             for cid in ids:
+                if a.replay:
+                    ref = _replay_case(source, cid, Path(a.shared), tmp, built)
+                    print(f"{cid}: {ref.image_path.stat().st_size + ref.label_path.stat().st_size} bytes")
+                    continue
                 case = vb1_sacrum_case(shared / f"{cid}.json", tmp / "adapted") if source == "VB1" \
                     else read_case(shared / f"{cid}.json")
                 ref = write_reference_case(case, built, source)

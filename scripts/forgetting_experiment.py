@@ -51,21 +51,37 @@ T1_EVAL = ["T1L_0007", "T1L_0017", "T1L_0027", "T1L_0031", "T1L_0042", "T1L_0061
 REHEARSAL = ["IVD_11", "VB1_07", "VB2_02", "VB2_04", "VB3_01", "VB3_02", "VB3_05", "VB3_06"]
 
 BASE = ["--from", "uvd-starter@5", "--epochs", "3", "--steps-per-epoch", "20", "--patience", "0"]
+def _guards(l2sp=0, replay=0, wise=1, keep_bn=False, distill=0, *extra) -> list[str]:
+    """Every guard's flag spelt out, so a candidate means the same whatever the defaults become."""
+    return ["--keep-bn-stats" if keep_bn else "--no-keep-bn-stats", "--l2sp", str(l2sp), "--distill", str(distill),
+            "--replay", str(replay), "--wise", str(wise), *extra]
+
+
 #: candidate -> (extra finetune flags, rehearsal cases in the team's data?)
 CANDIDATES = {
-    "plain": (["--plain-finetune"], False),
-    "keep-bn": (["--keep-bn-stats", "--l2sp", "0", "--distill", "0"], False),
-    "lower-lr": (["--plain-finetune", "--lr", "1e-4"], False),
-    "l2sp=1": (["--no-keep-bn-stats", "--l2sp", "1", "--distill", "0"], False),
-    "l2sp=0.5": (["--no-keep-bn-stats", "--l2sp", "0.5", "--distill", "0"], False),
-    "l2sp=0.3": (["--no-keep-bn-stats", "--l2sp", "0.3", "--distill", "0"], False),
-    "distill=1": (["--no-keep-bn-stats", "--l2sp", "0", "--distill", "1"], False),
-    "keep-bn+l2sp=1": (["--keep-bn-stats", "--l2sp", "1", "--distill", "0"], False),
-    "keep-bn+l2sp=0.3": (["--keep-bn-stats", "--l2sp", "0.3", "--distill", "0"], False),
-    "keep-bn+distill=1": (["--keep-bn-stats", "--l2sp", "0", "--distill", "1"], False),
-    "keep-bn+l2sp=1+distill=1": (["--keep-bn-stats", "--l2sp", "1", "--distill", "1"], False),
+    "plain": (["--plain-finetune", "--replay", "0", "--wise", "1"], False),
+    "keep-bn": (_guards(keep_bn=True), False),
+    "lower-lr": (["--plain-finetune", "--lr", "1e-4", "--replay", "0", "--wise", "1"], False),
+    "l2sp=1": (_guards(l2sp=1), False),
+    "l2sp=0.5": (_guards(l2sp=0.5), False),
+    "l2sp=0.3": (_guards(l2sp=0.3), False),
+    "distill=1": (_guards(distill=1), False),
+    "keep-bn+l2sp=1": (_guards(l2sp=1, keep_bn=True), False),
+    "keep-bn+l2sp=0.3": (_guards(l2sp=0.3, keep_bn=True), False),
+    "keep-bn+distill=1": (_guards(keep_bn=True, distill=1), False),
+    "keep-bn+l2sp=1+distill=1": (_guards(l2sp=1, keep_bn=True, distill=1), False),
+    "replay=0.5": (_guards(replay=0.5), False),
+    "replay=0.5+l2sp=0.3": (_guards(l2sp=0.3, replay=0.5), False),
+    "replay=0.5+l2sp=1": (_guards(l2sp=1, replay=0.5), False),
+    "replay=0.5+keep-bn": (_guards(replay=0.5, keep_bn=True), False),
+    "replay=0.5+b16": (_guards(0, 0.5, 1, False, 0, "--batch-size", "16"), False),
+    "replay=0.3+l2sp=0.3": (_guards(l2sp=0.3, replay=0.3), False),
+    "replay=0.5+wise=0.5": (_guards(replay=0.5, wise=0.5), False),
+    "replay=0.5+wise=0.6": (_guards(replay=0.5, wise=0.6), False),
+    "replay=0.5+b16+wise=0.5": (_guards(0, 0.5, 0.5, False, 0, "--batch-size", "16"), False),
+    "replay=0.5+b16+wise=0.6": (_guards(0, 0.5, 0.6, False, 0, "--batch-size", "16"), False),
     "default": ([], False),
-    "plain+rehearsal": (["--plain-finetune"], True),
+    "plain+rehearsal": (["--plain-finetune", "--replay", "0", "--wise", "1"], True),
     "default+rehearsal": ([], True),
 }
 SOURCES = ["T1L", "VB3", "VB2", "VB1", "IVD"]
@@ -80,7 +96,7 @@ def prepare_data(shared: Path, out: Path) -> dict:
     from LumbarSegmentLib.training.sources import adapt_cases
 
     split = json.loads((ROOT / "scripts/recipes/lumbar-mr-split-v2.json").read_text())
-    folders = {k: out / "data" / k for k in ("team", "team+rehearsal", "score")}
+    folders = {k: out / "data" / k for k in ("team", "team+rehearsal", "score", "score-val")}
     def missing(key):
         return not (folders[key] / "done").exists()
 
@@ -96,7 +112,11 @@ def prepare_data(shared: Path, out: Path) -> dict:
         for case in adapt_cases(shared / "lumbar-mr", split["test"], out / "data" / "test-adapted"):
             write_reference_case(case, folders["score"], case.extra["source"], slices=SCORE_SLICES)
         (folders["score"] / "done").write_text("")
-    return {**{k: str(v) for k, v in folders.items()}, "lumbar_test": split["test"]}
+    if missing("score-val"):  # held-out patients too: they chose the parent's checkpoint, never trained it
+        for case in adapt_cases(shared / "lumbar-mr", split["val"], out / "data" / "val-adapted"):
+            write_reference_case(case, folders["score-val"], case.extra["source"], slices=SCORE_SLICES)
+        (folders["score-val"] / "done").write_text("")
+    return {**{k: str(v) for k, v in folders.items()}, "lumbar_test": split["test"], "lumbar_val": split["val"]}
 
 
 def finetune(name: str, data: str, out: Path, precision: str, threads: int, patch: int = 256) -> float:
@@ -114,13 +134,16 @@ def finetune(name: str, data: str, out: Path, precision: str, threads: int, patc
     return wall
 
 
-def score(package, shared: Path, data: dict) -> dict:
-    """``{source: level-range Dice of the vertebral body (discs for IVD)}`` through the engine."""
+def score(package, shared: Path, data: dict, with_val: bool = False) -> dict:
+    """``{source: level-range Dice of the vertebral body (discs for IVD)}`` through the engine; ``with_val``
+    adds the validation split's held-out patients to the lumbar-mr sources (three VB1 cases, not one)."""
     from LumbarSegmentLib.inference.engine import SegmentOptions
     from LumbarSegmentLib.training.data import select_cases
     from LumbarSegmentLib.training.evaluate import evaluate_packages
 
     cases = select_cases(shared / "t1-levels", T1_EVAL) + select_cases(data["score"], data["lumbar_test"])
+    if with_val:
+        cases += select_cases(data["score-val"], data["lumbar_val"])
     res = evaluate_packages({"m": [package]}, cases, SegmentOptions(device="cpu"), surface=())["m"]
     lr = res["level_range"]
     out = {src: lr.get(src, {}).get("intervertebral_disc" if src == "IVD" else "vertebral_body") for src in SOURCES}
@@ -156,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--patch", type=int, default=256,
                    help="training patch (default 256, the issue's; 128 costs a quarter per step)")
+    p.add_argument("--with-val", action="store_true",
+                   help="also score the lumbar-mr validation split (held-out patients: 3 VB1 cases instead of 1)")
     p.add_argument("--time-only", help="fine-tune these candidates again into <out>/timing/, no scoring")
     a = p.parse_args(argv)
     import torch
@@ -176,9 +201,10 @@ def main(argv=None) -> int:
     from LumbarSegmentLib.registry.catalog import resolve_model
 
     rows = {}
-    parent_file = out / "parent_scores.json"
+    tag = "+val" if a.with_val else ""
+    parent_file = out / f"parent_scores{tag}.json"
     if not parent_file.exists():
-        parent_file.write_text(json.dumps(score(resolve_model("uvd-starter@5"), shared, data)))
+        parent_file.write_text(json.dumps(score(resolve_model("uvd-starter@5"), shared, data, a.with_val)))
     rows["parent (uvd-starter)"] = {"scores": json.loads(parent_file.read_text())}
     names = a.only.split(",") if a.only else list(CANDIDATES)
     for name in names:
@@ -188,15 +214,15 @@ def main(argv=None) -> int:
     for name in names:
         folder = data["team+rehearsal" if CANDIDATES[name][1] else "team"]
         wall = finetune(name, folder, out, a.precision, a.threads, a.patch)
-        sfile = out / name / "scores.json"
+        sfile = out / name / f"scores{tag}.json"
         if not sfile.exists():
-            sfile.write_text(json.dumps(score(read_package(out / name / "run" / "package"), shared, data)))
+            sfile.write_text(json.dumps(score(read_package(out / name / "run" / "package"), shared, data, a.with_val)))
         training = read_package(out / name / "run" / "package").manifest["training"]
         rows[name] = {"scores": json.loads(sfile.read_text()), "wall_s": wall, "cpu_s": training.get("train_cpu_s"),
                       "retention": (training.get("init_from") or {}).get("retention")}
         print(table(rows), flush=True)
     text = table(rows) + "\n\n" + "\n".join(f"* {n}: {r['retention']}" for n, r in rows.items() if r.get("retention"))
-    (out / "table.md").write_text(text + "\n")
+    (out / f"table{tag}.md").write_text(text + "\n")
     print(text)
     return 0
 

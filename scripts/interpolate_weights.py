@@ -15,7 +15,6 @@ the parent's schema that has learned from the new sources.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -23,48 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from LumbarSegmentLib.core.schema import load_schema  # noqa: E402
-from LumbarSegmentLib.inference.runners import LoadedModel  # noqa: E402
-from LumbarSegmentLib.models.variants import replace_heads  # noqa: E402
 from LumbarSegmentLib.registry.catalog import resolve_model  # noqa: E402
-from LumbarSegmentLib.registry.package import PackageInfo, write_package  # noqa: E402
-
-
-def interpolate(child, parent, alpha: float, schema=None):
-    """The child's network with ``alpha * child + (1 - alpha) * parent`` weights, heads by class id, in
-    ``schema`` (default: the child's)."""
-    cm, pm = LoadedModel.from_package(child).module, LoadedModel.from_package(parent).module
-    cs, ps = cm.state_dict(), pm.state_dict()
-    cch = {c: i for i, c in enumerate(child.schema.ids)}
-    pch = {c: i for i, c in enumerate(parent.schema.ids)}
-    mixed = {}
-    for k, v in cs.items():
-        p = ps[k]
-        if not v.is_floating_point():
-            mixed[k] = v
-        elif v.shape == p.shape:
-            mixed[k] = alpha * v + (1 - alpha) * p
-        else:  # a class-score layer: rows by class id
-            w = v.clone()
-            for c, i in cch.items():
-                if c in pch:
-                    w[i] = alpha * v[i] + (1 - alpha) * p[pch[c]]
-            mixed[k] = w
-    cm.load_state_dict(mixed)
-    schema = schema or child.schema
-    if schema.ids != child.schema.ids:
-        missing = [c for c in schema.ids if c not in cch]
-        if missing:
-            raise SystemExit(f"{child.ref} has no classes {missing}")
-        keep = [cch[c] for c in schema.ids]
-        heads = {n: m for n, m in cm.head_modules().items()}
-        old = {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()) for n, m in heads.items()}
-        replace_heads(cm, schema.num_classes)
-        for n, m in cm.head_modules().items():
-            w, b = old[n]
-            m.weight.data.copy_(w[keep])
-            if b is not None:
-                m.bias.data.copy_(b[keep])
-    return cm.eval(), schema
+from LumbarSegmentLib.training.wise import write_blend  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -79,17 +38,8 @@ def main(argv=None) -> int:
     if not 0 <= a.alpha <= 1:
         raise SystemExit("alpha is a share from 0 to 1")
     child, parent = resolve_model(a.child), resolve_model(a.parent)
-    model, schema = interpolate(child, parent, a.alpha, load_schema(a.schema) if a.schema else None)
-    out = Path(a.out)
-    if out.exists():
-        shutil.rmtree(out)
-    training = {**child.manifest.get("training", {}),
-                "interpolated": {"child": child.ref, "child_sha256": child.sha256, "parent": parent.ref,
-                                 "parent_sha256": parent.sha256, "alpha": a.alpha},
-                "init_from": {"package": parent.ref, "weights_sha256": parent.sha256}}
-    write_package(out, model, PackageInfo(name=a.name or child.name, schema=schema, input_contract=child.manifest["input"],
-                                          training=training))
-    print(f"written {out}")
+    write_blend(child, parent, a.alpha, a.out, schema=load_schema(a.schema) if a.schema else None, name=a.name)
+    print(f"written {a.out}")
     return 0
 
 

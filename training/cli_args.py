@@ -192,8 +192,18 @@ def _add_retention_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--l2sp", type=_weight, metavar="W", help=f"pull towards the parent's weights (default {d.l2sp:g}; 0 off)")
     g.add_argument("--distill", type=_weight, metavar="W",
                    help=f"keep the parent's answers where the labels say nothing (default {d.distill:g}; 0 off)")
+    g.add_argument("--replay", type=_replay_share, metavar="F",
+                   help=f"share of each batch drawn from the shipped slices of the parent's own sources "
+                        f"(default {d.replay:g}; 0 off)")
+    g.add_argument("--replay-set", metavar="FOLDER",
+                   help="replay these exported cases instead of the shipped set (with --replay)")
+    g.add_argument("--wise", type=_wise_share, metavar="A",
+                   help=f"keep this share of the fine-tune's change in the written weights, blending them with the "
+                        f"parent's (default {d.wise:g}; 1 off)")
     g.add_argument("--plain-finetune", action="store_true",
                    help="none of these guards (the model may forget every source it is not fine-tuned on)")
 
 
+_wise_share = number_arg(0.01, 1, what="a share of the change", use="use 0.01 to 1 (1: off)")
+_replay_share = number_arg(0, 0.95, what="a share of the batch", use="use a number from 0 (off) to 0.95")
 _weight = number_arg(0, 1e6, what="a weight", use="use a number >= 0 (0 turns it off)")

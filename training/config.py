@@ -64,6 +64,8 @@ class TrainConfig:
     keep_bn_stats: bool = False  # fine-tunes: BatchNorm keeps the parent's statistics (training.retention)
     l2sp: float = 0.0  # fine-tunes: weight of the pull towards the parent's weights (training.retention)
     distill: float = 0.0  # fine-tunes: weight of the parent's answers where labels say nothing (training.retention)
+    replay_fraction: float = 0.0  # fine-tunes: share of each batch drawn from the replay cases (training.replay)
+    replay_ids: tuple = ()  # fine-tunes: the training cases that are replayed, not the team's own
     marginal: bool = True
     dice_weight: float = 1.0
     ds_weights: tuple = (0.5, 0.25, 0.125)

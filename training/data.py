@@ -243,6 +243,34 @@ class ThickSlabs:
     max_width: int = 5
 
 
+def replay_weights(sources: Sequence[str], is_replay: Sequence[bool], fraction: float,
+                   base: Sequence[float]) -> list[float]:
+    """Sampling weights: the team's cases keep their relative ``base`` weights and share ``1 - fraction``;
+    the replayed cases share ``fraction``, each source equally, each case of a source equally."""
+    team_total = sum(w for w, r in zip(base, is_replay) if not r)
+    replay_sources = sorted({s for s, r in zip(sources, is_replay) if r})
+    per_source = {s: sum(1 for t, r in zip(sources, is_replay) if r and t == s) for s in replay_sources}
+    if not replay_sources or fraction <= 0:
+        return [0.0 if r else w for w, r in zip(base, is_replay)]
+    if team_total <= 0:
+        fraction = 1.0
+    out = []
+    for w, s, r in zip(base, sources, is_replay):
+        if r:
+            out.append(fraction / len(replay_sources) / per_source[s])
+        else:
+            out.append((1.0 - fraction) * w / team_total)
+    return out
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """The cases of a training set that are replayed (``training.replay``) and their share of each batch."""
+
+    ids: frozenset = frozenset()
+    fraction: float = 0.0
+
+
 class PatchSampler:
     """Draws batches of context crops (2x patch) with their labels and annotated masks.
 
@@ -298,6 +326,14 @@ class PatchSampler:
         else:
             w = [float(c.num_slices) for c in self.data]
         self.case_weights = torch.tensor(w, dtype=torch.float64) / sum(w)
+
+    def replaying(self, replay: Replayed) -> "PatchSampler":
+        """Give the replayed cases (``training.replay``) their share of each batch; returns self."""
+        if replay.ids:
+            w = replay_weights([c.source for c in self.data], [c.case_id in replay.ids for c in self.data],
+                               replay.fraction, self.case_weights.tolist())
+            self.case_weights = torch.tensor(w, dtype=torch.float64) / sum(w)
+        return self
 
     @property
     def num_fg_slices(self) -> int:

@@ -30,7 +30,7 @@ log = logging.getLogger("lumbarseg.train")
 
 #: what a fine-tune does by default to keep what its parent knew (training.retention); measured on
 #: the forgetting experiment (scripts/forgetting_experiment.py, docs/lab/forgetting.md)
-RETENTION_DEFAULT = RetentionSettings(keep_bn_stats=False, l2sp=1.0, distill=0.0)
+RETENTION_DEFAULT = RetentionSettings(keep_bn_stats=False, l2sp=0.0, distill=0.0, replay=0.5, wise=0.6)
 
 
 def retention_from_args(args) -> RetentionSettings:
@@ -41,7 +41,8 @@ def retention_from_args(args) -> RetentionSettings:
     d = RETENTION_DEFAULT
     pick = lambda name: getattr(d, name) if getattr(args, name, None) is None else getattr(args, name)  # noqa: E731
     return RetentionSettings(keep_bn_stats=bool(pick("keep_bn_stats")), l2sp=float(pick("l2sp")),
-                             distill=float(pick("distill")))
+                             distill=float(pick("distill")), replay=float(pick("replay")),
+                             replay_set=getattr(args, "replay_set", None), wise=float(pick("wise")))
 
 
 def adapt_to_schema(model, source: LabelSchema, target: LabelSchema) -> dict:
@@ -126,7 +127,9 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
     cfg = cfg.replace(slice_context=context["run"])
     keep = retention or RETENTION_DEFAULT
     cfg = cfg.replace(keep_bn_stats=keep.keep_bn_stats, l2sp=keep.l2sp, distill=keep.distill)
-    info["retention"] = {"keep_bn_stats": keep.keep_bn_stats, "l2sp": keep.l2sp, "distill": keep.distill}
+    info["retention"] = {"keep_bn_stats": keep.keep_bn_stats, "l2sp": keep.l2sp, "distill": keep.distill,
+                         "wise": keep.wise}
+    train_cases, cfg = _with_replay(keep, pkg, target, list(train_cases), cfg, info)
     info["slice_context"] = context
     widen_input(model, 2 * context["run"] + 1)
     if cfg.pseudo_labels and "parent" in cfg.pseudo_labels:  # the model as it was before this fine-tune
@@ -138,7 +141,54 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
         log.warning("the L2-SP spring (--l2sp %g) holds the network near %s, which has no features for the new "
                     "classes %s: they may not be learned at all; when the cases replay every source the parent "
                     "knew, fine-tune with --l2sp 0", keep.l2sp, pkg.ref, ", ".join(info["new_classes"]))
-    return train(cfg, train_cases, val_cases, out_dir=out_dir, start=StartFrom(model, info), **train_kwargs)
+    result = train(cfg, train_cases, val_cases, out_dir=out_dir, start=StartFrom(model, info), **train_kwargs)
+    if keep.wise < 1 and result.package is not None:
+        result.package = _blend_with_parent(result.package, pkg, keep.wise)
+    return result
+
+
+def _blend_with_parent(child: ModelPackage, parent: ModelPackage, alpha: float) -> ModelPackage:
+    """Replace the run's ``package/`` by its blend with the parent (``training.wise``); the fine-tune as
+    trained stays beside it in ``package-finetuned/``."""
+    import shutil
+
+    from .wise import write_blend
+
+    run = child.path.parent
+    tmp, kept = run / "package-blend", run / "package-finetuned"
+    write_blend(child, parent, alpha, tmp)
+    if kept.exists():
+        shutil.rmtree(kept)
+    child.path.rename(kept)
+    tmp.rename(run / "package")
+    log.info("the package keeps %.0f%% of the fine-tune's change from %s (the fine-tune itself: %s)", 100 * alpha,
+             parent.ref, kept)
+    from LumbarSegmentLib.registry.package import read_package
+
+    return read_package(run / "package")
+
+
+def _with_replay(keep: RetentionSettings, pkg: ModelPackage, target: LabelSchema, train_cases: list, cfg, info: dict):
+    """``(train cases + replayed cases, config naming them)``; unchanged when replay is off or finds nothing."""
+    if not keep.replay:
+        return train_cases, cfg
+    from .replay import parent_sources, replay_cases
+
+    sources = parent_sources(pkg.manifest)
+    if not sources and keep.replay_set is None:
+        log.info("replay: %s records no training cases, so nothing of the shipped set is known to be its own; "
+                 "fine-tuning without replay", pkg.ref)
+        return train_cases, cfg
+    cases = replay_cases(target, sources or None, train_cases, keep.replay_set)
+    info["retention"]["replay"] = {"fraction": keep.replay, "cases": [c.case_id for c in cases],
+                                   "set": "shipped" if keep.replay_set is None else str(keep.replay_set)}
+    if not cases:
+        log.warning("replay is on but no replay case fits (sources %s, schema %r): fine-tuning on the team's "
+                    "cases alone", ", ".join(sorted(sources)) or "unknown", target.name)
+        return train_cases, cfg
+    log.info("replaying %d case(s) of %s as %.0f%% of each batch", len(cases),
+             ", ".join(sorted({c.extra.get("source", c.case_id.split("_")[0]) for c in cases})), 100 * keep.replay)
+    return train_cases + cases, cfg.replace(replay_fraction=keep.replay, replay_ids=tuple(c.case_id for c in cases))
 
 
 #: what a run's own package says about its data and origin, true of every checkpoint of that run

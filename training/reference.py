@@ -49,14 +49,15 @@ def reference_cases(root: str | Path | None = None) -> list[Case]:
     return list_cases(folder)
 
 
-def midline_slab(image: Volume, label: Volume, slices: int = 5, margin_mm: float = 40.0
+def midline_slab(image: Volume, label: Volume, slices: int = 5, margin_mm: float = 40.0, offset: int = 0
                  ) -> tuple[Volume, Volume]:
-    """``slices`` contiguous sagittal slices around the one with the most labelled voxels, cropped in
-    plane to the label's box plus ``margin_mm``; every voxel keeps its physical position. Assumes the
-    lumbar-mr layout (array ``[z, y, x]``, x the sagittal slice axis)."""
+    """``slices`` contiguous sagittal slices around the one with the most labelled voxels (moved by
+    ``offset`` slices: a slab beside the midline one), cropped in plane to the label's box plus
+    ``margin_mm``; every voxel keeps its physical position. Assumes the lumbar-mr layout (array
+    ``[z, y, x]``, x the sagittal slice axis)."""
     lab = np.asarray(label.array)
     per_x = (lab > 0).sum(axis=(0, 1))
-    cx = int(np.argmax(per_x))
+    cx = int(np.argmax(per_x)) + int(offset)
     x0 = max(0, min(lab.shape[2] - slices, cx - slices // 2))
     zs, ys = np.nonzero((lab > 0).any(axis=2))
     sx, sy, sz = image.spacing
@@ -70,15 +71,16 @@ def midline_slab(image: Volume, label: Volume, slices: int = 5, margin_mm: float
             Volume(np.ascontiguousarray(lab[box]).astype(np.uint8), **geo))
 
 
-def write_reference_case(case: Case, out_dir: str | Path, source: str, slices: int = 5) -> Case:
-    """One reference case (a midline slab of ``case``) in ``out_dir``."""
+def write_reference_case(case: Case, out_dir: str | Path, source: str, slices: int = 5, offset: int = 0) -> Case:
+    """One reference case (a midline slab of ``case``, ``offset`` slices beside it) in ``out_dir``."""
     image, label = case.load()
-    img, lab = midline_slab(image, label, slices)
+    img, lab = midline_slab(image, label, slices, offset=offset)
+    where = "around the midline" if not offset else f"centred {offset:+d} slices from the midline"
     return write_case(out_dir, case.case_id, img, lab, labels=case.labels,
                       annotated_structures=case.annotated_structures, patient=case.patient,
                       extra={"source": source, "sequence": case.extra.get("sequence"),
                              "dataset": case.extra.get("dataset"),
-                             "reference": f"{slices} sagittal slices around the midline of {case.case_id}, "
+                             "reference": f"{slices} sagittal slices {where} of {case.case_id}, "
                                           f"cropped to the labelled levels + 40 mm"})
 
 

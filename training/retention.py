@@ -13,6 +13,10 @@ combination that paid.
   (class-score rows a new schema added start fresh and are left free): a spring back to the
   starting point rather than to zero (Li et al., ICML 2018); a class a new schema added is
   anchored to its fresh start, which only damps it as weight decay would.
+* **replay** (``replay``): a share of every batch comes from a few shipped slices of each source
+  the parent trained on (``training.replay``), so those sources stay in the loss.
+* **blending** (``wise``): the written weights are ``parent + wise x (fine-tune - parent)``
+  (``training.wise``, WiSE-FT): most of the gain, most of what the parent knew.
 * **distillation** (``distill``): where a patch's label says nothing definite (label 0 or
   ignored: background *or* a structure the case does not annotate), the KL divergence from the
   parent's softmax to the model's, ``distill`` times its mean over those pixels: the model keeps
@@ -44,16 +48,23 @@ class RetentionSettings:
     keep_bn_stats: bool = False
     l2sp: float = 0.0
     distill: float = 0.0
+    replay: float = 0.0  # share of each batch drawn from the shipped replay set (training.replay)
+    replay_set: str | None = None  # a folder of cases to replay instead of the shipped set
+    wise: float = 1.0  # share of the fine-tune's change kept in the written weights (training.wise); 1 = all
 
     def __post_init__(self):
         for name in ("l2sp", "distill"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0 <= float(v) <= 1e6):
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        if not (isinstance(self.replay, (int, float)) and 0 <= float(self.replay) < 1):
+            raise ValueError(f"replay must be a share of the batch in [0, 1), got {self.replay!r}")
+        if not (isinstance(self.wise, (int, float)) and 0 < float(self.wise) <= 1):
+            raise ValueError(f"wise must be a share in (0, 1], got {self.wise!r}")
 
     @property
     def active(self) -> bool:
-        return bool(self.keep_bn_stats or self.l2sp or self.distill)
+        return bool(self.keep_bn_stats or self.l2sp or self.distill or self.replay or self.wise < 1)
 
 
 def freeze_bn_stats(model: torch.nn.Module) -> int:

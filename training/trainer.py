@@ -48,7 +48,7 @@ from LumbarSegmentLib.inference.engine import LoadedModel, SegmentOptions
 
 from .checkpoints import (CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint, rng_state,  # noqa: F401
                           seed_everything, set_rng_state)
-from .data import PatchSampler, ThickSlabs, as_schema, epoch_generator, load_dataset
+from .data import PatchSampler, Replayed, ThickSlabs, as_schema, epoch_generator, load_dataset
 from .distributed import broadcast_floats, mean_across, setup_distributed
 from .evaluate import eval_case_from_slices, every_nth_slice, predict, prepare_cases
 from .scoring import EvalCase, Scorer
@@ -178,7 +178,8 @@ class _Run:
             self.val_eval = [eval_case_from_slices(c, cfg.spacing) for c in val_data]
             self.val_ids = [c.case_id for c in val_data]
         self.sampler = PatchSampler(self.train_data, cfg.patch, cfg.fg_fraction, cfg.balance,
-                                    slabs=ThickSlabs(cfg.slab_p), slice_context=cfg.slice_context)
+                                    slabs=ThickSlabs(cfg.slab_p), slice_context=cfg.slice_context
+                                    ).replaying(Replayed(frozenset(cfg.replay_ids), cfg.replay_fraction))
         self.steps = cfg.steps_per_epoch or max(1, math.ceil(self.sampler.num_fg_slices / cfg.batch_size))
         self.aug_cfg = aug.AugmentConfig(cfg.augment, cfg.rotation_deg, cfg.zoom, cfg.flip_p, cfg.shift,
                                          cfg.intensity_aug, cfg.resolution_p, cfg.augment_p)
@@ -487,7 +488,6 @@ class _Run:
 def _retention(cfg: TrainConfig, model):
     """The fine-tune's guards (``training.retention``) bound to the starting weights, or None."""
     from .retention import Retention, RetentionSettings
-
     settings = RetentionSettings(cfg.keep_bn_stats, cfg.l2sp, cfg.distill)
     return Retention(settings, model) if settings.active else None
 
