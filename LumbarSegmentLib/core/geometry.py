@@ -182,14 +182,17 @@ def _resize_numpy(stack: np.ndarray, size: tuple[int, int], mode: str) -> np.nda
         raise ValueError(f"unknown resampling mode {mode!r}")
     x = stack if stack.dtype == np.float32 else stack.astype(np.float32)
     c0, c1, b0, b1 = _taps(w, size[1])
-    t = np.take(x, c0, axis=-1)
-    t *= b0
-    t += np.take(x, c1, axis=-1) * b1
     r0, r1, a0, a1 = _taps(h, size[0])
-    out = np.take(t, r0, axis=-2)
-    out *= a0[:, None]
-    out += np.take(t, r1, axis=-2) * a1[:, None]
-    return out
+    a0, a1 = a0[:, None], a1[:, None]
+    flat = x.reshape((-1, h, w))
+    out = np.empty((flat.shape[0],) + size, np.float32)
+    for i, plane in enumerate(flat):  # a plane at a time: the intermediate stays in the CPU's cache
+        t = np.take(plane, c0, axis=-1)
+        t *= b0
+        t += np.take(plane, c1, axis=-1) * b1
+        np.multiply(np.take(t, r0, axis=-2), a0, out=out[i])
+        out[i] += np.take(t, r1, axis=-2) * a1
+    return out.reshape(stack.shape[:-2] + size)
 
 
 def model_plane_size(inplane_shape: tuple[int, int], spacing: tuple[float, float],

@@ -23,7 +23,7 @@ class LabelTally:
 
     def add(self, labels: np.ndarray, probabilities) -> None:
         """Count a block's ``labels`` (schema values); ``probabilities`` [n, K, H, W] (a tensor or a NumPy
-        array) is clamped in place."""
+        array) may be clamped in place."""
         self.counts += np.bincount(labels.ravel(), minlength=256)
         fg = labels != 0  # background by value, wherever its channel is
         n_fg = int(np.count_nonzero(fg))
