@@ -11,8 +11,8 @@ bf16 arithmetic (docs/benchmarks.md has the side-by-side figures).
 How a model gets here: the ONNX graph that :mod:`onnx_runner` exports (and caches) per plane size is
 converted once into OpenVINO's own format (``.xml`` + ``.bin``, weights kept in float32) and cached
 next to it under the same key (weights SHA-256, network code, PyTorch version, plane size); a later
-process reads that file and only compiles it, without PyTorch (:mod:`host_runner`). Compiled models live in a small process-wide table, so
-the warm worker keeps them between drafts. OpenVINO is told to compute in float32
+process reads that file and only compiles it, without PyTorch (:mod:`host_runner`). Compiled models
+live in a small process-wide table, so the warm worker keeps them between drafts. OpenVINO is told to compute in float32
 (``INFERENCE_PRECISION_HINT``): left alone it would pick bf16 on a CPU that has it, a lossy step this
 project only takes when asked (``--precision bf16`` stays on PyTorch).
 
