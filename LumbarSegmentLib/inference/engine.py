@@ -59,7 +59,7 @@ from LumbarSegmentLib.core.schema import LabelSchema
 from LumbarSegmentLib.core.volume import Volume
 from LumbarSegmentLib.inference.arrays import ops
 from LumbarSegmentLib.inference.devices import EngineError, pick_device
-from LumbarSegmentLib.inference.host_runner import HOST_RUNTIMES, HostRunner, runs_without_torch
+from LumbarSegmentLib.inference.host_runner import HostRunner, device_name, runs_without_torch
 from LumbarSegmentLib.inference.options import MODES, SegmentOptions  # noqa: F401  (part of the engine's API)
 from LumbarSegmentLib.inference.preprocess import model_slices
 from LumbarSegmentLib.inference.run_report import LabelTally, RunRecord, run_report
@@ -117,8 +117,8 @@ class _Prediction:
         slices = [self.prepared[(tuple(p.spacing), p.normalisation)][0] for p in models]
         if self.host:
             self.runners = [HostRunner(p, opts, s) for p, s in zip(models, slices)]
-        else:  # ONNX Runtime and OpenVINO compute on the CPU: there "auto" is the CPU
-            device = pick_device("cpu" if opts.device == "auto" and opts.runtime in HOST_RUNTIMES else opts.device)
+        else:
+            device = pick_device(device_name(opts))
             self.runners = [Runner(p, device, opts, self.warnings, s, self.cancelled) for p, s in zip(models, slices)]
         self.timings["load_models"] = time.perf_counter() - t
         self.n_slices = next(iter(self.prepared.values()))[0].shape[0]

@@ -31,6 +31,12 @@ def runs_without_torch(packages, options: SegmentOptions) -> bool:
             and all(isinstance(p, ModelPackage) for p in packages))
 
 
+def device_name(options: SegmentOptions) -> str:
+    """The device a PyTorch-side run asks for: ONNX Runtime and OpenVINO compute on the CPU, so for them
+    ``auto`` is the CPU (not a GPU they would refuse)."""
+    return "cpu" if options.device == "auto" and options.runtime in HOST_RUNTIMES else options.device
+
+
 class HostDevice:
     """The CPU where no PyTorch device is at hand; it reads like ``torch.device("cpu")`` to the engine."""
 
