@@ -25,8 +25,11 @@ def test_agreement_counts_differing_voxels_and_the_lowest_dice(tmp_path):
     assert got["differing_voxels"] == 1 and abs(got["min_dice"] - 14 / 15) < 1e-9
     row = {"volume": "v", "config": "openvino fp32 avx2", "agreement": got, "ratio_cold_cpu": 1.1,
            "ratio_warm_cpu": 0.9, "cold": {"wall_s": 2.0, "cpu_s": 3.0, "peak_mb": 900},
-           "warm": {"runtime": "openvino 1", "warm": {"wall_s": 1.0, "cpu_s": 1.5}}}
+           "warm": {"runtime": "openvino 1", "warm": {"wall_s": 1.0, "cpu_s": 1.5}},
+           "imports": {"import_s": 0.41, "torch": False, "top": [["SimpleITK", 0.06]]}}
     meta = {"cpu": "CPU", "cores": 2, "isa_flags": ["avx2"], "threads": 2, "load_start": 1.0, "load_end": 1.0,
             "openvino_avx2_conv": "kernel"}
     md = bench.markdown(meta, [row])
-    assert "| v | openvino fp32 avx2 | openvino 1 | 2.00 | 3.00 | 1.10 | 1.00 | 1.50 | 0.90 | 900 | 1 | 0.9333 |" in md
+    assert ("| v | openvino fp32 avx2 | openvino 1 | 2.00 | 3.00 | 1.10 | 1.00 | 1.50 | 0.90 | 900 | 1 | 0.9333 "
+            "| no | 0.41 |") in md
+    assert "* openvino fp32 avx2: SimpleITK 0.06" in md

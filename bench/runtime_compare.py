@@ -3,6 +3,7 @@
 
     python bench/runtime_compare.py                        # clinical stack + the 77-slice 1 mm case
     python bench/runtime_compare.py --volume-slices 16     # the 1 mm case cut to 16 central slices (shorter)
+    python bench/runtime_compare.py --volume '' --repeats 5 --tag torch-free   # the clinical stack only
 
 Inputs: the 15 x 512 x 512 clinical stack (``run_benchmarks.make_clinical_stack``) and a 1 mm volume
 (default: the real case VB2_06, 77 x 381 x 381, from the shared data folder). Configurations, all fp32
@@ -15,10 +16,14 @@ Per configuration and volume, in this order:
 1. *warm, in-process*: a child process loads the model and segments the volume twice; the second run's
    wall and CPU seconds are what a warm worker (Slicer / browser drafts) pays; the first run fills the
    export caches, so the next step measures a user's second and later commands;
-2. *cold command*: ``lumbarseg segment`` as a fresh process (interpreter, imports, file I/O included):
-   wall seconds, CPU seconds (user + system, ``os.wait4``) and peak resident memory;
+2. *cold command*: ``lumbarseg segment`` as a fresh process (interpreter, imports, file I/O included),
+   ``--repeats`` times, the median by wall time kept: wall seconds, CPU seconds (user + system,
+   ``os.wait4``), peak resident memory and the load average after it;
 3. *agreement*: the command's label map against PyTorch fp32's: voxels that differ and the lowest
-   per-label Dice.
+   per-label Dice;
+4. *imports* (first volume only): the cold command once more under ``python -X importtime``: the seconds
+   spent importing, whether PyTorch was imported (``--runtime openvino`` and ``onnx`` run without it
+   when their converted graph is cached) and those seconds by top-level package.
 
 Ratios are against PyTorch fp32 on the same volume in the same run; on a shared machine compare those,
 not the seconds. The table goes to stdout and ``bench/results/runtime_compare-<date>[-tag].md``.
@@ -82,6 +87,36 @@ def warm_run(image: Path, isa: str, precision: str, runtime: str, env: dict, thr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def cold_runs(image: Path, out: Path, config: tuple, env: dict, threads: int, repeats: int) -> dict:
+    """``repeats`` fresh commands; the one of median wall time, with every run's wall and CPU seconds."""
+    _, isa, precision, runtime = config
+    runs = [run_command(image, out, isa, ["--precision", precision, "--runtime", runtime], env, threads)
+            for _ in range(max(1, repeats))]
+    median = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
+    return {**median, "all_wall_s": [r["wall_s"] for r in runs], "all_cpu_s": [r["cpu_s"] for r in runs]}
+
+
+def import_profile(image: Path, config: tuple, env: dict, threads: int, work: Path) -> dict:
+    """The cold command under ``-X importtime``: import seconds, PyTorch imported or not, the largest imports."""
+    _, isa, precision, runtime = config
+    argv = [sys.executable, "-X", "importtime", "-m", "LumbarSegmentLib.cli.main", "segment", str(image), "-o",
+            str(work / "importtime.nii.gz"), "--threads", str(threads), "--no-progress", "--device", "cpu",
+            "--precision", precision, "--runtime", runtime]
+    proc = subprocess.run(argv, env={**env, **(AVX2_ENV if isa == "avx2" else {})}, capture_output=True, text=True)
+    # Seconds per top-level package, from each module's own ("self") time. Not the nesting: OpenVINO
+    # imports from a second thread, which garbles the nesting and can make one entry's self time negative
+    # (counted as 0 here).
+    per_package: dict[str, int] = {}
+    for line in proc.stderr.splitlines():
+        if line.startswith("import time:") and "self [us]" not in line:
+            own, _, name = line[len("import time:"):].split("|")
+            root = name.strip().split(".")[0]
+            per_package[root] = per_package.get(root, 0) + max(0, int(own))
+    top = sorted(per_package.items(), key=lambda kv: -kv[1])[:8]
+    return {"import_s": round(sum(per_package.values()) / 1e6, 3), "torch": "torch" in per_package,
+            "top": [[name, round(us / 1e6, 3)] for name, us in top]}
+
+
 def agreement(ref: Path, other: Path) -> dict:
     """Voxels that differ and the lowest Dice over the labels either map holds."""
     import numpy as np
@@ -108,14 +143,17 @@ def crop_slices(image: Path, n: int, work: Path) -> Path:
     return out
 
 
-def measure(volumes: dict, configs: list, env: dict, threads: int, work: Path) -> list[dict]:
+def measure(volumes: dict, configs: list, env: dict, threads: int, work: Path, repeats: int = 1) -> list[dict]:
     rows = []
     for vname, image in volumes.items():
-        for name, isa, precision, runtime in configs:
+        for config in configs:
+            name, isa, precision, runtime = config
             warm = warm_run(image, isa, precision, runtime, env, threads)
             out = work / f"{vname.split()[0]}_{name.replace(' ', '_')}.nii.gz"
-            cold = run_command(image, out, isa, ["--precision", precision, "--runtime", runtime], env, threads)
+            cold = cold_runs(image, out, config, env, threads, repeats)
             rows.append({"volume": vname, "config": name, "warm": warm, "cold": cold, "out": str(out)})
+            if image == next(iter(volumes.values())):
+                rows[-1]["imports"] = import_profile(image, config, env, threads, work)
             print(vname, name, json.dumps(rows[-1]), flush=True)
         ref = next(r for r in rows if r["volume"] == vname and r["config"] == configs[0][0])
         for r in rows:
@@ -130,14 +168,21 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     md = [f"CPU: {meta['cpu']} ({meta['cores']} cores; flags {', '.join(meta['isa_flags'])}); {meta['threads']} "
           f"threads; load average {meta['load_start']} at the start, {meta['load_end']} at the end. `avx2`: "
           f"PyTorch, oneDNN and OpenVINO limited to AVX2 kernels ({meta['openvino_avx2_conv']}), an emulation. "
-          "Ratios: CPU seconds against torch fp32 avx2 on the same volume.", "",
+          "Ratios: CPU seconds against torch fp32 avx2 on the same volume. Cold: the median of "
+          f"{meta.get('repeats', 1)} fresh commands; imports: one more under `python -X importtime`.", "",
           "| volume | configuration | runtime | cold wall (s) | cold CPU (s) | ratio | warm wall (s) | warm CPU (s) "
-          "| ratio | peak (MB) | voxels differing | min Dice |", "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+          "| ratio | peak (MB) | voxels differing | min Dice | PyTorch imported | imports (s) |",
+          "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|"]
     for r in rows:
         c, w, a = r["cold"], r["warm"]["warm"], r["agreement"]
+        imp = r.get("imports")
+        shown = f"{'yes' if imp['torch'] else 'no'} | {imp['import_s']:.2f}" if imp else "| "
         md.append(f"| {r['volume']} | {r['config']} | {r['warm']['runtime']} | {c['wall_s']:.2f} | {c['cpu_s']:.2f} | "
                   f"{r['ratio_cold_cpu']:.2f} | {w['wall_s']:.2f} | {w['cpu_s']:.2f} | {r['ratio_warm_cpu']:.2f} | "
-                  f"{c['peak_mb']} | {a['differing_voxels']} | {a['min_dice']:.4f} |")
+                  f"{c['peak_mb']} | {a['differing_voxels']} | {a['min_dice']:.4f} | {shown} |")
+    md += ["", "Import seconds of each cold command by top-level package (the first volume):", ""]
+    md += [f"* {r['config']}: " + ", ".join(f"{n} {t:.2f}" for n, t in r["imports"]["top"])
+           for r in rows if r.get("imports")]
     return "\n".join(md) + "\n"
 
 
@@ -149,6 +194,7 @@ def main(argv=None) -> int:
     p.add_argument("--volume-slices", type=int, default=0, help="cut the 1 mm volume to this many central slices")
     p.add_argument("--runtimes", default="torch,onnx,openvino", help="which of torch,onnx,openvino to compare")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="cold commands per configuration (the median is kept)")
     p.add_argument("--tag", default="")
     a = p.parse_args(argv)
     if a.child:
@@ -167,9 +213,9 @@ def main(argv=None) -> int:
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     probe = subprocess.run([sys.executable, "-c", _CONV_PROBE], env={**env, **AVX2_ENV}, capture_output=True, text=True)
     meta = {"date": datetime.date.today().isoformat(), "cpu": cpu_name(), "cores": os.cpu_count(),
-            "isa_flags": flags, "threads": a.threads, "load_start": round(os.getloadavg()[0], 2),
+            "isa_flags": flags, "threads": a.threads, "repeats": a.repeats, "load_start": round(os.getloadavg()[0], 2),
             "openvino_avx2_conv": f"OpenVINO convolution kernel: {probe.stdout.strip() or 'n/a'}"}
-    rows = measure(volumes, configs, env, a.threads, work)
+    rows = measure(volumes, configs, env, a.threads, work, a.repeats)
     meta["load_end"] = round(os.getloadavg()[0], 2)
     md = markdown(meta, rows)
     stamp = meta["date"] + (f"-{a.tag}" if a.tag else "")

@@ -128,12 +128,15 @@ def _is_slice_axis(sp, axis: int) -> bool:
 
 
 def resize_planes(stack, size: tuple[int, int], *, mode: str):
-    """Resample the last two axes of a ``[..., H, W]`` torch tensor to ``size``.
+    """Resample the last two axes of a ``[..., H, W]`` torch tensor or NumPy array to ``size``.
 
     ``mode`` is ``"bilinear"`` for images and probabilities, ``"nearest"`` for labels.
     Pixel centres are mapped proportionally (``align_corners=False``), so the physical
-    extent of the slice is kept.
+    extent of the slice is kept. A NumPy array is resampled by :func:`_resize_numpy` (the
+    prediction path without PyTorch), a tensor by PyTorch.
     """
+    if isinstance(stack, np.ndarray):
+        return _resize_numpy(stack, size, mode)
     import torch
     import torch.nn.functional as F
 
@@ -147,6 +150,49 @@ def resize_planes(stack, size: tuple[int, int], *, mode: str):
     y = F.interpolate(x if x.is_floating_point() else x.float(), size=size, mode=mode,
                       align_corners=False, antialias=False)
     return y.reshape(tuple(lead) + tuple(size)).to(stack.dtype if stack.is_floating_point() else torch.float32)
+
+
+def _taps(n_in: int, n_out: int):
+    """Source pixels and weights of each output pixel along one axis, computed in float32 as
+    PyTorch computes them (``align_corners=False``): the same weights give the same values."""
+    f32 = np.float32
+    scale = f32(n_in) / f32(n_out)
+    src = np.maximum(scale * (np.arange(n_out, dtype=f32) + f32(0.5)) - f32(0.5), f32(0))
+    i0 = np.minimum(np.floor(src).astype(np.intp), n_in - 1)
+    lam = np.clip(src - i0.astype(f32), f32(0), f32(1))
+    return i0, np.minimum(i0 + 1, n_in - 1), f32(1) - lam, lam
+
+
+def _resize_numpy(stack: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
+    """:func:`resize_planes` in NumPy: along the columns, then along the rows, in float32.
+
+    The arithmetic is that of PyTorch's generic CPU kernel (the one it runs for slice-sized planes),
+    so the values agree with its portable build bit for bit; its AVX2 / AVX-512 builds fuse each
+    multiply-add, which can move a value by its last bit (about 1e-7 of a probability).
+    """
+    size = tuple(int(n) for n in size)
+    if tuple(stack.shape[-2:]) == size:
+        return stack
+    h, w = stack.shape[-2:]
+    if mode == "nearest":  # PyTorch's "nearest-exact": the source pixel whose centre is nearest
+        rows = np.minimum(np.floor((np.arange(size[0]) + 0.5) * np.float32(h / size[0])).astype(np.intp), h - 1)
+        cols = np.minimum(np.floor((np.arange(size[1]) + 0.5) * np.float32(w / size[1])).astype(np.intp), w - 1)
+        return stack[..., rows[:, None], cols[None, :]]
+    if mode != "bilinear":
+        raise ValueError(f"unknown resampling mode {mode!r}")
+    x = stack if stack.dtype == np.float32 else stack.astype(np.float32)
+    c0, c1, b0, b1 = _taps(w, size[1])
+    r0, r1, a0, a1 = _taps(h, size[0])
+    a0, a1 = a0[:, None], a1[:, None]
+    flat = x.reshape((-1, h, w))
+    out = np.empty((flat.shape[0],) + size, np.float32)
+    for i, plane in enumerate(flat):  # a plane at a time: the intermediate stays in the CPU's cache
+        t = np.take(plane, c0, axis=-1)
+        t *= b0
+        t += np.take(plane, c1, axis=-1) * b1
+        np.multiply(np.take(t, r0, axis=-2), a0, out=out[i])
+        out[i] += np.take(t, r1, axis=-2) * a1
+    return out.reshape(stack.shape[:-2] + size)
 
 
 def model_plane_size(inplane_shape: tuple[int, int], spacing: tuple[float, float],

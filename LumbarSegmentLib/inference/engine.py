@@ -26,7 +26,10 @@ Runtimes (``runtime``): PyTorch computes the network, or ONNX Runtime or OpenVIN
 (:mod:`onnx_runner`, :mod:`openvino_runner`: the same inference graph exported, cached per weights and
 plane size); only
 the network changes hands, every other step above is the same. The report (:mod:`run_report`) names
-the runtime.
+the runtime. With ONNX Runtime or OpenVINO, models given as packages, float32 on the CPU and no
+BatchNorm adaptation, the steps run on NumPy arrays instead of PyTorch tensors and PyTorch is never
+imported unless a graph must be exported (:mod:`host_runner`, :mod:`arrays`); for these runtimes
+device ``auto`` is the CPU.
 
 :func:`segment_volume` runs the steps in the shape of nnU-Net's predictor: ``prepare`` (options and
 models checked, slices preprocessed, models loaded), ``probabilities`` (per chunk, averaged over the
@@ -54,7 +57,9 @@ import numpy as np
 from LumbarSegmentLib.core.geometry import resize_planes
 from LumbarSegmentLib.core.schema import LabelSchema
 from LumbarSegmentLib.core.volume import Volume
+from LumbarSegmentLib.inference.arrays import ops
 from LumbarSegmentLib.inference.devices import EngineError, pick_device
+from LumbarSegmentLib.inference.host_runner import HostRunner, device_name, runs_without_torch
 from LumbarSegmentLib.inference.options import MODES, SegmentOptions  # noqa: F401  (part of the engine's API)
 from LumbarSegmentLib.inference.preprocess import model_slices
 from LumbarSegmentLib.inference.run_report import LabelTally, RunRecord, run_report
@@ -84,22 +89,24 @@ class SegmentationResult:
 class _Prediction:
     """One run of :func:`segment_volume`, step by step; holds what the steps hand each other."""
 
-    def __init__(self, volume: Volume, options: SegmentOptions, progress, cancelled: Callable[[], bool]):
+    def __init__(self, volume: Volume, options: SegmentOptions, progress, cancelled: Callable[[], bool],
+                 host: bool = False):
         self.volume, self.options, self.progress, self.cancelled = volume, options, progress, cancelled
+        self.host = host  # True: NumPy arrays and :class:`host_runner.HostRunner` s, no PyTorch
         self.timings: dict[str, float] = {}
         self.warnings: list[str] = []
         self.t0 = time.perf_counter()
 
     def prepare(self, models: list[LoadedModel]) -> None:
         """Slices preprocessed once per distinct (spacing, normalisation) among the models; models loaded."""
-        device = pick_device(self.options.device)
+        opts = self.options
         t = time.perf_counter()
         self.prepared = {}
         for p in models:
             key = (tuple(p.spacing), p.normalisation)
             if key not in self.prepared:
-                self.prepared[key] = model_slices(self.volume, key[0], allow_reslice=self.options.allow_reslice,
-                                                  normalisation=key[1])
+                self.prepared[key] = model_slices(self.volume, key[0], allow_reslice=opts.allow_reslice,
+                                                  normalisation=key[1], arrays="numpy" if self.host else "torch")
         self.layout, self.info = next(iter(self.prepared.values()))[1:]
         if self.info["nonfinite_voxels_zeroed"]:
             self.warnings.append(f"{self.info['nonfinite_voxels_zeroed']} NaN/infinite voxels were treated as 0")
@@ -107,8 +114,12 @@ class _Prediction:
             self.warnings.append("the input is not a sagittal stack; it was resliced sagittally on request (coarse)")
         self.timings["preprocess"] = time.perf_counter() - t
         t = time.perf_counter()  # (with BN adaptation this includes its pass over the volume)
-        self.runners = [Runner(p, device, self.options, self.warnings,
-                               self.prepared[(tuple(p.spacing), p.normalisation)][0], self.cancelled) for p in models]
+        slices = [self.prepared[(tuple(p.spacing), p.normalisation)][0] for p in models]
+        if self.host:
+            self.runners = [HostRunner(p, opts, s) for p, s in zip(models, slices)]
+        else:
+            device = pick_device(device_name(opts))
+            self.runners = [Runner(p, device, opts, self.warnings, s, self.cancelled) for p, s in zip(models, slices)]
         self.timings["load_models"] = time.perf_counter() - t
         self.n_slices = next(iter(self.prepared.values()))[0].shape[0]
         self.plane_in = tuple(self.layout.to_canonical(self.volume.array).shape[1:])
@@ -147,7 +158,10 @@ class _Prediction:
                 order = [r.spec.schema.channel_of()[cid] for cid in schema.ids]  # match channels by id
                 if order != list(range(len(order))):
                     probs = probs[:, order]
-                mean = probs if mean is None else mean.add_(probs)  # (probs is a fresh tensor: safe to reuse)
+                if mean is None:
+                    mean = probs
+                else:
+                    mean += probs  # (probs is a fresh array: safe to reuse)
             if len(self.runners) > 1:
                 mean /= len(self.runners)
             yield c0, mean
@@ -163,12 +177,12 @@ class _Prediction:
         for _, mean in self.probabilities(schema):
             for s0, block in smoother.push(mean):  # none yet while slices wait for their neighbours
                 s1 = s0 + block.shape[0]
-                pmax, arg = block.max(dim=1)
-                chunk_labels = schema.channels_to_values(arg.numpy())
+                pmax, arg = ops(block).channel_max(block)
+                chunk_labels = schema.channels_to_values(arg)
                 labels_c[s0:s1] = chunk_labels
                 tally.add(chunk_labels, block)  # ``block`` is not used after this
                 if conf_c is not None:
-                    conf_c[s0:s1] = pmax.numpy()
+                    conf_c[s0:s1] = pmax
         self.timings["inference"] = time.perf_counter() - t_inf
         onnx = [r.onnx for r in self.runners if r.onnx is not None]
         if any(o.exported_s for o in onnx):  # inside "inference": the first run only
@@ -208,18 +222,19 @@ def segment_volume(volume: Volume, packages: Sequence[ModelPackage | LoadedModel
 
     ``packages`` are model packages (loaded here) or :class:`LoadedModel` s (already in memory).
     """
-    import torch
-
     options = options or SegmentOptions()
-    models, schema = check_models(packages, options)
+    host = runs_without_torch(packages, options)
+    models, schema = check_models(packages, options, lazy=host)
     for m in models:
         if m.guidance is not None and m.guidance.prior:
             raise EngineError(f"{m.ref} corrects a label map with clicks (it reads the current labels); it does "
                               f"not draft: segment with a drafting model and correct with lumbarseg refine")
     is_cancelled = (cancel.is_set if isinstance(cancel, threading.Event) else cancel) or (lambda: False)
-    if options.threads:
+    if options.threads and not host:
+        import torch
+
         torch.set_num_threads(int(options.threads))
-    run = _Prediction(volume, options, progress, is_cancelled)
+    run = _Prediction(volume, options, progress, is_cancelled, host)
     run.prepare(models)
     labels_c, conf_c, tally = run.label(schema)
     return run.finish(schema, labels_c, conf_c, tally)

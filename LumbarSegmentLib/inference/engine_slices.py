@@ -18,6 +18,7 @@ import numpy as np
 from LumbarSegmentLib.inference.devices import pick_device
 # through the engine, which chooses the OpenMP wait policy when it is imported before torch (``lumbarseg refine``)
 from LumbarSegmentLib.inference.engine import LoadedModel, SegmentOptions
+from LumbarSegmentLib.inference.host_runner import device_name
 from LumbarSegmentLib.inference.runners import Runner, check_models
 from LumbarSegmentLib.inference.windows import predict_chunk
 from LumbarSegmentLib.core.geometry import resize_planes
@@ -45,7 +46,7 @@ class SliceProbabilities:
         self.stack, self.layout, _ = model_slices(volume, spec.spacing, allow_reslice=options.allow_reslice,
                                                   normalisation=spec.normalisation)
         self.warnings: list[str] = []
-        self.runner = Runner(spec, pick_device(options.device), options, self.warnings, self.stack, lambda: False)
+        self.runner = Runner(spec, pick_device(device_name(options)), options, self.warnings, self.stack, lambda: False)
         self.plane = tuple(self.layout.to_canonical(volume.array).shape[1:])
         self.n_slices = int(self.stack.shape[0])
         self._cache: dict[int, np.ndarray] = {}

@@ -10,7 +10,10 @@ resize their decoder features to sizes read from the input, so a trace holds one
 batch stays free) and stored in a user cache folder, keyed by the weights' SHA-256, the network
 code and the torch version: the first run of a model on a plane size pays the export (seconds), later
 runs and later processes load the file (milliseconds). Models held only in memory (a training
-run's weights, no SHA-256) are exported into memory and not cached.
+run's weights, no SHA-256) are exported into memory and not cached. The key is computed without
+importing PyTorch (its installed version is read from the package metadata), so a process that
+finds the graph in the cache never needs PyTorch at all (:mod:`host_runner`); the network itself
+is then only loaded, through ``load``, when a graph has to be exported.
 
 Sessions live in a small process-wide table, so a long-lived worker process (``worker.py``) keeps
 them between volumes. ONNX Runtime runs float32 here (its CPU kernels pick the widest vector
@@ -111,26 +114,39 @@ def choose_runtime(requested: str, device_type: str, dtype, sha256: str | None, 
     return requested
 
 
+def _torch_version() -> str:
+    """The installed PyTorch's version, read from its package metadata: importing PyTorch to ask would
+    cost a cold command more than a second."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return "none"
+
+
 def _code_tag() -> str:
-    """Digest of the network code and the exporter: a change to either makes new cache entries."""
-    import torch
+    """Digest of the network code and the exporter: a change to either makes new cache entries.
 
-    from LumbarSegmentLib import models
-    from LumbarSegmentLib.inference import graph_rewrite
-
-    h = hashlib.sha256(f"{torch.__version__}|opset{OPSET}|v1".encode())
-    for folder in (Path(models.__file__).parent,):
-        for f in sorted(folder.glob("*.py")):
+    The files are found without importing them (``find_spec``): the network code imports PyTorch."""
+    spec = importlib.util.find_spec("LumbarSegmentLib.models")
+    rewrite = importlib.util.find_spec("LumbarSegmentLib.inference.graph_rewrite")
+    h = hashlib.sha256(f"{_torch_version()}|opset{OPSET}|v2".encode())
+    for folder in spec.submodule_search_locations:
+        for f in sorted(Path(folder).glob("*.py")):
             h.update(f.read_bytes())
-    h.update(Path(graph_rewrite.__file__).read_bytes())
+    h.update(Path(rewrite.origin).read_bytes())
     return h.hexdigest()[:16]
 
 
 class OnnxModel:
-    """One network as ONNX Runtime sessions, one per input shape; ``probabilities(x)`` = softmax(net(x))."""
+    """One network as ONNX Runtime sessions, one per input shape; ``probabilities(x)`` = softmax(net(x)).
 
-    def __init__(self, module, sha256: str | None, threads: int | None = None):
-        self.module, self.sha256 = module, sha256
+    ``module`` is the PyTorch inference graph to export, or None with ``load`` a function that returns it:
+    then the network is only built (and PyTorch imported) when a graph is missing from the cache."""
+
+    def __init__(self, module, sha256: str | None, threads: int | None = None, load=None):
+        self.module, self.sha256, self.load = module, sha256, load
         self.threads = int(threads or 0)  # 0: ONNX Runtime's default (one thread per physical core)
         self.exported_s = 0.0  # seconds spent exporting in this run (0 when every graph came from the cache)
         self._tag = None
@@ -187,6 +203,8 @@ class OnnxModel:
         import torch
 
         t = time.perf_counter()
+        if self.module is None:
+            self.module = self.load()
         net = _with_softmax(self.module).eval()
         buf = io.BytesIO()
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():

@@ -11,8 +11,8 @@ bf16 arithmetic (docs/benchmarks.md has the side-by-side figures).
 How a model gets here: the ONNX graph that :mod:`onnx_runner` exports (and caches) per plane size is
 converted once into OpenVINO's own format (``.xml`` + ``.bin``, weights kept in float32) and cached
 next to it under the same key (weights SHA-256, network code, PyTorch version, plane size); a later
-process reads that file and only compiles it. Compiled models live in a small process-wide table, so
-the warm worker keeps them between drafts. OpenVINO is told to compute in float32
+process reads that file and only compiles it, without PyTorch (:mod:`host_runner`). Compiled models
+live in a small process-wide table, so the warm worker keeps them between drafts. OpenVINO is told to compute in float32
 (``INFERENCE_PRECISION_HINT``): left alone it would pick bf16 on a CPU that has it, a lossy step this
 project only takes when asked (``--precision bf16`` stays on PyTorch).
 
@@ -53,10 +53,11 @@ def compile_config(threads: int) -> dict:
 class OpenVinoModel:
     """One network as compiled OpenVINO models, one per input shape; ``probabilities(x)`` = softmax(net(x))."""
 
-    def __init__(self, module, sha256: str | None, threads: int | None = None):
+    def __init__(self, module, sha256: str | None, threads: int | None = None, load=None):
         self.threads = int(threads or 0)  # 0: OpenVINO's default (its own count of physical cores)
         self.sha256 = sha256
-        self.graphs = OnnxModel(module, sha256, threads)  # the exporter (and the ONNX cache) this runner reads
+        # the exporter (and the ONNX cache) this runner reads; ``module``/``load`` as there
+        self.graphs = OnnxModel(module, sha256, threads, load)
         self._own = {}  # compiled models of a network without a SHA-256: never shared by key
         self._requests = {}  # one inference request per compiled model, reused batch after batch
 

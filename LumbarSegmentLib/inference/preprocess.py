@@ -68,18 +68,21 @@ def normalise(array: np.ndarray, method: str = "zscore_nonzero") -> tuple[np.nda
 
 
 def model_slices(volume: Volume, spacing_mm: tuple[float, float], *, allow_reslice: bool = False,
-                 normalisation: str = "zscore_nonzero"):
-    """Volume → ``(stack, layout, info)``: a float32 torch tensor ``[S, H, W]`` at ``spacing_mm``.
+                 normalisation: str = "zscore_nonzero", arrays: str = "torch"):
+    """Volume → ``(stack, layout, info)``: a float32 stack ``[S, H, W]`` at ``spacing_mm``, a torch tensor
+    (``arrays="torch"``) or a NumPy array (``"numpy"``: the prediction path without PyTorch).
 
     ``layout`` maps the stack back to the volume's grid (see ``geometry``).
     """
-    import torch
-
     layout = sagittal_layout(volume, allow_reslice=allow_reslice)
     # Normalise the canonical view directly: its float32 copy is the stack (one copy of the volume, not two).
     stack, info = normalise(layout.to_canonical(volume.array), normalisation)
     size = model_plane_size(stack.shape[1:], layout.inplane_spacing, spacing_mm)
-    t = resize_planes(torch.from_numpy(stack), size, mode="bilinear")
+    if arrays != "numpy":
+        import torch
+
+        stack = torch.from_numpy(stack)
+    t = resize_planes(stack, size, mode="bilinear")
     return t, layout, {**info, "model_plane_size": list(size), "layout": layout.to_dict()}
 
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from LumbarSegmentLib.core.schema import LabelSchema
 from LumbarSegmentLib.core.volume import Volume
+from LumbarSegmentLib.inference.arrays import ops
 from LumbarSegmentLib.inference.options import SegmentOptions
 
 
@@ -21,16 +22,13 @@ class LabelTally:
     fg_voxels: int = 0
 
     def add(self, labels: np.ndarray, probabilities) -> None:
-        """Count a block's ``labels`` (schema values); ``probabilities`` [n, K, H, W] is clamped in place."""
-        import torch
-
+        """Count a block's ``labels`` (schema values); ``probabilities`` [n, K, H, W] (a tensor or a NumPy
+        array) may be clamped in place."""
         self.counts += np.bincount(labels.ravel(), minlength=256)
-        fg = torch.from_numpy(labels != 0)  # background by value, wherever its channel is
-        n_fg = int(fg.sum())
-        if n_fg:  # mean entropy over the foreground voxels (masked sum: no boolean gather)
-            p_safe = probabilities.clamp_min_(1e-8)
-            ent = (p_safe * p_safe.log()).sum(dim=1).neg_()
-            self.entropy_sum += float(ent.mul_(fg).sum())
+        fg = labels != 0  # background by value, wherever its channel is
+        n_fg = int(np.count_nonzero(fg))
+        if n_fg:  # mean entropy over the foreground voxels
+            self.entropy_sum += ops(probabilities).entropy_sum(probabilities, fg)
         self.fg_voxels += n_fg
 
     def recount(self, labels: np.ndarray) -> None:
@@ -55,10 +53,14 @@ class RunRecord:
 
 
 def run_report(run: RunRecord) -> dict:
-    """The run report as a JSON-ready dict (written next to the label map by the callers)."""
-    import torch
+    """The run report as a JSON-ready dict (written next to the label map by the callers).
 
+    ``torch``, ``cuda`` and ``gpu`` are None when PyTorch took no part in the prediction (the path
+    without it: :mod:`host_runner`)."""
     r0, tally, schema = run.runners[0], run.tally, run.schema
+    torch = None
+    if any(r.uses_torch for r in run.runners):
+        import torch
     return {
         "labels": {str(c.value): c.id for c in schema.classes},
         "schema": schema.name,
@@ -70,8 +72,8 @@ def run_report(run: RunRecord) -> dict:
         "bn_adapt": run.options.bn_adapt,
         "device": str(r0.device),
         "precision": str(r0.dtype).replace("torch.", "") if r0.dtype else "float32",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
+        "torch": torch.__version__ if torch else None,
+        "cuda": torch.version.cuda if torch else None,
         "gpu": torch.cuda.get_device_name(0) if r0.device.type == "cuda" else None,
         "python": platform.python_version(),
         "input": {**run.volume.geometry_dict(), "layout": run.layout.to_dict(), "normalisation": {

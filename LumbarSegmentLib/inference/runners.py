@@ -53,6 +53,7 @@ class LoadedModel:
     path: str | None = None
     owned: bool = False  # True: the engine may rewrite ``module`` in place (nobody else holds it)
     guidance: object = None  # core.guidance.GuidanceSpec of a click-guided model (its click maps follow the image)
+    package: object = None  # the ModelPackage of a model read lazily: ``module`` stays None until it is needed
 
     @property
     def image_channels(self) -> int:
@@ -60,19 +61,25 @@ class LoadedModel:
         return self.channels - (self.guidance.channels if self.guidance is not None else 0)
 
     @classmethod
-    def from_package(cls, package: ModelPackage) -> "LoadedModel":
-        """Load a package's weights (verified against its sha256) on the CPU."""
+    def from_package(cls, package: ModelPackage, lazy: bool = False) -> "LoadedModel":
+        """Load a package's weights (verified against its sha256) on the CPU.
+
+        ``lazy``: verify the package (weights' sha256, manifest integrity) but build no network: a runtime
+        that finds the model's converted graph in its cache never needs PyTorch (:mod:`host_runner`)."""
         from LumbarSegmentLib.core.guidance import GuidanceSpec
 
         inp = package.manifest["input"]
         guidance = GuidanceSpec.from_dict(inp["guidance"], package.schema.ids) if "guidance" in inp else None
-        return cls(module=package.load_model("cpu"), schema=package.schema, spacing=tuple(package.spacing),
+        if lazy:
+            package.verify()
+        return cls(module=None if lazy else package.load_model("cpu"), schema=package.schema,
+                   spacing=tuple(package.spacing),
                    patch_size=tuple(package.patch_size),
                    normalisation=inp.get("normalisation", {}).get("method", "zscore_nonzero"),
                    channels=int(inp.get("channels", 1)), slice_context=int(inp.get("slice_context", 0)),
                    ref=package.ref, sha256=package.sha256,
                    variant=package.manifest["architecture"].get("variant"), path=str(package.path), owned=True,
-                   guidance=guidance)
+                   guidance=guidance, package=package if lazy else None)
 
     @classmethod
     def from_module(cls, module, schema: LabelSchema, spacing, patch_size, *, ref: str = "in-memory model",
@@ -94,8 +101,8 @@ class LoadedModel:
         return replace(self, module=copy.deepcopy(self.module).to("cpu").eval(), owned=True)
 
 
-def as_loaded(model) -> LoadedModel:
-    return model if isinstance(model, LoadedModel) else LoadedModel.from_package(model)
+def as_loaded(model, lazy: bool = False) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else LoadedModel.from_package(model, lazy)
 
 
 def _check_ensemble(packages: Sequence[LoadedModel]) -> LabelSchema:
@@ -109,10 +116,11 @@ def _check_ensemble(packages: Sequence[LoadedModel]) -> LabelSchema:
     return schema
 
 
-def check_models(packages, options: SegmentOptions) -> tuple[list[LoadedModel], LabelSchema]:
-    """Validate the options and the models for the mode; returns the loaded models and the output schema."""
+def check_models(packages, options: SegmentOptions, lazy: bool = False) -> tuple[list[LoadedModel], LabelSchema]:
+    """Validate the options and the models for the mode; returns the loaded models and the output schema
+    (``lazy``: packages verified, their networks not built: :meth:`LoadedModel.from_package`)."""
     options.validate()
-    packages = [as_loaded(p) for p in packages]
+    packages = [as_loaded(p, lazy) for p in packages]
     if not packages:
         raise EngineError("no model given")
     if options.mode in ("fast", "tta") and len(packages) > 1:
@@ -132,20 +140,23 @@ def cpu_batch(slices, spec: LoadedModel, options: SegmentOptions) -> int:
     return max(1, CPU_BATCH_PIXELS // (th * tw))
 
 
-def _external_model(runtime: str, module, sha256: str | None, threads: int | None):
-    """The network on another library than PyTorch (``probabilities(numpy) -> numpy``), or None for PyTorch."""
+def external_model(runtime: str, module, sha256: str | None, threads: int | None, load=None):
+    """The network on another library than PyTorch (``probabilities(numpy) -> numpy``), or None for PyTorch;
+    ``module`` None: ``load()`` builds it when a graph must be exported (:class:`onnx_runner.OnnxModel`)."""
     if runtime == "onnx":
-        return OnnxModel(module, sha256, threads)
+        return OnnxModel(module, sha256, threads, load)
     if runtime == "openvino":
         from LumbarSegmentLib.inference.openvino_runner import OpenVinoModel
 
-        return OpenVinoModel(module, sha256, threads)
+        return OpenVinoModel(module, sha256, threads, load)
     return None
 
 
 class Runner:
     """One model on one device, with the batching / OOM policy; ``onnx``: the network when another library
     (ONNX Runtime or OpenVINO) computes it, None when PyTorch does."""
+
+    uses_torch = True  # (the run report's torch version; :class:`host_runner.HostRunner` has none)
 
     def __init__(self, spec: LoadedModel, device, options: SegmentOptions, warnings: list, slices,
                  cancelled: Callable[[], bool]):
@@ -167,7 +178,7 @@ class Runner:
             self.model = inference_graph(self.model)
             self._place(device)
         self.runtime = choose_runtime(options.runtime, self.device.type, self.dtype, spec.sha256, options.bn_adapt)
-        self.onnx = _external_model(self.runtime, self.model, spec.sha256, options.threads)
+        self.onnx = external_model(self.runtime, self.model, spec.sha256, options.threads)
 
     def _adapt(self, slices):
         """Test-time BatchNorm adaptation (bn_adapt.py) on windows of the volume's own slices, cut

@@ -18,6 +18,7 @@ import math
 import numpy as np
 
 from LumbarSegmentLib.core.checks import number_arg
+from LumbarSegmentLib.inference.arrays import ops
 
 #: sigma (mm) of the across-slice probability average: the engine's default
 SLICE_SMOOTHING_MM = 4.0
@@ -41,7 +42,8 @@ class SliceSmoother:
     there is never a second copy of it; the blocks keep what the engine allocates downstream at the
     chunk's size. At the ends of the stack the outermost slice stands in for the missing neighbours
     (copies of the first are written before it; past the last slice, the last one is read again).
-    ``sigma_mm`` 0 (or a single slice) passes chunks through unchanged.
+    ``sigma_mm`` 0 (or a single slice) passes chunks through unchanged. The chunks may be PyTorch tensors
+    or NumPy arrays (:mod:`arrays`); the blocks are of the same kind.
     """
 
     def __init__(self, n_slices: int, slice_mm: float, sigma_mm: float, chunk: int = 16):
@@ -64,24 +66,25 @@ class SliceSmoother:
 
     def _write(self, p0: int, data) -> None:
         for i, view in self._pieces(p0, data.shape[0]):
-            view.copy_(data[i:i + view.shape[0]])
+            self.xp.assign(view, data[i:i + view.shape[0]])
 
     def push(self, probs) -> list:
         if not self.r:
             start, self.done = self.done, self.done + probs.shape[0]
             return [(start, probs)]
         r, s = self.r, probs.shape[0]
+        xp = self.xp = ops(probs)
         if self.ring is None or s > self.chunk:  # first chunk, or one larger than announced: (re)size
             self.chunk = max(self.chunk, s)
             old, live = self.ring, (self.done, self.filled)
-            self.ring = probs.new_empty((2 * r + self.chunk, *probs.shape[1:]))
+            self.ring = xp.empty((2 * r + self.chunk, *probs.shape[1:]))
             if old is None:
-                self._write(0, probs[:1].expand(r, *probs.shape[1:]))
+                self._write(0, xp.broadcast(probs[:1], (r, *probs.shape[1:])))
                 self.filled = r
             else:
                 cap_old = old.shape[0]
                 for p in range(*live):
-                    self.ring[p % self.ring.shape[0]].copy_(old[p % cap_old])
+                    xp.assign(self.ring[p % self.ring.shape[0]], old[p % cap_old])
         self._write(self.filled, probs)
         self.filled += s
         received = self.filled - r
@@ -91,13 +94,13 @@ class SliceSmoother:
         while self.done < ready:
             a = self.done
             b = min(ready, a + s)
-            out = probs.new_zeros((b - a, *probs.shape[1:]))
+            out = xp.zeros((b - a, *probs.shape[1:]))
             for i, w in enumerate(self.weights):  # tap i of output slice t reads padded index t + i
                 stop = min(b + i, end)
                 for off, view in self._pieces(a + i, max(0, stop - a - i)):
-                    out[off:off + view.shape[0]].add_(view, alpha=w)
+                    xp.add_scaled(out[off:off + view.shape[0]], view, w)
                 if b + i > end:  # past the last slice: the last slice again
-                    out[max(0, end - a - i):].add_(self.ring[(end - 1) % self.ring.shape[0]], alpha=w)
+                    xp.add_scaled(out[max(0, end - a - i):], self.ring[(end - 1) % self.ring.shape[0]], w)
             blocks.append((a, out))
             self.done = b
         return blocks
@@ -107,12 +110,10 @@ def neighbour_stack(stack, c0: int, c1: int, context: int):
     """The network input of slices ``c0 .. c1`` of ``stack [S, H, W]``: ``[n, 2 k + 1, H, W]``, each
     slice between its ``k = context`` neighbours on either side, in slice order (2.5D models; k = 0:
     the slices alone, as a view). Beyond the ends of the stack the edge slice stands in, as it does
-    for the probability average above and for the training sampler (``training.data.PatchSampler``)."""
-    import torch
-
+    for the probability average above and for the training sampler (``training.data.PatchSampler``).
+    ``stack`` may be a PyTorch tensor or a NumPy array; the result is of the same kind."""
     if not context:
         return stack[c0:c1, None]
     n = stack.shape[0]
-    offsets = torch.arange(-context, context + 1)
-    idx = (torch.arange(c0, c1)[:, None] + offsets[None]).clamp_(0, n - 1)
-    return stack[idx.reshape(-1)].reshape(c1 - c0, 2 * context + 1, *stack.shape[1:])
+    idx = np.clip(np.arange(c0, c1)[:, None] + np.arange(-context, context + 1)[None], 0, n - 1)
+    return ops(stack).take_slices(stack, idx.reshape(-1)).reshape(c1 - c0, 2 * context + 1, *stack.shape[1:])

@@ -5,12 +5,16 @@ A slice is cut into windows of the model's patch size (or the whole padded slice
 ``SegmentOptions.tile``), overlapping by ``SegmentOptions.overlap``; where windows overlap their
 probabilities are blended with a Gaussian weight that trusts each window's centre most. Slices
 smaller than one window are zero-padded up to it and the padding is cut off again afterwards.
+
+The arithmetic runs on whatever arrays it is handed (PyTorch tensors, or NumPy arrays on the path
+without PyTorch: :mod:`arrays`).
 """
 from __future__ import annotations
 
 import math
 from typing import Callable, Sequence
 
+from LumbarSegmentLib.inference.arrays import TORCH, ops
 from LumbarSegmentLib.inference.options import SegmentOptions
 
 
@@ -23,16 +27,11 @@ def window_starts(length: int, window: int, overlap: float) -> list[int]:
     return [int(round(i * (length - window) / (n - 1))) for i in range(n)]
 
 
-def gaussian_weight(h: int, w: int, sigma_frac: float = 0.125):
-    """The blending weight of one ``h`` x ``w`` window: 1 at the centre, never below 1e-3 at the edges."""
-    import torch
-
-    def g(n):
-        x = torch.arange(n, dtype=torch.float32) - (n - 1) / 2
-        return torch.exp(-0.5 * (x / max(1.0, n * sigma_frac)) ** 2)
-
-    wmap = g(h)[:, None] * g(w)[None, :]
-    return (wmap / wmap.max()).clamp_min(1e-3)
+def gaussian_weight(h: int, w: int, sigma_frac: float = 0.125, xp=TORCH):
+    """The blending weight of one ``h`` x ``w`` window: 1 at the centre, never below 1e-3 at the edges
+    (``xp``: the array operations, :mod:`arrays`)."""
+    wmap = xp.gaussian(h, max(1.0, h * sigma_frac))[:, None] * xp.gaussian(w, max(1.0, w * sigma_frac))[None, :]
+    return xp.clamp_min(wmap / wmap.max(), 1e-3)
 
 
 def window_grid(plane: tuple[int, int], patch_size: tuple, options: SegmentOptions):
@@ -53,11 +52,9 @@ def window_grid(plane: tuple[int, int], patch_size: tuple, options: SegmentOptio
 
 def tiling(stack, patch_size: tuple, options: SegmentOptions):
     """``stack [n, C, H, W]`` zero-padded up to at least one tile, and its :func:`window_grid`."""
-    import torch.nn.functional as F
-
     (th, tw), ys, xs = window_grid(tuple(stack.shape[2:]), patch_size, options)
     pad_h, pad_w = max(0, th - stack.shape[2]), max(0, tw - stack.shape[3])
-    return (F.pad(stack, (0, pad_w, 0, pad_h)) if pad_h or pad_w else stack), (th, tw), ys, xs
+    return (ops(stack).pad_hw(stack, pad_h, pad_w) if pad_h or pad_w else stack), (th, tw), ys, xs
 
 
 def count_batches(n_slices: int, plane: tuple[int, int], runner, flips: Sequence[bool],
@@ -75,16 +72,16 @@ def count_batches(n_slices: int, plane: tuple[int, int], runner, flips: Sequence
 def predict_chunk(runner, stack, flips: Sequence[bool], options: SegmentOptions, tick: Callable[[], None]):
     """Probabilities [n, K, H, W] for a chunk of model-space slices [n, C, H, W] (C = 2k+1 input slices),
     windows batched ``runner.group`` at a time through ``runner.forward`` (a :class:`runners.Runner`),
-    averaged over the ``flips`` (flip TTA) and blended; ``tick()`` after every forward pass."""
-    import torch
-
+    averaged over the ``flips`` (flip TTA) and blended; ``tick()`` after every forward pass. The arrays
+    are of the library ``stack`` is (:mod:`arrays`); so must ``runner.forward``'s be."""
+    xp = ops(stack)
     n, _, H, W = stack.shape
     x, (th, tw), ys, xs = tiling(stack, runner.spec.patch_size, options)
     ph, pw = x.shape[2:]
     single = len(ys) == 1 and len(xs) == 1
-    weight = torch.ones(th, tw) if single else gaussian_weight(th, tw)
-    acc = torch.zeros(n, runner.spec.schema.num_classes, ph, pw)
-    wsum = torch.zeros(ph, pw)
+    weight = xp.ones((th, tw)) if single else gaussian_weight(th, tw, xp=xp)
+    acc = xp.zeros((n, runner.spec.schema.num_classes, ph, pw))
+    wsum = xp.zeros((ph, pw))
     for y in ys:
         for x0 in xs:
             wsum[y:y + th, x0:x0 + tw] += weight
@@ -92,12 +89,12 @@ def predict_chunk(runner, stack, flips: Sequence[bool], options: SegmentOptions,
     bs = runner.group
     for b in range(0, len(windows), bs):
         group = windows[b:b + bs]
-        batch = torch.stack([x[s, :, y:y + th, x0:x0 + tw] for s, y, x0 in group])
+        batch = xp.stack([x[s, :, y:y + th, x0:x0 + tw] for s, y, x0 in group])
         probs = 0
         for flip in flips:
-            inp = torch.flip(batch, dims=[3]) if flip else batch
+            inp = xp.flip_w(batch) if flip else batch
             out = runner.forward(inp)
-            probs = probs + (torch.flip(out, dims=[3]) if flip else out)
+            probs = probs + (xp.flip_w(out) if flip else out)
             tick()
         probs = probs / len(flips)
         for (s, y, x0), p in zip(group, probs):
