@@ -57,7 +57,10 @@ def test_t1_levels_case_unknown_outside_complete_range_and_s1_only_sacrum():
     case = _case({5: "vertebral_body", 6: "sacrum"}, ["vertebral_body", "sacrum"],
                  levels={"5": "L5", "6": "S1"}, labels_complete_z_range=[10, 19])
     t, structures = case_target(case, lab, SPINE)
-    assert structures == ("vertebral_body",)  # the sacrum's lower segments are not outlined
+    # inside the complete range the sacrum is known (S1 or not sacrum); its lower segments lie below it
+    assert structures == ("vertebral_body", "sacrum")
+    no_range = _case({5: "vertebral_body", 6: "sacrum"}, ["vertebral_body", "sacrum"], levels={"5": "L5", "6": "S1"})
+    assert case_target(no_range, lab, SPINE)[1] == ("vertebral_body",), "S1 alone, lower segments unknown"
     assert (t[10:15] == CH["sacrum"]).all() and (t[16:20] == CH["vertebral_body"]).all()
     assert (t[:10] == IGNORE_INDEX).all() and (t[20:] == IGNORE_INDEX).all()
     whole = _case({6: "sacrum"}, ["sacrum"])  # a sacrum outlined without levels counts as annotated
@@ -87,7 +90,7 @@ def test_real_new_sources_load_as_training_slices(shared_data):
     # in-plane spacing comes from the file (0.89 mm here): the 1 mm model plane is smaller than 320 x 256
     assert s.image.shape[1] < 320 and s.image.shape[2] < 256
     t = load_case_slices(t1, SPINE)
-    assert t.num_slices == 1 and not t.annotated[CH["sacrum"]]
+    assert t.num_slices == 1 and t.annotated[CH["sacrum"]]
     assert {CH["sacrum"], CH["vertebral_body"], IGNORE_INDEX} <= set(torch.unique(t.label).tolist())
 
 

@@ -19,8 +19,11 @@ Set codes need ``K <= 7`` channels (bits 0..6). What each source teaches (the da
   vertebral body -> ``sacrum`` when the schema has it, else unknown (the case's lower sacral
   segments are unlabelled, so ``sacrum`` is not marked annotated);
 * ``labels_complete_z_range`` (t1-levels): rows outside it are unknown;
-* a sacrum labelled as level S1 only (the case's ``levels``; t1-levels) is a positive, but the case
-  does not annotate the sacrum: its lower segments are unlabelled, so label 0 may still be sacrum;
+* a sacrum labelled as level S1 only (the case's ``levels``) is a positive; whether the case annotates
+  the sacrum depends on where its labels are complete: with ``labels_complete_z_range`` (t1-levels:
+  bottom of S1 to top of L1) every row that still counts lies above the lower sacral segments, so
+  there the sacrum is known (S1 or not sacrum) and the case annotates it; without such a range the
+  lower segments are unlabelled and label 0 may still be sacrum, so it does not;
 * a case that labels vertebrae as unions and discs but not the sacrum (SPIDER): its label 0 is pure
   background above the top of the lowest disc (L5/S1); below it the marginal loss lets it be sacrum.
 """
@@ -106,7 +109,8 @@ def case_target(case, label: np.ndarray, schema: LabelSchema, source: str = "") 
         if structure in schema.unions:
             annotated += [m for m in schema.unions[structure] if m not in annotated]
         elif structure in schema:
-            annotated += [structure] if structure not in annotated and not _only_s1(case, structure) else []
+            partial = _only_s1(case, structure) and "labels_complete_z_range" not in case.extra
+            annotated += [structure] if structure not in annotated and not partial else []
         else:
             dropped.append(structure)
     if dropped:
