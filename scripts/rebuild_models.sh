@@ -61,7 +61,9 @@ lumbarseg-train train --data "$DATA" --cases IVD_11,IVD_20,VB1_07,VB2_02,VB2_04,
   --patch 192 --precision bf16 --threads 1 --val-every 2 --val-stride 3 --patience 8 --intensity-aug strong \
   --unannotated-bg-weight 0.05 --max-minutes 36 --budget-clock cpu --name uvd-starter --out "$OUT/uvd-starter"
 
-FT="--data $DATA --cases $TRAINVAL --val-cases $VAL --patch 192 --batch-size 8 --steps-per-epoch 60 --epochs 36 \
+# --plain-finetune: these stages were trained before a fine-tune kept its parent by default (replay, blend);
+# every case of every source is in their data anyway
+FT="--plain-finetune --data $DATA --cases $TRAINVAL --val-cases $VAL --patch 192 --batch-size 8 --steps-per-epoch 60 --epochs 36 \
   --lr 3e-4 --unannotated-bg-weight 0.05 --precision bf16 --threads 1 --val-every 4 --val-stride 4 --patience 0 \
   --max-minutes 45 --budget-clock cpu"
 # stage 1: the default
@@ -96,7 +98,7 @@ lumbarseg-train export "$OUT/nowfdom-all/last.pt" --out "$OUT/nowfdom-all-e20" -
 lumbarseg-train finetune --from "$OUT/nowf-all-e20" $FT --epochs 10 --lr 1e-4 --val-every 10 --max-minutes 30 \
   --intensity-aug domain --balance sources --name uvd-starter --out "$OUT/v3-domain"
 # stage 8: half the patches plain (no --max-minutes: a fixed number of steps, 32 x 60)
-FT11="--data $DATA --cases $TRAINVAL --val-cases $VAL --patch 192 --batch-size 8 --steps-per-epoch 60 \
+FT11="--plain-finetune --data $DATA --cases $TRAINVAL --val-cases $VAL --patch 192 --batch-size 8 --steps-per-epoch 60 \
   --unannotated-bg-weight 0.05 --precision bf16 --threads 1 --val-stride 4 --patience 0 --balance sources"
 lumbarseg-train finetune --from "$OUT/v3-domain/package" $FT11 --lr 3e-4 --epochs 32 --val-every 32 \
   --intensity-aug domain --augment-share 0.5 --name uvd-fit --out "$OUT/v5-fit"

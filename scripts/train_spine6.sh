@@ -9,6 +9,7 @@
 # --l2sp 0: every source the parent knew is in the training data, so the fine-tune default's spring back
 # to the parent's weights (made for a team's 20-slice fine-tune) is not needed, and with it the new
 # classes were not learned at all (1300 steps: spinal canal and sacrum Dice 0.00; docs/lab/spine6-sources.md).
+# --replay 0 --wise 1: the cases already hold every source, and the package is the run's own weights.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -37,6 +38,6 @@ case "$PARENT" in *@*|uvd-*) REG=(--registry Resources/Models);; esac
 exec "$PY" -m LumbarSegmentLib.training.cli finetune --from "$PARENT" "${REG[@]}" --schema spine6 \
   --data "$SHARED/lumbar-mr,$SHARED/spider-t2space,$SHARED/t1-levels" --cases "$CASES" --val-cases "$VAL" \
   --patch 192 --batch-size 4 --steps-per-epoch 10 --epochs 360 --warmup-steps 10 --lr 3e-4 --val-every 1000 --val-stride 4 \
-  --patience 0 --l2sp 0 \
+  --patience 0 --l2sp 0 --replay 0 --wise 1 \
   --unannotated-bg-weight 0.05 --precision bf16 --threads 2 --balance sources --intensity-aug domain \
   ${BUDGET[@]+"${BUDGET[@]}"} --name uvd-spine --out "$OUT" "$@"

@@ -132,6 +132,7 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
     train_cases, cfg = _with_replay(keep, pkg, target, list(train_cases), cfg, info)
     info["slice_context"] = context
     widen_input(model, 2 * context["run"] + 1)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()} if keep.wise < 1 else None
     if cfg.pseudo_labels and "parent" in cfg.pseudo_labels:  # the model as it was before this fine-tune
         cfg = cfg.replace(pseudo_labels=tuple(str(pkg.path) if r == "parent" else r for r in cfg.pseudo_labels))
     if cfg.name is None:
@@ -143,20 +144,21 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
                     "knew, fine-tune with --l2sp 0", keep.l2sp, pkg.ref, ", ".join(info["new_classes"]))
     result = train(cfg, train_cases, val_cases, out_dir=out_dir, start=StartFrom(model, info), **train_kwargs)
     if keep.wise < 1 and result.package is not None:
-        result.package = _blend_with_parent(result.package, pkg, keep.wise)
+        result.package = _blend_with_parent(result.package, pkg, keep.wise, start)
     return result
 
 
-def _blend_with_parent(child: ModelPackage, parent: ModelPackage, alpha: float) -> ModelPackage:
-    """Replace the run's ``package/`` by its blend with the parent (``training.wise``); the fine-tune as
-    trained stays beside it in ``package-finetuned/``."""
+def _blend_with_parent(child: ModelPackage, parent: ModelPackage, alpha: float, start: dict) -> ModelPackage:
+    """Replace the run's ``package/`` by its blend with the weights it started from (the parent's, adapted
+    to the run's classes and slices; ``training.wise``); the fine-tune as trained stays beside it in
+    ``package-finetuned/``."""
     import shutil
 
     from .wise import write_blend
 
     run = child.path.parent
     tmp, kept = run / "package-blend", run / "package-finetuned"
-    write_blend(child, parent, alpha, tmp)
+    write_blend(child, parent, alpha, tmp, start=start)
     if kept.exists():
         shutil.rmtree(kept)
     child.path.rename(kept)
@@ -183,8 +185,9 @@ def _with_replay(keep: RetentionSettings, pkg: ModelPackage, target: LabelSchema
     info["retention"]["replay"] = {"fraction": keep.replay, "cases": [c.case_id for c in cases],
                                    "set": "shipped" if keep.replay_set is None else str(keep.replay_set)}
     if not cases:
-        log.warning("replay is on but no replay case fits (sources %s, schema %r): fine-tuning on the team's "
-                    "cases alone", ", ".join(sorted(sources)) or "unknown", target.name)
+        log.warning("replay is on but every replay case was left out (not of the parent's sources %s, not fitting "
+                    "schema %r, or a patient the cases given already hold): fine-tuning on the cases given alone",
+                    ", ".join(sorted(sources)) or "unknown", target.name)
         return train_cases, cfg
     log.info("replaying %d case(s) of %s as %.0f%% of each batch", len(cases),
              ", ".join(sorted({c.extra.get("source", c.case_id.split("_")[0]) for c in cases})), 100 * keep.replay)

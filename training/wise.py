@@ -60,14 +60,20 @@ def _keep_classes(model, ids: list, schema: LabelSchema):
             m.bias.data.copy_(b[keep])
 
 
-def blend(child: ModelPackage, parent: ModelPackage, alpha: float, schema: LabelSchema | None = None):
-    """``(model, schema)``: the child's network with blended weights, in ``schema`` (default the child's)."""
+def blend(child: ModelPackage, parent: ModelPackage, alpha: float, schema: LabelSchema | None = None,
+          start: dict | None = None):
+    """``(model, schema)``: the child's network with blended weights, in ``schema`` (default the child's).
+
+    ``start``: the state the fine-tune began from, when it is not the parent's package as it stands (a
+    fine-tune that widened the parent's input to neighbour slices, or replaced its class-score layers):
+    the line then runs from that start, in the child's own classes."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha is the share of the fine-tune kept, from 0 to 1; got {alpha}")
-    cm, pm = child.load_model("cpu"), parent.load_model("cpu")
+    cm = child.load_model("cpu")
+    base, ids = (start, child.schema.ids) if start is not None else (parent.load_model("cpu").state_dict(),
+                                                                     parent.schema.ids)
     heads = {f"{n}.{t}" for n in cm.head_modules() for t in ("weight", "bias")}
-    cm.load_state_dict(blend_state(cm.state_dict(), pm.state_dict(), (child.schema.ids, parent.schema.ids), alpha,
-                                   heads))
+    cm.load_state_dict(blend_state(cm.state_dict(), base, (child.schema.ids, ids), alpha, heads))
     schema = schema or child.schema
     if schema.ids != child.schema.ids:
         _keep_classes(cm, list(child.schema.ids), schema)
@@ -75,10 +81,10 @@ def blend(child: ModelPackage, parent: ModelPackage, alpha: float, schema: Label
 
 
 def write_blend(child: ModelPackage, parent: ModelPackage, alpha: float, out: str | Path, *,
-                schema: LabelSchema | None = None, name: str | None = None) -> ModelPackage:
+                schema: LabelSchema | None = None, name: str | None = None, start: dict | None = None) -> ModelPackage:
     """Write the blend as a package in ``out`` (replaced): the child's training record, plus what was
-    blended with what (``training.interpolated``); its parent is the child's parent."""
-    model, schema = blend(child, parent, alpha, schema)
+    blended with what (``training.interpolated``); its parent is the child's parent. ``start``: see :func:`blend`."""
+    model, schema = blend(child, parent, alpha, schema, start)
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
