@@ -9,8 +9,9 @@ use (training/publish.py). :attr:`RetrainController.status` stays ``running`` th
   (``LumbarSegmentLib.dataset.holdout``); its cases are excluded from training (``--exclude``) and
   are the cases the gate grades on (``publish --cases``). A model is never graded on
   cases it trained on.
-* **Keeping what the model knew.** ``finetune`` keeps the parent's knowledge by default
-  (``training.finetune.RETENTION_DEFAULT``) and the publish gate grades on the shipped reference set
+* **Keeping what the model knew.** ``finetune`` keeps the parent's knowledge by default (it replays
+  a few shipped slices of the parent's own sources and blends the result with the parent's weights;
+  ``training.finetune.RETENTION_DEFAULT``) and the publish gate grades on the shipped reference set
   of every source as well, so a team with only its own cases gets the same protection as one that
   rehearses with other data; :attr:`RetrainController.own_source_only` waives the reference check.
 * **Progress** is the run folder's ``progress.jsonl`` (trainer and publish step both
