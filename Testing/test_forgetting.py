@@ -274,7 +274,7 @@ def test_shipped_reference_set_covers_every_validated_source():
     cases = reference_cases()
     if not cases:
         pytest.skip(f"no reference set in {reference_root()}")
-    assert set(sources_of(cases)) >= {"IVD", "VB1", "VB2", "VB3"}
+    assert set(sources_of(cases)) >= {"IVD", "VB1", "VB2", "VB3", "SP", "T1L"}
     size = sum(p.stat().st_size for p in reference_root().iterdir())
     assert size < 4 * 2**20, "the shipped reference stays small"
     assert (reference_root() / "PROVENANCE.md").is_file()

@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 #: source -> cases (validation split where the source has one)
 REFERENCE = {"VB1": ["VB1_10", "VB1_15"], "VB2": ["VB2_05", "VB2_17"], "VB3": ["VB3_04", "VB3_15"],
-             "IVD": ["IVD_11", "IVD_20"]}
+             "IVD": ["IVD_11", "IVD_20"], "SP": ["SP_110", "SP_177"],
+             "T1L": ["T1L_0004", "T1L_0026", "T1L_0030", "T1L_0043"]}
 #: source -> training cases of the shipped models replayed by a fine-tune (none in a test, validation or
 #: reference list, none in the forgetting experiment's t1-levels lists)
 REPLAY = {"VB1": ["VB1_07", "VB1_17"], "VB2": ["VB2_02", "VB2_04"], "VB3": ["VB3_01", "VB3_02"],
@@ -92,6 +93,10 @@ def main(argv=None) -> int:
         for source, ids in (REPLAY if a.replay else REFERENCE).items():
             for cid in ids:
                 if a.replay:
+                    ref = _replay_case(source, cid, Path(a.shared), tmp, built)
+                    print(f"{cid}: {ref.image_path.stat().st_size + ref.label_path.stat().st_size} bytes")
+                    continue
+                if source in ("SP", "T1L"):  # adapted as the replay set adapts them (discs only; S1 cropped)
                     ref = _replay_case(source, cid, Path(a.shared), tmp, built)
                     print(f"{cid}: {ref.image_path.stat().st_size + ref.label_path.stat().st_size} bytes")
                     continue
