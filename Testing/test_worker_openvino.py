@@ -48,14 +48,21 @@ def test_worker_drafts_through_openvino_give_the_torch_labels(tiny_package, tmp_
 
 
 def test_draft_runtime_per_machine(monkeypatch):
-    """auto: OpenVINO where installed and no GPU is at hand; PyTorch otherwise; an explicit choice stays."""
+    """auto: OpenVINO on a CPU without bf16 (no GPU, OpenVINO installed); PyTorch on a bf16 CPU, with a
+    GPU or without OpenVINO; an explicit choice stays."""
     import importlib.util
 
+    ov_runner = _openvino()
     real = importlib.util.find_spec
     monkeypatch.setattr(worker_mod, "gpu_present", lambda: False)
+    monkeypatch.setattr(ov_runner, "cpu_has_bf16", lambda: False)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "openvino" else real(name))
     assert worker_mod.draft_runtime("auto") == "openvino"
     assert worker_mod.draft_runtime("torch") == "torch"
+    monkeypatch.setattr(ov_runner, "cpu_has_bf16", lambda: True)
+    assert worker_mod.draft_runtime("auto") == "torch"
+    assert worker_mod.draft_runtime("openvino") == "openvino"
+    monkeypatch.setattr(ov_runner, "cpu_has_bf16", lambda: False)
     monkeypatch.setattr(worker_mod, "gpu_present", lambda: True)
     assert worker_mod.draft_runtime("auto") == "torch"
     monkeypatch.setattr(worker_mod, "gpu_present", lambda: False)
@@ -95,6 +102,16 @@ def test_openvino_bf16_is_refused_on_a_cpu_without_it(tiny_package, small_real_v
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     with pytest.raises(EngineError, match="fp32 or bf16"):
         ov_runner.check_precision("fp16")
+
+
+def test_a_onednn_capped_below_bf16_has_no_openvino_bf16(monkeypatch):
+    """``ONEDNN_MAX_CPU_ISA=AVX2`` (how an AVX2-only CPU is emulated) leaves OpenVINO without bf16 kernels,
+    though the CPU reports bf16: the check says no, so the request is refused up front."""
+    ov_runner = _openvino()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not ov_runner.cpu_has_bf16()
+    with pytest.raises(EngineError, match="bf16 arithmetic"):
+        ov_runner.check_precision("bf16")
 
 
 def test_openvino_bf16_when_asked_and_available(tiny_package, small_real_volume, tmp_path, monkeypatch):

@@ -25,8 +25,8 @@ does, without PyTorch (:mod:`inference.host_runner`): the worker then hands the 
 not PyTorch networks, and the compiled OpenVINO models stay in the process (``openvino_runner``'s
 table, bounded) from one draft and one case to the next. A request that leaves the runtime at
 ``auto`` gets the worker's draft runtime (``serve --runtime``, default ``auto``: :func:`draft_runtime`
-picks per machine: OpenVINO float32 where it is installed and no GPU is at hand, PyTorch otherwise);
-the report names the runtime that ran.
+picks per machine: OpenVINO float32 on a CPU without bf16 arithmetic and no GPU, where it is
+installed; PyTorch otherwise); the report names the runtime that ran.
 
 Cancel = kill the process (``worker_client.WarmWorker.kill``): nothing is half-written (the command
 commits its outputs at the end) and every byte of memory returns; the next draft starts a fresh
@@ -48,6 +48,7 @@ from LumbarSegmentLib.core.progress import DONE, ERROR, PROGRESS_ENV, ProgressLo
 DEFAULT_MAX_RSS_MB = 2048
 DEFAULT_MAX_JOBS = 200
 DRAFT_RUNTIMES = ("auto", "torch", "onnx", "openvino")
+WARM_FOV_MM = 300.0  # the plane warmed up for OpenVINO: a usual sagittal lumbar field of view
 
 
 def resident_mb() -> float:
@@ -87,18 +88,25 @@ def gpu_present() -> bool:
 def draft_runtime(requested: str = "auto") -> str:
     """The runtime for drafts that leave ``--runtime`` at ``auto``.
 
-    ``auto``: OpenVINO where it is installed and no GPU is at hand, else PyTorch. Why, per CPU class
-    (docs/benchmarks.md, warm drafts of the clinical stack on one machine): without bf16 arithmetic
-    OpenVINO float32 costs about 0.75x PyTorch float32's CPU time; with AVX-512 BF16 it is as fast as
-    PyTorch's default bf16 there and gives the float32 labels, and either way the worker runs without
-    PyTorch (about 400 MB less and a second less to start). A GPU drafts faster than either, on PyTorch.
-    OpenVINO's bf16 is never chosen here: it is a lossy step, taken only when a request asks for it.
+    ``auto``, per machine class (docs/benchmarks.md, warm drafts of the clinical stack):
+
+    * a CPU without bf16 arithmetic, no GPU, OpenVINO installed: OpenVINO float32. PyTorch would
+      compute in float32 there too, and OpenVINO gives the same labels for about 0.7x the CPU time,
+      without PyTorch in the worker (about 400 MB less, a second less to start);
+    * a CPU with bf16 arithmetic (AVX-512 BF16, AMX): PyTorch, which the command's automatic precision
+      runs in bf16 there. OpenVINO float32 would be slower and OpenVINO bf16 is a lossy step of its own,
+      taken only when a request asks for it; so drafts keep the command's labels;
+    * a GPU at hand, or no OpenVINO: PyTorch.
     """
     if requested != "auto":
         return requested
     from importlib.util import find_spec
 
-    return "openvino" if find_spec("openvino") is not None and not gpu_present() else "torch"
+    if find_spec("openvino") is None or gpu_present():
+        return "torch"
+    from LumbarSegmentLib.inference.openvino_runner import cpu_has_bf16
+
+    return "torch" if cpu_has_bf16() else "openvino"
 
 
 class ModelCache:
@@ -128,9 +136,10 @@ class ModelCache:
 
 def warm_up(cache: ModelCache, refs: str | None, runtime: str = "torch", threads: int | None = None) -> None:
     """Load ``refs`` (or the default model) and run one slice through each: the first draft then finds
-    the weights, the inference graph and the CPU library's kernels ready. With OpenVINO the slice is
-    one window of the model's patch size at its spacing, so the network compiled for it is the one a
-    clinical stack's draft runs (a plane of another size compiles its own on its first draft)."""
+    the weights, the inference graph and the CPU library's kernels ready. With OpenVINO, which compiles
+    one network per window size, the slice spans a typical lumbar field of view (``WARM_FOV_MM``) at
+    the model's spacing, so a usual clinical stack finds its network compiled (and converted, when the
+    cache lacked it); a plane of another size pays its own compilation (0.1-0.3 s) on its first draft."""
     import numpy as np
 
     from LumbarSegmentLib.core.volume import Volume
@@ -141,7 +150,8 @@ def warm_up(cache: ModelCache, refs: str | None, runtime: str = "torch", threads
     host = runs_without_torch([], opts)
     rng = np.random.default_rng(0)
     for model in cache.resolve(refs, "fast", host=host):
-        (h, w), (sh, sw) = (model.patch_size, model.spacing) if host else ((64, 64), (1.0, 1.0))
+        (sh, sw) = model.spacing if host else (1.0, 1.0)
+        h, w = (round(WARM_FOV_MM / sh), round(WARM_FOV_MM / sw)) if host else (64, 64)
         vol = Volume(array=(rng.random((1, h, w)) * 100).astype(np.float32), spacing=(sw, sh, 4.0),  # one sagittal
                      origin=(0.0, 0.0, 0.0), direction=np.array([[0.0, 0, 1], [1, 0, 0], [0, -1, 0]]))  # slice
         segment_volume(vol, [model], opts)
@@ -225,8 +235,8 @@ def main(argv=None) -> int:
     s.add_argument("--max-jobs", type=int, default=DEFAULT_MAX_JOBS,
                    help=f"retire after this many requests (default {DEFAULT_MAX_JOBS})")
     s.add_argument("--runtime", choices=DRAFT_RUNTIMES, default="auto",
-                   help="what computes drafts that leave --runtime at auto (default auto: OpenVINO float32 "
-                        "where installed and no GPU is at hand, else PyTorch)")
+                   help="what computes drafts that leave --runtime at auto (default auto: OpenVINO float32 on a "
+                        "CPU without bf16 and no GPU, where installed; else PyTorch)")
     from LumbarSegmentLib.inference.options import SegmentOptions
 
     SegmentOptions.add_arguments(s, only=("threads",))  # the range of `lumbarseg segment --threads`

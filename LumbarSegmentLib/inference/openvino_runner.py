@@ -24,6 +24,7 @@ Optional dependency: ``pip install openvino onnx`` (the ``fast`` extra).
 """
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -61,9 +62,16 @@ def compile_config(threads: int, precision: str = "fp32") -> dict:
             "INFERENCE_NUM_THREADS": str(int(threads or 0)), "ENABLE_CPU_PINNING": "NO"}
 
 
+# oneDNN ISA caps (``ONEDNN_MAX_CPU_ISA``) below the first with bf16 arithmetic: under these OpenVINO's CPU
+# plugin (which carries oneDNN) has no bf16 kernels, though the CPU itself may report bf16
+_ISA_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
 def cpu_has_bf16() -> bool:
-    """Whether OpenVINO's CPU plugin computes bf16 natively here (its own capability list: asking
-    PyTorch would import it, which the OpenVINO path avoids)."""
+    """Whether OpenVINO's CPU plugin computes bf16 natively here: its own capability list (asking
+    PyTorch would import it, which the OpenVINO path avoids), unless oneDNN is capped below bf16."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ISA_WITHOUT_BF16:
+        return False
     try:
         return "BF16" in _core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     except (RuntimeError, ImportError):
