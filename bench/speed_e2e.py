@@ -231,10 +231,13 @@ def worker_markdown(meta: dict, wd: dict) -> list[str]:
 
 def markdown(meta: dict, rows: list[dict], agree: list[dict], drafts: dict | None) -> str:
     md = [f"CPU: {meta['cpu']} ({meta['cores']} cores, flags {', '.join(meta['isa_flags'])}), {meta['threads']} "
-          f"threads, load average {meta['loadavg_start']} at the start and {meta['loadavg_end']} at the end; "
-          f"{meta['repeats']} fresh processes per row. `avx2` = PyTorch limited to AVX2 kernels (emulation).", "",
-          "| volume | configuration | runtime | precision | wall median (s) | CPU median (s) | engine median (s) | "
-          "peak memory (MB) |", "|---|---|---|---|--:|--:|--:|--:|"]
+          f"threads, load average {meta['loadavg_start']} at the start and {meta['loadavg_end']} at the end"
+          + (f"; {meta['repeats']} fresh processes per row" if rows else "")
+          + ". `avx2` = PyTorch (and OpenVINO) limited to AVX2 kernels (emulation)."]
+    if not rows:  # --drafts-only
+        return "\n".join(md) + "\n"
+    md += ["", "| volume | configuration | runtime | precision | wall median (s) | CPU median (s) | engine median (s) | "
+           "peak memory (MB) |", "|---|---|---|---|--:|--:|--:|--:|"]
     for r in rows:
         md.append(f"| {r['volume']} | {r['config']} | {r['runtime']} | {r['precision']} | {r['median_wall_s']:.2f} | "
                   f"{r['median_cpu_s']:.2f} | {r['median_engine_s']:.2f} | {r['max_peak_mb']} |")
