@@ -91,8 +91,8 @@ def draft_runtime(requested: str = "auto") -> str:
     ``auto``, per machine class (docs/benchmarks.md, warm drafts of the clinical stack):
 
     * a CPU without bf16 arithmetic, no GPU, OpenVINO installed: OpenVINO float32. PyTorch would
-      compute in float32 there too, and OpenVINO gives the same labels for about 0.7x the CPU time,
-      without PyTorch in the worker (about 400 MB less, a second less to start);
+      compute in float32 there too, and OpenVINO gives the same labels for about 0.8x the CPU time per
+      draft, in a worker that never imports PyTorch (a smaller worker, a second less to start);
     * a CPU with bf16 arithmetic (AVX-512 BF16, AMX): PyTorch, which the command's automatic precision
       runs in bf16 there. OpenVINO float32 would be slower and OpenVINO bf16 is a lossy step of its own,
       taken only when a request asks for it; so drafts keep the command's labels;

@@ -92,7 +92,7 @@ def choose_runtime(requested: str, device_type: str, dtype, sha256: str | None, 
 
     ``onnx`` and ``openvino`` are refused, with what to do instead, where they cannot run the request as asked.
     ``dtype`` is the requested reduced precision (a torch dtype or its name; None = float32): OpenVINO
-    takes bf16 when asked for it explicitly (whether the CPU has it is checked where it compiles).
+    takes bf16 when asked for it explicitly (whether the CPU has it: ``openvino_runner.check_precision``).
     """
     if requested not in RUNTIMES:
         raise EngineError(f"unknown runtime {requested!r}; choose one of {', '.join(RUNTIMES)}")

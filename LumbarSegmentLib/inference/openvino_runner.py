@@ -31,7 +31,7 @@ from pathlib import Path
 from LumbarSegmentLib.inference.devices import EngineError
 from LumbarSegmentLib.inference.onnx_runner import OnnxModel, ProcessCache, cache_dir
 
-_COMPILED = ProcessCache(8)  # per process: (model, plane size, threads) combinations kept compiled
+_COMPILED = ProcessCache(8)  # per process: (model, plane size, threads, precision) combinations kept compiled
 _CORE = None
 
 
