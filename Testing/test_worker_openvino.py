@@ -52,7 +52,8 @@ def test_draft_runtime_per_machine(monkeypatch):
     GPU or without OpenVINO; an explicit choice stays."""
     import importlib.util
 
-    ov_runner = _openvino()
+    from LumbarSegmentLib.inference import openvino_runner as ov_runner  # (imports OpenVINO only when used)
+
     real = importlib.util.find_spec
     monkeypatch.setattr(worker_mod, "gpu_present", lambda: False)
     monkeypatch.setattr(ov_runner, "cpu_has_bf16", lambda: False)
@@ -107,7 +108,7 @@ def test_openvino_bf16_is_refused_on_a_cpu_without_it(tiny_package, small_real_v
 def test_a_onednn_capped_below_bf16_has_no_openvino_bf16(monkeypatch):
     """``ONEDNN_MAX_CPU_ISA=AVX2`` (how an AVX2-only CPU is emulated) leaves OpenVINO without bf16 kernels,
     though the CPU reports bf16: the check says no, so the request is refused up front."""
-    ov_runner = _openvino()
+    from LumbarSegmentLib.inference import openvino_runner as ov_runner
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert not ov_runner.cpu_has_bf16()
     with pytest.raises(EngineError, match="bf16 arithmetic"):
