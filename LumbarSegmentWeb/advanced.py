@@ -1,7 +1,8 @@
 """The page's "Advanced" segment settings: which ``SegmentOptions`` a browser user may set, and how.
 
 The annotator may change precision, across-slice smoothing, BatchNorm adaptation, post-processing,
-the inference window (tile) and its overlap; the device and CPU threads stay the server's
+the inference window (tile), its overlap and the runtime (e.g. OpenVINO, in bf16 when asked for with the
+precision); the device and CPU threads stay the server's
 (``lumbarseg web --device/--threads``). Every value goes through the Lib's options contract
 (``LumbarSegmentLib.inference.options``): the same choices, ranges, defaults, help and refusal
 messages as ``lumbarseg segment``'s flags, and the draft's command line is built from it.
@@ -11,9 +12,9 @@ from __future__ import annotations
 from LumbarSegmentLib.inference.options import OptionError, SegmentOptions
 from LumbarSegmentLib.slicer.segment_job import SegmentRequest
 
-FIELDS = ("precision", "slice_smoothing_mm", "bn_adapt", "postprocess", "tile", "overlap")
+FIELDS = ("precision", "slice_smoothing_mm", "bn_adapt", "postprocess", "tile", "overlap", "runtime")
 LABELS = {"precision": "Precision", "slice_smoothing_mm": "Slice smoothing (mm)", "bn_adapt": "BN adaptation",
-          "postprocess": "Post-processing", "tile": "Tile", "overlap": "Overlap"}
+          "postprocess": "Post-processing", "tile": "Tile", "overlap": "Overlap", "runtime": "Runtime"}
 STATE_PREFIX = "adv_"
 
 

@@ -34,6 +34,20 @@ def _quiet_libraries() -> None:
 _quiet_libraries()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Converted networks (ONNX, OpenVINO) go to a folder of the test run, not the user's cache: the
+    warm worker drafts through OpenVINO where it is installed, and a test must not leave files behind."""
+    import os
+
+    if os.environ.get("LUMBARSEG_CACHE"):
+        yield
+        return
+    os.environ["LUMBARSEG_CACHE"] = str(tmp_path_factory.mktemp("lumbarseg-cache"))
+    yield
+    os.environ.pop("LUMBARSEG_CACHE", None)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The folder holding ``lumbar-mr/`` and ``spider-masks/``; skips the test when it is missing."""

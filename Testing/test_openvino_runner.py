@@ -44,7 +44,10 @@ def test_openvino_is_asked_for_float32_and_refuses_what_it_cannot_run(monkeypatc
     assert cfg["INFERENCE_PRECISION_HINT"] == "f32" and cfg["INFERENCE_NUM_THREADS"] == "2"
     monkeypatch.setattr(onnx_runner, "openvino_available", lambda: True)
     with pytest.raises(EngineError, match="float32"):
-        onnx_runner.choose_runtime("openvino", "cpu", "bf16", "x", 0.0)
+        onnx_runner.choose_runtime("openvino", "cpu", "torch.float16", "x", 0.0)
+    assert onnx_runner.choose_runtime("openvino", "cpu", "bfloat16", "x", 0.0) == "openvino"  # asked for: opt-in
+    with pytest.raises(EngineError, match="float32"):
+        onnx_runner.choose_runtime("onnx", "cpu", "bfloat16", "x", 0.0)
     with pytest.raises(EngineError, match="--bn-adapt"):
         onnx_runner.choose_runtime("openvino", "cpu", None, "x", 0.5)
     assert onnx_runner.choose_runtime("openvino", "cpu", None, "x", 0.0) == "openvino"

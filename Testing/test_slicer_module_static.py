@@ -78,7 +78,7 @@ def test_ui_parameter_names_match_the_parameter_node():
 
 
 def test_the_advanced_section_offers_exactly_the_segment_options_choices_and_ranges():
-    """Precision, smoothing, BN adaptation, post-processing, tile and overlap: the widgets bound in the .ui
+    """Precision, smoothing, BN adaptation, post-processing, tile, overlap and runtime: the widgets bound in the .ui
     offer the choices and ranges of ``SegmentOptions`` (the command line's), and the parameters the
     module maps them to are option fields."""
     from LumbarSegmentLib.inference.options import SegmentOptions
@@ -87,7 +87,8 @@ def test_the_advanced_section_offers_exactly_the_segment_options_choices_and_ran
     advanced = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
                     and getattr(n.targets[0], "id", "") == "ADVANCED")
     options = SegmentOptions.options()
-    assert set(advanced.values()) == {"precision", "slice_smoothing_mm", "bn_adapt", "postprocess", "tile", "overlap"}
+    assert set(advanced.values()) == {"precision", "slice_smoothing_mm", "bn_adapt", "postprocess", "tile", "overlap",
+                                      "runtime"}
     section = next(w for w in ET.parse(UI_FILE).iter("widget") if w.get("name") == "advancedCollapsibleButton")
     bound = {}
     for w in section.iter("widget"):

@@ -47,8 +47,11 @@ def test_drafts_share_one_warm_process_and_match_the_engine(worker, tiny_package
         runs.append(ctl.run(smooth_volume(shift), request, timeout=300, interval=0.02))
         assert ctl.status.state == DONE and ctl.status.fraction == 1.0
     assert worker.starts == 1 and worker.alive, "the second draft must reuse the first draft's process"
+    from LumbarSegmentLib.cli.worker import draft_runtime
+
+    opts = SegmentOptions(device="cpu", threads=1, runtime=draft_runtime("auto"))  # the worker's, for this machine
     for shift, run in zip((0, 3), runs):  # the worker runs the command's own path: the engine's labels
-        direct = segment_volume(smooth_volume(shift), [tiny_package], SegmentOptions(device="cpu", threads=1))
+        direct = segment_volume(smooth_volume(shift), [tiny_package], opts)
         np.testing.assert_array_equal(run.labels.array, direct.labels.array)
         assert run.report["models"][0]["sha256"] == tiny_package.sha256
     assert not list(tmp_path.glob("lumbarseg-run-*")), "each draft's temporary folder is removed"

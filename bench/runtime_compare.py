@@ -9,9 +9,13 @@ Inputs: the 15 x 512 x 512 clinical stack (``run_benchmarks.make_clinical_stack`
 (default: the real case VB2_06, 77 x 381 x 381, from the shared data folder). Configurations, all fp32
 under ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` (PyTorch's kernels, oneDNN and OpenVINO's CPU
 plugin, which carries its own oneDNN and reads the same variable, then use AVX2 code only): ``--runtime
-torch``, ``onnx`` and ``openvino``; plus PyTorch bf16 on the CPU as it is when it has AVX-512 BF16 or AMX.
+torch``, ``onnx`` and ``openvino``; plus, on the CPU as it is when it has AVX-512 BF16 or AMX, PyTorch bf16
+and OpenVINO in fp32 and bf16 (``--configs`` picks by name:
 
-Per configuration and volume, in this order:
+    python bench/runtime_compare.py --volume '' --repeats 5 --configs \
+        "torch fp32 avx2,openvino fp32 avx2,openvino fp32 native,openvino bf16 native,torch bf16 native"
+
+). Per configuration and volume, in this order:
 
 1. *warm, in-process*: a child process loads the model and segments the volume twice; the second run's
    wall and CPU seconds are what a warm worker (Slicer / browser drafts) pays; the first run fills the
@@ -49,7 +53,9 @@ from speed_e2e import AVX2_ENV, cpu_name, isa_flags, run_command  # noqa: E402
 
 # (name, ISA, precision, runtime); the first is the reference of the ratios and the agreement
 CONFIGS = [("torch fp32 avx2", "avx2", "fp32", "torch"), ("onnx fp32 avx2", "avx2", "fp32", "onnx"),
-           ("openvino fp32 avx2", "avx2", "fp32", "openvino"), ("torch bf16 native", "native", "bf16", "torch")]
+           ("openvino fp32 avx2", "avx2", "fp32", "openvino"), ("torch bf16 native", "native", "bf16", "torch"),
+           ("openvino fp32 native", "native", "fp32", "openvino"),
+           ("openvino bf16 native", "native", "bf16", "openvino")]
 _CONV_PROBE = """
 import numpy as np, openvino as ov, openvino.opset13 as ops
 x = ops.parameter([1, 8, 32, 32], np.float32)
@@ -193,6 +199,8 @@ def main(argv=None) -> int:
     p.add_argument("--volume", default=None, help="the 1 mm volume (default: VB2_06 of the shared data); '' for none")
     p.add_argument("--volume-slices", type=int, default=0, help="cut the 1 mm volume to this many central slices")
     p.add_argument("--runtimes", default="torch,onnx,openvino", help="which of torch,onnx,openvino to compare")
+    p.add_argument("--configs", default="", help="only these configurations (comma-separated names, e.g. "
+                   "'torch fp32 avx2,openvino bf16 native'); the first is the reference")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1, help="cold commands per configuration (the median is kept)")
     p.add_argument("--tag", default="")
@@ -209,6 +217,9 @@ def main(argv=None) -> int:
     wanted = set(a.runtimes.split(","))
     flags = isa_flags()
     configs = [c for c in CONFIGS if c[3] in wanted and (c[1] == "avx2" or {"avx512_bf16", "amx_bf16"} & set(flags))]
+    if a.configs:
+        by_name = {c[0]: c for c in CONFIGS}
+        configs = [by_name[n.strip()] for n in a.configs.split(",") if n.strip()]
     env = {**os.environ, "LUMBARSEG_HOME": str(work / "home"), "LUMBARSEG_CACHE": str(work / "cache"),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     probe = subprocess.run([sys.executable, "-c", _CONV_PROBE], env={**env, **AVX2_ENV}, capture_output=True, text=True)

@@ -2,6 +2,7 @@
 
     python scripts/score_sources.py --models uvd-starter@5,runs/spine6/package --split test --out reports/spine
     python scripts/score_sources.py --models uvd-starter@5 --sources t1-levels --split test --worst 10
+    python scripts/score_sources.py --models uvd-starter@6 --split val --runtime openvino --precision bf16
 
 Truth is what training is taught (``training.targets.case_target`` in the spine6 schema): VB1's lowest
 instance is the sacrum (S1), t1-levels rows outside ``labels_complete_z_range`` are not scored, SPIDER's
@@ -159,12 +160,15 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=0, help="only the first N cases of each source")
     p.add_argument("--worst", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runtime", default="auto", help="what computes the network (as lumbarseg segment --runtime)")
+    p.add_argument("--precision", default="auto", help="arithmetic (as lumbarseg segment --precision): score a "
+                   "reduced precision against fp32 before offering it")
     p.add_argument("--out", help="folder for scores.json and scores.md")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     regs = [Registry(a.registry, read_only=True)]
     models = {ref: resolve_model(ref, regs) for ref in a.models.split(",") if ref}
-    options = eval_options(device="cpu", mode="fast")
+    options = eval_options(device="cpu", mode="fast", runtime=a.runtime, precision=a.precision, threads=a.threads)
     t0 = time.time()
     res = score(models, a.sources.split(","), a.split, Path(a.data), options, a.thick_slab, a.limit)
     md = "\n\n".join([f"level-range Dice ({a.split} split{', %g mm slabs' % a.thick_slab if a.thick_slab else ''})",

@@ -1,10 +1,10 @@
-"""A warm segmentation worker: one long-lived process that keeps PyTorch and the models loaded.
+"""A warm segmentation worker: one long-lived process that keeps the models ready between drafts.
 
 A front end (the Slicer module, the browser app) that starts ``lumbarseg segment`` for every draft
-pays the interpreter start, the PyTorch import and the model load each time (seconds). The worker
+pays the interpreter start, the imports and the model load each time (seconds). The worker
 pays them once, then serves drafts one after the other:
 
-    python -m LumbarSegmentLib.cli.worker serve [--preload REF[,REF]] [--max-rss-mb M] [--max-jobs N]
+    python -m LumbarSegmentLib.cli.worker serve [--preload REF[,REF]] [--runtime R] [--max-rss-mb M] [--max-jobs N]
 
 Requests are JSON lines on stdin; each is the argument list of a ``lumbarseg segment`` command
 (as ``segment_job.segment_command`` builds it, without the interpreter) and the progress file to
@@ -19,6 +19,14 @@ call, report and all-or-nothing outputs); only the models come from the worker's
 package path and weights SHA-256, so a re-published model is loaded again). Into the request's
 progress file go ``batch`` events while it runs, then one ``done`` (``job``, ``report``, ``rss_mb``)
 or ``error`` (``job``, ``message``) event: the schema of ``progress.py``.
+
+Runtimes. A request that asks for ``--runtime openvino`` (or ``onnx``) on the CPU runs as the command
+does, without PyTorch (:mod:`inference.host_runner`): the worker then hands the engine the packages,
+not PyTorch networks, and the compiled OpenVINO models stay in the process (``openvino_runner``'s
+table, bounded) from one draft and one case to the next. A request that leaves the runtime at
+``auto`` gets the worker's draft runtime (``serve --runtime``, default ``auto``: :func:`draft_runtime`
+picks per machine: OpenVINO float32 on a CPU without bf16 arithmetic and no GPU, where it is
+installed; PyTorch otherwise); the report names the runtime that ran.
 
 Cancel = kill the process (``worker_client.WarmWorker.kill``): nothing is half-written (the command
 commits its outputs at the end) and every byte of memory returns; the next draft starts a fresh
@@ -39,6 +47,8 @@ from LumbarSegmentLib.core.progress import DONE, ERROR, PROGRESS_ENV, ProgressLo
 
 DEFAULT_MAX_RSS_MB = 2048
 DEFAULT_MAX_JOBS = 200
+DRAFT_RUNTIMES = ("auto", "torch", "onnx", "openvino")
+WARM_FOV_MM = 300.0  # the plane warmed up for OpenVINO: a usual sagittal lumbar field of view
 
 
 def resident_mb() -> float:
@@ -62,18 +72,61 @@ def resident_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+def gpu_present() -> bool:
+    """Whether a GPU PyTorch could draft on is likely here, found without importing PyTorch (a second and
+    400 MB): an NVIDIA driver, or Apple silicon (MPS)."""
+    import platform
+
+    if sys.platform == "darwin":
+        return platform.machine() == "arm64"
+    if os.path.isdir("/proc/driver/nvidia/gpus"):
+        return bool(os.listdir("/proc/driver/nvidia/gpus"))
+    return sys.platform == "win32" and os.path.isfile(os.path.join(os.environ.get("SystemRoot", r"C:\Windows"),
+                                                                   "System32", "nvcuda.dll"))
+
+
+def draft_runtime(requested: str = "auto") -> str:
+    """The runtime for drafts that leave ``--runtime`` at ``auto``.
+
+    ``auto``, per machine class (docs/benchmarks.md, warm drafts of the clinical stack):
+
+    * a CPU without bf16 arithmetic, no GPU, OpenVINO installed: OpenVINO float32. PyTorch would
+      compute in float32 there too, and OpenVINO gives the same labels for about 0.8x the CPU time per
+      draft, in a worker that never imports PyTorch (a smaller worker, a second less to start);
+    * a CPU with bf16 arithmetic (AVX-512 BF16, AMX): PyTorch, which the command's automatic precision
+      runs in bf16 there. OpenVINO float32 would be slower and OpenVINO bf16 is a lossy step of its own,
+      taken only when a request asks for it; so drafts keep the command's labels;
+    * a GPU at hand, or no OpenVINO: PyTorch.
+    """
+    if requested != "auto":
+        return requested
+    from importlib.util import find_spec
+
+    if find_spec("openvino") is None or gpu_present():
+        return "torch"
+    from LumbarSegmentLib.inference.openvino_runner import cpu_has_bf16
+
+    return "torch" if cpu_has_bf16() else "openvino"
+
+
 class ModelCache:
     """Models loaded once per worker: ``resolve(arg, mode)`` has the signature of ``cli.resolve_models``."""
 
     def __init__(self):
         self._loaded: dict[tuple, object] = {}
 
-    def resolve(self, arg: str | None, mode: str) -> list:
+    def resolve(self, arg: str | None, mode: str, host: bool = False) -> list:
+        """PyTorch networks, loaded once; ``host``: the packages themselves (a request served without
+        PyTorch: its compiled networks are kept by the runtime's own per-process table)."""
         from LumbarSegmentLib.cli.main import resolve_models
+
+        packages = resolve_models(arg, mode)  # reads the registries now: a new default is seen at once
+        if host:
+            return packages
         from LumbarSegmentLib.inference.engine import LoadedModel
 
         out = []
-        for pkg in resolve_models(arg, mode):  # reads the registries now: a new default is seen at once
+        for pkg in packages:
             key = (str(pkg.path), pkg.sha256)
             if key not in self._loaded:
                 self._loaded[key] = LoadedModel.from_package(pkg)
@@ -81,24 +134,37 @@ class ModelCache:
         return out
 
 
-def warm_up(cache: ModelCache, refs: str | None) -> None:
-    """Load ``refs`` (or the default model) and run one small window through each: the first draft
-    then finds the weights, the inference graph and the CPU library's kernels ready."""
+def warm_up(cache: ModelCache, refs: str | None, runtime: str = "torch", threads: int | None = None) -> None:
+    """Load ``refs`` (or the default model) and run one slice through each: the first draft then finds
+    the weights, the inference graph and the CPU library's kernels ready. With OpenVINO, which compiles
+    one network per window size, the slice spans a typical lumbar field of view (``WARM_FOV_MM``) at
+    the model's spacing, so a usual clinical stack finds its network compiled (and converted, when the
+    cache lacked it); a plane of another size pays its own compilation (0.1-0.3 s) on its first draft."""
     import numpy as np
 
-    from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
     from LumbarSegmentLib.core.volume import Volume
+    from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
+    from LumbarSegmentLib.inference.host_runner import runs_without_torch
 
+    opts = SegmentOptions(device="cpu", slice_smoothing_mm=0, runtime=runtime, threads=threads)
+    host = runs_without_torch([], opts)
     rng = np.random.default_rng(0)
-    vol = Volume(array=(rng.random((64, 64, 3)) * 100).astype(np.float32), spacing=(1.0, 1.0, 1.0),
-                 origin=(0.0, 0.0, 0.0), direction=np.eye(3))
-    for model in cache.resolve(refs, "fast"):
-        segment_volume(vol, [model], SegmentOptions(device="cpu", slice_smoothing_mm=0))
+    for model in cache.resolve(refs, "fast", host=host):
+        (sh, sw) = model.spacing if host else (1.0, 1.0)
+        h, w = (round(WARM_FOV_MM / sh), round(WARM_FOV_MM / sw)) if host else (64, 64)
+        vol = Volume(array=(rng.random((1, h, w)) * 100).astype(np.float32), spacing=(sw, sh, 4.0),  # one sagittal
+                     origin=(0.0, 0.0, 0.0), direction=np.array([[0.0, 0, 1], [1, 0, 0], [0, -1, 0]]))  # slice
+        segment_volume(vol, [model], opts)
 
 
-def run_request(req: dict, cache: ModelCache) -> dict:
-    """One request: the ``segment`` command with cached models; returns the closing event's fields."""
+def run_request(req: dict, cache: ModelCache, runtime: str = "torch") -> dict:
+    """One request: the ``segment`` command with cached models; returns the closing event's fields.
+    ``runtime``: what a request that leaves ``--runtime`` at ``auto`` runs on (:func:`draft_runtime`)."""
+    from functools import partial
+
     from LumbarSegmentLib.cli.main import build_parser, cmd_segment, one_line
+    from LumbarSegmentLib.inference.host_runner import runs_without_torch
+    from LumbarSegmentLib.inference.options import SegmentOptions
 
     job = str(req.get("job", ""))
     argv = req.get("argv")
@@ -109,16 +175,27 @@ def run_request(req: dict, cache: ModelCache) -> dict:
     except SystemExit:  # argparse printed its usage line to stderr (the worker's log)
         return {"event": ERROR, "job": job, "message": "the segment command in the request is not valid"}
     try:
-        cmd_segment(args, resolve=cache.resolve)
+        if args.runtime == "auto" and runtime != "torch" and _plain_cpu(args):
+            args.runtime = runtime
+        host = runs_without_torch([], SegmentOptions.from_namespace(args))
+        cmd_segment(args, resolve=partial(cache.resolve, host=host))
     except (ValueError, OSError, RuntimeError, MemoryError) as exc:
         return {"event": ERROR, "job": job, "message": one_line(exc)}
     return {"event": DONE, "job": job, "report": args.report}
 
 
-def serve(stdin, *, preload: str | None, max_rss_mb: float, max_jobs: int) -> int:
+def _plain_cpu(args) -> bool:
+    """Whether a request that leaves the runtime at ``auto`` may take the worker's draft runtime: on
+    the CPU, in float32 or the automatic precision, the weights as stored (else PyTorch serves it)."""
+    return (args.device in ("auto", "cpu") and args.precision in ("auto", "fp32")
+            and not getattr(args, "bn_adapt", 0))
+
+
+def serve(stdin, *, preload: str | None, max_rss_mb: float, max_jobs: int, runtime: str = "torch",
+          threads: int | None = None) -> int:
     cache = ModelCache()
     if preload is not None:
-        warm_up(cache, preload or None)
+        warm_up(cache, preload or None, runtime, threads)
     print("worker ready", flush=True)
     served = 0
     for line in stdin:
@@ -134,7 +211,7 @@ def serve(stdin, *, preload: str | None, max_rss_mb: float, max_jobs: int) -> in
         progress = req.get("progress")
         if progress:
             os.environ[PROGRESS_ENV] = str(progress)  # cli._segment_one writes its batch events there
-        closing = run_request(req, cache)
+        closing = run_request(req, cache, runtime)
         served += 1
         gc.collect()
         rss = resident_mb()
@@ -157,17 +234,22 @@ def main(argv=None) -> int:
                    help=f"retire after a job once resident memory exceeds this (default {DEFAULT_MAX_RSS_MB})")
     s.add_argument("--max-jobs", type=int, default=DEFAULT_MAX_JOBS,
                    help=f"retire after this many requests (default {DEFAULT_MAX_JOBS})")
+    s.add_argument("--runtime", choices=DRAFT_RUNTIMES, default="auto",
+                   help="what computes drafts that leave --runtime at auto (default auto: OpenVINO float32 on a "
+                        "CPU without bf16 and no GPU, where installed; else PyTorch)")
     from LumbarSegmentLib.inference.options import SegmentOptions
 
     SegmentOptions.add_arguments(s, only=("threads",))  # the range of `lumbarseg segment --threads`
     a = p.parse_args(argv)
     from LumbarSegmentLib.inference import engine  # noqa: F401  (before torch: the engine chooses the OpenMP wait policy)
 
-    if a.threads:
+    runtime = draft_runtime(a.runtime)
+    if a.threads and runtime == "torch":  # (OpenVINO takes the threads per request; PyTorch stays unimported)
         import torch
 
         torch.set_num_threads(a.threads)
-    return serve(sys.stdin, preload=a.preload, max_rss_mb=a.max_rss_mb, max_jobs=a.max_jobs)
+    return serve(sys.stdin, preload=a.preload, max_rss_mb=a.max_rss_mb, max_jobs=a.max_jobs, runtime=runtime,
+                 threads=a.threads)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,12 @@ HOST_RUNTIMES = ("onnx", "openvino")  # the runtimes that compute a network with
 
 
 def runs_without_torch(packages, options: SegmentOptions) -> bool:
-    """Whether this request is served without PyTorch: an external runtime on the CPU in float32, no
-    BatchNorm adaptation, models given as packages (a model held in memory is a PyTorch network)."""
-    return (options.runtime in HOST_RUNTIMES and options.device in ("auto", "cpu")
-            and options.precision in ("auto", "fp32") and not options.bn_adapt
-            and all(isinstance(p, ModelPackage) for p in packages))
+    """Whether this request is served without PyTorch: an external runtime on the CPU in float32 (or
+    OpenVINO in bf16, asked for explicitly), no BatchNorm adaptation, models given as packages (a model
+    held in memory is a PyTorch network)."""
+    precision_ok = options.precision in ("auto", "fp32") or (options.runtime, options.precision) == ("openvino", "bf16")
+    return (options.runtime in HOST_RUNTIMES and options.device in ("auto", "cpu") and precision_ok
+            and not options.bn_adapt and all(isinstance(p, ModelPackage) for p in packages))
 
 
 def device_name(options: SegmentOptions) -> str:
@@ -67,11 +68,12 @@ class HostRunner:
 
     def __init__(self, spec: LoadedModel, options: SegmentOptions, slices):
         self.spec, self.options = spec, options
-        self.device, self.dtype = CPU, None
+        bf16 = options.precision == "bf16"  # (only ever with OpenVINO here: :func:`runs_without_torch`)
+        self.device, self.dtype = CPU, "bfloat16" if bf16 else None  # the report's name for the precision
         self.batch = self.group = options.batch_size or cpu_batch(slices, spec, options)
-        self.runtime = choose_runtime(options.runtime, "cpu", None, spec.sha256, options.bn_adapt)
+        self.runtime = choose_runtime(options.runtime, "cpu", self.dtype, spec.sha256, options.bn_adapt)
         self.onnx = external_model(self.runtime, None, spec.sha256, options.threads,
-                                   load=partial(_network, spec.package))
+                                   load=partial(_network, spec.package), precision="bf16" if bf16 else "fp32")
 
     def forward(self, x):
         """Softmax probabilities [B, K, H, W] (float32 NumPy) for windows ``x`` [B, C, H, W] (NumPy)."""

@@ -91,6 +91,8 @@ def choose_runtime(requested: str, device_type: str, dtype, sha256: str | None, 
     """``torch``, ``onnx`` or ``openvino`` for one model; ``auto`` keeps PyTorch (docs/benchmarks.md says why).
 
     ``onnx`` and ``openvino`` are refused, with what to do instead, where they cannot run the request as asked.
+    ``dtype`` is the requested reduced precision (a torch dtype or its name; None = float32): OpenVINO
+    takes bf16 when asked for it explicitly (whether the CPU has it: ``openvino_runner.check_precision``).
     """
     if requested not in RUNTIMES:
         raise EngineError(f"unknown runtime {requested!r}; choose one of {', '.join(RUNTIMES)}")
@@ -105,9 +107,10 @@ def choose_runtime(requested: str, device_type: str, dtype, sha256: str | None, 
     if device_type != "cpu":
         raise EngineError(f"runtime {requested!r} runs on the CPU, not on {device_type}; use --device cpu or "
                           "--runtime torch")
-    if dtype is not None:
-        raise EngineError(f"runtime {requested!r} computes in float32; use --precision fp32 (or auto on a CPU "
-                          "without bf16) or --runtime torch")
+    if dtype is not None and not (requested == "openvino" and "bfloat16" in str(dtype)):
+        raise EngineError(f"runtime {requested!r} computes in float32"
+                          + (" (or bf16 with --runtime openvino)" if requested == "onnx" else "")
+                          + "; use --precision fp32 (or auto on a CPU without bf16) or --runtime torch")
     if bn_adapt > 0:
         raise EngineError(f"runtime {requested!r} runs the weights as stored; BatchNorm adaptation (--bn-adapt) "
                           "needs --runtime torch")

@@ -12,20 +12,26 @@ How a model gets here: the ONNX graph that :mod:`onnx_runner` exports (and cache
 converted once into OpenVINO's own format (``.xml`` + ``.bin``, weights kept in float32) and cached
 next to it under the same key (weights SHA-256, network code, PyTorch version, plane size); a later
 process reads that file and only compiles it, without PyTorch (:mod:`host_runner`). Compiled models
-live in a small process-wide table, so the warm worker keeps them between drafts. OpenVINO is told to compute in float32
-(``INFERENCE_PRECISION_HINT``): left alone it would pick bf16 on a CPU that has it, a lossy step this
-project only takes when asked (``--precision bf16`` stays on PyTorch).
+live in a small process-wide table, so the warm worker keeps them between drafts.
+
+Precision: OpenVINO is told to compute in float32 (``INFERENCE_PRECISION_HINT``): left alone it would
+pick bf16 on a CPU that has it, a lossy step this project only takes when asked. ``--precision bf16``
+with ``--runtime openvino`` asks for it: the network then runs in bf16 (about twice as fast on a CPU
+with AVX-512 BF16 or AMX; the labels move by a few hundred voxels, docs/benchmarks.md), only where
+OpenVINO's CPU plugin says it has bf16 arithmetic; elsewhere the request is refused in one line.
 
 Optional dependency: ``pip install openvino onnx`` (the ``fast`` extra).
 """
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
+from LumbarSegmentLib.inference.devices import EngineError
 from LumbarSegmentLib.inference.onnx_runner import OnnxModel, ProcessCache, cache_dir
 
-_COMPILED = ProcessCache(8)  # per process: (model, plane size, threads) combinations kept compiled
+_COMPILED = ProcessCache(8)  # per process: (model, plane size, threads, precision) combinations kept compiled
 _CORE = None
 
 
@@ -44,17 +50,52 @@ def _core():
     return _CORE
 
 
-def compile_config(threads: int) -> dict:
-    """CPU plugin settings: float32, one stream tuned for latency, no pinning (shared desktop cores)."""
-    return {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
+HINTS = {"fp32": "f32", "bf16": "bf16"}  # --precision -> OpenVINO's INFERENCE_PRECISION_HINT
+BF16_REFUSED = ("bf16 with --runtime openvino needs a CPU with bf16 arithmetic (AVX-512 BF16 or AMX), which "
+                "OpenVINO does not find here; use --precision fp32")
+
+
+def compile_config(threads: int, precision: str = "fp32") -> dict:
+    """CPU plugin settings: float32 unless bf16 is asked for, one stream tuned for latency, no pinning
+    (shared desktop cores)."""
+    return {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
             "INFERENCE_NUM_THREADS": str(int(threads or 0)), "ENABLE_CPU_PINNING": "NO"}
+
+
+# oneDNN ISA caps (``ONEDNN_MAX_CPU_ISA``) below the first with bf16 arithmetic: under these OpenVINO's CPU
+# plugin (which carries oneDNN) has no bf16 kernels, though the CPU itself may report bf16
+_ISA_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def cpu_has_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin computes bf16 natively here: its own capability list (asking
+    PyTorch would import it, which the OpenVINO path avoids), unless oneDNN is capped below bf16."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ISA_WITHOUT_BF16:
+        return False
+    try:
+        return "BF16" in _core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except (RuntimeError, ImportError):
+        return False
+
+
+def check_precision(precision: str) -> str:
+    """``fp32`` or ``bf16`` for OpenVINO (``auto``: fp32, never a silent lossy step); refuses bf16 on a
+    CPU without it and fp16 always, with what to do instead."""
+    if precision in ("auto", "fp32"):
+        return "fp32"
+    if precision == "bf16":
+        if not cpu_has_bf16():
+            raise EngineError(BF16_REFUSED)
+        return "bf16"
+    raise EngineError(f"runtime 'openvino' computes in fp32 or bf16, not {precision}; use --precision fp32")
 
 
 class OpenVinoModel:
     """One network as compiled OpenVINO models, one per input shape; ``probabilities(x)`` = softmax(net(x))."""
 
-    def __init__(self, module, sha256: str | None, threads: int | None = None, load=None):
+    def __init__(self, module, sha256: str | None, threads: int | None = None, load=None, precision: str = "fp32"):
         self.threads = int(threads or 0)  # 0: OpenVINO's default (its own count of physical cores)
+        self.precision = check_precision(precision)
         self.sha256 = sha256
         # the exporter (and the ONNX cache) this runner reads; ``module``/``load`` as there
         self.graphs = OnnxModel(module, sha256, threads, load)
@@ -88,7 +129,8 @@ class OpenVinoModel:
             if shape not in self._own:
                 self._own[shape] = self._compile(self._convert(self.graphs._export(shape)))
             return self._own[shape]
-        return _COMPILED.get((self.sha256, shape, self.threads), lambda: self._compile(self._model(shape)))
+        key = (self.sha256, shape, self.threads, self.precision)
+        return _COMPILED.get(key, lambda: self._compile(self._model(shape)))
 
     def _model(self, shape: tuple):
         """OpenVINO's model for ``shape``: read from the cache when there, else converted (and cached)."""
@@ -121,7 +163,14 @@ class OpenVinoModel:
         return ov.convert_model(io.BytesIO(graph))
 
     def _compile(self, model):
-        return _core().compile_model(model, "CPU", compile_config(self.threads))
+        try:
+            return _core().compile_model(model, "CPU", compile_config(self.threads, self.precision))
+        except RuntimeError:
+            # bf16 kernels missing although the CPU reports bf16 (e.g. oneDNN limited to AVX2 by
+            # ONEDNN_MAX_CPU_ISA): OpenVINO's message is pages long, ours says what to do
+            if self.precision == "bf16":
+                raise EngineError(BF16_REFUSED) from None
+            raise
 
 
 def clear_compiled() -> None:

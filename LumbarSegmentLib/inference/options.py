@@ -174,11 +174,13 @@ class SegmentOptions:
         "(0 = each slice on its own)", kind=float, lo=0, hi=SLICE_SMOOTHING_MAX_MM,
         use=f"use 0 (off) to {SLICE_SMOOTHING_MAX_MM:g} mm", metavar="MM"))
     precision: str = _opt("auto", Option(
-        "--precision", "arithmetic: auto = fp16/bf16 on CUDA, bf16 on CPUs with native bf16, else fp32",
+        "--precision", "arithmetic: auto = fp16/bf16 on CUDA, bf16 on CPUs with native bf16, else fp32 (with "
+        "--runtime openvino: fp32; bf16 only when asked, on a CPU with bf16)",
         choices=PRECISIONS, use=f"unknown precision; choose one of {', '.join(PRECISIONS)}"))
     runtime: str = _opt("auto", Option(
         "--runtime", "what computes the network: torch (PyTorch), onnx (ONNX Runtime, CPU float32; needs the "
-        "onnxruntime package), openvino (OpenVINO, CPU float32; needs the openvino package), auto = torch "
+        "onnxruntime package), openvino (OpenVINO, CPU float32, or bf16 with --precision bf16; needs the openvino "
+        "package), auto = torch "
         "(docs/benchmarks.md compares them)", choices=RUNTIMES,
         use=f"unknown runtime; choose one of {', '.join(RUNTIMES)}"))
     batch_size: int | None = _opt(None, Option(

@@ -140,15 +140,16 @@ def cpu_batch(slices, spec: LoadedModel, options: SegmentOptions) -> int:
     return max(1, CPU_BATCH_PIXELS // (th * tw))
 
 
-def external_model(runtime: str, module, sha256: str | None, threads: int | None, load=None):
+def external_model(runtime: str, module, sha256: str | None, threads: int | None, load=None, precision="fp32"):
     """The network on another library than PyTorch (``probabilities(numpy) -> numpy``), or None for PyTorch;
-    ``module`` None: ``load()`` builds it when a graph must be exported (:class:`onnx_runner.OnnxModel`)."""
+    ``module`` None: ``load()`` builds it when a graph must be exported (:class:`onnx_runner.OnnxModel`).
+    ``precision`` (``fp32``/``bf16``) matters to OpenVINO only: ONNX Runtime is only ever handed fp32."""
     if runtime == "onnx":
         return OnnxModel(module, sha256, threads, load)
     if runtime == "openvino":
         from LumbarSegmentLib.inference.openvino_runner import OpenVinoModel
 
-        return OpenVinoModel(module, sha256, threads, load)
+        return OpenVinoModel(module, sha256, threads, load, precision)
     return None
 
 
@@ -178,7 +179,8 @@ class Runner:
             self.model = inference_graph(self.model)
             self._place(device)
         self.runtime = choose_runtime(options.runtime, self.device.type, self.dtype, spec.sha256, options.bn_adapt)
-        self.onnx = external_model(self.runtime, self.model, spec.sha256, options.threads)
+        self.onnx = external_model(self.runtime, self.model, spec.sha256, options.threads,
+                                   precision="bf16" if self.dtype is not None else "fp32")
 
     def _adapt(self, slices):
         """Test-time BatchNorm adaptation (bn_adapt.py) on windows of the volume's own slices, cut

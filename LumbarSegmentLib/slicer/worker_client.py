@@ -35,14 +35,16 @@ class WarmWorker:
 
     def __init__(self, *, python: str | None = None, env: dict | None = None, preload: str | None = "",
                  max_rss_mb: float | None = None, max_jobs: int | None = None, threads: int | None = None,
-                 workdir_parent: str | None = None):
+                 workdir_parent: str | None = None, runtime: str | None = None):
+        """``runtime``: what drafts that leave the runtime automatic run on (``worker.py serve --runtime``;
+        None: the worker's own choice for the machine)."""
         from LumbarSegmentLib.inference.options import SegmentOptions
 
         SegmentOptions.options()["threads"].check(threads)  # refused here, not by a worker that fails to start
         self.python = python or python_executable()
         self.env = env
         self.argv = child_command(self.python, WORKER_MODULE, "serve", preload=preload if preload else None,
-                                  max_rss_mb=max_rss_mb, max_jobs=max_jobs, threads=threads)
+                                  max_rss_mb=max_rss_mb, max_jobs=max_jobs, threads=threads, runtime=runtime)
         if preload == "":  # a bare --preload: warm up the default model
             self.argv.append("--preload")
         self.workdir_parent = workdir_parent

@@ -1,0 +1,135 @@
+"""Drafts through OpenVINO without PyTorch in the warm worker, the worker's runtime per machine, and
+OpenVINO's bf16 as an explicit, checked opt-in."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from LumbarSegmentLib.cli import worker as worker_mod
+from LumbarSegmentLib.inference import onnx_runner
+from LumbarSegmentLib.inference.devices import EngineError
+from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
+from LumbarSegmentLib.slicer.jobs import DONE
+from LumbarSegmentLib.slicer.segment_job import SegmentController, SegmentRequest
+from LumbarSegmentLib.slicer.worker_client import WarmWorker
+from test_worker import smooth_volume
+
+
+def _openvino():
+    pytest.importorskip("openvino", reason="the optional OpenVINO runtime is not installed (pip install openvino)")
+    pytest.importorskip("onnx", reason="PyTorch's ONNX exporter needs the onnx package (pip install onnx)")
+    from LumbarSegmentLib.inference import openvino_runner
+
+    return openvino_runner
+
+
+def test_worker_drafts_through_openvino_give_the_torch_labels(tiny_package, tmp_path, monkeypatch):
+    """A draft asking for OpenVINO runs without PyTorch in the worker (the report names no torch), twice
+    in one process, and paints the labels PyTorch paints; a draft leaving the runtime automatic takes
+    the worker's draft runtime."""
+    _openvino()
+    monkeypatch.setenv(onnx_runner.CACHE_ENV, str(tmp_path / "cache"))
+    w = WarmWorker(preload=None, threads=1, workdir_parent=str(tmp_path), runtime="openvino")
+    try:
+        ctl = SegmentController(worker=w, workdir_parent=str(tmp_path))
+        asked = SegmentRequest.of(models=[str(tiny_package.path)], device="cpu", threads=1, runtime="openvino")
+        auto = SegmentRequest.of(models=[str(tiny_package.path)], device="cpu", threads=1)
+        runs = [ctl.run(smooth_volume(shift), req, timeout=300, interval=0.02)
+                for shift, req in ((0, asked), (3, asked), (3, auto))]
+        assert ctl.status.state == DONE and w.starts == 1
+    finally:
+        w.close()
+    for shift, run in zip((0, 3, 3), runs):
+        ref = segment_volume(smooth_volume(shift), [tiny_package],
+                             SegmentOptions(device="cpu", threads=1, runtime="torch", precision="fp32"))
+        np.testing.assert_array_equal(run.labels.array, ref.labels.array)
+        assert run.report["runtime"].startswith("openvino") and run.report["torch"] is None
+        assert run.report["precision"] == "float32"
+
+
+def test_draft_runtime_per_machine(monkeypatch):
+    """auto: OpenVINO on a CPU without bf16 (no GPU, OpenVINO installed); PyTorch on a bf16 CPU, with a
+    GPU or without OpenVINO; an explicit choice stays."""
+    import importlib.util
+
+    from LumbarSegmentLib.inference import openvino_runner as ov_runner  # (imports OpenVINO only when used)
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(worker_mod, "gpu_present", lambda: False)
+    monkeypatch.setattr(ov_runner, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "openvino" else real(name))
+    assert worker_mod.draft_runtime("auto") == "openvino"
+    assert worker_mod.draft_runtime("torch") == "torch"
+    monkeypatch.setattr(ov_runner, "cpu_has_bf16", lambda: True)
+    assert worker_mod.draft_runtime("auto") == "torch"
+    assert worker_mod.draft_runtime("openvino") == "openvino"
+    monkeypatch.setattr(ov_runner, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(worker_mod, "gpu_present", lambda: True)
+    assert worker_mod.draft_runtime("auto") == "torch"
+    monkeypatch.setattr(worker_mod, "gpu_present", lambda: False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name))
+    assert worker_mod.draft_runtime("auto") == "torch"
+
+
+def test_a_gpu_or_reduced_precision_request_keeps_pytorch_in_the_worker():
+    """The worker's draft runtime only takes requests OpenVINO serves as asked (CPU, float32/auto)."""
+    from LumbarSegmentLib.cli.main import build_parser
+
+    def args(*extra):
+        return build_parser().parse_args(["segment", "in.nii.gz", "-o", "o.nii.gz", *extra])
+
+    assert worker_mod._plain_cpu(args())
+    assert worker_mod._plain_cpu(args("--device", "cpu", "--precision", "fp32"))
+    assert not worker_mod._plain_cpu(args("--device", "cuda"))
+    assert not worker_mod._plain_cpu(args("--precision", "bf16"))
+
+
+def test_openvino_bf16_is_refused_on_a_cpu_without_it(tiny_package, small_real_volume, tmp_path, monkeypatch,
+                                                      capsys):
+    ov_runner = _openvino()
+    monkeypatch.setenv(onnx_runner.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(ov_runner, "cpu_has_bf16", lambda: False)
+    with pytest.raises(EngineError, match="bf16 arithmetic"):
+        segment_volume(small_real_volume, [tiny_package], SegmentOptions(device="cpu", runtime="openvino",
+                                                                          precision="bf16", threads=1))
+    from LumbarSegmentLib.cli.main import main
+    from LumbarSegmentLib.formats.io import write_volume
+
+    src = write_volume(small_real_volume, tmp_path / "in.nrrd")
+    rc = main(["segment", str(src), "-o", str(tmp_path / "o.nii.gz"), "--model", str(tiny_package.path),
+               "--runtime", "openvino", "--precision", "bf16", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "bf16" in err and "--precision fp32" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    with pytest.raises(EngineError, match="fp32 or bf16"):
+        ov_runner.check_precision("fp16")
+
+
+def test_a_onednn_capped_below_bf16_has_no_openvino_bf16(monkeypatch):
+    """``ONEDNN_MAX_CPU_ISA=AVX2`` (how an AVX2-only CPU is emulated) leaves OpenVINO without bf16 kernels,
+    though the CPU reports bf16: the check says no, so the request is refused up front."""
+    from LumbarSegmentLib.inference import openvino_runner as ov_runner
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not ov_runner.cpu_has_bf16()
+    with pytest.raises(EngineError, match="bf16 arithmetic"):
+        ov_runner.check_precision("bf16")
+
+
+def test_openvino_bf16_when_asked_and_available(tiny_package, small_real_volume, tmp_path, monkeypatch):
+    """Asked for bf16 on a CPU that has it, OpenVINO is told to compute in bf16 and the report says so;
+    float32 stays the default (``auto``)."""
+    ov_runner = _openvino()
+    assert ov_runner.compile_config(2, "bf16")["INFERENCE_PRECISION_HINT"] == "bf16"
+    assert ov_runner.check_precision("auto") == "fp32"
+    if not ov_runner.cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 arithmetic for OpenVINO")
+    monkeypatch.setenv(onnx_runner.CACHE_ENV, str(tmp_path / "cache"))
+    try:
+        res = segment_volume(small_real_volume, [tiny_package], SegmentOptions(device="cpu", runtime="openvino",
+                                                                               precision="bf16", threads=1))
+    except EngineError as exc:  # a CPU that reports bf16 but lacks its kernels (oneDNN limited by its ISA cap)
+        pytest.skip(str(exc))
+    assert res.report["precision"] == "bfloat16" and res.report["runtime"].startswith("openvino")
+    ref = segment_volume(small_real_volume, [tiny_package], SegmentOptions(device="cpu", runtime="openvino",
+                                                                           precision="fp32", threads=1))
+    assert np.mean(res.labels.array == ref.labels.array) > 0.99
