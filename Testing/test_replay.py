@@ -148,3 +148,21 @@ def test_replay_on_the_command_line():
     for bad in ("1", "-0.1", "half"):
         with pytest.raises(SystemExit):
             p.parse_args(base + ["--replay", bad])
+
+
+def test_a_replay_folder_without_cases_is_refused_before_anything_is_written(tmp_path):
+    from LumbarSegmentLib.models import build_model
+    from LumbarSegmentLib.registry.package import default_input_contract, write_package
+    from LumbarSegmentLib.training.finetune import finetune
+    from LumbarSegmentLib.training.retention import RetentionSettings
+
+    parent = write_package(tmp_path / "parent", build_model("UVD", num_classes=3, init_filters=4).eval(),
+                           name="uvd-tiny", schema=load_schema("starter"),
+                           input_contract=default_input_contract(spacing_mm=(1.0, 1.0)),
+                           training={"train_cases": ["VB3_01"], "val_cases": []})
+    _write(tmp_path / "team", "T1L_0", "vertebral_body", "T1L")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no cases"):
+        finetune(parent, list_cases(tmp_path / "team"), out_dir=tmp_path / "run",
+                 retention=RetentionSettings(replay=0.5, replay_set=str(tmp_path / "empty")))
+    assert not (tmp_path / "run").exists()

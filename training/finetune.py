@@ -113,6 +113,10 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
     model, target, info = prepare_finetune_model(pkg, target)
     asked = config.slice_context if config is not None else None
     context = _context_for(model, asked or 0, pkg.ref)  # before anything is written
+    keep = retention or RETENTION_DEFAULT
+    info["retention"] = {"keep_bn_stats": keep.keep_bn_stats, "l2sp": keep.l2sp, "distill": keep.distill,
+                         "wise": keep.wise}
+    replayed = _replayed(keep, pkg, target, list(train_cases), info)  # before anything is written too
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     schema_path = out_dir / "schema.json"
@@ -125,11 +129,10 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
     else:
         cfg = config.replace(**fixed)
     cfg = cfg.replace(slice_context=context["run"])
-    keep = retention or RETENTION_DEFAULT
     cfg = cfg.replace(keep_bn_stats=keep.keep_bn_stats, l2sp=keep.l2sp, distill=keep.distill)
-    info["retention"] = {"keep_bn_stats": keep.keep_bn_stats, "l2sp": keep.l2sp, "distill": keep.distill,
-                         "wise": keep.wise}
-    train_cases, cfg = _with_replay(keep, pkg, target, list(train_cases), cfg, info)
+    if replayed:
+        train_cases = list(train_cases) + replayed
+        cfg = cfg.replace(replay_fraction=keep.replay, replay_ids=tuple(c.case_id for c in replayed))
     info["slice_context"] = context
     widen_input(model, 2 * context["run"] + 1)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()} if keep.wise < 1 else None
@@ -170,17 +173,18 @@ def _blend_with_parent(child: ModelPackage, parent: ModelPackage, alpha: float, 
     return read_package(run / "package")
 
 
-def _with_replay(keep: RetentionSettings, pkg: ModelPackage, target: LabelSchema, train_cases: list, cfg, info: dict):
-    """``(train cases + replayed cases, config naming them)``; unchanged when replay is off or finds nothing."""
+def _replayed(keep: RetentionSettings, pkg: ModelPackage, target: LabelSchema, train_cases: list, info: dict) -> list:
+    """The cases a fine-tune replays (``training.replay``; ``[]`` when replay is off or finds nothing),
+    recorded in ``info["retention"]``; a replay folder given that holds no case is refused here."""
     if not keep.replay:
-        return train_cases, cfg
+        return []
     from .replay import parent_sources, replay_cases
 
     sources = parent_sources(pkg.manifest)
     if not sources and keep.replay_set is None:
         log.info("replay: %s records no training cases, so nothing of the shipped set is known to be its own; "
                  "fine-tuning without replay", pkg.ref)
-        return train_cases, cfg
+        return []
     cases = replay_cases(target, sources or None, train_cases, keep.replay_set)
     info["retention"]["replay"] = {"fraction": keep.replay, "cases": [c.case_id for c in cases],
                                    "set": "shipped" if keep.replay_set is None else str(keep.replay_set)}
@@ -188,10 +192,10 @@ def _with_replay(keep: RetentionSettings, pkg: ModelPackage, target: LabelSchema
         log.warning("replay is on but every replay case was left out (not of the parent's sources %s, not fitting "
                     "schema %r, or a patient the cases given already hold): fine-tuning on the cases given alone",
                     ", ".join(sorted(sources)) or "unknown", target.name)
-        return train_cases, cfg
+        return []
     log.info("replaying %d case(s) of %s as %.0f%% of each batch", len(cases),
              ", ".join(sorted({c.extra.get("source", c.case_id.split("_")[0]) for c in cases})), 100 * keep.replay)
-    return train_cases + cases, cfg.replace(replay_fraction=keep.replay, replay_ids=tuple(c.case_id for c in cases))
+    return cases
 
 
 #: what a run's own package says about its data and origin, true of every checkpoint of that run
