@@ -40,30 +40,13 @@ REPLAY = {"VB1": ["VB1_07", "VB1_17"], "VB2": ["VB2_02", "VB2_04"], "VB3": ["VB3
 IVD_REPLAY_OFFSET = 7
 
 
-def _spider_discs(case, out_dir):
-    """A SPIDER case with its discs only (vertebra and canal voxels become 0)."""
-    import numpy as np
-
-    from LumbarSegmentLib.core.volume import Volume
-    from LumbarSegmentLib.dataset.cases import write_case
-
-    image, label = case.load()
-    disc = [int(v) for v, n in case.labels.items() if n == "intervertebral_disc"]
-    lab = np.where(np.isin(label.array, disc), label.array, 0).astype(np.uint8)
-    geo = dict(spacing=label.spacing, origin=label.origin, direction=label.direction)
-    return write_case(out_dir, case.case_id, image, Volume(lab, **geo),
-                      labels={v: "intervertebral_disc" for v in disc}, annotated_structures=["intervertebral_disc"],
-                      patient=case.patient, extra={**case.extra, "source": "SP",
-                                                   "adapted": "discs only; vertebra and spinal canal not labelled"})
-
-
 def _replay_case(source, cid, shared, tmp, built):
     from LumbarSegmentLib.dataset.cases import read_case
     from LumbarSegmentLib.training.reference import write_reference_case
-    from LumbarSegmentLib.training.sources import t1_levels_case
+    from LumbarSegmentLib.training.sources import spider_discs_case, t1_levels_case
 
     if source == "SP":
-        case = _spider_discs(read_case(shared / "spider-t2space" / f"{cid}.json"), tmp / "adapted")
+        case = spider_discs_case(shared / "spider-t2space" / f"{cid}.json", tmp / "adapted")
     elif source == "T1L":
         case = t1_levels_case(shared / "t1-levels" / f"{cid}.json", tmp / "adapted")
     else:

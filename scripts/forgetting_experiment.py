@@ -8,6 +8,7 @@ through the engine (``training.evaluate.evaluate_packages``, what ``lumbarseg-tr
 
 * 40 other t1-levels slices (fixed list below; the sacrum counts as background for the three-class
   schema, as the other sources teach), and
+* the SPIDER test split (discs only, as a three-class schema reads them), and
 * the untouched test split of every lumbar-mr source (scripts/recipes/lumbar-mr-split-v2.json:
   IVD, VB1 with its lowest instance scored as sacrum, VB2, VB3), the central 15 sagittal slices
   of each volume cropped to the labelled levels + 40 mm (``SCORE_SLICES``; the 2-core machine this
@@ -50,7 +51,9 @@ T1_EVAL = ["T1L_0007", "T1L_0017", "T1L_0027", "T1L_0031", "T1L_0042", "T1L_0061
 #: a team with rehearsal data adds cases the parent trained on (as scripts/annotation_loop.py re-exports)
 REHEARSAL = ["IVD_11", "VB1_07", "VB2_02", "VB2_04", "VB3_01", "VB3_02", "VB3_05", "VB3_06"]
 
-BASE = ["--from", "uvd-starter@5", "--epochs", "3", "--steps-per-epoch", "20", "--patience", "0"]
+#: the parent of every fine-tune (``--parent``): the default when the problem was found, which never saw a T1 slice
+PARENT = "uvd-starter@5"
+BASE = ["--epochs", "3", "--steps-per-epoch", "20", "--patience", "0"]
 def _guards(l2sp=0, replay=0, wise=1, keep_bn=False, distill=0, *extra) -> list[str]:
     """Every guard's flag spelt out, so a candidate means the same whatever the defaults become."""
     return ["--keep-bn-stats" if keep_bn else "--no-keep-bn-stats", "--l2sp", str(l2sp), "--distill", str(distill),
@@ -84,7 +87,7 @@ CANDIDATES = {
     "plain+rehearsal": (["--plain-finetune", "--replay", "0", "--wise", "1"], True),
     "default+rehearsal": ([], True),
 }
-SOURCES = ["T1L", "VB3", "VB2", "VB1", "IVD"]
+SOURCES = ["T1L", "VB3", "VB2", "VB1", "IVD", "SP"]
 #: the lumbar-mr test volumes are scored on their central slices (where the bodies and discs are),
 #: cropped to the labelled levels + 40 mm: a quarter of the prediction time of the whole volumes
 SCORE_SLICES = 15
@@ -96,7 +99,7 @@ def prepare_data(shared: Path, out: Path) -> dict:
     from LumbarSegmentLib.training.sources import adapt_cases
 
     split = json.loads((ROOT / "scripts/recipes/lumbar-mr-split-v2.json").read_text())
-    folders = {k: out / "data" / k for k in ("team", "team+rehearsal", "score", "score-val")}
+    folders = {k: out / "data" / k for k in ("team", "team+rehearsal", "score", "score-val", "score-sp")}
     def missing(key):
         return not (folders[key] / "done").exists()
 
@@ -116,7 +119,15 @@ def prepare_data(shared: Path, out: Path) -> dict:
         for case in adapt_cases(shared / "lumbar-mr", split["val"], out / "data" / "val-adapted"):
             write_reference_case(case, folders["score-val"], case.extra["source"], slices=SCORE_SLICES)
         (folders["score-val"] / "done").write_text("")
-    return {**{k: str(v) for k, v in folders.items()}, "lumbar_test": split["test"], "lumbar_val": split["val"]}
+    sp = json.loads((ROOT / "scripts/recipes/new-sources-split.json").read_text())["sources"]["spider-t2space"]
+    if missing("score-sp") and (shared / "spider-t2space").is_dir():  # SPIDER's discs (the parent may know them)
+        from LumbarSegmentLib.training.sources import spider_discs_case
+
+        for cid in sp["test"] + sp["val"]:
+            spider_discs_case(shared / "spider-t2space" / f"{cid}.json", folders["score-sp"])
+        (folders["score-sp"] / "done").write_text("")
+    return {**{k: str(v) for k, v in folders.items()}, "lumbar_test": split["test"], "lumbar_val": split["val"],
+            "sp_test": sp["test"], "sp_val": sp["val"]}
 
 
 def finetune(name: str, data: str, out: Path, precision: str, threads: int, patch: int = 256) -> float:
@@ -125,7 +136,7 @@ def finetune(name: str, data: str, out: Path, precision: str, threads: int, patc
     run = out / name / "run"
     if (run / "package" / "manifest.json").exists():
         return float(json.loads((out / name / "time.json").read_text())["wall_s"])
-    cmd = [sys.executable, "-m", "LumbarSegmentLib.training.cli", "finetune", *BASE, "--data", data,
+    cmd = [sys.executable, "-m", "LumbarSegmentLib.training.cli", "finetune", "--from", PARENT, *BASE, "--data", data,
            "--out", str(run), "--threads", str(threads), "--precision", precision, "--patch", str(patch), *flags]
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -144,9 +155,12 @@ def score(package, shared: Path, data: dict, with_val: bool = False) -> dict:
     cases = select_cases(shared / "t1-levels", T1_EVAL) + select_cases(data["score"], data["lumbar_test"])
     if with_val:
         cases += select_cases(data["score-val"], data["lumbar_val"])
+    if (Path(data["score-sp"]) / "done").exists():
+        cases += select_cases(data["score-sp"], data["sp_test"] + (data["sp_val"] if with_val else []))
     res = evaluate_packages({"m": [package]}, cases, SegmentOptions(device="cpu"), surface=())["m"]
     lr = res["level_range"]
-    out = {src: lr.get(src, {}).get("intervertebral_disc" if src == "IVD" else "vertebral_body") for src in SOURCES}
+    out = {src: lr.get(src, {}).get("intervertebral_disc" if src in ("IVD", "SP") else "vertebral_body")
+           for src in SOURCES}
     worst = [v for k, v in res["level_range_per_case"].items() if k.startswith("T1L") and k.endswith("vertebral_body")]
     out["T1L_worst"] = min(worst) if worst else None
     return out
@@ -171,6 +185,7 @@ def table(rows: dict) -> str:
 
 
 def main(argv=None) -> int:
+    global PARENT
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"), help="the shared data folder")
     p.add_argument("--out", required=True)
@@ -181,8 +196,11 @@ def main(argv=None) -> int:
                    help="training patch (default 256, the issue's; 128 costs a quarter per step)")
     p.add_argument("--with-val", action="store_true",
                    help="also score the lumbar-mr validation split (held-out patients: 3 VB1 cases instead of 1)")
+    p.add_argument("--parent", default=PARENT,
+                   help=f"the model every candidate fine-tunes (default {PARENT}; use a separate --out per parent)")
     p.add_argument("--time-only", help="fine-tune these candidates again into <out>/timing/, no scoring")
     a = p.parse_args(argv)
+    PARENT = a.parent
     import torch
 
     torch.set_num_threads(a.threads)
@@ -204,7 +222,7 @@ def main(argv=None) -> int:
     tag = "+val" if a.with_val else ""
     parent_file = out / f"parent_scores{tag}.json"
     if not parent_file.exists():
-        parent_file.write_text(json.dumps(score(resolve_model("uvd-starter@5"), shared, data, a.with_val)))
+        parent_file.write_text(json.dumps(score(resolve_model(PARENT), shared, data, a.with_val)))
     rows["parent (uvd-starter)"] = {"scores": json.loads(parent_file.read_text())}
     names = a.only.split(",") if a.only else list(CANDIDATES)
     for name in names:

@@ -92,6 +92,19 @@ def vb1_sacrum_case(json_path: str | Path, out_dir: str | Path) -> Case:
                       extra=_copy_extra(case, source="VB1", adapted=f"lowest instance {lowest} is S1: sacrum"))
 
 
+def spider_discs_case(json_path: str | Path, out_dir: str | Path) -> Case:
+    """A SPIDER case with its discs only (whole-vertebra and canal voxels become 0), so that a schema
+    without SPIDER's whole-vertebra label (the three-class starter) can train or be graded on it."""
+    case = read_case(json_path)
+    image, label = case.load()
+    disc = [int(v) for v, n in case.labels.items() if n == "intervertebral_disc"]
+    lab = np.where(np.isin(label.array, disc), label.array, 0).astype(np.uint8)
+    return write_case(out_dir, case.case_id, image, label.with_array(lab),
+                      labels={v: "intervertebral_disc" for v in disc}, annotated_structures=["intervertebral_disc"],
+                      patient=case.patient, extra=_copy_extra(case, source="SP",
+                                                              adapted="discs only; vertebra and spinal canal not labelled"))
+
+
 def adapt_cases(folder: str | Path, ids: Sequence[str], out_dir: str | Path, *, vb1_sacrum: bool = True
                 ) -> list[Case]:
     """The named cases of a shared data folder as adapted cases in ``out_dir`` (t1-levels cases cropped,
