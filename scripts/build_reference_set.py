@@ -40,18 +40,24 @@ REPLAY = {"VB1": ["VB1_07", "VB1_17"], "VB2": ["VB2_02", "VB2_04"], "VB3": ["VB3
 IVD_REPLAY_OFFSET = 7
 
 
-def _replay_case(source, cid, shared, tmp, built):
+def _slab_case(source, cid, shared, tmp, built, replay: bool):
+    """One case of either set, written into ``built``. SPIDER (discs only) and t1-levels (S1 cropped) are
+    adapted alike in both sets; a VB1 reference case has its lowest instance relabelled sacrum, while a
+    replayed VB1 case stays as published (training reads its lowest instance as S1 itself)."""
     from LumbarSegmentLib.dataset.cases import read_case
     from LumbarSegmentLib.training.reference import write_reference_case
-    from LumbarSegmentLib.training.sources import spider_discs_case, t1_levels_case
+    from LumbarSegmentLib.training.sources import spider_discs_case, t1_levels_case, vb1_sacrum_case
 
     if source == "SP":
         case = spider_discs_case(shared / "spider-t2space" / f"{cid}.json", tmp / "adapted")
     elif source == "T1L":
         case = t1_levels_case(shared / "t1-levels" / f"{cid}.json", tmp / "adapted")
+    elif source == "VB1" and not replay:
+        case = vb1_sacrum_case(shared / "lumbar-mr" / f"{cid}.json", tmp / "adapted")
     else:
         case = read_case(shared / "lumbar-mr" / f"{cid}.json")
-    return write_reference_case(case, built, source, offset=IVD_REPLAY_OFFSET if source == "IVD" else 0)
+    offset = IVD_REPLAY_OFFSET if replay and source == "IVD" else 0
+    return write_reference_case(case, built, source, offset=offset)
 
 
 def main(argv=None) -> int:
@@ -61,13 +67,9 @@ def main(argv=None) -> int:
     p.add_argument("--replay", action="store_true", help="build the fine-tune's replay set instead")
     a = p.parse_args(argv)
     a.out = a.out or str(ROOT / "Resources" / ("Replay" if a.replay else "Reference"))
-    from LumbarSegmentLib.dataset.cases import read_case
-    from LumbarSegmentLib.training.reference import write_reference_case
-    from LumbarSegmentLib.training.sources import vb1_sacrum_case
-
-    shared, out = Path(a.shared) / "lumbar-mr", Path(a.out)
-    if not shared.is_dir():
-        print(f"build_reference_set: {shared} does not exist", file=sys.stderr)
+    shared, out = Path(a.shared), Path(a.out)
+    if not (shared / "lumbar-mr").is_dir():
+        print(f"build_reference_set: {shared / 'lumbar-mr'} does not exist", file=sys.stderr)
         return 2
     keep = (out / "PROVENANCE.md").read_text() if (out / "PROVENANCE.md").exists() else None
     tmp = Path(tempfile.mkdtemp(prefix="reference-"))
@@ -75,17 +77,7 @@ def main(argv=None) -> int:
         built = tmp / "set"
         for source, ids in (REPLAY if a.replay else REFERENCE).items():
             for cid in ids:
-                if a.replay:
-                    ref = _replay_case(source, cid, Path(a.shared), tmp, built)
-                    print(f"{cid}: {ref.image_path.stat().st_size + ref.label_path.stat().st_size} bytes")
-                    continue
-                if source in ("SP", "T1L"):  # adapted as the replay set adapts them (discs only; S1 cropped)
-                    ref = _replay_case(source, cid, Path(a.shared), tmp, built)
-                    print(f"{cid}: {ref.image_path.stat().st_size + ref.label_path.stat().st_size} bytes")
-                    continue
-                case = vb1_sacrum_case(shared / f"{cid}.json", tmp / "adapted") if source == "VB1" \
-                    else read_case(shared / f"{cid}.json")
-                ref = write_reference_case(case, built, source)
+                ref = _slab_case(source, cid, shared, tmp, built, a.replay)
                 print(f"{cid}: {ref.image_path.stat().st_size + ref.label_path.stat().st_size} bytes")
         if out.exists():
             shutil.rmtree(out)

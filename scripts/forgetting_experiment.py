@@ -130,13 +130,14 @@ def prepare_data(shared: Path, out: Path) -> dict:
             "sp_test": sp["test"], "sp_val": sp["val"]}
 
 
-def finetune(name: str, data: str, out: Path, precision: str, threads: int, patch: int = 256) -> float:
+def finetune(name: str, data: str, out: Path, precision: str, threads: int, patch: int = 256,
+             parent: str = PARENT) -> float:
     """Run the fine-tune through the command line; returns its wall time in seconds."""
     flags, _ = CANDIDATES[name]
     run = out / name / "run"
     if (run / "package" / "manifest.json").exists():
         return float(json.loads((out / name / "time.json").read_text())["wall_s"])
-    cmd = [sys.executable, "-m", "LumbarSegmentLib.training.cli", "finetune", "--from", PARENT, *BASE, "--data", data,
+    cmd = [sys.executable, "-m", "LumbarSegmentLib.training.cli", "finetune", "--from", parent, *BASE, "--data", data,
            "--out", str(run), "--threads", str(threads), "--precision", precision, "--patch", str(patch), *flags]
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -185,7 +186,6 @@ def table(rows: dict) -> str:
 
 
 def main(argv=None) -> int:
-    global PARENT
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"), help="the shared data folder")
     p.add_argument("--out", required=True)
@@ -200,7 +200,6 @@ def main(argv=None) -> int:
                    help=f"the model every candidate fine-tunes (default {PARENT}; use a separate --out per parent)")
     p.add_argument("--time-only", help="fine-tune these candidates again into <out>/timing/, no scoring")
     a = p.parse_args(argv)
-    PARENT = a.parent
     import torch
 
     torch.set_num_threads(a.threads)
@@ -212,7 +211,8 @@ def main(argv=None) -> int:
     data = prepare_data(shared, out)
     if a.time_only:
         for name in a.time_only.split(","):
-            wall = finetune(name, data["team"], out / "timing" / a.precision, a.precision, a.threads, a.patch)
+            wall = finetune(name, data["team"], out / "timing" / a.precision, a.precision, a.threads, a.patch,
+                            a.parent)
             print(f"{name}: fine-tune {wall:.0f} s (precision {a.precision}, {a.threads} threads)")
         return 0
     from LumbarSegmentLib.registry.package import read_package
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     tag = "+val" if a.with_val else ""
     parent_file = out / f"parent_scores{tag}.json"
     if not parent_file.exists():
-        parent_file.write_text(json.dumps(score(resolve_model(PARENT), shared, data, a.with_val)))
+        parent_file.write_text(json.dumps(score(resolve_model(a.parent), shared, data, a.with_val)))
     rows["parent (uvd-starter)"] = {"scores": json.loads(parent_file.read_text())}
     names = a.only.split(",") if a.only else list(CANDIDATES)
     for name in names:
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
             return 2
     for name in names:
         folder = data["team+rehearsal" if CANDIDATES[name][1] else "team"]
-        wall = finetune(name, folder, out, a.precision, a.threads, a.patch)
+        wall = finetune(name, folder, out, a.precision, a.threads, a.patch, a.parent)
         sfile = out / name / f"scores{tag}.json"
         if not sfile.exists():
             sfile.write_text(json.dumps(score(read_package(out / name / "run" / "package"), shared, data, a.with_val)))

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -248,19 +249,13 @@ def replay_weights(sources: Sequence[str], is_replay: Sequence[bool], fraction: 
     """Sampling weights: the team's cases keep their relative ``base`` weights and share ``1 - fraction``;
     the replayed cases share ``fraction``, each source equally, each case of a source equally."""
     team_total = sum(w for w, r in zip(base, is_replay) if not r)
-    replay_sources = sorted({s for s, r in zip(sources, is_replay) if r})
-    per_source = {s: sum(1 for t, r in zip(sources, is_replay) if r and t == s) for s in replay_sources}
-    if not replay_sources or fraction <= 0:
+    per_source = Counter(s for s, r in zip(sources, is_replay) if r)
+    if not per_source or fraction <= 0:
         return [0.0 if r else w for w, r in zip(base, is_replay)]
     if team_total <= 0:
         fraction = 1.0
-    out = []
-    for w, s, r in zip(base, sources, is_replay):
-        if r:
-            out.append(fraction / len(replay_sources) / per_source[s])
-        else:
-            out.append((1.0 - fraction) * w / team_total)
-    return out
+    return [fraction / len(per_source) / per_source[s] if r else (1.0 - fraction) * w / team_total
+            for w, s, r in zip(base, sources, is_replay)]
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,8 @@ def _blend_with_parent(child: ModelPackage, parent: ModelPackage, alpha: float, 
     ``package-finetuned/``."""
     import shutil
 
+    from LumbarSegmentLib.registry.package import read_package
+
     from .wise import write_blend
 
     run = child.path.parent
@@ -168,8 +170,6 @@ def _blend_with_parent(child: ModelPackage, parent: ModelPackage, alpha: float, 
     tmp.rename(run / "package")
     log.info("the package keeps %.0f%% of the fine-tune's change from %s (the fine-tune itself: %s)", 100 * alpha,
              parent.ref, kept)
-    from LumbarSegmentLib.registry.package import read_package
-
     return read_package(run / "package")
 
 
@@ -178,6 +178,7 @@ def _replayed(keep: RetentionSettings, pkg: ModelPackage, target: LabelSchema, t
     recorded in ``info["retention"]``; a replay folder given that holds no case is refused here."""
     if not keep.replay:
         return []
+    from .data import case_source
     from .replay import parent_sources, replay_cases
 
     sources = parent_sources(pkg.manifest)
@@ -194,7 +195,7 @@ def _replayed(keep: RetentionSettings, pkg: ModelPackage, target: LabelSchema, t
                     ", ".join(sorted(sources)) or "unknown", target.name)
         return []
     log.info("replaying %d case(s) of %s as %.0f%% of each batch", len(cases),
-             ", ".join(sorted({c.extra.get("source", c.case_id.split("_")[0]) for c in cases})), 100 * keep.replay)
+             ", ".join(sorted({case_source(c) for c in cases})), 100 * keep.replay)
     return cases
 
 

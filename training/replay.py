@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from LumbarSegmentLib.dataset.cases import Case, list_cases
-from LumbarSegmentLib.core.schema import LabelSchema
+from LumbarSegmentLib.core.schema import LabelSchema, SchemaError, check_compatible
+
+from .data import case_source
 
 log = logging.getLogger("lumbarseg.train")
 
@@ -50,14 +52,13 @@ def parent_sources(manifest: dict) -> set[str]:
     return {str(c).split("_", 1)[0] for c in cases if "_" in str(c)}
 
 
-def _source(case: Case) -> str:
-    from .data import case_source
-
-    return case_source(case)
-
-
 def _fits(case: Case, schema: LabelSchema) -> bool:
-    return all(s in schema or s in schema.unions for s in case.annotated_structures)
+    """Whether a fine-tune to ``schema`` could take the case (the check every training case passes)."""
+    try:
+        check_compatible(schema, case.annotated_structures)
+    except SchemaError:
+        return False
+    return True
 
 
 def replay_cases(schema: LabelSchema, sources: Iterable[str] | None, team: Sequence[Case] = (),
@@ -79,7 +80,7 @@ def replay_cases(schema: LabelSchema, sources: Iterable[str] | None, team: Seque
     team_patients = {c.patient for c in team} | {c.case_id for c in team}
     out, skipped = [], []
     for case in list_cases(folder):
-        if wanted is not None and _source(case) not in wanted:
+        if wanted is not None and case_source(case) not in wanted:
             continue
         if case.patient in team_patients or case.case_id in team_patients:
             skipped.append(f"{case.case_id} (the team's cases hold this patient)")
