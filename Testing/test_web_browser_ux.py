@@ -50,6 +50,18 @@ def _value(pg, name) -> float:
     return float(pg.input_value(f"[data-testid={name}-value] input"))
 
 
+def _settled(pg, name, quiet=0.75, timeout=10.0) -> float:
+    """The value once it has stopped changing for ``quiet`` seconds: a drag's last moves may still be on
+    their way to the server (and back) when its first effect is seen."""
+    last, since, deadline = _value(pg, name), time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() - since < quiet and time.monotonic() < deadline:
+        time.sleep(0.15)
+        now = _value(pg, name)
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
 def _shot(pg, name):
     pg.screenshot(path=str(ARTIFACTS / name))
 
@@ -110,8 +122,8 @@ def test_3_window_level_drag_click_and_presets(page):
     page.mouse.up()
     _until("drag W/L", lambda: _value(page, "window") > w0 and _value(page, "level") > l0)
     # one click on the slider sets the value there (no drag needed)
+    before = _settled(page, "window")
     slider = page.locator("[data-testid=window-slider] .v-slider-track").bounding_box()
-    before = _value(page, "window")
     page.mouse.click(slider["x"] + slider["width"] * 0.2, slider["y"] + slider["height"] / 2)
     _until("slider click", lambda: _value(page, "window") < before - 1)
     page.click("[data-testid=wl-preset]")
