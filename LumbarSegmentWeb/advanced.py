@@ -32,6 +32,12 @@ def values_from_state(state) -> dict:
     return {n: state[state_key(n)] for n in FIELDS}
 
 
+def advanced_args() -> str:
+    """The Segment button's argument: the settings as the page shows them at the click, sent with the click
+    itself, so a value typed just before it cannot lose the race with the page's state sync."""
+    return "[{" + ", ".join(f"{n}: {state_key(n)}" for n in FIELDS) + "}]"
+
+
 def widgets() -> list[dict]:
     """One row per setting for the page: how to draw it, from the option's own spec."""
     rows = []
@@ -51,6 +57,8 @@ def widgets() -> list[dict]:
 def segment_request(model: str | None, mode: str, levels: bool, advanced: dict | None, *, device: str,
                     threads: int | None) -> SegmentRequest:
     """The draft's request: the page's choices checked by the options contract (``OptionError`` if not)."""
+    if advanced is not None and not isinstance(advanced, dict):
+        raise OptionError("the segment settings must be a mapping of setting names to values")
     advanced = dict(advanced or {})
     extra = sorted(set(advanced) - set(FIELDS))
     if extra:  # e.g. a crafted message naming the device: that is the server's to choose

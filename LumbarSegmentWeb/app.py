@@ -290,11 +290,14 @@ class LumbarSegmentPage(ClickControls, LevelsControls, PageLayout):
         for view_id in self.views:
             self._update_readout(view_id)
 
-    def segment(self) -> None:
+    def segment(self, settings: dict | None = None) -> None:
+        """Segment clicked: ``settings`` are the Advanced values the page sent with the click (the page's
+        synced state when called without them)."""
         def go():
             notes = self.session.start_segmentation(self.session.offered_model(self.state.model), self.state.mode,
                                                     levels=self.state.levels_on is True,
-                                                    advanced=advanced.values_from_state(self.state))
+                                                    advanced=advanced.values_from_state(self.state) if settings is None
+                                                    else settings)
             self._job_t0 = time.monotonic()
             self.state.job = {"state": "running", "fraction": 0.0, "message": "starting", "warnings": notes}
             self.state.job_eta = "reading the volume and loading the model"

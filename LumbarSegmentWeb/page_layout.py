@@ -9,6 +9,7 @@ from trame.widgets import client, html
 from trame.widgets import vuetify3 as v3
 from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout
 
+from .advanced import advanced_args
 from .shortcuts import key_script
 
 KEY_TRIGGER = "lumbarseg_key"
@@ -152,7 +153,7 @@ class PageLayout:
                                  **tid("levels-on"))
                 self._advanced_settings()
                 with html.Div(classes="d-flex"):
-                    v3.VBtn("Segment", click=self.segment, color="primary", size="small",
+                    v3.VBtn("Segment", click=(self.segment, advanced_args()), color="primary", size="small",
                             disabled=("job.state === 'running' || !case_id",), **tid("segment"))
                     v3.VBtn("Cancel", click=self.cancel, size="small", classes="ml-2",
                             disabled=("job.state !== 'running'",), **tid("cancel"))
