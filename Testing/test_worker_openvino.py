@@ -101,7 +101,7 @@ def test_openvino_bf16_is_refused_on_a_cpu_without_it(tiny_package, small_real_v
     err = capsys.readouterr().err.strip()
     assert rc != 0 and "bf16" in err and "--precision fp32" in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    with pytest.raises(EngineError, match="fp32 or bf16"):
+    with pytest.raises(EngineError, match="fp32, bf16 or int8"):
         ov_runner.check_precision("fp16")
 
 

@@ -55,7 +55,8 @@ from speed_e2e import AVX2_ENV, cpu_name, isa_flags, run_command  # noqa: E402
 CONFIGS = [("torch fp32 avx2", "avx2", "fp32", "torch"), ("onnx fp32 avx2", "avx2", "fp32", "onnx"),
            ("openvino fp32 avx2", "avx2", "fp32", "openvino"), ("torch bf16 native", "native", "bf16", "torch"),
            ("openvino fp32 native", "native", "fp32", "openvino"),
-           ("openvino bf16 native", "native", "bf16", "openvino")]
+           ("openvino bf16 native", "native", "bf16", "openvino"),
+           ("openvino int8 avx2", "avx2", "int8", "openvino"), ("openvino int8 native", "native", "int8", "openvino")]
 _CONV_PROBE = """
 import numpy as np, openvino as ov, openvino.opset13 as ops
 x = ops.parameter([1, 8, 32, 32], np.float32)

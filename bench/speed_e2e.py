@@ -63,6 +63,8 @@ WORKER_CONFIGS = {
     "torch-native": ("native", "torch", {}),  # PyTorch, precision auto: bf16 on a CPU that has it
     "openvino-native": ("native", "openvino", {}),
     "openvino-bf16-native": ("native", "openvino", {"runtime": "openvino", "precision": "bf16"}),  # opt-in
+    "openvino-int8-avx2": ("avx2", "openvino", {"runtime": "openvino", "precision": "int8"}),  # opt-in, lossy
+    "openvino-int8-native": ("native", "openvino", {"runtime": "openvino", "precision": "int8"}),
 }
 
 
@@ -200,8 +202,9 @@ def bench_worker_drafts(image: Path, names: list[str], drafts: int, env: dict, t
 
     volume, out, ref = read_volume(image), {}, None
     if any(WORKER_CONFIGS[n][1] != "torch" for n in names):  # converted networks cached, as after a first use
-        run_command(image, work / "fill-cache.nii.gz", "native", ["--runtime", "openvino", "--precision", "fp32"],
-                    env, threads)
+        for precision in sorted({"fp32"} | {WORKER_CONFIGS[n][2].get("precision", "fp32") for n in names} - {"bf16"}):
+            run_command(image, work / "fill-cache.nii.gz", "native", ["--runtime", "openvino", "--precision", precision],
+                        env, threads)  # (int8: the quantised network, calibrated once)
     for name in names:
         isa, runtime, fields = WORKER_CONFIGS[name]
         worker = WarmWorker(threads=threads, workdir_parent=str(work), runtime=runtime,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # int8: OpenVINO only (openvino_runner)
 
 
 class EngineError(RuntimeError):
@@ -67,7 +67,7 @@ def autocast_dtype(device, precision: str = "auto"):
 
     if precision not in PRECISIONS:
         raise DeviceError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
+    if precision in ("fp32", "int8"):  # int8 is OpenVINO's (the PyTorch network is then only exported)
         return None
     if device.type == "cuda":
         if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):

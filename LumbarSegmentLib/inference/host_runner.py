@@ -15,6 +15,7 @@ from __future__ import annotations
 from functools import partial
 
 from LumbarSegmentLib.inference.arrays import NUMPY
+from LumbarSegmentLib.inference.int8 import calibration_windows
 from LumbarSegmentLib.inference.onnx_runner import choose_runtime
 from LumbarSegmentLib.inference.options import SegmentOptions
 from LumbarSegmentLib.inference.runners import LoadedModel, cpu_batch, external_model
@@ -23,19 +24,27 @@ from LumbarSegmentLib.registry.package import ModelPackage
 HOST_RUNTIMES = ("onnx", "openvino")  # the runtimes that compute a network without PyTorch
 
 
+def requested_runtime(options: SegmentOptions) -> str:
+    """The runtime asked for: ``--precision int8`` makes ``auto`` OpenVINO (the one runtime with a quantised
+    network); otherwise ``--runtime`` as given."""
+    return "openvino" if options.precision == "int8" and options.runtime == "auto" else options.runtime
+
+
 def runs_without_torch(packages, options: SegmentOptions) -> bool:
     """Whether this request is served without PyTorch: an external runtime on the CPU in float32 (or
     OpenVINO in bf16, asked for explicitly), no BatchNorm adaptation, models given as packages (a model
     held in memory is a PyTorch network)."""
-    precision_ok = options.precision in ("auto", "fp32") or (options.runtime, options.precision) == ("openvino", "bf16")
-    return (options.runtime in HOST_RUNTIMES and options.device in ("auto", "cpu") and precision_ok
+    runtime = requested_runtime(options)
+    precision_ok = options.precision in ("auto", "fp32") or (runtime == "openvino"
+                                                              and options.precision in ("bf16", "int8"))
+    return (runtime in HOST_RUNTIMES and options.device in ("auto", "cpu") and precision_ok
             and not options.bn_adapt and all(isinstance(p, ModelPackage) for p in packages))
 
 
 def device_name(options: SegmentOptions) -> str:
     """The device a PyTorch-side run asks for: ONNX Runtime and OpenVINO compute on the CPU, so for them
     ``auto`` is the CPU (not a GPU they would refuse)."""
-    return "cpu" if options.device == "auto" and options.runtime in HOST_RUNTIMES else options.device
+    return "cpu" if options.device == "auto" and requested_runtime(options) in HOST_RUNTIMES else options.device
 
 
 class HostDevice:
@@ -68,12 +77,16 @@ class HostRunner:
 
     def __init__(self, spec: LoadedModel, options: SegmentOptions, slices):
         self.spec, self.options = spec, options
-        bf16 = options.precision == "bf16"  # (only ever with OpenVINO here: :func:`runs_without_torch`)
-        self.device, self.dtype = CPU, "bfloat16" if bf16 else None  # the report's name for the precision
+        # bf16 / int8 only ever with OpenVINO here (:func:`runs_without_torch`)
+        precision = options.precision if options.precision in ("bf16", "int8") else "fp32"
+        self.device = CPU
+        self.dtype = {"bf16": "bfloat16", "int8": "int8"}.get(precision)  # the report's name for the precision
         self.batch = self.group = options.batch_size or cpu_batch(slices, spec, options)
-        self.runtime = choose_runtime(options.runtime, "cpu", self.dtype, spec.sha256, options.bn_adapt)
+        self.runtime = choose_runtime(options.runtime, "cpu", {"bf16": "bfloat16", "int8": "int8"}.get(precision),
+                                      spec.sha256, options.bn_adapt)
         self.onnx = external_model(self.runtime, None, spec.sha256, options.threads,
-                                   load=partial(_network, spec.package), precision="bf16" if bf16 else "fp32")
+                                   load=partial(_network, spec.package), precision=precision,
+                                   calibration=partial(calibration_windows, spec))
 
     def forward(self, x):
         """Softmax probabilities [B, K, H, W] (float32 NumPy) for windows ``x`` [B, C, H, W] (NumPy)."""

@@ -92,10 +92,16 @@ def choose_runtime(requested: str, device_type: str, dtype, sha256: str | None, 
 
     ``onnx`` and ``openvino`` are refused, with what to do instead, where they cannot run the request as asked.
     ``dtype`` is the requested reduced precision (a torch dtype or its name; None = float32): OpenVINO
-    takes bf16 when asked for it explicitly (whether the CPU has it: ``openvino_runner.check_precision``).
+    takes bf16 when asked for it explicitly (whether the CPU has it: ``openvino_runner.check_precision``),
+    and ``"int8"`` (a quantised network) is OpenVINO's alone, so ``auto`` then means OpenVINO.
     """
     if requested not in RUNTIMES:
         raise EngineError(f"unknown runtime {requested!r}; choose one of {', '.join(RUNTIMES)}")
+    if dtype == "int8":  # a quantised network: OpenVINO's alone (``auto`` means it)
+        if requested not in ("auto", "openvino"):
+            raise EngineError(f"--precision int8 is computed by OpenVINO, not by runtime {requested!r}; use "
+                              "--runtime openvino (or auto), or another --precision")
+        requested, dtype = "openvino", None
     if requested in ("auto", "torch"):
         return "torch"
     if requested == "onnx" and not onnxruntime_available():

@@ -19,6 +19,8 @@ pick bf16 on a CPU that has it, a lossy step this project only takes when asked.
 with ``--runtime openvino`` asks for it: the network then runs in bf16 (about twice as fast on a CPU
 with AVX-512 BF16 or AMX; the labels move by a few hundred voxels, docs/benchmarks.md), only where
 OpenVINO's CPU plugin says it has bf16 arithmetic; elsewhere the request is refused in one line.
+``--precision int8`` runs a quantised copy of the graph (:mod:`int8`: calibrated once per plane size on
+shipped training slices, cached beside the float32 one), on any CPU; the rest of the graph stays float32.
 
 Optional dependency: ``pip install openvino onnx`` (the ``fast`` extra).
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import os
 import threading
+from functools import partial
 from pathlib import Path
 
 from LumbarSegmentLib.inference.devices import EngineError
@@ -50,7 +53,8 @@ def _core():
     return _CORE
 
 
-HINTS = {"fp32": "f32", "bf16": "bf16"}  # --precision -> OpenVINO's INFERENCE_PRECISION_HINT
+# --precision -> OpenVINO's INFERENCE_PRECISION_HINT (int8: the quantised graph's remaining float steps in f32)
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 BF16_REFUSED = ("bf16 with --runtime openvino needs a CPU with bf16 arithmetic (AVX-512 BF16 or AMX), which "
                 "OpenVINO does not find here; use --precision fp32")
 
@@ -79,21 +83,23 @@ def cpu_has_bf16() -> bool:
 
 
 def check_precision(precision: str) -> str:
-    """``fp32`` or ``bf16`` for OpenVINO (``auto``: fp32, never a silent lossy step); refuses bf16 on a
-    CPU without it and fp16 always, with what to do instead."""
-    if precision in ("auto", "fp32"):
-        return "fp32"
+    """``fp32``, ``bf16`` or ``int8`` for OpenVINO (``auto``: fp32, never a silent lossy step); refuses bf16
+    on a CPU without it and fp16 always, with what to do instead. int8 runs on any x86 CPU (AVX2 or not)."""
+    if precision in ("auto", "fp32", "int8"):
+        return "fp32" if precision == "auto" else precision
     if precision == "bf16":
         if not cpu_has_bf16():
             raise EngineError(BF16_REFUSED)
         return "bf16"
-    raise EngineError(f"runtime 'openvino' computes in fp32 or bf16, not {precision}; use --precision fp32")
+    raise EngineError(f"runtime 'openvino' computes in fp32, bf16 or int8, not {precision}; use --precision fp32")
 
 
 class OpenVinoModel:
     """One network as compiled OpenVINO models, one per input shape; ``probabilities(x)`` = softmax(net(x))."""
 
-    def __init__(self, module, sha256: str | None, threads: int | None = None, load=None, precision: str = "fp32"):
+    def __init__(self, module, sha256: str | None, threads: int | None = None, load=None, precision: str = "fp32",
+                 calibration=None):
+        self.calibration = calibration  # int8: ``calibration(shape)`` -> network inputs to measure ranges on
         self.threads = int(threads or 0)  # 0: OpenVINO's default (its own count of physical cores)
         self.precision = check_precision(precision)
         self.sha256 = sha256
@@ -127,21 +133,40 @@ class OpenVinoModel:
     def _compiled(self, shape: tuple):
         if self.sha256 is None:
             if shape not in self._own:
-                self._own[shape] = self._compile(self._convert(self.graphs._export(shape)))
+                model = self._convert(self.graphs._export(shape))
+                self._own[shape] = self._compile(self._quantised(model, shape) if self.precision == "int8" else model)
             return self._own[shape]
         key = (self.sha256, shape, self.threads, self.precision)
         return _COMPILED.get(key, lambda: self._compile(self._model(shape)))
 
     def _model(self, shape: tuple):
-        """OpenVINO's model for ``shape``: read from the cache when there, else converted (and cached)."""
-        graph_tag = self.graphs.cache_name(shape)
-        xml = ir_dir() / f"{graph_tag}.xml"
+        """OpenVINO's model for ``shape`` (int8: quantised, :mod:`int8`): read from the cache when there,
+        else made (and cached)."""
+        tag = self.graphs.cache_name(shape)
+        fp32 = partial(self._cached, tag, lambda: self._convert(self.graphs._graph(shape)))
+        if self.precision != "int8":
+            return fp32()
+        from LumbarSegmentLib.inference.int8 import calibration_tag
+
+        return self._cached(f"{tag}-int8-{calibration_tag()}", lambda: self._quantised(fp32(), shape))
+
+    def _quantised(self, model, shape: tuple):
+        from LumbarSegmentLib.inference.int8 import quantise
+
+        if self.calibration is None:
+            raise EngineError("--precision int8 needs calibration windows for this model; use --precision fp32")
+        return quantise(model, self.calibration(shape))
+
+    @staticmethod
+    def _cached(tag: str, make):
+        """The model cached as ``tag`` (.xml + .bin) in :func:`ir_dir`, or ``make()`` written there."""
+        xml = ir_dir() / f"{tag}.xml"
         if xml.is_file() and xml.with_suffix(".bin").is_file():
             try:
                 return _core().read_model(str(xml))
             except RuntimeError:
-                pass  # a damaged cache entry: convert again
-        model = self._convert(self.graphs._graph(shape))
+                pass  # a damaged cache entry: make it again
+        model = make()
         try:  # a cache that cannot be written costs the conversion next time, nothing else
             import openvino as ov
 

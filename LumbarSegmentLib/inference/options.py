@@ -175,11 +175,12 @@ class SegmentOptions:
         use=f"use 0 (off) to {SLICE_SMOOTHING_MAX_MM:g} mm", metavar="MM"))
     precision: str = _opt("auto", Option(
         "--precision", "arithmetic: auto = fp16/bf16 on CUDA, bf16 on CPUs with native bf16, else fp32 (with "
-        "--runtime openvino: fp32; bf16 only when asked, on a CPU with bf16)",
+        "--runtime openvino: fp32; bf16 only when asked, on a CPU with bf16; int8 = a quantised network, about "
+        "twice as fast on CPUs without bf16, computed by OpenVINO: runtime auto or openvino)",
         choices=PRECISIONS, use=f"unknown precision; choose one of {', '.join(PRECISIONS)}"))
     runtime: str = _opt("auto", Option(
         "--runtime", "what computes the network: torch (PyTorch), onnx (ONNX Runtime, CPU float32; needs the "
-        "onnxruntime package), openvino (OpenVINO, CPU float32, or bf16 with --precision bf16; needs the openvino "
+        "onnxruntime package), openvino (OpenVINO, CPU float32, or bf16/int8 with --precision; needs the openvino "
         "package), auto = torch "
         "(docs/benchmarks.md compares them)", choices=RUNTIMES,
         use=f"unknown runtime; choose one of {', '.join(RUNTIMES)}"))

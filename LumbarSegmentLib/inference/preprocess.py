@@ -54,7 +54,8 @@ def normalise(array: np.ndarray, method: str = "zscore_nonzero") -> tuple[np.nda
     for part in slabs:  # pass 2: spread around the mean (two passes: no cancellation)
         vals = part[part != 0].astype(np.float64)
         vals -= mean
-        sq += float(np.dot(vals, vals))
+        vals *= vals  # (not np.dot: a BLAS call, whose worker threads were seen spinning forever once
+        sq += float(vals.sum())  # OpenVINO's own threads had run in the process, e.g. int8 calibration)
     std = float(np.sqrt(sq / n_nz))
     if not np.isfinite(std) or std <= 1e-8 * max(1.0, abs(mean)):
         raise VolumeError(f"the image is constant (every non-zero voxel is {mean:g}): nothing to segment; "

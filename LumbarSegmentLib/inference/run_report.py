@@ -71,7 +71,8 @@ def run_report(run: RunRecord) -> dict:
         "slice_smoothing_mm": run.options.slice_smoothing_mm,
         "bn_adapt": run.options.bn_adapt,
         "device": str(r0.device),
-        "precision": str(r0.dtype).replace("torch.", "") if r0.dtype else "float32",
+        "precision": ("int8" if getattr(r0.onnx, "precision", None) == "int8"
+                      else str(r0.dtype).replace("torch.", "") if r0.dtype else "float32"),
         "torch": torch.__version__ if torch else None,
         "cuda": torch.version.cuda if torch else None,
         "gpu": torch.cuda.get_device_name(0) if r0.device.type == "cuda" else None,

@@ -10,11 +10,13 @@ batch 1, moves the run to the CPU (reported in ``warnings``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Sequence
 
 from LumbarSegmentLib.core.schema import LabelSchema, SchemaError
 from LumbarSegmentLib.inference.devices import EngineError, autocast, autocast_dtype, is_oom
 from LumbarSegmentLib.inference.graph_rewrite import inference_graph
+from LumbarSegmentLib.inference.int8 import calibration_windows
 from LumbarSegmentLib.inference.onnx_runner import OnnxModel, choose_runtime
 from LumbarSegmentLib.inference.options import SegmentOptions
 from LumbarSegmentLib.inference.slice_smoothing import neighbour_stack
@@ -140,16 +142,18 @@ def cpu_batch(slices, spec: LoadedModel, options: SegmentOptions) -> int:
     return max(1, CPU_BATCH_PIXELS // (th * tw))
 
 
-def external_model(runtime: str, module, sha256: str | None, threads: int | None, load=None, precision="fp32"):
+def external_model(runtime: str, module, sha256: str | None, threads: int | None, load=None, precision="fp32",
+                   calibration=None):
     """The network on another library than PyTorch (``probabilities(numpy) -> numpy``), or None for PyTorch;
     ``module`` None: ``load()`` builds it when a graph must be exported (:class:`onnx_runner.OnnxModel`).
-    ``precision`` (``fp32``/``bf16``) matters to OpenVINO only: ONNX Runtime is only ever handed fp32."""
+    ``precision`` (``fp32``/``bf16``/``int8``) and ``calibration`` (int8: ``shape`` -> network inputs,
+    :func:`int8.calibration_windows`) matter to OpenVINO only: ONNX Runtime is only ever handed fp32."""
     if runtime == "onnx":
         return OnnxModel(module, sha256, threads, load)
     if runtime == "openvino":
         from LumbarSegmentLib.inference.openvino_runner import OpenVinoModel
 
-        return OpenVinoModel(module, sha256, threads, load, precision)
+        return OpenVinoModel(module, sha256, threads, load, precision, calibration)
     return None
 
 
@@ -178,9 +182,12 @@ class Runner:
             self._adapt(slices)
             self.model = inference_graph(self.model)
             self._place(device)
-        self.runtime = choose_runtime(options.runtime, self.device.type, self.dtype, spec.sha256, options.bn_adapt)
-        self.onnx = external_model(self.runtime, self.model, spec.sha256, options.threads,
-                                   precision="bf16" if self.dtype is not None else "fp32")
+        self.runtime = choose_runtime(options.runtime, self.device.type,
+                                      "int8" if options.precision == "int8" else self.dtype, spec.sha256,
+                                      options.bn_adapt)
+        precision = "int8" if options.precision == "int8" else "bf16" if self.dtype is not None else "fp32"
+        self.onnx = external_model(self.runtime, self.model, spec.sha256, options.threads, precision=precision,
+                                   calibration=partial(calibration_windows, spec))
 
     def _adapt(self, slices):
         """Test-time BatchNorm adaptation (bn_adapt.py) on windows of the volume's own slices, cut

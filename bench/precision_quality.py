@@ -1,0 +1,96 @@
+"""What a reduced precision costs in quality: level-range Dice on the validation split, float32 against
+``--precision P``, through the engine and OpenVINO, per source and class and per case.
+
+    python bench/precision_quality.py --precision int8 --avx2 --out bench/results/openvino_int8_quality.md
+    python bench/precision_quality.py --precision bf16 --out bench/results/openvino_bf16_quality.md
+    python bench/precision_quality.py --tables runs/q/fp32 runs/q/int8 --precision int8   # tabulate only
+
+Each precision is scored by ``scripts/score_sources.py --split val --runtime openvino`` in its own
+process (``--avx2``: with oneDNN capped at AVX2, as on a CPU without AVX-512; int8 then runs the AVX2
+integer kernels that such a CPU has). A lossy step is offered only when no pooled change exceeds 0.003.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMIT = 0.003
+
+
+def _cpu() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "CPU")
+    return name + (" (AVX-512 BF16)" if "avx512_bf16" in info else " (no AVX-512 BF16)")
+
+
+def score(precision: str, out: Path, model: str, avx2: bool, threads: int) -> None:
+    env = dict(os.environ)
+    if avx2:
+        env.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "score_sources.py"), "--models", model, "--split", "val",
+                    "--runtime", "openvino", "--precision", precision, "--threads", str(threads), "--out", str(out)],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def _dice(counts) -> float:
+    inter, pred, truth = counts
+    return 2 * inter / max(1, pred + truth)
+
+
+def table(base: Path, other: Path, precision: str, model: str) -> str:
+    a = next(iter(json.loads((base / "scores.json").read_text()).values()))
+    b = next(iter(json.loads((other / "scores.json").read_text()).values()))
+    rows = ["| source : class | Dice fp32 | Dice %s | change | predicted voxels fp32 | %s |" % (precision, precision),
+            "|---|--:|--:|--:|--:|--:|"]
+    pooled = []
+    for key, counts in a["pooled"].items():
+        d0, d1 = _dice(counts), _dice(b["pooled"][key])
+        pooled.append(d1 - d0)
+        rows.append(f"| {key.replace(':', ' : ')} | {d0:.4f} | {d1:.4f} | {d1 - d0:+.5f} | {counts[1]} | "
+                    f"{b['pooled'][key][1]} |")
+    changes = [(b["cases"][c][k] - v, c, k) for c, per in a["cases"].items() for k, v in per.items()]
+    worst = max(changes, key=lambda t: abs(t[0]))
+    verdict = "within" if max(map(abs, pooled)) <= LIMIT else "OUTSIDE"
+    return "\n".join([
+        f"Level-range Dice on the validation split, `{model}`, OpenVINO, float32 against {precision}; "
+        f"{_cpu()}, {len(a['cases'])} cases.", "", *rows, "",
+        f"Per case: largest change {worst[0]:+.5f} ({worst[1]}, {worst[2]}); mean change "
+        f"{sum(t[0] for t in changes) / len(changes):+.6f} over {len(changes)} case scores.",
+        f"Largest pooled change: {max(pooled, key=abs):+.5f}: {verdict} the {LIMIT} allowed for a lossy step."])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--precision", required=True, choices=("bf16", "int8"))
+    p.add_argument("--model", default="uvd-starter@6")
+    p.add_argument("--avx2", action="store_true", help="cap oneDNN at AVX2 (a CPU without AVX-512)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", default=str(ROOT / "runs" / "precision_quality"), help="score folders")
+    p.add_argument("--tables", nargs=2, metavar=("FP32_DIR", "OTHER_DIR"), help="only tabulate two score folders")
+    p.add_argument("--out", help="also write the table to this .md file")
+    a = p.parse_args(argv)
+    if a.tables:
+        base, other = map(Path, a.tables)
+    else:
+        tag = "avx2" if a.avx2 else "native"
+        base, other = Path(a.work) / f"fp32-{tag}", Path(a.work) / f"{a.precision}-{tag}"
+        for precision, folder in (("fp32", base), (a.precision, other)):
+            score(precision, folder, a.model, a.avx2, a.threads)
+    md = table(base, other, a.precision, a.model) + ("\n\noneDNN capped at AVX2." if a.avx2 else "")
+    print(md)
+    if a.out:
+        Path(a.out).write_text(md + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
