@@ -1,11 +1,12 @@
-"""What a reduced precision costs in quality: level-range Dice on the validation split, float32 against
-``--precision P``, through the engine and OpenVINO, per source and class and per case.
+"""What a lossy step costs in quality: level-range Dice on the validation split, float32 on the whole plane
+against ``--precision P`` and/or ``--roi``, through the engine and OpenVINO, per source and class and per case.
 
     python bench/precision_quality.py --precision int8 --avx2 --out bench/results/openvino_int8_quality.md
+    python bench/precision_quality.py --precision int8 --roi --avx2 --out bench/results/roi_int8_quality.md
     python bench/precision_quality.py --precision bf16 --out bench/results/openvino_bf16_quality.md
     python bench/precision_quality.py --tables runs/q/fp32 runs/q/int8 --precision int8   # tabulate only
 
-Each precision is scored by ``scripts/score_sources.py --split val --runtime openvino`` in its own
+Each variant is scored by ``scripts/score_sources.py --split val --runtime openvino`` in its own
 process (``--avx2``: with oneDNN capped at AVX2, as on a CPU without AVX-512; int8 then runs the AVX2
 integer kernels that such a CPU has). A lossy step is offered only when no pooled change exceeds 0.003.
 """
@@ -32,12 +33,13 @@ def _cpu() -> str:
     return name + (" (AVX-512 BF16)" if "avx512_bf16" in info else " (no AVX-512 BF16)")
 
 
-def score(precision: str, out: Path, model: str, avx2: bool, threads: int) -> None:
+def score(precision: str, out: Path, model: str, avx2: bool, threads: int, roi: bool = False) -> None:
     env = dict(os.environ)
     if avx2:
         env.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
     subprocess.run([sys.executable, str(ROOT / "scripts" / "score_sources.py"), "--models", model, "--split", "val",
-                    "--runtime", "openvino", "--precision", precision, "--threads", str(threads), "--out", str(out)],
+                    "--runtime", "openvino", "--precision", precision, "--threads", str(threads), "--out", str(out)]
+                   + (["--roi"] if roi else []),
                    check=True, env=env, stdout=subprocess.DEVNULL)
 
 
@@ -61,7 +63,8 @@ def table(base: Path, other: Path, precision: str, model: str) -> str:
     worst = max(changes, key=lambda t: abs(t[0]))
     verdict = "within" if max(map(abs, pooled)) <= LIMIT else "OUTSIDE"
     return "\n".join([
-        f"Level-range Dice on the validation split, `{model}`, OpenVINO, float32 against {precision}; "
+        f"Level-range Dice on the validation split, `{model}`, OpenVINO, float32 on the whole plane against "
+        f"{precision}; "
         f"{_cpu()}, {len(a['cases'])} cases.", "", *rows, "",
         f"Per case: largest change {worst[0]:+.5f} ({worst[1]}, {worst[2]}); mean change "
         f"{sum(t[0] for t in changes) / len(changes):+.6f} over {len(changes)} case scores.",
@@ -70,7 +73,8 @@ def table(base: Path, other: Path, precision: str, model: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--precision", required=True, choices=("bf16", "int8"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"))
+    p.add_argument("--roi", action="store_true", help="the variant also segments inside a box around the spine")
     p.add_argument("--model", default="uvd-starter@6")
     p.add_argument("--avx2", action="store_true", help="cap oneDNN at AVX2 (a CPU without AVX-512)")
     p.add_argument("--threads", type=int, default=2)
@@ -78,14 +82,18 @@ def main(argv=None) -> int:
     p.add_argument("--tables", nargs=2, metavar=("FP32_DIR", "OTHER_DIR"), help="only tabulate two score folders")
     p.add_argument("--out", help="also write the table to this .md file")
     a = p.parse_args(argv)
+    if a.precision == "fp32" and not a.roi:
+        p.error("name a lossy step: --precision bf16|int8 and/or --roi")
     if a.tables:
         base, other = map(Path, a.tables)
     else:
         tag = "avx2" if a.avx2 else "native"
-        base, other = Path(a.work) / f"fp32-{tag}", Path(a.work) / f"{a.precision}-{tag}"
-        for precision, folder in (("fp32", base), (a.precision, other)):
-            score(precision, folder, a.model, a.avx2, a.threads)
-    md = table(base, other, a.precision, a.model) + ("\n\noneDNN capped at AVX2." if a.avx2 else "")
+        base = Path(a.work) / f"fp32-{tag}"
+        other = Path(a.work) / f"{a.precision}{'-roi' if a.roi else ''}-{tag}"
+        score("fp32", base, a.model, a.avx2, a.threads)
+        score(a.precision, other, a.model, a.avx2, a.threads, a.roi)
+    variant = a.precision + (" --roi" if a.roi else "")
+    md = table(base, other, variant, a.model) + ("\n\noneDNN capped at AVX2." if a.avx2 else "")
     print(md)
     if a.out:
         Path(a.out).write_text(md + "\n")

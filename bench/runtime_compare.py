@@ -56,7 +56,16 @@ CONFIGS = [("torch fp32 avx2", "avx2", "fp32", "torch"), ("onnx fp32 avx2", "avx
            ("openvino fp32 avx2", "avx2", "fp32", "openvino"), ("torch bf16 native", "native", "bf16", "torch"),
            ("openvino fp32 native", "native", "fp32", "openvino"),
            ("openvino bf16 native", "native", "bf16", "openvino"),
-           ("openvino int8 avx2", "avx2", "int8", "openvino"), ("openvino int8 native", "native", "int8", "openvino")]
+           ("openvino int8 avx2", "avx2", "int8", "openvino"), ("openvino int8 native", "native", "int8", "openvino"),
+           # --roi: only a box around the spine is segmented (inference/roi.py)
+           ("openvino fp32 roi avx2", "avx2", "fp32", "openvino", True),
+           ("openvino int8 roi avx2", "avx2", "int8", "openvino", True),
+           ("openvino int8 roi native", "native", "int8", "openvino", True)]
+
+
+def _unpack(config: tuple):
+    """``(name, isa, precision, runtime, roi)`` of a configuration (``roi`` False when not given)."""
+    return (*config[:4], bool(config[4]) if len(config) > 4 else False)
 _CONV_PROBE = """
 import numpy as np, openvino as ov, openvino.opset13 as ops
 x = ops.parameter([1, 8, 32, 32], np.float32)
@@ -67,14 +76,14 @@ print(next(p.exec_type for p in r.profiling_info if p.node_type == "Convolution"
 """
 
 
-def child(image: str, precision: str, runtime: str, threads: int) -> None:
+def child(image: str, precision: str, runtime: str, threads: int, roi: bool = False) -> None:
     """Segment ``image`` twice in this process; print the timings of both runs as JSON."""
     from LumbarSegmentLib.cli.main import resolve_models
     from LumbarSegmentLib.formats.io import read_volume
     from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
 
     volume, packages = read_volume(image), resolve_models(None, "fast")
-    opts = SegmentOptions(device="cpu", precision=precision, runtime=runtime, threads=threads)
+    opts = SegmentOptions(device="cpu", precision=precision, runtime=runtime, threads=threads, roi=roi)
     out = {}
     for run in ("first", "warm"):
         t, c = time.perf_counter(), time.process_time()
@@ -85,9 +94,10 @@ def child(image: str, precision: str, runtime: str, threads: int) -> None:
     print(json.dumps(out))
 
 
-def warm_run(image: Path, isa: str, precision: str, runtime: str, env: dict, threads: int) -> dict:
+def warm_run(image: Path, isa: str, precision: str, runtime: str, env: dict, threads: int, roi: bool = False) -> dict:
     child_env = {**env, **(AVX2_ENV if isa == "avx2" else {})}
-    argv = [sys.executable, __file__, "--child", str(image), precision, runtime, "--threads", str(threads)]
+    argv = [sys.executable, __file__, "--child", str(image), precision, runtime, "--threads", str(threads),
+            *(["--child-roi"] if roi else [])]
     proc = subprocess.run(argv, env=child_env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{proc.stderr}")
@@ -96,8 +106,9 @@ def warm_run(image: Path, isa: str, precision: str, runtime: str, env: dict, thr
 
 def cold_runs(image: Path, out: Path, config: tuple, env: dict, threads: int, repeats: int) -> dict:
     """``repeats`` fresh commands; the one of median wall time, with every run's wall and CPU seconds."""
-    _, isa, precision, runtime = config
-    runs = [run_command(image, out, isa, ["--precision", precision, "--runtime", runtime], env, threads)
+    _, isa, precision, runtime, roi = _unpack(config)
+    flags = ["--precision", precision, "--runtime", runtime, *(["--roi"] if roi else [])]
+    runs = [run_command(image, out, isa, flags, env, threads)
             for _ in range(max(1, repeats))]
     median = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
     return {**median, "all_wall_s": [r["wall_s"] for r in runs], "all_cpu_s": [r["cpu_s"] for r in runs]}
@@ -105,7 +116,7 @@ def cold_runs(image: Path, out: Path, config: tuple, env: dict, threads: int, re
 
 def import_profile(image: Path, config: tuple, env: dict, threads: int, work: Path) -> dict:
     """The cold command under ``-X importtime``: import seconds, PyTorch imported or not, the largest imports."""
-    _, isa, precision, runtime = config
+    _, isa, precision, runtime, _ = _unpack(config)
     argv = [sys.executable, "-X", "importtime", "-m", "LumbarSegmentLib.cli.main", "segment", str(image), "-o",
             str(work / "importtime.nii.gz"), "--threads", str(threads), "--no-progress", "--device", "cpu",
             "--precision", precision, "--runtime", runtime]
@@ -154,8 +165,8 @@ def measure(volumes: dict, configs: list, env: dict, threads: int, work: Path, r
     rows = []
     for vname, image in volumes.items():
         for config in configs:
-            name, isa, precision, runtime = config
-            warm = warm_run(image, isa, precision, runtime, env, threads)
+            name, isa, precision, runtime, roi = _unpack(config)
+            warm = warm_run(image, isa, precision, runtime, env, threads, roi)
             out = work / f"{vname.split()[0]}_{name.replace(' ', '_')}.nii.gz"
             cold = cold_runs(image, out, config, env, threads, repeats)
             rows.append({"volume": vname, "config": name, "warm": warm, "cold": cold, "out": str(out)})
@@ -196,6 +207,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--child", nargs=3, metavar=("IMAGE", "PRECISION", "RUNTIME"), help=argparse.SUPPRESS)
+    p.add_argument("--child-roi", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--volume", default=None, help="the 1 mm volume (default: VB2_06 of the shared data); '' for none")
     p.add_argument("--volume-slices", type=int, default=0, help="cut the 1 mm volume to this many central slices")
@@ -207,7 +219,7 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="")
     a = p.parse_args(argv)
     if a.child:
-        child(*a.child, a.threads)
+        child(*a.child, a.threads, a.child_roi)
         return 0
     work = Path(tempfile.mkdtemp(prefix="lumbarseg-runtimes-"))
     volumes = {"clinical 15x512x512": make_clinical_stack(Path(a.data), work)[0]}
@@ -217,7 +229,8 @@ def main(argv=None) -> int:
         volumes[f"1 mm {vol.stem}" + (f", {n} central slices" if n else "")] = crop_slices(vol, n, work) if n else vol
     wanted = set(a.runtimes.split(","))
     flags = isa_flags()
-    configs = [c for c in CONFIGS if c[3] in wanted and (c[1] == "avx2" or {"avx512_bf16", "amx_bf16"} & set(flags))]
+    configs = [c for c in CONFIGS if c[3] in wanted and not _unpack(c)[4]
+               and (c[1] == "avx2" or {"avx512_bf16", "amx_bf16"} & set(flags))]
     if a.configs:
         by_name = {c[0]: c for c in CONFIGS}
         configs = [by_name[n.strip()] for n in a.configs.split(",") if n.strip()]

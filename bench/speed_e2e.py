@@ -65,6 +65,8 @@ WORKER_CONFIGS = {
     "openvino-bf16-native": ("native", "openvino", {"runtime": "openvino", "precision": "bf16"}),  # opt-in
     "openvino-int8-avx2": ("avx2", "openvino", {"runtime": "openvino", "precision": "int8"}),  # opt-in, lossy
     "openvino-int8-native": ("native", "openvino", {"runtime": "openvino", "precision": "int8"}),
+    # --roi as well: only a box around the spine (inference/roi.py)
+    "openvino-int8-roi-avx2": ("avx2", "openvino", {"runtime": "openvino", "precision": "int8", "roi": True}),
 }
 
 

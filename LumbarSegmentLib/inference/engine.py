@@ -123,6 +123,20 @@ class _Prediction:
         self.timings["load_models"] = time.perf_counter() - t
         self.n_slices = next(iter(self.prepared.values()))[0].shape[0]
         self.plane_in = tuple(self.layout.to_canonical(self.volume.array).shape[1:])
+        self.box = self._roi() if opts.roi else None
+
+    def _roi(self):
+        """``--roi``: the box of the first model's scout (:mod:`roi`), when every model shares its plane."""
+        from LumbarSegmentLib.inference.roi import find_box
+
+        t = time.perf_counter()
+        first = self.runners[0]
+        if any(r.spec.spacing != first.spec.spacing for r in self.runners):
+            self.warnings.append("--roi needs models of one spacing: the whole plane was segmented")
+            return None
+        box = find_box(first, self._stack(first), self.options, self._check_cancel)
+        self.timings["roi_scout"] = time.perf_counter() - t
+        return box
 
     def _stack(self, runner: Runner):
         """The model-space slices a runner reads (the first prepared stack at its spacing)."""
@@ -136,8 +150,8 @@ class _Prediction:
         """Per chunk of slices: ``(first slice, probabilities [n, K, H, W])`` on the input's in-plane grid,
         channels in ``schema``'s order (matched by class id), averaged over the models."""
         flips = (False, True) if self.options.mode in ("tta", "ensemble") else (False,)
-        total = sum(count_batches(self.n_slices, tuple(self._stack(r).shape[1:]), r, flips, self.options)
-                    for r in self.runners)
+        total = sum(count_batches(self.n_slices, self.box.size if self.box else tuple(self._stack(r).shape[1:]),
+                                  r, flips, self.options) for r in self.runners)
         done = [0]
 
         def tick():
@@ -153,8 +167,14 @@ class _Prediction:
             for r in self.runners:
                 self._check_cancel()
                 stack = neighbour_stack(self._stack(r), c0, c1, r.spec.slice_context)
-                probs = resize_planes(predict_chunk(r, stack, flips, self.options, tick), self.plane_in,
-                                      mode="bilinear")
+                if self.box is None:
+                    probs = predict_chunk(r, stack, flips, self.options, tick)
+                else:  # only inside the box; background's outside
+                    from LumbarSegmentLib.inference.roi import background_channel
+
+                    probs = self.box.paste(predict_chunk(r, self.box.cut(stack), flips, self.options, tick),
+                                           background_channel(r))
+                probs = resize_planes(probs, self.plane_in, mode="bilinear")
                 order = [r.spec.schema.channel_of()[cid] for cid in schema.ids]  # match channels by id
                 if order != list(range(len(order))):
                     probs = probs[:, order]
@@ -211,7 +231,13 @@ class _Prediction:
                            normalisation=self.info, n_slices=self.n_slices, tally=tally, timings=self.timings,
                            warnings=self.warnings)
         return SegmentationResult(labels=labels.with_array(labels.array, kind="labels"), schema=schema,
-                                  confidence=confidence, report={**run_report(record), **postprocessed})
+                                  confidence=confidence, report={**run_report(record), **postprocessed,
+                                                                 **self._roi_report()})
+
+    def _roi_report(self) -> dict:
+        if not self.options.roi:
+            return {}
+        return {"roi": self.box.to_dict() if self.box is not None else None}
 
 
 def segment_volume(volume: Volume, packages: Sequence[ModelPackage | LoadedModel],

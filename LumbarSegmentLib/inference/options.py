@@ -203,6 +203,10 @@ class SegmentOptions:
         "--threads", "CPU threads for PyTorch (default: PyTorch's; under torchrun the node's cores split between "
         "its ranks)", kind=int, lo=1, hi=MAX_THREADS, automatic=True,
         use=f"use 1-{MAX_THREADS} CPU threads", metavar="N"))
+    roi: bool = _opt(False, Option(
+        "--roi", "segment only a box around the spine found on three scout slices (48 mm around it): about half "
+        "the network's work on a wide field of view, a small lossy step (docs/benchmarks.md)", switch=True,
+        use="on or off"))
     allow_reslice: bool = _opt(False, Option(
         "--reslice", "accept axial/coronal stacks (cut sagittal slices)", switch=True, use="on or off"))
     confidence: bool = False  # also return the per-voxel max probability (the command: --confidence PATH)
