@@ -24,7 +24,7 @@ from LumbarSegmentLib.slicer.logic import (CANCELLED, DONE, FAILED, RUNNING, Mod
 
 # The "Advanced" section: parameter -> segment option; choices, ranges, defaults and tooltips are the options' own.
 ADVANCED = {"precision": "precision", "sliceSmoothing": "slice_smoothing_mm", "bnAdapt": "bn_adapt",
-            "postprocess": "postprocess", "tile": "tile", "overlap": "overlap", "runtime": "runtime"}
+            "postprocess": "postprocess", "tile": "tile", "overlap": "overlap", "runtime": "runtime", "roi": "roi"}
 _OPTION, _DEFAULT = SegmentOptions.options(), SegmentOptions.default
 
 
@@ -77,6 +77,7 @@ class LumbarSegmentParameterNode:
     tile: str = str(_DEFAULT("tile"))
     overlap: Annotated[float, WithinRange(_OPTION["overlap"].lo, _OPTION["overlap"].hi)] = _DEFAULT("overlap")
     runtime: Annotated[str, Choice(list(_OPTION["runtime"].choices))] = _DEFAULT("runtime")
+    roi: bool = _DEFAULT("roi")
     exportFolder: Path = Path.home() / "LumbarSegment" / "dataset"
     caseId: str = ""
     datasetFolder: Path = Path.home() / "LumbarSegment" / "dataset"

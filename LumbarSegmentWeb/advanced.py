@@ -1,9 +1,9 @@
 """The page's "Advanced" segment settings: which ``SegmentOptions`` a browser user may set, and how.
 
 The annotator may change precision, across-slice smoothing, BatchNorm adaptation, post-processing,
-the inference window (tile), its overlap and the runtime (e.g. OpenVINO, in bf16 when asked for with the
-precision); the device and CPU threads stay the server's
-(``lumbarseg web --device/--threads``). Every value goes through the Lib's options contract
+the inference window (tile), its overlap, the runtime (e.g. OpenVINO, in bf16 or int8 when asked for with
+the precision) and whether only a box around the spine is segmented (``--roi``); the device and CPU
+threads stay the server's (``lumbarseg web --device/--threads``). Every value goes through the Lib's options contract
 (``LumbarSegmentLib.inference.options``): the same choices, ranges, defaults, help and refusal
 messages as ``lumbarseg segment``'s flags, and the draft's command line is built from it.
 """
@@ -12,9 +12,10 @@ from __future__ import annotations
 from LumbarSegmentLib.inference.options import OptionError, SegmentOptions
 from LumbarSegmentLib.slicer.segment_job import SegmentRequest
 
-FIELDS = ("precision", "slice_smoothing_mm", "bn_adapt", "postprocess", "tile", "overlap", "runtime")
+FIELDS = ("precision", "slice_smoothing_mm", "bn_adapt", "postprocess", "tile", "overlap", "runtime", "roi")
 LABELS = {"precision": "Precision", "slice_smoothing_mm": "Slice smoothing (mm)", "bn_adapt": "BN adaptation",
-          "postprocess": "Post-processing", "tile": "Tile", "overlap": "Overlap", "runtime": "Runtime"}
+          "postprocess": "Post-processing", "tile": "Tile", "overlap": "Overlap", "runtime": "Runtime",
+          "roi": "Only a box around the spine"}
 STATE_PREFIX = "adv_"
 
 
@@ -44,7 +45,9 @@ def widgets() -> list[dict]:
     for name in FIELDS:
         o = SegmentOptions.options()[name]
         row = {"name": name, "key": state_key(name), "label": LABELS[name], "help": o.help, "hint": o.advice}
-        if o.lo is None:
+        if o.switch:  # on or off
+            row.update(widget="switch")
+        elif o.lo is None:
             row.update(widget="select", items=list(o.choices))
         elif o.choices:  # words or a number: the tile
             row.update(widget="combobox", items=list(o.choices))

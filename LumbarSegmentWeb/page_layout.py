@@ -164,7 +164,7 @@ class PageLayout:
                 html.Div("{{ job_eta }}", v_if="job_eta", classes="ls-small text-grey-darken-1", **tid("job-eta"))
 
     def _advanced_settings(self) -> None:
-        """Precision, smoothing, BN adaptation, post-processing, tile, overlap: drawn from the options' specs
+        """Precision, smoothing, BN adaptation, post-processing, tile, overlap, runtime, box: drawn from the options' specs
         (:mod:`.advanced`); checked on Segment, with the same messages as the command line's."""
         from .advanced import widgets
 
@@ -174,7 +174,9 @@ class PageLayout:
                     for row in widgets():
                         common = dict(label=row["label"], v_model=(row["key"],), density="compact", classes="mb-1",
                                       title=row["help"], hint=row["hint"], **tid(f"advanced-{row['name']}"))
-                        if row["widget"] == "select":
+                        if row["widget"] == "switch":
+                            v3.VCheckbox(hide_details=True, **common)
+                        elif row["widget"] == "select":
                             v3.VSelect(items=(repr(row["items"]),), hide_details=True, **common)
                         elif row["widget"] == "combobox":
                             v3.VCombobox(items=(repr(row["items"]),), persistent_hint=False, **common)

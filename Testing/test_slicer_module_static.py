@@ -78,7 +78,8 @@ def test_ui_parameter_names_match_the_parameter_node():
 
 
 def test_the_advanced_section_offers_exactly_the_segment_options_choices_and_ranges():
-    """Precision, smoothing, BN adaptation, post-processing, tile, overlap and runtime: the widgets bound in the .ui
+    """Precision, smoothing, BN adaptation, post-processing, tile, overlap, runtime and the box around the spine:
+    the widgets bound in the .ui
     offer the choices and ranges of ``SegmentOptions`` (the command line's), and the parameters the
     module maps them to are option fields."""
     from LumbarSegmentLib.inference.options import SegmentOptions
@@ -88,7 +89,7 @@ def test_the_advanced_section_offers_exactly_the_segment_options_choices_and_ran
                     and getattr(n.targets[0], "id", "") == "ADVANCED")
     options = SegmentOptions.options()
     assert set(advanced.values()) == {"precision", "slice_smoothing_mm", "bn_adapt", "postprocess", "tile", "overlap",
-                                      "runtime"}
+                                      "runtime", "roi"}
     section = next(w for w in ET.parse(UI_FILE).iter("widget") if w.get("name") == "advancedCollapsibleButton")
     bound = {}
     for w in section.iter("widget"):
@@ -103,6 +104,8 @@ def test_the_advanced_section_offers_exactly_the_segment_options_choices_and_ran
         elif w.get("class") == "QDoubleSpinBox":
             lo, hi = (float(w.find(f"property[@name='{k}']/double").text) for k in ("minimum", "maximum"))
             assert (lo, hi) == (option.lo, option.hi), param
+        elif w.get("class") == "QCheckBox":
+            assert option.switch, param  # an on/off flag
         else:
             assert w.get("class") == "QLineEdit" and name == "tile"
 

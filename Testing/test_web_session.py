@@ -231,15 +231,17 @@ def test_the_advanced_settings_reach_the_draft_through_the_options_contract(sess
     session.load_case("caseB")
     for bad, says in (({"overlap": "0.92"}, "--overlap '0.92': use a fraction from 0 to 0.9"),
                       ({"tile": "8"}, "--tile '8': use auto, patch, whole or a window size of 32-2048 pixels"),
+                      ({"roi": "yes"}, "--roi 'yes': on or off"),
                       ({"device": "cuda"}, "not a setting of this page: device")):
         with pytest.raises(SessionError, match=says.replace("(", r"\(").replace(")", r"\)")):
             session.start_segmentation(model=str(tiny_model.path), advanced=bad)
         assert not session.segmenting
     session.start_segmentation(model=str(tiny_model.path), advanced={
         "precision": "fp32", "slice_smoothing_mm": "2", "bn_adapt": "0.5", "postprocess": "spine", "tile": "whole",
-        "overlap": "0.5"})
+        "overlap": "0.5", "roi": True})
     job = session.wait_segmentation(timeout=240)
     assert job.state == "done", job.message
     report = session.logic.segmenter.result().report
     assert (report["slice_smoothing_mm"], report["bn_adapt"], report["precision"], report["device"]) == \
         (2.0, 0.5, "float32", "cpu")
+    assert "roi" in report  # asked for: the box, or null where the whole plane was kept
