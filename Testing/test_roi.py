@@ -105,3 +105,30 @@ def test_the_shipped_model_inside_the_box_labels_what_the_whole_plane_labels(sam
     for value in (1, 2):
         a, b = whole.labels.array == value, boxed.labels.array == value
         assert a.sum() > 500 and 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.98
+
+
+def test_labelling_inside_the_box_gives_what_pasting_the_box_gives(sample_slab, monkeypatch):
+    """On a 1 mm input (model plane = input plane) the steps after the network run inside the box only;
+    the labels, the confidence and the report's voxel counts are those of the box pasted into the whole
+    plane (background, probability 1, outside)."""
+    from LumbarSegmentLib.cli.main import resolve_models
+    from LumbarSegmentLib.inference import engine
+
+    models = resolve_models(None, "fast")
+    opts = SegmentOptions(device="cpu", runtime="torch", precision="fp32", threads=2, roi=True, confidence=True)
+    inside = segment_volume(sample_slab, models, opts)
+    prepare = engine._Prediction.prepare
+
+    def pasting(self, models):
+        prepare(self, models)
+        assert self.label_box is not None  # (the path under test was taken above)
+        self.label_box = None
+
+    monkeypatch.setattr(engine._Prediction, "prepare", pasting)
+    pasted = segment_volume(sample_slab, models, opts)
+    np.testing.assert_array_equal(inside.labels.array, pasted.labels.array)
+    np.testing.assert_allclose(inside.confidence.array, pasted.confidence.array, atol=1e-6)
+    assert inside.report["voxels_per_class"] == pasted.report["voxels_per_class"]
+    a, b = inside.report["uncertainty"], pasted.report["uncertainty"]
+    assert a["foreground_voxels"] == b["foreground_voxels"]
+    assert a["mean_entropy_foreground"] == pytest.approx(b["mean_entropy_foreground"], abs=1e-6)

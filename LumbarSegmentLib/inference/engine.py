@@ -124,6 +124,9 @@ class _Prediction:
         self.n_slices = next(iter(self.prepared.values()))[0].shape[0]
         self.plane_in = tuple(self.layout.to_canonical(self.volume.array).shape[1:])
         self.box = self._roi() if opts.roi else None
+        # the box on the input's own grid (model plane = input plane: nothing to resample): then the steps
+        # after the network run inside it too, and what lies outside is background without being computed
+        self.label_box = self.box if self.box is not None and tuple(self.box.plane) == self.plane_in else None
 
     def _roi(self):
         """``--roi``: the box of the first model's scout (:mod:`roi`), when every model shares its plane."""
@@ -147,8 +150,9 @@ class _Prediction:
             raise Cancelled("segmentation cancelled")
 
     def probabilities(self, schema: LabelSchema):
-        """Per chunk of slices: ``(first slice, probabilities [n, K, H, W])`` on the input's in-plane grid,
-        channels in ``schema``'s order (matched by class id), averaged over the models."""
+        """Per chunk of slices: ``(first slice, probabilities [n, K, H, W])`` on the input's in-plane grid
+        (inside ``label_box`` only, when there is one), channels in ``schema``'s order (matched by class id),
+        averaged over the models."""
         flips = (False, True) if self.options.mode in ("tta", "ensemble") else (False,)
         total = sum(count_batches(self.n_slices, self.box.size if self.box else tuple(self._stack(r).shape[1:]),
                                   r, flips, self.options) for r in self.runners)
@@ -169,12 +173,10 @@ class _Prediction:
                 stack = neighbour_stack(self._stack(r), c0, c1, r.spec.slice_context)
                 if self.box is None:
                     probs = predict_chunk(r, stack, flips, self.options, tick)
-                else:  # only inside the box; background's outside
-                    from LumbarSegmentLib.inference.roi import background_channel
-
-                    probs = self.box.paste(predict_chunk(r, self.box.cut(stack), flips, self.options, tick),
-                                           background_channel(r))
-                probs = resize_planes(probs, self.plane_in, mode="bilinear")
+                else:
+                    probs = self._boxed(r, stack, flips, tick)
+                if self.label_box is None:
+                    probs = resize_planes(probs, self.plane_in, mode="bilinear")
                 order = [r.spec.schema.channel_of()[cid] for cid in schema.ids]  # match channels by id
                 if order != list(range(len(order))):
                     probs = probs[:, order]
@@ -186,11 +188,27 @@ class _Prediction:
                 mean /= len(self.runners)
             yield c0, mean
 
+    def _boxed(self, r, stack, flips, tick):
+        """``--roi``: the probabilities of ``stack`` computed inside the box only; in the box's frame when it
+        is on the input's grid (``label_box``), else on the whole model plane with background outside."""
+        probs = predict_chunk(r, self.box.cut(stack), flips, self.options, tick)
+        if self.label_box is not None:
+            return probs
+        from LumbarSegmentLib.inference.roi import background_channel
+
+        return self.box.paste(probs, background_channel(r))
+
     def label(self, schema: LabelSchema):
         """The label map (schema values) and optional confidence in canonical order, and their tally."""
-        labels_c = np.zeros((self.n_slices,) + self.plane_in, dtype=np.uint8)
+        labels_c = np.zeros((self.n_slices,) + self.plane_in, dtype=np.uint8)  # (0: background's value)
         conf_c = np.zeros((self.n_slices,) + self.plane_in, dtype=np.float32) if self.options.confidence else None
         tally = LabelTally()
+        box = self.label_box
+        inside = (slice(None), slice(None)) if box is None else (slice(box.y0, box.y1), slice(box.x0, box.x1))
+        if box is not None:  # outside the box: background, with probability 1
+            tally.counts[0] += self.n_slices * (self.plane_in[0] * self.plane_in[1] - box.size[0] * box.size[1])
+            if conf_c is not None:
+                conf_c[:] = 1.0
         t_inf = time.perf_counter()
         smoother = SliceSmoother(self.n_slices, self.layout.slice_spacing, self.options.slice_smoothing_mm,
                                  self.options.chunk_slices)
@@ -199,10 +217,10 @@ class _Prediction:
                 s1 = s0 + block.shape[0]
                 pmax, arg = ops(block).channel_max(block)
                 chunk_labels = schema.channels_to_values(arg)
-                labels_c[s0:s1] = chunk_labels
+                labels_c[(slice(s0, s1),) + inside] = chunk_labels
                 tally.add(chunk_labels, block)  # ``block`` is not used after this
                 if conf_c is not None:
-                    conf_c[s0:s1] = pmax
+                    conf_c[(slice(s0, s1),) + inside] = pmax
         self.timings["inference"] = time.perf_counter() - t_inf
         onnx = [r.onnx for r in self.runners if r.onnx is not None]
         if any(o.exported_s for o in onnx):  # inside "inference": the first run only
