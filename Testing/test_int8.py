@@ -50,6 +50,15 @@ def test_int8_is_openvinos_and_the_command_says_so(tiny_package, sample_cut, tmp
         with pytest.raises(EngineError, match="use --runtime openvino"):
             segment_volume(sample_cut, [tiny_package], SegmentOptions(device="cpu", runtime=runtime,
                                                                       precision="int8", threads=1))
+    for fields, says in (({"bn_adapt": 0.5}, "drop one of the two"), ({"device": "cuda"}, "runs on the CPU")):
+        from LumbarSegmentLib.inference.onnx_runner import choose_runtime
+
+        with pytest.raises(EngineError, match=says):  # the advice never points to a runtime without int8
+            choose_runtime("auto", fields.get("device", "cpu"), "int8", None, fields.get("bn_adapt", 0))
+        if "bn_adapt" in fields:
+            with pytest.raises(EngineError, match=says):
+                segment_volume(sample_cut, [tiny_package], SegmentOptions(device="cpu", precision="int8",
+                                                                          threads=1, **fields))
     src = write_volume(sample_cut, tmp_path / "in.nrrd")
     out = tmp_path / "o.nii.gz"
     rc = main(["segment", str(src), "-o", str(out), "--model", str(tiny_package.path), "--precision", "int8",

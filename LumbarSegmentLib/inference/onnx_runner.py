@@ -97,10 +97,16 @@ def choose_runtime(requested: str, device_type: str, dtype, sha256: str | None, 
     """
     if requested not in RUNTIMES:
         raise EngineError(f"unknown runtime {requested!r}; choose one of {', '.join(RUNTIMES)}")
-    if dtype == "int8":  # a quantised network: OpenVINO's alone (``auto`` means it)
+    if dtype == "int8":  # a quantised network: OpenVINO's alone (``auto`` means it), on the CPU
         if requested not in ("auto", "openvino"):
             raise EngineError(f"--precision int8 is computed by OpenVINO, not by runtime {requested!r}; use "
                               "--runtime openvino (or auto), or another --precision")
+        if device_type != "cpu":
+            raise EngineError(f"--precision int8 runs on the CPU, not on {device_type}; use --device cpu (or "
+                              "auto), or another --precision on the GPU")
+        if bn_adapt > 0:
+            raise EngineError("--precision int8 runs a quantised copy of the weights as stored, so BatchNorm "
+                              "adaptation (--bn-adapt) cannot change them; drop one of the two")
         requested, dtype = "openvino", None
     if requested in ("auto", "torch"):
         return "torch"
