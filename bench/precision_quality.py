@@ -15,28 +15,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from speed_e2e import AVX2_ENV, cpu_name, isa_flags  # noqa: E402
+
 LIMIT = 0.003
 
 
 def _cpu() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "CPU")
-    return name + (" (AVX-512 BF16)" if "avx512_bf16" in info else " (no AVX-512 BF16)")
+    """The CPU's name and whether it has AVX-512 BF16 (the benchmarks' own readers, :mod:`speed_e2e`)."""
+    return cpu_name() + (" (AVX-512 BF16)" if "avx512_bf16" in isa_flags() else " (no AVX-512 BF16)")
 
 
 def score(precision: str, out: Path, model: str, avx2: bool, threads: int, roi: bool = False) -> None:
     env = dict(os.environ)
     if avx2:
-        env.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
+        env.update(AVX2_ENV)
     subprocess.run([sys.executable, str(ROOT / "scripts" / "score_sources.py"), "--models", model, "--split", "val",
                     "--runtime", "openvino", "--precision", precision, "--threads", str(threads), "--out", str(out)]
                    + (["--roi"] if roi else []),

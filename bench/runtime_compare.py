@@ -66,6 +66,8 @@ CONFIGS = [("torch fp32 avx2", "avx2", "fp32", "torch"), ("onnx fp32 avx2", "avx
 def _unpack(config: tuple):
     """``(name, isa, precision, runtime, roi)`` of a configuration (``roi`` False when not given)."""
     return (*config[:4], bool(config[4]) if len(config) > 4 else False)
+
+
 _CONV_PROBE = """
 import numpy as np, openvino as ov, openvino.opset13 as ops
 x = ops.parameter([1, 8, 32, 32], np.float32)

@@ -82,8 +82,7 @@ class HostRunner:
         self.device = CPU
         self.dtype = {"bf16": "bfloat16", "int8": "int8"}.get(precision)  # the report's name for the precision
         self.batch = self.group = options.batch_size or cpu_batch(slices, spec, options)
-        self.runtime = choose_runtime(options.runtime, "cpu", {"bf16": "bfloat16", "int8": "int8"}.get(precision),
-                                      spec.sha256, options.bn_adapt)
+        self.runtime = choose_runtime(options.runtime, "cpu", self.dtype, spec.sha256, options.bn_adapt)
         self.onnx = external_model(self.runtime, None, spec.sha256, options.threads,
                                    load=partial(_network, spec.package), precision=precision,
                                    calibration=partial(calibration_windows, spec))

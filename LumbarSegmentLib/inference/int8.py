@@ -4,8 +4,8 @@ training slices.
 Why: on a CPU without bf16 arithmetic (most laptops: AVX2 only) the network in float32 is most of a draft's
 time and already runs near the cores' float32 peak (docs/benchmarks.md). 8-bit integer arithmetic does about
 twice the work per instruction there (and on CPUs with VNNI more), so the same network costs about half. It is
-a lossy step: it runs only when asked for (``--precision int8 --runtime openvino``), and the validation
-page's figures say what it changes.
+a lossy step: it runs only when asked for (``--precision int8``, with ``--runtime auto`` or ``openvino``),
+and docs/benchmarks.md says what it changes.
 
 How: post-training quantisation with NNCF (OpenVINO's own quantisation library) of the float32 graph that
 :mod:`openvino_runner` already converts per plane size. The activation ranges are measured on windows cut
@@ -32,7 +32,6 @@ from LumbarSegmentLib.inference.devices import EngineError
 INT8_HINT = ("--precision int8 quantises the network once per model and plane size with NNCF, which is not "
              "installed: pip install nncf (or the 'fast' extra of lumbarsegment); or use --precision fp32")
 SETTINGS = "v1-mixed-fastbias-3slices"  # part of the cache name: change it when the recipe below changes
-SLICES_PER_CASE = 3
 
 
 def calibration_folder() -> Path:
@@ -90,7 +89,7 @@ def calibration_windows(spec, shape: tuple) -> list[np.ndarray]:
     for path in images:
         stack = model_slices(read_volume(str(path)), tuple(spec.spacing), normalisation=spec.normalisation,
                              arrays="numpy")[0]
-        picks = sorted({min(stack.shape[0] - 1, (stack.shape[0] * q) // 4) for q in (1, 2, 3)})[:SLICES_PER_CASE]
+        picks = sorted({min(stack.shape[0] - 1, (stack.shape[0] * q) // 4) for q in (1, 2, 3)})
         for i in picks:
             planes = np.asarray(neighbour_stack(stack, i, i + 1, spec.slice_context)[0], dtype=np.float32)
             extra = channels - planes.shape[0]

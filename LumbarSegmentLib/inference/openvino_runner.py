@@ -172,7 +172,7 @@ class OpenVinoModel:
 
             xml.parent.mkdir(parents=True, exist_ok=True)
             tmp = xml.with_name(f".{xml.stem}.{threading.get_ident()}.xml")
-            ov.save_model(model, str(tmp), compress_to_fp16=False)  # float32 weights: no lossy step
+            ov.save_model(model, str(tmp), compress_to_fp16=False)  # weights as they are: no fp16 rounding
             tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
             tmp.replace(xml)
         except (OSError, RuntimeError):

@@ -71,8 +71,8 @@ def _span(lo: int, hi: int, margin: int, length: int) -> tuple[int, int]:
     """``lo:hi`` widened by ``margin``, starting on a multiple of :data:`BLOCK` and whole blocks long (cut
     at ``length``: the last block is then zero-padded, as the whole plane's is). On the block grid the
     network's pooling sees the pixels in the same phase as on the whole plane, so inside the box its
-    answer changes only where the missing context matters (off the grid, a shift of one pixel moved a
-    case's Dice by 0.005)."""
+    answer changes only where the missing context matters (off the grid, a one-pixel shift of the box
+    moved single validation cases by several thousandths of Dice: docs/lab/speed-int8-roi.md)."""
     lo, hi = max(0, lo - margin) // BLOCK * BLOCK, min(length, hi + margin)
     return lo, min(length, lo + -(-(hi - lo) // BLOCK) * BLOCK)
 

@@ -178,14 +178,14 @@ class Runner:
         module = spec.module if spec.owned and not adapt else copy.deepcopy(spec.module).to("cpu")
         self.model = module.eval() if adapt else inference_graph(module.eval())
         self._place(device)
+        # the runtime is chosen (or refused) before any BatchNorm adaptation pass: a refusal costs no work
+        precision = "int8" if options.precision == "int8" else "bf16" if self.dtype is not None else "fp32"
+        self.runtime = choose_runtime(options.runtime, self.device.type, "int8" if precision == "int8" else self.dtype,
+                                      spec.sha256, options.bn_adapt)
         if adapt:
             self._adapt(slices)
             self.model = inference_graph(self.model)
             self._place(device)
-        self.runtime = choose_runtime(options.runtime, self.device.type,
-                                      "int8" if options.precision == "int8" else self.dtype, spec.sha256,
-                                      options.bn_adapt)
-        precision = "int8" if options.precision == "int8" else "bf16" if self.dtype is not None else "fp32"
         self.onnx = external_model(self.runtime, self.model, spec.sha256, options.threads, precision=precision,
                                    calibration=partial(calibration_windows, spec))
 
