@@ -24,7 +24,8 @@ from LumbarSegmentLib.slicer.logic import (CANCELLED, DONE, FAILED, RUNNING, Mod
 
 # The "Advanced" section: parameter -> segment option; choices, ranges, defaults and tooltips are the options' own.
 ADVANCED = {"precision": "precision", "sliceSmoothing": "slice_smoothing_mm", "bnAdapt": "bn_adapt",
-            "postprocess": "postprocess", "tile": "tile", "overlap": "overlap", "runtime": "runtime", "roi": "roi"}
+            "postprocess": "postprocess", "tile": "tile", "overlap": "overlap", "runtime": "runtime", "roi": "roi",
+            "sliceStep": "slice_step"}
 _OPTION, _DEFAULT = SegmentOptions.options(), SegmentOptions.default
 
 
@@ -78,6 +79,7 @@ class LumbarSegmentParameterNode:
     overlap: Annotated[float, WithinRange(_OPTION["overlap"].lo, _OPTION["overlap"].hi)] = _DEFAULT("overlap")
     runtime: Annotated[str, Choice(list(_OPTION["runtime"].choices))] = _DEFAULT("runtime")
     roi: bool = _DEFAULT("roi")
+    sliceStep: Annotated[int, WithinRange(_OPTION["slice_step"].lo, _OPTION["slice_step"].hi)] = _DEFAULT("slice_step")
     exportFolder: Path = Path.home() / "LumbarSegment" / "dataset"
     caseId: str = ""
     datasetFolder: Path = Path.home() / "LumbarSegment" / "dataset"

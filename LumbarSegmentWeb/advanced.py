@@ -2,7 +2,8 @@
 
 The annotator may change precision, across-slice smoothing, BatchNorm adaptation, post-processing,
 the inference window (tile), its overlap, the runtime (e.g. OpenVINO, in bf16 or int8 when asked for with
-the precision) and whether only a box around the spine is segmented (``--roi``); the device and CPU
+the precision), whether only a box around the spine is segmented (``--roi``) and the slice step on thin
+slices (``--slice-step``); the device and CPU
 threads stay the server's (``lumbarseg web --device/--threads``). Every value goes through the Lib's options contract
 (``LumbarSegmentLib.inference.options``): the same choices, ranges, defaults, help and refusal
 messages as ``lumbarseg segment``'s flags, and the draft's command line is built from it.
@@ -12,10 +13,11 @@ from __future__ import annotations
 from LumbarSegmentLib.inference.options import OptionError, SegmentOptions
 from LumbarSegmentLib.slicer.segment_job import SegmentRequest
 
-FIELDS = ("precision", "slice_smoothing_mm", "bn_adapt", "postprocess", "tile", "overlap", "runtime", "roi")
+FIELDS = ("precision", "slice_smoothing_mm", "bn_adapt", "postprocess", "tile", "overlap", "runtime", "roi",
+          "slice_step")
 LABELS = {"precision": "Precision", "slice_smoothing_mm": "Slice smoothing (mm)", "bn_adapt": "BN adaptation",
           "postprocess": "Post-processing", "tile": "Tile", "overlap": "Overlap", "runtime": "Runtime",
-          "roi": "Only a box around the spine"}
+          "roi": "Only a box around the spine", "slice_step": "Slice step (thin slices)"}
 STATE_PREFIX = "adv_"
 
 
@@ -52,7 +54,8 @@ def widgets() -> list[dict]:
         elif o.choices:  # words or a number: the tile
             row.update(widget="combobox", items=list(o.choices))
         else:
-            row.update(widget="number", min=o.lo, max=o.hi, step=0.05 if o.hi <= 1 else 0.5)
+            step = 1 if o.kind is int else 0.05 if o.hi <= 1 else 0.5
+            row.update(widget="number", min=o.lo, max=o.hi, step=step)
         rows.append(row)
     return rows
 

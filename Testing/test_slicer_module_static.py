@@ -78,7 +78,8 @@ def test_ui_parameter_names_match_the_parameter_node():
 
 
 def test_the_advanced_section_offers_exactly_the_segment_options_choices_and_ranges():
-    """Precision, smoothing, BN adaptation, post-processing, tile, overlap, runtime and the box around the spine:
+    """Precision, smoothing, BN adaptation, post-processing, tile, overlap, runtime, the box around the spine and
+    the slice step:
     the widgets bound in the .ui
     offer the choices and ranges of ``SegmentOptions`` (the command line's), and the parameters the
     module maps them to are option fields."""
@@ -89,7 +90,7 @@ def test_the_advanced_section_offers_exactly_the_segment_options_choices_and_ran
                     and getattr(n.targets[0], "id", "") == "ADVANCED")
     options = SegmentOptions.options()
     assert set(advanced.values()) == {"precision", "slice_smoothing_mm", "bn_adapt", "postprocess", "tile", "overlap",
-                                      "runtime", "roi"}
+                                      "runtime", "roi", "slice_step"}
     section = next(w for w in ET.parse(UI_FILE).iter("widget") if w.get("name") == "advancedCollapsibleButton")
     bound = {}
     for w in section.iter("widget"):
@@ -104,6 +105,9 @@ def test_the_advanced_section_offers_exactly_the_segment_options_choices_and_ran
         elif w.get("class") == "QDoubleSpinBox":
             lo, hi = (float(w.find(f"property[@name='{k}']/double").text) for k in ("minimum", "maximum"))
             assert (lo, hi) == (option.lo, option.hi), param
+        elif w.get("class") == "QSpinBox":
+            lo, hi = (int(w.find(f"property[@name='{k}']/number").text) for k in ("minimum", "maximum"))
+            assert option.kind is int and (lo, hi) == (option.lo, option.hi), param
         elif w.get("class") == "QCheckBox":
             assert option.switch, param  # an on/off flag
         else:

@@ -58,14 +58,20 @@ CONFIGS = [("torch fp32 avx2", "avx2", "fp32", "torch"), ("onnx fp32 avx2", "avx
            ("openvino bf16 native", "native", "bf16", "openvino"),
            ("openvino int8 avx2", "avx2", "int8", "openvino"), ("openvino int8 native", "native", "int8", "openvino"),
            # --roi: only a box around the spine is segmented (inference/roi.py)
-           ("openvino fp32 roi avx2", "avx2", "fp32", "openvino", True),
-           ("openvino int8 roi avx2", "avx2", "int8", "openvino", True),
-           ("openvino int8 roi native", "native", "int8", "openvino", True)]
+           ("openvino fp32 roi avx2", "avx2", "fp32", "openvino", {"roi": True}),
+           ("openvino int8 roi avx2", "avx2", "int8", "openvino", {"roi": True}),
+           ("openvino int8 roi native", "native", "int8", "openvino", {"roi": True}),
+           # --slice-step: the network on every 2nd thin slice (inference/slice_step.py)
+           ("openvino fp32 step2 avx2", "avx2", "fp32", "openvino", {"slice_step": 2}),
+           ("openvino int8 step2 avx2", "avx2", "int8", "openvino", {"slice_step": 2}),
+           ("openvino int8 roi step2 avx2", "avx2", "int8", "openvino", {"roi": True, "slice_step": 2}),
+           ("openvino fp32 roi step2 avx2", "avx2", "fp32", "openvino", {"roi": True, "slice_step": 2})]
 
 
 def _unpack(config: tuple):
-    """``(name, isa, precision, runtime, roi)`` of a configuration (``roi`` False when not given)."""
-    return (*config[:4], bool(config[4]) if len(config) > 4 else False)
+    """``(name, isa, precision, runtime, extra)`` of a configuration; ``extra``: more ``SegmentOptions`` fields
+    (``{"roi": True}``), empty when not given."""
+    return (*config[:4], dict(config[4]) if len(config) > 4 else {})
 
 
 _CONV_PROBE = """
@@ -78,14 +84,14 @@ print(next(p.exec_type for p in r.profiling_info if p.node_type == "Convolution"
 """
 
 
-def child(image: str, precision: str, runtime: str, threads: int, roi: bool = False) -> None:
+def child(image: str, precision: str, runtime: str, threads: int, extra: dict | None = None) -> None:
     """Segment ``image`` twice in this process; print the timings of both runs as JSON."""
     from LumbarSegmentLib.cli.main import resolve_models
     from LumbarSegmentLib.formats.io import read_volume
     from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
 
     volume, packages = read_volume(image), resolve_models(None, "fast")
-    opts = SegmentOptions(device="cpu", precision=precision, runtime=runtime, threads=threads, roi=roi)
+    opts = SegmentOptions(device="cpu", precision=precision, runtime=runtime, threads=threads, **(extra or {}))
     out = {}
     for run in ("first", "warm"):
         t, c = time.perf_counter(), time.process_time()
@@ -96,10 +102,11 @@ def child(image: str, precision: str, runtime: str, threads: int, roi: bool = Fa
     print(json.dumps(out))
 
 
-def warm_run(image: Path, isa: str, precision: str, runtime: str, env: dict, threads: int, roi: bool = False) -> dict:
+def warm_run(image: Path, isa: str, precision: str, runtime: str, env: dict, threads: int,
+             extra: dict | None = None) -> dict:
     child_env = {**env, **(AVX2_ENV if isa == "avx2" else {})}
     argv = [sys.executable, __file__, "--child", str(image), precision, runtime, "--threads", str(threads),
-            *(["--child-roi"] if roi else [])]
+            "--child-options", json.dumps(extra or {})]
     proc = subprocess.run(argv, env=child_env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{proc.stderr}")
@@ -108,8 +115,10 @@ def warm_run(image: Path, isa: str, precision: str, runtime: str, env: dict, thr
 
 def cold_runs(image: Path, out: Path, config: tuple, env: dict, threads: int, repeats: int) -> dict:
     """``repeats`` fresh commands; the one of median wall time, with every run's wall and CPU seconds."""
-    _, isa, precision, runtime, roi = _unpack(config)
-    flags = ["--precision", precision, "--runtime", runtime, *(["--roi"] if roi else [])]
+    from LumbarSegmentLib.inference.options import SegmentOptions
+
+    _, isa, precision, runtime, extra = _unpack(config)
+    flags = ["--precision", precision, "--runtime", runtime, *SegmentOptions(**extra).to_argv()]
     runs = [run_command(image, out, isa, flags, env, threads)
             for _ in range(max(1, repeats))]
     median = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
@@ -167,8 +176,8 @@ def measure(volumes: dict, configs: list, env: dict, threads: int, work: Path, r
     rows = []
     for vname, image in volumes.items():
         for config in configs:
-            name, isa, precision, runtime, roi = _unpack(config)
-            warm = warm_run(image, isa, precision, runtime, env, threads, roi)
+            name, isa, precision, runtime, extra = _unpack(config)
+            warm = warm_run(image, isa, precision, runtime, env, threads, extra)
             out = work / f"{vname.split()[0]}_{name.replace(' ', '_')}.nii.gz"
             cold = cold_runs(image, out, config, env, threads, repeats)
             rows.append({"volume": vname, "config": name, "warm": warm, "cold": cold, "out": str(out)})
@@ -185,9 +194,10 @@ def measure(volumes: dict, configs: list, env: dict, threads: int, work: Path, r
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
+    emulated = "an emulation" if "avx512f" in meta["isa_flags"] else "which is all this CPU has (no AVX-512)"
     md = [f"CPU: {meta['cpu']} ({meta['cores']} cores; flags {', '.join(meta['isa_flags'])}); {meta['threads']} "
           f"threads; load average {meta['load_start']} at the start, {meta['load_end']} at the end. `avx2`: "
-          f"PyTorch, oneDNN and OpenVINO limited to AVX2 kernels ({meta['openvino_avx2_conv']}), an emulation. "
+          f"PyTorch, oneDNN and OpenVINO limited to AVX2 kernels ({meta['openvino_avx2_conv']}), {emulated}. "
           "Ratios: CPU seconds against torch fp32 avx2 on the same volume. Cold: the median of "
           f"{meta.get('repeats', 1)} fresh commands; imports: one more under `python -X importtime`.", "",
           "| volume | configuration | runtime | cold wall (s) | cold CPU (s) | ratio | warm wall (s) | warm CPU (s) "
@@ -209,7 +219,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--child", nargs=3, metavar=("IMAGE", "PRECISION", "RUNTIME"), help=argparse.SUPPRESS)
-    p.add_argument("--child-roi", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child-options", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--volume", default=None, help="the 1 mm volume (default: VB2_06 of the shared data); '' for none")
     p.add_argument("--volume-slices", type=int, default=0, help="cut the 1 mm volume to this many central slices")
@@ -221,7 +231,7 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="")
     a = p.parse_args(argv)
     if a.child:
-        child(*a.child, a.threads, a.child_roi)
+        child(*a.child, a.threads, json.loads(a.child_options))
         return 0
     work = Path(tempfile.mkdtemp(prefix="lumbarseg-runtimes-"))
     volumes = {"clinical 15x512x512": make_clinical_stack(Path(a.data), work)[0]}

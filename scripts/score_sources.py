@@ -165,13 +165,15 @@ def main(argv=None) -> int:
                    "reduced precision against fp32 before offering it")
     p.add_argument("--roi", action="store_true", help="segment inside a box around the spine (as lumbarseg "
                    "segment --roi): score it against the whole plane before offering it")
+    p.add_argument("--slice-step", type=int, default=1, help="run the network on every Nth thin slice (as lumbarseg "
+                   "segment --slice-step): score it against every slice before offering it")
     p.add_argument("--out", help="folder for scores.json and scores.md")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     regs = [Registry(a.registry, read_only=True)]
     models = {ref: resolve_model(ref, regs) for ref in a.models.split(",") if ref}
     options = eval_options(device="cpu", mode="fast", runtime=a.runtime, precision=a.precision, threads=a.threads,
-                           roi=a.roi)
+                           roi=a.roi, slice_step=a.slice_step)
     t0 = time.time()
     res = score(models, a.sources.split(","), a.split, Path(a.data), options, a.thick_slab, a.limit)
     md = "\n\n".join([f"level-range Dice ({a.split} split{', %g mm slabs' % a.thick_slab if a.thick_slab else ''})",

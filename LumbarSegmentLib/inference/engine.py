@@ -95,6 +95,7 @@ class _Prediction:
         self.host = host  # True: NumPy arrays and :class:`host_runner.HostRunner` s, no PyTorch
         self.timings: dict[str, float] = {}
         self.warnings: list[str] = []
+        self.stepped = None  # ``--slice-step``: what :class:`slice_step.SliceStepper` computed
         self.t0 = time.perf_counter()
 
     def prepare(self, models: list[LoadedModel]) -> None:
@@ -154,27 +155,29 @@ class _Prediction:
         (inside ``label_box`` only, when there is one), channels in ``schema``'s order (matched by class id),
         averaged over the models."""
         flips = (False, True) if self.options.mode in ("tta", "ensemble") else (False,)
-        total = sum(count_batches(self.n_slices, self.box.size if self.box else tuple(self._stack(r).shape[1:]),
+        steppers = self._steppers(flips)
+        computed = len(range(0, self.n_slices, steppers[0].step)) + 1 if steppers else self.n_slices
+        total = sum(count_batches(computed, self.box.size if self.box else tuple(self._stack(r).shape[1:]),
                                   r, flips, self.options) for r in self.runners)
         done = [0]
 
         def tick():
             done[0] += 1
             if self.progress:
-                self.progress(done[0], total)
+                self.progress(min(done[0], total), total)  # (redone slices may pass the estimate)
             self._check_cancel()
 
+        self._tick = tick
         chunk = self.options.chunk_slices
         for c0 in range(0, self.n_slices, chunk):
             c1 = min(self.n_slices, c0 + chunk)
             mean = None
-            for r in self.runners:
+            for i, r in enumerate(self.runners):
                 self._check_cancel()
-                stack = neighbour_stack(self._stack(r), c0, c1, r.spec.slice_context)
-                if self.box is None:
-                    probs = predict_chunk(r, stack, flips, self.options, tick)
+                if steppers:
+                    probs = steppers[i].chunk(c0, c1)
                 else:
-                    probs = self._boxed(r, stack, flips, tick)
+                    probs = self._predict(r, flips, neighbour_stack(self._stack(r), c0, c1, r.spec.slice_context))
                 if self.label_box is None:
                     probs = resize_planes(probs, self.plane_in, mode="bilinear")
                 order = [r.spec.schema.channel_of()[cid] for cid in schema.ids]  # match channels by id
@@ -187,6 +190,30 @@ class _Prediction:
             if len(self.runners) > 1:
                 mean /= len(self.runners)
             yield c0, mean
+        self.stepped = steppers[0].report() if steppers else None
+
+    def _predict(self, r, flips, stack):
+        """Probabilities of the network input ``stack`` (inside the box, with ``--roi``)."""
+        if self.box is None:
+            return predict_chunk(r, stack, flips, self.options, self._tick)
+        return self._boxed(r, stack, flips, self._tick)
+
+    def _steppers(self, flips) -> list:
+        """``--slice-step``: a :class:`slice_step.SliceStepper` per model, or none where it does not apply."""
+        from LumbarSegmentLib.inference.slice_step import SliceStepper, step_applies
+
+        step = self.options.slice_step
+        if not step_applies(step, self.n_slices, self.layout.slice_spacing):
+            return []
+
+        def predictor(r):
+            return lambda idx: self._predict(r, flips, slice_inputs(self._stack(r), idx, r.spec.slice_context))
+
+        from LumbarSegmentLib.inference.roi import background_channel
+        from LumbarSegmentLib.inference.slice_smoothing import slice_inputs
+
+        return [SliceStepper(self.n_slices, step, predictor(r), background_channel(r), float(np.prod(r.spec.spacing)))
+                for r in self.runners]
 
     def _boxed(self, r, stack, flips, tick):
         """``--roi``: the probabilities of ``stack`` computed inside the box only; in the box's frame when it
@@ -250,7 +277,13 @@ class _Prediction:
                            warnings=self.warnings)
         return SegmentationResult(labels=labels.with_array(labels.array, kind="labels"), schema=schema,
                                   confidence=confidence, report={**run_report(record), **postprocessed,
-                                                                 **self._roi_report()})
+                                                                 **self._roi_report(), **self._step_report()})
+
+    def _step_report(self) -> dict:
+        if self.options.slice_step == 1:
+            return {}
+        return {"slice_step": self.stepped or {"step": 1, "why": "every slice computed: the step applies to stacks of "
+                                          "at least 8 slices at most 1.5 mm apart"}}
 
     def _roi_report(self) -> dict:
         if not self.options.roi:

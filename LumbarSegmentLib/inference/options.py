@@ -207,6 +207,11 @@ class SegmentOptions:
         "--roi", "segment only a box around the spine found on three scout slices (48 mm around it): about half "
         "the network's work on a wide field of view, a small lossy step (docs/benchmarks.md)", switch=True,
         use="on or off"))
+    slice_step: int = _opt(1, Option(
+        "--slice-step", "on stacks of thin slices (at most 1.5 mm apart), run the network on every Nth slice and "
+        "blend the slices between from their neighbours, computing them after all where the neighbours disagree: "
+        "about N times less network work on 1 mm volumes, a small lossy step (docs/benchmarks.md); 1 = every slice",
+        kind=int, lo=1, hi=4, use="use 1 (every slice) to 4", metavar="N"))
     allow_reslice: bool = _opt(False, Option(
         "--reslice", "accept axial/coronal stacks (cut sagittal slices)", switch=True, use="on or off"))
     confidence: bool = False  # also return the per-voxel max probability (the command: --confidence PATH)

@@ -117,3 +117,11 @@ def neighbour_stack(stack, c0: int, c1: int, context: int):
     n = stack.shape[0]
     idx = np.clip(np.arange(c0, c1)[:, None] + np.arange(-context, context + 1)[None], 0, n - 1)
     return ops(stack).take_slices(stack, idx.reshape(-1)).reshape(c1 - c0, 2 * context + 1, *stack.shape[1:])
+
+
+def slice_inputs(stack, indices, context: int):
+    """Like :func:`neighbour_stack`, for the slices ``indices`` (any order) instead of a run of them."""
+    index = np.asarray(list(indices), dtype=np.int64)
+    n = stack.shape[0]
+    idx = np.clip(index[:, None] + np.arange(-context, context + 1)[None], 0, n - 1)
+    return ops(stack).take_slices(stack, idx.reshape(-1)).reshape(len(index), 2 * context + 1, *stack.shape[1:])
