@@ -176,7 +176,8 @@ class SegmentOptions:
     precision: str = _opt("auto", Option(
         "--precision", "arithmetic: auto = fp16/bf16 on CUDA, bf16 on CPUs with native bf16, else fp32 (with "
         "--runtime openvino: fp32; bf16 only when asked, on a CPU with bf16; int8 = a quantised network, about "
-        "twice as fast on CPUs without bf16, computed by OpenVINO: runtime auto or openvino)",
+        "twice as fast on most CPUs without bf16 (not on first-generation AMD Zen), computed by OpenVINO: runtime auto "
+        "or openvino)",
         choices=PRECISIONS, use=f"unknown precision; choose one of {', '.join(PRECISIONS)}"))
     runtime: str = _opt("auto", Option(
         "--runtime", "what computes the network: torch (PyTorch), onnx (ONNX Runtime, CPU float32; needs the "
