@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -99,6 +100,18 @@ def small_real_volume(shared_data):
     i0 = i // 2 - 3
     origin = np.asarray(v.origin) + v.direction[:, 0] * v.spacing[0] * i0  # keep physical positions
     return Volume(v.array[:, :, i0:i0 + 6].copy(), spacing=v.spacing, origin=origin, direction=v.direction)
+
+
+def central_slices(path, n: int):
+    """``n`` central sagittal slices of the volume at ``path``, at their physical positions (a short stack
+    of a real 1 mm case for engine tests)."""
+    from LumbarSegmentLib.core.volume import Volume
+    from LumbarSegmentLib.formats.io import read_volume
+
+    v = read_volume(str(path))
+    i0 = v.array.shape[2] // 2 - n // 2
+    origin = np.asarray(v.origin) + v.direction[:, 0] * v.spacing[0] * i0
+    return Volume(v.array[:, :, i0:i0 + n].copy(), spacing=v.spacing, origin=origin, direction=v.direction)
 
 
 def load_script(path, name: str):

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from LumbarSegmentLib.core.volume import Volume
 from LumbarSegmentLib.inference import roi
 from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
 from LumbarSegmentLib.core.schema import load_schema
@@ -81,12 +80,9 @@ def test_the_whole_plane_is_kept_where_a_box_would_not_pay(case):
 @pytest.fixture(scope="module")
 def sample_slab():
     """12 central sagittal slices of the shipped sample (381 x 381 at 1 mm), physical positions kept."""
-    from LumbarSegmentLib.formats.io import read_volume
+    from conftest import central_slices
 
-    v = read_volume(str(SAMPLE))
-    i0 = v.array.shape[2] // 2 - 6
-    origin = np.asarray(v.origin) + v.direction[:, 0] * v.spacing[0] * i0
-    return Volume(v.array[:, :, i0:i0 + 12].copy(), spacing=v.spacing, origin=origin, direction=v.direction)
+    return central_slices(SAMPLE, 12)
 
 
 def test_the_shipped_model_inside_the_box_labels_what_the_whole_plane_labels(sample_slab):

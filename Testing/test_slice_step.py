@@ -85,12 +85,9 @@ def test_the_option_refuses_what_the_contract_does_not_allow():
 @pytest.fixture(scope="module")
 def sample_slab():
     """16 central sagittal slices of the shipped sample (1 mm), physical positions kept."""
-    from LumbarSegmentLib.formats.io import read_volume
+    from conftest import central_slices
 
-    v = read_volume(str(SAMPLE))
-    i0 = v.array.shape[2] // 2 - 8
-    origin = np.asarray(v.origin) + v.direction[:, 0] * v.spacing[0] * i0
-    return Volume(v.array[:, :, i0:i0 + 16].copy(), spacing=v.spacing, origin=origin, direction=v.direction)
+    return central_slices(SAMPLE, 16)
 
 
 def test_the_shipped_model_every_second_slice_labels_what_every_slice_labels(sample_slab):

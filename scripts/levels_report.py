@@ -153,6 +153,15 @@ def _name(v):
     return level_name(v)
 
 
+def _seen_cases(model) -> set[str]:
+    """Cases (and patients) the model or any of its ancestors trained on, from their training records."""
+    from LumbarSegmentLib.registry.catalog import resolve_model
+    from LumbarSegmentLib.registry.lineage import trained_patients
+
+    lineage = trained_patients(resolve_model(model))
+    return set(lineage.cases) | set(lineage.by_patient)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
@@ -164,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tables-only", action="store_true", help="only rewrite the tables from OUT/report.json")
     ap.add_argument("--subset", choices=("report", "tune"), default="report",
                     help="the reported cases (default) or the tuning subset the naming constants were chosen on")
+    ap.add_argument("--unseen-only", action="store_true", help="leave out cases the model or its ancestors trained on "
+                    "(their training records), e.g. for a model trained on some t1-levels and spider-t2space cases")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.tables_only:
@@ -176,8 +187,12 @@ def main(argv=None) -> int:
     starter = load_schema("starter")
     results = []
     tuning = spider_tuning(args.data)
+    seen = _seen_cases(args.model) if args.unseen_only else set()
     for source, case, folder in cases(args.data, args.which, args.subset):
         if args.only and source not in args.only.split(","):
+            continue
+        if case in seen:
+            print(f"{case}: left out (the model trained on it)", flush=True)
             continue
         ref = reference(source, case, folder)
         labels = draft(folder / f"{case}_image.mha", args.drafts, args.model)
