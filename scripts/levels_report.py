@@ -39,6 +39,7 @@ from LumbarSegmentLib.spine.measurements import HEIGHTS, measure_levels  # noqa:
 from LumbarSegmentLib.core.schema import load_schema  # noqa: E402
 
 SPLIT = REPO / "scripts" / "recipes" / "lumbar-mr-split-v2.json"
+PATIENTS = REPO / "scripts" / "recipes" / "lumbar-mr-patients.json"
 T1_EVERY = 5  # t1-levels: every fifth case in name order (no shipped model saw any of them)
 T1_TUNE_FROM, T1_TUNE_EVERY = 2, 10  # the tuning sample: every tenth from the third (disjoint from the above)
 
@@ -159,7 +160,12 @@ def _seen_cases(model) -> set[str]:
     from LumbarSegmentLib.registry.lineage import trained_patients
 
     lineage = trained_patients(resolve_model(model))
-    return set(lineage.cases) | set(lineage.by_patient)
+    seen = set(lineage.cases) | set(lineage.by_patient)
+    groups = json.loads(PATIENTS.read_text())["patients"].values()  # lumbar-mr cases of one patient
+    for group in groups:
+        if seen & set(group["cases"]):
+            seen |= set(group["cases"])
+    return seen
 
 
 def main(argv=None) -> int:
