@@ -304,3 +304,27 @@ def test_module_logic_shift_refuses_a_segmentation_without_levels():
     result = name_levels(vol, STARTER)
     named = labels_to_segmentation(ctx.scene, ctx.seg_logic, result.labels, result.schema, image)
     assert logic.shift_level_names(named, -1) == [shift_name(n, -1) for n in expected]
+
+
+def test_the_anchor_review_bands_flag_both_one_level_readings_seen_in_real_drafts():
+    """The volume ratios at which real drafts were named one level off (a disc under L4-L5 at 50-62 % of it
+    that was the S1-S2 remnant; a body named S1 at 63 % of L5 that was L5 over a missed disc) raise the
+    anchor doubt; a clearly full L5-S1 and a clearly partial S1 do not."""
+    from types import SimpleNamespace
+
+    from LumbarSegmentLib.spine.anchor_checks import anchor_doubts
+    from LumbarSegmentLib.spine.level_names import BODY, DISC
+
+    def piece(structure, voxels):
+        return SimpleNamespace(structure=structure, mask_index=np.arange(voxels))
+
+    def named(disc_ratio, s1_ratio=None):
+        out = [("L4", piece(BODY, 10000)), ("L4-L5", piece(DISC, 4000)), ("L5", piece(BODY, 10000)),
+               ("L5-S1", piece(DISC, int(4000 * disc_ratio)))]
+        return out + ([("S1", piece(BODY, int(10000 * s1_ratio)))] if s1_ratio else [])
+
+    assert [lv for lv, _ in anchor_doubts(named(0.62))] == ["L5-S1"]
+    assert [lv for lv, _ in anchor_doubts(named(0.50))] == ["L5-S1"]
+    assert [lv for lv, _ in anchor_doubts(named(1.0, 0.63))] == ["S1"]
+    assert anchor_doubts(named(0.9)) == [] and anchor_doubts(named(1.0, 0.4)) == []
+    assert anchor_doubts(named(0.30)) == []  # the transitional flag speaks for that one
