@@ -67,6 +67,7 @@ WORKER_CONFIGS = {
     "openvino-int8-native": ("native", "openvino", {"runtime": "openvino", "precision": "int8"}),
     # --roi as well: only a box around the spine (inference/roi.py)
     "openvino-int8-roi-avx2": ("avx2", "openvino", {"runtime": "openvino", "precision": "int8", "roi": True}),
+    "openvino-roi-avx2": ("avx2", "openvino", {"runtime": "openvino", "roi": True}),  # float32 + the box
 }
 
 
@@ -254,7 +255,8 @@ def markdown(meta: dict, rows: list[dict], agree: list[dict], drafts: dict | Non
     md = [f"CPU: {meta['cpu']} ({meta['cores']} cores, flags {', '.join(meta['isa_flags'])}), {meta['threads']} "
           f"threads, load average {meta['loadavg_start']} at the start and {meta['loadavg_end']} at the end"
           + (f"; {meta['repeats']} fresh processes per row" if rows else "")
-          + ". `avx2` = PyTorch (and OpenVINO) limited to AVX2 kernels (emulation)."]
+          + ". `avx2` = PyTorch (and OpenVINO) limited to AVX2 kernels ("
+          + ("an emulation" if "avx512f" in meta["isa_flags"] else "all this CPU has: no AVX-512") + ")."]
     if not rows:  # --drafts-only
         return "\n".join(md) + "\n"
     md += ["", "| volume | configuration | runtime | precision | wall median (s) | CPU median (s) | engine median (s) | "
