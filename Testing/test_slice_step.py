@@ -49,6 +49,7 @@ def test_anchors_are_computed_and_the_slices_between_blended_whatever_the_chunks
     out = _run(stepper, n, chunk)
     assert sorted(net.asked) == [0, 3, 6, 9, 12, 15, 18, 20]  # every 3rd slice and the last, each once
     assert stepper.report() == {"step": 3, "computed_slices": 8, "redone_slices": 0, "blended_slices": 13}
+    assert stepper.anchor_count() == 8 and SliceStepper(22, 3, net, background=0).anchor_count() == 8
     for s in range(n):  # the ramp is linear in the slice index: the blend gives it back exactly
         np.testing.assert_allclose(out[s], net.truth(s), atol=1e-6)
 

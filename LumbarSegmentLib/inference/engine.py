@@ -156,7 +156,7 @@ class _Prediction:
         averaged over the models."""
         flips = (False, True) if self.options.mode in ("tta", "ensemble") else (False,)
         steppers = self._steppers(flips)
-        computed = len(range(0, self.n_slices, steppers[0].step)) + 1 if steppers else self.n_slices
+        computed = steppers[0].anchor_count() if steppers else self.n_slices
         total = sum(count_batches(computed, self.box.size if self.box else tuple(self._stack(r).shape[1:]),
                                   r, flips, self.options) for r in self.runners)
         done = [0]
@@ -200,6 +200,8 @@ class _Prediction:
 
     def _steppers(self, flips) -> list:
         """``--slice-step``: a :class:`slice_step.SliceStepper` per model, or none where it does not apply."""
+        from LumbarSegmentLib.inference.roi import background_channel
+        from LumbarSegmentLib.inference.slice_smoothing import slice_inputs
         from LumbarSegmentLib.inference.slice_step import SliceStepper, step_applies
 
         step = self.options.slice_step
@@ -208,9 +210,6 @@ class _Prediction:
 
         def predictor(r):
             return lambda idx: self._predict(r, flips, slice_inputs(self._stack(r), idx, r.spec.slice_context))
-
-        from LumbarSegmentLib.inference.roi import background_channel
-        from LumbarSegmentLib.inference.slice_smoothing import slice_inputs
 
         return [SliceStepper(self.n_slices, step, predictor(r), background_channel(r), float(np.prod(r.spec.spacing)))
                 for r in self.runners]

@@ -78,7 +78,7 @@ def calibration_windows(spec, shape: tuple) -> list[np.ndarray]:
     draft. ``spec`` is the model's :class:`runners.LoadedModel`."""
     from LumbarSegmentLib.formats.io import read_volume
     from LumbarSegmentLib.inference.preprocess import model_slices
-    from LumbarSegmentLib.inference.slice_smoothing import neighbour_stack
+    from LumbarSegmentLib.inference.slice_smoothing import slice_inputs
 
     channels, height, width = (int(n) for n in shape)
     images = calibration_images()
@@ -90,8 +90,7 @@ def calibration_windows(spec, shape: tuple) -> list[np.ndarray]:
         stack = model_slices(read_volume(str(path)), tuple(spec.spacing), normalisation=spec.normalisation,
                              arrays="numpy")[0]
         picks = sorted({min(stack.shape[0] - 1, (stack.shape[0] * q) // 4) for q in (1, 2, 3)})
-        for i in picks:
-            planes = np.asarray(neighbour_stack(stack, i, i + 1, spec.slice_context)[0], dtype=np.float32)
+        for planes in np.asarray(slice_inputs(stack, picks, spec.slice_context), dtype=np.float32):
             extra = channels - planes.shape[0]
             if extra > 0:
                 planes = np.concatenate([planes, np.zeros((extra,) + planes.shape[1:], np.float32)])

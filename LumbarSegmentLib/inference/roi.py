@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from LumbarSegmentLib.inference.arrays import ops
-from LumbarSegmentLib.inference.slice_smoothing import neighbour_stack
+from LumbarSegmentLib.inference.slice_smoothing import slice_inputs
 from LumbarSegmentLib.inference.windows import predict_chunk
 
 MARGIN_MM = 48.0  # around everything the scout labels, in the plane
@@ -88,8 +88,7 @@ def find_box(runner, slices, options, tick: Callable[[], None]) -> Box | None:
     if n < MIN_SLICES:
         return None
     picks = sorted({int(round(q * (n - 1))) for q in SCOUT_AT})
-    stack = ops(slices).stack([neighbour_stack(slices, i, i + 1, runner.spec.slice_context)[0] for i in picks])
-    probs = predict_chunk(runner, stack, (False,), options, tick)
+    probs = predict_chunk(runner, slice_inputs(slices, picks, runner.spec.slice_context), (False,), options, tick)
     found = np.asarray(probs.argmax(1)) != background_channel(runner)
     if not found.any():
         return None

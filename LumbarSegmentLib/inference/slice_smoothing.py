@@ -114,9 +114,7 @@ def neighbour_stack(stack, c0: int, c1: int, context: int):
     ``stack`` may be a PyTorch tensor or a NumPy array; the result is of the same kind."""
     if not context:
         return stack[c0:c1, None]
-    n = stack.shape[0]
-    idx = np.clip(np.arange(c0, c1)[:, None] + np.arange(-context, context + 1)[None], 0, n - 1)
-    return ops(stack).take_slices(stack, idx.reshape(-1)).reshape(c1 - c0, 2 * context + 1, *stack.shape[1:])
+    return slice_inputs(stack, range(c0, c1), context)
 
 
 def slice_inputs(stack, indices, context: int):

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
-
 from LumbarSegmentLib.inference.arrays import ops
 
 MAX_SLICE_MM = 1.5  # thicker slices differ too much from their neighbours to be blended
@@ -37,10 +35,6 @@ MAX_STEP = 4
 def step_applies(step: int, n_slices: int, slice_mm: float) -> bool:
     """Whether ``--slice-step step`` changes anything on a stack of ``n_slices`` slices ``slice_mm`` apart."""
     return step > 1 and n_slices >= MIN_SLICES and float(slice_mm) <= MAX_SLICE_MM
-
-
-def _host(x) -> np.ndarray:
-    return x.cpu().numpy() if hasattr(x, "cpu") else np.asarray(x)
 
 
 class SliceStepper:
@@ -61,8 +55,15 @@ class SliceStepper:
     def _anchor(self, s: int) -> bool:
         return s % self.step == 0 or s == self.n - 1
 
+    def _prev_anchor(self, s: int) -> int:
+        return (s // self.step) * self.step
+
     def _next_anchor(self, s: int) -> int:
         return min(self.n - 1, (s // self.step + 1) * self.step)
+
+    def anchor_count(self) -> int:
+        """How many slices the network computes when no pair of anchors disagrees."""
+        return len(range(0, self.n, self.step)) + (0 if (self.n - 1) % self.step == 0 else 1)
 
     def _compute(self, indices: list[int]) -> None:
         indices = sorted(set(i for i in indices if i not in self.known))
@@ -74,21 +75,24 @@ class SliceStepper:
             self.known[s] = probs[k]
 
     def _disagree(self, a, b) -> bool:
-        la, lb = (_host(x.argmax(0)) for x in (a, b))
+        xp = ops(a)
+        _, (la, lb) = xp.channel_max(xp.stack([a, b]))
         structure = (la != self.background) | (lb != self.background)
         differ = int((la != lb).sum())
         return differ >= self.min_pixels and differ > REDO_FRACTION * int(structure.sum())
 
     def chunk(self, c0: int, c1: int):
         """Probabilities ``[c1 - c0, K, H, W]`` of slices ``c0 .. c1 - 1`` (called for consecutive chunks)."""
-        first_a = (c0 // self.step) * self.step
+        first_a = self._prev_anchor(c0)
         last_b = c1 - 1 if self._anchor(c1 - 1) else self._next_anchor(c1 - 1)
         self._compute([s for s in range(first_a, last_b + 1) if self._anchor(s)])
-        missing = [s for s in range(c0, c1) if s not in self.known]
+        pairs = {}  # (anchor below, anchor above) -> whether they disagree: decided once per pair
         redo = []
-        for s in missing:
-            a = (s // self.step) * self.step
-            if self._disagree(self.known[a], self.known[self._next_anchor(s)]):
+        for s in (s for s in range(c0, c1) if s not in self.known):
+            pair = (self._prev_anchor(s), self._next_anchor(s))
+            if pair not in pairs:
+                pairs[pair] = self._disagree(self.known[pair[0]], self.known[pair[1]])
+            if pairs[pair]:
                 redo.append(s)
         if redo:
             self._compute(redo)
@@ -100,13 +104,13 @@ class SliceStepper:
             if s in self.known:
                 xp.assign(out[s - c0], self.known[s])
                 continue
-            a, b = (s // self.step) * self.step, self._next_anchor(s)
+            a, b = self._prev_anchor(s), self._next_anchor(s)
             w = (s - a) / (b - a)
             xp.assign(out[s - c0], self.known[a])
             out[s - c0] *= 1.0 - w
             xp.add_scaled(out[s - c0], self.known[b], w)
-        keep_from = (c1 // self.step) * self.step  # the anchor at or below the next chunk's first slice
-        self.known = {s: p for s, p in self.known.items() if s >= min(keep_from, c1)}
+        keep_from = self._prev_anchor(c1)  # the anchor at or below the next chunk's first slice
+        self.known = {s: p for s, p in self.known.items() if s >= keep_from}
         return out
 
     def report(self) -> dict:
