@@ -172,3 +172,10 @@ def publish_spy(monkeypatch):
     monkeypatch.setattr(publish, "publish_if_better", fake)
     monkeypatch.setattr(publish, "read_package", lambda p: None)
     return seen
+
+
+def graph_prefix(package) -> str:
+    """The start of a package's cached graph names: weights and architecture (runners.graph_key)."""
+    from LumbarSegmentLib.inference.runners import graph_key
+
+    return graph_key(package.sha256, package.manifest["architecture"])[:32]

@@ -8,6 +8,7 @@ from LumbarSegmentLib.inference import onnx_runner
 from LumbarSegmentLib.inference.devices import EngineError
 from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
 from LumbarSegmentLib.core.volume import Volume
+from conftest import graph_prefix
 
 SAGITTAL = np.array([[0.0, 0, 1], [1, 0, 0], [0, -1, 0]])
 
@@ -30,7 +31,7 @@ def test_onnx_runtime_gives_the_torch_labels_and_reuses_its_cache(tiny_package, 
     assert first.report["models"][0]["runtime"] == "onnx" and first.report["timings_s"]["onnx_export"] > 0
     np.testing.assert_array_equal(first.labels.array, ref.labels.array)
     np.testing.assert_allclose(first.confidence.array, ref.confidence.array, atol=1e-4)
-    cached = list((tmp_path / "cache" / "onnx").glob(f"{tiny_package.sha256[:32]}-*.onnx"))
+    cached = list((tmp_path / "cache" / "onnx").glob(f"{graph_prefix(tiny_package)}-*.onnx"))
     assert len(cached) == 1
     onnx_runner.clear_sessions()  # a new process: the graph comes from the cache, no export
     again = segment_volume(volume(), [tiny_package], SegmentOptions(runtime="onnx", **opts))

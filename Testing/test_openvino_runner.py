@@ -7,6 +7,7 @@ import pytest
 from LumbarSegmentLib.inference import onnx_runner
 from LumbarSegmentLib.inference.devices import EngineError
 from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
+from conftest import graph_prefix
 
 OPTS = dict(device="cpu", precision="fp32", threads=1, mode="tta", confidence=True)
 
@@ -30,7 +31,7 @@ def test_openvino_gives_the_torch_labels_and_reuses_its_cache(tiny_package, smal
     assert first.report["precision"] == "float32" and first.report["timings_s"]["onnx_export"] > 0
     np.testing.assert_array_equal(first.labels.array, ref.labels.array)
     np.testing.assert_allclose(first.confidence.array, ref.confidence.array, atol=1e-4)
-    converted = list((tmp_path / "cache" / "openvino").glob(f"{tiny_package.sha256[:32]}-*.xml"))
+    converted = list((tmp_path / "cache" / "openvino").glob(f"{graph_prefix(tiny_package)}-*.xml"))
     assert len(converted) == 1 and converted[0].with_suffix(".bin").is_file()
     ov_runner.clear_compiled()  # as in a new process: the converted model comes from the cache, no export
     again = segment_volume(small_real_volume, [tiny_package], SegmentOptions(runtime="openvino", **OPTS))

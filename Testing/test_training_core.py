@@ -10,8 +10,8 @@ import torch
 from LumbarSegmentLib.dataset.cases import Case
 from LumbarSegmentLib.training import augment as aug
 from LumbarSegmentLib.training.data import PatchSampler, CaseSlices, annotated_mask, epoch_generator
-from LumbarSegmentLib.training.losses import (deep_supervision_loss, marginal_cross_entropy, partial_label_loss,
-                             soft_dice_loss)
+from LumbarSegmentLib.training.losses import (class_weight_vector, deep_supervision_loss, marginal_cross_entropy,
+                             partial_label_loss, soft_dice_loss)
 from LumbarSegmentLib.training.metrics import MetricAccumulator, confusion_matrix, iou_dice_from_cm
 from LumbarSegmentLib.training.splits import SplitError, fixed_split, kfold_by_patient
 from LumbarSegmentLib.training.optim import lr_factor
@@ -115,6 +115,28 @@ def test_unannotated_background_weight_interpolates_marginal_and_plain_ce():
     assert float(marginal_cross_entropy(logits, target, ann, unannotated_bg_weight=1.0)) == pytest.approx(plain)
     mixed = float(marginal_cross_entropy(logits, target, ann, unannotated_bg_weight=0.25))
     assert mixed == pytest.approx(0.75 * marginal + 0.25 * plain, rel=1e-5)
+
+
+def test_class_weight_scales_only_the_pixels_labelled_with_that_class():
+    from LumbarSegmentLib.core.schema import load_schema
+    from LumbarSegmentLib.training.targets import set_code
+    torch.manual_seed(4)
+    logits = torch.randn(1, 3, 4, 4)
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[0, 0, :2] = 2
+    target[0, 1, 0] = set_code([1, 2])  # a set voxel keeps weight 1
+    per_pixel = []
+    for w2 in (1.0, 3.0):
+        per_pixel.append(float(marginal_cross_entropy(logits, target, class_weights=torch.tensor([1.0, 1.0, w2]))))
+    logp = torch.log_softmax(logits, 1)
+    extra = float(-(logp[0, 2, 0, :2]).sum()) * 2 / 16  # the two class-2 pixels count 3x instead of 1x
+    assert per_pixel[1] - per_pixel[0] == pytest.approx(extra, rel=1e-5)
+    schema = load_schema("spine6")
+    w = class_weight_vector((("sacrum", 8.0),), schema)
+    assert w[schema.channel_of()["sacrum"]] == 8 and float(w.sum()) == len(w) - 1 + 8
+    assert class_weight_vector((), schema) is None
+    with pytest.raises(ValueError, match="no class 'sacrumm'.*sacrum"):
+        class_weight_vector((("sacrumm", 2.0),), schema)
 
 
 def test_soft_dice_scores_only_annotated_classes():

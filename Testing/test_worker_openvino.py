@@ -55,7 +55,9 @@ def test_draft_runtime_per_machine(monkeypatch):
     from LumbarSegmentLib.inference import openvino_runner as ov_runner  # (imports OpenVINO only when used)
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(worker_mod, "gpu_present", lambda: False)
+    from LumbarSegmentLib.inference import runtime_choice
+
+    monkeypatch.setattr(runtime_choice, "gpu_present", lambda: False)
     monkeypatch.setattr(ov_runner, "cpu_has_bf16", lambda: False)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "openvino" else real(name))
     assert worker_mod.draft_runtime("auto") == "openvino"
@@ -64,24 +66,35 @@ def test_draft_runtime_per_machine(monkeypatch):
     assert worker_mod.draft_runtime("auto") == "torch"
     assert worker_mod.draft_runtime("openvino") == "openvino"
     monkeypatch.setattr(ov_runner, "cpu_has_bf16", lambda: False)
-    monkeypatch.setattr(worker_mod, "gpu_present", lambda: True)
+    monkeypatch.setattr(runtime_choice, "gpu_present", lambda: True)
     assert worker_mod.draft_runtime("auto") == "torch"
-    monkeypatch.setattr(worker_mod, "gpu_present", lambda: False)
+    monkeypatch.setattr(runtime_choice, "gpu_present", lambda: False)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name))
     assert worker_mod.draft_runtime("auto") == "torch"
 
 
-def test_a_gpu_or_reduced_precision_request_keeps_pytorch_in_the_worker():
-    """The worker's draft runtime only takes requests OpenVINO serves as asked (CPU, float32/auto)."""
+def test_a_gpu_or_reduced_precision_request_keeps_pytorch():
+    """auto takes the machine's runtime only for requests OpenVINO serves as asked (CPU, float32/auto), in
+    the command and in the worker alike; int8 stays auto (the engine's: OpenVINO); explicit stays."""
     from LumbarSegmentLib.cli.main import build_parser
+    from LumbarSegmentLib.inference.runtime_choice import plain_cpu, resolve_auto_runtime
 
     def args(*extra):
         return build_parser().parse_args(["segment", "in.nii.gz", "-o", "o.nii.gz", *extra])
 
-    assert worker_mod._plain_cpu(args())
-    assert worker_mod._plain_cpu(args("--device", "cpu", "--precision", "fp32"))
-    assert not worker_mod._plain_cpu(args("--device", "cuda"))
-    assert not worker_mod._plain_cpu(args("--precision", "bf16"))
+    assert plain_cpu(args())
+    assert plain_cpu(args("--device", "cpu", "--precision", "fp32"))
+    assert not plain_cpu(args("--device", "cuda"))
+    assert not plain_cpu(args("--precision", "bf16"))
+    assert not plain_cpu(args("--bn-adapt", "0.5"))
+    for extra, machine, want in [((), "openvino", "openvino"), ((), "torch", "torch"),
+                                 (("--precision", "bf16"), "openvino", "torch"),
+                                 (("--bn-adapt", "0.5"), "openvino", "torch"),
+                                 (("--precision", "int8"), "torch", "auto"),
+                                 (("--runtime", "onnx"), "openvino", "onnx")]:
+        a = args(*extra)
+        resolve_auto_runtime(a, machine)
+        assert a.runtime == want, (extra, machine)
 
 
 def test_openvino_bf16_is_refused_on_a_cpu_without_it(tiny_package, small_real_volume, tmp_path, monkeypatch,
@@ -133,3 +146,64 @@ def test_openvino_bf16_when_asked_and_available(tiny_package, small_real_volume,
     ref = segment_volume(small_real_volume, [tiny_package], SegmentOptions(device="cpu", runtime="openvino",
                                                                            precision="fp32", threads=1))
     assert np.mean(res.labels.array == ref.labels.array) > 0.99
+
+
+def test_the_command_on_a_cpu_without_bf16_runs_openvino_by_default(tiny_package, small_real_volume, tmp_path,
+                                                                     monkeypatch):
+    """``lumbarseg segment`` with the runtime left at auto: OpenVINO float32 where the CPU lacks bf16 (here
+    made so with oneDNN's AVX2 cap), the report says so and the labels are PyTorch float32's; asking
+    for ``--runtime torch`` still gets PyTorch."""
+    _openvino()
+    import json
+
+    from LumbarSegmentLib.cli.main import main
+    from LumbarSegmentLib.formats.io import read_volume, write_volume
+    from LumbarSegmentLib.inference import runtime_choice
+
+    monkeypatch.setenv(onnx_runner.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setattr(runtime_choice, "gpu_present", lambda: False)
+    src = write_volume(small_real_volume, tmp_path / "in.nrrd")
+    reports = {}
+    for name, extra in (("auto", []), ("torch", ["--runtime", "torch", "--precision", "fp32"])):
+        out, rep = tmp_path / f"{name}.nii.gz", tmp_path / f"{name}.json"
+        assert main(["segment", str(src), "-o", str(out), "--model", str(tiny_package.path), "--threads", "1",
+                     "--report", str(rep), "--no-progress", *extra]) == 0
+        reports[name] = json.loads(rep.read_text())
+    assert reports["auto"]["runtime"].startswith("openvino") and reports["auto"]["precision"] == "float32"
+    assert reports["torch"]["runtime"].startswith("torch")
+    np.testing.assert_array_equal(read_volume(tmp_path / "auto.nii.gz").array,
+                                  read_volume(tmp_path / "torch.nii.gz").array)
+
+
+def test_an_edited_architecture_does_not_reuse_the_cached_graph(tiny_package, small_real_volume, tmp_path,
+                                                                monkeypatch, capsys):
+    """The converted graph is cached by weights *and* architecture: a package re-sealed around the same
+    weights with an architecture this version does not know is refused in one line by OpenVINO too,
+    after the original filled the cache."""
+    _openvino()
+    import json
+    import shutil
+
+    from LumbarSegmentLib.cli.main import main
+    from LumbarSegmentLib.formats.io import write_volume
+    from LumbarSegmentLib.registry.manifest import seal
+
+    monkeypatch.setenv(onnx_runner.CACHE_ENV, str(tmp_path / "cache"))
+    src = write_volume(small_real_volume, tmp_path / "in.nrrd")
+
+    def segment(model, out):
+        return main(["segment", str(src), "-o", str(tmp_path / out), "--model", str(model), "--threads", "1",
+                     "--runtime", "openvino", "--no-progress"])
+
+    assert segment(tiny_package.path, "a.nii.gz") == 0
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_package.path, edited)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest["architecture"]["foo"] = 1
+    (edited / "manifest.json").write_text(json.dumps(seal(manifest)))
+    capsys.readouterr()
+    assert segment(edited, "b.nii.gz") == 1
+    err = capsys.readouterr().err
+    assert "unknown architecture key(s) ['foo']" in err and "Traceback" not in err
+    assert not (tmp_path / "b.nii.gz").exists()

@@ -65,7 +65,9 @@ CONFIGS = [("torch fp32 avx2", "avx2", "fp32", "torch"), ("onnx fp32 avx2", "avx
            ("openvino fp32 step2 avx2", "avx2", "fp32", "openvino", {"slice_step": 2}),
            ("openvino int8 step2 avx2", "avx2", "int8", "openvino", {"slice_step": 2}),
            ("openvino int8 roi step2 avx2", "avx2", "int8", "openvino", {"roi": True, "slice_step": 2}),
-           ("openvino fp32 roi step2 avx2", "avx2", "fp32", "openvino", {"roi": True, "slice_step": 2})]
+           ("openvino fp32 roi step2 avx2", "avx2", "fp32", "openvino", {"roi": True, "slice_step": 2}),
+           # the defaults (--runtime auto --precision auto): what the command picks on each CPU class
+           ("default avx2", "avx2", "auto", "auto"), ("default native", "native", "auto", "auto")]
 
 
 def _unpack(config: tuple):
@@ -90,7 +92,11 @@ def child(image: str, precision: str, runtime: str, threads: int, extra: dict | 
     from LumbarSegmentLib.formats.io import read_volume
     from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
 
+    from LumbarSegmentLib.inference.runtime_choice import machine_runtime
+
     volume, packages = read_volume(image), resolve_models(None, "fast")
+    if runtime == "auto" and precision in ("auto", "fp32"):  # as the command decides (runtime_choice)
+        runtime = machine_runtime()
     opts = SegmentOptions(device="cpu", precision=precision, runtime=runtime, threads=threads, **(extra or {}))
     out = {}
     for run in ("first", "warm"):

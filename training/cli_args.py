@@ -149,6 +149,9 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
     g.add_argument("--unannotated-bg-weight", type=_nonneg, default=0.0,
                    help="weight of a small cross-entropy pull of unannotated classes towards background "
                         "(tie-breaker where the marginal loss leaves them free; 0 = pure marginal)")
+    g.add_argument("--class-weight", dest="class_weights", type=_class_weights, metavar="ID=W[,ID=W]",
+                   help="cross-entropy weight of the pixels of a class, by schema class id (e.g. sacrum=8: a rare "
+                        "class that looks like a common one; default 1 for every class)")
     g.add_argument("--ignore-beyond-levels", dest="beyond_levels_mm", type=_nonneg, default=0.0, metavar="MM",
                    help="treat the MM of rows just above and below each case's labelled levels as unknown, not "
                         "background (sources label different stretches of the spine; 0 = off, the default)")
@@ -202,6 +205,23 @@ def _add_retention_args(p: argparse.ArgumentParser) -> None:
                         f"parent's (default {d.wise:g}; 1 off)")
     g.add_argument("--plain-finetune", action="store_true",
                    help="none of these guards (the model may forget every source it is not fine-tuned on)")
+
+
+def _class_weights(text: str) -> tuple:
+    """``sacrum=8,spinal_canal=2`` -> ``(("sacrum", 8.0), ("spinal_canal", 2.0))`` (ids are checked against the
+    schema when the run starts)."""
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        cid, eq, w = item.partition("=")
+        try:
+            weight = float(w)
+        except ValueError:
+            weight = -1.0
+        if not eq or not cid.strip() or not (0 < weight <= 1000):
+            raise argparse.ArgumentTypeError(f"{item!r} is not ID=W; write a class id and a weight above 0 and at "
+                                             "most 1000, e.g. sacrum=8")
+        out.append((cid.strip(), weight))
+    return tuple(out)
 
 
 _wise_share = number_arg(0.01, 1, what="a share of the change", use="use 0.01 to 1 (1: off)")

@@ -57,6 +57,7 @@ class TrainConfig:
     slab_p: float = 0.0  # probability of a thick-slab (partial volume) patch (data.PatchSampler)
     slice_context: int = 0  # 2.5D: neighbour slices fed on each side of the labelled one (0 = one slice)
     unannotated_bg_weight: float = 0.0  # small pull of unannotated classes towards background (see losses)
+    class_weights: tuple = ()  # ((class id, weight), ...): cross-entropy weight of a rare class's pixels (losses)
     beyond_levels_mm: float = 0.0  # rows just outside a case's labelled levels ignored (data.ignore_beyond_levels)
     pseudo_labels: Optional[tuple] = None  # teacher refs/folders that draft unannotated classes (training.pseudo)
     pseudo_threshold: float = 0.8  # teacher confidence needed for a pseudo-labelled voxel (below: ignored)
@@ -173,10 +174,15 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         if "amp" in d and "precision" not in d:  # configs written before the setting had one name
             d = {**d, "precision": precision_from_amp(d["amp"])}
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
+        return cls(**{k: (_tuples(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
+
+
+def _tuples(v: list) -> tuple:
+    """A JSON list back into the config's tuple (pairs such as ``class_weights`` too)."""
+    return tuple(tuple(x) if isinstance(x, list) else x for x in v)
 
 
 def config_from_args(a, **overrides) -> TrainConfig:
@@ -185,7 +191,7 @@ def config_from_args(a, **overrides) -> TrainConfig:
             "weight_decay", "epochs", "steps_per_epoch", "batch_size", "patch", "spacing", "fg_fraction",
             "balance", "augment", "zoom", "rotation_deg", "intensity_aug", "resolution_p", "augment_p", "slab_p",
             "slice_context",
-            "unannotated_bg_weight", "beyond_levels_mm", "marginal", "keep_bn_stats", "l2sp", "distill",
+            "unannotated_bg_weight", "class_weights", "beyond_levels_mm", "marginal", "keep_bn_stats", "l2sp", "distill",
             "pseudo_labels", "pseudo_threshold", "pseudo_mode",
             "dice_weight", "schedule", "warmup_steps",
             "grad_clip", "patience", "metric", "val_every", "val_stride", "device", "precision", "threads", "seed",

@@ -44,6 +44,22 @@ from .targets import IGNORE_INDEX, decode_set_codes
 DEFAULT_DS_WEIGHTS = (0.5, 0.25, 0.125)
 
 
+def class_weight_vector(pairs, schema) -> torch.Tensor | None:
+    """``((class id, weight), ...)`` -> a ``[K]`` weight per schema channel (1 elsewhere), or None when empty;
+    an id the schema lacks is refused with the ids it has."""
+    if not pairs:
+        return None
+    channel = schema.channel_of()
+    unknown = [cid for cid, _ in pairs if cid not in channel or channel[cid] == 0]
+    if unknown:
+        raise ValueError(f"--class-weight: schema {schema.name!r} has no class {', '.join(map(repr, unknown))}; "
+                         f"its classes are {', '.join(c for c in channel if channel[c])}")
+    w = torch.ones(len(channel))
+    for cid, weight in pairs:
+        w[channel[cid]] = float(weight)
+    return w
+
+
 def merged_background_mask(annotated: torch.Tensor) -> torch.Tensor:
     """``[B, K]`` bool: the channels whose probabilities add up to "label 0" for each sample."""
     merge = ~annotated.bool()
@@ -52,12 +68,18 @@ def merged_background_mask(annotated: torch.Tensor) -> torch.Tensor:
 
 
 def marginal_cross_entropy(logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor | None = None,
-                           ignore_index: int = IGNORE_INDEX, unannotated_bg_weight: float = 0.0) -> torch.Tensor:
+                           ignore_index: int = IGNORE_INDEX, unannotated_bg_weight: float = 0.0,
+                           class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over labelled pixels of the marginal negative log-likelihood (see module doc).
 
     ``unannotated_bg_weight`` (w) adds ``-w log(p_bg / (p_bg + sum p_unannotated))`` at label-0
     pixels: given "background or unannotated", a weak preference for background. w = 0 is the
     pure marginal loss, w = 1 plain cross-entropy.
+
+    ``class_weights`` (``[K]``, 1 = as is) scales the cost of the pixels labelled with each class for
+    sure; label-0 and set-code pixels keep weight 1. The mean is still over pixels, so a weight of 8
+    makes a rare class's pixels count as eight (the sacrum: one S1 per case against five bodies that
+    look the same, docs/lab/spine6-sources.md).
     """
     logits = logits.float()
     b, k = logits.shape[:2]
@@ -79,6 +101,9 @@ def marginal_cross_entropy(logits: torch.Tensor, target: torch.Tensor, annotated
     if bool(is_set.any()):
         logp_set = torch.logsumexp(logp.masked_fill(~members, float("-inf")), dim=1)
         nll = torch.where(is_set, -logp_set.masked_fill(~is_set, 0.0), nll)
+    if class_weights is not None:
+        w = class_weights.to(nll.device, nll.dtype)[t]
+        nll = nll * torch.where(is_set | (t == 0), torch.ones_like(w), w)
     n = valid.sum()
     return (nll * valid).sum() / n.clamp(min=1)
 
@@ -114,12 +139,13 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, annotated: torch.
 
 def partial_label_loss(logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor | None = None,
                        *, dice_weight: float = 1.0, marginal: bool = True,
-                       unannotated_bg_weight: float = 0.0) -> torch.Tensor:
+                       unannotated_bg_weight: float = 0.0, class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Marginal CE + ``dice_weight`` x soft Dice; ``marginal=False`` treats every class as annotated
     (plain CE + Dice: what *not* to do with partial labels; kept for comparison)."""
     if not marginal or annotated is None:
         annotated = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
-    loss = marginal_cross_entropy(logits, target, annotated, unannotated_bg_weight=unannotated_bg_weight)
+    loss = marginal_cross_entropy(logits, target, annotated, unannotated_bg_weight=unannotated_bg_weight,
+                                  class_weights=class_weights)
     if dice_weight:
         loss = loss + dice_weight * soft_dice_loss(logits, target, annotated)
     return loss
@@ -127,13 +153,15 @@ def partial_label_loss(logits: torch.Tensor, target: torch.Tensor, annotated: to
 
 def deep_supervision_loss(output, target, annotated, *, ds_weights: Sequence[float] = DEFAULT_DS_WEIGHTS,
                           dice_weight: float = 1.0, marginal: bool = True,
-                          unannotated_bg_weight: float = 0.0) -> torch.Tensor:
+                          unannotated_bg_weight: float = 0.0, class_weights: torch.Tensor | None = None
+                          ) -> torch.Tensor:
     """Loss of a model output: a logits tensor, or ``(main, [aux coarsest..finest])``."""
     if isinstance(output, (tuple, list)):
         main, aux = output
     else:
         main, aux = output, []
-    kw = {"dice_weight": dice_weight, "marginal": marginal, "unannotated_bg_weight": unannotated_bg_weight}
+    kw = {"dice_weight": dice_weight, "marginal": marginal, "unannotated_bg_weight": unannotated_bg_weight,
+          "class_weights": class_weights}
     total = partial_label_loss(main, target, annotated, **kw)
     wsum = 1.0
     if aux:

@@ -39,7 +39,7 @@ import torch
 from LumbarSegmentLib.dataset.cases import Case
 from LumbarSegmentLib.models import build_model, count_parameters
 from LumbarSegmentLib.registry.package import code_version
-from LumbarSegmentLib.core.progress import PROGRESS_FILE, ProgressLog  # the event schema lives there
+from LumbarSegmentLib.core.progress import PROGRESS_FILE, ProgressLog, eta_seconds  # the event schema lives there
 
 from . import augment as aug
 from .config import TrainConfig
@@ -52,7 +52,7 @@ from .data import PatchSampler, Replayed, ThickSlabs, as_schema, epoch_generator
 from .distributed import broadcast_floats, mean_across, setup_distributed
 from .evaluate import eval_case_from_slices, every_nth_slice, predict, prepare_cases
 from .scoring import EvalCase, Scorer
-from .losses import deep_supervision_loss
+from .losses import class_weight_vector, deep_supervision_loss
 from .optim import make_optimizer, make_scheduler
 from .run_outputs import CachedSlices, RunFacts, RunOutputs, StartFrom, TrainResult, write_outputs
 
@@ -177,6 +177,7 @@ class _Run:
         else:
             self.val_eval = [eval_case_from_slices(c, cfg.spacing) for c in val_data]
             self.val_ids = [c.case_id for c in val_data]
+        self.class_weights = class_weight_vector(cfg.class_weights, schema)
         self.sampler = PatchSampler(self.train_data, cfg.patch, cfg.fg_fraction, cfg.balance,
                                     slabs=ThickSlabs(cfg.slab_p), slice_context=cfg.slice_context
                                     ).replaying(Replayed(frozenset(cfg.replay_ids), cfg.replay_fraction))
@@ -312,7 +313,8 @@ class _Run:
             with autocast(dev, self.autocast_dtype):
                 out = self.ddp_model(x)
             loss = deep_supervision_loss(out, y, ann.to(dev), ds_weights=cfg.ds_weights, dice_weight=cfg.dice_weight,
-                                         marginal=cfg.marginal, unannotated_bg_weight=cfg.unannotated_bg_weight)
+                                         marginal=cfg.marginal, unannotated_bg_weight=cfg.unannotated_bg_weight,
+                                         class_weights=self.class_weights)
             if self.retention is not None:
                 extra = self.retention.penalty(self.model, x, y, out, lambda: autocast(dev, self.autocast_dtype))
                 loss = loss if extra is None else loss + extra
@@ -338,7 +340,7 @@ class _Run:
         if not self.dist.is_main or gstep % max(1, self.cfg.log_every):
             return
         total = self.total_holder[0]
-        eta = _eta(self.step_times, total - gstep, self.val_time, self.planned_epochs, self.cfg.val_every, epoch)
+        eta = eta_seconds(self.step_times, total - gstep, self.val_time, self.planned_epochs, self.cfg.val_every, epoch)
         self.plog.write("step", epoch=epoch + 1, step=gstep, loss=lv, lr=self.opt.param_groups[0]["lr"],
                         eta_s=eta, total_epochs=self.planned_epochs, total_steps=total)
         if self.tb is not None:
@@ -405,8 +407,9 @@ class _Run:
             total = self.total_holder[0]
             self.plog.write("epoch", epoch=epoch + 1, step=(epoch + 1) * steps, loss=rec["loss"], lr=rec["lr"],
                             val=rec.get("val"), best_epoch=best["epoch"], best_metric=rec["best_metric"],
-                            metric=cfg.metric, eta_s=_eta(self.step_times, total - (epoch + 1) * steps, self.val_time,
-                                                          self.planned_epochs, cfg.val_every, epoch),
+                            metric=cfg.metric,
+                            eta_s=eta_seconds(self.step_times, total - (epoch + 1) * steps, self.val_time,
+                                              self.planned_epochs, cfg.val_every, epoch),
                             total_epochs=self.planned_epochs, total_steps=total)
             msg = f"epoch {epoch + 1}/{self.planned_epochs} loss {rec['loss']:.4f}"
             if "val" in rec:
@@ -491,10 +494,3 @@ def _retention(cfg: TrainConfig, model):
     settings = RetentionSettings(cfg.keep_bn_stats, cfg.l2sp, cfg.distill)
     return Retention(settings, model) if settings.active else None
 
-
-def _eta(step_times, remaining_steps, val_time, planned_epochs, val_every, epoch) -> float:
-    if not step_times:
-        return float("nan")
-    per = float(np.mean(step_times[-50:]))
-    remaining_epochs = max(0, planned_epochs - epoch - 1)
-    return per * max(0, remaining_steps) + val_time * remaining_epochs / max(1, val_every)

@@ -72,41 +72,13 @@ def resident_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def gpu_present() -> bool:
-    """Whether a GPU PyTorch could draft on is likely here, found without importing PyTorch (a second and
-    400 MB): an NVIDIA driver, or Apple silicon (MPS)."""
-    import platform
-
-    if sys.platform == "darwin":
-        return platform.machine() == "arm64"
-    if os.path.isdir("/proc/driver/nvidia/gpus"):
-        return bool(os.listdir("/proc/driver/nvidia/gpus"))
-    return sys.platform == "win32" and os.path.isfile(os.path.join(os.environ.get("SystemRoot", r"C:\Windows"),
-                                                                   "System32", "nvcuda.dll"))
-
-
 def draft_runtime(requested: str = "auto") -> str:
-    """The runtime for drafts that leave ``--runtime`` at ``auto``.
+    """The runtime for drafts that leave ``--runtime`` at ``auto``: the command's own choice for this
+    machine (:func:`inference.runtime_choice.machine_runtime`: OpenVINO float32 on a CPU without bf16
+    and no GPU, where installed; PyTorch otherwise)."""
+    from LumbarSegmentLib.inference.runtime_choice import machine_runtime
 
-    ``auto``, per machine class (docs/benchmarks.md, warm drafts of the clinical stack):
-
-    * a CPU without bf16 arithmetic, no GPU, OpenVINO installed: OpenVINO float32. PyTorch would
-      compute in float32 there too, and OpenVINO gives the same labels for about 0.8x the CPU time per
-      draft, in a worker that never imports PyTorch (a smaller worker, a second less to start);
-    * a CPU with bf16 arithmetic (AVX-512 BF16, AMX): PyTorch, which the command's automatic precision
-      runs in bf16 there. OpenVINO float32 would be slower and OpenVINO bf16 is a lossy step of its own,
-      taken only when a request asks for it; so drafts keep the command's labels;
-    * a GPU at hand, or no OpenVINO: PyTorch.
-    """
-    if requested != "auto":
-        return requested
-    from importlib.util import find_spec
-
-    if find_spec("openvino") is None or gpu_present():
-        return "torch"
-    from LumbarSegmentLib.inference.openvino_runner import cpu_has_bf16
-
-    return "torch" if cpu_has_bf16() else "openvino"
+    return machine_runtime(requested)
 
 
 class ModelCache:
@@ -165,6 +137,7 @@ def run_request(req: dict, cache: ModelCache, runtime: str = "torch") -> dict:
     from LumbarSegmentLib.cli.main import build_parser, cmd_segment, one_line
     from LumbarSegmentLib.inference.host_runner import runs_without_torch
     from LumbarSegmentLib.inference.options import SegmentOptions
+    from LumbarSegmentLib.inference.runtime_choice import resolve_auto_runtime
 
     job = str(req.get("job", ""))
     argv = req.get("argv")
@@ -175,20 +148,12 @@ def run_request(req: dict, cache: ModelCache, runtime: str = "torch") -> dict:
     except SystemExit:  # argparse printed its usage line to stderr (the worker's log)
         return {"event": ERROR, "job": job, "message": "the segment command in the request is not valid"}
     try:
-        if args.runtime == "auto" and runtime != "torch" and _plain_cpu(args):
-            args.runtime = runtime
+        resolve_auto_runtime(args, runtime)  # the worker's draft runtime, by the command's own rule
         host = runs_without_torch([], SegmentOptions.from_namespace(args))
         cmd_segment(args, resolve=partial(cache.resolve, host=host))
     except (ValueError, OSError, RuntimeError, MemoryError) as exc:
         return {"event": ERROR, "job": job, "message": one_line(exc)}
     return {"event": DONE, "job": job, "report": args.report}
-
-
-def _plain_cpu(args) -> bool:
-    """Whether a request that leaves the runtime at ``auto`` may take the worker's draft runtime: on
-    the CPU, in float32 or the automatic precision, the weights as stored (else PyTorch serves it)."""
-    return (args.device in ("auto", "cpu") and args.precision in ("auto", "fp32")
-            and not getattr(args, "bn_adapt", 0))
 
 
 def serve(stdin, *, preload: str | None, max_rss_mb: float, max_jobs: int, runtime: str = "torch",

@@ -150,6 +150,17 @@ def fraction(rec: dict) -> float | None:
     return None if frac is None else max(0.0, min(1.0, float(frac)))
 
 
+def eta_seconds(step_times, remaining_steps, val_time, planned_epochs, val_every, epoch) -> float:
+    """Seconds a training run still needs: the mean of its last 50 step times per remaining step, plus its
+    validations still due (NaN before the first step)."""
+    if not step_times:
+        return float("nan")
+    recent = step_times[-50:]
+    per = sum(recent) / len(recent)
+    remaining_epochs = max(0, planned_epochs - epoch - 1)
+    return per * max(0, remaining_steps) + val_time * remaining_epochs / max(1, val_every)
+
+
 def format_duration(seconds: float) -> str:
     s = max(0, int(round(seconds)))
     if s < 60:

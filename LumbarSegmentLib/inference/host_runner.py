@@ -82,8 +82,9 @@ class HostRunner:
         self.device = CPU
         self.dtype = {"bf16": "bfloat16", "int8": "int8"}.get(precision)  # the report's name for the precision
         self.batch = self.group = options.batch_size or cpu_batch(slices, spec, options)
-        self.runtime = choose_runtime(options.runtime, "cpu", self.dtype, spec.sha256, options.bn_adapt)
-        self.onnx = external_model(self.runtime, None, spec.sha256, options.threads,
+        key = spec.graph_key or spec.sha256  # weights and architecture (runners.graph_key)
+        self.runtime = choose_runtime(options.runtime, "cpu", self.dtype, key, options.bn_adapt)
+        self.onnx = external_model(self.runtime, None, key, options.threads,
                                    load=partial(_network, spec.package), precision=precision,
                                    calibration=partial(calibration_windows, spec))
 

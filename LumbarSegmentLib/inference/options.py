@@ -182,8 +182,8 @@ class SegmentOptions:
     runtime: str = _opt("auto", Option(
         "--runtime", "what computes the network: torch (PyTorch), onnx (ONNX Runtime, CPU float32; needs the "
         "onnxruntime package), openvino (OpenVINO, CPU float32, or bf16/int8 with --precision; needs the openvino "
-        "package), auto = torch "
-        "(docs/benchmarks.md compares them)", choices=RUNTIMES,
+        "package), auto = OpenVINO float32 on a CPU without bf16 arithmetic and no GPU where OpenVINO is installed "
+        "(same labels, faster), else torch (docs/benchmarks.md compares them)", choices=RUNTIMES,
         use=f"unknown runtime; choose one of {', '.join(RUNTIMES)}"))
     batch_size: int | None = _opt(None, Option(
         "--batch-size", "windows per forward pass (default: 32 on CUDA, halved on out-of-memory; on a CPU as many "

@@ -56,6 +56,7 @@ class LoadedModel:
     owned: bool = False  # True: the engine may rewrite ``module`` in place (nobody else holds it)
     guidance: object = None  # core.guidance.GuidanceSpec of a click-guided model (its click maps follow the image)
     package: object = None  # the ModelPackage of a model read lazily: ``module`` stays None until it is needed
+    graph_key: str | None = None  # cache key of its converted graph (weights + architecture): :func:`graph_key`
 
     @property
     def image_channels(self) -> int:
@@ -81,7 +82,8 @@ class LoadedModel:
                    channels=int(inp.get("channels", 1)), slice_context=int(inp.get("slice_context", 0)),
                    ref=package.ref, sha256=package.sha256,
                    variant=package.manifest["architecture"].get("variant"), path=str(package.path), owned=True,
-                   guidance=guidance, package=package if lazy else None)
+                   guidance=guidance, package=package if lazy else None,
+                   graph_key=graph_key(package.sha256, package.manifest["architecture"]))
 
     @classmethod
     def from_module(cls, module, schema: LabelSchema, spacing, patch_size, *, ref: str = "in-memory model",
@@ -142,6 +144,21 @@ def cpu_batch(slices, spec: LoadedModel, options: SegmentOptions) -> int:
     return max(1, CPU_BATCH_PIXELS // (th * tw))
 
 
+def graph_key(weights_sha256: str, architecture) -> str:
+    """The cache key of a package's converted network (ONNX, OpenVINO): its weights' SHA-256 *and* its
+    recorded architecture.
+
+    Exporting builds the network through the architecture checks (:mod:`models.checked`). A package whose
+    architecture was edited and re-sealed around the same weights must not find the original's graph in
+    the cache and so run without those checks: another architecture is another key, exported (and
+    checked) anew."""
+    import hashlib
+    import json
+
+    arch = json.dumps(architecture, sort_keys=True, default=str)
+    return hashlib.sha256(f"{weights_sha256}|{arch}".encode()).hexdigest()
+
+
 def external_model(runtime: str, module, sha256: str | None, threads: int | None, load=None, precision="fp32",
                    calibration=None):
     """The network on another library than PyTorch (``probabilities(numpy) -> numpy``), or None for PyTorch;
@@ -181,12 +198,13 @@ class Runner:
         # the runtime is chosen (or refused) before any BatchNorm adaptation pass: a refusal costs no work
         precision = "int8" if options.precision == "int8" else "bf16" if self.dtype is not None else "fp32"
         self.runtime = choose_runtime(options.runtime, self.device.type, "int8" if precision == "int8" else self.dtype,
-                                      spec.sha256, options.bn_adapt)
+                                      spec.graph_key or spec.sha256, options.bn_adapt)
         if adapt:
             self._adapt(slices)
             self.model = inference_graph(self.model)
             self._place(device)
-        self.onnx = external_model(self.runtime, self.model, spec.sha256, options.threads, precision=precision,
+        self.onnx = external_model(self.runtime, self.model, spec.graph_key or spec.sha256, options.threads,
+                                   precision=precision,
                                    calibration=partial(calibration_windows, spec))
 
     def _adapt(self, slices):
