@@ -48,26 +48,23 @@ def test_worker_drafts_through_openvino_give_the_torch_labels(tiny_package, tmp_
 
 
 def test_draft_runtime_per_machine(monkeypatch):
-    """auto: OpenVINO on a CPU without bf16 (no GPU, OpenVINO installed); PyTorch on a bf16 CPU, with a
-    GPU or without OpenVINO; an explicit choice stays."""
+    """auto: OpenVINO where no GPU is present and OpenVINO is installed, whether the CPU has bf16 or not
+    (float32 labels on every CPU); PyTorch with a GPU or without OpenVINO; an explicit choice stays."""
     import importlib.util
 
     from LumbarSegmentLib.inference import openvino_runner as ov_runner  # (imports OpenVINO only when used)
-
-    real = importlib.util.find_spec
     from LumbarSegmentLib.inference import runtime_choice
 
+    real = importlib.util.find_spec
     monkeypatch.setattr(runtime_choice, "gpu_present", lambda: False)
-    monkeypatch.setattr(ov_runner, "cpu_has_bf16", lambda: False)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "openvino" else real(name))
-    assert worker_mod.draft_runtime("auto") == "openvino"
-    assert worker_mod.draft_runtime("torch") == "torch"
-    monkeypatch.setattr(ov_runner, "cpu_has_bf16", lambda: True)
-    assert worker_mod.draft_runtime("auto") == "torch"
-    assert worker_mod.draft_runtime("openvino") == "openvino"
-    monkeypatch.setattr(ov_runner, "cpu_has_bf16", lambda: False)
+    for bf16 in (False, True):
+        monkeypatch.setattr(ov_runner, "cpu_has_bf16", lambda: bf16)
+        assert worker_mod.draft_runtime("auto") == "openvino"
+        assert worker_mod.draft_runtime("torch") == "torch"
     monkeypatch.setattr(runtime_choice, "gpu_present", lambda: True)
     assert worker_mod.draft_runtime("auto") == "torch"
+    assert worker_mod.draft_runtime("openvino") == "openvino"
     monkeypatch.setattr(runtime_choice, "gpu_present", lambda: False)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name))
     assert worker_mod.draft_runtime("auto") == "torch"
@@ -148,11 +145,11 @@ def test_openvino_bf16_when_asked_and_available(tiny_package, small_real_volume,
     assert np.mean(res.labels.array == ref.labels.array) > 0.99
 
 
-def test_the_command_on_a_cpu_without_bf16_runs_openvino_by_default(tiny_package, small_real_volume, tmp_path,
-                                                                     monkeypatch):
-    """``lumbarseg segment`` with the runtime left at auto: OpenVINO float32 where the CPU lacks bf16 (here
-    made so with oneDNN's AVX2 cap), the report says so and the labels are PyTorch float32's; asking
-    for ``--runtime torch`` still gets PyTorch."""
+@pytest.mark.parametrize("isa", ["AVX2", None])
+def test_the_command_runs_openvino_float32_by_default(tiny_package, small_real_volume, tmp_path, monkeypatch, isa):
+    """``lumbarseg segment`` with runtime and precision left at auto, no GPU: OpenVINO float32 on a CPU
+    without bf16 (made so with oneDNN's AVX2 cap) and on this CPU as it is; the report says so and the
+    labels are PyTorch float32's; asking for ``--runtime torch`` still gets PyTorch."""
     _openvino()
     import json
 
@@ -161,7 +158,8 @@ def test_the_command_on_a_cpu_without_bf16_runs_openvino_by_default(tiny_package
     from LumbarSegmentLib.inference import runtime_choice
 
     monkeypatch.setenv(onnx_runner.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    if isa:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
     monkeypatch.setattr(runtime_choice, "gpu_present", lambda: False)
     src = write_volume(small_real_volume, tmp_path / "in.nrrd")
     reports = {}

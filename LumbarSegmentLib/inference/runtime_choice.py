@@ -4,17 +4,18 @@ The same rule serves the command (``lumbarseg segment``) and the warm worker beh
 and the browser page, so a draft and a command on one machine run the same runtime and give the same
 labels (docs/benchmarks.md measured each class):
 
-* a CPU without bf16 arithmetic (most laptops: AVX2 only), no GPU, OpenVINO installed, and a request
-  OpenVINO serves as asked (the CPU, float32 or the automatic precision, the weights as stored):
-  **OpenVINO float32**. PyTorch computes float32 there too; OpenVINO gives the same labels in about
-  0.65-0.8x the time and the process never imports PyTorch (a second and 400 MB less at start-up);
-* a CPU with bf16 arithmetic (AVX-512 BF16, AMX): **PyTorch**, whose automatic precision is bf16 there.
-  OpenVINO float32 is slower, and OpenVINO bf16 is a lossy step of its own, taken only when asked for;
+* no GPU, OpenVINO installed, and a request OpenVINO serves as asked (the CPU, float32 or the automatic
+  precision, the weights as stored): **OpenVINO float32**, on every CPU. It gives PyTorch float32's
+  labels, so the same input gets the same labels on a laptop without bf16 and on a workstation with it,
+  and the process never imports PyTorch (over a second and 400 MB of a cold command). On a CPU without
+  bf16 it computes in about two thirds of PyTorch's time; on a CPU with bf16 a cold command takes half
+  of PyTorch bf16's, and a warm draft about as long. bf16 (OpenVINO's or PyTorch's) is a lossy step
+  and an option: ``--precision bf16``;
 * a GPU at hand, no OpenVINO, or a request for something else (``--bn-adapt``, ``--device cuda``,
-  ``--precision bf16``): **PyTorch**, which runs every option.
+  ``--precision bf16``): **PyTorch**, which runs every option (and whose automatic precision is bf16 on
+  CPUs with bf16 arithmetic).
 
-Decided without importing PyTorch: the GPU from the driver's files, bf16 from OpenVINO's own list of
-the CPU's capabilities (which honours a oneDNN ISA cap such as ``ONEDNN_MAX_CPU_ISA=AVX2``).
+Decided without importing PyTorch: the GPU from the driver's files.
 """
 from __future__ import annotations
 
@@ -36,17 +37,13 @@ def gpu_present() -> bool:
 
 
 def machine_runtime(requested: str = "auto") -> str:
-    """``requested`` unless it is ``auto``; then OpenVINO on a CPU without bf16, no GPU and OpenVINO
-    installed, else PyTorch (the module doc says why)."""
+    """``requested`` unless it is ``auto``; then OpenVINO where no GPU is present and OpenVINO is installed,
+    else PyTorch (the module doc says why)."""
     if requested != "auto":
         return requested
     from importlib.util import find_spec
 
-    if find_spec("openvino") is None or gpu_present():
-        return "torch"
-    from LumbarSegmentLib.inference.openvino_runner import cpu_has_bf16
-
-    return "torch" if cpu_has_bf16() else "openvino"
+    return "torch" if find_spec("openvino") is None or gpu_present() else "openvino"
 
 
 def plain_cpu(args) -> bool:
