@@ -68,13 +68,13 @@ def test_openvino_command_runs_without_torch_and_gives_torch_labels(sample, defa
 
     openvino_runner.clear_compiled()
     volume = read_volume(sample)
-    cold = segment_volume(volume, [default_package], SegmentOptions(runtime="openvino", threads=2))
+    cold = segment_volume(volume, [default_package], SegmentOptions(runtime="openvino", precision="fp32", threads=2))
     assert cold.report["timings_s"]["onnx_export"] > 0  # the cache was empty: exported through PyTorch
     assert cold.report["torch"] is None and cold.report["runtime"].startswith("openvino")
     ref = segment_volume(volume, [default_package], SegmentOptions(runtime="torch", precision="fp32", device="cpu"))
     out, report = tmp_path / "ov.nii.gz", tmp_path / "ov.json"
     argv = ["segment", str(sample), "-o", str(out), "--model", str(default_package.path), "--runtime", "openvino",
-            "--threads", "2", "--no-progress", "--report", str(report)]
+            "--precision", "fp32", "--threads", "2", "--no-progress", "--report", str(report)]
     proc = subprocess.run([sys.executable, "-c", _WRAPPER, *argv], capture_output=True, text=True, timeout=120,
                           cwd=REPO)
     assert proc.returncode == 0, proc.stderr
@@ -96,8 +96,8 @@ def test_numpy_and_tensor_paths_agree_with_the_same_network(tiny_package, small_
     from LumbarSegmentLib.inference.runners import LoadedModel
 
     monkeypatch.setenv(onnx_runner.CACHE_ENV, str(tmp_path / "cache"))
-    opts = SegmentOptions(runtime="openvino", device="cpu", threads=1, mode="tta", tile=64, overlap=0.5,
-                          confidence=True)
+    opts = SegmentOptions(runtime="openvino", device="cpu", precision="fp32", threads=1, mode="tta", tile=64,
+                          overlap=0.5, confidence=True)
     host = segment_volume(small_real_volume, [tiny_package], opts)
     tensors = segment_volume(small_real_volume, [LoadedModel.from_package(tiny_package)], opts)
     assert host.report["torch"] is None and tensors.report["torch"] is not None

@@ -32,8 +32,9 @@ def test_worker_drafts_through_openvino_give_the_torch_labels(tiny_package, tmp_
     w = WarmWorker(preload=None, threads=1, workdir_parent=str(tmp_path), runtime="openvino")
     try:
         ctl = SegmentController(worker=w, workdir_parent=str(tmp_path))
-        asked = SegmentRequest.of(models=[str(tiny_package.path)], device="cpu", threads=1, runtime="openvino")
-        auto = SegmentRequest.of(models=[str(tiny_package.path)], device="cpu", threads=1)
+        asked = SegmentRequest.of(models=[str(tiny_package.path)], device="cpu", threads=1, runtime="openvino",
+                                  precision="fp32")
+        auto = SegmentRequest.of(models=[str(tiny_package.path)], device="cpu", threads=1, precision="fp32")
         runs = [ctl.run(smooth_volume(shift), req, timeout=300, interval=0.02)
                 for shift, req in ((0, asked), (3, asked), (3, auto))]
         assert ctl.status.state == DONE and w.starts == 1
@@ -127,10 +128,13 @@ def test_a_onednn_capped_below_bf16_has_no_openvino_bf16(monkeypatch):
 
 def test_openvino_bf16_when_asked_and_available(tiny_package, small_real_volume, tmp_path, monkeypatch):
     """Asked for bf16 on a CPU that has it, OpenVINO is told to compute in bf16 and the report says so;
-    float32 stays the default (``auto``)."""
+    ``auto`` means bf16 exactly where the CPU has it (as for PyTorch)."""
     ov_runner = _openvino()
     assert ov_runner.compile_config(2, "bf16")["INFERENCE_PRECISION_HINT"] == "bf16"
-    assert ov_runner.check_precision("auto") == "fp32"
+    for has in (False, True):
+        monkeypatch.setattr(ov_runner, "cpu_has_bf16", lambda: has)
+        assert ov_runner.check_precision("auto") == ("bf16" if has else "fp32")
+    monkeypatch.undo()
     if not ov_runner.cpu_has_bf16():
         pytest.skip("this CPU has no bf16 arithmetic for OpenVINO")
     monkeypatch.setenv(onnx_runner.CACHE_ENV, str(tmp_path / "cache"))
@@ -146,11 +150,12 @@ def test_openvino_bf16_when_asked_and_available(tiny_package, small_real_volume,
 
 
 @pytest.mark.parametrize("isa", ["AVX2", None])
-def test_the_command_runs_openvino_float32_by_default(tiny_package, small_real_volume, tmp_path, monkeypatch, isa):
-    """``lumbarseg segment`` with runtime and precision left at auto, no GPU: OpenVINO float32 on a CPU
-    without bf16 (made so with oneDNN's AVX2 cap) and on this CPU as it is; the report says so and the
-    labels are PyTorch float32's; asking for ``--runtime torch`` still gets PyTorch."""
-    _openvino()
+def test_the_command_runs_openvino_by_default(tiny_package, small_real_volume, tmp_path, monkeypatch, isa):
+    """``lumbarseg segment`` with runtime and precision left at auto, no GPU: OpenVINO, in float32 on a CPU
+    without bf16 (made so with oneDNN's AVX2 cap: PyTorch float32's labels) and in bf16 where the CPU has
+    it (as PyTorch's automatic precision there); the report says which; ``--runtime torch`` still gets
+    PyTorch."""
+    ov_runner = _openvino()
     import json
 
     from LumbarSegmentLib.cli.main import main
@@ -160,18 +165,21 @@ def test_the_command_runs_openvino_float32_by_default(tiny_package, small_real_v
     monkeypatch.setenv(onnx_runner.CACHE_ENV, str(tmp_path / "cache"))
     if isa:
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+    bf16 = ov_runner.cpu_has_bf16()
     monkeypatch.setattr(runtime_choice, "gpu_present", lambda: False)
     src = write_volume(small_real_volume, tmp_path / "in.nrrd")
-    reports = {}
-    for name, extra in (("auto", []), ("torch", ["--runtime", "torch", "--precision", "fp32"])):
+    reports, labels = {}, {}
+    for name, extra in (("auto", []), ("torch", ["--runtime", "torch", "--precision", "bf16" if bf16 else "fp32"])):
         out, rep = tmp_path / f"{name}.nii.gz", tmp_path / f"{name}.json"
         assert main(["segment", str(src), "-o", str(out), "--model", str(tiny_package.path), "--threads", "1",
                      "--report", str(rep), "--no-progress", *extra]) == 0
-        reports[name] = json.loads(rep.read_text())
-    assert reports["auto"]["runtime"].startswith("openvino") and reports["auto"]["precision"] == "float32"
-    assert reports["torch"]["runtime"].startswith("torch")
-    np.testing.assert_array_equal(read_volume(tmp_path / "auto.nii.gz").array,
-                                  read_volume(tmp_path / "torch.nii.gz").array)
+        reports[name], labels[name] = json.loads(rep.read_text()), read_volume(out).array
+    assert reports["auto"]["runtime"].startswith("openvino") and reports["torch"]["runtime"].startswith("torch")
+    assert reports["auto"]["precision"] == reports["torch"]["precision"] == ("bfloat16" if bf16 else "float32")
+    if bf16:  # two bf16 computations: a few voxels may differ
+        assert np.mean(labels["auto"] != labels["torch"]) < 0.01
+    else:
+        np.testing.assert_array_equal(labels["auto"], labels["torch"])
 
 
 def test_an_edited_architecture_does_not_reuse_the_cached_graph(tiny_package, small_real_volume, tmp_path,

@@ -58,6 +58,9 @@ CONFIGS = [("native torch", "native", []),
 # warm-worker draft configurations: (name, ISA, ``serve --runtime``, request option fields); the first is
 # the reference of the label agreement.
 WORKER_CONFIGS = {
+    # what a draft gets with nothing chosen: the worker's own rule for this machine (inference/runtime_choice.py)
+    "auto-native": ("native", "auto", {}),
+    "auto-avx2": ("avx2", "auto", {}),
     "torch-fp32-avx2": ("avx2", "torch", {"precision": "fp32"}),
     "openvino-avx2": ("avx2", "openvino", {}),  # OpenVINO float32 (precision auto: float32)
     "torch-native": ("native", "torch", {}),  # PyTorch, precision auto: bf16 on a CPU that has it

@@ -25,7 +25,8 @@ does, without PyTorch (:mod:`inference.host_runner`): the worker then hands the 
 not PyTorch networks, and the compiled OpenVINO models stay in the process (``openvino_runner``'s
 table, bounded) from one draft and one case to the next. A request that leaves the runtime at
 ``auto`` gets the worker's draft runtime (``serve --runtime``, default ``auto``: :func:`draft_runtime`
-picks per machine: OpenVINO float32 where no GPU is present and it is installed; PyTorch otherwise); the report names the runtime that ran.
+picks per machine, as the command does: OpenVINO where no GPU is present and it is installed; PyTorch
+otherwise); the report names the runtime that ran.
 
 Cancel = kill the process (``worker_client.WarmWorker.kill``): nothing is half-written (the command
 commits its outputs at the end) and every byte of memory returns; the next draft starts a fresh
@@ -73,8 +74,8 @@ def resident_mb() -> float:
 
 def draft_runtime(requested: str = "auto") -> str:
     """The runtime for drafts that leave ``--runtime`` at ``auto``: the command's own choice for this
-    machine (:func:`inference.runtime_choice.machine_runtime`: OpenVINO float32 where no GPU is present
-    and it is installed; PyTorch otherwise)."""
+    machine (:func:`inference.runtime_choice.machine_runtime`: OpenVINO where no GPU is present and it
+    is installed; PyTorch otherwise)."""
     from LumbarSegmentLib.inference.runtime_choice import machine_runtime
 
     return machine_runtime(requested)
@@ -199,7 +200,7 @@ def main(argv=None) -> int:
     s.add_argument("--max-jobs", type=int, default=DEFAULT_MAX_JOBS,
                    help=f"retire after this many requests (default {DEFAULT_MAX_JOBS})")
     s.add_argument("--runtime", choices=DRAFT_RUNTIMES, default="auto",
-                   help="what computes drafts that leave --runtime at auto (default auto: OpenVINO float32 on a "
+                   help="what computes drafts that leave --runtime at auto (default auto: OpenVINO on a "
                         "machine without a GPU, where installed; else PyTorch)")
     from LumbarSegmentLib.inference.options import SegmentOptions
 

@@ -41,6 +41,17 @@ def runs_without_torch(packages, options: SegmentOptions) -> bool:
             and not options.bn_adapt and all(isinstance(p, ModelPackage) for p in packages))
 
 
+def host_precision(options: SegmentOptions) -> str:
+    """``fp32``, ``bf16`` or ``int8``: what the external runtime computes in. OpenVINO reads ``auto`` as the
+    engine does everywhere on the CPU (bf16 where the CPU has bf16 arithmetic, else fp32:
+    ``openvino_runner.check_precision``); ONNX Runtime computes float32 only (:func:`runs_without_torch`)."""
+    if requested_runtime(options) != "openvino":
+        return "fp32"
+    from LumbarSegmentLib.inference.openvino_runner import check_precision
+
+    return check_precision(options.precision)
+
+
 def device_name(options: SegmentOptions) -> str:
     """The device a PyTorch-side run asks for: ONNX Runtime and OpenVINO compute on the CPU, so for them
     ``auto`` is the CPU (not a GPU they would refuse)."""
@@ -77,8 +88,7 @@ class HostRunner:
 
     def __init__(self, spec: LoadedModel, options: SegmentOptions, slices):
         self.spec, self.options = spec, options
-        # bf16 / int8 only ever with OpenVINO here (:func:`runs_without_torch`)
-        precision = options.precision if options.precision in ("bf16", "int8") else "fp32"
+        precision = host_precision(options)
         self.device = CPU
         self.dtype = {"bf16": "bfloat16", "int8": "int8"}.get(precision)  # the report's name for the precision
         self.batch = self.group = options.batch_size or cpu_batch(slices, spec, options)

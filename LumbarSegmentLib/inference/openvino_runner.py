@@ -83,10 +83,13 @@ def cpu_has_bf16() -> bool:
 
 
 def check_precision(precision: str) -> str:
-    """``fp32``, ``bf16`` or ``int8`` for OpenVINO (``auto``: fp32, never a silent lossy step); refuses bf16
-    on a CPU without it and fp16 always, with what to do instead. int8 runs on any x86 CPU (AVX2 or not)."""
-    if precision in ("auto", "fp32", "int8"):
-        return "fp32" if precision == "auto" else precision
+    """``fp32``, ``bf16`` or ``int8`` for OpenVINO; ``auto`` as for PyTorch on the CPU: bf16 where the CPU
+    computes it natively (the report names it), else fp32. Refuses bf16 on a CPU without it and fp16
+    always, with what to do instead. int8 runs on any x86 CPU (AVX2 or not), only when asked."""
+    if precision == "auto":
+        return "bf16" if cpu_has_bf16() else "fp32"
+    if precision in ("fp32", "int8"):
+        return precision
     if precision == "bf16":
         if not cpu_has_bf16():
             raise EngineError(BF16_REFUSED)

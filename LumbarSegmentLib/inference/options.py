@@ -174,17 +174,17 @@ class SegmentOptions:
         "(0 = each slice on its own)", kind=float, lo=0, hi=SLICE_SMOOTHING_MAX_MM,
         use=f"use 0 (off) to {SLICE_SMOOTHING_MAX_MM:g} mm", metavar="MM"))
     precision: str = _opt("auto", Option(
-        "--precision", "arithmetic: auto = fp16/bf16 on CUDA; on a CPU fp32 with OpenVINO (what runtime auto "
-        "takes where it is installed), with PyTorch bf16 on CPUs with native bf16, else fp32; bf16 on a CPU is "
-        "an option (faster, a few hundred voxels different), for OpenVINO on a CPU with bf16 only; int8 = a quantised network, about "
+        "--precision", "arithmetic: auto = fp16/bf16 on CUDA, bf16 on CPUs with native bf16, else fp32 (for "
+        "PyTorch and OpenVINO alike; ONNX Runtime: fp32); fp32 = the reference (a few hundred voxels differ from "
+        "bf16); int8 = a quantised network, about "
         "twice as fast on most CPUs without bf16 (not on first-generation AMD Zen), computed by OpenVINO: runtime auto "
         "or openvino)",
         choices=PRECISIONS, use=f"unknown precision; choose one of {', '.join(PRECISIONS)}"))
     runtime: str = _opt("auto", Option(
         "--runtime", "what computes the network: torch (PyTorch), onnx (ONNX Runtime, CPU float32; needs the "
-        "onnxruntime package), openvino (OpenVINO, CPU float32, or bf16/int8 with --precision; needs the openvino "
-        "package), auto = OpenVINO float32 where no GPU is present and OpenVINO is installed (PyTorch float32's "
-        "labels on every CPU, faster), else torch (docs/benchmarks.md compares them)", choices=RUNTIMES,
+        "onnxruntime package), openvino (OpenVINO, CPU; float32, bf16 or int8 as --precision says; needs the openvino "
+        "package), auto = OpenVINO where no GPU is present and OpenVINO is installed (no PyTorch import, faster), "
+        "else torch (docs/benchmarks.md compares them)", choices=RUNTIMES,
         use=f"unknown runtime; choose one of {', '.join(RUNTIMES)}"))
     batch_size: int | None = _opt(None, Option(
         "--batch-size", "windows per forward pass (default: 32 on CUDA, halved on out-of-memory; on a CPU as many "
