@@ -72,7 +72,8 @@ def render_preview(image: Volume, labels: Volume, schema: LabelSchema, path, *, 
         y += 4
         draw.rectangle([pad, y, pad + 14, y + 14], fill=tuple(c.color))
         n = int((labels.array == c.value).sum())
-        draw.text((pad + 22, y + 2), f"{c.name} ({c.id}): {n} voxels" + ("" if c.value in present else " — none"),
+        # ASCII only: PIL's built-in bitmap font has no glyph for a dash and would draw a box
+        draw.text((pad + 22, y + 2), f"{c.name} ({c.id}): {n} voxels" + ("" if c.value in present else ", not found"),
                   fill=(230, 230, 230))
         y += 18
     with atomic_path(path) as tmp:
