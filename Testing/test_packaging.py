@@ -182,7 +182,11 @@ def test_wheel_from_a_clean_checkout_installs_lists_models_and_writes_a_dicom_se
     seg = hd.seg.segread(work / "seg.dcm")
     first = pydicom.dcmread(sorted((work / "dicom").iterdir())[0], stop_before_pixels=True)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
-    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Vertebral body", "Intervertebral disc"]
+    name, version = index["default"].split("@")
+    manifest = json.loads((shipped_registry_root() / name / version / "manifest.json").read_text())
+    classes = [c["name"] for c in manifest["schema"]["classes"] if c["value"] != 0]
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == classes  # every class of the default, in order
+    assert classes[:2] == ["Vertebral body", "Intervertebral disc"]
 
 
 def test_extensions_index_entry_agrees_with_the_cmake_metadata():

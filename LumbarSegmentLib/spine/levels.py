@@ -44,6 +44,7 @@ FLAGS = {
                          "(the body above it named S1)"),
     "s1_from_image": (1.0, "S1 was not drafted: it was outlined from the image below the L5-S1 disc (check its outline)"),
     "few_levels": (0.5, "fewer than two vertebral bodies and one disc found: the names rest on little evidence"),
+    "sacrum_anchor": (1.0, "the names count up from the drafted sacrum: S1 is the segment it begins with"),
 }
 MIN_PIECE_FRACTION = 0.25  # of the median volume of the large pieces of the same class
 MAX_CURVE_DISTANCE_MM = 30.0
@@ -90,7 +91,8 @@ class LevelResult:
     def to_report(self) -> dict:
         return {"levels": [lv.to_dict() for lv in self.levels],
                 "ordering": {"confidence": round(self.confidence, 3), "flags": list(self.flags),
-                             "anchor": "lowest disc = L5-S1",
+                             "anchor": ("drafted sacrum = S1" if any(f["code"] == "sacrum_anchor" for f in self.flags)
+                                        else "lowest disc = L5-S1"),
                              "value_scheme": "bodies C1..L5 = 1..24, S1 = 25, L6 = 26; disc = 100 + its upper vertebra"}}
 
 
@@ -231,8 +233,9 @@ def _slots(pieces: list[Piece], flags: list) -> list:
     return slots
 
 
-def _names_from_anchor(slots: list) -> list:
-    """A name for each slot, counting up from the lowest disc slot (= L5-S1)."""
+def _names_from_anchor(slots: list, lowest_is_s1: bool = False) -> list:
+    """A name for each slot, counting up from the lowest disc slot (= L5-S1); with no disc, the lowest body
+    is L5, or S1 when it is the drafted sacrum (``lowest_is_s1``)."""
     def is_disc(x):
         return (isinstance(x, tuple) and x[0] == "missing_disc") or (isinstance(x, Piece) and x.structure == DISC)
 
@@ -240,9 +243,9 @@ def _names_from_anchor(slots: list) -> list:
     if disc_idx:
         anchor = disc_idx[-1]
         anchor_rank = 2 * level_value("L5") + 1  # rank: body v -> 2v, disc below v -> 2v+1
-    else:  # bodies only (one body): call the lowest L5
+    else:  # bodies only (one body): call the lowest L5 (S1 when it is the drafted sacrum)
         anchor = len(slots) - 1
-        anchor_rank = 2 * level_value("L5")
+        anchor_rank = 2 * level_value("S1" if lowest_is_s1 else "L5")
     names = []
     for i in range(len(slots)):
         rank = anchor_rank - (anchor - i)
@@ -318,12 +321,16 @@ def name_levels(labels: Volume, schema: LabelSchema, *, allow_reslice: bool = Fa
     pieces = _place(pieces, stack.shape, spacing, voxel_mm3)
     for p in pieces:
         p.edge = _at_edge(p, stack.shape)
-    pieces = _drop_sacral_disc(pieces, flags, voxel_mm3)
+    pieces, s1 = _with_sacrum(stack, schema, spacing, voxel_mm3, pieces)
+    if s1 is None:
+        pieces = _drop_sacral_disc(pieces, flags, voxel_mm3)
+    else:
+        _flag(flags, "sacrum_anchor", "S1")
     slots = _slots(pieces, flags)
-    full_bottom = _full_size_bottom(pieces, voxel_mm3)
+    full_bottom = s1 is None and _full_size_bottom(pieces, voxel_mm3)
     if full_bottom:
         slots.append(("missing_disc", pieces[-1], None))
-    names = _names_from_anchor(slots)
+    names = _names_from_anchor(slots, lowest_is_s1=s1 is not None)
     named, out_levels = [], []
     out = np.zeros(stack.shape, np.uint8)
     for slot, name in zip(slots, names):
@@ -341,7 +348,7 @@ def name_levels(labels: Volume, schema: LabelSchema, *, allow_reslice: bool = Fa
             _flag(flags, "body_split", name)
     if image is not None:
         _add_s1(image, layout, stack, named, out, out_levels, flags, voxel_mm3)
-    _post_checks(named, flags, voxel_mm3, full_bottom)
+    _post_checks(named, flags, voxel_mm3, full_bottom, sacrum=s1 is not None)
     confidence = 1.0
     for f in flags:
         confidence *= FLAGS[f["code"]][0]
@@ -372,7 +379,7 @@ def _add_s1(image: Volume, layout, stack, named, out, out_levels, flags, voxel_m
     _flag(flags, "s1_from_image", "S1")
 
 
-def _post_checks(named, flags, voxel_mm3, full_bottom: bool) -> None:
+def _post_checks(named, flags, voxel_mm3, full_bottom: bool, sacrum: bool = False) -> None:
     bodies = [p for _, p in named if p.structure == BODY]
     discs = [p for _, p in named if p.structure == DISC]
     if len(bodies) < 2 or not discs:
@@ -380,11 +387,35 @@ def _post_checks(named, flags, voxel_mm3, full_bottom: bool) -> None:
     _check_anchor(named, flags, full_bottom)
     _check_spacing(named, flags)
     _check_anatomy(named, flags, voxel_mm3)
-    if not full_bottom:
+    if not full_bottom and not sacrum:  # a drafted sacrum settles the bottom of the count
         from LumbarSegmentLib.spine.anchor_checks import anchor_doubts
 
         for level, detail in anchor_doubts(named):
             _flag(flags, "anchor", level, detail)
+
+
+def _with_sacrum(stack, schema, spacing, voxel_mm3: float, pieces: list[Piece]):
+    """``(pieces, s1)`` anchored on the drafted sacrum (:mod:`sacrum_anchor`), or ``(pieces, None)`` where
+    the model has no sacrum class or drew none at the caudal end of the bodies."""
+    bodies = [p for p in pieces if p.structure == BODY]
+    if "sacrum" not in schema or len(bodies) < 2:
+        return pieces, None
+    from LumbarSegmentLib.spine.sacrum_anchor import MIN_SACRUM_FRACTION, anchor_on_sacrum
+
+    found = _pieces(stack == schema["sacrum"].value, spacing, "sacrum")
+    if not found:
+        return pieces, None
+    sac = max(found, key=lambda p: p.mask_index.size)
+    curve = SpineCurve(pieces, voxel_mm3)
+    _measure(pieces + [sac], curve, stack.shape, spacing)
+    distance = curve.locate(sac.centroid)[1]
+    if (sac.mask_index.size < MIN_SACRUM_FRACTION * np.median([b.mask_index.size for b in bodies])
+            or distance > 2 * MAX_CURVE_DISTANCE_MM or sac.t <= np.median([b.t for b in bodies])):
+        return pieces, None
+    ends = {id(b): b.t + float(np.percentile(_along(b, curve, stack.shape, spacing), 95)) for b in bodies}
+    t_sac = sac.t + _along(sac, curve, stack.shape, spacing)
+    typical = float(np.median([b.length for b in bodies]))
+    return anchor_on_sacrum(sorted(pieces, key=lambda q: q.t), sac, t_sac, ends, typical, (stack.shape, spacing))
 
 
 def _full_size_bottom(pieces: list[Piece], voxel_mm3: float) -> bool:

@@ -1,0 +1,59 @@
+"""The caudal anchor of the level names from a drafted sacrum.
+
+A model with a ``sacrum`` class (the default since ``uvd-spine@2``) draws the sacrum itself. Then the
+bottom of the count is no longer a guess from the sizes of the lowest disc and body
+(:mod:`anchor_checks`): the segment the sacrum begins with is S1, and the lowest disc above the
+sacrum's top is L5-S1. What this module decides, on pieces already placed along the spine curve
+(``t`` in mm, increasing caudally):
+
+* discs whose centre lies below the sacrum's top are sacral remnants (S1-S2 ...), not lumbar
+  discs, and are dropped;
+* a drafted body whose lower end reaches the sacrum's top (within :data:`TOUCH_MM`) is S1 drawn as a
+  body, in part or whole: it joins S1. A body that ends higher is a vertebra of its own, so an L5
+  over a missed L5-S1 disc keeps its name (the ordering check then reports the missing disc);
+* S1 = those bodies and the sacrum's voxels down to one typical body length below its top (the
+  sources outline S1, not the whole sacrum).
+
+Without a drafted sacrum, or one too small to be a sacrum, nothing changes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from LumbarSegmentLib.spine.level_names import BODY, DISC
+
+TOUCH_MM = 3.0  # a body ending this close above the sacrum's top is part of S1
+MIN_SACRUM_FRACTION = 0.3  # of the median body volume: smaller sacrum pieces are stray blobs
+
+
+def sacrum_top(t_voxels: np.ndarray) -> float:
+    """The sacrum's upper end along the curve (a low percentile: robust to a stray voxel above it)."""
+    return float(np.percentile(t_voxels, 5))
+
+
+def anchor_on_sacrum(pieces: list, sacrum, t_sacrum: np.ndarray, ends: dict, typical_mm: float, grid):
+    """``(pieces, s1)``: the pieces to name, the S1 piece last, or ``(pieces, None)`` unchanged.
+
+    ``pieces``: body and disc pieces ordered along the curve; ``sacrum``: the drafted sacrum's piece,
+    ``t_sacrum`` its voxels' positions along the curve; ``ends``: ``id(piece) -> lower end (mm along
+    the curve)`` of every body; ``typical_mm``: a typical body length along the curve; ``grid``:
+    ``(shape, spacing)`` of the stack the pieces index.
+    """
+    top = sacrum_top(t_sacrum)
+    keep, s1_parts = [], []
+    for p in pieces:
+        if p.structure == DISC and p.t > top:
+            continue  # a sacral disc remnant
+        if p.structure == BODY and ends.get(id(p), -np.inf) >= top - TOUCH_MM:
+            s1_parts.append(p)  # S1 drawn as a body, or a body inside the sacrum
+            continue
+        keep.append(p)
+    upper = sacrum.mask_index[t_sacrum <= top + max(typical_mm, 10.0)]
+    index = np.unique(np.concatenate([upper] + [p.mask_index for p in s1_parts]))
+    shape, spacing = grid
+    centroid = np.stack(np.unravel_index(index, shape), axis=1).mean(0) * np.asarray(spacing, float)
+    s1 = type(sacrum)(BODY, index, centroid)
+    s1.t = top + 0.5 * max(typical_mm, 10.0)
+    s1.length = max(typical_mm, 10.0)
+    s1.edge = getattr(sacrum, "edge", False)
+    return keep + [s1], s1
