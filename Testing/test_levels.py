@@ -328,3 +328,52 @@ def test_the_anchor_review_bands_flag_both_one_level_readings_seen_in_real_draft
     assert [lv for lv, _ in anchor_doubts(named(1.0, 0.63))] == ["S1"]
     assert anchor_doubts(named(0.9)) == [] and anchor_doubts(named(1.0, 0.4)) == []
     assert anchor_doubts(named(0.30)) == []  # the transitional flag speaks for that one
+
+
+SPINE6 = load_schema("spine6")
+
+
+def _with_sacrum(vol, drop_s1=True, extend_mm=30.0):
+    """The synthetic spine with the sacrum drafted as the spine6 class below the lowest disc: the lowest
+    body becomes sacrum (``drop_s1``; else it stays a body drawn above the sacrum it touches), and the
+    sacrum goes on ``extend_mm`` caudally."""
+    arr = np.asarray(vol.array).copy()
+    sacrum = SPINE6["sacrum"].value
+    low_disc = int(np.where((arr == DISC_V).any(axis=(1, 2)))[0].min())  # z index grows superiorly
+    s1 = np.zeros_like(arr, bool)
+    s1[:low_disc] = arr[:low_disc] == BODY_V
+    rows = np.where(s1.any(axis=(1, 2)))[0]
+    section = s1[rows.min()]
+    below = max(0, rows.min() - int(round(extend_mm / vol.spacing[2])))
+    arr[below:rows.min()][:, section] = sacrum
+    if drop_s1:
+        arr[s1] = sacrum
+    return Volume(arr, spacing=vol.spacing)
+
+
+def test_a_drafted_sacrum_anchors_the_names():
+    """With the model's sacrum class the bottom of the count is read, not guessed: S1 is where the
+    sacrum begins, a full-size S1 is no longer taken for L5 (the two-class draft flags it), and an L5
+    over a missed L5-S1 disc keeps its name, the missing disc reported."""
+    vol, expected = spine()
+    for drop_s1 in (True, False):  # S1 drafted as sacrum, or as a body sitting on the sacrum
+        result = name_levels(_with_sacrum(vol, drop_s1), SPINE6)
+        assert _names(result) == expected, drop_s1
+        assert [f["code"] for f in result.flags] == ["sacrum_anchor"]
+        assert result.to_report()["ordering"]["anchor"] == "drafted sacrum = S1"
+        s1 = {lv.name: lv for lv in result.levels}["S1"]
+        l5 = {lv.name: lv for lv in result.levels}["L5"]
+        assert s1.voxels < 2.0 * l5.voxels  # S1, not the whole sacrum
+    full, _ = spine(bottom_s1=False)  # the lowest body full size: read as L5 without a sacrum class
+    assert _names(name_levels(full, STARTER))[-1] == "L5"
+    result = name_levels(_with_sacrum(full), SPINE6)
+    assert _names(result)[-3:] == ["L5", "L5-S1", "S1"] and not _anchor_flags(result)
+    missed = np.asarray(_with_sacrum(vol).array).copy()  # L5-S1 not drafted: L5 ends a disc's height above
+    missed[np.asarray(name_levels(vol, STARTER).labels.array) == level_value("L5-S1")] = 0
+    result = name_levels(Volume(missed, spacing=vol.spacing), SPINE6)
+    assert _names(result)[-2:] == ["L5", "S1"]
+    assert [f["code"] for f in result.flags] == ["sacrum_anchor", "missing_disc"]
+    tiny = np.asarray(_with_sacrum(vol).array).copy()
+    tiny[tiny == SPINE6["sacrum"].value] = 0
+    tiny[2:4, 30:33, 3:5] = SPINE6["sacrum"].value  # a stray speck of sacrum: ignored
+    assert "sacrum_anchor" not in [f["code"] for f in name_levels(Volume(tiny, spacing=vol.spacing), SPINE6).flags]

@@ -36,7 +36,6 @@ from LumbarSegmentLib.formats.io import read_volume  # noqa: E402
 from LumbarSegmentLib.spine.level_names import BODY, DISC, VERTEBRAE, disc_name, level_value, structure_of  # noqa: E402
 from LumbarSegmentLib.spine.levels import name_levels  # noqa: E402
 from LumbarSegmentLib.spine.measurements import HEIGHTS, measure_levels  # noqa: E402
-from LumbarSegmentLib.core.schema import load_schema  # noqa: E402
 
 SPLIT = REPO / "scripts" / "recipes" / "lumbar-mr-split-v2.json"
 PATIENTS = REPO / "scripts" / "recipes" / "lumbar-mr-patients.json"
@@ -190,7 +189,9 @@ def main(argv=None) -> int:
         return 0
     if args.drafts is None:
         ap.error("--drafts FOLDER is needed (the drafts are cached there)")
-    starter = load_schema("starter")
+    from LumbarSegmentLib.registry.catalog import resolve_model
+
+    schema = resolve_model(args.model).schema  # the model's own classes: a drafted sacrum anchors the names
     results = []
     tuning = spider_tuning(args.data)
     seen = _seen_cases(args.model) if args.unseen_only else set()
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
         ref = reference(source, case, folder)
         labels = draft(folder / f"{case}_image.mha", args.drafts, args.model)
         image = read_volume(folder / f"{case}_image.mha")  # as the CLI: S1 outlined from it where not drafted
-        named = name_levels(labels, starter, allow_reslice=True, image=image)
+        named = name_levels(labels, schema, allow_reslice=True, image=image)
         scored = {DISC} if source in ("IVD", "SP") else {BODY}
         row = {"source": source, "case": case, "tuning": case in tuning, **score_case(ref, named, scored),
                "confidence": named.confidence, "flags": [f["code"] for f in named.flags],
