@@ -373,6 +373,9 @@ def test_a_drafted_sacrum_anchors_the_names():
     result = name_levels(Volume(missed, spacing=vol.spacing), SPINE6)
     assert _names(result)[-2:] == ["L5", "S1"]
     assert [f["code"] for f in result.flags] == ["sacrum_anchor", "missing_disc"]
+    thin, expected = spine(low_disc_fraction=0.42)  # a thin L5-S1 right above the sacrum: or the S1-S2 remnant?
+    result = name_levels(_with_sacrum(thin), SPINE6)
+    assert _names(result) == expected and [f["level"] for f in _anchor_flags(result)] == ["L5-S1"]
     tiny = np.asarray(_with_sacrum(vol).array).copy()
     tiny[tiny == SPINE6["sacrum"].value] = 0
     tiny[2:4, 30:33, 3:5] = SPINE6["sacrum"].value  # a stray speck of sacrum: ignored

@@ -387,11 +387,13 @@ def _post_checks(named, flags, voxel_mm3, full_bottom: bool, sacrum: bool = Fals
     _check_anchor(named, flags, full_bottom)
     _check_spacing(named, flags)
     _check_anatomy(named, flags, voxel_mm3)
-    if not full_bottom and not sacrum:  # a drafted sacrum settles the bottom of the count
+    if not full_bottom:
         from LumbarSegmentLib.spine.anchor_checks import anchor_doubts
 
         for level, detail in anchor_doubts(named):
-            _flag(flags, "anchor", level, detail)
+            # a drafted sacrum settles S1; a small lowest disc may still be the S1-S2 remnant above it
+            if not sacrum or level == "L5-S1":
+                _flag(flags, "anchor", level, detail)
 
 
 def _with_sacrum(stack, schema, spacing, voxel_mm3: float, pieces: list[Piece]):

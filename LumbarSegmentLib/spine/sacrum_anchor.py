@@ -14,6 +14,10 @@ sacrum's top is L5-S1. What this module decides, on pieces already placed along 
 * S1 = those bodies and the sacrum's voxels down to one typical body length below its top (the
   sources outline S1, not the whole sacrum).
 
+One reading stays open and is flagged, not decided (``levels``): a small lowest disc right above
+the sacrum may be a thin L5-S1 or the S1-S2 remnant under an S1 the model drew as a body (seen in
+3D T2 SPACE drafts); the disc check of :mod:`anchor_checks` still runs for it.
+
 Without a drafted sacrum, or one too small to be a sacrum, nothing changes.
 """
 from __future__ import annotations
