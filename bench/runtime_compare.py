@@ -94,7 +94,8 @@ def child(image: str, precision: str, runtime: str, threads: int, extra: dict | 
 
     from LumbarSegmentLib.inference.runtime_choice import machine_runtime
 
-    volume, packages = read_volume(image), resolve_models(None, "fast")
+    extra = dict(extra or {})
+    volume, packages = read_volume(image), resolve_models(extra.pop("model", None), "fast")
     if runtime == "auto" and precision in ("auto", "fp32"):  # as the command decides (runtime_choice)
         runtime = machine_runtime()
     opts = SegmentOptions(device="cpu", precision=precision, runtime=runtime, threads=threads, **(extra or {}))
@@ -124,7 +125,9 @@ def cold_runs(image: Path, out: Path, config: tuple, env: dict, threads: int, re
     from LumbarSegmentLib.inference.options import SegmentOptions
 
     _, isa, precision, runtime, extra = _unpack(config)
-    flags = ["--precision", precision, "--runtime", runtime, *SegmentOptions(**extra).to_argv()]
+    model = extra.pop("model", None)
+    flags = ["--precision", precision, "--runtime", runtime, *SegmentOptions(**extra).to_argv(),
+             *(["--model", model] if model else [])]
     runs = [run_command(image, out, isa, flags, env, threads)
             for _ in range(max(1, repeats))]
     median = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
@@ -235,6 +238,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1, help="cold commands per configuration (the median is kept)")
     p.add_argument("--tag", default="")
+    p.add_argument("--model", default=None, help="the model every configuration runs (default: the default model)")
     a = p.parse_args(argv)
     if a.child:
         child(*a.child, a.threads, json.loads(a.child_options))
@@ -252,6 +256,8 @@ def main(argv=None) -> int:
     if a.configs:
         by_name = {c[0]: c for c in CONFIGS}
         configs = [by_name[n.strip()] for n in a.configs.split(",") if n.strip()]
+    if a.model:
+        configs = [(*c[:4], {**_unpack(c)[4], "model": a.model}) for c in configs]
     env = {**os.environ, "LUMBARSEG_HOME": str(work / "home"), "LUMBARSEG_CACHE": str(work / "cache"),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     probe = subprocess.run([sys.executable, "-c", _CONV_PROBE], env={**env, **AVX2_ENV}, capture_output=True, text=True)
