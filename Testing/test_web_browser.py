@@ -191,11 +191,16 @@ def test_upload_segment_paint_erase_undo_export(page, server):
 
     page.click(f"tr[data-testid=segment-{sid}] td:nth-child(2)")
     page.click("[data-testid=tool-paint]")
+    page.wait_for_timeout(500)  # as after the eraser below: the tool switch first, then the drag
     _stroke(page, 0.25, 0.40, 0.45)  # soft tissue anterior to the spine: all new voxels
     painted = _wait_voxels(page, sid, lambda n: n > drafted + 50, "paint")
     _shot(page, "03_painted.png")
 
     page.click("[data-testid=tool-erase]")
+    # the tool switch is a call to the server and the stroke reaches the view through the remote-view
+    # channel: under a loaded CI machine the first drag could arrive before the switch. A person takes
+    # far longer than this between the two; without the pause the test measured a race, not the eraser
+    page.wait_for_timeout(500)
     _stroke(page, 0.25, 0.40, 0.45)
     erased = _wait_voxels(page, sid, lambda n: n < painted - 50, "erase")
     assert erased >= drafted - 50  # the stroke ran outside the drafted bodies
