@@ -58,7 +58,7 @@ def test_draft_runtime_per_machine(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(runtime_choice, "gpu_present", lambda: False)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "openvino" else real(name))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in ("openvino", "onnx") else real(name))
     for bf16 in (False, True):
         monkeypatch.setattr(ov_runner, "cpu_has_bf16", lambda: bf16)
         assert worker_mod.draft_runtime("auto") == "openvino"
@@ -67,11 +67,12 @@ def test_draft_runtime_per_machine(monkeypatch):
     assert worker_mod.draft_runtime("auto") == "torch"
     assert worker_mod.draft_runtime("openvino") == "openvino"
     monkeypatch.setattr(runtime_choice, "gpu_present", lambda: False)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name))
-    assert worker_mod.draft_runtime("auto") == "torch"
+    for absent in ("openvino", "onnx"):  # no OpenVINO, or no exporter to convert the network with
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == absent else real(name))
+        assert worker_mod.draft_runtime("auto") == "torch"
 
 
-def test_a_gpu_or_reduced_precision_request_keeps_pytorch():
+def test_a_gpu_or_reduced_precision_request_keeps_pytorch(monkeypatch):
     """auto takes the machine's runtime only for requests OpenVINO serves as asked (CPU, float32/auto), in
     the command and in the worker alike; int8 stays auto (the engine's: OpenVINO); explicit stays."""
     from LumbarSegmentLib.cli.main import build_parser
@@ -83,7 +84,12 @@ def test_a_gpu_or_reduced_precision_request_keeps_pytorch():
     assert plain_cpu(args())
     assert plain_cpu(args("--device", "cpu", "--precision", "fp32"))
     assert not plain_cpu(args("--device", "cuda"))
-    assert not plain_cpu(args("--precision", "bf16"))
+    from LumbarSegmentLib.inference import openvino_runner as ov_runner
+
+    monkeypatch.setattr(ov_runner, "cpu_has_bf16", lambda: True)
+    assert plain_cpu(args("--precision", "bf16"))  # OpenVINO computes bf16 where the CPU has it
+    monkeypatch.setattr(ov_runner, "cpu_has_bf16", lambda: False)
+    assert not plain_cpu(args("--precision", "bf16"))  # elsewhere PyTorch takes (or refuses) it
     assert not plain_cpu(args("--bn-adapt", "0.5"))
     for extra, machine, want in [((), "openvino", "openvino"), ((), "torch", "torch"),
                                  (("--precision", "bf16"), "openvino", "torch"),

@@ -41,14 +41,22 @@ def machine_runtime(requested: str = "auto") -> str:
         return requested
     from importlib.util import find_spec
 
-    return "torch" if find_spec("openvino") is None or gpu_present() else "openvino"
+    # the graph is converted through ONNX (PyTorch's exporter needs the onnx package) the first time
+    missing = find_spec("openvino") is None or find_spec("onnx") is None
+    return "torch" if missing or gpu_present() else "openvino"
 
 
 def plain_cpu(args) -> bool:
     """Whether a request (parsed ``segment`` arguments) is one OpenVINO serves as asked: on the CPU, in
-    float32 or the automatic precision, the weights as stored. Anything else stays with PyTorch."""
-    return (args.device in ("auto", "cpu") and args.precision in ("auto", "fp32")
-            and not getattr(args, "bn_adapt", 0))
+    float32, the automatic precision or bf16 on a CPU with bf16 arithmetic, the weights as stored.
+    Anything else stays with PyTorch."""
+    if args.device not in ("auto", "cpu") or getattr(args, "bn_adapt", 0):
+        return False
+    if args.precision == "bf16":
+        from LumbarSegmentLib.inference.openvino_runner import cpu_has_bf16
+
+        return cpu_has_bf16()
+    return args.precision in ("auto", "fp32")
 
 
 def resolve_auto_runtime(args, machine: str | None = None) -> None:
