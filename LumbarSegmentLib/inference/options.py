@@ -183,7 +183,8 @@ class SegmentOptions:
     runtime: str = _opt("auto", Option(
         "--runtime", "what computes the network: torch (PyTorch), onnx (ONNX Runtime, CPU float32; needs the "
         "onnxruntime package), openvino (OpenVINO, CPU; float32, bf16 or int8 as --precision says; needs the openvino "
-        "package), auto = OpenVINO where no GPU is present and OpenVINO is installed (no PyTorch import, faster), "
+        "package), auto = OpenVINO where no GPU is present and OpenVINO and onnx are installed (no PyTorch import, "
+        "faster), "
         "else torch (docs/benchmarks.md compares them)", choices=RUNTIMES,
         use=f"unknown runtime; choose one of {', '.join(RUNTIMES)}"))
     batch_size: int | None = _opt(None, Option(
