@@ -41,3 +41,20 @@ def test_flop_count_matches_the_model_table():
     one = bench.model_forward_flops(arch, (1, 1, 256, 256))
     assert abs(one / 1e9 - measure(arch, 256)["gflops"]) < 1e-6
     assert abs(bench.model_forward_flops(arch, (3, 1, 256, 256)) - 3 * one) < 1e-3 * one
+
+
+def test_gpu_check_runs_its_cpu_rows_from_a_carried_stack(tmp_path):
+    """``bench/gpu_check.py`` (the prepared script for a lent GPU) reads its stack from an ``.npz`` and,
+    without a GPU, measures the CPU row and writes both reports."""
+    import numpy as np
+
+    gpu = load_script(BENCH.parent / "gpu_check.py", "lumbarseg_gpu_check")
+    rng = np.random.default_rng(0)
+    stack = tmp_path / "stack.npz"
+    np.savez_compressed(stack, array=rng.integers(0, 400, (64, 64, 3)).astype(np.int16),
+                        spacing=np.array([4.0, 1.0, 1.0]), origin=np.zeros(3), direction=np.eye(3))
+    assert gpu.main(["--stack", str(stack), "--out", str(tmp_path / "out"), "--devices", "cpu", "--warm", "1"]) == 0
+    res = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    (row,) = res["rows"]
+    assert row["device"] == "cpu" and row["first_s"] > 0 and row["warm_median_s"] > 0
+    assert row["voxels_differing_from_fp32"] == 0 and "| cpu |" in (tmp_path / "out" / "gpu_check.md").read_text()
