@@ -92,9 +92,8 @@ class HostRunner:
         self.device = CPU
         self.dtype = {"bf16": "bfloat16", "int8": "int8"}.get(precision)  # the report's name for the precision
         self.batch = self.group = options.batch_size or cpu_batch(slices, spec, options)
-        key = spec.graph_key or spec.sha256  # weights and architecture (runners.graph_key)
-        self.runtime = choose_runtime(options.runtime, "cpu", self.dtype, key, options.bn_adapt)
-        self.onnx = external_model(self.runtime, None, key, options.threads,
+        self.runtime = choose_runtime(options.runtime, "cpu", self.dtype, spec.graph_key, options.bn_adapt)
+        self.onnx = external_model(self.runtime, None, spec.graph_key, options.threads,
                                    load=partial(_network, spec.package), precision=precision,
                                    calibration=partial(calibration_windows, spec))
 

@@ -89,7 +89,7 @@ def cache_dir() -> Path:
 
 def choose_runtime(requested: str, device_type: str, dtype, sha256: str | None, bn_adapt: float) -> str:
     """``torch``, ``onnx`` or ``openvino`` for one model; ``auto`` keeps PyTorch here, the one runtime that
-    runs every option (the command and the worker turn ``auto`` into OpenVINO first on a CPU without bf16:
+    runs every option (the command and the worker turn ``auto`` into OpenVINO first where no GPU is present:
     :mod:`inference.runtime_choice`).
 
     ``onnx`` and ``openvino`` are refused, with what to do instead, where they cannot run the request as asked.

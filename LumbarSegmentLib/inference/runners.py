@@ -56,7 +56,9 @@ class LoadedModel:
     owned: bool = False  # True: the engine may rewrite ``module`` in place (nobody else holds it)
     guidance: object = None  # core.guidance.GuidanceSpec of a click-guided model (its click maps follow the image)
     package: object = None  # the ModelPackage of a model read lazily: ``module`` stays None until it is needed
-    graph_key: str | None = None  # cache key of its converted graph (weights + architecture): :func:`graph_key`
+    # cache key of its converted graph (weights + architecture: :func:`graph_key`); None: a network held in
+    # memory, exported for this run only and never cached
+    graph_key: str | None = None
 
     @property
     def image_channels(self) -> int:
@@ -198,13 +200,12 @@ class Runner:
         # the runtime is chosen (or refused) before any BatchNorm adaptation pass: a refusal costs no work
         precision = "int8" if options.precision == "int8" else "bf16" if self.dtype is not None else "fp32"
         self.runtime = choose_runtime(options.runtime, self.device.type, "int8" if precision == "int8" else self.dtype,
-                                      spec.graph_key or spec.sha256, options.bn_adapt)
+                                      spec.graph_key, options.bn_adapt)
         if adapt:
             self._adapt(slices)
             self.model = inference_graph(self.model)
             self._place(device)
-        self.onnx = external_model(self.runtime, self.model, spec.graph_key or spec.sha256, options.threads,
-                                   precision=precision,
+        self.onnx = external_model(self.runtime, self.model, spec.graph_key, options.threads, precision=precision,
                                    calibration=partial(calibration_windows, spec))
 
     def _adapt(self, slices):

@@ -50,13 +50,19 @@ def plain_cpu(args) -> bool:
     """Whether a request (parsed ``segment`` arguments) is one OpenVINO serves as asked: on the CPU, in
     float32, the automatic precision or bf16 on a CPU with bf16 arithmetic, the weights as stored.
     Anything else stays with PyTorch."""
-    if args.device not in ("auto", "cpu") or getattr(args, "bn_adapt", 0):
+    from dataclasses import replace
+
+    from LumbarSegmentLib.inference.host_runner import runs_without_torch
+    from LumbarSegmentLib.inference.options import SegmentOptions
+
+    asked = replace(SegmentOptions.from_namespace(args), runtime="openvino")
+    if not runs_without_torch([], asked):  # the engine's own test of what OpenVINO serves without PyTorch
         return False
-    if args.precision == "bf16":
+    if asked.precision == "bf16":  # OpenVINO refuses bf16 on a CPU without it; PyTorch takes (or refuses) it
         from LumbarSegmentLib.inference.openvino_runner import cpu_has_bf16
 
         return cpu_has_bf16()
-    return args.precision in ("auto", "fp32")
+    return True
 
 
 def resolve_auto_runtime(args, machine: str | None = None) -> None:

@@ -408,12 +408,15 @@ def _with_sacrum(stack, schema, spacing, voxel_mm3: float, pieces: list[Piece]):
     if not found:
         return pieces, None
     sac = max(found, key=lambda p: p.mask_index.size)
-    curve = SpineCurve(pieces, voxel_mm3)
-    _measure(pieces + [sac], curve, stack.shape, spacing)
-    distance = curve.locate(sac.centroid)[1]
-    if (sac.mask_index.size < MIN_SACRUM_FRACTION * np.median([b.mask_index.size for b in bodies])
-            or distance > 2 * MAX_CURVE_DISTANCE_MM or sac.t <= np.median([b.t for b in bodies])):
+    if sac.mask_index.size < MIN_SACRUM_FRACTION * np.median([b.mask_index.size for b in bodies]):
         return pieces, None
+    curve = SpineCurve(pieces, voxel_mm3)
+    sac.t, distance = curve.locate(sac.centroid)
+    # the pieces are placed anew on this curve only once the sacrum is taken: a draft whose sacrum is not
+    # used is named exactly as a two-class draft
+    if distance > 2 * MAX_CURVE_DISTANCE_MM or sac.t <= np.median([curve.locate(b.centroid)[0] for b in bodies]):
+        return pieces, None
+    _measure(pieces + [sac], curve, stack.shape, spacing)
     ends = {id(b): b.t + float(np.percentile(_along(b, curve, stack.shape, spacing), 95)) for b in bodies}
     t_sac = sac.t + _along(sac, curve, stack.shape, spacing)
     typical = float(np.median([b.length for b in bodies]))

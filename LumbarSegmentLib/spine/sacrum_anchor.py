@@ -22,6 +22,8 @@ Without a drafted sacrum, or one too small to be a sacrum, nothing changes.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from LumbarSegmentLib.spine.level_names import BODY, DISC
@@ -56,8 +58,6 @@ def anchor_on_sacrum(pieces: list, sacrum, t_sacrum: np.ndarray, ends: dict, typ
     index = np.unique(np.concatenate([upper] + [p.mask_index for p in s1_parts]))
     shape, spacing = grid
     centroid = np.stack(np.unravel_index(index, shape), axis=1).mean(0) * np.asarray(spacing, float)
-    s1 = type(sacrum)(BODY, index, centroid)
-    s1.t = top + 0.5 * max(typical_mm, 10.0)
-    s1.length = max(typical_mm, 10.0)
-    s1.edge = getattr(sacrum, "edge", False)
+    height = max(typical_mm, 10.0)
+    s1 = replace(sacrum, structure=BODY, mask_index=index, centroid=centroid, t=top + 0.5 * height, length=height)
     return keep + [s1], s1
