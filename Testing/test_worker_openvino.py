@@ -76,29 +76,28 @@ def test_a_gpu_or_reduced_precision_request_keeps_pytorch(monkeypatch):
     """auto takes the machine's runtime only for requests OpenVINO serves as asked (CPU, float32/auto), in
     the command and in the worker alike; int8 stays auto (the engine's: OpenVINO); explicit stays."""
     from LumbarSegmentLib.cli.main import build_parser
-    from LumbarSegmentLib.inference.runtime_choice import plain_cpu, resolve_auto_runtime
+    from LumbarSegmentLib.inference.runtime_choice import auto_runtime, openvino_serves
 
     def args(*extra):
-        return build_parser().parse_args(["segment", "in.nii.gz", "-o", "o.nii.gz", *extra])
+        return SegmentOptions.from_namespace(build_parser().parse_args(["segment", "in.nii.gz", "-o", "o.nii.gz",
+                                                                        *extra]))
 
-    assert plain_cpu(args())
-    assert plain_cpu(args("--device", "cpu", "--precision", "fp32"))
-    assert not plain_cpu(args("--device", "cuda"))
+    assert openvino_serves(args())
+    assert openvino_serves(args("--device", "cpu", "--precision", "fp32"))
+    assert not openvino_serves(args("--device", "cuda"))
     from LumbarSegmentLib.inference import openvino_runner as ov_runner
 
     monkeypatch.setattr(ov_runner, "cpu_has_bf16", lambda: True)
-    assert plain_cpu(args("--precision", "bf16"))  # OpenVINO computes bf16 where the CPU has it
+    assert openvino_serves(args("--precision", "bf16"))  # OpenVINO computes bf16 where the CPU has it
     monkeypatch.setattr(ov_runner, "cpu_has_bf16", lambda: False)
-    assert not plain_cpu(args("--precision", "bf16"))  # elsewhere PyTorch takes (or refuses) it
-    assert not plain_cpu(args("--bn-adapt", "0.5"))
+    assert not openvino_serves(args("--precision", "bf16"))  # elsewhere PyTorch takes (or refuses) it
+    assert not openvino_serves(args("--bn-adapt", "0.5"))
     for extra, machine, want in [((), "openvino", "openvino"), ((), "torch", "torch"),
                                  (("--precision", "bf16"), "openvino", "torch"),
                                  (("--bn-adapt", "0.5"), "openvino", "torch"),
                                  (("--precision", "int8"), "torch", "auto"),
                                  (("--runtime", "onnx"), "openvino", "onnx")]:
-        a = args(*extra)
-        resolve_auto_runtime(a, machine)
-        assert a.runtime == want, (extra, machine)
+        assert auto_runtime(args(*extra), machine) == want, (extra, machine)
 
 
 def test_openvino_bf16_is_refused_on_a_cpu_without_it(tiny_package, small_real_volume, tmp_path, monkeypatch,

@@ -92,13 +92,11 @@ def child(image: str, precision: str, runtime: str, threads: int, extra: dict | 
     from LumbarSegmentLib.formats.io import read_volume
     from LumbarSegmentLib.inference.engine import SegmentOptions, segment_volume
 
-    from LumbarSegmentLib.inference.runtime_choice import resolve_auto_runtime
+    from LumbarSegmentLib.inference.runtime_choice import auto_runtime
 
     extra = dict(extra or {})
     volume, packages = read_volume(image), resolve_models(extra.pop("model", None), "fast")
-    asked = argparse.Namespace(device="cpu", precision=precision, runtime=runtime)
-    resolve_auto_runtime(asked)  # as the command decides
-    runtime = asked.runtime
+    runtime = auto_runtime(SegmentOptions(device="cpu", precision=precision, runtime=runtime))  # as the command
     opts = SegmentOptions(device="cpu", precision=precision, runtime=runtime, threads=threads, **(extra or {}))
     out = {}
     for run in ("first", "warm"):

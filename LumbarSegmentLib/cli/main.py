@@ -216,10 +216,11 @@ def cmd_segment(args, resolve=None) -> int:
     from LumbarSegmentLib.formats.io import volume_suffix
     from LumbarSegmentLib.cli.outputs import check_input_folders
     from LumbarSegmentLib.inference.options import SegmentOptions
-    from LumbarSegmentLib.inference.runtime_choice import resolve_auto_runtime
+    from LumbarSegmentLib.inference.runtime_choice import auto_runtime
 
-    SegmentOptions.from_namespace(args)  # refused before any work (a Namespace built by a caller, not argparse)
-    resolve_auto_runtime(args)  # auto: OpenVINO without a GPU (where installed), else PyTorch
+    # refused before any work (a Namespace built by a caller, not argparse); then auto becomes the runtime
+    # that will run: OpenVINO without a GPU (where installed), else PyTorch
+    args.runtime = auto_runtime(SegmentOptions.from_namespace(args))
     if not str(args.output).strip():
         raise ValueError("-o/--output is empty; give a label-map file name (one input) or a folder (several)")
     out_folders = [Path(v) for v in (args.output, args.seg_nrrd, args.preview, args.confidence,

@@ -132,12 +132,13 @@ def warm_up(cache: ModelCache, refs: str | None, runtime: str = "torch", threads
 def run_request(req: dict, cache: ModelCache, runtime: str = "torch") -> dict:
     """One request: the ``segment`` command with cached models; returns the closing event's fields.
     ``runtime``: what a request that leaves ``--runtime`` at ``auto`` runs on (:func:`draft_runtime`)."""
+    from dataclasses import replace
     from functools import partial
 
     from LumbarSegmentLib.cli.main import build_parser, cmd_segment, one_line
     from LumbarSegmentLib.inference.host_runner import runs_without_torch
     from LumbarSegmentLib.inference.options import SegmentOptions
-    from LumbarSegmentLib.inference.runtime_choice import resolve_auto_runtime
+    from LumbarSegmentLib.inference.runtime_choice import auto_runtime
 
     job = str(req.get("job", ""))
     argv = req.get("argv")
@@ -148,8 +149,9 @@ def run_request(req: dict, cache: ModelCache, runtime: str = "torch") -> dict:
     except SystemExit:  # argparse printed its usage line to stderr (the worker's log)
         return {"event": ERROR, "job": job, "message": "the segment command in the request is not valid"}
     try:
-        resolve_auto_runtime(args, runtime)  # the worker's draft runtime, by the command's own rule
-        host = runs_without_torch([], SegmentOptions.from_namespace(args))
+        options = SegmentOptions.from_namespace(args)
+        args.runtime = auto_runtime(options, runtime)  # the worker's draft runtime, by the command's own rule
+        host = runs_without_torch([], replace(options, runtime=args.runtime))
         cmd_segment(args, resolve=partial(cache.resolve, host=host))
     except (ValueError, OSError, RuntimeError, MemoryError) as exc:
         return {"event": ERROR, "job": job, "message": one_line(exc)}

@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the options class only as a type: this module is read before the engine is imported
+    from LumbarSegmentLib.inference.options import SegmentOptions
 
 
 def gpu_present() -> bool:
@@ -46,16 +50,14 @@ def machine_runtime(requested: str = "auto") -> str:
     return "torch" if missing or gpu_present() else "openvino"
 
 
-def plain_cpu(args) -> bool:
-    """Whether a request (parsed ``segment`` arguments) is one OpenVINO serves as asked: on the CPU, in
-    float32, the automatic precision or bf16 on a CPU with bf16 arithmetic, the weights as stored.
-    Anything else stays with PyTorch."""
+def openvino_serves(options: SegmentOptions) -> bool:
+    """Whether OpenVINO serves a request as asked: on the CPU, in float32, the automatic precision or
+    bf16 on a CPU with bf16 arithmetic, the weights as stored. Anything else stays with PyTorch."""
     from dataclasses import replace
 
     from LumbarSegmentLib.inference.host_runner import runs_without_torch
-    from LumbarSegmentLib.inference.options import SegmentOptions
 
-    asked = replace(SegmentOptions.from_namespace(args), runtime="openvino")
+    asked = replace(options, runtime="openvino")
     if not runs_without_torch([], asked):  # the engine's own test of what OpenVINO serves without PyTorch
         return False
     if asked.precision == "bf16":  # OpenVINO refuses bf16 on a CPU without it; PyTorch takes (or refuses) it
@@ -65,10 +67,10 @@ def plain_cpu(args) -> bool:
     return True
 
 
-def resolve_auto_runtime(args, machine: str | None = None) -> None:
-    """Turn ``args.runtime == "auto"`` into the runtime that will run (in place): ``machine`` (default:
-    :func:`machine_runtime`) for a plain CPU request, else PyTorch. An explicit runtime is left alone, and
-    so is ``auto`` with ``--precision int8`` (a quantised network: OpenVINO's alone, the engine's choice)."""
-    if getattr(args, "runtime", "auto") != "auto" or getattr(args, "precision", "auto") == "int8":
-        return
-    args.runtime = (machine or machine_runtime("auto")) if plain_cpu(args) else "torch"
+def auto_runtime(options: SegmentOptions, machine: str | None = None) -> str:
+    """The runtime a request will run on: ``machine`` (default: :func:`machine_runtime`) for ``auto`` where
+    OpenVINO serves the request as asked, else PyTorch. An explicit runtime stays, and so does ``auto``
+    with ``--precision int8`` (a quantised network: OpenVINO's alone, the engine's choice)."""
+    if options.runtime != "auto" or options.precision == "int8":
+        return options.runtime
+    return (machine or machine_runtime("auto")) if openvino_serves(options) else "torch"
