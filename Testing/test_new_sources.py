@@ -35,6 +35,38 @@ def test_spider_like_case_union_and_sure_background_above_the_lowest_disc():
     assert (t[8:][lab[8:] == 0] == SURE_BACKGROUND).all()  # above it: background for sure
 
 
+def _identity(lab):
+    from LumbarSegmentLib.core.geometry import sagittal_layout
+    from LumbarSegmentLib.core.volume import Volume
+
+    return sagittal_layout(Volume(lab, spacing=(1.0, 1.0, 1.0)))
+
+
+def test_whole_vertebra_is_split_at_the_canal_when_the_layout_is_given():
+    """Body for sure in front of the canal's anterior wall, posterior elements behind it, the union in
+    a band around it; lateral slices without canal borrow the wall of the others, and so do rows within
+    reach of one with canal; a vertebra far from any canal keeps the union."""
+    lab = np.zeros((60, 30, 3), np.uint8)  # [z, y, x], y = anterior -> posterior, 1 mm
+    lab[10:40, 2:24] = 1                   # a vertebra as deep as the canal, every slice
+    lab[40:60, 2:10] = 1                   # above: body only; rows 52-59 have no canal
+    lab[10:52, 12:16, 1] = 3               # the canal, mid slice only: anterior wall at y = 12
+    case = _case({1: "vertebra", 3: "spinal_canal"}, ["vertebra", "spinal_canal"])
+    body, pe = CH["vertebral_body"], CH["posterior_elements"]
+    union = set_code([body, pe])
+    t_plain, _ = case_target(case, lab, SPINE)
+    assert (t_plain[lab == 1] == union).all()  # without the layout: the union, as drawn
+    t, _ = case_target(case, lab, SPINE, layout=_identity(lab))
+    assert (t[10:60, 2:10] == body).all()                          # in front, every slice and row
+    assert (t[10:40, 16:24] == pe).all()                           # behind, lateral slices too
+    assert (t[10:40, 10:15, 0] == union).all() and (t[10:40, 10:12, 1] == union).all()  # the band
+    assert (t[lab == 3] == CH["spinal_canal"]).all()
+    far = np.zeros_like(lab)
+    far[0:10, 12:16, 1] = 3
+    far[35:60, 2:24] = 1                   # 25+ mm above the canal's top row
+    t_far, _ = case_target(case, far, SPINE, layout=_identity(far))
+    assert (t_far[far == 1] == union).all()
+
+
 def test_vb1_lowest_instance_is_sacrum_and_sacrum_stays_unannotated():
     lab = np.zeros((30, 4, 2), np.uint8)
     lab[20:25] = 3

@@ -25,7 +25,12 @@ Set codes need ``K <= 7`` channels (bits 0..6). What each source teaches (the da
   there the sacrum is known (S1 or not sacrum) and the case annotates it; without such a range the
   lower segments are unlabelled and label 0 may still be sacrum, so it does not;
 * a case that labels vertebrae as unions and discs but not the sacrum (SPIDER): its label 0 is pure
-  background above the top of the lowest disc (L5/S1); below it the marginal loss lets it be sacrum.
+  background above the top of the lowest disc (L5/S1); below it the marginal loss lets it be sacrum;
+* a whole-vertebra union in a case that also labels the spinal canal (SPIDER) is split at the canal's
+  anterior wall when the caller gives the volume's layout (:func:`split_vertebra_at_canal`): what lies
+  behind the wall is posterior elements for sure, what lies in front of it vertebral body for sure, a
+  band of ``SPLIT_BAND_MM`` either side stays the union. Without it no source teaches posterior elements
+  for sure, and a model satisfies the union by drawing every vertebra pixel as body.
 """
 from __future__ import annotations
 
@@ -44,6 +49,10 @@ MAX_SET_CHANNELS = 7
 SURE_BACKGROUND = SET_FLAG | 1
 #: the case sources whose lowest labelled vertebral-body instance is S1 (the data README)
 LOWEST_IS_S1 = ("VB1",)
+#: half width (mm) of the band around the canal's anterior wall that stays "body or posterior elements"
+SPLIT_BAND_MM = 2.0
+#: how far (mm, superior-inferior) the wall of the nearest row with canal is carried to rows without it
+SPLIT_REACH_MM = 15.0
 
 
 def set_code(channels) -> int:
@@ -95,10 +104,13 @@ def lowest_instance(labels: np.ndarray, values) -> int | None:
     return best
 
 
-def case_target(case, label: np.ndarray, schema: LabelSchema, source: str = "") -> tuple[np.ndarray, tuple[str, ...]]:
+def case_target(case, label: np.ndarray, schema: LabelSchema, source: str = "",
+                layout=None) -> tuple[np.ndarray, tuple[str, ...]]:
     """``(target codes uint8 [z,y,x], structures annotated in the schema)`` for one case (module doc).
 
     Structures the schema neither has nor forms as a union stay background, as before (logged).
+    ``layout`` (the label volume's ``core.geometry.SagittalLayout``) turns on the split of a whole-vertebra
+    union at the spinal canal; scoring leaves it off so the truth stays what the annotators drew.
     """
     label = np.asarray(label)
     out = np.zeros(label.shape, dtype=np.uint8)
@@ -124,6 +136,8 @@ def case_target(case, label: np.ndarray, schema: LabelSchema, source: str = "") 
         else:
             continue
         out[label == int(value)] = code
+    if layout is not None:
+        split_vertebra_at_canal(out, schema, layout)
     if source in LOWEST_IS_S1:
         _lowest_body_is_s1(case, label, out, schema)
     if "labels_complete_z_range" in case.extra:
@@ -155,3 +169,47 @@ def _lowest_body_is_s1(case, label: np.ndarray, out: np.ndarray, schema: LabelSc
     if s1 is None:
         return
     out[label == s1] = schema.channel_of()["sacrum"] if "sacrum" in schema else IGNORE_INDEX
+
+
+def _anterior_wall(canal: np.ndarray, reach: int) -> np.ndarray:
+    """Per canonical row: the median over slices of the canal's first column (NaN where unknown)."""
+    s, r, c = canal.shape
+    first = np.where(canal.any(axis=2), canal.argmax(axis=2), -1).astype(float)  # [s, r]
+    first[first < 0] = np.nan
+    known = ~np.isnan(first).all(axis=0)
+    wall = np.full(r, np.nan)
+    if not known.any():
+        return wall
+    wall[known] = np.nanmedian(first[:, known], axis=0)
+    rows = np.nonzero(known)[0]
+    near = np.abs(np.arange(r)[:, None] - rows[None, :]).min(axis=1) <= reach
+    wall[near & ~known] = np.interp(np.nonzero(near & ~known)[0], rows, wall[rows])
+    return wall
+
+
+def split_vertebra_at_canal(out: np.ndarray, schema: LabelSchema, layout) -> None:
+    """Split the whole-vertebra union of ``out`` (in place) at the spinal canal's anterior wall (module doc).
+
+    Anatomy, not a learned rule: the vertebral body lies in front of the canal and every posterior
+    element (pedicles, laminae, processes) at or behind its anterior wall. The wall of each
+    superior-inferior row is the median over slices of the canal's most anterior voxel, so lateral
+    slices that cut no canal still get one; rows far from any canal keep the union.
+    """
+    ch = schema.channel_of()
+    if not {"vertebral_body", "posterior_elements", "spinal_canal"} <= set(ch):
+        return
+    union = set_code((ch["vertebral_body"], ch["posterior_elements"]))
+    canon = np.array(layout.to_canonical(out))  # [s, r, c]; c grows toward posterior
+    vert = canon == union
+    canal = canon == ch["spinal_canal"]
+    if not vert.any() or not canal.any():
+        return
+    row_mm, col_mm = layout.spacing_src[1], layout.spacing_src[2]
+    wall = _anterior_wall(canal, int(round(SPLIT_REACH_MM / row_mm)))
+    band = SPLIT_BAND_MM / col_mm
+    cols = np.arange(canon.shape[2])[None, None, :]
+    w = wall[None, :, None]
+    with np.errstate(invalid="ignore"):
+        canon[vert & (cols < w - band)] = ch["vertebral_body"]
+        canon[vert & (cols > w + band)] = ch["posterior_elements"]
+    out[...] = layout.from_canonical(canon)
