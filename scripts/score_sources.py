@@ -163,6 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--runtime", default="auto", help="what computes the network (as lumbarseg segment --runtime)")
     p.add_argument("--precision", default="auto", help="arithmetic (as lumbarseg segment --precision): score a "
                    "reduced precision against fp32 before offering it")
+    p.add_argument("--mode", default="fast", choices=("fast", "tta"), help="as lumbarseg segment --mode (tta: "
+                   "also the anterior-posterior flip, twice the network time)")
     p.add_argument("--roi", action="store_true", help="segment inside a box around the spine (as lumbarseg "
                    "segment --roi): score it against the whole plane before offering it")
     p.add_argument("--slice-step", type=int, default=1, help="run the network on every Nth thin slice (as lumbarseg "
@@ -172,7 +174,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     regs = [Registry(a.registry, read_only=True)]
     models = {ref: resolve_model(ref, regs) for ref in a.models.split(",") if ref}
-    options = eval_options(device="cpu", mode="fast", runtime=a.runtime, precision=a.precision, threads=a.threads,
+    options = eval_options(device="cpu", mode=a.mode, runtime=a.runtime, precision=a.precision, threads=a.threads,
                            roi=a.roi, slice_step=a.slice_step)
     t0 = time.time()
     res = score(models, a.sources.split(","), a.split, Path(a.data), options, a.thick_slab, a.limit)
