@@ -131,6 +131,11 @@ def test_class_weight_scales_only_the_pixels_labelled_with_that_class():
     logp = torch.log_softmax(logits, 1)
     extra = float(-(logp[0, 2, 0, :2]).sum()) * 2 / 16  # the two class-2 pixels count 3x instead of 1x
     assert per_pixel[1] - per_pixel[0] == pytest.approx(extra, rel=1e-5)
+    # background for sure (a one-class set) takes background's weight; plain label 0 does not
+    target[0, 3, :3] = set_code([0])
+    base = float(marginal_cross_entropy(logits, target))
+    heavy = float(marginal_cross_entropy(logits, target, class_weights=torch.tensor([2.0, 1.0, 1.0])))
+    assert heavy - base == pytest.approx(float(-(logp[0, 0, 3, :3]).sum()) / 16, rel=1e-5)
     schema = load_schema("spine6")
     w = class_weight_vector((("sacrum", 8.0),), schema)
     assert w[schema.channel_of()["sacrum"]] == 8 and float(w.sum()) == len(w) - 1 + 8

@@ -46,14 +46,15 @@ DEFAULT_DS_WEIGHTS = (0.5, 0.25, 0.125)
 
 def class_weight_vector(pairs, schema) -> torch.Tensor | None:
     """``((class id, weight), ...)`` -> a ``[K]`` weight per schema channel (1 elsewhere), or None when empty;
-    an id the schema lacks is refused with the ids it has."""
+    an id the schema lacks is refused with the ids it has. ``background`` weighs the voxels that are
+    background for sure (not the label-0 voxels that may be a class the case does not annotate)."""
     if not pairs:
         return None
     channel = schema.channel_of()
-    unknown = [cid for cid, _ in pairs if cid not in channel or channel[cid] == 0]
+    unknown = [cid for cid, _ in pairs if cid not in channel]
     if unknown:
         raise ValueError(f"--class-weight: schema {schema.name!r} has no class {', '.join(map(repr, unknown))}; "
-                         f"its classes are {', '.join(c for c in channel if channel[c])}")
+                         f"its classes are {', '.join(channel)}")
     w = torch.ones(len(channel))
     for cid, weight in pairs:
         w[channel[cid]] = float(weight)
@@ -77,7 +78,8 @@ def marginal_cross_entropy(logits: torch.Tensor, target: torch.Tensor, annotated
     pure marginal loss, w = 1 plain cross-entropy.
 
     ``class_weights`` (``[K]``, 1 = as is) scales the cost of the pixels labelled with each class for
-    sure; label-0 and set-code pixels keep weight 1. The mean is still over pixels, so a weight of 8
+    sure, a one-class set code (background for sure) included; label-0 pixels (background or an
+    unannotated class) and sets of several classes keep weight 1. The mean is still over pixels, so a weight of 8
     makes a rare class's pixels count as eight (the sacrum: one S1 per case against five bodies that
     look the same, docs/lab/spine6-sources.md).
     """
@@ -102,8 +104,11 @@ def marginal_cross_entropy(logits: torch.Tensor, target: torch.Tensor, annotated
         logp_set = torch.logsumexp(logp.masked_fill(~members, float("-inf")), dim=1)
         nll = torch.where(is_set, -logp_set.masked_fill(~is_set, 0.0), nll)
     if class_weights is not None:
-        w = class_weights.to(nll.device, nll.dtype)[t]
-        nll = nll * torch.where(is_set | (t == 0), torch.ones_like(w), w)
+        # a set of one class (e.g. background for sure) is that class for sure and takes its weight
+        single = is_set & (members.sum(1) == 1)
+        sure = torch.where(single, members.int().argmax(1), t)
+        w = class_weights.to(nll.device, nll.dtype)[sure]
+        nll = nll * torch.where((is_set & ~single) | (~is_set & (t == 0)), torch.ones_like(w), w)
     n = valid.sum()
     return (nll * valid).sum() / n.clamp(min=1)
 
