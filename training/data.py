@@ -34,7 +34,6 @@ from LumbarSegmentLib.dataset import cases as _cases
 from LumbarSegmentLib.dataset import dataset as _dataset
 from LumbarSegmentLib.inference import preprocess
 from LumbarSegmentLib.core.files import sha256_file
-from LumbarSegmentLib.core.geometry import sagittal_layout
 from LumbarSegmentLib.core.schema import LabelSchema, SchemaError, load_schema, remap_labels
 
 from .targets import IGNORE_INDEX, SURE_BACKGROUND, case_target  # 255 = "no information"; set codes: targets
@@ -118,8 +117,7 @@ def load_case_slices(case: _cases.Case, schema: LabelSchema | str, spacing_mm: S
     image, label = case.load()
     stack, layout, info = preprocess.model_slices(image, tuple(float(s) for s in spacing_mm))
     # training targets are channel indices (mapped by class id), set codes and unknowns (training.targets)
-    codes, structures = case_target(case, label.array, schema, case_source(case),
-                                    layout=sagittal_layout(label, allow_reslice=True))
+    codes, structures = case_target(case, label.array, schema, case_source(case), layout=layout)  # label on the image's grid
     if not structures:
         raise DataError(f"case {case.case_id} annotates none of the classes of schema {schema.name!r} "
                         f"(it annotates {case.annotated_structures})")

@@ -173,7 +173,7 @@ def _lowest_body_is_s1(case, label: np.ndarray, out: np.ndarray, schema: LabelSc
 
 def _anterior_wall(canal: np.ndarray, reach: int) -> np.ndarray:
     """Per canonical row: the median over slices of the canal's first column (NaN where unknown)."""
-    s, r, c = canal.shape
+    r = canal.shape[1]
     first = np.where(canal.any(axis=2), canal.argmax(axis=2), -1).astype(float)  # [s, r]
     first[first < 0] = np.nan
     known = ~np.isnan(first).all(axis=0)
@@ -199,7 +199,7 @@ def split_vertebra_at_canal(out: np.ndarray, schema: LabelSchema, layout) -> Non
     if not {"vertebral_body", "posterior_elements", "spinal_canal"} <= set(ch):
         return
     union = set_code((ch["vertebral_body"], ch["posterior_elements"]))
-    canon = np.array(layout.to_canonical(out))  # [s, r, c]; c grows toward posterior
+    canon = layout.to_canonical(out)  # a view of ``out``, [s, r, c]; c grows toward posterior
     vert = canon == union
     canal = canon == ch["spinal_canal"]
     if not vert.any() or not canal.any():
@@ -212,4 +212,3 @@ def split_vertebra_at_canal(out: np.ndarray, schema: LabelSchema, layout) -> Non
     with np.errstate(invalid="ignore"):
         canon[vert & (cols < w - band)] = ch["vertebral_body"]
         canon[vert & (cols > w + band)] = ch["posterior_elements"]
-    out[...] = layout.from_canonical(canon)

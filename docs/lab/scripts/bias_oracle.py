@@ -4,7 +4,8 @@ untouched test split (level-range Dice). ``python docs/lab/scripts/bias_oracle.p
 import json, sys
 from pathlib import Path
 import numpy as np
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT))
 from LumbarSegmentLib.inference.engine import SegmentOptions
 from LumbarSegmentLib.inference.engine_slices import SliceProbabilities
 from LumbarSegmentLib.registry.catalog import resolve_model
@@ -14,9 +15,9 @@ from LumbarSegmentLib.training.evaluate import prepare_cases
 from LumbarSegmentLib.core.geometry import sagittal_layout
 from scipy import ndimage as ndi
 pkg = resolve_model(sys.argv[1] if len(sys.argv) > 1 else None)
-ids = json.loads(Path(str(Path(__file__).resolve().parents[3] / "scripts/recipes/lumbar-mr-split-v2.json")).read_text())["test"]
+ids = json.loads((ROOT / "scripts/recipes/lumbar-mr-split-v2.json").read_text())["test"]
 opt = SegmentOptions(device="cpu", threads=2)
-for case in select_cases(str(Path(__file__).resolve().parents[4] / "shared/data/lumbar-mr"), ids):
+for case in select_cases(ROOT.parent / "shared" / "data" / "lumbar-mr", ids):
     (ec,) = prepare_cases([case], pkg.schema, slab_mm=None)
     structure = next(s for s in ec.structures if s != "background")
     value, ch = pkg.schema[structure].value, pkg.schema.channel_of()[structure]
