@@ -174,11 +174,15 @@ def _along(piece: Piece, curve: SpineCurve, shape, spacing) -> np.ndarray:
     return (coords - piece.centroid) @ curve.tangent(piece.t)
 
 
-def _measure(pieces, curve, shape, spacing) -> None:
+def _measure(pieces, curve, shape, spacing) -> dict:
+    """Place each piece on ``curve`` and set its length; returns ``id(piece) -> its voxels' positions along
+    the curve`` (:func:`_along`) for callers that need more than the length."""
+    along = {}
     for p in pieces:
         p.t, _ = curve.locate(p.centroid)
-        a = _along(p, curve, shape, spacing)
+        a = along[id(p)] = _along(p, curve, shape, spacing)
         p.length = float(np.percentile(a, 98) - np.percentile(a, 2)) if a.size else 0.0
+    return along
 
 
 def _merge_close(pieces: list[Piece], gap: float, spacing) -> list[Piece]:
@@ -416,9 +420,9 @@ def _with_sacrum(stack, schema, spacing, voxel_mm3: float, pieces: list[Piece]):
     # used is named exactly as a two-class draft
     if distance > 2 * MAX_CURVE_DISTANCE_MM or sac.t <= np.median([curve.locate(b.centroid)[0] for b in bodies]):
         return pieces, None
-    _measure(pieces + [sac], curve, stack.shape, spacing)
-    ends = {id(b): b.t + float(np.percentile(_along(b, curve, stack.shape, spacing), 95)) for b in bodies}
-    t_sac = sac.t + _along(sac, curve, stack.shape, spacing)
+    along = _measure(pieces + [sac], curve, stack.shape, spacing)
+    ends = {id(b): b.t + float(np.percentile(along[id(b)], 95)) for b in bodies}
+    t_sac = sac.t + along[id(sac)]
     typical = float(np.median([b.length for b in bodies]))
     return anchor_on_sacrum(sorted(pieces, key=lambda q: q.t), sac, t_sac, ends, typical, (stack.shape, spacing))
 
