@@ -66,6 +66,12 @@ CONFIGS = [("torch fp32 avx2", "avx2", "fp32", "torch"), ("onnx fp32 avx2", "avx
            ("openvino int8 step2 avx2", "avx2", "int8", "openvino", {"slice_step": 2}),
            ("openvino int8 roi step2 avx2", "avx2", "int8", "openvino", {"roi": True, "slice_step": 2}),
            ("openvino fp32 roi step2 avx2", "avx2", "fp32", "openvino", {"roi": True, "slice_step": 2}),
+           # the light model (uvd-spine-lite: a quarter of the arithmetic, models/slim.py), alone and with the options
+           ("openvino fp32 lite avx2", "avx2", "fp32", "openvino", {"model": "uvd-spine-lite"}),
+           ("openvino fp32 lite roi step2 avx2", "avx2", "fp32", "openvino",
+            {"model": "uvd-spine-lite", "roi": True, "slice_step": 2}),
+           ("openvino bf16 lite native", "native", "bf16", "openvino", {"model": "uvd-spine-lite"}),
+           ("default lite avx2", "avx2", "auto", "auto", {"model": "uvd-spine-lite"}),
            # the defaults (--runtime auto --precision auto): what the command picks on each CPU class
            ("default avx2", "avx2", "auto", "auto"), ("default native", "native", "auto", "auto")]
 

@@ -12,18 +12,7 @@ OUT="$1"; shift
 PARENT="${1:-uvd-starter@5}"; [ $# -gt 0 ] && shift
 SHARED="${SHARED:-../shared/data}"
 PY="${PYTHON:-python}"
-CASES=$("$PY" - "$SHARED" <<'PY'
-import json, sys
-from pathlib import Path
-root = Path(sys.argv[1])
-lm = json.loads(Path("scripts/recipes/lumbar-mr-split-v2.json").read_text())
-new = json.loads(Path("scripts/recipes/new-sources-split.json").read_text())["sources"]
-held = set(lm["test"]) | set(lm["val"])
-cases = [p.stem for p in sorted((root / "lumbar-mr").glob("*.json")) if p.stem not in held]
-cases += new["spider-t2space"]["train"] + new["t1-levels"]["train"]
-print(",".join(cases))
-PY
-)
+CASES=$("$PY" scripts/training_cases.py "$SHARED" scripts/recipes/lumbar-mr-split-v2.json)
 REG=()
 case "$PARENT" in *@*|uvd-*) REG=(--registry Resources/Models);; esac
 exec "$PY" -m LumbarSegmentLib.training.cli guidance --from "$PARENT" "${REG[@]}" \

@@ -17,19 +17,8 @@ OUT="$1"; shift
 PARENT="${1:-uvd-starter@5}"; [ $# -gt 0 ] && shift
 SHARED="${SHARED:-../shared/data}"
 PY="${PYTHON:-python}"
-read -r CASES VAL < <("$PY" - "$SHARED" <<'PY'
-import json, sys
-from pathlib import Path
-root = Path(sys.argv[1])
-lm = json.loads(Path("scripts/recipes/lumbar-mr-split.json").read_text())
-new = json.loads(Path("scripts/recipes/new-sources-split.json").read_text())["sources"]
-val = ["VB1_10", "VB2_05", "VB3_04"]
-held = set(lm["test"]) | set(lm["val"])
-cases = [p.stem for p in sorted((root / "lumbar-mr").glob("*.json")) if p.stem not in held]
-cases += new["spider-t2space"]["train"] + new["t1-levels"]["train"] + val
-print(",".join(cases), ",".join(val))
-PY
-)
+VAL="VB1_10,VB2_05,VB3_04"
+CASES=$("$PY" scripts/training_cases.py "$SHARED" scripts/recipes/lumbar-mr-split.json "$VAL")
 # MINUTES (default 42): wall-clock budget that shortens the schedule to fit; MINUTES=0: the full --epochs
 BUDGET=()
 [ "${MINUTES:-42}" != 0 ] && BUDGET=(--max-minutes "${MINUTES:-42}" --budget-clock wall)

@@ -15,6 +15,7 @@ Under ``torchrun --nproc_per_node N lumbarseg-train train ...`` training runs da
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -161,6 +162,16 @@ def _finetune_config(args, parent):
     return cfg
 
 
+def _teacher_ref(a):
+    """``--teacher`` resolved in the same catalogue as ``--from`` (None when not given)."""
+    if not a.teacher:
+        return None
+    from LumbarSegmentLib.registry.catalog import resolve_model
+    from LumbarSegmentLib.registry.registry import Registry
+
+    return resolve_model(a.teacher, [Registry(a.registry, read_only=True)] if a.registry else None)
+
+
 def cmd_finetune(a) -> int:
     from LumbarSegmentLib.registry.catalog import resolve_model
     from LumbarSegmentLib.registry.registry import Registry
@@ -173,7 +184,7 @@ def cmd_finetune(a) -> int:
     tr, va = _split(a, cases)
     parent = resolve_model(a.source, [Registry(a.registry, read_only=True)] if a.registry else None)
     r = finetune(parent, tr, va, out_dir=a.out, schema=a.schema, config=_finetune_config(a, parent),
-                 retention=retention_from_args(a), outputs=RunOutputs(provenance={"command": command_line()}))
+                 retention=dataclasses.replace(retention_from_args(a), teacher=_teacher_ref(a)), outputs=RunOutputs(provenance={"command": command_line()}))
     print(f"package: {r.package.path}" if r.package else "no package written")
     return 0
 

@@ -95,6 +95,14 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
         g.add_argument("--activation", choices=("relu", "prelu"))
         g.add_argument("--deep-supervision", dest="deep_supervision", action="store_true", default=None)
         g.add_argument("--no-deep-supervision", dest="deep_supervision", action="store_false")
+    if finetune:
+        g.add_argument("--slim", dest="slim_width", type=_filters, metavar="WIDTH",
+                       help="train a narrower copy of the parent (this first-level width, e.g. 8 for a 16-wide "
+                            "parent: about a quarter of the arithmetic) that learns from it; use with --distill "
+                            "and --wise 1")
+        g.add_argument("--teacher", metavar="MODEL",
+                       help="distil from this model instead of the parent (--distill W), e.g. to continue a "
+                            "--slim run from its own package; it must know the same classes")
     g.add_argument("--schema", default=None if finetune else "starter",
                    help="label schema name or JSON path (default: %s)" %
                         ("the source model's" if finetune else "starter"))

@@ -98,7 +98,10 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
     The architecture comes from the source package, and its spacing and patch size unless ``config``
     is given; ``config`` sets the rest. With ``schema`` the model is adapted (see module doc).
     ``retention`` says how the parent's knowledge is kept (``None``: :data:`RETENTION_DEFAULT`;
-    ``RetentionSettings()`` is a plain fine-tune). ``train_kwargs`` go to ``trainer.train`` (``slices``,
+    ``RetentionSettings()`` is a plain fine-tune). ``config.slim_width`` trains a narrower network instead
+    (started from the parent's strongest channels, ``models.slim``) that learns from the wide parent
+    through ``retention``'s distillation; ``retention.teacher`` (a package or ref) teaches in the parent's
+    place: a slimmed run continued from its own package still learns from the wide model. ``train_kwargs`` go to ``trainer.train`` (``slices``,
     ``outputs``, ``callbacks``).
     """
     from .trainer import train
@@ -114,9 +117,12 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
     asked = config.slice_context if config is not None else None
     context = _context_for(model, asked or 0, pkg.ref)  # before anything is written
     keep = retention or RETENTION_DEFAULT
+    slim = config.slim_width if config is not None else 0
+    _check_slim(slim, keep, model)
     info["retention"] = {"keep_bn_stats": keep.keep_bn_stats, "l2sp": keep.l2sp, "distill": keep.distill,
                          "wise": keep.wise}
     replayed = _replayed(keep, pkg, target, list(train_cases), info)  # before anything is written too
+    named = None if keep.teacher is None else _teacher(keep.teacher, target, 2 * context["run"] + 1, info)  # and this
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     schema_path = out_dir / "schema.json"
@@ -135,6 +141,15 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
         cfg = cfg.replace(replay_fraction=keep.replay, replay_ids=tuple(c.case_id for c in replayed))
     info["slice_context"] = context
     widen_input(model, 2 * context["run"] + 1)
+    tutor = None
+    if slim:
+        from LumbarSegmentLib.models.slim import slim_model
+
+        tutor, model = model, slim_model(model, slim)
+        cfg = cfg.replace(init_filters=int(slim))
+        info["slimmed"] = {"from_width": int(arch["init_filters"]), "width": int(slim), "teacher": pkg.ref}
+    if named is not None:
+        tutor = named
     start = {k: v.detach().clone() for k, v in model.state_dict().items()} if keep.wise < 1 else None
     if cfg.pseudo_labels and "parent" in cfg.pseudo_labels:  # the model as it was before this fine-tune
         cfg = cfg.replace(pseudo_labels=tuple(str(pkg.path) if r == "parent" else r for r in cfg.pseudo_labels))
@@ -145,10 +160,34 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
         log.warning("the L2-SP spring (--l2sp %g) holds the network near %s, which has no features for the new "
                     "classes %s: they may not be learned at all; when the cases replay every source the parent "
                     "knew, fine-tune with --l2sp 0", keep.l2sp, pkg.ref, ", ".join(info["new_classes"]))
-    result = train(cfg, train_cases, val_cases, out_dir=out_dir, start=StartFrom(model, info), **train_kwargs)
+    result = train(cfg, train_cases, val_cases, out_dir=out_dir, start=StartFrom(model, info, tutor), **train_kwargs)
     if keep.wise < 1 and result.package is not None:
         result.package = _blend_with_parent(result.package, pkg, keep.wise, start)
     return result
+
+
+def _teacher(ref, target: LabelSchema, channels: int, info: dict):
+    """The distillation teacher named by ``ref``, in the run's classes and slices (recorded in ``info``)."""
+    tpkg = ref if isinstance(ref, ModelPackage) else resolve_model(str(ref))
+    if tpkg.schema.ids != target.ids:
+        raise ValueError(f"the teacher {tpkg.ref} outputs {', '.join(tpkg.schema.ids)}, the run "
+                         f"{', '.join(target.ids)}: a teacher must know the same classes")
+    model = widen_input(tpkg.load_model("cpu").eval(), channels)
+    info["teacher"] = {"package": tpkg.ref, "weights_sha256": tpkg.sha256}
+    return model
+
+
+def _check_slim(slim: int | None, keep: RetentionSettings, model) -> None:
+    """Refuse a slimmed fine-tune that cannot work, before anything is written."""
+    if not slim:
+        return
+    if keep.wise < 1:
+        raise ValueError("a slimmed model cannot be blended with its wider parent: pass --wise 1 with --slim")
+    if not keep.distill:
+        log.warning("--slim without --distill: the narrow model learns from the labels alone, not from its parent")
+    from LumbarSegmentLib.models.slim import _check_slimmable
+
+    _check_slimmable(model, slim)
 
 
 def _blend_with_parent(child: ModelPackage, parent: ModelPackage, alpha: float, start: dict) -> ModelPackage:

@@ -22,7 +22,8 @@ combination that paid.
   parent's softmax to the model's, ``distill`` times its mean over those pixels: the model keeps
   the parent's answers wherever the team's labels do not contradict them (learning without
   forgetting, Li and Hoiem 2017). It needs the parent's classes: a fine-tune whose schema
-  changed the class count skips it.
+  changed the class count skips it. A slimmed fine-tune (``models.slim``) learns from the wide
+  parent this way while its own narrower weights train.
 
 :class:`Retention` holds the parent's copy and applies the guards; the trainer calls
 :meth:`Retention.train_mode` after putting the model in train mode and adds
@@ -51,6 +52,7 @@ class RetentionSettings:
     replay: float = 0.0  # share of each batch drawn from the shipped replay set (training.replay)
     replay_set: str | None = None  # a folder of cases to replay instead of the shipped set
     wise: float = 1.0  # share of the fine-tune's change kept in the written weights (training.wise); 1 = all
+    teacher: object = None  # a package or ref whose answers are distilled instead of the parent's
 
     def __post_init__(self):
         for name in ("l2sp", "distill"):
@@ -104,14 +106,14 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tar
 class Retention:
     """The guards of one fine-tune, bound to its parent's weights (taken when built)."""
 
-    def __init__(self, settings: RetentionSettings, parent: torch.nn.Module):
+    def __init__(self, settings: RetentionSettings, parent: torch.nn.Module, teacher: torch.nn.Module | None = None):
         self.settings = settings
         self.anchor: dict[str, torch.Tensor] = {}
         if settings.l2sp:  # the starting point: the parent's weights (a new class's fresh rows included)
             self.anchor = {n: p.detach().float().clone() for n, p in parent.named_parameters()}
         self.teacher = None
         if settings.distill:
-            self.teacher = copy.deepcopy(parent).eval()
+            self.teacher = copy.deepcopy(teacher if teacher is not None else parent).eval()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
 

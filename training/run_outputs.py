@@ -26,6 +26,7 @@ class StartFrom:
     (``training.init_from``)."""
     model: torch.nn.Module
     info: dict | None = None
+    teacher: torch.nn.Module | None = None  # distillation's teacher when it is not ``model`` (a slimmed start)
 
 
 @dataclass(frozen=True)

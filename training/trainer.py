@@ -193,7 +193,7 @@ class _Run:
             raise ValueError(f"the model reads {model.builder_args.get('in_channels', 1)} slice(s) but slice_context "
                              f"{cfg.slice_context} feeds {2 * cfg.slice_context + 1}")
         self.model = model.to(self.device)
-        self.retention = _retention(cfg, self.model) if init_model is not None else None
+        self.retention = _retention(cfg, self.model, start.teacher) if init_model is not None else None
         self.opt = make_optimizer(cfg.resolved_optimizer, self.model.parameters(), cfg.resolved_lr, cfg.weight_decay)
         self.planned_epochs = cfg.epochs  # may shrink to fit cfg.max_minutes (recorded in the checkpoint)
         self.total_holder = [self.steps * cfg.epochs]
@@ -488,9 +488,10 @@ class _Run:
                 dist.destroy_process_group()
 
 
-def _retention(cfg: TrainConfig, model):
-    """The fine-tune's guards (``training.retention``) bound to the starting weights, or None."""
+def _retention(cfg: TrainConfig, model, teacher=None):
+    """The fine-tune's guards (``training.retention``) bound to the starting weights (and to ``teacher``
+    when the parent is not the starting network, e.g. a slimmed copy of it), or None."""
     from .retention import Retention, RetentionSettings
     settings = RetentionSettings(cfg.keep_bn_stats, cfg.l2sp, cfg.distill)
-    return Retention(settings, model) if settings.active else None
+    return Retention(settings, model, teacher) if settings.active else None
 
