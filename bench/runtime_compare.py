@@ -212,7 +212,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     md = [f"CPU: {meta['cpu']} ({meta['cores']} cores; flags {', '.join(meta['isa_flags'])}); {meta['threads']} "
           f"threads; load average {meta['load_start']} at the start, {meta['load_end']} at the end. `avx2`: "
           f"PyTorch, oneDNN and OpenVINO limited to AVX2 kernels ({meta['openvino_avx2_conv']}), {emulated}. "
-          "Ratios: CPU seconds against torch fp32 avx2 on the same volume. Cold: the median of "
+          f"Ratios: CPU seconds against {rows[0]['config'] if rows else 'the first configuration'} on the same "
+          "volume; voxels differing and min Dice (the lowest over classes) against it too. Cold: the median of "
           f"{meta.get('repeats', 1)} fresh commands; imports: one more under `python -X importtime`.", "",
           "| volume | configuration | runtime | cold wall (s) | cold CPU (s) | ratio | warm wall (s) | warm CPU (s) "
           "| ratio | peak (MB) | voxels differing | min Dice | PyTorch imported | imports (s) |",

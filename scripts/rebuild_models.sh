@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the shipped models from nothing but ../shared/data/lumbar-mr (docs/validation.md says what
-# each stage measured). Fourteen stages, each one `lumbarseg-train` command (or a script around one):
+# each stage measured). Fifteen stages, each one `lumbarseg-train` command (or a script around one):
 #   0. uvd-starter@1: the starter recipe on the 8 cases of the first release (from scratch)
 #   1. uvd-starter@2 (the default): stage 0 fine-tuned on the 53 training cases of the fixed split
 #      (scripts/recipes/lumbar-mr-split.json) with the generalisation recipe
@@ -34,6 +34,7 @@
 #  12. uvd-guide@1: the click-guided model (click maps and the current labels as inputs), from stage 9
 #  13. uvd-spine@2 (the default): stage 10 fine-tuned on every source again, the sacrum's pixels weighted
 #      8x in the cross-entropy (--class-weight sacrum=8): the first model that draws the sacrum
+#  14. uvd-spine-lite@1 (an option): stage 13 slimmed to a quarter of its arithmetic and distilled from it
 # then publishes 1, 2, 4, 6, 7, 8, 9 into a registry (default: a scratch one; pass Resources/Models to replace
 # the shipped ones). CPU-time budgets make a run stop at the same point on a busy or a quiet machine;
 # on a GPU add --device cuda and drop --threads. Not bit-identical to the shipped weights: those were
@@ -142,4 +143,12 @@ lumbarseg-train publish "$OUT/guide/package" --registry "$REGISTRY" --name uvd-g
 MINUTES=0 SHARED="$SHARED" scripts/train_spine6.sh "$OUT/spine7" "$OUT/spine6/package" --lr 1.5e-4 \
   --class-weight sacrum=8 --max-minutes 200 --budget-clock cpu
 lumbarseg-train publish "$OUT/spine7/package" --registry "$REGISTRY" --name uvd-spine \
+  --data "$SHARED/spider-t2space,$SHARED/t1-levels" --cases "$NEWVAL" --metric level_range_dice
+# stage 14: uvd-spine-lite@1 (an option for CPUs without bf16: a quarter of the network's arithmetic): stage 13
+# copied into a network of first-level width 8 (its channels of largest BatchNorm scale, models/slim.py) and
+# trained on every source with stage 13 as its teacher (--distill 1). The shipped run: a 100-minute wall budget
+# that shortened the schedule to 595 epochs of 10 steps; --epochs 595 gives that length without the budget.
+MINUTES=0 SHARED="$SHARED" scripts/train_spine6.sh "$OUT/slim8" "$OUT/spine7/package" --slim 8 --distill 1 \
+  --lr 1e-3 --epochs 595 --class-weight sacrum=8 --name uvd-spine-lite
+lumbarseg-train publish "$OUT/slim8/package" --registry "$REGISTRY" --name uvd-spine-lite --no-default \
   --data "$SHARED/spider-t2space,$SHARED/t1-levels" --cases "$NEWVAL" --metric level_range_dice
