@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 root, split = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
-new = json.loads(Path("scripts/recipes/new-sources-split.json").read_text())["sources"]
+RECIPES = Path(__file__).resolve().parent / "recipes"
+new = json.loads((RECIPES / "new-sources-split.json").read_text())["sources"]
 held = set(split["test"]) | set(split["val"])
 cases = [p.stem for p in sorted((root / "lumbar-mr").glob("*.json")) if p.stem not in held]
 cases += new["spider-t2space"]["train"] + new["t1-levels"]["train"]

@@ -162,29 +162,26 @@ def _finetune_config(args, parent):
     return cfg
 
 
-def _teacher_ref(a):
-    """``--teacher`` resolved in the same catalogue as ``--from`` (None when not given)."""
-    if not a.teacher:
-        return None
+def _resolve(a, ref: str):
+    """A model ref resolved in ``--registry`` when given, else in the default catalogue."""
     from LumbarSegmentLib.registry.catalog import resolve_model
     from LumbarSegmentLib.registry.registry import Registry
 
-    return resolve_model(a.teacher, [Registry(a.registry, read_only=True)] if a.registry else None)
+    return resolve_model(ref, [Registry(a.registry, read_only=True)] if a.registry else None)
 
 
 def cmd_finetune(a) -> int:
-    from LumbarSegmentLib.registry.catalog import resolve_model
-    from LumbarSegmentLib.registry.registry import Registry
-
     from .finetune import finetune, retention_from_args
     from .run_outputs import RunOutputs
 
     refuse_existing_run(a)
     cases = _without_held_out(a, _select(a))
     tr, va = _split(a, cases)
-    parent = resolve_model(a.source, [Registry(a.registry, read_only=True)] if a.registry else None)
+    parent = _resolve(a, a.source)
+    teacher = _resolve(a, a.teacher) if a.teacher else None
     r = finetune(parent, tr, va, out_dir=a.out, schema=a.schema, config=_finetune_config(a, parent),
-                 retention=dataclasses.replace(retention_from_args(a), teacher=_teacher_ref(a)), outputs=RunOutputs(provenance={"command": command_line()}))
+                 retention=dataclasses.replace(retention_from_args(a), teacher=teacher),
+                 outputs=RunOutputs(provenance={"command": command_line()}))
     print(f"package: {r.package.path}" if r.package else "no package written")
     return 0
 
@@ -210,13 +207,9 @@ def cmd_export(a) -> int:
 
 
 def cmd_soup(a) -> int:
-    from LumbarSegmentLib.registry.registry import Registry
-    from LumbarSegmentLib.registry.catalog import resolve_model
-
     from .soup import soup
 
-    regs = [Registry(a.registry, read_only=True)] if a.registry else None
-    pkgs = [resolve_model(ref, regs) for ref in id_list(a.packages)]
+    pkgs = [_resolve(a, ref) for ref in id_list(a.packages)]
     try:
         weights = [float(w) for w in id_list(a.weights)] if a.weights else None
     except ValueError:

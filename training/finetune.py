@@ -101,8 +101,8 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
     ``RetentionSettings()`` is a plain fine-tune). ``config.slim_width`` trains a narrower network instead
     (started from the parent's strongest channels, ``models.slim``) that learns from the wide parent
     through ``retention``'s distillation; ``retention.teacher`` (a package or ref) teaches in the parent's
-    place: a slimmed run continued from its own package still learns from the wide model. ``train_kwargs`` go to ``trainer.train`` (``slices``,
-    ``outputs``, ``callbacks``).
+    place: a slimmed run continued from its own package still learns from the wide model.
+    ``train_kwargs`` go to ``trainer.train`` (``slices``, ``outputs``, ``callbacks``).
     """
     from .trainer import train
 
@@ -185,9 +185,9 @@ def _check_slim(slim: int | None, keep: RetentionSettings, model) -> None:
         raise ValueError("a slimmed model cannot be blended with its wider parent: pass --wise 1 with --slim")
     if not keep.distill:
         log.warning("--slim without --distill: the narrow model learns from the labels alone, not from its parent")
-    from LumbarSegmentLib.models.slim import _check_slimmable
+    from LumbarSegmentLib.models.slim import check_slimmable
 
-    _check_slimmable(model, slim)
+    check_slimmable(model, slim)
 
 
 def _blend_with_parent(child: ModelPackage, parent: ModelPackage, alpha: float, start: dict) -> ModelPackage:

@@ -26,7 +26,7 @@ import torch
 
 from .variants import SegmentationNet, UNetFamilyNet, build_model
 
-__all__ = ["slim_model"]
+__all__ = ["check_slimmable", "slim_model"]
 
 
 def _keep(gamma: torch.Tensor, n: int) -> torch.Tensor:
@@ -57,7 +57,8 @@ def _copy_unit(dst: Dict[str, torch.Tensor], src: Dict[str, torch.Tensor], unit:
         dst[f"{unit}.2.weight"] = act[rows].clone() if act.numel() > 1 else act.clone()
 
 
-def _check_slimmable(model: SegmentationNet, width: int) -> None:
+def check_slimmable(model: SegmentationNet, width: int) -> None:
+    """Refuse (``ValueError`` with the reason) a model or width :func:`slim_model` cannot copy."""
     spec = model.spec
     if not isinstance(model, UNetFamilyNet) or spec.block != "conv" or spec.attention:
         raise ValueError(f"only U-Nets with plain conv blocks and no attention gates can be slimmed "
@@ -71,7 +72,7 @@ def slim_model(model: SegmentationNet, width: int) -> SegmentationNet:
     """A copy of ``model`` with first-level width ``width`` (every level narrowed in proportion), its
     weights taken from ``model``'s channels of largest BatchNorm scale (module doc). ``model`` is
     not changed; the copy is on the CPU in float32, in ``model``'s train/eval mode."""
-    _check_slimmable(model, width)
+    check_slimmable(model, width)
     args = dict(model.builder_args, init_filters=int(width))
     slim = build_model(**args)
     src = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
@@ -79,12 +80,11 @@ def slim_model(model: SegmentationNet, width: int) -> SegmentationNet:
     dst: Dict[str, torch.Tensor] = {}
     wide_widths = list(model.encoder.widths)
     narrow_widths = list(slim.encoder.widths)
-    keep: Dict[str, torch.Tensor] = {}  # unit -> the output channels it keeps
     cols = torch.arange(model.in_channels)
     stage_out: List[torch.Tensor] = []
     for s in range(len(wide_widths)):
         for unit in _units(src, f"encoder.stages.{s}"):
-            rows = keep[unit] = _keep(src[f"{unit}.1.weight"], narrow_widths[s])
+            rows = _keep(src[f"{unit}.1.weight"], narrow_widths[s])
             _copy_unit(dst, src, unit, rows, cols)
             cols = rows
         stage_out.append(cols)
