@@ -124,6 +124,10 @@ def test_a_named_teacher_teaches_instead_of_the_parent_and_must_know_the_same_cl
     r = finetune(parent, [], [], out_dir=tmp_path / "ft", config=TrainConfig(**TINY),
                  retention=RetentionSettings(distill=1.0, teacher=wide), slices=CachedSlices(_synth_cases(), _synth_cases(1)))
     assert r.package.manifest["training"]["init_from"]["teacher"]["package"] == wide.ref
+    slimmed = finetune(parent, [], [], out_dir=tmp_path / "ft-slim", config=TrainConfig(**TINY, slim_width=2),
+                       retention=RetentionSettings(distill=1.0, teacher=wide),
+                       slices=CachedSlices(_synth_cases(), _synth_cases(1)))
+    assert slimmed.package.manifest["training"]["init_from"]["slimmed"]["teacher"] == wide.ref  # who taught
     other = write_package(tmp_path / "other", build_model("UD", num_classes=6, init_filters=4).eval(),
                           name="other", schema=load_schema("spine6"))
     with pytest.raises(ValueError, match="same classes"):

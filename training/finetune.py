@@ -147,7 +147,8 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
 
         tutor, model = model, slim_model(model, slim)
         cfg = cfg.replace(init_filters=int(slim))
-        info["slimmed"] = {"from_width": int(arch["init_filters"]), "width": int(slim), "teacher": pkg.ref}
+        teacher = info["teacher"]["package"] if named is not None else pkg.ref  # who teaches, not who was cut
+        info["slimmed"] = {"from_width": int(arch["init_filters"]), "width": int(slim), "teacher": teacher}
     if named is not None:
         tutor = named
     start = {k: v.detach().clone() for k, v in model.state_dict().items()} if keep.wise < 1 else None
