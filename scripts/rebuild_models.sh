@@ -35,6 +35,8 @@
 #  13. uvd-spine@2 (the default): stage 10 fine-tuned on every source again, the sacrum's pixels weighted
 #      8x in the cross-entropy (--class-weight sacrum=8): the first model that draws the sacrum
 #  14. uvd-spine-lite@1 (an option): stage 13 slimmed to a quarter of its arithmetic and distilled from it
+#  15. uvd-spine@3 (the default): stage 13 fine-tuned again with stage 14 as its teacher where labels say
+#      nothing: the light model's posterior elements, canal and sacrum taught back to the full-width network
 # then publishes 1, 2, 4, 6, 7, 8, 9 into a registry (default: a scratch one; pass Resources/Models to replace
 # the shipped ones). CPU-time budgets make a run stop at the same point on a busy or a quiet machine;
 # on a GPU add --device cuda and drop --threads. Not bit-identical to the shipped weights: those were
@@ -151,4 +153,12 @@ lumbarseg-train publish "$OUT/spine7/package" --registry "$REGISTRY" --name uvd-
 MINUTES=0 SHARED="$SHARED" scripts/train_spine6.sh "$OUT/slim8" "$OUT/spine7/package" --slim 8 --distill 1 \
   --lr 1e-3 --epochs 595 --class-weight sacrum=8 --name uvd-spine-lite
 lumbarseg-train publish "$OUT/slim8/package" --registry "$REGISTRY" --name uvd-spine-lite --no-default \
+  --data "$SHARED/spider-t2space,$SHARED/t1-levels" --cases "$NEWVAL" --metric level_range_dice
+# stage 15: uvd-spine@3 (the default): stage 13, 2400 more steps at lr 3e-4, distilled from stage 14 where the
+# labels say nothing (--teacher, --distill 1): the light model draws the posterior elements, the canal and the
+# sacrum better than its wide parent, and teaches them back; the labels keep the bodies and discs. Through the
+# gate on the new sources' validation cases and the reference set.
+MINUTES=0 SHARED="$SHARED" scripts/train_spine6.sh "$OUT/spine14" "$OUT/spine7/package" \
+  --teacher "$OUT/slim8/package" --distill 1 --lr 3e-4 --epochs 240 --class-weight sacrum=8
+lumbarseg-train publish "$OUT/spine14/package" --registry "$REGISTRY" --name uvd-spine \
   --data "$SHARED/spider-t2space,$SHARED/t1-levels" --cases "$NEWVAL" --metric level_range_dice
