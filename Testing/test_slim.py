@@ -134,3 +134,42 @@ def test_a_named_teacher_teaches_instead_of_the_parent_and_must_know_the_same_cl
         finetune(parent, [], [], out_dir=tmp_path / "ft2", config=TrainConfig(**TINY),
                  retention=RetentionSettings(distill=1.0, teacher=other), slices=CachedSlices(_synth_cases(), _synth_cases(1)))
     assert not (tmp_path / "ft2").exists()
+
+
+def test_a_teacher_of_some_classes_teaches_those_and_the_parent_the_rest():
+    from LumbarSegmentLib.training.retention import mix_teachers
+
+    teacher = torch.zeros(1, 3, 1, 1)
+    teacher[0, 1] = 6.0  # the teacher: class 1
+    parent = torch.zeros(1, 3, 1, 1)
+    parent[0, 2] = 6.0  # the parent: class 2
+    both = torch.softmax(mix_teachers(teacher, parent, (1,)), 1)[0, :, 0, 0]
+    assert float(both[1]) > 0.45 and float(both[2]) > 0.45, "each is sure of the class it teaches: half each"
+    neither = torch.softmax(mix_teachers(teacher, parent, (2,)), 1)[0, :, 0, 0]
+    assert float(neither.max()) < 0.34, "each doubts the class it teaches: no class stands out"
+    agree = torch.softmax(mix_teachers(parent, parent, (1,)), 1)[0, :, 0, 0]
+    assert float(agree[2]) > 0.99
+    assert torch.allclose(torch.softmax(mix_teachers(teacher, parent, (0, 1, 2)), 1), torch.softmax(teacher, 1))
+
+
+def test_teacher_classes_are_recorded_and_refused_without_a_teacher_or_with_an_unknown_class(tmp_path):
+    from LumbarSegmentLib.training.retention import Retention
+
+    parent = _parent(tmp_path)
+    torch.manual_seed(3)
+    wide = write_package(tmp_path / "wide", build_model("UD", num_classes=3, init_filters=8).eval(),
+                         name="wide", schema=STARTER)
+    slices = CachedSlices(_synth_cases(), _synth_cases(1))
+    r = finetune(parent, [], [], out_dir=tmp_path / "ft", config=TrainConfig(**TINY, teacher_classes=("intervertebral_disc",)),
+                 retention=RetentionSettings(distill=1.0, teacher=wide), slices=slices)
+    assert r.package.manifest["training"]["init_from"]["teacher"]["classes"] == ["intervertebral_disc"]
+    for kw, keep, match in ((("nerve_root",), RetentionSettings(distill=1.0, teacher=wide), "no class 'nerve_root'"),
+                            (("intervertebral_disc",), RetentionSettings(distill=1.0), "needs --teacher")):
+        with pytest.raises(ValueError, match=match):
+            finetune(parent, [], [], out_dir=tmp_path / "bad", config=TrainConfig(**TINY, teacher_classes=kw),
+                     retention=keep, slices=slices)
+        assert not (tmp_path / "bad").exists()
+    model = build_model("UD", num_classes=3, init_filters=4)
+    mixed = Retention(RetentionSettings(distill=1.0, teacher_channels=(2,)), model, wide.load_model("cpu"))
+    assert mixed.parent is not None and mixed.teacher.encoder.widths[0] == 8 and not mixed.parent.training
+    assert Retention(RetentionSettings(distill=1.0), model, wide.load_model("cpu")).parent is None

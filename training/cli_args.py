@@ -103,6 +103,9 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
         g.add_argument("--teacher", metavar="MODEL",
                        help="distil from this model instead of the parent (--distill W), e.g. to continue a "
                             "--slim run from its own package; it must know the same classes")
+        g.add_argument("--teacher-classes", dest="teacher_classes", type=_class_ids, metavar="IDS",
+                       help="with --teacher: the classes it teaches (comma-separated ids, e.g. "
+                            "posterior_elements,spinal_canal); the parent teaches the others")
     g.add_argument("--schema", default=None if finetune else "starter",
                    help="label schema name or JSON path (default: %s)" %
                         ("the source model's" if finetune else "starter"))
@@ -213,6 +216,13 @@ def _add_retention_args(p: argparse.ArgumentParser) -> None:
                         f"parent's (default {d.wise:g}; 1 off)")
     g.add_argument("--plain-finetune", action="store_true",
                    help="none of these guards (the model may forget every source it is not fine-tuned on)")
+
+
+def _class_ids(text: str) -> tuple:
+    ids = tuple(t.strip() for t in str(text).split(",") if t.strip())
+    if not ids:
+        raise argparse.ArgumentTypeError("give one or more class ids separated by commas")
+    return ids
 
 
 def _class_weights(text: str) -> tuple:

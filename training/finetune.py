@@ -119,10 +119,13 @@ def finetune(source: str | ModelPackage, train_cases: Sequence[Case], val_cases:
     keep = retention or RETENTION_DEFAULT
     slim = config.slim_width if config is not None else 0
     _check_slim(slim, keep, model)
+    _check_teacher_classes(config, keep, target, slim)
     info["retention"] = {"keep_bn_stats": keep.keep_bn_stats, "l2sp": keep.l2sp, "distill": keep.distill,
                          "wise": keep.wise}
     replayed = _replayed(keep, pkg, target, list(train_cases), info)  # before anything is written too
     named = None if keep.teacher is None else _teacher(keep.teacher, target, 2 * context["run"] + 1, info)  # and this
+    if named is not None and config is not None and config.teacher_classes:
+        info["teacher"]["classes"] = list(config.teacher_classes)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     schema_path = out_dir / "schema.json"
@@ -176,6 +179,22 @@ def _teacher(ref, target: LabelSchema, channels: int, info: dict):
     model = widen_input(tpkg.load_model("cpu").eval(), channels)
     info["teacher"] = {"package": tpkg.ref, "weights_sha256": tpkg.sha256}
     return model
+
+
+def _check_teacher_classes(config, keep: RetentionSettings, target: LabelSchema, slim) -> None:
+    """Refuse ``teacher_classes`` that cannot be taught, before anything is written."""
+    asked = tuple(config.teacher_classes) if config is not None else ()
+    if not asked:
+        return
+    if keep.teacher is None or not keep.distill:
+        raise ValueError("--teacher-classes needs --teacher MODEL and --distill W: it says which classes the "
+                         "named teacher teaches")
+    if slim:
+        raise ValueError("--teacher-classes cannot be used with --slim: the parent teaches a slimmed run whole")
+    unknown = [c for c in asked if c not in target.ids]
+    if unknown:
+        raise ValueError(f"--teacher-classes: the run's schema {target.name!r} has no class "
+                         f"{', '.join(map(repr, unknown))}; its classes are {', '.join(target.ids)}")
 
 
 def _check_slim(slim: int | None, keep: RetentionSettings, model) -> None:

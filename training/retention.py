@@ -23,7 +23,10 @@ combination that paid.
   the parent's answers wherever the team's labels do not contradict them (learning without
   forgetting, Li and Hoiem 2017). It needs the parent's classes: a fine-tune whose schema
   changed the class count skips it. A slimmed fine-tune (``models.slim``) learns from the wide
-  parent this way while its own narrower weights train.
+  parent this way while its own narrower weights train. A named teacher may teach only some classes
+  (``teacher_channels``): its log-probabilities of those classes and the parent's of the others are
+  put together and normalised again, so a light model that draws the posterior elements well can teach
+  them while the parent keeps teaching the discs it draws better (``docs/lab/lite-model.md``).
 
 :class:`Retention` holds the parent's copy and applies the guards; the trainer calls
 :meth:`Retention.train_mode` after putting the model in train mode and adds
@@ -53,6 +56,7 @@ class RetentionSettings:
     replay_set: str | None = None  # a folder of cases to replay instead of the shipped set
     wise: float = 1.0  # share of the fine-tune's change kept in the written weights (training.wise); 1 = all
     teacher: object = None  # a package or ref whose answers are distilled instead of the parent's
+    teacher_channels: tuple = ()  # with a teacher: the channels it teaches; the parent teaches the others
 
     def __post_init__(self):
         for name in ("l2sp", "distill"):
@@ -111,16 +115,18 @@ class Retention:
         self.anchor: dict[str, torch.Tensor] = {}
         if settings.l2sp:  # the starting point: the parent's weights (a new class's fresh rows included)
             self.anchor = {n: p.detach().float().clone() for n, p in parent.named_parameters()}
-        self.teacher = None
+        self.teacher = self.parent = None
         if settings.distill:
-            self.teacher = copy.deepcopy(teacher if teacher is not None else parent).eval()
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
+            self.teacher = _frozen(teacher if teacher is not None else parent)
+            if settings.teacher_channels and teacher is not None:
+                self.parent = _frozen(parent)
 
     def to(self, device) -> "Retention":
         self.anchor = {k: v.to(device) for k, v in self.anchor.items()}
         if self.teacher is not None:
             self.teacher = self.teacher.to(device)
+        if self.parent is not None:
+            self.parent = self.parent.to(device)
         return self
 
     def train_mode(self, model: torch.nn.Module) -> None:
@@ -138,7 +144,44 @@ class Retention:
             main = output[0] if isinstance(output, (tuple, list)) else output
             if self.teacher.builder_args.get("num_classes") == main.shape[1]:
                 with torch.no_grad(), autocast_ctx():
-                    t = self.teacher(x)
-                t = t[0] if isinstance(t, (tuple, list)) else t
+                    t = _main(self.teacher(x))
+                    if self.parent is not None:
+                        t = mix_teachers(t, _main(self.parent(x)), s.teacher_channels)
                 terms.append(float(s.distill) * distill_loss(main, t, target))
         return sum(terms) if terms else None
+
+
+def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """An eval-mode copy of ``model`` that takes no gradient."""
+    m = copy.deepcopy(model).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def _main(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def mix_teachers(teacher_logits: torch.Tensor, parent_logits: torch.Tensor, channels) -> torch.Tensor:
+    """Log-probabilities (up to a constant per pixel) of the teacher for ``channels`` and of the parent for
+    the rest, ``[B, K, H, W]``; the distillation's softmax normalises them again."""
+    pick = torch.zeros(teacher_logits.shape[1], dtype=torch.bool, device=teacher_logits.device)
+    pick[list(channels)] = True
+    t = F.log_softmax(teacher_logits.float(), dim=1)
+    p = F.log_softmax(parent_logits.float(), dim=1)
+    return torch.where(pick[None, :, None, None], t, p)
+
+
+def retention_for(cfg, model: torch.nn.Module, teacher: torch.nn.Module | None = None) -> "Retention | None":
+    """The guards a :class:`~training.config.TrainConfig` asks for, bound to the starting weights ``model``
+    (and to ``teacher`` when the parent is not the starting network, e.g. a slimmed copy of it, or a named
+    teacher); None when no guard is on. ``cfg.teacher_classes`` are mapped to channels of ``cfg.schema``."""
+    channels = ()
+    if cfg.teacher_classes:
+        from LumbarSegmentLib.core.schema import load_schema
+
+        of = load_schema(cfg.schema).channel_of()
+        channels = tuple(of[c] for c in cfg.teacher_classes)
+    settings = RetentionSettings(cfg.keep_bn_stats, cfg.l2sp, cfg.distill, teacher_channels=channels)
+    return Retention(settings, model, teacher) if settings.active else None

@@ -489,9 +489,6 @@ class _Run:
 
 
 def _retention(cfg: TrainConfig, model, teacher=None):
-    """The fine-tune's guards (``training.retention``) bound to the starting weights (and to ``teacher``
-    when the parent is not the starting network, e.g. a slimmed copy of it), or None."""
-    from .retention import Retention, RetentionSettings
-    settings = RetentionSettings(cfg.keep_bn_stats, cfg.l2sp, cfg.distill)
-    return Retention(settings, model, teacher) if settings.active else None
-
+    """The fine-tune's guards bound to the starting weights (``training.retention.retention_for``), or None."""
+    from .retention import retention_for
+    return retention_for(cfg, model, teacher)
