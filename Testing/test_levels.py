@@ -380,3 +380,30 @@ def test_a_drafted_sacrum_anchors_the_names():
     tiny[tiny == SPINE6["sacrum"].value] = 0
     tiny[2:4, 30:33, 3:5] = SPINE6["sacrum"].value  # a stray speck of sacrum: ignored
     assert "sacrum_anchor" not in [f["code"] for f in name_levels(Volume(tiny, spacing=vol.spacing), SPINE6).flags]
+
+
+def test_l5_drawn_as_sacrum_or_sitting_on_a_drawn_s1_keeps_its_name_and_is_flagged():
+    """Two ways a draft hides L5-S1 under a drawn sacrum (seen on 3D T2 SPACE drafts): L5 drawn as sacrum
+    a dark disc's height above S1, and a full L5 resting on a full drawn S1 with the disc missed. Both
+    keep L5's name, the missing disc reported; a crack through the sacrum itself changes nothing."""
+    vol, expected = spine()
+    base = np.asarray(_with_sacrum(vol).array)
+    two_class = np.asarray(name_levels(vol, STARTER).labels.array)
+    sacrum = SPINE6["sacrum"].value
+    split = base.copy()
+    split[two_class == level_value("L5")] = sacrum  # L5 drawn as sacrum ...
+    split[two_class == level_value("L5-S1")] = 0  # ... over a dark disc the draft missed
+    result = name_levels(Volume(split, spacing=vol.spacing), SPINE6)
+    assert _names(result) == [n for n in expected if n != "L5-S1"]
+    assert {f["code"] for f in result.flags} == {"sacrum_anchor", "sacrum_split", "missing_disc"}
+    assert np.isin(np.asarray(result.labels.array)[two_class == level_value("L5")], level_value("L5")).mean() > 0.9
+    resting = base.copy()
+    resting[two_class == level_value("L5-S1")] = sacrum  # the sacrum reaches up to L5: no disc between
+    result = name_levels(Volume(resting, spacing=vol.spacing), SPINE6)
+    assert _names(result) == [n for n in expected if n != "L5-S1"]
+    assert [f["code"] for f in result.flags] == ["sacrum_anchor", "missing_disc"]
+    cracked = base.copy()
+    rows = np.where((cracked == sacrum).any(axis=(1, 2)))[0]
+    cracked[rows[len(rows) // 2]][cracked[rows[len(rows) // 2]] == sacrum] = 0  # a 1 mm crack: one sacrum
+    result = name_levels(Volume(cracked, spacing=vol.spacing), SPINE6)
+    assert _names(result) == expected and [f["code"] for f in result.flags] == ["sacrum_anchor"]

@@ -45,6 +45,8 @@ FLAGS = {
     "s1_from_image": (1.0, "S1 was not drafted: it was outlined from the image below the L5-S1 disc (check its outline)"),
     "few_levels": (0.5, "fewer than two vertebral bodies and one disc found: the names rest on little evidence"),
     "sacrum_anchor": (1.0, "the names count up from the drafted sacrum: S1 is the segment it begins with"),
+    "sacrum_split": (0.7, "the drafted sacrum came in two pieces a disc's height apart: the upper one was read as "
+                          "L5 over a missed L5-S1 disc (check the count at the caudal end)"),
 }
 MIN_PIECE_FRACTION = 0.25  # of the median volume of the large pieces of the same class
 MAX_CURVE_DISTANCE_MM = 30.0
@@ -325,7 +327,7 @@ def name_levels(labels: Volume, schema: LabelSchema, *, allow_reslice: bool = Fa
     pieces = _place(pieces, stack.shape, spacing, voxel_mm3)
     for p in pieces:
         p.edge = _at_edge(p, stack.shape)
-    pieces, s1 = _with_sacrum(stack, schema, spacing, voxel_mm3, pieces)
+    pieces, s1 = _with_sacrum(stack, schema, spacing, voxel_mm3, pieces, flags)
     if s1 is None:
         pieces = _drop_sacral_disc(pieces, flags, voxel_mm3)
     else:
@@ -400,20 +402,25 @@ def _post_checks(named, flags, voxel_mm3, full_bottom: bool, sacrum: bool = Fals
                 _flag(flags, "anchor", level, detail)
 
 
-def _with_sacrum(stack, schema, spacing, voxel_mm3: float, pieces: list[Piece]):
+def _with_sacrum(stack, schema, spacing, voxel_mm3: float, pieces: list[Piece], flags: list):
     """``(pieces, s1)`` anchored on the drafted sacrum (:mod:`sacrum_anchor`), or ``(pieces, None)`` where
     the model has no sacrum class or drew none at the caudal end of the bodies."""
     bodies = [p for p in pieces if p.structure == BODY]
     if "sacrum" not in schema or len(bodies) < 2:
         return pieces, None
-    from LumbarSegmentLib.spine.sacrum_anchor import MIN_SACRUM_FRACTION, anchor_on_sacrum
+    from LumbarSegmentLib.spine.sacrum_anchor import MIN_SACRUM_FRACTION, anchor_on_sacrum, split_sacrum
 
     found = _pieces(stack == schema["sacrum"].value, spacing, "sacrum")
     if not found:
         return pieces, None
-    sac = max(found, key=lambda p: p.mask_index.size)
-    if sac.mask_index.size < MIN_SACRUM_FRACTION * np.median([b.mask_index.size for b in bodies]):
+    median_body = float(np.median([b.mask_index.size for b in bodies]))
+    sac, upper = split_sacrum(found, median_body, stack.shape, spacing)
+    if sac.mask_index.size < MIN_SACRUM_FRACTION * median_body:
         return pieces, None
+    if upper is not None:  # L5 drawn as sacrum: a body, placed (and merged with a drafted part of it) anew,
+        pieces = _place(pieces + [Piece(BODY, upper.mask_index, upper.centroid)], stack.shape, spacing, voxel_mm3)
+        bodies = [p for p in pieces if p.structure == BODY and not np.isin(upper.mask_index[:1], p.mask_index)[0]]
+        _flag(flags, "sacrum_split", "L5")  # that never joins S1 (not in ``ends``)
     curve = SpineCurve(pieces, voxel_mm3)
     sac.t, distance = curve.locate(sac.centroid)
     # the pieces are placed anew on this curve only once the sacrum is taken: a draft whose sacrum is not

@@ -10,7 +10,13 @@ sacrum's top is L5-S1. What this module decides, on pieces already placed along 
   discs, and are dropped;
 * a drafted body whose lower end reaches the sacrum's top (within :data:`TOUCH_MM`) is S1 drawn as a
   body, in part or whole: it joins S1. A body that ends higher is a vertebra of its own, so an L5
-  over a missed L5-S1 disc keeps its name (the ordering check then reports the missing disc);
+  over a missed L5-S1 disc keeps its name (the ordering check then reports the missing disc). So
+  does a full-size body that touches a full-size sacrum: S1 is drawn already, and what sits on it
+  is L5 over a disc the draft missed (a thin, dark L5-S1), not a second S1;
+* a sacrum drawn as two body-sized pieces, one above the other with a disc-high gap between them
+  (:data:`SPLIT_GAP_MM`), is L5 drawn as sacrum over a missed, dark L5-S1 disc: the models draw
+  the sacrum as S1 mostly, and S1 is fused to the segments below it, with no such gap. The upper
+  piece is read as a body (:func:`split_sacrum`) and the case is flagged for review;
 * S1 = those bodies and the sacrum's voxels down to one typical body length below its top (the
   sources outline S1, not the whole sacrum).
 
@@ -30,6 +36,46 @@ from LumbarSegmentLib.spine.level_names import BODY, DISC
 
 TOUCH_MM = 3.0  # a body ending this close above the sacrum's top is part of S1
 MIN_SACRUM_FRACTION = 0.3  # of the median body volume: smaller sacrum pieces are stray blobs
+FULL_SIZE = 0.75  # of the median body volume: a body and a sacrum this large are a body on a drawn S1
+SPLIT_GAP_MM = (3.0, 20.0)  # between two stacked sacrum pieces: a disc's height apart, not a crack or far
+UPPER_PIECE = 0.5  # of the median body volume: the upper of two sacrum pieces must be body-sized
+
+
+def _gap_mm(upper, lower, shape, spacing) -> float:
+    """The shortest distance (mm) from ``upper``'s voxels to ``lower``'s, within their bounding box."""
+    from scipy import ndimage as ndi
+
+    a = np.stack(np.unravel_index(upper.mask_index, shape), axis=1)
+    b = np.stack(np.unravel_index(lower.mask_index, shape), axis=1)
+    lo = np.minimum(a.min(0), b.min(0))
+    box = np.maximum(a.max(0), b.max(0)) - lo + 1
+    m = np.ones(tuple(box), bool)
+    m[tuple((b - lo).T)] = False
+    dist = ndi.distance_transform_edt(m, sampling=np.asarray(spacing, float))
+    return float(dist[tuple((a - lo).T)].min())
+
+
+def split_sacrum(found: list, median_body: float, shape, spacing):
+    """``(sacrum, upper)``: the drafted sacrum's piece, and a piece above it to read as a body (or None).
+
+    ``found``: the drafted sacrum's connected pieces; positions are canonical (row 1 increases caudally).
+    The two uppermost large pieces closer than a disc's height are one sacrum with a crack (joined).
+    """
+    largest = max(found, key=lambda p: p.mask_index.size)
+    big = sorted((p for p in found if p.mask_index.size >= MIN_SACRUM_FRACTION * median_body),
+                 key=lambda p: p.centroid[1])
+    if len(big) < 2:
+        return largest, None
+    upper, lower = big[0], big[1]
+    gap = _gap_mm(upper, lower, shape, spacing)
+    if gap < SPLIT_GAP_MM[0]:
+        n1, n2 = upper.mask_index.size, lower.mask_index.size
+        joined = replace(upper, mask_index=np.concatenate([upper.mask_index, lower.mask_index]),
+                         centroid=(upper.centroid * n1 + lower.centroid * n2) / (n1 + n2))
+        return max([joined, largest], key=lambda p: p.mask_index.size), None
+    if gap > SPLIT_GAP_MM[1] or upper.mask_index.size < UPPER_PIECE * median_body:
+        return largest, None
+    return lower, upper
 
 
 def sacrum_top(t_voxels: np.ndarray) -> float:
@@ -46,11 +92,14 @@ def anchor_on_sacrum(pieces: list, sacrum, t_sacrum: np.ndarray, ends: dict, typ
     ``(shape, spacing)`` of the stack the pieces index.
     """
     top = sacrum_top(t_sacrum)
+    full = FULL_SIZE * float(np.median([p.mask_index.size for p in pieces if p.structure == BODY] or [0]))
+    on_drawn_s1 = sacrum.mask_index.size >= full
     keep, s1_parts = [], []
     for p in pieces:
         if p.structure == DISC and p.t > top:
             continue  # a sacral disc remnant
-        if p.structure == BODY and ends.get(id(p), -np.inf) >= top - TOUCH_MM:
+        if p.structure == BODY and ends.get(id(p), -np.inf) >= top - TOUCH_MM \
+                and not (on_drawn_s1 and p.mask_index.size >= full and p.t < top):
             s1_parts.append(p)  # S1 drawn as a body, or a body inside the sacrum
             continue
         keep.append(p)
