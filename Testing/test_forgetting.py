@@ -114,6 +114,7 @@ def test_distillation_counts_only_pixels_the_labels_leave_open():
     free = torch.tensor([[[0, IGNORE_INDEX], [1, 1]]])
     assert float(distill_loss(student, teacher, free)) > 1.0
     assert float(distill_loss(teacher, teacher, free)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distill_loss(student, teacher, labelled, everywhere=True)) > 1.0, "a student copies labelled pixels too"
 
 
 def test_retention_penalty_is_none_without_a_loss_guard_and_distills_from_the_start():

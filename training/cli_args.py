@@ -206,6 +206,9 @@ def _add_retention_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--l2sp", type=_weight, metavar="W", help=f"pull towards the parent's weights (default {d.l2sp:g}; 0 off)")
     g.add_argument("--distill", type=_weight, metavar="W",
                    help=f"keep the parent's answers where the labels say nothing (default {d.distill:g}; 0 off)")
+    g.add_argument("--distill-everywhere", dest="distill_everywhere", action="store_true", default=None,
+                   help="with --distill: the teacher's answers count on labelled pixels too (a --slim student "
+                        "copying its teacher as closely as it can)")
     g.add_argument("--replay", type=_replay_share, metavar="F",
                    help=f"share of each batch drawn from the shipped slices of the parent's own sources "
                         f"(default {d.replay:g}; 0 off)")

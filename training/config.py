@@ -66,6 +66,7 @@ class TrainConfig:
     l2sp: float = 0.0  # fine-tunes: weight of the pull towards the parent's weights (training.retention)
     distill: float = 0.0  # fine-tunes: weight of the parent's answers where labels say nothing (training.retention)
     teacher_classes: tuple = ()  # fine-tunes with a named teacher: the classes it teaches; the parent the rest
+    distill_everywhere: bool = False  # distil on every pixel, labelled ones too (a student copying its teacher)
     slim_width: int = 0  # fine-tunes: train a narrower copy of the parent, this first-level width (models.slim); 0 off
     replay_fraction: float = 0.0  # fine-tunes: share of each batch drawn from the replay cases (training.replay)
     replay_ids: tuple = ()  # fine-tunes: the training cases that are replayed, not the team's own
@@ -194,7 +195,7 @@ def config_from_args(a, **overrides) -> TrainConfig:
             "balance", "augment", "zoom", "rotation_deg", "intensity_aug", "resolution_p", "augment_p", "slab_p",
             "slice_context",
             "unannotated_bg_weight", "class_weights", "beyond_levels_mm", "marginal", "keep_bn_stats", "l2sp", "distill",
-            "teacher_classes", "slim_width", "pseudo_labels", "pseudo_threshold", "pseudo_mode",
+            "teacher_classes", "distill_everywhere", "slim_width", "pseudo_labels", "pseudo_threshold", "pseudo_mode",
             "dice_weight", "schedule", "warmup_steps",
             "grad_clip", "patience", "metric", "val_every", "val_stride", "device", "precision", "threads", "seed",
             "name", "half_weights", "resume", "progress_bar", "max_minutes", "budget_clock"]

@@ -26,7 +26,9 @@ combination that paid.
   parent this way while its own narrower weights train. A named teacher may teach only some classes
   (``teacher_channels``): its log-probabilities of those classes and the parent's of the others are
   put together and normalised again, so a light model that draws the posterior elements well can teach
-  them while the parent keeps teaching the discs it draws better (``docs/lab/lite-model.md``).
+  them while the parent keeps teaching the discs it draws better (``docs/lab/lite-model.md``). A
+  slimmed student meant to stand in for its teacher may copy it everywhere (``everywhere``): on the
+  labelled pixels too, where the teacher's soft borders say more than the hard label.
 
 :class:`Retention` holds the parent's copy and applies the guards; the trainer calls
 :meth:`Retention.train_mode` after putting the model in train mode and adds
@@ -57,6 +59,7 @@ class RetentionSettings:
     wise: float = 1.0  # share of the fine-tune's change kept in the written weights (training.wise); 1 = all
     teacher: object = None  # a package or ref whose answers are distilled instead of the parent's
     teacher_channels: tuple = ()  # with a teacher: the channels it teaches; the parent teaches the others
+    everywhere: bool = False  # distil on every pixel, not only where the labels leave the answer open
 
     def __post_init__(self):
         for name in ("l2sp", "distill"):
@@ -98,11 +101,15 @@ def l2sp_penalty(model: torch.nn.Module, anchor: dict[str, torch.Tensor]) -> tor
     return total
 
 
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean KL(teacher || student) over the pixels whose label is 0 or ignored (``[B, K, H, W]`` logits)."""
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
+                 everywhere: bool = False) -> torch.Tensor:
+    """Mean KL(teacher || student) over the pixels whose label is 0 or ignored (``[B, K, H, W]`` logits),
+    or over every pixel (``everywhere``)."""
     s = F.log_softmax(student_logits.float(), dim=1)
     t = F.log_softmax(teacher_logits.float(), dim=1)
     kl = (t.exp() * (t - s)).sum(1)  # [B, H, W]
+    if everywhere:
+        return kl.mean()
     free = (target == 0) | (target == IGNORE_INDEX)
     return (kl * free).sum() / free.sum().clamp(min=1)
 
@@ -147,7 +154,7 @@ class Retention:
                     t = _main(self.teacher(x))
                     if self.parent is not None:
                         t = mix_teachers(t, _main(self.parent(x)), s.teacher_channels)
-                terms.append(float(s.distill) * distill_loss(main, t, target))
+                terms.append(float(s.distill) * distill_loss(main, t, target, s.everywhere))
         return sum(terms) if terms else None
 
 
@@ -183,5 +190,6 @@ def retention_for(cfg, model: torch.nn.Module, teacher: torch.nn.Module | None =
 
         of = load_schema(cfg.schema).channel_of()
         channels = tuple(of[c] for c in cfg.teacher_classes)
-    settings = RetentionSettings(cfg.keep_bn_stats, cfg.l2sp, cfg.distill, teacher_channels=channels)
+    settings = RetentionSettings(cfg.keep_bn_stats, cfg.l2sp, cfg.distill, teacher_channels=channels,
+                                 everywhere=bool(cfg.distill_everywhere))
     return Retention(settings, model, teacher) if settings.active else None
