@@ -37,6 +37,9 @@
 #  14. uvd-spine-lite@1 (an option): stage 13 slimmed to a quarter of its arithmetic and distilled from it
 #  15. uvd-spine@3 (the default): stage 13 fine-tuned again with stage 14 as its teacher where labels say
 #      nothing: the light model's posterior elements, canal and sacrum taught back to the full-width network
+#  16. a second light student (not published): stage 15 slimmed and distilled like stage 14, 7000 steps
+#  17. uvd-spine@4 (the default): stage 15 fine-tuned again, stage 16 teaching the posterior elements, canal
+#      and sacrum and stage 15 itself the rest, where labels say nothing
 # then publishes 1, 2, 4, 6, 7, 8, 9 into a registry (default: a scratch one; pass Resources/Models to replace
 # the shipped ones). CPU-time budgets make a run stop at the same point on a busy or a quiet machine;
 # on a GPU add --device cuda and drop --threads. Not bit-identical to the shipped weights: those were
@@ -161,4 +164,16 @@ lumbarseg-train publish "$OUT/slim8/package" --registry "$REGISTRY" --name uvd-s
 MINUTES=0 SHARED="$SHARED" scripts/train_spine6.sh "$OUT/spine14" "$OUT/spine7/package" \
   --teacher "$OUT/slim8/package" --distill 1 --lr 3e-4 --epochs 240 --class-weight sacrum=8
 lumbarseg-train publish "$OUT/spine14/package" --registry "$REGISTRY" --name uvd-spine \
+  --data "$SHARED/spider-t2space,$SHARED/t1-levels" --cases "$NEWVAL" --metric level_range_dice
+# stage 16: a second student (not published, the teacher of stage 17): stage 15 slimmed to width 8 and distilled
+# from it, 7000 steps at lr 1e-3.
+MINUTES=0 SHARED="$SHARED" scripts/train_spine6.sh "$OUT/slim8v2" "$OUT/spine14/package" --slim 8 --distill 1 \
+  --lr 1e-3 --epochs 700 --class-weight sacrum=8 --name uvd-spine-lite
+# stage 17: uvd-spine@4 (the default): stage 15, 2400 more steps at lr 3e-4, distilled where the labels say nothing
+# from two teachers: stage 16 for the posterior elements, spinal canal and sacrum, which it draws better, and
+# stage 15 itself for background, bodies and discs (--teacher-classes). Through the gate as before.
+MINUTES=0 SHARED="$SHARED" scripts/train_spine6.sh "$OUT/spine17" "$OUT/spine14/package" \
+  --teacher "$OUT/slim8v2/package" --teacher-classes posterior_elements,spinal_canal,sacrum --distill 1 \
+  --lr 3e-4 --epochs 240 --class-weight sacrum=8
+lumbarseg-train publish "$OUT/spine17/package" --registry "$REGISTRY" --name uvd-spine \
   --data "$SHARED/spider-t2space,$SHARED/t1-levels" --cases "$NEWVAL" --metric level_range_dice
