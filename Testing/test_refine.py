@@ -276,28 +276,3 @@ def test_slice_probabilities_are_the_engine_prediction(tiny_package, small_real_
     layout = sagittal_layout(small_real_volume)
     assert np.array_equal(mine, layout.to_canonical(labels))
     assert probs.get([1], slice(2, 5), slice(0, 3)).shape == (1, tiny_package.schema.num_classes, 3, 3)
-
-
-def test_the_clicked_spot_always_takes_the_clicks_answer(session, monkeypatch):
-    """Whatever region a rule finds, the voxel clicked on ends up as the click says (unless protected):
-    a click that leaves its own spot wrong draws the next click to the same place. The rules' regions
-    are made to miss the clicked voxel here, as their thresholds and shifts sometimes do."""
-    import LumbarSegmentLib.inference.refine_regions as rr
-
-    found = rr._propagate
-
-    def missing_the_spot(candidate, voxel):
-        region = found(candidate, voxel).copy()
-        region[tuple(voxel)] = False
-        return region
-
-    monkeypatch.setattr(rr, "_propagate", missing_the_spot)
-    vol, sess = session
-    truth = truth_of(vol)
-    band, extra = truth.copy(), truth.copy()
-    band[:, :, 27:30] = 0  # a missed band: positive click in it
-    extra[16:19, 10:26, 10:30] = BODY  # extra slices: negative click in them
-    for draft, (s, r, c), positive in ((band, (9, 17, 28), True), (extra, (17, 17, 20), False)):
-        res = sess.refine(draft, [Click(lps(vol, s, r, c), "vertebral_body", positive)])
-        assert res.changed_voxels > 1
-        assert (res.labels[s, r, c] == BODY) == positive, (s, r, c, positive)

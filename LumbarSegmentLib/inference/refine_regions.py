@@ -156,12 +156,10 @@ def apply_click(ctx: ClickContext, voxel, class_id: str, positive: bool) -> tupl
     if not ctx.editable[voxel]:
         return 0, "protected voxel"
     lc = _local(ctx, voxel, class_id)
-    region = _positive_region(ctx, lc) if positive else _negative_region(ctx, lc)
-    region[lc.voxel] = True  # whatever a rule found, the clicked spot takes the click's answer (checked above)
     if positive:
-        new = np.where(region, lc.value, lc.work)
+        new = np.where(_positive_region(ctx, lc), lc.value, lc.work)
     else:
-        new = np.where(region, _next_choice(ctx.schema, lc.probs, lc.channel), lc.work)
+        new = np.where(_negative_region(ctx, lc), _next_choice(ctx.schema, lc.probs, lc.channel), lc.work)
     changed = int((new != lc.work).sum())
     ctx.work[lc.box] = new
     return changed, "" if changed else "no region found"
