@@ -222,7 +222,7 @@ def _add_retention_args(p: argparse.ArgumentParser) -> None:
 
 
 def _class_ids(text: str) -> tuple:
-    ids = tuple(t.strip() for t in str(text).split(",") if t.strip())
+    ids = tuple(id_list(text))
     if not ids:
         raise argparse.ArgumentTypeError("give one or more class ids separated by commas")
     return ids

@@ -148,7 +148,7 @@ class Retention:
         if s.l2sp and self.anchor:
             terms.append(float(s.l2sp) * l2sp_penalty(model, self.anchor))
         if s.distill and self.teacher is not None:
-            main = output[0] if isinstance(output, (tuple, list)) else output
+            main = _main(output)
             if self.teacher.builder_args.get("num_classes") == main.shape[1]:
                 with torch.no_grad(), autocast_ctx():
                     t = _main(self.teacher(x))
@@ -167,6 +167,7 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _main(output):
+    """The main (finest) output of a model that may also return deep-supervision outputs."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
